@@ -1,0 +1,76 @@
+// float32 box averaging: sums in float32 in tinybrain's x86 summation order, so results match it
+// bit for bit; output = sum * 2^-(bits*level), an exact division by a power of two.
+
+@group(0) @binding(2) var<storage, read_write> sums: array<u32>;
+@group(0) @binding(3) var<storage, read_write> dst: array<u32>;
+
+fn ld(x: u32, y: u32, z: u32) -> f32 {
+    return bitcast<f32>(src[in_index(x, y, z)]);
+}
+
+fn sum_2x2(x: u32, y: u32, z: u32) -> f32 {
+    let x_pair = x + 1u < p.in_x;
+    let y_pair = y + 1u < p.in_y;
+    let a = ld(x, y, z);
+    if (!y_pair) {
+        var row = a * 2.0;
+        if (x_pair) {
+            row = a + ld(x + 1u, y, z);
+        }
+        return row * 2.0;
+    }
+    let c = ld(x, y + 1u, z);
+    if (!x_pair) {
+        return a * 2.0 + c * 2.0;
+    }
+    let b = ld(x + 1u, y, z);
+    let d = ld(x + 1u, y + 1u, z);
+    // tinybrain's SSE path covers x below the last multiple of 8.
+    if (x < (p.in_x & ~7u)) {
+        return (a + c) + (b + d);
+    }
+    return ((a + b) + c) + d;
+}
+
+fn sum_2x2x2(x: u32, y: u32, z: u32) -> f32 {
+    let x_pair = x + 1u < p.in_x;
+    let y_pair = y + 1u < p.in_y;
+    let z_pair = z + 1u < p.in_z;
+    var acc = 0.0;
+    for (var zz = z; zz <= select(z, z + 1u, z_pair); zz++) {
+        for (var yy = y; yy <= select(y, y + 1u, y_pair); yy++) {
+            if (x_pair) {
+                acc += ld(x, yy, zz);
+                acc += ld(x + 1u, yy, zz);
+            } else {
+                acc += ld(x, yy, zz) * 2.0;
+            }
+        }
+    }
+    if (!y_pair) {
+        acc *= 2.0;
+    }
+    if (!z_pair) {
+        acc *= 2.0;
+    }
+    return acc;
+}
+
+@compute @workgroup_size(64)
+fn level(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_index(gid, nwg);
+    if (i >= p.out_n) {
+        return;
+    }
+    let o = out_coord(i);
+    var s: f32;
+    if (p.fz == 1u) {
+        s = sum_2x2(o.x * 2u, o.y * 2u, o.z);
+    } else {
+        s = sum_2x2x2(o.x * 2u, o.y * 2u, o.z * 2u);
+    }
+    if (p.write_sums == 1u) {
+        sums[i] = bitcast<u32>(s);
+    }
+    dst[i] = bitcast<u32>(s * bitcast<f32>(p.scale_bits));
+}

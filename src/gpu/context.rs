@@ -1,0 +1,181 @@
+//! Adapter selection, device creation and the error handling that turns wgpu's validation and
+//! out-of-memory errors into `Result`s.
+
+use crate::gpu::kernels::{KernelCache, KernelId};
+use std::future::Future;
+use std::sync::Arc;
+use thiserror::Error;
+use tracing::{info, warn};
+
+/// How to install a Vulkan driver: the first thing a user without one needs to read.
+pub const INSTALL_HINT: &str = "install a Vulkan driver: on Debian/Ubuntu `sudo apt-get install \
+mesa-vulkan-drivers libvulkan1` provides lavapipe (software, any CPU); on NVIDIA hosts install the \
+driver's Vulkan ICD (nvidia_icd.json) and, in containers, set NVIDIA_DRIVER_CAPABILITIES=compute,utility,graphics";
+
+#[derive(Debug, Error)]
+pub enum GpuError {
+    #[error("no Vulkan GPU adapter was found; {INSTALL_HINT}")]
+    NoAdapter,
+    #[error("no Vulkan adapter matches CUBOIDS_ADAPTER={wanted:?}; found: {found}")]
+    NoMatchingAdapter { wanted: String, found: String },
+    #[error("could not open GPU device {adapter}")]
+    RequestDevice {
+        adapter: String,
+        #[source]
+        source: wgpu::RequestDeviceError,
+    },
+    #[error("GPU error during {op}")]
+    Device {
+        op: String,
+        #[source]
+        source: wgpu::Error,
+    },
+    #[error("reading {op} results back from the GPU failed")]
+    Map {
+        op: String,
+        #[source]
+        source: wgpu::BufferAsyncError,
+    },
+    #[error("waiting for the GPU failed")]
+    Poll(#[from] wgpu::PollError),
+    #[error("{what} needs a {needed}-byte buffer, over this adapter's {limit}-byte storage binding limit")]
+    TooLarge { what: String, needed: u64, limit: u64 },
+}
+
+/// Device, queue and pipelines, created once per process and shared by every compute call.
+pub struct GpuContext {
+    pub adapter_info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    kernels: KernelCache,
+}
+
+impl GpuContext {
+    /// Opens the best Vulkan adapter: a discrete GPU if there is one, else integrated, virtual,
+    /// then CPU (lavapipe). `CUBOIDS_ADAPTER=<substring>` picks an adapter by name instead.
+    pub fn new() -> Result<GpuContext, GpuError> {
+        pollster::block_on(Self::new_async())
+    }
+
+    async fn new_async() -> Result<GpuContext, GpuError> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends: wgpu::Backends::VULKAN,
+            ..wgpu::InstanceDescriptor::new_without_display_handle()
+        });
+        let adapters = instance.enumerate_adapters(wgpu::Backends::VULKAN).await;
+        let adapter = choose_adapter(adapters, std::env::var("CUBOIDS_ADAPTER").ok())?;
+        let adapter_info = adapter.get_info();
+        // Ask for the adapter's real limits: lavapipe binds 128 MiB, NVIDIA far more.
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("cuboids"),
+                required_features: wgpu::Features::empty(),
+                required_limits: limits.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|source| GpuError::RequestDevice {
+                adapter: adapter_info.name.clone(),
+                source,
+            })?;
+        // Every operation runs inside error scopes; anything escaping them is logged, not a panic.
+        device.on_uncaptured_error(Arc::new(|e: wgpu::Error| warn!("uncaptured GPU error: {e}")));
+        info!(adapter = %adapter_info.name, backend = ?adapter_info.backend, "GPU ready");
+        Ok(GpuContext {
+            adapter_info,
+            limits,
+            device,
+            queue,
+            kernels: KernelCache::default(),
+        })
+    }
+
+    /// The largest buffer one kernel may bind: what the adapter reports, never an assumption.
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+    }
+
+    /// A few lines for `cuboids info` and logs.
+    pub fn describe(&self) -> String {
+        let i = &self.adapter_info;
+        let l = &self.limits;
+        format!(
+            "adapter: {} ({:?}, {:?})\ndriver: {} {}\nmax storage buffer binding: {} MiB\nmax buffer size: {} MiB\nmax workgroups per dimension: {}\nmax invocations per workgroup: {}",
+            i.name,
+            i.device_type,
+            i.backend,
+            i.driver,
+            i.driver_info,
+            l.max_storage_buffer_binding_size >> 20,
+            l.max_buffer_size >> 20,
+            l.max_compute_workgroups_per_dimension,
+            l.max_compute_invocations_per_workgroup,
+        )
+    }
+
+    pub fn is_software(&self) -> bool {
+        self.adapter_info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    pub(crate) fn pipeline(&self, id: KernelId) -> Result<Arc<wgpu::ComputePipeline>, GpuError> {
+        self.kernels.get(self, id)
+    }
+
+    /// Runs `f` inside validation and out-of-memory error scopes and returns their first error.
+    pub(crate) fn scoped<T>(&self, op: &str, f: impl FnOnce() -> T) -> Result<T, GpuError> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        let errors = [block(validation.pop()), block(oom.pop())];
+        match errors.into_iter().flatten().next() {
+            Some(source) => Err(GpuError::Device {
+                op: op.to_string(),
+                source,
+            }),
+            None => Ok(out),
+        }
+    }
+}
+
+fn block<F: Future>(f: F) -> F::Output {
+    pollster::block_on(f)
+}
+
+fn device_rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+fn choose_adapter(
+    adapters: Vec<wgpu::Adapter>,
+    wanted: Option<String>,
+) -> Result<wgpu::Adapter, GpuError> {
+    if adapters.is_empty() {
+        return Err(GpuError::NoAdapter);
+    }
+    match wanted.filter(|w| !w.is_empty()) {
+        Some(w) => {
+            let found: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+            adapters
+                .into_iter()
+                .find(|a| a.get_info().name.to_lowercase().contains(&w.to_lowercase()))
+                .ok_or(GpuError::NoMatchingAdapter {
+                    wanted: w,
+                    found: found.join(", "),
+                })
+        }
+        None => Ok(adapters
+            .into_iter()
+            .min_by_key(|a| device_rank(a.get_info().device_type))
+            .expect("not empty")),
+    }
+}

@@ -1,0 +1,265 @@
+//! GPU downsampling of one channel of one slab: all requested mips in a single submission, with
+//! intermediate levels kept on the GPU.
+
+use crate::dtype::DataType;
+use crate::geometry::{voxels, Vec3};
+use crate::gpu::context::{GpuContext, GpuError};
+use crate::gpu::kernels::KernelId;
+use crate::ops::downsample::{Factor, Method, SumSchedule};
+use bytemuck::{Pod, Zeroable};
+use std::sync::Arc;
+use tracing::debug_span;
+use wgpu::util::DeviceExt;
+
+const WORKGROUP: u32 = 64;
+
+/// Mirrors `Params` in shaders/common.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct Params {
+    in_size: [u32; 3],
+    fz: u32,
+    out_size: [u32; 3],
+    out_n: u32,
+    carry_shift: u32,
+    render_shift: u32,
+    scale_bits: u32,
+    write_sums: u32,
+}
+
+/// What one level's dispatch reads: the slab itself, the previous level's sums or its output.
+#[derive(Clone, Copy)]
+enum Source {
+    Input,
+    PreviousSums,
+    PreviousOutput,
+}
+
+struct LevelPlan {
+    kernel: KernelId,
+    source: Source,
+    uses_sums: bool,
+    /// Output voxels each invocation writes (several narrow voxels share one u32 word).
+    voxels_per_thread: usize,
+}
+
+fn level_plan(dtype: DataType, method: Method, level: u32) -> LevelPlan {
+    let first = level == 1;
+    let previous = if first { Source::Input } else { Source::PreviousOutput };
+    match (method, dtype) {
+        (Method::Average, DataType::Uint8 | DataType::Uint16) => {
+            let bytes = dtype.size() as u32;
+            LevelPlan {
+                kernel: if first {
+                    KernelId::AverageIntFromPacked { bytes }
+                } else {
+                    KernelId::AverageIntFromSums { bytes }
+                },
+                source: if first { Source::Input } else { Source::PreviousSums },
+                uses_sums: true,
+                voxels_per_thread: 4 / bytes as usize,
+            }
+        }
+        (Method::Average, DataType::Float32) => LevelPlan {
+            kernel: KernelId::AverageF32,
+            source: if first { Source::Input } else { Source::PreviousSums },
+            uses_sums: true,
+            voxels_per_thread: 1,
+        },
+        (Method::Average, _) => LevelPlan {
+            kernel: KernelId::AverageU32,
+            source: previous,
+            uses_sums: false,
+            voxels_per_thread: 1,
+        },
+        (Method::Mode, _) => LevelPlan {
+            kernel: KernelId::Mode {
+                words: dtype.size() as u32 / 4,
+            },
+            source: previous,
+            uses_sums: false,
+            voxels_per_thread: 1,
+        },
+    }
+}
+
+/// Bytes of a buffer holding `n` voxels of `elem` bytes, padded to whole u32 words.
+fn word_bytes(n: usize, elem: usize) -> u64 {
+    ((n * elem).div_ceil(4) * 4).max(4) as u64
+}
+
+/// Downsamples one channel of a slab (`input`: Fortran-order voxels of `shape`) and returns the
+/// bytes of levels 1..=mips. The slab must fit the adapter's binding limit (the planner sizes it).
+pub fn downsample_channel_gpu(
+    ctx: &GpuContext,
+    input: &[u8],
+    dtype: DataType,
+    shape: Vec3,
+    method: Method,
+    factor: Factor,
+    mips: u32,
+) -> Result<Vec<Vec<u8>>, GpuError> {
+    let _span = debug_span!("gpu_downsample", ?shape, mips).entered();
+    let elem = dtype.size();
+    let limit = ctx.max_binding_bytes();
+    let input_bytes = word_bytes(voxels(shape), elem);
+    if input_bytes > limit {
+        return Err(GpuError::TooLarge {
+            what: format!("a {shape:?} {dtype} slab"),
+            needed: input_bytes,
+            limit,
+        });
+    }
+    let device = &ctx.device;
+    let input_buffer = ctx.scoped("uploading the slab", || {
+        let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("slab"),
+            size: input_bytes,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        write_padded(ctx, &buffer, input);
+        buffer
+    })?;
+
+    let schedule = SumSchedule::new(dtype, factor);
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let mut readbacks = Vec::new();
+    let mut previous_sums: Option<wgpu::Buffer> = None;
+    let mut previous_out: Option<wgpu::Buffer> = None;
+    let mut in_shape = shape;
+    for level in 1..=mips {
+        let plan = level_plan(dtype, method, level);
+        let out_shape = factor.level_shape(in_shape);
+        let out_n = voxels(out_shape);
+        let out_bytes = word_bytes(out_n, elem);
+        let params = Params {
+            in_size: in_shape.map(|v| v as u32),
+            fz: factor.z() as u32,
+            out_size: out_shape.map(|v| v as u32),
+            out_n: out_n as u32,
+            carry_shift: schedule.carry_shift(level - 1),
+            render_shift: schedule.render_shift(level),
+            scale_bits: (1.0f32 / (1u64 << (factor.bits() * level)) as f32).to_bits(),
+            write_sums: (level < mips) as u32,
+        };
+        let pipeline: Arc<wgpu::ComputePipeline> = ctx.pipeline(plan.kernel)?;
+        let (sums, out, staging) = ctx.scoped("encoding a downsampling level", || {
+            let storage = |label, size, extra| {
+                device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(label),
+                    size,
+                    usage: wgpu::BufferUsages::STORAGE | extra,
+                    mapped_at_creation: false,
+                })
+            };
+            let sums = plan
+                .uses_sums
+                .then(|| storage("sums", word_bytes(out_n, 4), wgpu::BufferUsages::empty()));
+            let out = storage("level", out_bytes, wgpu::BufferUsages::COPY_SRC);
+            let staging = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size: out_bytes,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("params"),
+                contents: bytemuck::bytes_of(&params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+            let source = match plan.source {
+                Source::Input => &input_buffer,
+                Source::PreviousSums => previous_sums.as_ref().expect("level > 1"),
+                Source::PreviousOutput => previous_out.as_ref().expect("level > 1"),
+            };
+            let mut entries = vec![
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: uniform.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: source.as_entire_binding(),
+                },
+            ];
+            if let Some(s) = &sums {
+                entries.push(wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: s.as_entire_binding(),
+                });
+            }
+            entries.push(wgpu::BindGroupEntry {
+                binding: 3,
+                resource: out.as_entire_binding(),
+            });
+            let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            });
+            let threads = out_n.div_ceil(plan.voxels_per_thread) as u32;
+            let (gx, gy) = dispatch_grid(threads, ctx.limits.max_compute_workgroups_per_dimension);
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &bind_group, &[]);
+                pass.dispatch_workgroups(gx, gy, 1);
+            }
+            encoder.copy_buffer_to_buffer(&out, 0, &staging, 0, out_bytes);
+            (sums, out, staging)
+        })?;
+        readbacks.push((staging, out_n * elem));
+        previous_sums = sums;
+        previous_out = Some(out);
+        in_shape = out_shape;
+    }
+    ctx.scoped("submitting", || ctx.queue.submit([encoder.finish()]))?;
+    read_back(ctx, readbacks)
+}
+
+/// Splits `threads` over a 2D grid of workgroups, each dimension within the adapter's limit.
+fn dispatch_grid(threads: u32, max_per_dim: u32) -> (u32, u32) {
+    let groups = threads.div_ceil(WORKGROUP).max(1);
+    let gx = groups.min(max_per_dim);
+    (gx, groups.div_ceil(gx))
+}
+
+/// `queue.write_buffer` needs a multiple of 4 bytes: the tail word is padded with zeros.
+fn write_padded(ctx: &GpuContext, buffer: &wgpu::Buffer, data: &[u8]) {
+    let whole = data.len() / 4 * 4;
+    if whole > 0 {
+        ctx.queue.write_buffer(buffer, 0, &data[..whole]);
+    }
+    if whole < data.len() {
+        let mut tail = [0u8; 4];
+        tail[..data.len() - whole].copy_from_slice(&data[whole..]);
+        ctx.queue.write_buffer(buffer, whole as u64, &tail);
+    }
+}
+
+fn read_back(ctx: &GpuContext, readbacks: Vec<(wgpu::Buffer, usize)>) -> Result<Vec<Vec<u8>>, GpuError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (i, (buffer, _)) in readbacks.iter().enumerate() {
+        let tx = tx.clone();
+        buffer.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send((i, r));
+        });
+    }
+    drop(tx);
+    ctx.device.poll(wgpu::PollType::wait_indefinitely())?;
+    for (_, result) in rx.iter() {
+        result.map_err(|source| GpuError::Map {
+            op: "downsampling".into(),
+            source,
+        })?;
+    }
+    Ok(readbacks
+        .into_iter()
+        .map(|(buffer, len)| {
+            let bytes = buffer.get_mapped_range(..).expect("mapped above")[..len].to_vec();
+            buffer.unmap();
+            bytes
+        })
+        .collect())
+}

@@ -1,0 +1,8 @@
+//! The GPU side: one context (device, queue, lazily built pipelines) and the kernels that use it.
+//! Compute functions take a `&GpuContext`; they never create one.
+
+pub mod context;
+pub mod downsample;
+pub mod kernels;
+
+pub use context::{GpuContext, GpuError};

@@ -1,0 +1,11 @@
+//! cuboids: GPU (WGSL through wgpu) resolution pyramids of neuroscience volumes.
+//!
+//! Layout: `formats` (precomputed info, codecs) and `store` (where bytes live) are the I/O side;
+//! `gpu` holds the context and kernels, `ops` their CPU reference implementations; `task` plans
+//! and runs whole jobs; `runtime` holds the ways the binary runs (locally, for now).
+
+pub mod dtype;
+pub mod geometry;
+pub mod gpu;
+pub mod ops;
+pub mod volume;

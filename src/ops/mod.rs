@@ -1,0 +1,4 @@
+//! CPU reference implementations of every GPU kernel. They define the semantics the GPU must
+//! reproduce bit for bit, and they are written for clarity rather than speed.
+
+pub mod downsample;
