@@ -4,8 +4,13 @@
 //! `gpu` holds the context and kernels, `ops` their CPU reference implementations; `task` plans
 //! and runs whole jobs; `runtime` holds the ways the binary runs (locally, for now).
 
+pub mod cli;
 pub mod dtype;
+pub mod formats;
 pub mod geometry;
 pub mod gpu;
 pub mod ops;
+pub mod runtime;
+pub mod store;
+pub mod task;
 pub mod volume;

@@ -1,0 +1,3 @@
+//! On-disk and on-S3 formats.
+
+pub mod precomputed;

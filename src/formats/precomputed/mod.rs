@@ -1,0 +1,396 @@
+//! Neuroglancer precomputed volumes (igneous, CloudVolume, chunkflow): `info` plus chunk files
+//! named by absolute voxel ranges, `raw` or `compressed_segmentation`, optionally gzipped.
+
+pub mod compressed_segmentation;
+pub mod info;
+
+use crate::dtype::DataType;
+use crate::geometry::{div_ceil3, voxels, Box3, Vec3};
+use crate::store::{ContentEncoding, Store, StoreError};
+use crate::volume::Volume;
+use compressed_segmentation::CsegError;
+use futures::{StreamExt, TryStreamExt};
+use info::{Encoding, Info, Scale};
+use std::io::{Read, Write};
+use std::sync::Arc;
+use thiserror::Error;
+
+pub use info::LayerType;
+
+#[derive(Debug, Error)]
+pub enum PrecomputedError {
+    #[error("no info file at {location}/info: not a precomputed volume")]
+    MissingInfo { location: String },
+    #[error("invalid info at {location}/info")]
+    InvalidInfoJson {
+        location: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("invalid info at {location}/info: {field}: {message}")]
+    InvalidInfo {
+        location: String,
+        field: String,
+        message: String,
+    },
+    #[error("scale {scale} uses encoding {encoding:?}; cuboids reads and writes raw and compressed_segmentation")]
+    UnsupportedEncoding { scale: String, encoding: Encoding },
+    #[error("scale {scale} is sharded; cuboids does not handle sharded volumes yet")]
+    Sharded { scale: String },
+    #[error("chunk {key} is missing (use --fill-missing to read missing chunks as zeros)")]
+    MissingChunk { key: String },
+    #[error("chunk {key} has {got} bytes, expected {expected} for a {shape:?} x {channels} {dtype} chunk")]
+    ChunkSize {
+        key: String,
+        got: usize,
+        expected: usize,
+        shape: Vec3,
+        channels: usize,
+        dtype: DataType,
+    },
+    #[error("chunk {key} is not valid gzip")]
+    Gzip {
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("chunk {key} is not valid compressed_segmentation")]
+    CompressedSegmentation {
+        key: String,
+        #[source]
+        source: CsegError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("background task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// How chunks are written: gzip level (0 = no gzip; CloudVolume gzips by default).
+#[derive(Clone, Copy, Debug)]
+pub struct WriteOptions {
+    pub gzip_level: u32,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions { gzip_level: 6 }
+    }
+}
+
+/// An open precomputed volume: its store and its parsed, validated info.
+#[derive(Clone)]
+pub struct Precomputed {
+    pub store: Arc<dyn Store>,
+    pub info: Info,
+}
+
+/// Chunks fetched at once per read: enough to keep disks and S3 busy.
+const FETCH_CONCURRENCY: usize = 32;
+
+impl Precomputed {
+    pub async fn open(store: Arc<dyn Store>) -> Result<Precomputed, PrecomputedError> {
+        let location = store.location();
+        let object = store
+            .get("info")
+            .await?
+            .ok_or_else(|| PrecomputedError::MissingInfo {
+                location: location.clone(),
+            })?;
+        let data = match object.encoding {
+            ContentEncoding::Identity => object.data,
+            ContentEncoding::Gzip => gunzip(&object.data).map_err(|source| PrecomputedError::Gzip {
+                key: "info".into(),
+                source,
+            })?,
+        };
+        let info: Info = serde_json::from_slice(&data).map_err(|source| PrecomputedError::InvalidInfoJson {
+            location: location.clone(),
+            source,
+        })?;
+        validate_info(&info, &location)?;
+        Ok(Precomputed { store, info })
+    }
+
+    /// Creates a new volume by writing its info.
+    pub async fn create(store: Arc<dyn Store>, info: Info) -> Result<Precomputed, PrecomputedError> {
+        validate_info(&info, &store.location())?;
+        let vol = Precomputed { store, info };
+        vol.write_info().await?;
+        Ok(vol)
+    }
+
+    pub async fn write_info(&self) -> Result<(), PrecomputedError> {
+        self.store
+            .put("info", self.info.to_json(), ContentEncoding::Identity)
+            .await?;
+        Ok(())
+    }
+
+    pub fn scale(&self, mip: usize) -> &Scale {
+        &self.info.scales[mip]
+    }
+
+    /// Relative boxes of the chunks of `mip` that overlap `region` (relative to voxel_offset).
+    pub fn chunks_in(&self, mip: usize, region: Box3) -> Vec<Box3> {
+        chunk_grid(self.scale(mip), region)
+    }
+
+    /// Reads a relative region of a scale. Missing chunks are zeros when `fill_missing`, an error
+    /// naming the chunk otherwise. Returns the region and whether any chunk existed.
+    pub async fn read_region(
+        &self,
+        mip: usize,
+        region: Box3,
+        fill_missing: bool,
+    ) -> Result<(Volume, bool), PrecomputedError> {
+        let scale = Arc::new(self.scale(mip).clone());
+        let (dtype, channels) = (self.info.data_type, self.info.num_channels);
+        let mut out = Volume::zeros(dtype, region.shape(), channels);
+        let mut any = false;
+        let mut chunks = futures::stream::iter(self.chunks_in(mip, region))
+            .map(|chunk| {
+                let (store, scale) = (self.store.clone(), scale.clone());
+                async move {
+                    let key = chunk_key(&scale, chunk);
+                    let decoded = match store.get(&key).await? {
+                        Some(object) => Some(
+                            tokio::task::spawn_blocking(move || {
+                                decode_chunk(&key, object.data, object.encoding, &scale, dtype, channels, chunk.shape())
+                            })
+                            .await??,
+                        ),
+                        None if fill_missing => None,
+                        None => return Err(PrecomputedError::MissingChunk { key }),
+                    };
+                    Ok::<_, PrecomputedError>((chunk, decoded))
+                }
+            })
+            .buffer_unordered(FETCH_CONCURRENCY);
+        while let Some((chunk, decoded)) = chunks.try_next().await? {
+            if let Some(vol) = decoded {
+                any = true;
+                let part = chunk.intersect(&region);
+                let src = [0, 1, 2].map(|i| part.start[i] - chunk.start[i]);
+                let dst = [0, 1, 2].map(|i| part.start[i] - region.start[i]);
+                out.paste(dst, &vol, src, part.shape());
+            }
+        }
+        Ok((out, any))
+    }
+
+    /// Writes a whole chunk-aligned relative region of a scale from `vol` (e.g. a new volume).
+    pub async fn write_region(
+        &self,
+        mip: usize,
+        origin: crate::geometry::Vec3,
+        vol: &Volume,
+        opts: WriteOptions,
+    ) -> Result<usize, PrecomputedError> {
+        let region = Box3::new(origin, [0, 1, 2].map(|i| origin[i] + vol.shape[i]));
+        let chunks = self.chunks_in(mip, region);
+        let count = chunks.len();
+        futures::stream::iter(chunks)
+            .map(|chunk| {
+                let local = [0, 1, 2].map(|i| chunk.start[i] - origin[i]);
+                let part = vol.crop(local, chunk.shape());
+                async move { self.write_chunk(mip, chunk, part, opts).await.map(|_| ()) }
+            })
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .try_collect::<()>()
+            .await?;
+        Ok(count)
+    }
+
+    /// Encodes and writes one chunk (a relative, grid-aligned box) of a scale; returns its key.
+    pub async fn write_chunk(
+        &self,
+        mip: usize,
+        chunk: Box3,
+        vol: Volume,
+        opts: WriteOptions,
+    ) -> Result<String, PrecomputedError> {
+        let scale = self.scale(mip).clone();
+        let key = chunk_key(&scale, chunk);
+        let (data, encoding) = tokio::task::spawn_blocking(move || encode_chunk(&vol, &scale, opts)).await??;
+        self.store.put(&key, data, encoding).await?;
+        Ok(key)
+    }
+}
+
+fn validate_info(info: &Info, location: &str) -> Result<(), PrecomputedError> {
+    let bad = |field: String, message: String| PrecomputedError::InvalidInfo {
+        location: location.to_string(),
+        field,
+        message,
+    };
+    if info.num_channels == 0 {
+        return Err(bad("num_channels".into(), "must be at least 1".into()));
+    }
+    if info.scales.is_empty() {
+        return Err(bad("scales".into(), "no scales".into()));
+    }
+    for (i, s) in info.scales.iter().enumerate() {
+        let field = |name: &str| format!("scales[{i}] ({}).{name}", s.key);
+        if s.key.is_empty() {
+            return Err(bad(format!("scales[{i}].key"), "empty".into()));
+        }
+        if s.size.contains(&0) {
+            return Err(bad(field("size"), format!("{:?} has a zero extent", s.size)));
+        }
+        match s.chunk_sizes.first() {
+            None => return Err(bad(field("chunk_sizes"), "empty".into())),
+            Some(c) if c.contains(&0) => return Err(bad(field("chunk_sizes"), format!("{c:?} has a zero extent"))),
+            _ => {}
+        }
+        if s.resolution.iter().any(|r| !(r.0 > 0.0)) {
+            return Err(bad(field("resolution"), "must be positive".into()));
+        }
+        if s.encoding == Encoding::CompressedSegmentation
+            && !matches!(info.data_type, DataType::Uint32 | DataType::Uint64)
+        {
+            return Err(bad(
+                field("encoding"),
+                format!("compressed_segmentation needs uint32 or uint64, not {}", info.data_type),
+            ));
+        }
+        if let Some(b) = s.compressed_segmentation_block_size {
+            if b.contains(&0) {
+                return Err(bad(field("compressed_segmentation_block_size"), format!("{b:?}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that cuboids can read and write a scale's chunks.
+pub fn check_scale_supported(scale: &Scale) -> Result<(), PrecomputedError> {
+    if scale.sharding.as_ref().is_some_and(|s| !s.is_null()) {
+        return Err(PrecomputedError::Sharded {
+            scale: scale.key.clone(),
+        });
+    }
+    match scale.encoding {
+        Encoding::Raw | Encoding::CompressedSegmentation => Ok(()),
+        encoding => Err(PrecomputedError::UnsupportedEncoding {
+            scale: scale.key.clone(),
+            encoding,
+        }),
+    }
+}
+
+/// Relative chunk boxes of a scale overlapping `region`; edge chunks are truncated to the size.
+pub fn chunk_grid(scale: &Scale, region: Box3) -> Vec<Box3> {
+    let c = scale.chunk_size();
+    let region = region.intersect(&Box3::from_shape(scale.size));
+    if region.is_empty() {
+        return vec![];
+    }
+    let first = [0, 1, 2].map(|i| region.start[i] / c[i]);
+    let last = div_ceil3(region.stop, c);
+    let mut out = Vec::new();
+    for gz in first[2]..last[2] {
+        for gy in first[1]..last[1] {
+            for gx in first[0]..last[0] {
+                let g = [gx, gy, gz];
+                let start = [0, 1, 2].map(|i| g[i] * c[i]);
+                let stop = [0, 1, 2].map(|i| ((g[i] + 1) * c[i]).min(scale.size[i]));
+                out.push(Box3::new(start, stop));
+            }
+        }
+    }
+    out
+}
+
+/// `<scale key>/<x0>-<x1>_<y0>-<y1>_<z0>-<z1>` in absolute voxel coordinates.
+pub fn chunk_key(scale: &Scale, chunk: Box3) -> String {
+    let o = scale.voxel_offset;
+    let a = |i: usize, v: usize| v as i64 + o[i];
+    format!(
+        "{}/{}-{}_{}-{}_{}-{}",
+        scale.key,
+        a(0, chunk.start[0]),
+        a(0, chunk.stop[0]),
+        a(1, chunk.start[1]),
+        a(1, chunk.stop[1]),
+        a(2, chunk.start[2]),
+        a(2, chunk.stop[2])
+    )
+}
+
+pub fn gunzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(data.len() * 4);
+    flate2::read::MultiGzDecoder::new(data).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+pub fn gzip(data: &[u8], level: u32) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 2), flate2::Compression::new(level));
+    enc.write_all(data).expect("writing to memory");
+    enc.finish().expect("writing to memory")
+}
+
+/// Decodes one stored chunk into voxels of `shape`.
+pub fn decode_chunk(
+    key: &str,
+    data: Vec<u8>,
+    encoding: ContentEncoding,
+    scale: &Scale,
+    dtype: DataType,
+    channels: usize,
+    shape: Vec3,
+) -> Result<Volume, PrecomputedError> {
+    let data = match encoding {
+        ContentEncoding::Identity => data,
+        ContentEncoding::Gzip => gunzip(&data).map_err(|source| PrecomputedError::Gzip {
+            key: key.to_string(),
+            source,
+        })?,
+    };
+    let data = match scale.encoding {
+        Encoding::CompressedSegmentation => compressed_segmentation::decode(
+            &data,
+            shape,
+            channels,
+            dtype.size() / 4,
+            scale.block_size(),
+        )
+        .map_err(|source| PrecomputedError::CompressedSegmentation {
+            key: key.to_string(),
+            source,
+        })?,
+        _ => data,
+    };
+    let got = data.len();
+    Volume::from_bytes(dtype, shape, channels, data).ok_or(PrecomputedError::ChunkSize {
+        key: key.to_string(),
+        got,
+        expected: voxels(shape) * channels * dtype.size(),
+        shape,
+        channels,
+        dtype,
+    })
+}
+
+/// Encodes voxels as a stored chunk: the scale's encoding, then gzip unless the level is 0.
+pub fn encode_chunk(vol: &Volume, scale: &Scale, opts: WriteOptions) -> Result<(Vec<u8>, ContentEncoding), PrecomputedError> {
+    let data = match scale.encoding {
+        Encoding::CompressedSegmentation => compressed_segmentation::encode(
+            &vol.data,
+            vol.shape,
+            vol.channels,
+            vol.dtype.size() / 4,
+            scale.block_size(),
+        )
+        .map_err(|source| PrecomputedError::CompressedSegmentation {
+            key: scale.key.clone(),
+            source,
+        })?,
+        _ => vol.data.clone(),
+    };
+    Ok(if opts.gzip_level == 0 {
+        (data, ContentEncoding::Identity)
+    } else {
+        (gzip(&data, opts.gzip_level), ContentEncoding::Gzip)
+    })
+}

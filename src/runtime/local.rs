@@ -1,0 +1,196 @@
+//! Running locally: volumes on local disk, the GPU of this machine (lavapipe when there is none).
+
+use crate::dtype::DataType;
+use crate::formats::precomputed::info::{Encoding, Info, LayerType, Number, Scale};
+use crate::formats::precomputed::{Precomputed, WriteOptions};
+use crate::geometry::{voxels, Vec3};
+use crate::gpu::downsample::downsample_channel_gpu;
+use crate::gpu::GpuContext;
+use crate::ops::downsample::{downsample_cpu, Factor, Method};
+use crate::runtime::synthetic::em_like;
+use crate::store::LocalStore;
+use crate::task::downsample::{downsample, Compute, DownsampleOptions, DownsampleReport};
+use crate::task::plan::plan_slabs;
+use crate::volume::Volume;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub fn gpu() -> Result<Arc<GpuContext>> {
+    Ok(Arc::new(GpuContext::new().context("opening the GPU")?))
+}
+
+async fn open_dir(path: &Path) -> Result<Precomputed> {
+    Precomputed::open(Arc::new(LocalStore::new(path)))
+        .await
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+pub async fn downsample_dir(path: &Path, opts: &DownsampleOptions, cpu: bool) -> Result<()> {
+    let vol = open_dir(path).await?;
+    let compute = if cpu { Compute::Cpu } else { Compute::Gpu(gpu()?) };
+    let report = downsample(compute, &vol, opts)
+        .await
+        .with_context(|| format!("downsampling {}", path.display()))?;
+    print_report(&path.display().to_string(), &report);
+    Ok(())
+}
+
+fn print_report(what: &str, r: &DownsampleReport) {
+    println!(
+        "{what}: {:.1} MVx in {:.2} s = {:.1} MVx/s; {} tiles ({} empty), {} chunks written, {:.1} MVx out",
+        r.input_voxels as f64 / 1e6,
+        r.wall.as_secs_f64(),
+        r.mvx_per_s(),
+        r.tiles,
+        r.tiles_skipped_empty,
+        r.chunks_written,
+        r.output_voxels as f64 / 1e6,
+    );
+    println!(
+        "  busy: read {:.2} s, compute {:.2} s, write {:.2} s (stages overlap){}",
+        r.read.as_secs_f64(),
+        r.compute.as_secs_f64(),
+        r.write.as_secs_f64(),
+        if r.new_scales.is_empty() {
+            String::new()
+        } else {
+            format!("; new scales {}", r.new_scales.join(", "))
+        }
+    );
+}
+
+/// A one-scale info for a new volume.
+pub fn new_info(layer_type: LayerType, dtype: DataType, size: Vec3, chunk: Vec3, resolution: [f64; 3]) -> Info {
+    let encoding = match layer_type {
+        LayerType::Image => Encoding::Raw,
+        LayerType::Segmentation => Encoding::CompressedSegmentation,
+    };
+    let resolution = resolution.map(Number);
+    Info {
+        layer_type,
+        data_type: dtype,
+        num_channels: 1,
+        scales: vec![Scale {
+            key: crate::formats::precomputed::info::scale_key(&resolution),
+            size,
+            resolution,
+            voxel_offset: [0; 3],
+            chunk_sizes: vec![chunk],
+            encoding,
+            compressed_segmentation_block_size: (encoding == Encoding::CompressedSegmentation).then_some([8, 8, 8]),
+            sharding: None,
+            extra: Default::default(),
+        }],
+        extra: Default::default(),
+    }
+}
+
+/// Writes `vol` as mip 0 of a new volume at `dir`.
+pub async fn write_new_volume(dir: &Path, info: Info, vol: &Volume, opts: WriteOptions) -> Result<Precomputed> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    let target = Precomputed::create(Arc::new(LocalStore::new(dir)), info).await?;
+    target.write_region(0, [0; 3], vol, opts).await?;
+    Ok(target)
+}
+
+pub async fn demo(dir: &Path, size: Vec3) -> Result<()> {
+    let ctx = gpu()?;
+    println!("cuboids demo on {} ({:?})", ctx.adapter_info.name, ctx.adapter_info.device_type);
+    let t = Instant::now();
+    let (image, labels) = em_like(size);
+    println!("made a synthetic EM volume {size:?} in {:.2} s", t.elapsed().as_secs_f64());
+    let chunk = [64, 64, 64];
+    let write = WriteOptions::default();
+    let mut layers = Vec::new();
+    for (name, layer, vol) in [("image", LayerType::Image, &image), ("segmentation", LayerType::Segmentation, &labels)] {
+        let path = dir.join(name);
+        let info = new_info(layer, vol.dtype, size, chunk, [8.0, 8.0, 40.0]);
+        let t = Instant::now();
+        write_new_volume(&path, info, vol, write).await?;
+        println!("wrote {} ({}) in {:.2} s", path.display(), vol.dtype, t.elapsed().as_secs_f64());
+        layers.push(path);
+    }
+    for path in layers {
+        let vol = open_dir(&path).await?;
+        let opts = DownsampleOptions {
+            num_mips: 4,
+            factor: Factor::ANISOTROPIC,
+            write,
+            ..Default::default()
+        };
+        let report = downsample(Compute::Gpu(ctx.clone()), &vol, &opts)
+            .await
+            .with_context(|| format!("downsampling {}", path.display()))?;
+        print_report(&format!("downsampled {} by 2,2,1 x4", path.display()), &report);
+    }
+    println!("open with neuroglancer: precomputed://file://{}", std::fs::canonicalize(dir)?.display());
+    Ok(())
+}
+
+pub async fn bench(size: Vec3, num_mips: u32, gzip_level: u32, cpu: bool, dir: Option<PathBuf>) -> Result<()> {
+    let ctx = gpu()?;
+    println!("adapter: {} ({:?})", ctx.adapter_info.name, ctx.adapter_info.device_type);
+    let image = bench_volume(size);
+    let mvx = voxels(size) as f64 / 1e6;
+
+    // Kernels alone: upload, all mips, read back.
+    let align = crate::geometry::pow3([2, 2, 1], num_mips);
+    let slabs = plan_slabs(size, 1, align, ctx.max_binding_bytes().min(1 << 30)).context("slab too large")?;
+    for round in 0..2 {
+        let t = Instant::now();
+        for slab in &slabs {
+            let part = image.crop(slab.start, slab.shape());
+            downsample_channel_gpu(&ctx, &part.data, DataType::Uint8, part.shape, Method::Average, Factor::ANISOTROPIC, num_mips)?;
+        }
+        let s = t.elapsed().as_secs_f64();
+        let note = if round == 0 { " (includes shader compilation)" } else { "" };
+        println!("GPU kernels, uint8 {size:?}, {num_mips} mips (2,2,1): {:.2} s = {:.1} MVx/s{note}", s, mvx / s);
+    }
+    if cpu {
+        let t = Instant::now();
+        downsample_cpu(&image, Method::Average, Factor::ANISOTROPIC, num_mips)?;
+        let s = t.elapsed().as_secs_f64();
+        println!("CPU reference kernels: {:.2} s = {:.1} MVx/s", s, mvx / s);
+    }
+
+    // End to end: read chunks, downsample, write chunks.
+    let temp = tempfile::Builder::new().prefix("cuboids-bench").tempdir_in(dir.unwrap_or_else(std::env::temp_dir))?;
+    let path = temp.path().join("image");
+    let write = WriteOptions { gzip_level };
+    let info = new_info(LayerType::Image, DataType::Uint8, size, [64, 64, 64], [8.0, 8.0, 40.0]);
+    let vol = write_new_volume(&path, info, &image, write).await?;
+    let opts = DownsampleOptions {
+        num_mips,
+        write,
+        ..Default::default()
+    };
+    let computes: Vec<(&str, Compute)> = if cpu {
+        vec![("GPU", Compute::Gpu(ctx.clone())), ("CPU", Compute::Cpu)]
+    } else {
+        vec![("GPU", Compute::Gpu(ctx.clone()))]
+    };
+    for (name, compute) in computes {
+        let report = downsample(compute, &vol, &opts).await?;
+        print_report(&format!("end-to-end {name}, uint8 {size:?} raw gzip {gzip_level}, {num_mips} mips (2,2,1)"), &report);
+    }
+    Ok(())
+}
+
+/// The EM-like image, made from one 32-plane block repeated along z (shifted so planes differ):
+/// generating the full volume would take longer than the benchmark itself.
+fn bench_volume(size: Vec3) -> Volume {
+    let block = [size[0], size[1], size[2].min(32)];
+    let (image, _) = em_like(block);
+    let mut out = Volume::zeros(DataType::Uint8, size, 1);
+    let mut z = 0;
+    while z < size[2] {
+        let n = block[2].min(size[2] - z);
+        out.paste([0, 0, z], &image, [0; 3], [size[0], size[1], n]);
+        z += n;
+    }
+    out
+}

@@ -1,0 +1,84 @@
+//! Synthetic EM-like volumes for the demo and benchmarks: Voronoi cells (the segmentation) whose
+//! boundaries are dark membranes in a noisy image, so the data compresses and downsamples like
+//! real EM rather than like uniform noise.
+
+use crate::dtype::DataType;
+use crate::geometry::Vec3;
+use crate::volume::Volume;
+
+/// Seeds sit one per cell of this size, jittered.
+const CELL: usize = 48;
+
+fn hash(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 33)
+}
+
+fn seed_of(cell: [i64; 3]) -> [f32; 3] {
+    let h = hash((cell[0] as u64) ^ ((cell[1] as u64) << 21) ^ ((cell[2] as u64) << 42));
+    [0, 1, 2].map(|i| (cell[i] as f32 + ((h >> (i * 16)) & 0xffff) as f32 / 65536.0) * CELL as f32)
+}
+
+/// An EM-like uint8 image and its uint64 segmentation of the same shape.
+pub fn em_like(shape: Vec3) -> (Volume, Volume) {
+    let n = shape[0] * shape[1] * shape[2];
+    let mut image = vec![0u8; n];
+    let mut labels = vec![0u64; n];
+    let plane = shape[0] * shape[1];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let planes_per = shape[2].div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for ((img, lab), z0) in image
+            .chunks_mut(plane * planes_per)
+            .zip(labels.chunks_mut(plane * planes_per))
+            .zip((0..).step_by(planes_per))
+        {
+            s.spawn(move || fill_planes(img, lab, shape, z0));
+        }
+    });
+    (
+        Volume::from_bytes(DataType::Uint8, shape, 1, image).unwrap(),
+        Volume::from_bytes(
+            DataType::Uint64,
+            shape,
+            1,
+            labels.iter().flat_map(|l| l.to_le_bytes()).collect(),
+        )
+        .unwrap(),
+    )
+}
+
+fn fill_planes(image: &mut [u8], labels: &mut [u64], shape: Vec3, z0: usize) {
+    let plane = shape[0] * shape[1];
+    for (i, (px, lab)) in image.iter_mut().zip(labels.iter_mut()).enumerate() {
+        let (x, y, z) = (i % shape[0], (i / shape[0]) % shape[1], z0 + i / plane);
+        let p = [x as f32, y as f32, z as f32 * 4.0];
+        let cell = [0, 1, 2].map(|d| (p[d] / CELL as f32).floor() as i64);
+        let (mut best, mut second, mut best_id) = (f32::MAX, f32::MAX, 0u64);
+        for dz in -1..=1 {
+            for dy in -1..=1 {
+                for dx in -1..=1 {
+                    let c = [cell[0] + dx, cell[1] + dy, cell[2] + dz];
+                    let s = seed_of(c);
+                    let d = (0..3).map(|k| (s[k] - p[k]).powi(2)).sum::<f32>();
+                    if d < best {
+                        second = best;
+                        best = d;
+                        best_id = hash(c[0] as u64 ^ ((c[1] as u64) << 20) ^ ((c[2] as u64) << 40)) >> 24;
+                    } else if d < second {
+                        second = d;
+                    }
+                }
+            }
+        }
+        // Distance to the boundary between the two nearest cells: membranes are ~3 voxels wide.
+        let edge = second.sqrt() - best.sqrt();
+        let membrane = (1.0 - edge / 3.0).max(0.0);
+        let noise = (hash((x as u64) | ((y as u64) << 20) | ((z as u64) << 40)) & 31) as f32;
+        *px = (170.0 - 120.0 * membrane + noise - 16.0).clamp(0.0, 255.0) as u8;
+        *lab = best_id + 1;
+    }
+}

@@ -1,0 +1,95 @@
+//! A directory on local disk. Gzipped objects are stored as `<key>.gz` (CloudVolume's convention);
+//! writes go to a temporary file renamed into place, so a crash never leaves half an object.
+
+use super::{check_key, ContentEncoding, Object, Store, StoreError};
+use async_trait::async_trait;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl LocalStore {
+    pub fn new(root: impl Into<PathBuf>) -> LocalStore {
+        LocalStore { root: root.into() }
+    }
+
+    fn path(&self, key: &str, encoding: ContentEncoding) -> Result<PathBuf, StoreError> {
+        check_key(key)?;
+        Ok(match encoding {
+            ContentEncoding::Identity => self.root.join(key),
+            ContentEncoding::Gzip => self.root.join(format!("{key}.gz")),
+        })
+    }
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+async fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    match tokio::fs::read(path).await {
+        Ok(data) => Ok(Some(data)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error(path)(e)),
+    }
+}
+
+async fn remove_if_exists(path: &Path) -> Result<(), StoreError> {
+    match tokio::fs::remove_file(path).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(path)(e)),
+        _ => Ok(()),
+    }
+}
+
+#[async_trait]
+impl Store for LocalStore {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Object>, StoreError> {
+        for encoding in [ContentEncoding::Identity, ContentEncoding::Gzip] {
+            if let Some(data) = read_if_exists(&self.path(key, encoding)?).await? {
+                return Ok(Some(Object { data, encoding }));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn put(&self, key: &str, data: Vec<u8>, encoding: ContentEncoding) -> Result<(), StoreError> {
+        let path = self.path(key, encoding)?;
+        let dir = path.parent().expect("keys are relative to the root");
+        tokio::fs::create_dir_all(dir).await.map_err(io_error(dir))?;
+        let name = path.file_name().expect("checked key").to_string_lossy();
+        let temp = dir.join(format!(
+            ".{name}.tmp-{}-{}",
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        tokio::fs::write(&temp, data).await.map_err(io_error(&temp))?;
+        if let Err(e) = tokio::fs::rename(&temp, &path).await {
+            let _ = tokio::fs::remove_file(&temp).await;
+            return Err(io_error(&path)(e));
+        }
+        // The other encoding of the same key would be ambiguous (and stale): remove it.
+        let other = match encoding {
+            ContentEncoding::Identity => ContentEncoding::Gzip,
+            ContentEncoding::Gzip => ContentEncoding::Identity,
+        };
+        remove_if_exists(&self.path(key, other)?).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        for encoding in [ContentEncoding::Identity, ContentEncoding::Gzip] {
+            remove_if_exists(&self.path(key, encoding)?).await?;
+        }
+        Ok(())
+    }
+}

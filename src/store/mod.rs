@@ -1,0 +1,77 @@
+//! Where bytes live. One async trait, one shared test suite (tests/store_suite.rs) that every
+//! backend must pass. Keys are `/`-separated paths relative to the store's root.
+
+pub mod local;
+
+use async_trait::async_trait;
+use std::path::PathBuf;
+use thiserror::Error;
+
+pub use local::LocalStore;
+
+/// How an object's bytes are encoded at rest. Precomputed chunks may be gzipped: CloudVolume
+/// writes `<key>.gz` on local disk and `Content-Encoding: gzip` on S3; a store maps this to its
+/// own convention, so readers accept both forms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContentEncoding {
+    Identity,
+    Gzip,
+}
+
+/// An object as stored: its bytes and their encoding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Object {
+    pub data: Vec<u8>,
+    pub encoding: ContentEncoding,
+}
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("I/O error on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid key {key:?}: {reason}")]
+    InvalidKey { key: String, reason: &'static str },
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Where this store points, for messages (a path or URL).
+    fn location(&self) -> String;
+
+    /// The object at `key`, or `None` when it does not exist (which is not an error).
+    async fn get(&self, key: &str) -> Result<Option<Object>, StoreError>;
+
+    /// Writes an object whole: readers never see a partly written one.
+    async fn put(&self, key: &str, data: Vec<u8>, encoding: ContentEncoding) -> Result<(), StoreError>;
+
+    /// Removes the object in every encoding; removing a missing object is not an error.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        Ok(self.get(key).await?.is_some())
+    }
+}
+
+/// Rejects keys that could escape the store's root or name nothing.
+pub fn check_key(key: &str) -> Result<(), StoreError> {
+    let bad = |reason| {
+        Err(StoreError::InvalidKey {
+            key: key.to_string(),
+            reason,
+        })
+    };
+    if key.is_empty() {
+        return bad("empty");
+    }
+    if key.starts_with('/') {
+        return bad("absolute");
+    }
+    if key.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+        return bad("empty, '.' or '..' path component");
+    }
+    Ok(())
+}

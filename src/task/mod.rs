@@ -1,0 +1,4 @@
+//! Whole jobs: planning a volume into GPU-sized work and running it.
+
+pub mod downsample;
+pub mod plan;
