@@ -56,6 +56,39 @@ fn sum_2x2x2(x: u32, y: u32, z: u32) -> f32 {
     return acc;
 }
 
+// The same value, but opaque: compilers may not apply inexact rewrites through it.
+fn opaque(v: f32) -> f32 {
+    return bitcast<f32>(bitcast<u32>(v) ^ p.opaque_zero);
+}
+
+// Error-free transformation: a + b == s + e exactly. Shader compilers treat float maths as
+// reassociable (Mesa's NIR turns (a + b) - a into b), so each step goes through opaque().
+fn two_sum(a: f32, b: f32) -> vec2<f32> {
+    let s = opaque(a + b);
+    let bb = opaque(s - a);
+    let e = (a - opaque(s - bb)) + (b - bb);
+    return vec2<f32>(s, e);
+}
+
+// The block sum rounded once, as tinybrain's single-mip path gets by summing in double: the
+// running sum's rounding errors are collected exactly and added back at the end.
+fn rounded_block_sum(x: u32, y: u32, z: u32) -> f32 {
+    var s = 0.0;
+    var err = 0.0;
+    for (var dz = 0u; dz < p.fz; dz++) {
+        let zz = min(z + dz, p.in_z - 1u);
+        for (var dy = 0u; dy < 2u; dy++) {
+            let yy = min(y + dy, p.in_y - 1u);
+            for (var dx = 0u; dx < 2u; dx++) {
+                let t = two_sum(s, ld(min(x + dx, p.in_x - 1u), yy, zz));
+                s = t.x;
+                err += t.y;
+            }
+        }
+    }
+    return s + err;
+}
+
 @compute @workgroup_size(64)
 fn level(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_index(gid, nwg);
@@ -64,7 +97,9 @@ fn level(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     }
     let o = out_coord(i);
     var s: f32;
-    if (p.fz == 1u) {
+    if (p.exact_sum == 1u) {
+        s = rounded_block_sum(o.x * 2u, o.y * 2u, o.z * p.fz);
+    } else if (p.fz == 1u) {
         s = sum_2x2(o.x * 2u, o.y * 2u, o.z);
     } else {
         s = sum_2x2x2(o.x * 2u, o.y * 2u, o.z * 2u);

@@ -21,6 +21,12 @@ struct Params {
     scale_bits: u32,
     // 1 when the sums of this level are needed by the next one.
     write_sums: u32,
+    // float32, single mip: 1 to round the block sum once (tinybrain sums in double there).
+    exact_sum: u32,
+    // Always 0. XORed into float bits to hide algebraic identities from shader compilers.
+    opaque_zero: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 const WG: u32 = 64u;

@@ -25,6 +25,9 @@ struct Params {
     render_shift: u32,
     scale_bits: u32,
     write_sums: u32,
+    exact_sum: u32,
+    opaque_zero: u32,
+    pad: [u32; 2],
 }
 
 /// What one level's dispatch reads: the slab itself, the previous level's sums or its output.
@@ -142,6 +145,9 @@ pub fn downsample_channel_gpu(
             render_shift: schedule.render_shift(level),
             scale_bits: (1.0f32 / (1u64 << (factor.bits() * level)) as f32).to_bits(),
             write_sums: (level < mips) as u32,
+            exact_sum: (mips == 1) as u32,
+            opaque_zero: 0,
+            pad: [0; 2],
         };
         let pipeline: Arc<wgpu::ComputePipeline> = ctx.pipeline(plan.kernel)?;
         let (sums, out, staging) = ctx.scoped("encoding a downsampling level", || {

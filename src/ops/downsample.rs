@@ -7,7 +7,10 @@
 //!   are renormalised (floored) every 4 mips for (2,2,1) and every 8 (uint8) or 5 (uint16) mips
 //!   for (2,2,2).
 //! * float32 images accumulate in float32 with tinybrain's x86 summation order, then divide by
-//!   `4^k` or `8^k` (exact powers of two).
+//!   `4^k` or `8^k` (exact powers of two). For a single mip tinybrain sums in double instead, i.e.
+//!   rounds each block sum once; cuboids gets the same with an error-free (TwoSum) float32 sum,
+//!   since portable WGSL has no f64 (it can differ by one ulp only when the sum lies within
+//!   2^-48 of a rounding midpoint).
 //! * uint32 images (tinybrain's numpy path) take the floor of the mean of the voxels that exist,
 //!   one mip from the previous, computed exactly in 64 bits.
 //! * segmentation uses countless mode pooling for (2,2,1) (an incomplete odd-edge block takes its
@@ -385,6 +388,19 @@ pub fn mode_of_eight(v: &[u64]) -> u64 {
 /// float32 sums in tinybrain's order: its SSE path adds `(a+c)+(b+d)` for x below the last
 /// multiple of 8, its scalar path `((a+b)+c)+d`; odd edges double the missing half.
 fn average_f32(values: &[f32], shape: Vec3, factor: Factor, mips: u32) -> Vec<Vec<f32>> {
+    if mips == 1 {
+        let (sums, _) = build_level(values, shape, factor, |a, o| {
+            let (mut s, mut err) = (0.0f32, 0.0f32);
+            for p in clamped_block(o, shape, factor) {
+                let (t, e) = two_sum(s, at(a, p));
+                s = t;
+                err += e;
+            }
+            s + err
+        });
+        let divisor = (1u64 << factor.bits()) as f32;
+        return vec![sums.iter().map(|s| s / divisor).collect()];
+    }
     let mut sums = values.to_vec();
     let mut shape = shape;
     let mut outs = Vec::new();
@@ -396,6 +412,13 @@ fn average_f32(values: &[f32], shape: Vec3, factor: Factor, mips: u32) -> Vec<Ve
         shape = next_shape;
     }
     outs
+}
+
+/// Error-free transformation: `a + b == s + e` exactly.
+fn two_sum(a: f32, b: f32) -> (f32, f32) {
+    let s = a + b;
+    let bb = s - a;
+    (s, (a - (s - bb)) + (b - bb))
 }
 
 fn f32_block_sum(a: &ArrayView3<'_, f32>, o: [usize; 3], shape: Vec3, factor: Factor) -> f32 {
