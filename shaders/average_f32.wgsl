@@ -90,12 +90,11 @@ fn rounded_block_sum(x: u32, y: u32, z: u32) -> f32 {
 }
 
 @compute @workgroup_size(64)
-fn level(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat_index(gid, nwg);
-    if (i >= p.out_n) {
+fn level(@builtin(global_invocation_id) o: vec3<u32>) {
+    if (o.x >= p.out_x || o.y >= p.out_y || o.z >= p.out_z) {
         return;
     }
-    let o = out_coord(i);
+    let i = out_index(o.x, o.y, o.z);
     var s: f32;
     if (p.exact_sum == 1u) {
         s = rounded_block_sum(o.x * 2u, o.y * 2u, o.z * p.fz);

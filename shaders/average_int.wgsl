@@ -1,5 +1,5 @@
 // Accumulated box averaging for uint8 / uint16 images (tinybrain's multi-mip semantics).
-// One invocation produces one packed output word: 4 (uint8) or 2 (uint16) consecutive voxels.
+// Invocation (w, y, z) produces output word w of row (y, z): 4 (uint8) or 2 (uint16) voxels.
 // Odd edges clamp the block, counting the last voxel twice, so each sum weighs 4^k or 8^k voxels.
 
 override BYTES: u32 = 1u;
@@ -7,7 +7,8 @@ override BYTES: u32 = 1u;
 @group(0) @binding(2) var<storage, read_write> sums: array<u32>;
 @group(0) @binding(3) var<storage, read_write> dst: array<u32>;
 
-fn load(i: u32, packed: bool) -> u32 {
+fn load(x: u32, y: u32, z: u32, packed: bool) -> u32 {
+    let i = in_index(x, y, z);
     if (!packed) {
         return src[i] >> p.carry_shift;
     }
@@ -17,48 +18,79 @@ fn load(i: u32, packed: bool) -> u32 {
     return (src[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu;
 }
 
-fn block_sum(o: vec3<u32>, packed: bool) -> u32 {
-    let x0 = min(o.x * 2u, p.in_x - 1u);
-    let x1 = min(o.x * 2u + 1u, p.in_x - 1u);
+// The sum of output voxel x's block, one voxel at a time (any level, any position).
+fn block_sum(x: u32, oy: u32, oz: u32, packed: bool) -> u32 {
+    let x0 = min(x * 2u, p.in_x - 1u);
+    let x1 = min(x * 2u + 1u, p.in_x - 1u);
     var s = 0u;
-    for (var dz = 0u; dz < p.fz; dz++) {
-        let z = min(o.z * p.fz + dz, p.in_z - 1u);
-        for (var dy = 0u; dy < 2u; dy++) {
-            let y = min(o.y * 2u + dy, p.in_y - 1u);
-            let row = p.in_x * (y + p.in_y * z);
-            s += load(row + x0, packed) + load(row + x1, packed);
-        }
+    for (var r = 0u; r < 2u * p.fz; r++) {
+        let row = block_row(oy, oz, r);
+        s += load(x0, row.x, row.y, packed) + load(x1, row.x, row.y, packed);
     }
     return s;
 }
 
-fn level(w: u32, packed: bool) {
+// Fast path for a whole output word from packed input: SWAR pair sums of two input words per
+// row (lanes stay below 2^16: at most 8 x 65535 for uint16 needs the 32-bit lane below).
+fn word_sums_packed(w: u32, oy: u32, oz: u32) -> vec4<u32> {
+    var a = 0u;
+    var b = 0u;
+    for (var r = 0u; r < 2u * p.fz; r++) {
+        let row = block_row(oy, oz, r);
+        let i = in_index(w * 8u / BYTES, row.x, row.y) * BYTES / 4u;
+        let v0 = src[i];
+        let v1 = src[i + 1u];
+        if (BYTES == 1u) {
+            a += (v0 & 0x00ff00ffu) + ((v0 >> 8u) & 0x00ff00ffu);
+            b += (v1 & 0x00ff00ffu) + ((v1 >> 8u) & 0x00ff00ffu);
+        } else {
+            a += (v0 & 0xffffu) + (v0 >> 16u);
+            b += (v1 & 0xffffu) + (v1 >> 16u);
+        }
+    }
+    if (BYTES == 1u) {
+        return vec4<u32>(a & 0xffffu, a >> 16u, b & 0xffffu, b >> 16u);
+    }
+    return vec4<u32>(a, b, 0u, 0u);
+}
+
+fn level(gid: vec3<u32>, packed: bool) {
     let per_word = 4u / BYTES;
-    let first = w * per_word;
-    if (first >= p.out_n) {
+    let w = gid.x;
+    let x0 = w * per_word;
+    if (x0 >= p.out_x || gid.y >= p.out_y || gid.z >= p.out_z) {
         return;
+    }
+    var s: vec4<u32>;
+    if (packed && (x0 + per_word) * 2u <= p.in_x) {
+        s = word_sums_packed(w, gid.y, gid.z);
+    } else {
+        for (var k = 0u; k < per_word; k++) {
+            if (x0 + k < p.out_x) {
+                s[k] = block_sum(x0 + k, gid.y, gid.z, packed);
+            }
+        }
     }
     let mask = select(0xffffu, 0xffu, BYTES == 1u);
     var word = 0u;
+    let first = out_index(x0, gid.y, gid.z);
     for (var k = 0u; k < per_word; k++) {
-        let i = first + k;
-        if (i < p.out_n) {
-            let s = block_sum(out_coord(i), packed);
+        if (x0 + k < p.out_x) {
             if (p.write_sums == 1u) {
-                sums[i] = s;
+                sums[first + k] = s[k];
             }
-            word |= ((s >> p.render_shift) & mask) << (k * 8u * BYTES);
+            word |= ((s[k] >> p.render_shift) & mask) << (k * 8u * BYTES);
         }
     }
-    dst[w] = word;
+    dst[first / per_word] = word;
 }
 
 @compute @workgroup_size(64)
-fn level_from_packed(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    level(flat_index(gid, nwg), true);
+fn level_from_packed(@builtin(global_invocation_id) gid: vec3<u32>) {
+    level(gid, true);
 }
 
 @compute @workgroup_size(64)
-fn level_from_sums(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    level(flat_index(gid, nwg), false);
+fn level_from_sums(@builtin(global_invocation_id) gid: vec3<u32>) {
+    level(gid, false);
 }

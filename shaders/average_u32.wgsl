@@ -9,12 +9,11 @@ fn add64(a: vec2<u32>, b: u32) -> vec2<u32> {
 }
 
 @compute @workgroup_size(64)
-fn level(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat_index(gid, nwg);
-    if (i >= p.out_n) {
+fn level(@builtin(global_invocation_id) o: vec3<u32>) {
+    if (o.x >= p.out_x || o.y >= p.out_y || o.z >= p.out_z) {
         return;
     }
-    let o = out_coord(i);
+    let i = out_index(o.x, o.y, o.z);
     let x1 = min(o.x * 2u + 2u, p.in_x);
     let y1 = min(o.y * 2u + 2u, p.in_y);
     let z1 = min((o.z + 1u) * p.fz, p.in_z);

@@ -1,6 +1,8 @@
 // Shared by every downsampling kernel (prepended to each shader at load time).
 // All buffers are arrays of u32 words: narrow voxels are packed little-endian, 64-bit voxels are
-// (low, high) word pairs, float32 voxels are their bit patterns.
+// (low, high) word pairs, float32 voxels are their bit patterns. Rows of voxels start at
+// multiples of `in_pitch` / `out_pitch` voxels, so packed rows always start on a word.
+// Dispatches are 3D: invocation (x, y, z) handles output row (y, z), so no kernel divides.
 
 struct Params {
     in_x: u32,
@@ -11,8 +13,9 @@ struct Params {
     out_x: u32,
     out_y: u32,
     out_z: u32,
-    // Number of output voxels.
-    out_n: u32,
+    // Row pitch, in voxels, of the source and of the outputs (and sums) of this level.
+    in_pitch: u32,
+    out_pitch: u32,
     // Right shift of the input sums before they are added (renormalisation).
     carry_shift: u32,
     // Right shift that turns this level's sums into output voxels.
@@ -25,26 +28,21 @@ struct Params {
     exact_sum: u32,
     // Always 0. XORed into float bits to hide algebraic identities from shader compilers.
     opaque_zero: u32,
-    pad1: u32,
-    pad2: u32,
+    pad0: u32,
 }
-
-const WG: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<u32>;
 
-// Flat index of this invocation; 2D dispatches cover more than 65535 workgroups.
-fn flat_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * WG;
-}
-
-fn out_coord(i: u32) -> vec3<u32> {
-    let x = i % p.out_x;
-    let t = i / p.out_x;
-    return vec3<u32>(x, t % p.out_y, t / p.out_y);
-}
-
 fn in_index(x: u32, y: u32, z: u32) -> u32 {
-    return x + p.in_x * (y + p.in_y * z);
+    return x + p.in_pitch * (y + p.in_y * z);
+}
+
+fn out_index(x: u32, y: u32, z: u32) -> u32 {
+    return x + p.out_pitch * (y + p.out_y * z);
+}
+
+// Input rows (y, z) under output row (oy, oz), clamped at odd edges: row r of 2 (or 4).
+fn block_row(oy: u32, oz: u32, r: u32) -> vec2<u32> {
+    return vec2<u32>(min(oy * 2u + (r & 1u), p.in_y - 1u), min(oz * p.fz + (r >> 1u), p.in_z - 1u));
 }

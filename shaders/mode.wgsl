@@ -71,12 +71,11 @@ fn mode_2x2x2(x: u32, y: u32, z: u32) -> vec2<u32> {
 }
 
 @compute @workgroup_size(64)
-fn level(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat_index(gid, nwg);
-    if (i >= p.out_n) {
+fn level(@builtin(global_invocation_id) o: vec3<u32>) {
+    if (o.x >= p.out_x || o.y >= p.out_y || o.z >= p.out_z) {
         return;
     }
-    let o = out_coord(i);
+    let i = out_index(o.x, o.y, o.z);
     var m: vec2<u32>;
     if (p.fz == 1u) {
         m = countless(o.x * 2u, o.y * 2u, o.z);

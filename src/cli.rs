@@ -11,7 +11,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "cuboids", version, about = "GPU resolution pyramids of neuroscience volumes (WGSL/wgpu)")]
+#[command(
+    name = "cuboids",
+    version,
+    about = "GPU resolution pyramids of neuroscience volumes (WGSL/wgpu)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,6 +77,12 @@ enum Command {
         /// Where to put the temporary volume (default: the system temp dir).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Keep the input volume (mip 0 only) at DIR/image for comparisons with other tools.
+        #[arg(long, requires = "dir")]
+        keep: bool,
+        /// Largest GPU slab in MiB (default: 16 on lavapipe, else the binding limit up to 256).
+        #[arg(long)]
+        slab_mib: Option<u64>,
     },
 }
 
@@ -109,7 +119,9 @@ fn parse_bounds(s: &str) -> Result<Bounds, String> {
         stop: [v[3], v[4], v[5]],
     };
     if (0..3).any(|i| b.stop[i] <= b.start[i]) {
-        return Err(format!("bounds {s:?}: each stop must be greater than its start"));
+        return Err(format!(
+            "bounds {s:?}: each stop must be greater than its start"
+        ));
     }
     Ok(b)
 }
@@ -155,7 +167,10 @@ fn run(cli: Cli) -> Result<()> {
             cpu,
         } => {
             if !path.is_dir() {
-                bail!("{} is not a directory holding a precomputed volume", path.display());
+                bail!(
+                    "{} is not a directory holding a precomputed volume",
+                    path.display()
+                );
             }
             let opts = DownsampleOptions {
                 mip,
@@ -179,6 +194,16 @@ fn run(cli: Cli) -> Result<()> {
             gzip_level,
             cpu,
             dir,
-        } => runtime.block_on(local::bench(size, num_mips, gzip_level, cpu, dir)),
+            keep,
+            slab_mib,
+        } => runtime.block_on(local::bench(local::BenchOptions {
+            size,
+            num_mips,
+            gzip_level,
+            cpu,
+            dir,
+            keep,
+            slab_bytes: slab_mib.map(|m| m << 20),
+        })),
     }
 }

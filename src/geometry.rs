@@ -5,7 +5,11 @@ pub type Vec3 = [usize; 3];
 
 /// Ceiling division, for sizes of downsampled levels.
 pub fn div_ceil3(a: Vec3, b: Vec3) -> Vec3 {
-    [a[0].div_ceil(b[0]), a[1].div_ceil(b[1]), a[2].div_ceil(b[2])]
+    [
+        a[0].div_ceil(b[0]),
+        a[1].div_ceil(b[1]),
+        a[2].div_ceil(b[2]),
+    ]
 }
 
 pub fn mul3(a: Vec3, b: Vec3) -> Vec3 {
@@ -69,30 +73,31 @@ impl Box3 {
     }
 }
 
+/// A position inside a Fortran-ordered array of `shape`.
+#[derive(Clone, Copy, Debug)]
+pub struct At {
+    pub shape: Vec3,
+    pub origin: Vec3,
+}
+
+impl At {
+    fn row_start(&self, y: usize, z: usize) -> usize {
+        self.origin[0]
+            + self.shape[0] * ((self.origin[1] + y) + self.shape[1] * (self.origin[2] + z))
+    }
+}
+
 /// Copies a box of voxels between two Fortran-ordered single-channel arrays of
 /// `elem` bytes per voxel. Rows along x are contiguous, so this is one memcpy per row.
-pub fn copy_box(
-    src: &[u8],
-    src_shape: Vec3,
-    src_origin: Vec3,
-    dst: &mut [u8],
-    dst_shape: Vec3,
-    dst_origin: Vec3,
-    extent: Vec3,
-    elem: usize,
-) {
+pub fn copy_box(src: &[u8], from: At, dst: &mut [u8], to: At, extent: Vec3, elem: usize) {
     let row = extent[0] * elem;
     if row == 0 {
         return;
     }
     for z in 0..extent[2] {
         for y in 0..extent[1] {
-            let s = elem
-                * (src_origin[0]
-                    + src_shape[0] * ((src_origin[1] + y) + src_shape[1] * (src_origin[2] + z)));
-            let d = elem
-                * (dst_origin[0]
-                    + dst_shape[0] * ((dst_origin[1] + y) + dst_shape[1] * (dst_origin[2] + z)));
+            let s = elem * from.row_start(y, z);
+            let d = elem * to.row_start(y, z);
             dst[d..d + row].copy_from_slice(&src[s..s + row]);
         }
     }
@@ -113,7 +118,15 @@ mod tests {
     fn copy_box_moves_the_right_voxels() {
         let src: Vec<u8> = (0..27).collect();
         let mut dst = vec![0u8; 8];
-        copy_box(&src, [3, 3, 3], [1, 1, 1], &mut dst, [2, 2, 2], [0, 0, 0], [2, 2, 2], 1);
+        let from = At {
+            shape: [3, 3, 3],
+            origin: [1, 1, 1],
+        };
+        let to = At {
+            shape: [2, 2, 2],
+            origin: [0, 0, 0],
+        };
+        copy_box(&src, from, &mut dst, to, [2, 2, 2], 1);
         assert_eq!(dst, vec![13, 14, 16, 17, 22, 23, 25, 26]);
     }
 }

@@ -1,7 +1,7 @@
 //! A dense block of voxels in memory: the unit that stores, kernels and codecs exchange.
 
 use crate::dtype::DataType;
-use crate::geometry::{copy_box, voxels, Vec3};
+use crate::geometry::{copy_box, voxels, At, Vec3};
 
 /// Voxels of one dtype in Fortran order `[x, y, z, channel]` (x fastest), little-endian bytes,
 /// exactly as a `raw` precomputed chunk stores them.
@@ -24,7 +24,12 @@ impl Volume {
     }
 
     /// Wraps bytes, or returns `None` when their length does not match the shape.
-    pub fn from_bytes(dtype: DataType, shape: Vec3, channels: usize, data: Vec<u8>) -> Option<Volume> {
+    pub fn from_bytes(
+        dtype: DataType,
+        shape: Vec3,
+        channels: usize,
+        data: Vec<u8>,
+    ) -> Option<Volume> {
         (data.len() == voxels(shape) * channels * dtype.size()).then_some(Volume {
             dtype,
             shape,
@@ -58,16 +63,15 @@ impl Volume {
         let elem = self.dtype.size();
         let dst_shape = self.shape;
         for c in 0..self.channels {
-            copy_box(
-                src.channel(c),
-                src.shape,
-                src_origin,
-                self.channel_mut(c),
-                dst_shape,
-                dst_origin,
-                extent,
-                elem,
-            );
+            let from = At {
+                shape: src.shape,
+                origin: src_origin,
+            };
+            let to = At {
+                shape: dst_shape,
+                origin: dst_origin,
+            };
+            copy_box(src.channel(c), from, self.channel_mut(c), to, extent, elem);
         }
     }
 

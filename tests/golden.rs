@@ -30,7 +30,12 @@ fn manifest(dir: &str) -> Value {
 }
 
 fn vec3(v: &Value) -> Vec3 {
-    let a: Vec<usize> = v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+    let a: Vec<usize> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
     [a[0], a[1], a.get(2).copied().unwrap_or(1)]
 }
 
@@ -45,22 +50,56 @@ fn downsampling_matches_tinybrain_byte_for_byte() {
         let dtype = DataType::parse(case["dtype"].as_str().unwrap()).unwrap();
         let shape = vec3(&case["shape"]);
         let factor = Factor::new(vec3(&case["factor"])).unwrap();
-        let method = if case["method"] == "mode" { Method::Mode } else { Method::Average };
+        let method = if case["method"] == "mode" {
+            Method::Mode
+        } else {
+            Method::Average
+        };
         let mips = case["num_mips"].as_u64().unwrap() as u32;
-        let input = read(fixtures().join("tinybrain").join(case["input"].as_str().unwrap()));
+        let input = read(
+            fixtures()
+                .join("tinybrain")
+                .join(case["input"].as_str().unwrap()),
+        );
         let vol = Volume::from_bytes(dtype, shape, 1, input).unwrap();
         let cpu = downsample_cpu(&vol, method, factor, mips).unwrap();
-        let gpu_out = downsample_channel_gpu(gpu(), &vol.data, dtype, shape, method, factor, mips).unwrap();
+        let gpu_out =
+            downsample_channel_gpu(gpu(), &vol.data, dtype, shape, method, factor, mips).unwrap();
         for (k, out) in case["outputs"].as_array().unwrap().iter().enumerate() {
-            let expected = read(fixtures().join("tinybrain").join(out["file"].as_str().unwrap()));
-            assert_eq!(cpu[k].shape, vec3(&out["shape"]), "{name} mip {}: shape", k + 1);
-            assert_eq!(gpu_out[k], cpu[k].data, "{name} mip {}: GPU differs from CPU", k + 1);
+            let expected = read(
+                fixtures()
+                    .join("tinybrain")
+                    .join(out["file"].as_str().unwrap()),
+            );
+            assert_eq!(
+                cpu[k].shape,
+                vec3(&out["shape"]),
+                "{name} mip {}: shape",
+                k + 1
+            );
+            assert_eq!(
+                gpu_out[k],
+                cpu[k].data,
+                "{name} mip {}: GPU differs from CPU",
+                k + 1
+            );
             if case.get("tinybrain_known_wrong").is_some() {
                 // tinybrain's single-mip odd-size bug: cuboids must be right where it is not.
-                assert_ne!(cpu[k].data, expected, "{name}: the fixture should show tinybrain's bug");
-                assert_eq!(cpu[k].data, vec![15, 35, 50], "{name}: the mean of the voxels that exist");
+                assert_ne!(
+                    cpu[k].data, expected,
+                    "{name}: the fixture should show tinybrain's bug"
+                );
+                assert_eq!(
+                    cpu[k].data,
+                    vec![15, 35, 50],
+                    "{name}: the mean of the voxels that exist"
+                );
             } else {
-                assert!(cpu[k].data == expected, "{name} mip {}: differs from tinybrain", k + 1);
+                assert!(
+                    cpu[k].data == expected,
+                    "{name} mip {}: differs from tinybrain",
+                    k + 1
+                );
                 compared += 1;
             }
         }
@@ -77,13 +116,22 @@ fn compressed_segmentation_matches_the_reference_codec() {
         let (shape, block) = (vec3(&case["shape"]), vec3(&case["block"]));
         let raw = read(fixtures().join("cseg").join(format!("{name}.raw")));
         let golden = read(fixtures().join("cseg").join(format!("{name}.cseg")));
-        assert_eq!(cseg::decode(&golden, shape, 1, words, block).unwrap(), raw, "{name}: decode");
-        assert!(cseg::encode(&raw, shape, 1, words, block).unwrap() == golden, "{name}: encode is not byte-identical");
+        assert_eq!(
+            cseg::decode(&golden, shape, 1, words, block).unwrap(),
+            raw,
+            "{name}: decode"
+        );
+        assert!(
+            cseg::encode(&raw, shape, 1, words, block).unwrap() == golden,
+            "{name}: encode is not byte-identical"
+        );
     }
 }
 
 async fn open(path: &Path) -> Precomputed {
-    Precomputed::open(Arc::new(LocalStore::new(path))).await.unwrap()
+    Precomputed::open(Arc::new(LocalStore::new(path)))
+        .await
+        .unwrap()
 }
 
 fn copy_dir(src: &Path, dst: &Path) {
@@ -111,24 +159,44 @@ async fn reads_and_downsamples_cloudvolume_volumes() {
         let whole = Box3::from_shape(vol.scale(0).size);
         let (data, any) = vol.read_region(0, whole, false).await.unwrap();
         assert!(any);
-        assert!(data.data == read(fixtures().join("cloudvolume").join(format!("{layer}.raw"))), "{layer}: read");
+        assert!(
+            data.data == read(fixtures().join("cloudvolume").join(format!("{layer}.raw"))),
+            "{layer}: read"
+        );
 
         let opts = DownsampleOptions {
             num_mips: 2,
             ..Default::default()
         };
-        let report = downsample(Compute::Gpu(Arc::new(cuboids::gpu::GpuContext::new().unwrap())), &vol, &opts)
-            .await
-            .unwrap();
-        assert_eq!(report.new_scales, vec!["16_16_40".to_string(), "32_32_40".to_string()]);
+        let report = downsample(
+            Compute::Gpu(Arc::new(cuboids::gpu::GpuContext::new().unwrap())),
+            &vol,
+            &opts,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            report.new_scales,
+            vec!["16_16_40".to_string(), "32_32_40".to_string()]
+        );
         let vol = open(&dir).await;
         assert_eq!(vol.info.scales.len(), 3);
         assert_eq!(vol.scale(1).voxel_offset, [1, 50, 7]);
         assert_eq!(vol.scale(1).size, [25, 19, 11]);
         for mip in 1..=2 {
-            let (out, _) = vol.read_region(mip, Box3::from_shape(vol.scale(mip).size), false).await.unwrap();
-            let expected = read(fixtures().join("cloudvolume").join(format!("{layer}.mip{mip}.raw")));
-            assert!(out.data == expected, "{layer} mip {mip}: differs from tinybrain on the CloudVolume data");
+            let (out, _) = vol
+                .read_region(mip, Box3::from_shape(vol.scale(mip).size), false)
+                .await
+                .unwrap();
+            let expected = read(
+                fixtures()
+                    .join("cloudvolume")
+                    .join(format!("{layer}.mip{mip}.raw")),
+            );
+            assert!(
+                out.data == expected,
+                "{layer} mip {mip}: differs from tinybrain on the CloudVolume data"
+            );
         }
     }
 }

@@ -8,15 +8,30 @@ async fn suite(store: Arc<dyn Store>) {
     assert_eq!(store.get("nope/none").await.unwrap(), None);
     assert!(!store.exists("nope/none").await.unwrap());
 
-    store.put("a/b/c", b"hello".to_vec(), ContentEncoding::Identity).await.unwrap();
+    store
+        .put("a/b/c", b"hello".to_vec(), ContentEncoding::Identity)
+        .await
+        .unwrap();
     let got = store.get("a/b/c").await.unwrap().unwrap();
-    assert_eq!((got.data.as_slice(), got.encoding), (&b"hello"[..], ContentEncoding::Identity));
+    assert_eq!(
+        (got.data.as_slice(), got.encoding),
+        (&b"hello"[..], ContentEncoding::Identity)
+    );
 
     // Rewriting the same key in another encoding replaces it: one object per key.
-    store.put("a/b/c", b"gz-bytes".to_vec(), ContentEncoding::Gzip).await.unwrap();
+    store
+        .put("a/b/c", b"gz-bytes".to_vec(), ContentEncoding::Gzip)
+        .await
+        .unwrap();
     let got = store.get("a/b/c").await.unwrap().unwrap();
-    assert_eq!((got.data.as_slice(), got.encoding), (&b"gz-bytes"[..], ContentEncoding::Gzip));
-    store.put("a/b/c", b"plain".to_vec(), ContentEncoding::Identity).await.unwrap();
+    assert_eq!(
+        (got.data.as_slice(), got.encoding),
+        (&b"gz-bytes"[..], ContentEncoding::Gzip)
+    );
+    store
+        .put("a/b/c", b"plain".to_vec(), ContentEncoding::Identity)
+        .await
+        .unwrap();
     assert_eq!(store.get("a/b/c").await.unwrap().unwrap().data, b"plain");
 
     store.delete("a/b/c").await.unwrap();
@@ -24,21 +39,40 @@ async fn suite(store: Arc<dyn Store>) {
     store.delete("a/b/c").await.unwrap();
 
     for bad in ["", "/abs", "a/../b", "a//b", "./a"] {
-        assert!(store.get(bad).await.is_err(), "key {bad:?} must be rejected");
-        assert!(store.put(bad, vec![], ContentEncoding::Identity).await.is_err());
+        assert!(
+            store.get(bad).await.is_err(),
+            "key {bad:?} must be rejected"
+        );
+        assert!(store
+            .put(bad, vec![], ContentEncoding::Identity)
+            .await
+            .is_err());
     }
 
     // Many concurrent writers of distinct keys, and of one key (last writer wins, never a mix).
     let writes = (0..64).map(|i| {
         let store = store.clone();
         async move {
-            store.put(&format!("many/{i}"), vec![i as u8; 1000], ContentEncoding::Identity).await.unwrap();
-            store.put("same", vec![i as u8; 100_000], ContentEncoding::Identity).await.unwrap();
+            store
+                .put(
+                    &format!("many/{i}"),
+                    vec![i as u8; 1000],
+                    ContentEncoding::Identity,
+                )
+                .await
+                .unwrap();
+            store
+                .put("same", vec![i as u8; 100_000], ContentEncoding::Identity)
+                .await
+                .unwrap();
         }
     });
     futures::future::join_all(writes).await;
     for i in 0..64 {
-        assert_eq!(store.get(&format!("many/{i}")).await.unwrap().unwrap().data, vec![i as u8; 1000]);
+        assert_eq!(
+            store.get(&format!("many/{i}")).await.unwrap().unwrap().data,
+            vec![i as u8; 1000]
+        );
     }
     let same = store.get("same").await.unwrap().unwrap().data;
     assert_eq!(same.len(), 100_000);
@@ -50,7 +84,10 @@ async fn local_store_passes_the_suite() {
     let dir = tempfile::tempdir().unwrap();
     suite(Arc::new(LocalStore::new(dir.path()))).await;
     // No temporary files are left behind by atomic writes.
-    let leftovers: Vec<_> = walk(dir.path()).into_iter().filter(|p| p.contains(".tmp-")).collect();
+    let leftovers: Vec<_> = walk(dir.path())
+        .into_iter()
+        .filter(|p| p.contains(".tmp-"))
+        .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 

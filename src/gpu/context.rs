@@ -2,8 +2,9 @@
 //! out-of-memory errors into `Result`s.
 
 use crate::gpu::kernels::{KernelCache, KernelId};
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use tracing::{info, warn};
 
@@ -39,7 +40,11 @@ pub enum GpuError {
     #[error("waiting for the GPU failed")]
     Poll(#[from] wgpu::PollError),
     #[error("{what} needs a {needed}-byte buffer, over this adapter's {limit}-byte storage binding limit")]
-    TooLarge { what: String, needed: u64, limit: u64 },
+    TooLarge {
+        what: String,
+        needed: u64,
+        limit: u64,
+    },
 }
 
 /// Device, queue and pipelines, created once per process and shared by every compute call.
@@ -49,7 +54,19 @@ pub struct GpuContext {
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
     kernels: KernelCache,
+    pool: BufferPool,
 }
+
+/// Buffers kept for reuse between calls. Slabs of one job have the same shapes, so after the
+/// first slab every buffer comes from here: no allocation, no page faults (on lavapipe a fresh
+/// buffer of 32 MiB or more is a fresh mmap that faults on every page).
+#[derive(Default)]
+struct BufferPool {
+    free: Mutex<HashMap<(u64, wgpu::BufferUsages), Vec<wgpu::Buffer>>>,
+}
+
+/// Buffers of one kind kept at most: enough for the levels of two slabs in flight.
+const POOL_PER_KIND: usize = 8;
 
 impl GpuContext {
     /// Opens the best Vulkan adapter: a discrete GPU if there is one, else integrated, virtual,
@@ -81,7 +98,9 @@ impl GpuContext {
                 source,
             })?;
         // Every operation runs inside error scopes; anything escaping them is logged, not a panic.
-        device.on_uncaptured_error(Arc::new(|e: wgpu::Error| warn!("uncaptured GPU error: {e}")));
+        device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
+            warn!("uncaptured GPU error: {e}")
+        }));
         info!(adapter = %adapter_info.name, backend = ?adapter_info.backend, "GPU ready");
         Ok(GpuContext {
             adapter_info,
@@ -89,6 +108,7 @@ impl GpuContext {
             device,
             queue,
             kernels: KernelCache::default(),
+            pool: BufferPool::default(),
         })
     }
 
@@ -119,6 +139,48 @@ impl GpuContext {
 
     pub fn is_software(&self) -> bool {
         self.adapter_info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// A buffer of exactly `size` bytes and `usage`, from the pool when one is free.
+    pub(crate) fn buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        if let Some(b) = self
+            .pool
+            .free
+            .lock()
+            .unwrap()
+            .get_mut(&(size, usage))
+            .and_then(Vec::pop)
+        {
+            return b;
+        }
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Returns buffers to the pool once the GPU is done with them (they must be unmapped).
+    pub(crate) fn recycle(&self, buffers: impl IntoIterator<Item = wgpu::Buffer>) {
+        let mut free = self.pool.free.lock().unwrap();
+        for b in buffers {
+            let list = free.entry((b.size(), b.usage())).or_default();
+            if list.len() < POOL_PER_KIND {
+                list.push(b);
+            }
+        }
+    }
+
+    /// The slab size kernels work on by default: the binding limit on a GPU (at most 256 MiB);
+    /// 16 MiB on a CPU adapter (lavapipe), where small slabs stay in cache and in reused heap memory.
+    pub fn default_slab_bytes(&self) -> u64 {
+        let cap = if self.is_software() {
+            16 << 20
+        } else {
+            256 << 20
+        };
+        self.max_binding_bytes().min(cap)
     }
 
     pub(crate) fn pipeline(&self, id: KernelId) -> Result<Arc<wgpu::ComputePipeline>, GpuError> {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tracing::debug_span;
 use wgpu::util::DeviceExt;
 
-const WORKGROUP: u32 = 64;
+const WORKGROUP: usize = 64;
 
 /// Mirrors `Params` in shaders/common.wgsl.
 #[repr(C)]
@@ -20,14 +20,15 @@ struct Params {
     in_size: [u32; 3],
     fz: u32,
     out_size: [u32; 3],
-    out_n: u32,
+    in_pitch: u32,
+    out_pitch: u32,
     carry_shift: u32,
     render_shift: u32,
     scale_bits: u32,
     write_sums: u32,
     exact_sum: u32,
     opaque_zero: u32,
-    pad: [u32; 2],
+    pad: u32,
 }
 
 /// What one level's dispatch reads: the slab itself, the previous level's sums or its output.
@@ -48,7 +49,11 @@ struct LevelPlan {
 
 fn level_plan(dtype: DataType, method: Method, level: u32) -> LevelPlan {
     let first = level == 1;
-    let previous = if first { Source::Input } else { Source::PreviousOutput };
+    let previous = if first {
+        Source::Input
+    } else {
+        Source::PreviousOutput
+    };
     match (method, dtype) {
         (Method::Average, DataType::Uint8 | DataType::Uint16) => {
             let bytes = dtype.size() as u32;
@@ -58,14 +63,22 @@ fn level_plan(dtype: DataType, method: Method, level: u32) -> LevelPlan {
                 } else {
                     KernelId::AverageIntFromSums { bytes }
                 },
-                source: if first { Source::Input } else { Source::PreviousSums },
+                source: if first {
+                    Source::Input
+                } else {
+                    Source::PreviousSums
+                },
                 uses_sums: true,
                 voxels_per_thread: 4 / bytes as usize,
             }
         }
         (Method::Average, DataType::Float32) => LevelPlan {
             kernel: KernelId::AverageF32,
-            source: if first { Source::Input } else { Source::PreviousSums },
+            source: if first {
+                Source::Input
+            } else {
+                Source::PreviousSums
+            },
             uses_sums: true,
             voxels_per_thread: 1,
         },
@@ -91,6 +104,35 @@ fn word_bytes(n: usize, elem: usize) -> u64 {
     ((n * elem).div_ceil(4) * 4).max(4) as u64
 }
 
+/// Row pitch in voxels: packed narrow voxels start every row on a whole word.
+fn pitch(x: usize, elem: usize) -> usize {
+    if elem < 4 {
+        x.next_multiple_of(4 / elem)
+    } else {
+        x
+    }
+}
+
+/// Copies Fortran-ordered rows of `x` voxels into rows of `pitch` voxels (or back, `to_pitched`
+/// false). A no-op copy is skipped by the callers when the pitch equals the width.
+fn repitch(
+    data: &[u8],
+    x: usize,
+    rows: usize,
+    pitch: usize,
+    elem: usize,
+    to_pitched: bool,
+) -> Vec<u8> {
+    let (from, to) = if to_pitched { (x, pitch) } else { (pitch, x) };
+    let mut out = vec![0u8; to * rows * elem];
+    for r in 0..rows {
+        let n = x * elem;
+        out[r * to * elem..r * to * elem + n]
+            .copy_from_slice(&data[r * from * elem..r * from * elem + n]);
+    }
+    out
+}
+
 /// Downsamples one channel of a slab (`input`: Fortran-order voxels of `shape`) and returns the
 /// bytes of levels 1..=mips. The slab must fit the adapter's binding limit (the planner sizes it).
 pub fn downsample_channel_gpu(
@@ -103,9 +145,12 @@ pub fn downsample_channel_gpu(
     mips: u32,
 ) -> Result<Vec<Vec<u8>>, GpuError> {
     let _span = debug_span!("gpu_downsample", ?shape, mips).entered();
+    let started = std::time::Instant::now();
     let elem = dtype.size();
     let limit = ctx.max_binding_bytes();
-    let input_bytes = word_bytes(voxels(shape), elem);
+    let in_pitch = pitch(shape[0], elem);
+    let rows = shape[1] * shape[2];
+    let input_bytes = word_bytes(in_pitch * rows, elem);
     if input_bytes > limit {
         return Err(GpuError::TooLarge {
             what: format!("a {shape:?} {dtype} slab"),
@@ -115,13 +160,20 @@ pub fn downsample_channel_gpu(
     }
     let device = &ctx.device;
     let input_buffer = ctx.scoped("uploading the slab", || {
-        let buffer = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("slab"),
-            size: input_bytes,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        write_padded(ctx, &buffer, input);
+        let buffer = ctx.buffer(
+            "slab",
+            input_bytes,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        );
+        if in_pitch == shape[0] {
+            write_padded(ctx, &buffer, input);
+        } else {
+            write_padded(
+                ctx,
+                &buffer,
+                &repitch(input, shape[0], rows, in_pitch, elem, true),
+            );
+        }
         buffer
     })?;
 
@@ -130,45 +182,58 @@ pub fn downsample_channel_gpu(
     let mut readbacks = Vec::new();
     let mut previous_sums: Option<wgpu::Buffer> = None;
     let mut previous_out: Option<wgpu::Buffer> = None;
+    // Buffers no later level reads: returned to the pool once the submission is done.
+    let mut retired = Vec::new();
     let mut in_shape = shape;
+    let mut in_pitch = in_pitch;
+    let max_groups = ctx.limits.max_compute_workgroups_per_dimension as usize;
     for level in 1..=mips {
         let plan = level_plan(dtype, method, level);
         let out_shape = factor.level_shape(in_shape);
-        let out_n = voxels(out_shape);
+        let out_pitch = pitch(out_shape[0], elem);
+        let out_n = out_pitch * out_shape[1] * out_shape[2];
         let out_bytes = word_bytes(out_n, elem);
+        let groups = [
+            out_shape[0]
+                .div_ceil(plan.voxels_per_thread)
+                .div_ceil(WORKGROUP),
+            out_shape[1],
+            out_shape[2],
+        ];
+        if groups.iter().any(|&g| g > max_groups) {
+            return Err(GpuError::TooLarge {
+                what: format!("a dispatch of {groups:?} workgroups for a {out_shape:?} level"),
+                needed: *groups.iter().max().unwrap() as u64,
+                limit: max_groups as u64,
+            });
+        }
         let params = Params {
             in_size: in_shape.map(|v| v as u32),
             fz: factor.z() as u32,
             out_size: out_shape.map(|v| v as u32),
-            out_n: out_n as u32,
+            in_pitch: in_pitch as u32,
+            out_pitch: out_pitch as u32,
             carry_shift: schedule.carry_shift(level - 1),
             render_shift: schedule.render_shift(level),
             scale_bits: (1.0f32 / (1u64 << (factor.bits() * level)) as f32).to_bits(),
             write_sums: (level < mips) as u32,
             exact_sum: (mips == 1) as u32,
             opaque_zero: 0,
-            pad: [0; 2],
+            pad: 0,
         };
         let pipeline: Arc<wgpu::ComputePipeline> = ctx.pipeline(plan.kernel)?;
         let (sums, out, staging) = ctx.scoped("encoding a downsampling level", || {
-            let storage = |label, size, extra| {
-                device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some(label),
-                    size,
-                    usage: wgpu::BufferUsages::STORAGE | extra,
-                    mapped_at_creation: false,
-                })
-            };
+            let storage =
+                |label, size, extra| ctx.buffer(label, size, wgpu::BufferUsages::STORAGE | extra);
             let sums = plan
                 .uses_sums
                 .then(|| storage("sums", word_bytes(out_n, 4), wgpu::BufferUsages::empty()));
             let out = storage("level", out_bytes, wgpu::BufferUsages::COPY_SRC);
-            let staging = device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("readback"),
-                size: out_bytes,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
+            let staging = ctx.buffer(
+                "readback",
+                out_bytes,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            );
             let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("params"),
                 contents: bytemuck::bytes_of(&params),
@@ -204,31 +269,32 @@ pub fn downsample_channel_gpu(
                 layout: &pipeline.get_bind_group_layout(0),
                 entries: &entries,
             });
-            let threads = out_n.div_ceil(plan.voxels_per_thread) as u32;
-            let (gx, gy) = dispatch_grid(threads, ctx.limits.max_compute_workgroups_per_dimension);
             {
                 let mut pass = encoder.begin_compute_pass(&Default::default());
                 pass.set_pipeline(&pipeline);
                 pass.set_bind_group(0, &bind_group, &[]);
-                pass.dispatch_workgroups(gx, gy, 1);
+                pass.dispatch_workgroups(groups[0] as u32, groups[1] as u32, groups[2] as u32);
             }
             encoder.copy_buffer_to_buffer(&out, 0, &staging, 0, out_bytes);
             (sums, out, staging)
         })?;
-        readbacks.push((staging, out_n * elem));
+        readbacks.push((staging, out_shape, out_pitch));
+        retired.extend(previous_sums.take());
+        retired.extend(previous_out.take());
         previous_sums = sums;
         previous_out = Some(out);
         in_shape = out_shape;
+        in_pitch = out_pitch;
     }
+    let encoded = started.elapsed();
     ctx.scoped("submitting", || ctx.queue.submit([encoder.finish()]))?;
-    read_back(ctx, readbacks)
-}
-
-/// Splits `threads` over a 2D grid of workgroups, each dimension within the adapter's limit.
-fn dispatch_grid(threads: u32, max_per_dim: u32) -> (u32, u32) {
-    let groups = threads.div_ceil(WORKGROUP).max(1);
-    let gx = groups.min(max_per_dim);
-    (gx, groups.div_ceil(gx))
+    let out = read_back(ctx, readbacks, elem);
+    retired.push(input_buffer);
+    retired.extend(previous_sums);
+    retired.extend(previous_out);
+    ctx.recycle(retired);
+    tracing::debug!(?encoded, total = ?started.elapsed(), "slab done");
+    out
 }
 
 /// `queue.write_buffer` needs a multiple of 4 bytes: the tail word is padded with zeros.
@@ -244,9 +310,13 @@ fn write_padded(ctx: &GpuContext, buffer: &wgpu::Buffer, data: &[u8]) {
     }
 }
 
-fn read_back(ctx: &GpuContext, readbacks: Vec<(wgpu::Buffer, usize)>) -> Result<Vec<Vec<u8>>, GpuError> {
+fn read_back(
+    ctx: &GpuContext,
+    readbacks: Vec<(wgpu::Buffer, Vec3, usize)>,
+    elem: usize,
+) -> Result<Vec<Vec<u8>>, GpuError> {
     let (tx, rx) = std::sync::mpsc::channel();
-    for (i, (buffer, _)) in readbacks.iter().enumerate() {
+    for (i, (buffer, _, _)) in readbacks.iter().enumerate() {
         let tx = tx.clone();
         buffer.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send((i, r));
@@ -262,9 +332,18 @@ fn read_back(ctx: &GpuContext, readbacks: Vec<(wgpu::Buffer, usize)>) -> Result<
     }
     Ok(readbacks
         .into_iter()
-        .map(|(buffer, len)| {
-            let bytes = buffer.get_mapped_range(..).expect("mapped above")[..len].to_vec();
+        .map(|(buffer, shape, pitch)| {
+            let rows = shape[1] * shape[2];
+            let bytes = {
+                let view = buffer.get_mapped_range(..).expect("mapped above");
+                if pitch == shape[0] {
+                    view[..voxels(shape) * elem].to_vec()
+                } else {
+                    repitch(&view, shape[0], rows, pitch, elem, false)
+                }
+            };
             buffer.unmap();
+            ctx.recycle([buffer]);
             bytes
         })
         .collect())

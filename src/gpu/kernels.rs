@@ -11,9 +11,18 @@ const COMMON: &str = include_str!("../../shaders/common.wgsl");
 /// because WGSL has no includes. The naga validation test walks this list.
 pub fn shader_sources() -> Vec<(&'static str, String)> {
     [
-        ("average_int", include_str!("../../shaders/average_int.wgsl")),
-        ("average_f32", include_str!("../../shaders/average_f32.wgsl")),
-        ("average_u32", include_str!("../../shaders/average_u32.wgsl")),
+        (
+            "average_int",
+            include_str!("../../shaders/average_int.wgsl"),
+        ),
+        (
+            "average_f32",
+            include_str!("../../shaders/average_f32.wgsl"),
+        ),
+        (
+            "average_u32",
+            include_str!("../../shaders/average_u32.wgsl"),
+        ),
         ("mode", include_str!("../../shaders/mode.wgsl")),
     ]
     .into_iter()
@@ -25,19 +34,27 @@ pub fn shader_sources() -> Vec<(&'static str, String)> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KernelId {
     /// Level 1 of uint8/uint16 averaging, from packed voxels (`bytes` = 1 or 2).
-    AverageIntFromPacked { bytes: u32 },
+    AverageIntFromPacked {
+        bytes: u32,
+    },
     /// Levels 2.. of uint8/uint16 averaging, from the previous level's sums.
-    AverageIntFromSums { bytes: u32 },
+    AverageIntFromSums {
+        bytes: u32,
+    },
     AverageF32,
     AverageU32,
     /// Mode pooling; `words` = 1 for uint32 labels, 2 for uint64.
-    Mode { words: u32 },
+    Mode {
+        words: u32,
+    },
 }
 
 impl KernelId {
     fn shader(self) -> &'static str {
         match self {
-            KernelId::AverageIntFromPacked { .. } | KernelId::AverageIntFromSums { .. } => "average_int",
+            KernelId::AverageIntFromPacked { .. } | KernelId::AverageIntFromSums { .. } => {
+                "average_int"
+            }
             KernelId::AverageF32 => "average_f32",
             KernelId::AverageU32 => "average_u32",
             KernelId::Mode { .. } => "mode",
@@ -70,31 +87,40 @@ pub(crate) struct KernelCache {
 }
 
 impl KernelCache {
-    pub(crate) fn get(&self, ctx: &GpuContext, id: KernelId) -> Result<Arc<wgpu::ComputePipeline>, GpuError> {
+    pub(crate) fn get(
+        &self,
+        ctx: &GpuContext,
+        id: KernelId,
+    ) -> Result<Arc<wgpu::ComputePipeline>, GpuError> {
         if let Some(p) = self.pipelines.lock().unwrap().get(&id) {
             return Ok(p.clone());
         }
         let module = self.module(ctx, id.shader())?;
         let constants = id.constants();
         let pipeline = ctx.scoped(&format!("building pipeline {id:?}"), || {
-            ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(id.shader()),
-                layout: None,
-                module: &module,
-                entry_point: Some(id.entry_point()),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &constants,
-                    ..Default::default()
-                },
-                cache: None,
-            })
+            ctx.device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(id.shader()),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some(id.entry_point()),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: &constants,
+                        ..Default::default()
+                    },
+                    cache: None,
+                })
         })?;
         let pipeline = Arc::new(pipeline);
         self.pipelines.lock().unwrap().insert(id, pipeline.clone());
         Ok(pipeline)
     }
 
-    fn module(&self, ctx: &GpuContext, name: &'static str) -> Result<Arc<wgpu::ShaderModule>, GpuError> {
+    fn module(
+        &self,
+        ctx: &GpuContext,
+        name: &'static str,
+    ) -> Result<Arc<wgpu::ShaderModule>, GpuError> {
         if let Some(m) = self.modules.lock().unwrap().get(name) {
             return Ok(m.clone());
         }
@@ -104,10 +130,11 @@ impl KernelCache {
             .map(|(_, s)| s)
             .expect("every KernelId names a shader in shader_sources");
         let module = ctx.scoped(&format!("compiling shader {name}"), || {
-            ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(name),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            })
+            ctx.device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(name),
+                    source: wgpu::ShaderSource::Wgsl(source.into()),
+                })
         })?;
         let module = Arc::new(module);
         self.modules.lock().unwrap().insert(name, module.clone());

@@ -105,7 +105,11 @@ pub fn check_supported(method: Method, dtype: DataType) -> Result<(), Downsample
         Err(DownsampleError::DataType {
             method,
             dtype,
-            supported: if method == Method::Average { AVERAGE_TYPES } else { MODE_TYPES },
+            supported: if method == Method::Average {
+                AVERAGE_TYPES
+            } else {
+                MODE_TYPES
+            },
         })
     }
 }
@@ -139,7 +143,7 @@ impl SumSchedule {
 
     /// Right shift applied to the sums of `level` before they are summed into the next level.
     pub fn carry_shift(&self, level: u32) -> u32 {
-        if level > 0 && level % self.period == 0 {
+        if level > 0 && level.is_multiple_of(self.period) {
             self.bits * self.period
         } else {
             0
@@ -193,14 +197,18 @@ fn downsample_channel(
                 .collect()
         }
         (Method::Average, DataType::Uint16) => {
-            let v: Vec<u64> = from_le::<2>(bytes).map(|b| u16::from_le_bytes(b) as u64).collect();
+            let v: Vec<u64> = from_le::<2>(bytes)
+                .map(|b| u16::from_le_bytes(b) as u64)
+                .collect();
             average_accumulated(&v, shape, factor, mips, SumSchedule::new(dtype, factor))
                 .into_iter()
                 .map(|l| l.iter().flat_map(|&s| (s as u16).to_le_bytes()).collect())
                 .collect()
         }
         (Method::Average, DataType::Uint32) => {
-            let v: Vec<u64> = from_le::<4>(bytes).map(|b| u32::from_le_bytes(b) as u64).collect();
+            let v: Vec<u64> = from_le::<4>(bytes)
+                .map(|b| u32::from_le_bytes(b) as u64)
+                .collect();
             iterate(v, shape, factor, mips, average_existing)
                 .into_iter()
                 .map(|l| l.iter().flat_map(|&s| (s as u32).to_le_bytes()).collect())
@@ -214,7 +222,9 @@ fn downsample_channel(
                 .collect()
         }
         (Method::Mode, DataType::Uint32) => {
-            let v: Vec<u64> = from_le::<4>(bytes).map(|b| u32::from_le_bytes(b) as u64).collect();
+            let v: Vec<u64> = from_le::<4>(bytes)
+                .map(|b| u32::from_le_bytes(b) as u64)
+                .collect();
             iterate(v, shape, factor, mips, mode_of_block)
                 .into_iter()
                 .map(|l| l.iter().flat_map(|&s| (s as u32).to_le_bytes()).collect())
@@ -288,7 +298,9 @@ fn average_accumulated(
     for level in 1..=mips {
         let carry = schedule.carry_shift(level - 1);
         let (next, next_shape) = build_level(&sums, shape, factor, |a, o| {
-            clamped_block(o, shape, factor).map(|p| at(a, p) >> carry).sum::<u64>()
+            clamped_block(o, shape, factor)
+                .map(|p| at(a, p) >> carry)
+                .sum::<u64>()
         });
         let shift = schedule.render_shift(level);
         outs.push(next.iter().map(|s| s >> shift).collect());
@@ -309,7 +321,8 @@ fn iterate(
     let mut shape = shape;
     let mut outs = Vec::new();
     for _ in 0..mips {
-        let (next, next_shape) = build_level(&cur, shape, factor, |a, o| reduce(a, o, shape, factor));
+        let (next, next_shape) =
+            build_level(&cur, shape, factor, |a, o| reduce(a, o, shape, factor));
         outs.push(next.clone());
         cur = next;
         shape = next_shape;
@@ -405,7 +418,9 @@ fn average_f32(values: &[f32], shape: Vec3, factor: Factor, mips: u32) -> Vec<Ve
     let mut shape = shape;
     let mut outs = Vec::new();
     for level in 1..=mips {
-        let (next, next_shape) = build_level(&sums, shape, factor, |a, o| f32_block_sum(a, o, shape, factor));
+        let (next, next_shape) = build_level(&sums, shape, factor, |a, o| {
+            f32_block_sum(a, o, shape, factor)
+        });
         let divisor = (1u64 << (factor.bits() * level)) as f32;
         outs.push(next.iter().map(|s| s / divisor).collect());
         sums = next;
@@ -428,7 +443,11 @@ fn f32_block_sum(a: &ArrayView3<'_, f32>, o: [usize; 3], shape: Vec3, factor: Fa
     if factor.z() == 1 {
         let va = at(a, [x, y, z]);
         if !y_pair {
-            let row = if x_pair { va + at(a, [x + 1, y, z]) } else { va * 2.0 };
+            let row = if x_pair {
+                va + at(a, [x + 1, y, z])
+            } else {
+                va * 2.0
+            };
             return row * 2.0;
         }
         let vc = at(a, [x, y + 1, z]);
@@ -493,7 +512,10 @@ mod tests {
             DataType::Uint32,
             [2, 2, 1],
             1,
-            [7u32, 3, 3, 9].iter().flat_map(|v| v.to_le_bytes()).collect(),
+            [7u32, 3, 3, 9]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
         )
         .unwrap();
         let out = downsample_cpu(&vol, Method::Mode, Factor::ANISOTROPIC, 1).unwrap();
@@ -510,7 +532,10 @@ mod tests {
     #[test]
     fn sixteen_bit_sums_renormalise_every_four_mips() {
         let s = SumSchedule::new(DataType::Uint8, Factor::ANISOTROPIC);
-        assert_eq!((1..=6).map(|l| s.render_shift(l)).collect::<Vec<_>>(), vec![2, 4, 6, 8, 2, 4]);
+        assert_eq!(
+            (1..=6).map(|l| s.render_shift(l)).collect::<Vec<_>>(),
+            vec![2, 4, 6, 8, 2, 4]
+        );
         assert_eq!(s.carry_shift(4), 8);
         assert_eq!(s.carry_shift(3), 0);
     }

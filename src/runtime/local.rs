@@ -29,7 +29,11 @@ async fn open_dir(path: &Path) -> Result<Precomputed> {
 
 pub async fn downsample_dir(path: &Path, opts: &DownsampleOptions, cpu: bool) -> Result<()> {
     let vol = open_dir(path).await?;
-    let compute = if cpu { Compute::Cpu } else { Compute::Gpu(gpu()?) };
+    let compute = if cpu {
+        Compute::Cpu
+    } else {
+        Compute::Gpu(gpu()?)
+    };
     let report = downsample(compute, &vol, opts)
         .await
         .with_context(|| format!("downsampling {}", path.display()))?;
@@ -62,7 +66,13 @@ fn print_report(what: &str, r: &DownsampleReport) {
 }
 
 /// A one-scale info for a new volume.
-pub fn new_info(layer_type: LayerType, dtype: DataType, size: Vec3, chunk: Vec3, resolution: [f64; 3]) -> Info {
+pub fn new_info(
+    layer_type: LayerType,
+    dtype: DataType,
+    size: Vec3,
+    chunk: Vec3,
+    resolution: [f64; 3],
+) -> Info {
     let encoding = match layer_type {
         LayerType::Image => Encoding::Raw,
         LayerType::Segmentation => Encoding::CompressedSegmentation,
@@ -79,7 +89,8 @@ pub fn new_info(layer_type: LayerType, dtype: DataType, size: Vec3, chunk: Vec3,
             voxel_offset: [0; 3],
             chunk_sizes: vec![chunk],
             encoding,
-            compressed_segmentation_block_size: (encoding == Encoding::CompressedSegmentation).then_some([8, 8, 8]),
+            compressed_segmentation_block_size: (encoding == Encoding::CompressedSegmentation)
+                .then_some([8, 8, 8]),
             sharding: None,
             extra: Default::default(),
         }],
@@ -88,7 +99,12 @@ pub fn new_info(layer_type: LayerType, dtype: DataType, size: Vec3, chunk: Vec3,
 }
 
 /// Writes `vol` as mip 0 of a new volume at `dir`.
-pub async fn write_new_volume(dir: &Path, info: Info, vol: &Volume, opts: WriteOptions) -> Result<Precomputed> {
+pub async fn write_new_volume(
+    dir: &Path,
+    info: Info,
+    vol: &Volume,
+    opts: WriteOptions,
+) -> Result<Precomputed> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
@@ -99,19 +115,33 @@ pub async fn write_new_volume(dir: &Path, info: Info, vol: &Volume, opts: WriteO
 
 pub async fn demo(dir: &Path, size: Vec3) -> Result<()> {
     let ctx = gpu()?;
-    println!("cuboids demo on {} ({:?})", ctx.adapter_info.name, ctx.adapter_info.device_type);
+    println!(
+        "cuboids demo on {} ({:?})",
+        ctx.adapter_info.name, ctx.adapter_info.device_type
+    );
     let t = Instant::now();
     let (image, labels) = em_like(size);
-    println!("made a synthetic EM volume {size:?} in {:.2} s", t.elapsed().as_secs_f64());
+    println!(
+        "made a synthetic EM volume {size:?} in {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
     let chunk = [64, 64, 64];
     let write = WriteOptions::default();
     let mut layers = Vec::new();
-    for (name, layer, vol) in [("image", LayerType::Image, &image), ("segmentation", LayerType::Segmentation, &labels)] {
+    for (name, layer, vol) in [
+        ("image", LayerType::Image, &image),
+        ("segmentation", LayerType::Segmentation, &labels),
+    ] {
         let path = dir.join(name);
         let info = new_info(layer, vol.dtype, size, chunk, [8.0, 8.0, 40.0]);
         let t = Instant::now();
         write_new_volume(&path, info, vol, write).await?;
-        println!("wrote {} ({}) in {:.2} s", path.display(), vol.dtype, t.elapsed().as_secs_f64());
+        println!(
+            "wrote {} ({}) in {:.2} s",
+            path.display(),
+            vol.dtype,
+            t.elapsed().as_secs_f64()
+        );
         layers.push(path);
     }
     for path in layers {
@@ -125,30 +155,73 @@ pub async fn demo(dir: &Path, size: Vec3) -> Result<()> {
         let report = downsample(Compute::Gpu(ctx.clone()), &vol, &opts)
             .await
             .with_context(|| format!("downsampling {}", path.display()))?;
-        print_report(&format!("downsampled {} by 2,2,1 x4", path.display()), &report);
+        print_report(
+            &format!("downsampled {} by 2,2,1 x4", path.display()),
+            &report,
+        );
     }
-    println!("open with neuroglancer: precomputed://file://{}", std::fs::canonicalize(dir)?.display());
+    println!(
+        "open with neuroglancer: precomputed://file://{}",
+        std::fs::canonicalize(dir)?.display()
+    );
     Ok(())
 }
 
-pub async fn bench(size: Vec3, num_mips: u32, gzip_level: u32, cpu: bool, dir: Option<PathBuf>) -> Result<()> {
+pub struct BenchOptions {
+    pub size: Vec3,
+    pub num_mips: u32,
+    pub gzip_level: u32,
+    pub cpu: bool,
+    pub dir: Option<PathBuf>,
+    pub keep: bool,
+    pub slab_bytes: Option<u64>,
+}
+
+pub async fn bench(o: BenchOptions) -> Result<()> {
+    let BenchOptions {
+        size,
+        num_mips,
+        gzip_level,
+        cpu,
+        ..
+    } = o;
     let ctx = gpu()?;
-    println!("adapter: {} ({:?})", ctx.adapter_info.name, ctx.adapter_info.device_type);
+    let slab_limit = o.slab_bytes.unwrap_or(ctx.default_slab_bytes());
+    println!(
+        "adapter: {} ({:?})",
+        ctx.adapter_info.name, ctx.adapter_info.device_type
+    );
     let image = bench_volume(size);
     let mvx = voxels(size) as f64 / 1e6;
 
     // Kernels alone: upload, all mips, read back.
     let align = crate::geometry::pow3([2, 2, 1], num_mips);
-    let slabs = plan_slabs(size, 1, align, ctx.max_binding_bytes().min(1 << 30)).context("slab too large")?;
+    let slabs = plan_slabs(size, 1, align, slab_limit).context("slab too large")?;
     for round in 0..2 {
         let t = Instant::now();
         for slab in &slabs {
             let part = image.crop(slab.start, slab.shape());
-            downsample_channel_gpu(&ctx, &part.data, DataType::Uint8, part.shape, Method::Average, Factor::ANISOTROPIC, num_mips)?;
+            downsample_channel_gpu(
+                &ctx,
+                &part.data,
+                DataType::Uint8,
+                part.shape,
+                Method::Average,
+                Factor::ANISOTROPIC,
+                num_mips,
+            )?;
         }
         let s = t.elapsed().as_secs_f64();
-        let note = if round == 0 { " (includes shader compilation)" } else { "" };
-        println!("GPU kernels, uint8 {size:?}, {num_mips} mips (2,2,1): {:.2} s = {:.1} MVx/s{note}", s, mvx / s);
+        let note = if round == 0 {
+            " (includes shader compilation)"
+        } else {
+            ""
+        };
+        println!(
+            "GPU kernels, uint8 {size:?}, {num_mips} mips (2,2,1): {:.2} s = {:.1} MVx/s{note}",
+            s,
+            mvx / s
+        );
     }
     if cpu {
         let t = Instant::now();
@@ -158,14 +231,34 @@ pub async fn bench(size: Vec3, num_mips: u32, gzip_level: u32, cpu: bool, dir: O
     }
 
     // End to end: read chunks, downsample, write chunks.
-    let temp = tempfile::Builder::new().prefix("cuboids-bench").tempdir_in(dir.unwrap_or_else(std::env::temp_dir))?;
-    let path = temp.path().join("image");
+    let temp = tempfile::Builder::new()
+        .prefix("cuboids-bench")
+        .tempdir_in(o.dir.clone().unwrap_or_else(std::env::temp_dir))?;
+    let path = match (&o.dir, o.keep) {
+        (Some(dir), true) => dir.join("image"),
+        _ => temp.path().join("image"),
+    };
     let write = WriteOptions { gzip_level };
-    let info = new_info(LayerType::Image, DataType::Uint8, size, [64, 64, 64], [8.0, 8.0, 40.0]);
+    let info = new_info(
+        LayerType::Image,
+        DataType::Uint8,
+        size,
+        [64, 64, 64],
+        [8.0, 8.0, 40.0],
+    );
     let vol = write_new_volume(&path, info, &image, write).await?;
+    if o.keep {
+        let copy = path.with_file_name("image-mip0");
+        if copy.exists() {
+            std::fs::remove_dir_all(&copy)?;
+        }
+        copy_tree(&path, &copy)?;
+        println!("kept the input volume at {}", copy.display());
+    }
     let opts = DownsampleOptions {
         num_mips,
         write,
+        slab_bytes: o.slab_bytes,
         ..Default::default()
     };
     let computes: Vec<(&str, Compute)> = if cpu {
@@ -175,7 +268,26 @@ pub async fn bench(size: Vec3, num_mips: u32, gzip_level: u32, cpu: bool, dir: O
     };
     for (name, compute) in computes {
         let report = downsample(compute, &vol, &opts).await?;
-        print_report(&format!("end-to-end {name}, uint8 {size:?} raw gzip {gzip_level}, {num_mips} mips (2,2,1)"), &report);
+        print_report(
+            &format!(
+                "end-to-end {name}, uint8 {size:?} raw gzip {gzip_level}, {num_mips} mips (2,2,1)"
+            ),
+            &report,
+        );
+    }
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
     }
     Ok(())
 }

@@ -67,7 +67,8 @@ fn fill_planes(image: &mut [u8], labels: &mut [u64], shape: Vec3, z0: usize) {
                     if d < best {
                         second = best;
                         best = d;
-                        best_id = hash(c[0] as u64 ^ ((c[1] as u64) << 20) ^ ((c[2] as u64) << 40)) >> 24;
+                        best_id =
+                            hash(c[0] as u64 ^ ((c[1] as u64) << 20) ^ ((c[2] as u64) << 40)) >> 24;
                     } else if d < second {
                         second = d;
                     }

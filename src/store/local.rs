@@ -63,17 +63,26 @@ impl Store for LocalStore {
         Ok(None)
     }
 
-    async fn put(&self, key: &str, data: Vec<u8>, encoding: ContentEncoding) -> Result<(), StoreError> {
+    async fn put(
+        &self,
+        key: &str,
+        data: Vec<u8>,
+        encoding: ContentEncoding,
+    ) -> Result<(), StoreError> {
         let path = self.path(key, encoding)?;
         let dir = path.parent().expect("keys are relative to the root");
-        tokio::fs::create_dir_all(dir).await.map_err(io_error(dir))?;
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(io_error(dir))?;
         let name = path.file_name().expect("checked key").to_string_lossy();
         let temp = dir.join(format!(
             ".{name}.tmp-{}-{}",
             std::process::id(),
             TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
-        tokio::fs::write(&temp, data).await.map_err(io_error(&temp))?;
+        tokio::fs::write(&temp, data)
+            .await
+            .map_err(io_error(&temp))?;
         if let Err(e) = tokio::fs::rename(&temp, &path).await {
             let _ = tokio::fs::remove_file(&temp).await;
             return Err(io_error(&path)(e));

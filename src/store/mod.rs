@@ -46,7 +46,12 @@ pub trait Store: Send + Sync {
     async fn get(&self, key: &str) -> Result<Option<Object>, StoreError>;
 
     /// Writes an object whole: readers never see a partly written one.
-    async fn put(&self, key: &str, data: Vec<u8>, encoding: ContentEncoding) -> Result<(), StoreError>;
+    async fn put(
+        &self,
+        key: &str,
+        data: Vec<u8>,
+        encoding: ContentEncoding,
+    ) -> Result<(), StoreError>;
 
     /// Removes the object in every encoding; removing a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
@@ -70,7 +75,10 @@ pub fn check_key(key: &str) -> Result<(), StoreError> {
     if key.starts_with('/') {
         return bad("absolute");
     }
-    if key.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+    if key
+        .split('/')
+        .any(|part| part.is_empty() || part == "." || part == "..")
+    {
         return bad("empty, '.' or '..' path component");
     }
     Ok(())

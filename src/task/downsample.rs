@@ -7,8 +7,10 @@
 //! are removed, so nothing half-written is left claimed.
 
 use crate::formats::precomputed::info::{Info, LayerType, Scale};
-use crate::formats::precomputed::{chunk_grid, check_scale_supported, Precomputed, PrecomputedError, WriteOptions};
-use crate::geometry::{pow3, voxels, Box3, Vec3};
+use crate::formats::precomputed::{
+    check_scale_supported, chunk_grid, Precomputed, PrecomputedError, WriteOptions,
+};
+use crate::geometry::{copy_box, pow3, voxels, At, Box3, Vec3};
 use crate::gpu::downsample::downsample_channel_gpu;
 use crate::gpu::{GpuContext, GpuError};
 use crate::ops::downsample::{check_supported, downsample_cpu, DownsampleError, Factor, Method};
@@ -49,7 +51,11 @@ pub enum TaskError {
         size: Vec3,
     },
     #[error("a {align:?} block of {elem}-byte voxels does not fit the GPU binding limit of {limit} bytes; use fewer mips")]
-    SlabTooLarge { align: Vec3, elem: usize, limit: u64 },
+    SlabTooLarge {
+        align: Vec3,
+        elem: usize,
+        limit: u64,
+    },
     #[error("background task failed")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -80,7 +86,7 @@ pub struct DownsampleOptions {
     pub write: WriteOptions,
     /// Host memory aimed at per tile (source voxels).
     pub tile_bytes: usize,
-    /// Largest GPU slab; `None` = the adapter's binding limit, at most 1 GiB.
+    /// Largest GPU slab; `None` = the context's default (see `GpuContext::default_slab_bytes`).
     pub slab_bytes: Option<u64>,
 }
 
@@ -132,12 +138,15 @@ pub fn default_method(layer: LayerType) -> Method {
 }
 
 /// Validates the request and returns the info with the new scales (existing ones must match).
-pub fn plan_scales(info: &Info, opts: &DownsampleOptions) -> Result<(Info, Vec<String>), TaskError> {
+pub fn plan_scales(
+    info: &Info,
+    opts: &DownsampleOptions,
+) -> Result<(Info, Vec<String>), TaskError> {
     let count = info.scales.len();
-    let src = info
-        .scales
-        .get(opts.mip)
-        .ok_or(TaskError::NoSuchMip { mip: opts.mip, count })?;
+    let src = info.scales.get(opts.mip).ok_or(TaskError::NoSuchMip {
+        mip: opts.mip,
+        count,
+    })?;
     check_scale_supported(src)?;
     let method = opts.method.unwrap_or(default_method(info.layer_type));
     check_supported(method, info.data_type)?;
@@ -174,7 +183,11 @@ fn check_matches(mip: usize, existing: &Scale, want: &Scale) -> Result<(), TaskE
         })
     };
     if existing.size != want.size {
-        return mismatch("size", format!("{:?}", existing.size), format!("{:?}", want.size));
+        return mismatch(
+            "size",
+            format!("{:?}", existing.size),
+            format!("{:?}", want.size),
+        );
     }
     if existing.voxel_offset != want.voxel_offset {
         return mismatch(
@@ -183,8 +196,15 @@ fn check_matches(mip: usize, existing: &Scale, want: &Scale) -> Result<(), TaskE
             format!("{:?}", want.voxel_offset),
         );
     }
-    let (er, wr) = (existing.resolution.map(|r| r.0), want.resolution.map(|r| r.0));
-    if er.iter().zip(wr).any(|(a, b)| (a - b).abs() > 1e-6 * b.abs()) {
+    let (er, wr) = (
+        existing.resolution.map(|r| r.0),
+        want.resolution.map(|r| r.0),
+    );
+    if er
+        .iter()
+        .zip(wr)
+        .any(|(a, b)| (a - b).abs() > 1e-6 * b.abs())
+    {
         return mismatch("resolution", format!("{er:?}"), format!("{wr:?}"));
     }
     Ok(())
@@ -194,8 +214,12 @@ fn check_matches(mip: usize, existing: &Scale, want: &Scale) -> Result<(), TaskE
 fn source_region(scale: &Scale, bounds: Option<Bounds>) -> Result<Box3, TaskError> {
     let full = Box3::from_shape(scale.size);
     let Some(b) = bounds else { return Ok(full) };
-    let rel = |i: usize, v: i64| (v - scale.voxel_offset[i]).clamp(0, scale.size[i] as i64) as usize;
-    let region = Box3::new([0, 1, 2].map(|i| rel(i, b.start[i])), [0, 1, 2].map(|i| rel(i, b.stop[i])));
+    let rel =
+        |i: usize, v: i64| (v - scale.voxel_offset[i]).clamp(0, scale.size[i] as i64) as usize;
+    let region = Box3::new(
+        [0, 1, 2].map(|i| rel(i, b.start[i])),
+        [0, 1, 2].map(|i| rel(i, b.stop[i])),
+    );
     if region.is_empty() {
         return Err(TaskError::Bounds {
             key: scale.key.clone(),
@@ -220,7 +244,11 @@ fn tile_alignment(info: &Info, opts: &DownsampleOptions) -> Vec3 {
 }
 
 /// Downsamples a volume in place: reads mip `opts.mip`, writes mips `mip+1..=mip+num_mips`.
-pub async fn downsample(compute: Compute, vol: &Precomputed, opts: &DownsampleOptions) -> Result<DownsampleReport, TaskError> {
+pub async fn downsample(
+    compute: Compute,
+    vol: &Precomputed,
+    opts: &DownsampleOptions,
+) -> Result<DownsampleReport, TaskError> {
     let started = Instant::now();
     let (new_info, added) = plan_scales(&vol.info, opts)?;
     let method = opts.method.unwrap_or(default_method(vol.info.layer_type));
@@ -231,7 +259,7 @@ pub async fn downsample(compute: Compute, vol: &Precomputed, opts: &DownsampleOp
     let elem = vol.info.data_type.size() * vol.info.num_channels;
     let tiles = plan_tiles(region, align, elem, opts.tile_bytes);
     let slab_limit = match &compute {
-        Compute::Gpu(ctx) => opts.slab_bytes.unwrap_or(ctx.max_binding_bytes().min(1 << 30)),
+        Compute::Gpu(ctx) => opts.slab_bytes.unwrap_or(ctx.default_slab_bytes()),
         Compute::Cpu => u64::MAX,
     };
     let deepest = pow3(opts.factor.get(), opts.num_mips);
@@ -270,7 +298,8 @@ pub async fn downsample(compute: Compute, vol: &Precomputed, opts: &DownsampleOp
             Ok(report)
         }
         Err(e) => {
-            remove_new_chunks(&target, &added, &written.lock().unwrap()).await;
+            let written = written.lock().unwrap().clone();
+            remove_new_chunks(&target, &added, &written).await;
             Err(e)
         }
     }
@@ -280,7 +309,11 @@ pub async fn downsample(compute: Compute, vol: &Precomputed, opts: &DownsampleOp
 async fn remove_new_chunks(target: &Precomputed, added: &[String], written: &[String]) {
     let new: HashSet<&str> = added.iter().map(String::as_str).collect();
     for key in written {
-        if key.split('/').next().is_some_and(|scale| new.contains(scale)) {
+        if key
+            .split('/')
+            .next()
+            .is_some_and(|scale| new.contains(scale))
+        {
             if let Err(e) = target.store.delete(key).await {
                 tracing::warn!(key, error = %e, "could not remove a chunk of an unfinished scale");
             }
@@ -315,7 +348,10 @@ impl Job {
             let job = job.clone();
             tokio::spawn(async move {
                 let t = Instant::now();
-                let r = job.source.read_region(job.opts.mip, tile, job.opts.fill_missing).await;
+                let r = job
+                    .source
+                    .read_region(job.opts.mip, tile, job.opts.fill_missing)
+                    .await;
                 r.map(|(v, any)| (v, any, t.elapsed()))
             })
         };
@@ -358,14 +394,22 @@ impl Job {
         };
         let tile = Box3::from_shape(input.shape);
         let mut levels: Vec<Volume> = (1..=mips)
-            .map(|k| Volume::zeros(input.dtype, tile.downsampled(factor.get(), k).shape(), input.channels))
+            .map(|k| {
+                Volume::zeros(
+                    input.dtype,
+                    tile.downsampled(factor.get(), k).shape(),
+                    input.channels,
+                )
+            })
             .collect();
         let align = pow3(factor.get(), mips);
         let elem = input.dtype.size();
-        let slabs = plan_slabs(input.shape, elem, align, self.slab_limit).expect("checked at planning");
+        let slabs =
+            plan_slabs(input.shape, elem, align, self.slab_limit).expect("checked at planning");
         for c in 0..input.channels {
             for slab in &slabs {
-                let whole_planes = slab.shape()[0] == input.shape[0] && slab.shape()[1] == input.shape[1];
+                let whole_planes =
+                    slab.shape()[0] == input.shape[0] && slab.shape()[1] == input.shape[1];
                 let cropped;
                 let bytes: &[u8] = if whole_planes {
                     // z-slabs of full planes are contiguous: no copy.
@@ -377,10 +421,19 @@ impl Job {
                     cropped = one.crop(slab.start, slab.shape());
                     &cropped.data
                 };
-                let outs = downsample_channel_gpu(ctx, bytes, input.dtype, slab.shape(), self.method, factor, mips)?;
+                let outs = downsample_channel_gpu(
+                    ctx,
+                    bytes,
+                    input.dtype,
+                    slab.shape(),
+                    self.method,
+                    factor,
+                    mips,
+                )?;
                 for (k, out) in outs.into_iter().enumerate() {
                     let part = slab.downsampled(factor.get(), k as u32 + 1);
-                    let part_vol = Volume::from_bytes(input.dtype, part.shape(), 1, out).expect("GPU output size");
+                    let part_vol = Volume::from_bytes(input.dtype, part.shape(), 1, out)
+                        .expect("GPU output size");
                     paste_channel(&mut levels[k], c, part.start, &part_vol);
                 }
             }
@@ -389,7 +442,11 @@ impl Job {
     }
 
     /// Cuts a tile's levels into output chunks and writes them; returns (chunks, voxels, busy time).
-    async fn write_tile(self: Arc<Self>, tile: Box3, levels: Vec<Volume>) -> Result<(usize, u64, Duration), TaskError> {
+    async fn write_tile(
+        self: Arc<Self>,
+        tile: Box3,
+        levels: Vec<Volume>,
+    ) -> Result<(usize, u64, Duration), TaskError> {
         let t = Instant::now();
         let mut jobs = Vec::new();
         let mut voxels_out = 0u64;
@@ -409,7 +466,10 @@ impl Job {
                 async move {
                     let local = [0, 1, 2].map(|i| chunk.start[i] - origin[i]);
                     let vol = level.crop(local, chunk.shape());
-                    let key = job.target.write_chunk(mip, chunk, vol, job.opts.write).await?;
+                    let key = job
+                        .target
+                        .write_chunk(mip, chunk, vol, job.opts.write)
+                        .await?;
                     job.written.lock().unwrap().push(key);
                     Ok::<_, TaskError>(())
                 }
@@ -431,5 +491,10 @@ impl DownsampleReport {
 
 fn paste_channel(dst: &mut Volume, c: usize, origin: Vec3, src: &Volume) {
     let (shape, elem) = (dst.shape, dst.dtype.size());
-    crate::geometry::copy_box(&src.data, src.shape, [0; 3], dst.channel_mut(c), shape, origin, src.shape, elem);
+    let from = At {
+        shape: src.shape,
+        origin: [0; 3],
+    };
+    let to = At { shape, origin };
+    copy_box(&src.data, from, dst.channel_mut(c), to, src.shape, elem);
 }

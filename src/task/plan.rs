@@ -25,7 +25,12 @@ pub fn align_region(region: Box3, align: Vec3, size: Vec3) -> Box3 {
 
 /// Tiles of `region` (already aligned) whose extents are multiples of `align`, grown along x,
 /// then y, then z while a tile stays within `target_bytes` (at `bytes_per_voxel`).
-pub fn plan_tiles(region: Box3, align: Vec3, bytes_per_voxel: usize, target_bytes: usize) -> Vec<Box3> {
+pub fn plan_tiles(
+    region: Box3,
+    align: Vec3,
+    bytes_per_voxel: usize,
+    target_bytes: usize,
+) -> Vec<Box3> {
     let extent = region.shape();
     let mut tile = [0, 1, 2].map(|i| align[i].min(extent[i].max(1)));
     for axis in 0..3 {
@@ -89,8 +94,13 @@ mod tests {
         assert_eq!(slabs.len(), 8);
         assert!(slabs.iter().all(|s| s.shape() == [1024, 1024, 8]));
         let slabs = plan_slabs([2048, 2048, 32], 2, [32, 32, 32], 64 << 20).unwrap();
-        assert!(slabs.iter().all(|s| (voxels(s.shape()) * 2) as u64 <= 64 << 20 && s.start[1] % 32 == 0));
-        assert_eq!(slabs.iter().map(|s| voxels(s.shape())).sum::<usize>(), 2048 * 2048 * 32);
+        assert!(slabs
+            .iter()
+            .all(|s| (voxels(s.shape()) * 2) as u64 <= 64 << 20 && s.start[1] % 32 == 0));
+        assert_eq!(
+            slabs.iter().map(|s| voxels(s.shape())).sum::<usize>(),
+            2048 * 2048 * 32
+        );
         assert!(plan_slabs([64, 64, 64], 4, [64, 64, 64], 1000).is_none());
     }
 
@@ -98,13 +108,22 @@ mod tests {
     fn tiles_cover_the_region_once() {
         let region = Box3::new([0, 0, 0], [1000, 700, 130]);
         let tiles = plan_tiles(region, [256, 256, 64], 1, 64 << 20);
-        assert_eq!(tiles.iter().map(|t| voxels(t.shape())).sum::<usize>(), 1000 * 700 * 130);
-        assert!(tiles.iter().all(|t| t.start.iter().zip([256, 256, 64]).all(|(s, a)| s % a == 0)));
+        assert_eq!(
+            tiles.iter().map(|t| voxels(t.shape())).sum::<usize>(),
+            1000 * 700 * 130
+        );
+        assert!(tiles
+            .iter()
+            .all(|t| t.start.iter().zip([256, 256, 64]).all(|(s, a)| s % a == 0)));
     }
 
     #[test]
     fn regions_round_outward_to_alignment() {
-        let r = align_region(Box3::new([10, 300, 5], [20, 301, 6]), [64, 64, 16], [100, 1000, 10]);
+        let r = align_region(
+            Box3::new([10, 300, 5], [20, 301, 6]),
+            [64, 64, 16],
+            [100, 1000, 10],
+        );
         assert_eq!(r, Box3::new([0, 256, 0], [64, 320, 10]));
     }
 }

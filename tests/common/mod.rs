@@ -45,12 +45,20 @@ pub fn random_volume(rng: &mut Rng, dtype: DataType, shape: Vec3, channels: usiz
             DataType::Uint16 | DataType::Int16 => data.extend((rng.next() as u16).to_le_bytes()),
             DataType::Uint32 => {
                 // Mix small labels (ties for mode pooling) with full-range values (carries).
-                let v = if rng.below(2) == 0 { rng.below(4) as u32 } else { rng.next() as u32 };
+                let v = if rng.below(2) == 0 {
+                    rng.below(4) as u32
+                } else {
+                    rng.next() as u32
+                };
                 data.extend(v.to_le_bytes())
             }
             DataType::Int32 => data.extend((rng.next() as i32).to_le_bytes()),
             DataType::Uint64 => {
-                let v = if rng.below(2) == 0 { rng.below(4) } else { rng.next() };
+                let v = if rng.below(2) == 0 {
+                    rng.below(4)
+                } else {
+                    rng.next()
+                };
                 data.extend(v.to_le_bytes())
             }
             DataType::Float32 => {

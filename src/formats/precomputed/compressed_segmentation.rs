@@ -16,7 +16,9 @@ pub enum CsegError {
     Truncated { needed: usize, len: usize },
     #[error("compressed_segmentation block {block} has invalid bit width {bits}")]
     BadBits { block: usize, bits: u32 },
-    #[error("compressed_segmentation table offset overflows 24 bits: chunk too large for block size")]
+    #[error(
+        "compressed_segmentation table offset overflows 24 bits: chunk too large for block size"
+    )]
     TableOffsetOverflow,
     #[error("compressed_segmentation data length {0} is not a multiple of 4 bytes")]
     Length(usize),
@@ -88,7 +90,8 @@ fn encode_channel(
                 let origin = [bx * block[0], by * block[1], bz * block[2]];
                 let actual = [0, 1, 2].map(|i| block[i].min(shape[i] - origin[i]));
                 let at = |x: usize, y: usize, z: usize| {
-                    values[(origin[0] + x) + shape[0] * ((origin[1] + y) + shape[1] * (origin[2] + z))]
+                    values[(origin[0] + x)
+                        + shape[0] * ((origin[1] + y) + shape[1] * (origin[2] + z))]
                 };
                 let mut table: Vec<u64> = Vec::new();
                 for z in 0..actual[2] {
@@ -103,17 +106,19 @@ fn encode_channel(
                 let bits = bits_for(table.len()) as usize;
                 let encoded_offset = out.len() - base;
                 let encoded_words = (bits * block_len).div_ceil(32);
-                let table_offset = match tables.get(&table) {
-                    Some(&off) => off as usize,
-                    None => encoded_offset + encoded_words,
-                };
+                let cached = tables.get(&table).copied();
+                let table_offset =
+                    cached.map_or(encoded_offset + encoded_words, |off| off as usize);
                 if table_offset >= 1 << 24 {
                     return Err(CsegError::TableOffsetOverflow);
                 }
                 out.resize(out.len() + encoded_words, 0);
                 if bits > 0 {
-                    let index: HashMap<u64, u32> =
-                        table.iter().enumerate().map(|(i, &v)| (v, i as u32)).collect();
+                    let index: HashMap<u64, u32> = table
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &v)| (v, i as u32))
+                        .collect();
                     let start = base + encoded_offset;
                     for z in 0..actual[2] {
                         for y in 0..actual[1] {
@@ -125,7 +130,7 @@ fn encode_channel(
                         }
                     }
                 }
-                if !tables.contains_key(&table) {
+                if cached.is_none() {
                     for &v in &table {
                         out.push(v as u32);
                         if words == 2 {
@@ -151,7 +156,7 @@ pub fn decode(
     words: usize,
     block: Vec3,
 ) -> Result<Vec<u8>, CsegError> {
-    if data.len() % 4 != 0 {
+    if !data.len().is_multiple_of(4) {
         return Err(CsegError::Length(data.len()));
     }
     let w: Vec<u32> = data
@@ -191,7 +196,11 @@ pub fn decode(
                                     0
                                 } else {
                                     let bit = pos * bits as usize;
-                                    let mask = if bits == 32 { u32::MAX } else { (1 << bits) - 1 };
+                                    let mask = if bits == 32 {
+                                        u32::MAX
+                                    } else {
+                                        (1 << bits) - 1
+                                    };
                                     (word(encoded + bit / 32)? >> (bit % 32)) & mask
                                 } as usize;
                                 let entry = table + index * words;
@@ -200,7 +209,8 @@ pub fn decode(
                                     v |= (word(entry + 1)? as u64) << 32;
                                 }
                                 values[(origin[0] + x)
-                                    + shape[0] * ((origin[1] + y) + shape[1] * (origin[2] + z))] = v;
+                                    + shape[0] * ((origin[1] + y) + shape[1] * (origin[2] + z))] =
+                                    v;
                             }
                         }
                     }

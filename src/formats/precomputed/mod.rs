@@ -99,21 +99,27 @@ impl Precomputed {
             })?;
         let data = match object.encoding {
             ContentEncoding::Identity => object.data,
-            ContentEncoding::Gzip => gunzip(&object.data).map_err(|source| PrecomputedError::Gzip {
-                key: "info".into(),
-                source,
-            })?,
+            ContentEncoding::Gzip => {
+                gunzip(&object.data).map_err(|source| PrecomputedError::Gzip {
+                    key: "info".into(),
+                    source,
+                })?
+            }
         };
-        let info: Info = serde_json::from_slice(&data).map_err(|source| PrecomputedError::InvalidInfoJson {
-            location: location.clone(),
-            source,
-        })?;
+        let info: Info =
+            serde_json::from_slice(&data).map_err(|source| PrecomputedError::InvalidInfoJson {
+                location: location.clone(),
+                source,
+            })?;
         validate_info(&info, &location)?;
         Ok(Precomputed { store, info })
     }
 
     /// Creates a new volume by writing its info.
-    pub async fn create(store: Arc<dyn Store>, info: Info) -> Result<Precomputed, PrecomputedError> {
+    pub async fn create(
+        store: Arc<dyn Store>,
+        info: Info,
+    ) -> Result<Precomputed, PrecomputedError> {
         validate_info(&info, &store.location())?;
         let vol = Precomputed { store, info };
         vol.write_info().await?;
@@ -156,7 +162,15 @@ impl Precomputed {
                     let decoded = match store.get(&key).await? {
                         Some(object) => Some(
                             tokio::task::spawn_blocking(move || {
-                                decode_chunk(&key, object.data, object.encoding, &scale, dtype, channels, chunk.shape())
+                                decode_chunk(
+                                    &key,
+                                    object.data,
+                                    object.encoding,
+                                    &scale,
+                                    dtype,
+                                    channels,
+                                    chunk.shape(),
+                                )
                             })
                             .await??,
                         ),
@@ -212,7 +226,8 @@ impl Precomputed {
     ) -> Result<String, PrecomputedError> {
         let scale = self.scale(mip).clone();
         let key = chunk_key(&scale, chunk);
-        let (data, encoding) = tokio::task::spawn_blocking(move || encode_chunk(&vol, &scale, opts)).await??;
+        let (data, encoding) =
+            tokio::task::spawn_blocking(move || encode_chunk(&vol, &scale, opts)).await??;
         self.store.put(&key, data, encoding).await?;
         Ok(key)
     }
@@ -236,14 +251,22 @@ fn validate_info(info: &Info, location: &str) -> Result<(), PrecomputedError> {
             return Err(bad(format!("scales[{i}].key"), "empty".into()));
         }
         if s.size.contains(&0) {
-            return Err(bad(field("size"), format!("{:?} has a zero extent", s.size)));
+            return Err(bad(
+                field("size"),
+                format!("{:?} has a zero extent", s.size),
+            ));
         }
         match s.chunk_sizes.first() {
             None => return Err(bad(field("chunk_sizes"), "empty".into())),
-            Some(c) if c.contains(&0) => return Err(bad(field("chunk_sizes"), format!("{c:?} has a zero extent"))),
+            Some(c) if c.contains(&0) => {
+                return Err(bad(
+                    field("chunk_sizes"),
+                    format!("{c:?} has a zero extent"),
+                ))
+            }
             _ => {}
         }
-        if s.resolution.iter().any(|r| !(r.0 > 0.0)) {
+        if s.resolution.iter().any(|r| r.0.is_nan() || r.0 <= 0.0) {
             return Err(bad(field("resolution"), "must be positive".into()));
         }
         if s.encoding == Encoding::CompressedSegmentation
@@ -251,12 +274,18 @@ fn validate_info(info: &Info, location: &str) -> Result<(), PrecomputedError> {
         {
             return Err(bad(
                 field("encoding"),
-                format!("compressed_segmentation needs uint32 or uint64, not {}", info.data_type),
+                format!(
+                    "compressed_segmentation needs uint32 or uint64, not {}",
+                    info.data_type
+                ),
             ));
         }
         if let Some(b) = s.compressed_segmentation_block_size {
             if b.contains(&0) {
-                return Err(bad(field("compressed_segmentation_block_size"), format!("{b:?}")));
+                return Err(bad(
+                    field("compressed_segmentation_block_size"),
+                    format!("{b:?}"),
+                ));
             }
         }
     }
@@ -325,7 +354,10 @@ pub fn gunzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 pub fn gzip(data: &[u8], level: u32) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 2), flate2::Compression::new(level));
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(data.len() / 2),
+        flate2::Compression::new(level),
+    );
     enc.write_all(data).expect("writing to memory");
     enc.finish().expect("writing to memory")
 }
@@ -373,7 +405,11 @@ pub fn decode_chunk(
 }
 
 /// Encodes voxels as a stored chunk: the scale's encoding, then gzip unless the level is 0.
-pub fn encode_chunk(vol: &Volume, scale: &Scale, opts: WriteOptions) -> Result<(Vec<u8>, ContentEncoding), PrecomputedError> {
+pub fn encode_chunk(
+    vol: &Volume,
+    scale: &Scale,
+    opts: WriteOptions,
+) -> Result<(Vec<u8>, ContentEncoding), PrecomputedError> {
     let data = match scale.encoding {
         Encoding::CompressedSegmentation => compressed_segmentation::encode(
             &vol.data,

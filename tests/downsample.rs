@@ -1,0 +1,292 @@
+//! `downsample` end to end on local precomputed volumes: tiled and slabbed GPU runs must equal the
+//! CPU reference applied to the whole volume at once.
+
+mod common;
+
+use common::{gpu, random_volume, Rng};
+use cuboids::dtype::DataType;
+use cuboids::formats::precomputed::info::{Encoding, LayerType};
+use cuboids::formats::precomputed::{Precomputed, WriteOptions};
+use cuboids::geometry::{Box3, Vec3};
+use cuboids::gpu::GpuContext;
+use cuboids::ops::downsample::{downsample_cpu, Factor, Method};
+use cuboids::runtime::local::{new_info, write_new_volume};
+use cuboids::store::LocalStore;
+use cuboids::task::downsample::{downsample, Bounds, Compute, DownsampleOptions};
+use cuboids::volume::Volume;
+use std::path::Path;
+use std::sync::Arc;
+
+fn gpu_compute() -> Compute {
+    // The tests share one device; Compute holds an Arc, so give it its own context handle.
+    static CTX: std::sync::OnceLock<Arc<GpuContext>> = std::sync::OnceLock::new();
+    let _ = gpu();
+    Compute::Gpu(
+        CTX.get_or_init(|| Arc::new(GpuContext::new().unwrap()))
+            .clone(),
+    )
+}
+
+async fn make(
+    dir: &Path,
+    layer: LayerType,
+    vol: &Volume,
+    chunk: Vec3,
+    offset: [i64; 3],
+    gzip: u32,
+) -> Precomputed {
+    let mut info = new_info(layer, vol.dtype, vol.shape, chunk, [4.0, 4.0, 40.0]);
+    info.num_channels = vol.channels;
+    info.scales[0].voxel_offset = offset;
+    if layer == LayerType::Image {
+        info.scales[0].encoding = Encoding::Raw;
+    }
+    write_new_volume(dir, info, vol, WriteOptions { gzip_level: gzip })
+        .await
+        .unwrap()
+}
+
+async fn read_all(dir: &Path, mip: usize) -> Volume {
+    let vol = Precomputed::open(Arc::new(LocalStore::new(dir)))
+        .await
+        .unwrap();
+    vol.read_region(mip, Box3::from_shape(vol.scale(mip).size), false)
+        .await
+        .unwrap()
+        .0
+}
+
+/// Downsamples a random volume through many small tiles and GPU slabs and checks every mip.
+async fn tiled_equals_whole(
+    dtype: DataType,
+    layer: LayerType,
+    factor: Factor,
+    shape: Vec3,
+    channels: usize,
+    mips: u32,
+    seed: u64,
+) {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("vol");
+    let input = random_volume(&mut Rng::new(seed), dtype, shape, channels);
+    let vol = make(&dir, layer, &input, [16, 16, 8], [5, -3, 11], 1).await;
+    let opts = DownsampleOptions {
+        num_mips: mips,
+        factor,
+        tile_bytes: 1,                     // smallest aligned tiles: many of them
+        slab_bytes: Some(16 * 16 * 8 * 8), // several GPU slabs per tile
+        ..Default::default()
+    };
+    let report = downsample(gpu_compute(), &vol, &opts).await.unwrap();
+    assert!(report.tiles > 1, "the test must cross tile boundaries");
+    let method = if layer == LayerType::Image {
+        Method::Average
+    } else {
+        Method::Mode
+    };
+    let expected = downsample_cpu(&input, method, factor, mips).unwrap();
+    for (k, e) in expected.iter().enumerate() {
+        let got = read_all(&dir, k + 1).await;
+        assert!(got == *e, "{dtype} {factor:?} {shape:?} x{channels}: mip {} differs from the whole-volume CPU result", k + 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiled_gpu_runs_equal_the_whole_volume_reference() {
+    tiled_equals_whole(
+        DataType::Uint8,
+        LayerType::Image,
+        Factor::ANISOTROPIC,
+        [75, 50, 19],
+        1,
+        2,
+        1,
+    )
+    .await;
+    tiled_equals_whole(
+        DataType::Uint16,
+        LayerType::Image,
+        Factor::ISOTROPIC,
+        [40, 37, 35],
+        1,
+        2,
+        2,
+    )
+    .await;
+    tiled_equals_whole(
+        DataType::Float32,
+        LayerType::Image,
+        Factor::ANISOTROPIC,
+        [70, 33, 9],
+        2,
+        2,
+        3,
+    )
+    .await;
+    tiled_equals_whole(
+        DataType::Uint32,
+        LayerType::Image,
+        Factor::ANISOTROPIC,
+        [33, 70, 9],
+        1,
+        1,
+        4,
+    )
+    .await;
+    tiled_equals_whole(
+        DataType::Uint64,
+        LayerType::Segmentation,
+        Factor::ANISOTROPIC,
+        [70, 45, 17],
+        1,
+        2,
+        5,
+    )
+    .await;
+    tiled_equals_whole(
+        DataType::Uint32,
+        LayerType::Segmentation,
+        Factor::ISOTROPIC,
+        [36, 36, 36],
+        1,
+        2,
+        6,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rerunning_rewrites_identical_bytes_and_keeps_the_info() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("vol");
+    let input = random_volume(&mut Rng::new(9), DataType::Uint8, [64, 64, 16], 1);
+    let vol = make(&dir, LayerType::Image, &input, [32, 32, 8], [0; 3], 6).await;
+    let opts = DownsampleOptions {
+        num_mips: 2,
+        ..Default::default()
+    };
+    downsample(gpu_compute(), &vol, &opts).await.unwrap();
+    let snapshot = |d: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<_> = walkdir(d)
+            .into_iter()
+            .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+            .collect();
+        files.sort();
+        files
+    };
+    let first = snapshot(&dir);
+    let vol = Precomputed::open(Arc::new(LocalStore::new(&dir)))
+        .await
+        .unwrap();
+    let report = downsample(gpu_compute(), &vol, &opts).await.unwrap();
+    assert!(report.new_scales.is_empty(), "the scales exist now");
+    assert_eq!(first, snapshot(&dir));
+    // The CPU reference writes exactly the same chunks.
+    downsample(Compute::Cpu, &vol, &opts).await.unwrap();
+    assert_eq!(first, snapshot(&dir));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounds_write_only_the_covering_chunks() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("vol");
+    let input = random_volume(&mut Rng::new(10), DataType::Uint8, [128, 64, 8], 1);
+    let vol = make(&dir, LayerType::Image, &input, [32, 32, 8], [100, 0, 0], 0).await;
+    let opts = DownsampleOptions {
+        num_mips: 1,
+        bounds: Some(Bounds {
+            start: [100, 0, 0],
+            stop: [110, 10, 8],
+        }),
+        ..Default::default()
+    };
+    let report = downsample(gpu_compute(), &vol, &opts).await.unwrap();
+    // One tile of 64x64 (aligned to 32-voxel mip-1 chunks) -> one 32x32 output chunk.
+    assert_eq!(report.chunks_written, 1);
+    let files = walkdir(&dir.join("8_8_40"));
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].ends_with("8_8_40/50-82_0-32_0-8.gz"), "{files:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_chunks_are_zeros_with_fill_missing_and_all_missing_outputs_are_skipped() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("vol");
+    let input = random_volume(&mut Rng::new(11), DataType::Uint8, [128, 64, 8], 1);
+    make(&dir, LayerType::Image, &input, [32, 32, 8], [0; 3], 0).await;
+    // Remove the whole right half (x >= 64): one aligned tile has no input at all.
+    for f in walkdir(&dir.join("4_4_40")) {
+        if f.rsplit('/').next().unwrap().starts_with("64-")
+            || f.rsplit('/').next().unwrap().starts_with("96-")
+        {
+            std::fs::remove_file(f).unwrap();
+        }
+    }
+    let vol = Precomputed::open(Arc::new(LocalStore::new(&dir)))
+        .await
+        .unwrap();
+    let opts = DownsampleOptions {
+        num_mips: 1,
+        tile_bytes: 1,
+        ..Default::default()
+    };
+    let err = downsample(gpu_compute(), &vol, &opts)
+        .await
+        .unwrap_err()
+        .to_string();
+    let names_a_missing_chunk = ["64-96", "96-128"]
+        .iter()
+        .any(|x| err.contains(&format!("chunk 4_4_40/{x}_")));
+    assert!(
+        names_a_missing_chunk && err.contains("--fill-missing"),
+        "{err}"
+    );
+    assert!(
+        !dir.join("8_8_40").exists(),
+        "a failed run leaves no chunks of its new scale"
+    );
+
+    let opts = DownsampleOptions {
+        fill_missing: true,
+        ..opts
+    };
+    let report = downsample(gpu_compute(), &vol, &opts).await.unwrap();
+    assert_eq!(report.tiles, 2);
+    assert_eq!(report.tiles_skipped_empty, 1);
+    assert_eq!(
+        walkdir(&dir.join("8_8_40")).len(),
+        1,
+        "only the left tile's chunk is written"
+    );
+    let mut zeros_right = input.clone();
+    zeros_right.paste(
+        [64, 0, 0],
+        &Volume::zeros(DataType::Uint8, [64, 64, 8], 1),
+        [0; 3],
+        [64, 64, 8],
+    );
+    let expected = downsample_cpu(&zeros_right, Method::Average, Factor::ANISOTROPIC, 1).unwrap();
+    let got = Precomputed::open(Arc::new(LocalStore::new(&dir)))
+        .await
+        .unwrap();
+    let (left, _) = got
+        .read_region(1, Box3::new([0; 3], [32, 32, 8]), false)
+        .await
+        .unwrap();
+    assert_eq!(left, expected[0].crop([0; 3], [32, 32, 8]));
+}
+
+pub fn walkdir(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(walkdir(&p));
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out
+}
