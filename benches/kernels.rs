@@ -26,13 +26,28 @@ fn kernels(c: &mut Criterion) {
     let mut group = c.benchmark_group("kernels");
     group.sample_size(10);
     group.throughput(Throughput::Elements(voxels(SHAPE) as u64));
-    for (name, vol, method) in [("uint8_average", &image, Method::Average), ("uint64_mode", &labels, Method::Mode)] {
+    for (name, vol, method) in [
+        ("uint8_average", &image, Method::Average),
+        ("uint64_mode", &labels, Method::Mode),
+    ] {
         for factor in [Factor::ANISOTROPIC, Factor::ISOTROPIC] {
-            let id = format!("{name}_{}_x4", if factor == Factor::ANISOTROPIC { "221" } else { "222" });
+            let id = format!(
+                "{name}_{}_x4",
+                if factor == Factor::ANISOTROPIC {
+                    "221"
+                } else {
+                    "222"
+                }
+            );
             group.bench_function(format!("gpu/{id}"), |b| {
-                b.iter(|| downsample_channel_gpu(&ctx, &vol.data, vol.dtype, SHAPE, method, factor, 4).unwrap())
+                b.iter(|| {
+                    downsample_channel_gpu(&ctx, &vol.data, vol.dtype, SHAPE, method, factor, 4)
+                        .unwrap()
+                })
             });
-            group.bench_function(format!("cpu/{id}"), |b| b.iter(|| downsample_cpu(vol, method, factor, 4).unwrap()));
+            group.bench_function(format!("cpu/{id}"), |b| {
+                b.iter(|| downsample_cpu(vol, method, factor, 4).unwrap())
+            });
         }
     }
     group.finish();
@@ -44,9 +59,20 @@ fn end_to_end(c: &mut Criterion) {
     let (image, _) = em_like(SHAPE);
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().join("image");
-    let info = new_info(LayerType::Image, DataType::Uint8, SHAPE, [64, 64, 32], [8.0, 8.0, 40.0]);
+    let info = new_info(
+        LayerType::Image,
+        DataType::Uint8,
+        SHAPE,
+        [64, 64, 32],
+        [8.0, 8.0, 40.0],
+    );
     let vol = runtime
-        .block_on(write_new_volume(&dir, info, &image, WriteOptions::default()))
+        .block_on(write_new_volume(
+            &dir,
+            info,
+            &image,
+            WriteOptions::default(),
+        ))
         .unwrap();
     let opts = DownsampleOptions {
         num_mips: 4,
@@ -56,7 +82,11 @@ fn end_to_end(c: &mut Criterion) {
     group.sample_size(10);
     group.throughput(Throughput::Elements(voxels(SHAPE) as u64));
     group.bench_function("downsample_uint8_gzip6_221_x4", |b| {
-        b.iter(|| runtime.block_on(downsample(Compute::Gpu(ctx.clone()), &vol, &opts)).unwrap())
+        b.iter(|| {
+            runtime
+                .block_on(downsample(Compute::Gpu(ctx.clone()), &vol, &opts))
+                .unwrap()
+        })
     });
     group.finish();
 }
