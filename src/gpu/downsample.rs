@@ -144,8 +144,38 @@ pub fn downsample_channel_gpu(
     factor: Factor,
     mips: u32,
 ) -> Result<Vec<Vec<u8>>, GpuError> {
-    let _span = debug_span!("gpu_downsample", ?shape, mips).entered();
-    let started = std::time::Instant::now();
+    submit_channel_gpu(ctx, input, dtype, shape, method, factor, mips)?.wait(ctx)
+}
+
+/// A slab submitted to the GPU whose levels have not been read back yet. Keeping one slab in
+/// flight while the next is uploaded overlaps host copies with kernels.
+pub struct PendingSlab {
+    submission: wgpu::SubmissionIndex,
+    readbacks: Vec<(wgpu::Buffer, Vec3, usize)>,
+    retired: Vec<wgpu::Buffer>,
+    elem: usize,
+}
+
+impl PendingSlab {
+    /// Waits for this slab's submission and returns the bytes of its levels 1..=mips.
+    pub fn wait(self, ctx: &GpuContext) -> Result<Vec<Vec<u8>>, GpuError> {
+        let out = read_back(ctx, self.submission, self.readbacks, self.elem);
+        ctx.recycle(self.retired);
+        out
+    }
+}
+
+/// Uploads a slab and submits all its levels; see [`downsample_channel_gpu`].
+pub fn submit_channel_gpu(
+    ctx: &GpuContext,
+    input: &[u8],
+    dtype: DataType,
+    shape: Vec3,
+    method: Method,
+    factor: Factor,
+    mips: u32,
+) -> Result<PendingSlab, GpuError> {
+    let _span = debug_span!("gpu_submit", ?shape, mips).entered();
     let elem = dtype.size();
     let limit = ctx.max_binding_bytes();
     let in_pitch = pitch(shape[0], elem);
@@ -286,15 +316,16 @@ pub fn downsample_channel_gpu(
         in_shape = out_shape;
         in_pitch = out_pitch;
     }
-    let encoded = started.elapsed();
-    ctx.scoped("submitting", || ctx.queue.submit([encoder.finish()]))?;
-    let out = read_back(ctx, readbacks, elem);
+    let submission = ctx.scoped("submitting", || ctx.queue.submit([encoder.finish()]))?;
     retired.push(input_buffer);
     retired.extend(previous_sums);
     retired.extend(previous_out);
-    ctx.recycle(retired);
-    tracing::debug!(?encoded, total = ?started.elapsed(), "slab done");
-    out
+    Ok(PendingSlab {
+        submission,
+        readbacks,
+        retired,
+        elem,
+    })
 }
 
 /// `queue.write_buffer` needs a multiple of 4 bytes: the tail word is padded with zeros.
@@ -312,6 +343,7 @@ fn write_padded(ctx: &GpuContext, buffer: &wgpu::Buffer, data: &[u8]) {
 
 fn read_back(
     ctx: &GpuContext,
+    submission: wgpu::SubmissionIndex,
     readbacks: Vec<(wgpu::Buffer, Vec3, usize)>,
     elem: usize,
 ) -> Result<Vec<Vec<u8>>, GpuError> {
@@ -323,7 +355,10 @@ fn read_back(
         });
     }
     drop(tx);
-    ctx.device.poll(wgpu::PollType::wait_indefinitely())?;
+    ctx.device.poll(wgpu::PollType::Wait {
+        submission_index: Some(submission),
+        timeout: None,
+    })?;
     for (_, result) in rx.iter() {
         result.map_err(|source| GpuError::Map {
             op: "downsampling".into(),

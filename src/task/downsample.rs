@@ -11,7 +11,7 @@ use crate::formats::precomputed::{
     check_scale_supported, chunk_grid, Precomputed, PrecomputedError, WriteOptions,
 };
 use crate::geometry::{copy_box, pow3, voxels, At, Box3, Vec3};
-use crate::gpu::downsample::downsample_channel_gpu;
+use crate::gpu::downsample::{submit_channel_gpu, PendingSlab};
 use crate::gpu::{GpuContext, GpuError};
 use crate::ops::downsample::{check_supported, downsample_cpu, DownsampleError, Factor, Method};
 use crate::task::plan::{align_region, lcm, plan_slabs, plan_tiles};
@@ -100,7 +100,7 @@ impl Default for DownsampleOptions {
             fill_missing: false,
             method: None,
             write: WriteOptions::default(),
-            tile_bytes: 128 << 20,
+            tile_bytes: 64 << 20,
             slab_bytes: None,
         }
     }
@@ -406,6 +406,8 @@ impl Job {
         let elem = input.dtype.size();
         let slabs =
             plan_slabs(input.shape, elem, align, self.slab_limit).expect("checked at planning");
+        // One slab stays in flight: slab i+1 is uploaded while the GPU works on slab i.
+        let mut in_flight: Option<(usize, Box3, PendingSlab)> = None;
         for c in 0..input.channels {
             for slab in &slabs {
                 let whole_planes =
@@ -421,7 +423,7 @@ impl Job {
                     cropped = one.crop(slab.start, slab.shape());
                     &cropped.data
                 };
-                let outs = downsample_channel_gpu(
+                let pending = submit_channel_gpu(
                     ctx,
                     bytes,
                     input.dtype,
@@ -430,13 +432,13 @@ impl Job {
                     factor,
                     mips,
                 )?;
-                for (k, out) in outs.into_iter().enumerate() {
-                    let part = slab.downsampled(factor.get(), k as u32 + 1);
-                    let part_vol = Volume::from_bytes(input.dtype, part.shape(), 1, out)
-                        .expect("GPU output size");
-                    paste_channel(&mut levels[k], c, part.start, &part_vol);
+                if let Some(done) = in_flight.replace((c, *slab, pending)) {
+                    paste_slab(&mut levels, factor, ctx, done)?;
                 }
             }
+        }
+        if let Some(done) = in_flight {
+            paste_slab(&mut levels, factor, ctx, done)?;
         }
         Ok(levels)
     }
@@ -487,6 +489,22 @@ impl DownsampleReport {
         self.output_voxels += voxels_out;
         self.write += busy;
     }
+}
+
+/// Waits for a slab's levels and copies them into the tile's levels.
+fn paste_slab(
+    levels: &mut [Volume],
+    factor: Factor,
+    ctx: &GpuContext,
+    (c, slab, pending): (usize, Box3, PendingSlab),
+) -> Result<(), TaskError> {
+    for (k, out) in pending.wait(ctx)?.into_iter().enumerate() {
+        let part = slab.downsampled(factor.get(), k as u32 + 1);
+        let part_vol =
+            Volume::from_bytes(levels[k].dtype, part.shape(), 1, out).expect("GPU output size");
+        paste_channel(&mut levels[k], c, part.start, &part_vol);
+    }
+    Ok(())
 }
 
 fn paste_channel(dst: &mut Volume, c: usize, origin: Vec3, src: &Volume) {
