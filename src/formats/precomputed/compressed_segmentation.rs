@@ -171,10 +171,11 @@ pub fn decode(
     };
     let n = shape[0] * shape[1] * shape[2];
     let g = grid(shape, block);
-    let mut out = Vec::with_capacity(n * channels * words * 4);
+    let label_bytes = words * 4;
+    let mut out = vec![0u8; n * channels * label_bytes];
     for c in 0..channels {
         let base = word(c)? as usize;
-        let mut values = vec![0u64; n];
+        let values = &mut out[c * n * label_bytes..(c + 1) * n * label_bytes];
         for bz in 0..g[2] {
             for by in 0..g[1] {
                 for bx in 0..g[0] {
@@ -208,20 +209,14 @@ pub fn decode(
                                 if words == 2 {
                                     v |= (word(entry + 1)? as u64) << 32;
                                 }
-                                values[(origin[0] + x)
-                                    + shape[0] * ((origin[1] + y) + shape[1] * (origin[2] + z))] =
-                                    v;
+                                let at = (origin[0] + x)
+                                    + shape[0] * ((origin[1] + y) + shape[1] * (origin[2] + z));
+                                values[at * label_bytes..(at + 1) * label_bytes]
+                                    .copy_from_slice(&v.to_le_bytes()[..label_bytes]);
                             }
                         }
                     }
                 }
-            }
-        }
-        for v in values {
-            if words == 1 {
-                out.extend((v as u32).to_le_bytes());
-            } else {
-                out.extend(v.to_le_bytes());
             }
         }
     }
