@@ -221,3 +221,38 @@ async fn a_mismatching_existing_scale_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn no_vulkan_driver_says_how_to_install_one() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cuboids"))
+        .arg("info")
+        .env("VK_DRIVER_FILES", "/nonexistent/icd.json")
+        .env("VK_ICD_FILENAMES", "/nonexistent/icd.json")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no Vulkan GPU adapter was found")
+            && err.contains("apt-get install mesa-vulkan-drivers"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cli_info_reports_the_adapter_limits() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cuboids"))
+        .arg("info")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("adapter: ") && text.contains("max storage buffer binding: "),
+        "{text}"
+    );
+}
