@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{gpu, random_volume, Rng};
+use common::{files_under, gpu, random_volume, Rng};
 use cuboids::dtype::DataType;
 use cuboids::formats::precomputed::info::{Encoding, LayerType};
 use cuboids::formats::precomputed::{Precomputed, WriteOptions};
@@ -167,7 +167,7 @@ async fn rerunning_rewrites_identical_bytes_and_keeps_the_info() {
     };
     downsample(gpu_compute(), &vol, &opts).await.unwrap();
     let snapshot = |d: &Path| -> Vec<(String, Vec<u8>)> {
-        let mut files: Vec<_> = walkdir(d)
+        let mut files: Vec<_> = files_under(d)
             .into_iter()
             .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
             .collect();
@@ -203,7 +203,7 @@ async fn bounds_write_only_the_covering_chunks() {
     let report = downsample(gpu_compute(), &vol, &opts).await.unwrap();
     // One tile of 64x64 (aligned to 32-voxel mip-1 chunks) -> one 32x32 output chunk.
     assert_eq!(report.chunks_written, 1);
-    let files = walkdir(&dir.join("8_8_40"));
+    let files = files_under(&dir.join("8_8_40"));
     assert_eq!(files.len(), 1, "{files:?}");
     assert!(files[0].ends_with("8_8_40/50-82_0-32_0-8.gz"), "{files:?}");
 }
@@ -215,7 +215,7 @@ async fn missing_chunks_are_zeros_with_fill_missing_and_all_missing_outputs_are_
     let input = random_volume(&mut Rng::new(11), DataType::Uint8, [128, 64, 8], 1);
     make(&dir, LayerType::Image, &input, [32, 32, 8], [0; 3], 0).await;
     // Remove the whole right half (x >= 64): one aligned tile has no input at all.
-    for f in walkdir(&dir.join("4_4_40")) {
+    for f in files_under(&dir.join("4_4_40")) {
         if f.rsplit('/').next().unwrap().starts_with("64-")
             || f.rsplit('/').next().unwrap().starts_with("96-")
         {
@@ -254,7 +254,7 @@ async fn missing_chunks_are_zeros_with_fill_missing_and_all_missing_outputs_are_
     assert_eq!(report.tiles, 2);
     assert_eq!(report.tiles_skipped_empty, 1);
     assert_eq!(
-        walkdir(&dir.join("8_8_40")).len(),
+        files_under(&dir.join("8_8_40")).len(),
         1,
         "only the left tile's chunk is written"
     );
@@ -274,19 +274,4 @@ async fn missing_chunks_are_zeros_with_fill_missing_and_all_missing_outputs_are_
         .await
         .unwrap();
     assert_eq!(left, expected[0].crop([0; 3], [32, 32, 8]));
-}
-
-pub fn walkdir(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                out.extend(walkdir(&p));
-            } else {
-                out.push(p.display().to_string());
-            }
-        }
-    }
-    out
 }

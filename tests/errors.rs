@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{random_volume, Rng};
+use common::{files_under, random_volume, Rng};
 use cuboids::dtype::DataType;
 use cuboids::formats::precomputed::info::LayerType;
 use cuboids::formats::precomputed::{Precomputed, WriteOptions};
@@ -33,20 +33,6 @@ async fn volume(temp: &Path, layer: LayerType, dtype: DataType) -> PathBuf {
         .await
         .unwrap();
     dir
-}
-
-fn files_under(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p.display().to_string());
-        }
-    }
-    out.sort();
-    out
 }
 
 /// Runs a failing downsample and checks that the volume is exactly as it was before.

@@ -1,5 +1,8 @@
 //! One test suite that every storage backend must pass.
 
+mod common;
+
+use common::files_under;
 use cuboids::store::{ContentEncoding, LocalStore, Store};
 use std::sync::Arc;
 
@@ -84,22 +87,9 @@ async fn local_store_passes_the_suite() {
     let dir = tempfile::tempdir().unwrap();
     suite(Arc::new(LocalStore::new(dir.path()))).await;
     // No temporary files are left behind by atomic writes.
-    let leftovers: Vec<_> = walk(dir.path())
+    let leftovers: Vec<_> = files_under(dir.path())
         .into_iter()
         .filter(|p| p.contains(".tmp-"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-}
-
-fn walk(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p.display().to_string());
-        }
-    }
-    out
 }

@@ -69,3 +69,20 @@ pub fn random_volume(rng: &mut Rng, dtype: DataType, shape: Vec3, channels: usiz
     }
     Volume::from_bytes(dtype, shape, channels, data).unwrap()
 }
+
+/// Every file below `dir` (none if it does not exist), sorted.
+pub fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
