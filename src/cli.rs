@@ -25,10 +25,10 @@ struct Cli {
 enum Command {
     /// Show the GPU adapter cuboids would use and its limits.
     Info,
-    /// Add downsampled mips to a precomputed volume on local disk.
+    /// Add downsampled mips to a precomputed volume (local directory or s3://bucket/prefix).
     Downsample {
-        /// Directory of the precomputed volume (holding `info`).
-        path: PathBuf,
+        /// The precomputed volume: a directory holding `info`, or s3://bucket/prefix.
+        location: String,
         /// Source mip to read.
         #[arg(long, default_value_t = 0)]
         mip: usize,
@@ -156,7 +156,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Downsample {
-            path,
+            location,
             mip,
             num_mips,
             factor,
@@ -166,10 +166,10 @@ fn run(cli: Cli) -> Result<()> {
             gzip_level,
             cpu,
         } => {
-            if !path.is_dir() {
+            let dir = std::path::Path::new(location.trim_start_matches("file://"));
+            if !location.starts_with("s3://") && !dir.is_dir() {
                 bail!(
-                    "{} is not a directory holding a precomputed volume",
-                    path.display()
+                    "{location} is not a directory holding a precomputed volume (nor an s3:// URL)"
                 );
             }
             let opts = DownsampleOptions {
@@ -185,7 +185,7 @@ fn run(cli: Cli) -> Result<()> {
                 write: WriteOptions { gzip_level },
                 ..Default::default()
             };
-            runtime.block_on(local::downsample_dir(&path, &opts, cpu))
+            runtime.block_on(local::downsample_location(&location, &opts, cpu))
         }
         Command::Demo { dir, size } => runtime.block_on(local::demo(&dir, size)),
         Command::Bench {

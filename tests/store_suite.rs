@@ -93,3 +93,33 @@ async fn local_store_passes_the_suite() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_store_passes_the_suite() {
+    let server = common::S3Server::start();
+    suite(Arc::new(server.store("suite", "some/prefix").await)).await;
+    // A store without a prefix addresses keys at the bucket's root.
+    suite(Arc::new(server.store("rootless", "").await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_errors_name_the_object() {
+    let server = common::S3Server::start();
+    let sdk = server.sdk_config().await;
+    let store = cuboids::store::S3Store::with_config(
+        "s3://no-such-bucket/vol",
+        &sdk,
+        Some(server.endpoint.clone()),
+    )
+    .unwrap();
+    let err = store.get("info").await.unwrap_err().to_string();
+    assert!(
+        err.contains("s3://no-such-bucket/vol/info") && err.contains("NoSuchBucket"),
+        "{err}"
+    );
+    let err = cuboids::store::S3Store::with_config("s3:///x", &sdk, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("no bucket"), "{err}");
+}

@@ -8,7 +8,7 @@ use crate::gpu::downsample::downsample_channel_gpu;
 use crate::gpu::GpuContext;
 use crate::ops::downsample::{downsample_cpu, Factor, Method};
 use crate::runtime::synthetic::em_like;
-use crate::store::LocalStore;
+use crate::store::{open_store, LocalStore};
 use crate::task::downsample::{downsample, Compute, DownsampleOptions, DownsampleReport};
 use crate::task::plan::plan_slabs;
 use crate::volume::Volume;
@@ -27,8 +27,18 @@ async fn open_dir(path: &Path) -> Result<Precomputed> {
         .with_context(|| format!("opening {}", path.display()))
 }
 
-pub async fn downsample_dir(path: &Path, opts: &DownsampleOptions, cpu: bool) -> Result<()> {
-    let vol = open_dir(path).await?;
+/// Downsamples the volume at a directory or `s3://` location.
+pub async fn downsample_location(
+    location: &str,
+    opts: &DownsampleOptions,
+    cpu: bool,
+) -> Result<()> {
+    let store = open_store(location)
+        .await
+        .with_context(|| format!("opening {location}"))?;
+    let vol = Precomputed::open(store)
+        .await
+        .with_context(|| format!("opening {location}"))?;
     let compute = if cpu {
         Compute::Cpu
     } else {
@@ -36,8 +46,8 @@ pub async fn downsample_dir(path: &Path, opts: &DownsampleOptions, cpu: bool) ->
     };
     let report = downsample(compute, &vol, opts)
         .await
-        .with_context(|| format!("downsampling {}", path.display()))?;
-    print_report(&path.display().to_string(), &report);
+        .with_context(|| format!("downsampling {location}"))?;
+    print_report(location, &report);
     Ok(())
 }
 

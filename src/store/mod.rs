@@ -2,12 +2,15 @@
 //! backend must pass. Keys are `/`-separated paths relative to the store's root.
 
 pub mod local;
+pub mod s3;
 
 use async_trait::async_trait;
 use std::path::PathBuf;
+use std::sync::Arc;
 use thiserror::Error;
 
 pub use local::LocalStore;
+pub use s3::S3Store;
 
 /// How an object's bytes are encoded at rest. Precomputed chunks may be gzipped: CloudVolume
 /// writes `<key>.gz` on local disk and `Content-Encoding: gzip` on S3; a store maps this to its
@@ -35,6 +38,30 @@ pub enum StoreError {
     },
     #[error("invalid key {key:?}: {reason}")]
     InvalidKey { key: String, reason: &'static str },
+    #[error("invalid location {location:?}: {reason}")]
+    Location {
+        location: String,
+        reason: &'static str,
+    },
+    #[error("S3 {op} of {url} failed: {message}")]
+    S3 {
+        op: &'static str,
+        url: String,
+        message: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Opens the store at a location: `s3://bucket/prefix`, or a local directory.
+pub async fn open_store(location: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if location.starts_with("s3://") {
+        Ok(Arc::new(S3Store::from_env(location).await?))
+    } else if let Some(path) = location.strip_prefix("file://") {
+        Ok(Arc::new(LocalStore::new(path)))
+    } else {
+        Ok(Arc::new(LocalStore::new(location)))
+    }
 }
 
 #[async_trait]

@@ -86,3 +86,77 @@ pub fn files_under(dir: &std::path::Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// A real S3-compatible server (moto's `moto_server`, installed by scripts/setup) on a free
+/// loopback port, stopped when dropped.
+pub struct S3Server {
+    child: std::process::Child,
+    pub endpoint: String,
+}
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let exe = std::env::var("CUBOIDS_MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
+        let child = std::process::Command::new(&exe)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("starting {exe} (pip install 'moto[server]'; scripts/setup does it): {e}")
+            });
+        let server = S3Server {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{exe} did not start listening on port {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        server
+    }
+
+    /// SDK configuration with static test credentials, as the AWS environment would give.
+    pub async fn sdk_config(&self) -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "testing", "testing", None, None, "tests",
+            ))
+            .load()
+            .await
+    }
+
+    /// Creates a bucket and returns a store on `s3://bucket/prefix`.
+    pub async fn store(&self, bucket: &str, prefix: &str) -> cuboids::store::S3Store {
+        let sdk = self.sdk_config().await;
+        let conf = aws_sdk_s3::config::Builder::from(&sdk)
+            .endpoint_url(&self.endpoint)
+            .force_path_style(true)
+            .build();
+        let client = aws_sdk_s3::Client::from_conf(conf);
+        client.create_bucket().bucket(bucket).send().await.unwrap();
+        cuboids::store::S3Store::with_config(
+            &format!("s3://{bucket}/{prefix}"),
+            &sdk,
+            Some(self.endpoint.clone()),
+        )
+        .unwrap()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,174 @@
+//! S3 (and S3-compatible servers). Configuration comes from the standard AWS environment:
+//! credentials, `AWS_REGION`, and `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` for other servers
+//! (which then get path-style addressing). Gzipped objects carry `Content-Encoding: gzip`, as
+//! CloudVolume writes them. Throttling and 5xx answers are retried with exponential backoff by the
+//! SDK's standard retry mode; requests in flight are bounded by a semaphore.
+
+use super::{check_key, ContentEncoding, Object, Store, StoreError};
+use async_trait::async_trait;
+use aws_sdk_s3::error::DisplayErrorContext;
+use aws_sdk_s3::primitives::ByteStream;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
+
+/// Requests in flight per store.
+const MAX_IN_FLIGHT: usize = 64;
+/// Attempts per request, the first included.
+const MAX_ATTEMPTS: u32 = 6;
+
+pub struct S3Store {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    prefix: String,
+    permits: Arc<Semaphore>,
+}
+
+/// `s3://bucket/some/prefix` → ("bucket", "some/prefix").
+pub fn parse_s3_url(location: &str) -> Result<(String, String), StoreError> {
+    let bad = |reason| StoreError::Location {
+        location: location.to_string(),
+        reason,
+    };
+    let rest = location
+        .strip_prefix("s3://")
+        .ok_or(bad("not an s3:// URL"))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(bad("no bucket"));
+    }
+    Ok((bucket.to_string(), prefix.trim_matches('/').to_string()))
+}
+
+fn endpoint_from_env() -> Option<String> {
+    ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+}
+
+impl S3Store {
+    /// Connects with the standard AWS environment.
+    pub async fn from_env(location: &str) -> Result<S3Store, StoreError> {
+        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .retry_config(
+                aws_config::retry::RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS),
+            )
+            .load()
+            .await;
+        S3Store::with_config(location, &sdk, endpoint_from_env())
+    }
+
+    /// Connects with an explicit SDK configuration (tests, embedding programs).
+    pub fn with_config(
+        location: &str,
+        sdk: &aws_config::SdkConfig,
+        endpoint: Option<String>,
+    ) -> Result<S3Store, StoreError> {
+        let (bucket, prefix) = parse_s3_url(location)?;
+        let mut config = aws_sdk_s3::config::Builder::from(sdk);
+        if let Some(endpoint) = endpoint {
+            config = config.endpoint_url(endpoint).force_path_style(true);
+        }
+        Ok(S3Store {
+            client: aws_sdk_s3::Client::from_conf(config.build()),
+            bucket,
+            prefix,
+            permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        })
+    }
+
+    fn object_key(&self, key: &str) -> Result<String, StoreError> {
+        check_key(key)?;
+        Ok(if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{key}", self.prefix)
+        })
+    }
+
+    fn error(
+        &self,
+        op: &'static str,
+        key: &str,
+        e: impl std::error::Error + Send + Sync + 'static,
+    ) -> StoreError {
+        StoreError::S3 {
+            op,
+            url: format!("s3://{}/{}", self.bucket, key),
+            message: DisplayErrorContext(&e).to_string(),
+            source: Box::new(e),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for S3Store {
+    fn location(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Object>, StoreError> {
+        let key = self.object_key(key)?;
+        let _permit = self.permits.acquire().await.expect("never closed");
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(self.error("GetObject", &key, e)),
+        };
+        let encoding = match out.content_encoding() {
+            Some(enc) if enc.eq_ignore_ascii_case("gzip") => ContentEncoding::Gzip,
+            _ => ContentEncoding::Identity,
+        };
+        let data = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| self.error("GetObject (body)", &key, e))?
+            .into_bytes()
+            .to_vec();
+        Ok(Some(Object { data, encoding }))
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        data: Vec<u8>,
+        encoding: ContentEncoding,
+    ) -> Result<(), StoreError> {
+        let key = self.object_key(key)?;
+        let _permit = self.permits.acquire().await.expect("never closed");
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .content_type("application/octet-stream")
+            .body(ByteStream::from(data));
+        if encoding == ContentEncoding::Gzip {
+            req = req.content_encoding("gzip");
+        }
+        req.send()
+            .await
+            .map_err(|e| self.error("PutObject", &key, e))?;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let key = self.object_key(key)?;
+        let _permit = self.permits.acquire().await.expect("never closed");
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+            .map_err(|e| self.error("DeleteObject", &key, e))?;
+        Ok(())
+    }
+}
