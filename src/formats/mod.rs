@@ -1,3 +1,5 @@
 //! On-disk and on-S3 formats.
 
+pub mod blosc;
+pub mod boss;
 pub mod precomputed;
