@@ -86,6 +86,10 @@ async fn suite(store: Arc<dyn Store>) {
 async fn local_store_passes_the_suite() {
     let dir = tempfile::tempdir().unwrap();
     suite(Arc::new(LocalStore::new(dir.path()))).await;
+    assert!(
+        !dir.path().join("a").exists(),
+        "deleting a/b/c prunes the directories it emptied"
+    );
     // No temporary files are left behind by atomic writes.
     let leftovers: Vec<_> = files_under(dir.path())
         .into_iter()

@@ -99,6 +99,13 @@ impl Store for LocalStore {
         for encoding in [ContentEncoding::Identity, ContentEncoding::Gzip] {
             remove_if_exists(&self.path(key, encoding)?).await?;
         }
+        // Directories only exist for the keys in them: prune the ones this leaves empty.
+        let mut dir = self.path(key, ContentEncoding::Identity)?;
+        while dir.pop() && dir.starts_with(&self.root) && dir != self.root {
+            if tokio::fs::remove_dir(&dir).await.is_err() {
+                break;
+            }
+        }
         Ok(())
     }
 }

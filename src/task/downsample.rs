@@ -338,12 +338,26 @@ const WRITE_CONCURRENCY: usize = 16;
 
 impl Job {
     async fn run(self, tiles: Vec<Box3>) -> Result<DownsampleReport, TaskError> {
-        let job = Arc::new(self);
+        let mut writes: JoinSet<Result<(usize, u64, Duration), TaskError>> = JoinSet::new();
+        let result = Arc::new(self).run_tiles(tiles, &mut writes).await;
+        if result.is_err() {
+            // Let writes already under way finish before anyone cleans up after this run, so no
+            // chunk lands after the cleanup; their own errors add nothing to the first one.
+            while writes.join_next().await.is_some() {}
+        }
+        result
+    }
+
+    async fn run_tiles(
+        self: Arc<Self>,
+        tiles: Vec<Box3>,
+        writes: &mut JoinSet<Result<(usize, u64, Duration), TaskError>>,
+    ) -> Result<DownsampleReport, TaskError> {
+        let job = self;
         let mut report = DownsampleReport {
             tiles: tiles.len(),
             ..Default::default()
         };
-        let mut writes: JoinSet<Result<(usize, u64, Duration), TaskError>> = JoinSet::new();
         let read = |tile: Box3| {
             let job = job.clone();
             tokio::spawn(async move {
