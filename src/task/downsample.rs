@@ -432,10 +432,8 @@ impl Job {
                     let plane = input.shape[0] * input.shape[1] * elem;
                     &input.channel(c)[slab.start[2] * plane..slab.stop[2] * plane]
                 } else {
-                    let mut one = Volume::zeros(input.dtype, input.shape, 1);
-                    one.data.copy_from_slice(input.channel(c));
-                    cropped = one.crop(slab.start, slab.shape());
-                    &cropped.data
+                    cropped = crop_channel(input, c, *slab);
+                    &cropped
                 };
                 let pending = submit_channel_gpu(
                     ctx,
@@ -503,6 +501,22 @@ impl DownsampleReport {
         self.output_voxels += voxels_out;
         self.write += busy;
     }
+}
+
+/// The voxels of one channel inside `region`, x fastest.
+fn crop_channel(vol: &Volume, c: usize, region: Box3) -> Vec<u8> {
+    let elem = vol.dtype.size();
+    let mut out = vec![0u8; voxels(region.shape()) * elem];
+    let from = At {
+        shape: vol.shape,
+        origin: region.start,
+    };
+    let to = At {
+        shape: region.shape(),
+        origin: [0; 3],
+    };
+    copy_box(vol.channel(c), from, &mut out, to, region.shape(), elem);
+    out
 }
 
 /// Waits for a slab's levels and copies them into the tile's levels.
