@@ -1,4 +1,5 @@
 //! Whole jobs: planning a volume into GPU-sized work and running it.
 
+pub mod boss;
 pub mod downsample;
 pub mod plan;
