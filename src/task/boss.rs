@@ -91,7 +91,7 @@ pub fn step_input(doc: &Value) -> Result<StepInput, JobError> {
 pub fn cuboid_range((start, stop): (Vec3, Vec3), factor: Vec3) -> (Vec3, Vec3) {
     let first = [0, 1, 2].map(|i| {
         let c = start[i] / CUBOID[i];
-        if c % factor[i] != 0 {
+        if !c.is_multiple_of(factor[i]) {
             c - 1
         } else {
             c
