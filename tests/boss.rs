@@ -1,8 +1,15 @@
 //! Boss cuboids against python-blosc frames and the Boss key scheme (tests/fixtures/boss, made by
 //! make_fixtures.py with python-blosc 1.11.3).
 
+mod common;
+
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement,
+    KeyType, Projection, ProjectionType, ScalarAttributeType,
+};
 use cuboids::dtype::DataType;
 use cuboids::formats::boss::{decode_cuboid, encode_cuboid, morton, CuboidId, CUBOID};
+use cuboids::store::boss_index::S3Index;
 use cuboids::volume::Volume;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -105,4 +112,140 @@ fn wrong_cuboids_are_refused() {
         .unwrap_err()
         .to_string()
         .contains("[512, 512, 16]"));
+}
+
+fn key(name: &str, kind: KeyType) -> KeySchemaElement {
+    KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(kind)
+        .build()
+        .unwrap()
+}
+
+fn attr(name: &str, kind: ScalarAttributeType) -> AttributeDefinition {
+    AttributeDefinition::builder()
+        .attribute_name(name)
+        .attribute_type(kind)
+        .build()
+        .unwrap()
+}
+
+/// The Boss's s3index table: HASH object-key, RANGE version-node, GSI lookup-key-index.
+async fn create_s3_index(client: &aws_sdk_dynamodb::Client, table: &str) {
+    client
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attr("object-key", ScalarAttributeType::S))
+        .attribute_definitions(attr("version-node", ScalarAttributeType::N))
+        .attribute_definitions(attr("lookup-key", ScalarAttributeType::S))
+        .key_schema(key("object-key", KeyType::Hash))
+        .key_schema(key("version-node", KeyType::Range))
+        .global_secondary_indexes(
+            GlobalSecondaryIndex::builder()
+                .index_name("lookup-key-index")
+                .key_schema(key("lookup-key", KeyType::Hash))
+                .projection(
+                    Projection::builder()
+                        .projection_type(ProjectionType::KeysOnly)
+                        .build(),
+                )
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_entries_are_written_like_the_boss_and_never_overwritten() {
+    let server = common::S3Server::start();
+    let sdk = server.sdk_config().await;
+    let client = aws_sdk_dynamodb::Client::from_conf(
+        aws_sdk_dynamodb::config::Builder::from(&sdk)
+            .endpoint_url(&server.endpoint)
+            .build(),
+    );
+    let table = "s3index.test.boss";
+    create_s3_index(&client, table).await;
+    let index = S3Index::new(&sdk, Some(server.endpoint.clone()), table);
+    let id = CuboidId {
+        collection: 51,
+        experiment: 134,
+        channel: 1024,
+        resolution: 3,
+        time: 0,
+        index: [5, 3, 1],
+        iso: false,
+    };
+    index.ensure_entry(&id).await.unwrap();
+    index.ensure_entry(&id).await.unwrap();
+    let item = client
+        .get_item()
+        .table_name(table)
+        .key("object-key", AttributeValue::S(id.object_key()))
+        .key("version-node", AttributeValue::N("0".into()))
+        .send()
+        .await
+        .unwrap()
+        .item
+        .expect("the entry exists");
+    let s = |k: &str| item[k].as_s().unwrap().clone();
+    assert_eq!(
+        s("object-key"),
+        format!("{}&51&134&1024&3&0&87", md5_of("51&134&1024&3&0&87"))
+    );
+    assert_eq!(s("ingest-job-hash"), "51");
+    assert_eq!(s("ingest-job-range"), "134&1024&3&0");
+    let lookup = s("lookup-key");
+    let (prefix, shard) = lookup.split_once('#').unwrap();
+    assert_eq!(prefix, "51&134&1024&3");
+    assert!(shard.parse::<u32>().unwrap() < 100);
+
+    // An entry an ingest job wrote first is left as it is.
+    let other = CuboidId {
+        index: [0, 0, 0],
+        ..id
+    };
+    let mut ingest = cuboids::store::boss_index::index_item(&other);
+    ingest.insert(
+        "ingest-job-range".into(),
+        AttributeValue::S("134&1024&3&77".into()),
+    );
+    client
+        .put_item()
+        .table_name(table)
+        .set_item(Some(ingest))
+        .send()
+        .await
+        .unwrap();
+    index.ensure_entry(&other).await.unwrap();
+    let kept = client
+        .get_item()
+        .table_name(table)
+        .key("object-key", AttributeValue::S(other.object_key()))
+        .key("version-node", AttributeValue::N("0".into()))
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap();
+    assert_eq!(kept["ingest-job-range"].as_s().unwrap(), "134&1024&3&77");
+
+    // A missing table is an error naming the table and the cuboid.
+    let err = S3Index::new(&sdk, Some(server.endpoint.clone()), "no-such-table")
+        .ensure_entry(&id)
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("no-such-table") && text.contains(&id.object_key()),
+        "{text}"
+    );
+}
+
+fn md5_of(s: &str) -> String {
+    use md5::{Digest, Md5};
+    format!("{:x}", Md5::digest(s.as_bytes()))
 }
