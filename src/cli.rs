@@ -54,6 +54,13 @@ enum Command {
         #[arg(long)]
         cpu: bool,
     },
+    /// One step of the Boss resolution hierarchy (the DownsampleChannel activity) on the GPU:
+    /// reads the job document, writes cuboids and index entries, prints the next document.
+    BossDownsample {
+        /// The DownsampleChannel input document (JSON).
+        #[arg(long)]
+        job: PathBuf,
+    },
     /// Make a small synthetic EM image and segmentation under DIR and downsample both.
     Demo {
         #[arg(long, default_value = "demo-data")]
@@ -188,6 +195,7 @@ fn run(cli: Cli) -> Result<()> {
             runtime.block_on(local::downsample_location(&location, &opts, cpu))
         }
         Command::Demo { dir, size } => runtime.block_on(local::demo(&dir, size)),
+        Command::BossDownsample { job } => runtime.block_on(local::boss_downsample(&job)),
         Command::Bench {
             size,
             num_mips,

@@ -249,3 +249,195 @@ fn md5_of(s: &str) -> String {
     use md5::{Digest, Md5};
     format!("{:x}", Md5::digest(s.as_bytes()))
 }
+
+mod step {
+    use super::*;
+    use cuboids::geometry::mul3;
+    use cuboids::ops::downsample::{downsample_cpu, Factor, Method};
+    use cuboids::store::{ContentEncoding, Store};
+    use cuboids::task::boss_downsample::{run_step, BossTarget};
+    use serde_json::json;
+    use std::sync::Arc;
+
+    const SHAPE: [usize; 3] = [1536, 1024, 32];
+
+    fn channel_volume() -> Volume {
+        let mut data = Vec::with_capacity(SHAPE.iter().product());
+        for z in 0..SHAPE[2] {
+            for y in 0..SHAPE[1] {
+                for x in 0..SHAPE[0] {
+                    let h = (x * 7919 + y * 104729 + z * 1299709) % 13;
+                    data.push(((x / 3 + y / 5 + z * 7) % 200 + h) as u8);
+                }
+            }
+        }
+        Volume::from_bytes(DataType::Uint8, SHAPE, 1, data).unwrap()
+    }
+
+    fn id(resolution: u32, index: [usize; 3], iso: bool) -> CuboidId {
+        CuboidId {
+            collection: 51,
+            experiment: 134,
+            channel: 1024,
+            resolution,
+            time: 0,
+            index,
+            iso,
+        }
+    }
+
+    fn job(resolution: u32) -> serde_json::Value {
+        json!({"lookup_key": "51&134&1024", "channel_id": 1024, "msg": {
+            "lookup_key": "51&134&1024", "collection_id": 51, "experiment_id": 134, "channel_id": 1024,
+            "annotation_channel": false, "data_type": "uint8", "s3_bucket": "cuboids.test.boss",
+            "s3_index": "s3index.test.boss", "x_start": 0, "y_start": 0, "z_start": 0,
+            "x_stop": SHAPE[0], "y_stop": SHAPE[1], "z_stop": SHAPE[2], "resolution": resolution,
+            "resolution_max": 4, "res_lt_max": true, "type": "anisotropic", "iso_resolution": 0,
+            "aws_region": "us-east-1"}})
+    }
+
+    /// The Boss reads missing cuboids as zeros: the reference pads the volume to whole blocks.
+    fn expected(vol: &Volume, factor: Factor, out_index: [usize; 3]) -> Volume {
+        let padded_shape = [2048, 1024, 32];
+        let mut padded = Volume::zeros(DataType::Uint8, padded_shape, 1);
+        padded.paste([0; 3], vol, [0; 3], vol.shape);
+        let level = &downsample_cpu(&padded, Method::Average, factor, 1).unwrap()[0];
+        level.crop(mul3(out_index, CUBOID), CUBOID)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_step_writes_cuboids_index_and_the_next_document() {
+        let server = common::S3Server::start();
+        let sdk = server.sdk_config().await;
+        let store: Arc<dyn Store> = Arc::new(server.store("cuboids.test.boss", "").await);
+        let ddb = aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::config::Builder::from(&sdk)
+                .endpoint_url(&server.endpoint)
+                .build(),
+        );
+        create_s3_index(&ddb, "s3index.test.boss").await;
+        let mut vol = channel_volume();
+        // Cuboids (2, y, 1) are missing: they read as zeros, and the (2,2,1) output over them
+        // has no input at all, so it is not written.
+        for z in 0..2 {
+            for y in 0..2 {
+                for x in 0..3 {
+                    let origin = mul3([x, y, z], CUBOID);
+                    if x == 2 && z == 1 {
+                        vol.paste(
+                            origin,
+                            &Volume::zeros(DataType::Uint8, CUBOID, 1),
+                            [0; 3],
+                            CUBOID,
+                        );
+                        continue;
+                    }
+                    let frame = encode_cuboid(&vol.crop(origin, CUBOID)).unwrap();
+                    store
+                        .put(
+                            &id(0, [x, y, z], false).s3_key(),
+                            frame,
+                            ContentEncoding::Identity,
+                        )
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+        let ctx = Arc::new(cuboids::gpu::GpuContext::new().unwrap());
+        let target = BossTarget {
+            store: store.clone(),
+            index: S3Index::new(&sdk, Some(server.endpoint.clone()), "s3index.test.boss"),
+        };
+        let (next, report) = run_step(ctx, &target, &job(0)).await.unwrap();
+        assert_eq!((report.written, report.skipped_empty), (5, 1));
+        assert_eq!(next["msg"]["resolution"], 1);
+        assert_eq!(
+            (next["msg"]["x_stop"].clone(), next["msg"]["z_stop"].clone()),
+            (json!(768), json!(32))
+        );
+        assert_eq!(next["msg"]["iso_z_stop"], 16);
+
+        let read = |key: String| {
+            let store = store.clone();
+            async move {
+                store
+                    .get(&key)
+                    .await
+                    .unwrap()
+                    .map(|o| decode_cuboid(&o.data, DataType::Uint8).unwrap())
+            }
+        };
+        for (index, iso, factor) in [
+            ([0, 0, 0], false, Factor::ANISOTROPIC),
+            ([1, 0, 0], false, Factor::ANISOTROPIC),
+            ([0, 0, 1], false, Factor::ANISOTROPIC),
+            ([0, 0, 0], true, Factor::ISOTROPIC),
+            ([1, 0, 0], true, Factor::ISOTROPIC),
+        ] {
+            let got = read(id(1, index, iso).s3_key()).await.expect("written");
+            assert!(
+                got == expected(&vol, factor, index),
+                "output cuboid {index:?} iso={iso} differs"
+            );
+            let entry = ddb
+                .get_item()
+                .table_name("s3index.test.boss")
+                .key(
+                    "object-key",
+                    AttributeValue::S(id(1, index, iso).object_key()),
+                )
+                .key("version-node", AttributeValue::N("0".into()))
+                .send()
+                .await
+                .unwrap();
+            assert!(entry.item.is_some(), "index entry for {index:?} iso={iso}");
+        }
+        assert!(
+            read(id(1, [1, 0, 1], false).s3_key()).await.is_none(),
+            "all-missing output not written"
+        );
+
+        // The CLI runs the next step from the returned document, configured by the environment.
+        let dir = tempfile::tempdir().unwrap();
+        let job_path = dir.path().join("job.json");
+        std::fs::write(&job_path, serde_json::to_vec(&next).unwrap()).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cuboids"))
+            .args(["boss-downsample", "--job", job_path.to_str().unwrap()])
+            .env("AWS_ENDPOINT_URL", &server.endpoint)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let after: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(after["msg"]["resolution"], 2);
+        assert_eq!(after["msg"]["res_lt_max"], true, "2 < resolution_max 4 - 1");
+        let r2 = read(id(2, [0, 0, 0], false).s3_key())
+            .await
+            .expect("resolution 2 written");
+        let level1 = {
+            let mut v = Volume::zeros(DataType::Uint8, [1024, 1024, 32], 1);
+            for index in [[0, 0, 0], [1, 0, 0], [0, 0, 1]] {
+                let c = read(id(1, index, false).s3_key()).await.unwrap();
+                v.paste(mul3(index, CUBOID), &c, [0; 3], CUBOID);
+            }
+            v
+        };
+        let expected_r2 = downsample_cpu(&level1, Method::Average, Factor::ANISOTROPIC, 1).unwrap()
+            [0]
+        .crop([0; 3], CUBOID);
+        assert!(r2 == expected_r2, "resolution 2 cuboid differs");
+        // Above the iso level the ISO pass reads the previous ISO cuboids.
+        assert!(
+            read(id(2, [0, 0, 0], true).s3_key()).await.is_some(),
+            "ISO resolution 2 written"
+        );
+    }
+}

@@ -75,6 +75,33 @@ fn print_report(what: &str, r: &DownsampleReport) {
     );
 }
 
+/// Runs one Boss DownsampleChannel step from a job file; prints the next document on stdout.
+pub async fn boss_downsample(job: &Path) -> Result<()> {
+    let text = std::fs::read(job).with_context(|| format!("reading {}", job.display()))?;
+    let doc: serde_json::Value = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a JSON document", job.display()))?;
+    let channel = crate::task::boss_downsample::channel_of(&doc)
+        .with_context(|| format!("in {}", job.display()))?;
+    let target = crate::task::boss_downsample::BossTarget {
+        store: Arc::new(
+            crate::store::S3Store::from_env(&format!("s3://{}", channel.bucket)).await?,
+        ),
+        index: crate::store::boss_index::S3Index::from_env(&channel.index_table).await,
+    };
+    let started = Instant::now();
+    let (next, report) = crate::task::boss_downsample::run_step(gpu()?, &target, &doc)
+        .await
+        .with_context(|| format!("Boss downsample step of {}", job.display()))?;
+    eprintln!(
+        "wrote {} cuboids ({} skipped: all inputs missing) in {:.2} s",
+        report.written,
+        report.skipped_empty,
+        started.elapsed().as_secs_f64()
+    );
+    println!("{}", serde_json::to_string(&next)?);
+    Ok(())
+}
+
 /// A one-scale info for a new volume.
 pub fn new_info(
     layer_type: LayerType,

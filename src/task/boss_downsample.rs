@@ -1,0 +1,229 @@
+//! `cuboids boss-downsample`: one step of the Boss resolution hierarchy on the GPU, a drop-in for
+//! the DownsampleChannel activity. For every output cuboid it reads the factor-many input cuboids
+//! (a missing one is zeros; if all are missing nothing is written), downsamples them, writes the
+//! Blosc-1 cuboid under its Boss key and ensures its S3 index entry. Image channels use box
+//! averaging and annotation channels mode pooling: deliberate, correct replacements for the
+//! Boss's bilinear resize and its annotation rule.
+
+use crate::dtype::DataType;
+use crate::formats::boss::{decode_cuboid, encode_cuboid, CuboidError, CuboidId, CUBOID};
+use crate::geometry::{mul3, Vec3};
+use crate::gpu::downsample::downsample_channel_gpu;
+use crate::gpu::{GpuContext, GpuError};
+use crate::ops::downsample::{Factor, Method};
+use crate::store::boss_index::{IndexError, S3Index};
+use crate::store::{ContentEncoding, Store, StoreError};
+use crate::task::boss::{next_document, passes, step_input, JobError, Pass};
+use crate::volume::Volume;
+use futures::{StreamExt, TryStreamExt};
+use serde_json::Value;
+use std::sync::Arc;
+use thiserror::Error;
+use tracing::info;
+
+#[derive(Debug, Error)]
+pub enum BossError {
+    #[error(transparent)]
+    Job(#[from] JobError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cuboid {key}")]
+    Cuboid {
+        key: String,
+        #[source]
+        source: CuboidError,
+    },
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error("background task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// The channel a job document names.
+#[derive(Clone, Debug)]
+pub struct Channel {
+    pub collection: u64,
+    pub experiment: u64,
+    pub channel: u64,
+    pub dtype: DataType,
+    pub annotation: bool,
+    pub bucket: String,
+    pub index_table: String,
+}
+
+fn text(msg: &Value, name: &str) -> Result<String, JobError> {
+    msg[name]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| JobError::Field(format!("msg.{name}"), "a string"))
+}
+
+fn number(msg: &Value, name: &str) -> Result<u64, JobError> {
+    msg[name]
+        .as_u64()
+        .ok_or_else(|| JobError::Field(format!("msg.{name}"), "a non-negative integer"))
+}
+
+pub fn channel_of(doc: &Value) -> Result<Channel, JobError> {
+    let msg = &doc["msg"];
+    let dtype = text(msg, "data_type")?;
+    let dtype = match DataType::parse(&dtype) {
+        Some(d @ (DataType::Uint8 | DataType::Uint16 | DataType::Uint64)) => d,
+        _ => {
+            return Err(JobError::Field(
+                "msg.data_type".into(),
+                "uint8, uint16 or uint64",
+            ))
+        }
+    };
+    Ok(Channel {
+        collection: number(msg, "collection_id")?,
+        experiment: number(msg, "experiment_id")?,
+        channel: number(msg, "channel_id")?,
+        dtype,
+        annotation: msg["annotation_channel"]
+            .as_bool()
+            .ok_or_else(|| JobError::Field("msg.annotation_channel".into(), "a boolean"))?,
+        bucket: text(msg, "s3_bucket")?,
+        index_table: text(msg, "s3_index")?,
+    })
+}
+
+/// Where cuboids and their index live (the bucket's store and the index table).
+pub struct BossTarget {
+    pub store: Arc<dyn Store>,
+    pub index: S3Index,
+}
+
+/// What a step did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepReport {
+    pub written: usize,
+    pub skipped_empty: usize,
+}
+
+/// Output cuboids computed at once.
+const CONCURRENT_CUBOIDS: usize = 4;
+
+/// Runs one step and returns the document for the state machine, with what it did.
+pub async fn run_step(
+    ctx: Arc<GpuContext>,
+    target: &BossTarget,
+    doc: &Value,
+) -> Result<(Value, StepReport), BossError> {
+    let input = step_input(doc)?;
+    let channel = channel_of(doc)?;
+    let next = next_document(doc)?;
+    let mut report = StepReport::default();
+    for pass in passes(&input) {
+        info!(resolution = input.resolution, factor = ?pass.factor, iso = pass.writes_iso, cuboids = ?pass.cuboids, "Boss pass");
+        let targets = pass_targets(&pass);
+        let results: Vec<bool> = futures::stream::iter(targets)
+            .map(|t| downsample_cuboid(ctx.clone(), target, &channel, input.resolution, &pass, t))
+            .buffer_unordered(CONCURRENT_CUBOIDS)
+            .try_collect()
+            .await?;
+        report.written += results.iter().filter(|&&w| w).count();
+        report.skipped_empty += results.iter().filter(|&&w| !w).count();
+    }
+    Ok((next, report))
+}
+
+/// Source-resolution cuboid indices at which output cuboids start (every `factor` cuboids).
+fn pass_targets(pass: &Pass) -> Vec<Vec3> {
+    let (start, stop) = pass.cuboids;
+    let f = pass.factor;
+    let mut out = Vec::new();
+    for z in (start[2]..stop[2]).step_by(f[2]) {
+        for y in (start[1]..stop[1]).step_by(f[1]) {
+            for x in (start[0]..stop[0]).step_by(f[0]) {
+                out.push([x, y, z]);
+            }
+        }
+    }
+    out
+}
+
+/// Reads the cuboids under one output cuboid, downsamples, writes it; false when all were missing.
+async fn downsample_cuboid(
+    ctx: Arc<GpuContext>,
+    target: &BossTarget,
+    channel: &Channel,
+    resolution: u32,
+    pass: &Pass,
+    first: Vec3,
+) -> Result<bool, BossError> {
+    let f = pass.factor;
+    let id = |resolution, index, iso| CuboidId {
+        collection: channel.collection,
+        experiment: channel.experiment,
+        channel: channel.channel,
+        resolution,
+        time: 0,
+        index,
+        iso,
+    };
+    let mut block = Volume::zeros(channel.dtype, mul3(CUBOID, f), 1);
+    let mut any = false;
+    for dz in 0..f[2] {
+        for dy in 0..f[1] {
+            for dx in 0..f[0] {
+                let key = id(
+                    resolution,
+                    [first[0] + dx, first[1] + dy, first[2] + dz],
+                    pass.reads_iso,
+                )
+                .s3_key();
+                let Some(object) = target.store.get(&key).await? else {
+                    continue;
+                };
+                let dtype = channel.dtype;
+                let cuboid =
+                    tokio::task::spawn_blocking(move || decode_cuboid(&object.data, dtype))
+                        .await?
+                        .map_err(|source| BossError::Cuboid { key, source })?;
+                block.paste(
+                    [dx * CUBOID[0], dy * CUBOID[1], dz * CUBOID[2]],
+                    &cuboid,
+                    [0; 3],
+                    CUBOID,
+                );
+                any = true;
+            }
+        }
+    }
+    if !any {
+        return Ok(false);
+    }
+    let method = if channel.annotation {
+        Method::Mode
+    } else {
+        Method::Average
+    };
+    let factor = Factor::new(f).expect("passes use (2,2,1) or (2,2,2)");
+    let dtype = channel.dtype;
+    let frame = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, BossError> {
+        let out = downsample_channel_gpu(&ctx, &block.data, dtype, block.shape, method, factor, 1)?;
+        let cuboid =
+            Volume::from_bytes(dtype, CUBOID, 1, out.into_iter().next().expect("one level"))
+                .expect("a block of factor cuboids downsamples to one cuboid");
+        encode_cuboid(&cuboid).map_err(|source| BossError::Cuboid {
+            key: "(output)".into(),
+            source,
+        })
+    })
+    .await??;
+    let out_id = id(
+        resolution + 1,
+        [first[0] / f[0], first[1] / f[1], first[2] / f[2]],
+        pass.writes_iso,
+    );
+    target
+        .store
+        .put(&out_id.s3_key(), frame, ContentEncoding::Identity)
+        .await?;
+    target.index.ensure_entry(&out_id).await?;
+    Ok(true)
+}
