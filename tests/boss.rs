@@ -440,4 +440,62 @@ mod step {
             "ISO resolution 2 written"
         );
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn corrupt_and_wrong_size_cuboids_fail_the_step_naming_the_key() {
+        let server = common::S3Server::start();
+        let sdk = server.sdk_config().await;
+        let store: Arc<dyn Store> = Arc::new(server.store("cuboids.test.boss", "").await);
+        let ddb = aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::config::Builder::from(&sdk)
+                .endpoint_url(&server.endpoint)
+                .build(),
+        );
+        create_s3_index(&ddb, "s3index.test.boss").await;
+        let target = BossTarget {
+            store: store.clone(),
+            index: S3Index::new(&sdk, Some(server.endpoint.clone()), "s3index.test.boss"),
+        };
+        let ctx = Arc::new(cuboids::gpu::GpuContext::new().unwrap());
+        let mut doc = job(0);
+        doc["msg"]["x_stop"] = json!(512);
+        doc["msg"]["y_stop"] = json!(512);
+        doc["msg"]["z_stop"] = json!(16);
+        doc["msg"]["iso_resolution"] = json!(3);
+        let key = id(0, [0, 0, 0], false).s3_key();
+
+        let good = encode_cuboid(&Volume::zeros(DataType::Uint8, CUBOID, 1)).unwrap();
+        store
+            .put(
+                &key,
+                good[..good.len() / 2].to_vec(),
+                ContentEncoding::Identity,
+            )
+            .await
+            .unwrap();
+        let err = format!(
+            "{:#}",
+            anyhow::Error::from(run_step(ctx.clone(), &target, &doc).await.unwrap_err())
+        );
+        assert!(err.contains(&key) && err.contains("Blosc-1"), "{err}");
+
+        let sixteen = encode_cuboid(&Volume::zeros(DataType::Uint16, CUBOID, 1)).unwrap();
+        store
+            .put(&key, sixteen, ContentEncoding::Identity)
+            .await
+            .unwrap();
+        let err = format!(
+            "{:#}",
+            anyhow::Error::from(run_step(ctx, &target, &doc).await.unwrap_err())
+        );
+        assert!(
+            err.contains(&key) && err.contains("decompresses to 8388608 bytes, expected 4194304"),
+            "{err}"
+        );
+        let output = id(1, [0, 0, 0], false).s3_key();
+        assert!(
+            store.get(&output).await.unwrap().is_none(),
+            "a failed step writes no output"
+        );
+    }
 }
