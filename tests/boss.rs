@@ -498,4 +498,68 @@ mod step {
             "a failed step writes no output"
         );
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn annotation_channels_use_mode_pooling() {
+        let server = common::S3Server::start();
+        let sdk = server.sdk_config().await;
+        let store: Arc<dyn Store> = Arc::new(server.store("cuboids.test.boss", "").await);
+        let ddb = aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::config::Builder::from(&sdk)
+                .endpoint_url(&server.endpoint)
+                .build(),
+        );
+        create_s3_index(&ddb, "s3index.test.boss").await;
+        let target = BossTarget {
+            store: store.clone(),
+            index: S3Index::new(&sdk, Some(server.endpoint.clone()), "s3index.test.boss"),
+        };
+        // Blocky labels with ties: 2x2 blocks that disagree exercise every countless branch.
+        let mut data = Vec::new();
+        for z in 0..16u64 {
+            for y in 0..512u64 {
+                for x in 0..512u64 {
+                    let label = ((x / 3) * 31 + (y / 2) * 17 + z) % 5 + (1 << 40);
+                    data.extend(label.to_le_bytes());
+                }
+            }
+        }
+        let labels = Volume::from_bytes(DataType::Uint64, CUBOID, 1, data).unwrap();
+        store
+            .put(
+                &id(0, [0, 0, 0], false).s3_key(),
+                encode_cuboid(&labels).unwrap(),
+                ContentEncoding::Identity,
+            )
+            .await
+            .unwrap();
+        let mut doc = job(0);
+        for (k, v) in [
+            ("x_stop", 512),
+            ("y_stop", 512),
+            ("z_stop", 16),
+            ("iso_resolution", 3),
+        ] {
+            doc["msg"][k] = json!(v);
+        }
+        doc["msg"]["annotation_channel"] = json!(true);
+        doc["msg"]["data_type"] = json!("uint64");
+        let ctx = Arc::new(cuboids::gpu::GpuContext::new().unwrap());
+        let (_, report) = run_step(ctx, &target, &doc).await.unwrap();
+        assert_eq!(report.written, 1);
+        let object = store
+            .get(&id(1, [0, 0, 0], false).s3_key())
+            .await
+            .unwrap()
+            .unwrap();
+        let got = decode_cuboid(&object.data, DataType::Uint64).unwrap();
+        let mut block = Volume::zeros(DataType::Uint64, [1024, 1024, 16], 1);
+        block.paste([0; 3], &labels, [0; 3], CUBOID);
+        let expected = downsample_cpu(&block, Method::Mode, Factor::ANISOTROPIC, 1).unwrap()[0]
+            .crop([0; 3], CUBOID);
+        assert!(
+            got == expected,
+            "annotation cuboid differs from countless mode pooling"
+        );
+    }
 }
