@@ -60,6 +60,12 @@ enum Command {
         /// The DownsampleChannel input document (JSON).
         #[arg(long)]
         job: PathBuf,
+        /// Run every remaining resolution in this process, reading each level from memory.
+        #[arg(long)]
+        all_levels: bool,
+        /// Memory for cuboids kept between levels with --all-levels, in MiB.
+        #[arg(long, default_value_t = 4096)]
+        cache_mib: usize,
     },
     /// Make a small synthetic EM image and segmentation under DIR and downsample both.
     Demo {
@@ -195,7 +201,14 @@ fn run(cli: Cli) -> Result<()> {
             runtime.block_on(local::downsample_location(&location, &opts, cpu))
         }
         Command::Demo { dir, size } => runtime.block_on(local::demo(&dir, size)),
-        Command::BossDownsample { job } => runtime.block_on(local::boss_downsample(&job)),
+        Command::BossDownsample {
+            job,
+            all_levels,
+            cache_mib,
+        } => runtime.block_on(local::boss_downsample(
+            &job,
+            all_levels.then_some(cache_mib << 20),
+        )),
         Command::Bench {
             size,
             num_mips,

@@ -562,4 +562,116 @@ mod step {
             "annotation cuboid differs from countless mode pooling"
         );
     }
+
+    /// Writes the test channel's resolution-0 cuboids (x=2, z=1 missing) into a new bucket.
+    async fn channel_in(server: &common::S3Server, bucket: &str) -> BossTarget {
+        let sdk = server.sdk_config().await;
+        let store: Arc<dyn Store> = Arc::new(server.store(bucket, "").await);
+        let vol = channel_volume();
+        for z in 0..2 {
+            for y in 0..2 {
+                for x in 0..3 {
+                    if x == 2 && z == 1 {
+                        continue;
+                    }
+                    let frame = encode_cuboid(&vol.crop(mul3([x, y, z], CUBOID), CUBOID)).unwrap();
+                    store
+                        .put(
+                            &id(0, [x, y, z], false).s3_key(),
+                            frame,
+                            ContentEncoding::Identity,
+                        )
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+        BossTarget {
+            store,
+            index: S3Index::new(&sdk, Some(server.endpoint.clone()), "s3index.test.boss"),
+        }
+    }
+
+    async fn objects(server: &common::S3Server, bucket: &str) -> Vec<(String, Vec<u8>)> {
+        let sdk = server.sdk_config().await;
+        let client = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&sdk)
+                .endpoint_url(&server.endpoint)
+                .force_path_style(true)
+                .build(),
+        );
+        let listing = client
+            .list_objects_v2()
+            .bucket(bucket)
+            .send()
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for o in listing.contents() {
+            let key = o.key().unwrap().to_string();
+            let body = client
+                .get_object()
+                .bucket(bucket)
+                .key(&key)
+                .send()
+                .await
+                .unwrap()
+                .body
+                .collect()
+                .await
+                .unwrap();
+            out.push((key, body.into_bytes().to_vec()));
+        }
+        out.sort();
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn all_levels_equals_the_steps_one_by_one_and_reads_less() {
+        let server = common::S3Server::start();
+        let sdk = server.sdk_config().await;
+        let ddb = aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::config::Builder::from(&sdk)
+                .endpoint_url(&server.endpoint)
+                .build(),
+        );
+        create_s3_index(&ddb, "s3index.test.boss").await;
+        let ctx = Arc::new(cuboids::gpu::GpuContext::new().unwrap());
+
+        let stepwise = channel_in(&server, "stepwise").await;
+        let mut doc = job(0);
+        let mut step_reads = 0;
+        // As the state machine: run, then loop while the returned document says so.
+        loop {
+            let (next, report) = run_step(ctx.clone(), &stepwise, &doc).await.unwrap();
+            step_reads += report.store_reads;
+            doc = next;
+            if !doc["msg"]["res_lt_max"].as_bool().unwrap() {
+                break;
+            }
+        }
+        assert_eq!(doc["msg"]["resolution"], 3);
+
+        let together = channel_in(&server, "together").await;
+        let (last, report) =
+            cuboids::task::boss_downsample::run_all_levels(ctx, &together, &job(0), 1 << 30)
+                .await
+                .unwrap();
+        assert_eq!(last, doc, "the same final document");
+        let (a, b) = (
+            objects(&server, "stepwise").await,
+            objects(&server, "together").await,
+        );
+        assert!(
+            a.len() > 12 && a == b,
+            "--all-levels wrote {} objects, step by step {}; contents must be equal",
+            b.len(),
+            a.len()
+        );
+        assert!(
+            report.store_reads < step_reads,
+            "{} reads vs {step_reads} step by step",
+            report.store_reads
+        );
+    }
 }

@@ -75,8 +75,9 @@ fn print_report(what: &str, r: &DownsampleReport) {
     );
 }
 
-/// Runs one Boss DownsampleChannel step from a job file; prints the next document on stdout.
-pub async fn boss_downsample(job: &Path) -> Result<()> {
+/// Runs one Boss DownsampleChannel step from a job file (or, with a cache budget, every remaining
+/// step); prints the next document on stdout.
+pub async fn boss_downsample(job: &Path, all_levels_cache: Option<usize>) -> Result<()> {
     let text = std::fs::read(job).with_context(|| format!("reading {}", job.display()))?;
     let doc: serde_json::Value = serde_json::from_slice(&text)
         .with_context(|| format!("{} is not a JSON document", job.display()))?;
@@ -89,13 +90,18 @@ pub async fn boss_downsample(job: &Path) -> Result<()> {
         index: crate::store::boss_index::S3Index::from_env(&channel.index_table).await,
     };
     let started = Instant::now();
-    let (next, report) = crate::task::boss_downsample::run_step(gpu()?, &target, &doc)
-        .await
-        .with_context(|| format!("Boss downsample step of {}", job.display()))?;
+    let run = match all_levels_cache {
+        Some(bytes) => {
+            crate::task::boss_downsample::run_all_levels(gpu()?, &target, &doc, bytes).await
+        }
+        None => crate::task::boss_downsample::run_step(gpu()?, &target, &doc).await,
+    };
+    let (next, report) = run.with_context(|| format!("Boss downsample of {}", job.display()))?;
     eprintln!(
-        "wrote {} cuboids ({} skipped: all inputs missing) in {:.2} s",
+        "wrote {} cuboids ({} skipped: all inputs missing; {} read from S3) in {:.2} s",
         report.written,
         report.skipped_empty,
+        report.store_reads,
         started.elapsed().as_secs_f64()
     );
     println!("{}", serde_json::to_string(&next)?);

@@ -17,7 +17,9 @@ use crate::task::boss::{next_document, passes, step_input, JobError, Pass};
 use crate::volume::Volume;
 use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use tracing::info;
 
@@ -102,6 +104,51 @@ pub struct BossTarget {
 pub struct StepReport {
     pub written: usize,
     pub skipped_empty: usize,
+    /// Cuboids fetched from S3 (the rest came from the cache of earlier steps).
+    pub store_reads: usize,
+}
+
+/// Cuboids written by earlier steps of this process, so `--all-levels` reads each level from
+/// memory instead of S3, within a byte budget (beyond it, cuboids are read back from S3).
+pub struct CuboidCache {
+    budget: usize,
+    used: AtomicUsize,
+    cuboids: Mutex<HashMap<CuboidId, Arc<Volume>>>,
+}
+
+impl CuboidCache {
+    pub fn new(budget_bytes: usize) -> CuboidCache {
+        CuboidCache {
+            budget: budget_bytes,
+            used: AtomicUsize::new(0),
+            cuboids: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, id: &CuboidId) -> Option<Arc<Volume>> {
+        self.cuboids.lock().unwrap().get(id).cloned()
+    }
+
+    fn offer(&self, id: CuboidId, cuboid: Volume) {
+        let size = cuboid.data.len();
+        if self.used.fetch_add(size, Ordering::SeqCst) + size <= self.budget {
+            self.cuboids.lock().unwrap().insert(id, Arc::new(cuboid));
+        } else {
+            self.used.fetch_sub(size, Ordering::SeqCst);
+        }
+    }
+
+    /// Drops the cuboids below `resolution`: no later step reads them.
+    fn forget_below(&self, resolution: u32) {
+        let mut map = self.cuboids.lock().unwrap();
+        map.retain(|id, c| {
+            let keep = id.resolution >= resolution;
+            if !keep {
+                self.used.fetch_sub(c.data.len(), Ordering::SeqCst);
+            }
+            keep
+        });
+    }
 }
 
 /// Output cuboids computed at once.
@@ -113,6 +160,41 @@ pub async fn run_step(
     target: &BossTarget,
     doc: &Value,
 ) -> Result<(Value, StepReport), BossError> {
+    run_step_cached(ctx, target, doc, &CuboidCache::new(0)).await
+}
+
+/// `--all-levels`: this step and every later one the state machine would run (until a returned
+/// document has `res_lt_max` false), each level read from the cache of the previous step.
+/// Returns the last document and the summed report. Results equal the steps run one by one.
+pub async fn run_all_levels(
+    ctx: Arc<GpuContext>,
+    target: &BossTarget,
+    doc: &Value,
+    cache_bytes: usize,
+) -> Result<(Value, StepReport), BossError> {
+    let cache = CuboidCache::new(cache_bytes);
+    let mut doc = doc.clone();
+    let mut total = StepReport::default();
+    loop {
+        let (next, report) = run_step_cached(ctx.clone(), target, &doc, &cache).await?;
+        total.written += report.written;
+        total.skipped_empty += report.skipped_empty;
+        total.store_reads += report.store_reads;
+        doc = next;
+        // The state machine loops while the returned document says so.
+        if !doc["msg"]["res_lt_max"].as_bool().unwrap_or(false) {
+            return Ok((doc, total));
+        }
+        cache.forget_below(step_input(&doc)?.resolution);
+    }
+}
+
+async fn run_step_cached(
+    ctx: Arc<GpuContext>,
+    target: &BossTarget,
+    doc: &Value,
+    cache: &CuboidCache,
+) -> Result<(Value, StepReport), BossError> {
     let input = step_input(doc)?;
     let channel = channel_of(doc)?;
     let next = next_document(doc)?;
@@ -120,13 +202,24 @@ pub async fn run_step(
     for pass in passes(&input) {
         info!(resolution = input.resolution, factor = ?pass.factor, iso = pass.writes_iso, cuboids = ?pass.cuboids, "Boss pass");
         let targets = pass_targets(&pass);
-        let results: Vec<bool> = futures::stream::iter(targets)
-            .map(|t| downsample_cuboid(ctx.clone(), target, &channel, input.resolution, &pass, t))
+        let results: Vec<(bool, usize)> = futures::stream::iter(targets)
+            .map(|t| {
+                downsample_cuboid(
+                    ctx.clone(),
+                    target,
+                    cache,
+                    &channel,
+                    input.resolution,
+                    &pass,
+                    t,
+                )
+            })
             .buffer_unordered(CONCURRENT_CUBOIDS)
             .try_collect()
             .await?;
-        report.written += results.iter().filter(|&&w| w).count();
-        report.skipped_empty += results.iter().filter(|&&w| !w).count();
+        report.written += results.iter().filter(|r| r.0).count();
+        report.skipped_empty += results.iter().filter(|r| !r.0).count();
+        report.store_reads += results.iter().map(|r| r.1).sum::<usize>();
     }
     Ok((next, report))
 }
@@ -146,15 +239,17 @@ fn pass_targets(pass: &Pass) -> Vec<Vec3> {
     out
 }
 
-/// Reads the cuboids under one output cuboid, downsamples, writes it; false when all were missing.
+/// Reads the cuboids under one output cuboid, downsamples, writes it. Returns whether it was
+/// written (false when all inputs were missing) and how many inputs came from S3.
 async fn downsample_cuboid(
     ctx: Arc<GpuContext>,
     target: &BossTarget,
+    cache: &CuboidCache,
     channel: &Channel,
     resolution: u32,
     pass: &Pass,
     first: Vec3,
-) -> Result<bool, BossError> {
+) -> Result<(bool, usize), BossError> {
     let f = pass.factor;
     let id = |resolution, index, iso| CuboidId {
         collection: channel.collection,
@@ -167,23 +262,25 @@ async fn downsample_cuboid(
     };
     let mut block = Volume::zeros(channel.dtype, mul3(CUBOID, f), 1);
     let mut any = false;
+    let mut store_reads = 0;
     for dz in 0..f[2] {
         for dy in 0..f[1] {
             for dx in 0..f[0] {
-                let key = id(
+                let input_id = id(
                     resolution,
                     [first[0] + dx, first[1] + dy, first[2] + dz],
                     pass.reads_iso,
-                )
-                .s3_key();
-                let Some(object) = target.store.get(&key).await? else {
-                    continue;
+                );
+                let cuboid = match cache.get(&input_id) {
+                    Some(cuboid) => cuboid,
+                    None => {
+                        store_reads += 1;
+                        match read_cuboid(target, channel.dtype, &input_id).await? {
+                            Some(cuboid) => Arc::new(cuboid),
+                            None => continue,
+                        }
+                    }
                 };
-                let dtype = channel.dtype;
-                let cuboid =
-                    tokio::task::spawn_blocking(move || decode_cuboid(&object.data, dtype))
-                        .await?
-                        .map_err(|source| BossError::Cuboid { key, source })?;
                 block.paste(
                     [dx * CUBOID[0], dy * CUBOID[1], dz * CUBOID[2]],
                     &cuboid,
@@ -195,7 +292,7 @@ async fn downsample_cuboid(
         }
     }
     if !any {
-        return Ok(false);
+        return Ok((false, store_reads));
     }
     let method = if channel.annotation {
         Method::Mode
@@ -204,26 +301,46 @@ async fn downsample_cuboid(
     };
     let factor = Factor::new(f).expect("passes use (2,2,1) or (2,2,2)");
     let dtype = channel.dtype;
-    let frame = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, BossError> {
-        let out = downsample_channel_gpu(&ctx, &block.data, dtype, block.shape, method, factor, 1)?;
-        let cuboid =
-            Volume::from_bytes(dtype, CUBOID, 1, out.into_iter().next().expect("one level"))
-                .expect("a block of factor cuboids downsamples to one cuboid");
-        encode_cuboid(&cuboid).map_err(|source| BossError::Cuboid {
-            key: "(output)".into(),
-            source,
-        })
-    })
-    .await??;
     let out_id = id(
         resolution + 1,
         [first[0] / f[0], first[1] / f[1], first[2] / f[2]],
         pass.writes_iso,
     );
+    let (cuboid, frame) =
+        tokio::task::spawn_blocking(move || -> Result<(Volume, Vec<u8>), BossError> {
+            let out =
+                downsample_channel_gpu(&ctx, &block.data, dtype, block.shape, method, factor, 1)?;
+            let cuboid =
+                Volume::from_bytes(dtype, CUBOID, 1, out.into_iter().next().expect("one level"))
+                    .expect("a block of factor cuboids downsamples to one cuboid");
+            let frame = encode_cuboid(&cuboid).map_err(|source| BossError::Cuboid {
+                key: out_id.s3_key(),
+                source,
+            })?;
+            Ok((cuboid, frame))
+        })
+        .await??;
     target
         .store
         .put(&out_id.s3_key(), frame, ContentEncoding::Identity)
         .await?;
     target.index.ensure_entry(&out_id).await?;
-    Ok(true)
+    cache.offer(out_id, cuboid);
+    Ok((true, store_reads))
+}
+
+/// One cuboid from S3, `None` when it does not exist (the Boss reads it as zeros).
+async fn read_cuboid(
+    target: &BossTarget,
+    dtype: DataType,
+    id: &CuboidId,
+) -> Result<Option<Volume>, BossError> {
+    let key = id.s3_key();
+    let Some(object) = target.store.get(&key).await? else {
+        return Ok(None);
+    };
+    let cuboid = tokio::task::spawn_blocking(move || decode_cuboid(&object.data, dtype))
+        .await?
+        .map_err(|source| BossError::Cuboid { key, source })?;
+    Ok(Some(cuboid))
 }
