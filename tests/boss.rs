@@ -674,4 +674,65 @@ mod step {
             report.store_reads
         );
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn isotropic_uint16_channels_step_by_2_2_2() {
+        let server = common::S3Server::start();
+        let sdk = server.sdk_config().await;
+        let store: Arc<dyn Store> = Arc::new(server.store("cuboids.test.boss", "").await);
+        let ddb = aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::config::Builder::from(&sdk)
+                .endpoint_url(&server.endpoint)
+                .build(),
+        );
+        create_s3_index(&ddb, "s3index.test.boss").await;
+        let mut data = Vec::new();
+        for z in 0..32usize {
+            for y in 0..512usize {
+                for x in 0..512usize {
+                    data.extend((((x * 37 + y * 11 + z * 1000) % 65521) as u16).to_le_bytes());
+                }
+            }
+        }
+        let vol = Volume::from_bytes(DataType::Uint16, [512, 512, 32], 1, data).unwrap();
+        for z in 0..2 {
+            let frame = encode_cuboid(&vol.crop([0, 0, 16 * z], CUBOID)).unwrap();
+            store
+                .put(
+                    &id(0, [0, 0, z], false).s3_key(),
+                    frame,
+                    ContentEncoding::Identity,
+                )
+                .await
+                .unwrap();
+        }
+        let mut doc = job(0);
+        for (k, v) in [("x_stop", 512), ("y_stop", 512), ("z_stop", 32)] {
+            doc["msg"][k] = json!(v);
+        }
+        doc["msg"]["type"] = json!("isotropic");
+        doc["msg"]["data_type"] = json!("uint16");
+        let target = BossTarget {
+            store: store.clone(),
+            index: S3Index::new(&sdk, Some(server.endpoint.clone()), "s3index.test.boss"),
+        };
+        let ctx = Arc::new(cuboids::gpu::GpuContext::new().unwrap());
+        let (next, report) = run_step(ctx, &target, &doc).await.unwrap();
+        assert_eq!(
+            (report.written, next["msg"]["z_stop"].clone()),
+            (1, json!(16))
+        );
+        assert!(next["msg"].get("iso_x_start").is_none());
+        let object = store
+            .get(&id(1, [0, 0, 0], false).s3_key())
+            .await
+            .unwrap()
+            .expect("written");
+        let got = decode_cuboid(&object.data, DataType::Uint16).unwrap();
+        let mut block = Volume::zeros(DataType::Uint16, [1024, 1024, 32], 1);
+        block.paste([0; 3], &vol, [0; 3], vol.shape);
+        let expected = downsample_cpu(&block, Method::Average, Factor::ISOTROPIC, 1).unwrap()[0]
+            .crop([0; 3], CUBOID);
+        assert!(got == expected, "isotropic uint16 cuboid differs");
+    }
 }
