@@ -534,11 +534,12 @@ mod step {
             .await
             .unwrap();
         let mut doc = job(0);
+        // iso_resolution 0: the ISO pass's uint64 2x2x2 block is 256 MiB, over lavapipe's binding.
         for (k, v) in [
             ("x_stop", 512),
             ("y_stop", 512),
             ("z_stop", 16),
-            ("iso_resolution", 3),
+            ("iso_resolution", 0),
         ] {
             doc["msg"][k] = json!(v);
         }
@@ -546,21 +547,26 @@ mod step {
         doc["msg"]["data_type"] = json!("uint64");
         let ctx = Arc::new(cuboids::gpu::GpuContext::new().unwrap());
         let (_, report) = run_step(ctx, &target, &doc).await.unwrap();
-        assert_eq!(report.written, 1);
-        let object = store
-            .get(&id(1, [0, 0, 0], false).s3_key())
-            .await
-            .unwrap()
-            .unwrap();
-        let got = decode_cuboid(&object.data, DataType::Uint64).unwrap();
-        let mut block = Volume::zeros(DataType::Uint64, [1024, 1024, 16], 1);
-        block.paste([0; 3], &labels, [0; 3], CUBOID);
-        let expected = downsample_cpu(&block, Method::Mode, Factor::ANISOTROPIC, 1).unwrap()[0]
-            .crop([0; 3], CUBOID);
-        assert!(
-            got == expected,
-            "annotation cuboid differs from countless mode pooling"
-        );
+        assert_eq!(report.written, 2, "the (2,2,1) cuboid and the ISO cuboid");
+        for (iso, factor, depth) in [
+            (false, Factor::ANISOTROPIC, 16),
+            (true, Factor::ISOTROPIC, 32),
+        ] {
+            let object = store
+                .get(&id(1, [0, 0, 0], iso).s3_key())
+                .await
+                .unwrap()
+                .unwrap();
+            let got = decode_cuboid(&object.data, DataType::Uint64).unwrap();
+            let mut block = Volume::zeros(DataType::Uint64, [1024, 1024, depth], 1);
+            block.paste([0; 3], &labels, [0; 3], CUBOID);
+            let expected =
+                downsample_cpu(&block, Method::Mode, factor, 1).unwrap()[0].crop([0; 3], CUBOID);
+            assert!(
+                got == expected,
+                "annotation cuboid (iso={iso}) differs from mode pooling"
+            );
+        }
     }
 
     /// Writes the test channel's resolution-0 cuboids (x=2, z=1 missing) into a new bucket.

@@ -8,12 +8,12 @@
 use crate::dtype::DataType;
 use crate::formats::boss::{decode_cuboid, encode_cuboid, CuboidError, CuboidId, CUBOID};
 use crate::geometry::{mul3, Vec3};
-use crate::gpu::downsample::downsample_channel_gpu;
 use crate::gpu::{GpuContext, GpuError};
 use crate::ops::downsample::{Factor, Method};
 use crate::store::boss_index::{IndexError, S3Index};
 use crate::store::{ContentEncoding, Store, StoreError};
 use crate::task::boss::{next_document, passes, step_input, JobError, Pass};
+use crate::task::downsample::downsample_volume_gpu;
 use crate::volume::Volume;
 use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
@@ -39,6 +39,8 @@ pub enum BossError {
     Index(#[from] IndexError),
     #[error(transparent)]
     Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Task(#[from] crate::task::downsample::TaskError),
     #[error("background task failed")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -300,7 +302,6 @@ async fn downsample_cuboid(
         Method::Average
     };
     let factor = Factor::new(f).expect("passes use (2,2,1) or (2,2,2)");
-    let dtype = channel.dtype;
     let out_id = id(
         resolution + 1,
         [first[0] / f[0], first[1] / f[1], first[2] / f[2]],
@@ -308,11 +309,12 @@ async fn downsample_cuboid(
     );
     let (cuboid, frame) =
         tokio::task::spawn_blocking(move || -> Result<(Volume, Vec<u8>), BossError> {
-            let out =
-                downsample_channel_gpu(&ctx, &block.data, dtype, block.shape, method, factor, 1)?;
-            let cuboid =
-                Volume::from_bytes(dtype, CUBOID, 1, out.into_iter().next().expect("one level"))
-                    .expect("a block of factor cuboids downsamples to one cuboid");
+            // Slabbed like any volume: a uint64 ISO block (256 MiB) exceeds lavapipe's binding.
+            let slab_limit = ctx.default_slab_bytes();
+            let cuboid = downsample_volume_gpu(&ctx, &block, method, factor, 1, slab_limit)?
+                .pop()
+                .expect("one level");
+            debug_assert_eq!(cuboid.shape, CUBOID);
             let frame = encode_cuboid(&cuboid).map_err(|source| BossError::Cuboid {
                 key: out_id.s3_key(),
                 source,

@@ -406,53 +406,7 @@ impl Job {
             Compute::Cpu => return Ok(downsample_cpu(input, self.method, factor, mips)?),
             Compute::Gpu(ctx) => ctx,
         };
-        let tile = Box3::from_shape(input.shape);
-        let mut levels: Vec<Volume> = (1..=mips)
-            .map(|k| {
-                Volume::zeros(
-                    input.dtype,
-                    tile.downsampled(factor.get(), k).shape(),
-                    input.channels,
-                )
-            })
-            .collect();
-        let align = pow3(factor.get(), mips);
-        let elem = input.dtype.size();
-        let slabs =
-            plan_slabs(input.shape, elem, align, self.slab_limit).expect("checked at planning");
-        // One slab stays in flight: slab i+1 is uploaded while the GPU works on slab i.
-        let mut in_flight: Option<(usize, Box3, PendingSlab)> = None;
-        for c in 0..input.channels {
-            for slab in &slabs {
-                let whole_planes =
-                    slab.shape()[0] == input.shape[0] && slab.shape()[1] == input.shape[1];
-                let cropped;
-                let bytes: &[u8] = if whole_planes {
-                    // z-slabs of full planes are contiguous: no copy.
-                    let plane = input.shape[0] * input.shape[1] * elem;
-                    &input.channel(c)[slab.start[2] * plane..slab.stop[2] * plane]
-                } else {
-                    cropped = crop_channel(input, c, *slab);
-                    &cropped
-                };
-                let pending = submit_channel_gpu(
-                    ctx,
-                    bytes,
-                    input.dtype,
-                    slab.shape(),
-                    self.method,
-                    factor,
-                    mips,
-                )?;
-                if let Some(done) = in_flight.replace((c, *slab, pending)) {
-                    paste_slab(&mut levels, factor, ctx, done)?;
-                }
-            }
-        }
-        if let Some(done) = in_flight {
-            paste_slab(&mut levels, factor, ctx, done)?;
-        }
-        Ok(levels)
+        downsample_volume_gpu(ctx, input, self.method, factor, mips, self.slab_limit)
     }
 
     /// Cuts a tile's levels into output chunks and writes them; returns (chunks, voxels, busy time).
@@ -517,6 +471,61 @@ fn crop_channel(vol: &Volume, c: usize, region: Box3) -> Vec<u8> {
     };
     copy_box(vol.channel(c), from, &mut out, to, region.shape(), elem);
     out
+}
+
+/// All mips of a volume (every channel) on the GPU, in slabs of at most `slab_limit` bytes
+/// aligned to the deepest mip's block; one slab stays in flight while the next is uploaded.
+pub fn downsample_volume_gpu(
+    ctx: &GpuContext,
+    input: &Volume,
+    method: Method,
+    factor: Factor,
+    mips: u32,
+    slab_limit: u64,
+) -> Result<Vec<Volume>, TaskError> {
+    let whole = Box3::from_shape(input.shape);
+    let mut levels: Vec<Volume> = (1..=mips)
+        .map(|k| {
+            Volume::zeros(
+                input.dtype,
+                whole.downsampled(factor.get(), k).shape(),
+                input.channels,
+            )
+        })
+        .collect();
+    let align = pow3(factor.get(), mips);
+    let elem = input.dtype.size();
+    let slabs =
+        plan_slabs(input.shape, elem, align, slab_limit).ok_or(TaskError::SlabTooLarge {
+            align,
+            elem,
+            limit: slab_limit,
+        })?;
+    let mut in_flight: Option<(usize, Box3, PendingSlab)> = None;
+    for c in 0..input.channels {
+        for slab in &slabs {
+            let whole_planes =
+                slab.shape()[0] == input.shape[0] && slab.shape()[1] == input.shape[1];
+            let cropped;
+            let bytes: &[u8] = if whole_planes {
+                // z-slabs of full planes are contiguous: no copy.
+                let plane = input.shape[0] * input.shape[1] * elem;
+                &input.channel(c)[slab.start[2] * plane..slab.stop[2] * plane]
+            } else {
+                cropped = crop_channel(input, c, *slab);
+                &cropped
+            };
+            let pending =
+                submit_channel_gpu(ctx, bytes, input.dtype, slab.shape(), method, factor, mips)?;
+            if let Some(done) = in_flight.replace((c, *slab, pending)) {
+                paste_slab(&mut levels, factor, ctx, done)?;
+            }
+        }
+    }
+    if let Some(done) = in_flight {
+        paste_slab(&mut levels, factor, ctx, done)?;
+    }
+    Ok(levels)
 }
 
 /// Waits for a slab's levels and copies them into the tile's levels.
