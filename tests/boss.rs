@@ -114,6 +114,23 @@ fn wrong_cuboids_are_refused() {
         .contains("[512, 512, 16]"));
 }
 
+/// The S3 index entry of a cuboid, if any.
+async fn index_entry(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    id: &CuboidId,
+) -> Option<std::collections::HashMap<String, AttributeValue>> {
+    client
+        .get_item()
+        .table_name(table)
+        .key("object-key", AttributeValue::S(id.object_key()))
+        .key("version-node", AttributeValue::N("0".into()))
+        .send()
+        .await
+        .unwrap()
+        .item
+}
+
 fn key(name: &str, kind: KeyType) -> KeySchemaElement {
     KeySchemaElement::builder()
         .attribute_name(name)
@@ -181,15 +198,8 @@ async fn index_entries_are_written_like_the_boss_and_never_overwritten() {
     };
     index.ensure_entry(&id).await.unwrap();
     index.ensure_entry(&id).await.unwrap();
-    let item = client
-        .get_item()
-        .table_name(table)
-        .key("object-key", AttributeValue::S(id.object_key()))
-        .key("version-node", AttributeValue::N("0".into()))
-        .send()
+    let item = index_entry(&client, table, &id)
         .await
-        .unwrap()
-        .item
         .expect("the entry exists");
     let s = |k: &str| item[k].as_s().unwrap().clone();
     assert_eq!(
@@ -221,16 +231,7 @@ async fn index_entries_are_written_like_the_boss_and_never_overwritten() {
         .await
         .unwrap();
     index.ensure_entry(&other).await.unwrap();
-    let kept = client
-        .get_item()
-        .table_name(table)
-        .key("object-key", AttributeValue::S(other.object_key()))
-        .key("version-node", AttributeValue::N("0".into()))
-        .send()
-        .await
-        .unwrap()
-        .item
-        .unwrap();
+    let kept = index_entry(&client, table, &other).await.unwrap();
     assert_eq!(kept["ingest-job-range"].as_s().unwrap(), "134&1024&3&77");
 
     // A missing table is an error naming the table and the cuboid.
@@ -260,6 +261,36 @@ mod step {
     use std::sync::Arc;
 
     const SHAPE: [usize; 3] = [1536, 1024, 32];
+
+    /// A moto server with the test bucket, the Boss's s3index table and the target on them.
+    struct Env {
+        server: common::S3Server,
+        store: Arc<dyn Store>,
+        ddb: aws_sdk_dynamodb::Client,
+        target: BossTarget,
+    }
+
+    async fn env() -> Env {
+        let server = common::S3Server::start();
+        let sdk = server.sdk_config().await;
+        let store: Arc<dyn Store> = Arc::new(server.store("cuboids.test.boss", "").await);
+        let ddb = aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::config::Builder::from(&sdk)
+                .endpoint_url(&server.endpoint)
+                .build(),
+        );
+        create_s3_index(&ddb, "s3index.test.boss").await;
+        let target = BossTarget {
+            store: store.clone(),
+            index: S3Index::new(&sdk, Some(server.endpoint.clone()), "s3index.test.boss"),
+        };
+        Env {
+            server,
+            store,
+            ddb,
+            target,
+        }
+    }
 
     fn channel_volume() -> Volume {
         let mut data = Vec::with_capacity(SHAPE.iter().product());
@@ -307,15 +338,8 @@ mod step {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_step_writes_cuboids_index_and_the_next_document() {
-        let server = common::S3Server::start();
-        let sdk = server.sdk_config().await;
-        let store: Arc<dyn Store> = Arc::new(server.store("cuboids.test.boss", "").await);
-        let ddb = aws_sdk_dynamodb::Client::from_conf(
-            aws_sdk_dynamodb::config::Builder::from(&sdk)
-                .endpoint_url(&server.endpoint)
-                .build(),
-        );
-        create_s3_index(&ddb, "s3index.test.boss").await;
+        let env = env().await;
+        let store = env.store.clone();
         let mut vol = channel_volume();
         // Cuboids (2, y, 1) are missing: they read as zeros, and the (2,2,1) output over them
         // has no input at all, so it is not written.
@@ -345,11 +369,7 @@ mod step {
             }
         }
         let ctx = Arc::new(cuboids::gpu::GpuContext::new().unwrap());
-        let target = BossTarget {
-            store: store.clone(),
-            index: S3Index::new(&sdk, Some(server.endpoint.clone()), "s3index.test.boss"),
-        };
-        let (next, report) = run_step(ctx, &target, &job(0)).await.unwrap();
+        let (next, report) = run_step(ctx, &env.target, &job(0)).await.unwrap();
         assert_eq!((report.written, report.skipped_empty), (5, 1));
         assert_eq!(next["msg"]["resolution"], 1);
         assert_eq!(
@@ -380,18 +400,8 @@ mod step {
                 got == expected(&vol, factor, index),
                 "output cuboid {index:?} iso={iso} differs"
             );
-            let entry = ddb
-                .get_item()
-                .table_name("s3index.test.boss")
-                .key(
-                    "object-key",
-                    AttributeValue::S(id(1, index, iso).object_key()),
-                )
-                .key("version-node", AttributeValue::N("0".into()))
-                .send()
-                .await
-                .unwrap();
-            assert!(entry.item.is_some(), "index entry for {index:?} iso={iso}");
+            let entry = index_entry(&env.ddb, "s3index.test.boss", &id(1, index, iso)).await;
+            assert!(entry.is_some(), "index entry for {index:?} iso={iso}");
         }
         assert!(
             read(id(1, [1, 0, 1], false).s3_key()).await.is_none(),
@@ -404,11 +414,7 @@ mod step {
         std::fs::write(&job_path, serde_json::to_vec(&next).unwrap()).unwrap();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_cuboids"))
             .args(["boss-downsample", "--job", job_path.to_str().unwrap()])
-            .env("AWS_ENDPOINT_URL", &server.endpoint)
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(env.server.aws_env("AWS_ENDPOINT_URL"))
             .output()
             .unwrap();
         assert!(
@@ -443,19 +449,8 @@ mod step {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn corrupt_and_wrong_size_cuboids_fail_the_step_naming_the_key() {
-        let server = common::S3Server::start();
-        let sdk = server.sdk_config().await;
-        let store: Arc<dyn Store> = Arc::new(server.store("cuboids.test.boss", "").await);
-        let ddb = aws_sdk_dynamodb::Client::from_conf(
-            aws_sdk_dynamodb::config::Builder::from(&sdk)
-                .endpoint_url(&server.endpoint)
-                .build(),
-        );
-        create_s3_index(&ddb, "s3index.test.boss").await;
-        let target = BossTarget {
-            store: store.clone(),
-            index: S3Index::new(&sdk, Some(server.endpoint.clone()), "s3index.test.boss"),
-        };
+        let env = env().await;
+        let store = env.store.clone();
         let ctx = Arc::new(cuboids::gpu::GpuContext::new().unwrap());
         let mut doc = job(0);
         doc["msg"]["x_stop"] = json!(512);
@@ -475,7 +470,7 @@ mod step {
             .unwrap();
         let err = format!(
             "{:#}",
-            anyhow::Error::from(run_step(ctx.clone(), &target, &doc).await.unwrap_err())
+            anyhow::Error::from(run_step(ctx.clone(), &env.target, &doc).await.unwrap_err())
         );
         assert!(err.contains(&key) && err.contains("Blosc-1"), "{err}");
 
@@ -486,7 +481,7 @@ mod step {
             .unwrap();
         let err = format!(
             "{:#}",
-            anyhow::Error::from(run_step(ctx, &target, &doc).await.unwrap_err())
+            anyhow::Error::from(run_step(ctx, &env.target, &doc).await.unwrap_err())
         );
         assert!(
             err.contains(&key) && err.contains("decompresses to 8388608 bytes, expected 4194304"),
@@ -501,19 +496,8 @@ mod step {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn annotation_channels_use_mode_pooling() {
-        let server = common::S3Server::start();
-        let sdk = server.sdk_config().await;
-        let store: Arc<dyn Store> = Arc::new(server.store("cuboids.test.boss", "").await);
-        let ddb = aws_sdk_dynamodb::Client::from_conf(
-            aws_sdk_dynamodb::config::Builder::from(&sdk)
-                .endpoint_url(&server.endpoint)
-                .build(),
-        );
-        create_s3_index(&ddb, "s3index.test.boss").await;
-        let target = BossTarget {
-            store: store.clone(),
-            index: S3Index::new(&sdk, Some(server.endpoint.clone()), "s3index.test.boss"),
-        };
+        let env = env().await;
+        let store = env.store.clone();
         // Blocky labels with ties: 2x2 blocks that disagree exercise every countless branch.
         let mut data = Vec::new();
         for z in 0..16u64 {
@@ -546,7 +530,7 @@ mod step {
         doc["msg"]["annotation_channel"] = json!(true);
         doc["msg"]["data_type"] = json!("uint64");
         let ctx = Arc::new(cuboids::gpu::GpuContext::new().unwrap());
-        let (_, report) = run_step(ctx, &target, &doc).await.unwrap();
+        let (_, report) = run_step(ctx, &env.target, &doc).await.unwrap();
         assert_eq!(report.written, 2, "the (2,2,1) cuboid and the ISO cuboid");
         for (iso, factor, depth) in [
             (false, Factor::ANISOTROPIC, 16),
@@ -683,15 +667,8 @@ mod step {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn isotropic_uint16_channels_step_by_2_2_2() {
-        let server = common::S3Server::start();
-        let sdk = server.sdk_config().await;
-        let store: Arc<dyn Store> = Arc::new(server.store("cuboids.test.boss", "").await);
-        let ddb = aws_sdk_dynamodb::Client::from_conf(
-            aws_sdk_dynamodb::config::Builder::from(&sdk)
-                .endpoint_url(&server.endpoint)
-                .build(),
-        );
-        create_s3_index(&ddb, "s3index.test.boss").await;
+        let env = env().await;
+        let store = env.store.clone();
         let mut data = Vec::new();
         for z in 0..32usize {
             for y in 0..512usize {
@@ -718,12 +695,8 @@ mod step {
         }
         doc["msg"]["type"] = json!("isotropic");
         doc["msg"]["data_type"] = json!("uint16");
-        let target = BossTarget {
-            store: store.clone(),
-            index: S3Index::new(&sdk, Some(server.endpoint.clone()), "s3index.test.boss"),
-        };
         let ctx = Arc::new(cuboids::gpu::GpuContext::new().unwrap());
-        let (next, report) = run_step(ctx, &target, &doc).await.unwrap();
+        let (next, report) = run_step(ctx, &env.target, &doc).await.unwrap();
         assert_eq!(
             (report.written, next["msg"]["z_stop"].clone()),
             (1, json!(16))

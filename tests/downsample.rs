@@ -331,11 +331,7 @@ async fn volumes_in_s3_downsample_like_local_ones() {
             "--num-mips",
             "1",
         ])
-        .env("AWS_ENDPOINT_URL_S3", &server.endpoint)
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(server.aws_env("AWS_ENDPOINT_URL_S3"))
         .output()
         .unwrap();
     assert!(

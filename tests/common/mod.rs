@@ -125,6 +125,18 @@ impl S3Server {
         server
     }
 
+    /// The standard AWS environment pointing a child process (the CLI) at this server through
+    /// `endpoint_var` (`AWS_ENDPOINT_URL` or a service-specific one).
+    pub fn aws_env(&self, endpoint_var: &'static str) -> Vec<(&'static str, String)> {
+        vec![
+            (endpoint_var, self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ]
+    }
+
     /// SDK configuration with static test credentials, as the AWS environment would give.
     pub async fn sdk_config(&self) -> aws_config::SdkConfig {
         aws_config::defaults(aws_config::BehaviorVersion::latest())
