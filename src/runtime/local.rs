@@ -8,7 +8,7 @@ use crate::gpu::downsample::downsample_channel_gpu;
 use crate::gpu::GpuContext;
 use crate::ops::downsample::{downsample_cpu, Factor, Method};
 use crate::runtime::synthetic::em_like;
-use crate::store::{open_store, LocalStore};
+use crate::store::{aws_env, open_store, LocalStore};
 use crate::task::downsample::{downsample, Compute, DownsampleOptions, DownsampleReport};
 use crate::task::plan::plan_slabs;
 use crate::volume::Volume;
@@ -83,11 +83,18 @@ pub async fn boss_downsample(job: &Path, all_levels_cache: Option<usize>) -> Res
         .with_context(|| format!("{} is not a JSON document", job.display()))?;
     let channel = crate::task::boss_downsample::channel_of(&doc)
         .with_context(|| format!("in {}", job.display()))?;
+    let sdk = aws_env::sdk_config().await;
     let target = crate::task::boss_downsample::BossTarget {
-        store: Arc::new(
-            crate::store::S3Store::from_env(&format!("s3://{}", channel.bucket)).await?,
+        store: Arc::new(crate::store::S3Store::with_config(
+            &format!("s3://{}", channel.bucket),
+            &sdk,
+            aws_env::endpoint("AWS_ENDPOINT_URL_S3"),
+        )?),
+        index: crate::store::boss_index::S3Index::new(
+            &sdk,
+            aws_env::endpoint("AWS_ENDPOINT_URL_DYNAMODB"),
+            &channel.index_table,
         ),
-        index: crate::store::boss_index::S3Index::from_env(&channel.index_table).await,
     };
     let started = Instant::now();
     let run = match all_levels_cache {

@@ -67,19 +67,6 @@ pub fn index_item(id: &CuboidId) -> HashMap<String, AttributeValue> {
 }
 
 impl S3Index {
-    /// Connects with the standard AWS environment (`AWS_ENDPOINT_URL_DYNAMODB` or
-    /// `AWS_ENDPOINT_URL` for another server).
-    pub async fn from_env(table: &str) -> S3Index {
-        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(6))
-            .load()
-            .await;
-        let endpoint = ["AWS_ENDPOINT_URL_DYNAMODB", "AWS_ENDPOINT_URL"]
-            .iter()
-            .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()));
-        S3Index::new(&sdk, endpoint, table)
-    }
-
     pub fn new(sdk: &aws_config::SdkConfig, endpoint: Option<String>, table: &str) -> S3Index {
         let mut config = aws_sdk_dynamodb::config::Builder::from(sdk);
         if let Some(endpoint) = endpoint {

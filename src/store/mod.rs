@@ -1,6 +1,7 @@
 //! Where bytes live. One async trait, one shared test suite (tests/store_suite.rs) that every
 //! backend must pass. Keys are `/`-separated paths relative to the store's root.
 
+pub mod aws_env;
 pub mod boss_index;
 pub mod local;
 pub mod s3;

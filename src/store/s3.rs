@@ -13,8 +13,6 @@ use tokio::sync::Semaphore;
 
 /// Requests in flight per store.
 const MAX_IN_FLIGHT: usize = 64;
-/// Attempts per request, the first included.
-const MAX_ATTEMPTS: u32 = 6;
 
 pub struct S3Store {
     client: aws_sdk_s3::Client,
@@ -39,22 +37,15 @@ pub fn parse_s3_url(location: &str) -> Result<(String, String), StoreError> {
     Ok((bucket.to_string(), prefix.trim_matches('/').to_string()))
 }
 
-fn endpoint_from_env() -> Option<String> {
-    ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
-}
-
 impl S3Store {
     /// Connects with the standard AWS environment.
     pub async fn from_env(location: &str) -> Result<S3Store, StoreError> {
-        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .retry_config(
-                aws_config::retry::RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS),
-            )
-            .load()
-            .await;
-        S3Store::with_config(location, &sdk, endpoint_from_env())
+        let sdk = super::aws_env::sdk_config().await;
+        S3Store::with_config(
+            location,
+            &sdk,
+            super::aws_env::endpoint("AWS_ENDPOINT_URL_S3"),
+        )
     }
 
     /// Connects with an explicit SDK configuration (tests, embedding programs).
