@@ -81,8 +81,8 @@ pub async fn boss_downsample(job: &Path, all_levels_cache: Option<usize>) -> Res
     let text = std::fs::read(job).with_context(|| format!("reading {}", job.display()))?;
     let doc: serde_json::Value = serde_json::from_slice(&text)
         .with_context(|| format!("{} is not a JSON document", job.display()))?;
-    let channel = crate::task::boss_downsample::channel_of(&doc)
-        .with_context(|| format!("in {}", job.display()))?;
+    let channel =
+        crate::task::boss::channel_of(&doc).with_context(|| format!("in {}", job.display()))?;
     let sdk = aws_env::sdk_config().await;
     let target = crate::task::boss_downsample::BossTarget {
         store: Arc::new(crate::store::S3Store::with_config(

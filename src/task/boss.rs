@@ -2,6 +2,7 @@
 //! what one step computes and the document the state machine gets back. Pure functions on the
 //! JSON, so unknown keys pass through untouched.
 
+use crate::dtype::DataType;
 use crate::formats::boss::CUBOID;
 use crate::geometry::Vec3;
 use serde_json::{Map, Value};
@@ -48,6 +49,13 @@ fn uint(msg: &Map<String, Value>, name: &str) -> Result<u64, JobError> {
         .ok_or_else(|| JobError::Field(format!("msg.{name}"), "a non-negative integer"))
 }
 
+fn text(msg: &Map<String, Value>, name: &str) -> Result<String, JobError> {
+    field(msg, name)?
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| JobError::Field(format!("msg.{name}"), "a string"))
+}
+
 fn frame(msg: &Map<String, Value>, prefix: &str) -> Result<(Vec3, Vec3), JobError> {
     let get =
         |axis: &str, end: &str| uint(msg, &format!("{prefix}{axis}_{end}")).map(|v| v as usize);
@@ -61,6 +69,43 @@ fn msg_of(doc: &Value) -> Result<&Map<String, Value>, JobError> {
     doc.get("msg")
         .and_then(Value::as_object)
         .ok_or_else(|| JobError::Field("msg".into(), "an object"))
+}
+
+/// The channel a job document names, and where its cuboids and index live.
+#[derive(Clone, Debug)]
+pub struct Channel {
+    pub collection: u64,
+    pub experiment: u64,
+    pub channel: u64,
+    pub dtype: DataType,
+    pub annotation: bool,
+    pub bucket: String,
+    pub index_table: String,
+}
+
+/// Reads the channel of a DownsampleChannel document; Boss cuboids are uint8, uint16 or uint64.
+pub fn channel_of(doc: &Value) -> Result<Channel, JobError> {
+    let msg = msg_of(doc)?;
+    let dtype = match DataType::parse(&text(msg, "data_type")?) {
+        Some(d @ (DataType::Uint8 | DataType::Uint16 | DataType::Uint64)) => d,
+        _ => {
+            return Err(JobError::Field(
+                "msg.data_type".into(),
+                "uint8, uint16 or uint64",
+            ))
+        }
+    };
+    Ok(Channel {
+        collection: uint(msg, "collection_id")?,
+        experiment: uint(msg, "experiment_id")?,
+        channel: uint(msg, "channel_id")?,
+        dtype,
+        annotation: field(msg, "annotation_channel")?
+            .as_bool()
+            .ok_or_else(|| JobError::Field("msg.annotation_channel".into(), "a boolean"))?,
+        bucket: text(msg, "s3_bucket")?,
+        index_table: text(msg, "s3_index")?,
+    })
 }
 
 /// Reads what a step needs from a DownsampleChannel document.

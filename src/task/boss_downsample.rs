@@ -12,7 +12,7 @@ use crate::gpu::{GpuContext, GpuError};
 use crate::ops::downsample::{Factor, Method};
 use crate::store::boss_index::{IndexError, S3Index};
 use crate::store::{ContentEncoding, Store, StoreError};
-use crate::task::boss::{next_document, passes, step_input, JobError, Pass};
+use crate::task::boss::{channel_of, next_document, passes, step_input, Channel, JobError, Pass};
 use crate::task::downsample::downsample_volume_gpu;
 use crate::volume::Volume;
 use futures::{StreamExt, TryStreamExt};
@@ -45,56 +45,6 @@ pub enum BossError {
     Join(#[from] tokio::task::JoinError),
 }
 
-/// The channel a job document names.
-#[derive(Clone, Debug)]
-pub struct Channel {
-    pub collection: u64,
-    pub experiment: u64,
-    pub channel: u64,
-    pub dtype: DataType,
-    pub annotation: bool,
-    pub bucket: String,
-    pub index_table: String,
-}
-
-fn text(msg: &Value, name: &str) -> Result<String, JobError> {
-    msg[name]
-        .as_str()
-        .map(str::to_string)
-        .ok_or_else(|| JobError::Field(format!("msg.{name}"), "a string"))
-}
-
-fn number(msg: &Value, name: &str) -> Result<u64, JobError> {
-    msg[name]
-        .as_u64()
-        .ok_or_else(|| JobError::Field(format!("msg.{name}"), "a non-negative integer"))
-}
-
-pub fn channel_of(doc: &Value) -> Result<Channel, JobError> {
-    let msg = &doc["msg"];
-    let dtype = text(msg, "data_type")?;
-    let dtype = match DataType::parse(&dtype) {
-        Some(d @ (DataType::Uint8 | DataType::Uint16 | DataType::Uint64)) => d,
-        _ => {
-            return Err(JobError::Field(
-                "msg.data_type".into(),
-                "uint8, uint16 or uint64",
-            ))
-        }
-    };
-    Ok(Channel {
-        collection: number(msg, "collection_id")?,
-        experiment: number(msg, "experiment_id")?,
-        channel: number(msg, "channel_id")?,
-        dtype,
-        annotation: msg["annotation_channel"]
-            .as_bool()
-            .ok_or_else(|| JobError::Field("msg.annotation_channel".into(), "a boolean"))?,
-        bucket: text(msg, "s3_bucket")?,
-        index_table: text(msg, "s3_index")?,
-    })
-}
-
 /// Where cuboids and their index live (the bucket's store and the index table).
 pub struct BossTarget {
     pub store: Arc<dyn Store>,
@@ -108,6 +58,14 @@ pub struct StepReport {
     pub skipped_empty: usize,
     /// Cuboids fetched from S3 (the rest came from the cache of earlier steps).
     pub store_reads: usize,
+}
+
+impl std::ops::AddAssign for StepReport {
+    fn add_assign(&mut self, other: StepReport) {
+        self.written += other.written;
+        self.skipped_empty += other.skipped_empty;
+        self.store_reads += other.store_reads;
+    }
 }
 
 /// Cuboids written by earlier steps of this process, so `--all-levels` reads each level from
@@ -179,9 +137,7 @@ pub async fn run_all_levels(
     let mut total = StepReport::default();
     loop {
         let (next, report) = run_step_cached(ctx.clone(), target, &doc, &cache).await?;
-        total.written += report.written;
-        total.skipped_empty += report.skipped_empty;
-        total.store_reads += report.store_reads;
+        total += report;
         doc = next;
         // The state machine loops while the returned document says so.
         if !doc["msg"]["res_lt_max"].as_bool().unwrap_or(false) {
