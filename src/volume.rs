@@ -75,6 +75,45 @@ impl Volume {
         }
     }
 
+    /// The voxels of channel `c` in the box `[origin, origin + extent)`, x fastest.
+    pub fn crop_channel(&self, c: usize, origin: Vec3, extent: Vec3) -> Vec<u8> {
+        let elem = self.dtype.size();
+        let mut out = vec![0u8; voxels(extent) * elem];
+        let from = At {
+            shape: self.shape,
+            origin,
+        };
+        let to = At {
+            shape: extent,
+            origin: [0; 3],
+        };
+        copy_box(self.channel(c), from, &mut out, to, extent, elem);
+        out
+    }
+
+    /// Copies one channel's worth of voxels (`extent`, x fastest) into channel `c` at `origin`.
+    pub fn paste_channel(&mut self, c: usize, origin: Vec3, data: &[u8], extent: Vec3) {
+        let elem = self.dtype.size();
+        assert_eq!(
+            data.len(),
+            voxels(extent) * elem,
+            "voxels for a {extent:?} box"
+        );
+        let shape = self.shape;
+        let from = At {
+            shape: extent,
+            origin: [0; 3],
+        };
+        copy_box(
+            data,
+            from,
+            self.channel_mut(c),
+            At { shape, origin },
+            extent,
+            elem,
+        );
+    }
+
     /// A new volume holding the box `[origin, origin + extent)` of this one.
     pub fn crop(&self, origin: Vec3, extent: Vec3) -> Volume {
         let mut out = Volume::zeros(self.dtype, extent, self.channels);

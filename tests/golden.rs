@@ -134,19 +134,6 @@ async fn open(path: &Path) -> Precomputed {
         .unwrap()
 }
 
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        let to = dst.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &to);
-        } else {
-            std::fs::copy(entry.path(), to).unwrap();
-        }
-    }
-}
-
 /// CloudVolume's gzipped raw image and compressed_segmentation labels (odd size, offset
 /// (3,100,7), truncated edge chunks) read back exactly, and downsample to what igneous computes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,7 +141,8 @@ async fn reads_and_downsamples_cloudvolume_volumes() {
     for layer in ["image", "segmentation"] {
         let temp = tempfile::tempdir().unwrap();
         let dir = temp.path().join(layer);
-        copy_dir(&fixtures().join("cloudvolume").join(layer), &dir);
+        cuboids::runtime::local::copy_tree(&fixtures().join("cloudvolume").join(layer), &dir)
+            .unwrap();
         let vol = open(&dir).await;
         let whole = Box3::from_shape(vol.scale(0).size);
         let (data, any) = vol.read_region(0, whole, false).await.unwrap();

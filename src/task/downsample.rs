@@ -10,7 +10,7 @@ use crate::formats::precomputed::info::{Info, LayerType, Scale};
 use crate::formats::precomputed::{
     check_scale_supported, chunk_grid, Precomputed, PrecomputedError, WriteOptions,
 };
-use crate::geometry::{copy_box, pow3, voxels, At, Box3, Vec3};
+use crate::geometry::{pow3, voxels, Box3, Vec3};
 use crate::gpu::downsample::{submit_channel_gpu, PendingSlab};
 use crate::gpu::{GpuContext, GpuError};
 use crate::ops::downsample::{check_supported, downsample_cpu, DownsampleError, Factor, Method};
@@ -457,22 +457,6 @@ impl DownsampleReport {
     }
 }
 
-/// The voxels of one channel inside `region`, x fastest.
-fn crop_channel(vol: &Volume, c: usize, region: Box3) -> Vec<u8> {
-    let elem = vol.dtype.size();
-    let mut out = vec![0u8; voxels(region.shape()) * elem];
-    let from = At {
-        shape: vol.shape,
-        origin: region.start,
-    };
-    let to = At {
-        shape: region.shape(),
-        origin: [0; 3],
-    };
-    copy_box(vol.channel(c), from, &mut out, to, region.shape(), elem);
-    out
-}
-
 /// All mips of a volume (every channel) on the GPU, in slabs of at most `slab_limit` bytes
 /// aligned to the deepest mip's block; one slab stays in flight while the next is uploaded.
 pub fn downsample_volume_gpu(
@@ -512,7 +496,7 @@ pub fn downsample_volume_gpu(
                 let plane = input.shape[0] * input.shape[1] * elem;
                 &input.channel(c)[slab.start[2] * plane..slab.stop[2] * plane]
             } else {
-                cropped = crop_channel(input, c, *slab);
+                cropped = input.crop_channel(c, slab.start, slab.shape());
                 &cropped
             };
             let pending =
@@ -537,19 +521,7 @@ fn paste_slab(
 ) -> Result<(), TaskError> {
     for (k, out) in pending.wait(ctx)?.into_iter().enumerate() {
         let part = slab.downsampled(factor.get(), k as u32 + 1);
-        let part_vol =
-            Volume::from_bytes(levels[k].dtype, part.shape(), 1, out).expect("GPU output size");
-        paste_channel(&mut levels[k], c, part.start, &part_vol);
+        levels[k].paste_channel(c, part.start, &out, part.shape());
     }
     Ok(())
-}
-
-fn paste_channel(dst: &mut Volume, c: usize, origin: Vec3, src: &Volume) {
-    let (shape, elem) = (dst.shape, dst.dtype.size());
-    let from = At {
-        shape: src.shape,
-        origin: [0; 3],
-    };
-    let to = At { shape, origin };
-    copy_box(&src.data, from, dst.channel_mut(c), to, src.shape, elem);
 }
