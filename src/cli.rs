@@ -1,14 +1,17 @@
 //! Command-line interface: parses arguments and hands off to the runtimes. The only place that
 //! uses `anyhow`, so errors print with their whole chain.
 
-use crate::formats::precomputed::WriteOptions;
 use crate::ops::downsample::{Factor, Method};
+use crate::runtime::activity::WorkerOptions;
+use crate::runtime::batch::{SubmitOptions, TaskSource};
 use crate::runtime::local;
-use crate::task::downsample::{Bounds, DownsampleOptions};
+use crate::task::downsample::Bounds;
+use crate::task::spec::DownsampleTask;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -29,30 +32,60 @@ enum Command {
     Downsample {
         /// The precomputed volume: a directory holding `info`, or s3://bucket/prefix.
         location: String,
-        /// Source mip to read.
-        #[arg(long, default_value_t = 0)]
-        mip: usize,
-        /// Number of mips to compute from one read.
-        #[arg(long, default_value_t = 1)]
-        num_mips: u32,
-        /// Downsampling factor: 2,2,1 (anisotropic) or 2,2,2 (isotropic).
-        #[arg(long, default_value = "2,2,1", value_parser = parse_factor)]
-        factor: Factor,
-        /// Absolute voxel bounds at the source mip: x0,y0,z0,x1,y1,z1 (rounded out to whole chunks).
-        #[arg(long, value_parser = parse_bounds)]
-        bounds: Option<Bounds>,
-        /// Read missing chunks as zeros instead of failing.
-        #[arg(long)]
-        fill_missing: bool,
-        /// Pooling method; default: average for images, mode for segmentation.
-        #[arg(long, value_enum)]
-        method: Option<MethodArg>,
-        /// gzip level of written chunks (0 = uncompressed).
-        #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
-        gzip_level: u32,
+        #[command(flatten)]
+        args: DownsampleArgs,
         /// Run the CPU reference implementation instead of the GPU.
         #[arg(long)]
         cpu: bool,
+    },
+    /// Split work into task documents (JSON lines) for `batch`, `worker` or `run-task`.
+    Plan {
+        #[command(subcommand)]
+        what: PlanCommand,
+    },
+    /// Run one task document (a file, an s3:// object, or - for stdin); prints its output document.
+    RunTask { task: String },
+    /// A Step Functions activity worker: polls the activity and runs the task documents it gets.
+    Worker {
+        #[arg(long)]
+        activity_arn: String,
+        /// Tasks run at once (a poll is made only while one is free).
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Seconds between heartbeats of a running task (below the state's HeartbeatSeconds).
+        #[arg(long, default_value_t = 20.0)]
+        heartbeat_seconds: f64,
+        /// Seconds running tasks get to finish after SIGTERM/SIGINT before they are stopped and
+        /// failed as cuboids.Interrupted (retryable).
+        #[arg(long, default_value_t = 25.0)]
+        grace_seconds: f64,
+        /// Name reported to GetActivityTask (default: host name and process id).
+        #[arg(long)]
+        worker_name: Option<String>,
+    },
+    /// The AWS Batch entrypoint: runs task AWS_BATCH_JOB_ARRAY_INDEX + offset of a manifest, or
+    /// the task given. Exit codes: 0 done, 75 retryable failure, 65 permanent failure.
+    Batch {
+        /// Manifest of task documents (JSON lines), local or s3://.
+        #[arg(long, conflicts_with = "task", required_unless_present = "task")]
+        manifest: Option<String>,
+        /// Added to AWS_BATCH_JOB_ARRAY_INDEX (manifests over 10,000 tasks span several jobs).
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+        /// A task document: inline JSON, a file or an s3:// object.
+        #[arg(long)]
+        task: Option<String>,
+    },
+    /// Submit a manifest to AWS Batch as array jobs (one per 10,000 tasks).
+    Submit {
+        #[arg(long)]
+        manifest: String,
+        #[arg(long)]
+        job_queue: String,
+        #[arg(long)]
+        job_definition: String,
+        #[arg(long, default_value = "cuboids")]
+        job_name: String,
     },
     /// One step of the Boss resolution hierarchy (the DownsampleChannel activity) on the GPU:
     /// reads the job document, writes cuboids and index entries, prints the next document.
@@ -99,6 +132,72 @@ enum Command {
     },
 }
 
+/// Options of a downsample run, shared by `downsample` and `plan downsample`.
+#[derive(clap::Args)]
+struct DownsampleArgs {
+    /// Source mip to read.
+    #[arg(long, default_value_t = 0)]
+    mip: usize,
+    /// Number of mips to compute from one read.
+    #[arg(long, default_value_t = 1)]
+    num_mips: u32,
+    /// Downsampling factor: 2,2,1 (anisotropic) or 2,2,2 (isotropic).
+    #[arg(long, default_value = "2,2,1", value_parser = parse_factor)]
+    factor: Factor,
+    /// Absolute voxel bounds at the source mip: x0,y0,z0,x1,y1,z1 (rounded out to whole chunks).
+    #[arg(long, value_parser = parse_bounds)]
+    bounds: Option<Bounds>,
+    /// Read missing chunks as zeros instead of failing.
+    #[arg(long)]
+    fill_missing: bool,
+    /// Pooling method; default: average for images, mode for segmentation.
+    #[arg(long, value_enum)]
+    method: Option<MethodArg>,
+    /// gzip level of written chunks (0 = uncompressed).
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
+    gzip_level: u32,
+    /// Skip tiles whose output chunks all exist (finishing a partial run).
+    #[arg(long)]
+    skip_existing: bool,
+}
+
+impl DownsampleArgs {
+    fn task(&self, location: String) -> DownsampleTask {
+        DownsampleTask {
+            location,
+            mip: self.mip,
+            num_mips: self.num_mips,
+            factor: self.factor,
+            bounds: self.bounds,
+            fill_missing: self.fill_missing,
+            method: self.method.map(|m| match m {
+                MethodArg::Average => Method::Average,
+                MethodArg::Mode => Method::Mode,
+            }),
+            gzip_level: self.gzip_level,
+            skip_existing: self.skip_existing,
+            tile_mib: None,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum PlanCommand {
+    /// Downsample tasks that together cover the volume (or --bounds), each writing whole output
+    /// chunks no other task writes.
+    Downsample {
+        location: String,
+        #[command(flatten)]
+        args: DownsampleArgs,
+        /// Source data per task, in MiB (default: half the 24 GiB of a g5/g6 instance's GPU).
+        #[arg(long, default_value_t = 12288)]
+        task_mib: usize,
+        /// Where to write the manifest (a file or s3:// object); default: stdout.
+        #[arg(long)]
+        output: Option<String>,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum MethodArg {
     Average,
@@ -139,20 +238,33 @@ fn parse_bounds(s: &str) -> Result<Bounds, String> {
     Ok(b)
 }
 
+/// Logs on stderr: readable text on a terminal, JSON lines otherwise (CloudWatch, Batch, ECS);
+/// `CUBOIDS_LOG_FORMAT=text|json` overrides.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,cuboids=info"));
-    tracing_subscriber::fmt()
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,cuboids=info,aws_config=error")
+    });
+    let json = match std::env::var("CUBOIDS_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") => false,
+        _ => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().with_current_span(true).init();
+    } else {
+        builder.init();
+    }
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -160,23 +272,18 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let done = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
     match cli.command {
         Command::Info => {
             let ctx = local::gpu()?;
             println!("{}", ctx.describe());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Downsample {
             location,
-            mip,
-            num_mips,
-            factor,
-            bounds,
-            fill_missing,
-            method,
-            gzip_level,
+            args,
             cpu,
         } => {
             let dir = std::path::Path::new(location.trim_start_matches("file://"));
@@ -185,30 +292,72 @@ fn run(cli: Cli) -> Result<()> {
                     "{location} is not a directory holding a precomputed volume (nor an s3:// URL)"
                 );
             }
-            let opts = DownsampleOptions {
-                mip,
-                num_mips,
-                factor,
-                bounds,
-                fill_missing,
-                method: method.map(|m| match m {
-                    MethodArg::Average => Method::Average,
-                    MethodArg::Mode => Method::Mode,
-                }),
-                write: WriteOptions { gzip_level },
-                ..Default::default()
-            };
-            runtime.block_on(local::downsample_location(&location, &opts, cpu))
+            let opts = args.task(location.clone()).options();
+            done(runtime.block_on(local::downsample_location(&location, &opts, cpu)))
         }
-        Command::Demo { dir, size } => runtime.block_on(local::demo(&dir, size)),
+        Command::Plan {
+            what:
+                PlanCommand::Downsample {
+                    location,
+                    args,
+                    task_mib,
+                    output,
+                },
+        } => done(runtime.block_on(local::plan_downsample(
+            args.task(location),
+            task_mib << 20,
+            output.as_deref(),
+        ))),
+        Command::RunTask { task } => runtime.block_on(local::run_task(&task)),
+        Command::Worker {
+            activity_arn,
+            concurrency,
+            heartbeat_seconds,
+            grace_seconds,
+            worker_name,
+        } => {
+            let opts = WorkerOptions {
+                activity_arn,
+                worker_name: worker_name.unwrap_or_else(default_worker_name),
+                concurrency,
+                heartbeat: Duration::try_from_secs_f64(heartbeat_seconds)
+                    .context("--heartbeat-seconds")?,
+                grace: Duration::try_from_secs_f64(grace_seconds).context("--grace-seconds")?,
+            };
+            done(runtime.block_on(local::worker(opts)))
+        }
+        Command::Batch {
+            manifest,
+            offset,
+            task,
+        } => {
+            let source = match (manifest, task) {
+                (Some(location), _) => TaskSource::Manifest { location, offset },
+                (None, Some(task)) => TaskSource::Task(task),
+                (None, None) => bail!("give --manifest or --task"),
+            };
+            runtime.block_on(local::batch(&source))
+        }
+        Command::Submit {
+            manifest,
+            job_queue,
+            job_definition,
+            job_name,
+        } => done(runtime.block_on(local::submit(SubmitOptions {
+            manifest,
+            job_queue,
+            job_definition,
+            job_name,
+        }))),
+        Command::Demo { dir, size } => done(runtime.block_on(local::demo(&dir, size))),
         Command::BossDownsample {
             job,
             all_levels,
             cache_mib,
-        } => runtime.block_on(local::boss_downsample(
+        } => done(runtime.block_on(local::boss_downsample(
             &job,
-            all_levels.then_some(cache_mib << 20),
-        )),
+            all_levels.then_some(cache_mib),
+        ))),
         Command::Bench {
             size,
             num_mips,
@@ -217,7 +366,7 @@ fn run(cli: Cli) -> Result<()> {
             dir,
             keep,
             slab_mib,
-        } => runtime.block_on(local::bench(local::BenchOptions {
+        } => done(runtime.block_on(local::bench(local::BenchOptions {
             size,
             num_mips,
             gzip_level,
@@ -225,6 +374,17 @@ fn run(cli: Cli) -> Result<()> {
             dir,
             keep,
             slab_bytes: slab_mib.map(|m| m << 20),
-        })),
+        }))),
     }
+}
+
+/// Host name and process id: tells workers apart in Step Functions' history.
+fn default_worker_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "cuboids".into());
+    format!("{host}-{}", std::process::id())
 }

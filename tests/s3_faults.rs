@@ -92,12 +92,9 @@ async fn throttling_is_retried_with_backoff() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_throttling_and_access_denied_name_the_object() {
     let (endpoint, count) = faulty_s3(usize::MAX, "503 Slow Down", "SlowDown", b"").await;
-    let err = store(&endpoint)
-        .await
-        .get("info")
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = store(&endpoint).await.get("info").await.unwrap_err();
+    assert!(err.is_transient(), "throttling may pass: {err}");
+    let err = err.to_string();
     assert!(
         err.contains("s3://bucket/vol/info") && err.contains("SlowDown"),
         "{err}"
@@ -117,8 +114,9 @@ async fn persistent_throttling_and_access_denied_name_the_object() {
             cuboids::store::ContentEncoding::Gzip,
         )
         .await
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
+    assert!(!err.is_transient(), "access denied is permanent: {err}");
+    let err = err.to_string();
     assert!(
         err.contains("PutObject of s3://bucket/vol/8_8_40/0-1_0-1_0-1")
             && err.contains("AccessDenied"),

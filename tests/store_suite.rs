@@ -20,6 +20,11 @@ async fn suite(store: Arc<dyn Store>) {
         (got.data.as_slice(), got.encoding),
         (&b"hello"[..], ContentEncoding::Identity)
     );
+    assert!(store.exists("a/b/c").await.unwrap());
+    assert!(
+        !store.exists("a/b").await.unwrap(),
+        "a prefix is not an object"
+    );
 
     // Rewriting the same key in another encoding replaces it: one object per key.
     store
@@ -31,6 +36,10 @@ async fn suite(store: Arc<dyn Store>) {
         (got.data.as_slice(), got.encoding),
         (&b"gz-bytes"[..], ContentEncoding::Gzip)
     );
+    assert!(
+        store.exists("a/b/c").await.unwrap(),
+        "a gzipped object exists"
+    );
     store
         .put("a/b/c", b"plain".to_vec(), ContentEncoding::Identity)
         .await
@@ -39,6 +48,7 @@ async fn suite(store: Arc<dyn Store>) {
 
     store.delete("a/b/c").await.unwrap();
     assert_eq!(store.get("a/b/c").await.unwrap(), None);
+    assert!(!store.exists("a/b/c").await.unwrap());
     store.delete("a/b/c").await.unwrap();
 
     for bad in ["", "/abs", "a/../b", "a//b", "./a"] {

@@ -26,7 +26,8 @@ use ndarray::{Array3, ArrayView3};
 use thiserror::Error;
 
 /// How voxels of a block are combined.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Box averaging (floor of the mean for integers): images.
     Average,
@@ -48,9 +49,23 @@ pub enum DownsampleError {
     NoMips,
 }
 
-/// A validated downsampling factor: (2,2,1) or (2,2,2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// A validated downsampling factor: (2,2,1) or (2,2,2). In JSON, `[2, 2, 1]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "[usize; 3]", into = "[usize; 3]")]
 pub struct Factor(Vec3);
+
+impl TryFrom<Vec3> for Factor {
+    type Error = DownsampleError;
+    fn try_from(f: Vec3) -> Result<Factor, DownsampleError> {
+        Factor::new(f)
+    }
+}
+
+impl From<Factor> for Vec3 {
+    fn from(f: Factor) -> Vec3 {
+        f.0
+    }
+}
 
 impl Factor {
     pub const ANISOTROPIC: Factor = Factor([2, 2, 1]);

@@ -7,15 +7,27 @@ use crate::geometry::{voxels, Vec3};
 use crate::gpu::downsample::downsample_channel_gpu;
 use crate::gpu::GpuContext;
 use crate::ops::downsample::{downsample_cpu, Factor, Method};
+use crate::runtime::activity::{run_worker, sfn_client, shutdown_on_signals, WorkerOptions};
+use crate::runtime::batch::{
+    batch_client, job_task, run_batch_job, submit_manifest, write_manifest, SubmitOptions,
+    TaskSource,
+};
+use crate::runtime::executor::{Executor, TaskFailure, TaskOutput};
 use crate::runtime::synthetic::em_like;
-use crate::store::{aws_env, open_store, LocalStore};
-use crate::task::downsample::{downsample, Compute, DownsampleOptions, DownsampleReport};
+use crate::store::{aws_env, open_store, open_store_with, LocalStore};
+use crate::task::downsample::{
+    downsample, split_bounds, Compute, DownsampleOptions, DownsampleReport,
+};
 use crate::task::plan::plan_slabs;
+use crate::task::spec::{BossDownsampleTask, DownsampleTask, Task};
 use crate::volume::Volume;
 use anyhow::{Context, Result};
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 pub fn gpu() -> Result<Arc<GpuContext>> {
     Ok(Arc::new(GpuContext::new().context("opening the GPU")?))
@@ -77,41 +89,133 @@ fn print_report(what: &str, r: &DownsampleReport) {
 
 /// Runs one Boss DownsampleChannel step from a job file (or, with a cache budget, every remaining
 /// step); prints the next document on stdout.
-pub async fn boss_downsample(job: &Path, all_levels_cache: Option<usize>) -> Result<()> {
+pub async fn boss_downsample(job: &Path, all_levels_cache_mib: Option<usize>) -> Result<()> {
     let text = std::fs::read(job).with_context(|| format!("reading {}", job.display()))?;
     let doc: serde_json::Value = serde_json::from_slice(&text)
         .with_context(|| format!("{} is not a JSON document", job.display()))?;
-    let channel =
-        crate::task::boss::channel_of(&doc).with_context(|| format!("in {}", job.display()))?;
-    let sdk = aws_env::sdk_config().await;
-    let target = crate::task::boss_downsample::BossTarget {
-        store: Arc::new(crate::store::S3Store::with_config(
-            &format!("s3://{}", channel.bucket),
-            &sdk,
-            aws_env::endpoint("AWS_ENDPOINT_URL_S3"),
-        )?),
-        index: crate::store::boss_index::S3Index::new(
-            &sdk,
-            aws_env::endpoint("AWS_ENDPOINT_URL_DYNAMODB"),
-            &channel.index_table,
-        ),
-    };
+    let task = Task::BossDownsample(BossDownsampleTask {
+        job: doc,
+        all_levels: all_levels_cache_mib.is_some(),
+        cache_mib: all_levels_cache_mib.unwrap_or_default(),
+    });
+    run_and_print(&task)
+        .await
+        .with_context(|| format!("Boss downsample of {}", job.display()))
+}
+
+/// Runs a task document here, prints a summary on stderr and the output document on stdout.
+pub async fn run_and_print(task: &Task) -> Result<()> {
     let started = Instant::now();
-    let run = match all_levels_cache {
-        Some(bytes) => {
-            crate::task::boss_downsample::run_all_levels(gpu()?, &target, &doc, bytes).await
-        }
-        None => crate::task::boss_downsample::run_step(gpu()?, &target, &doc).await,
-    };
-    let (next, report) = run.with_context(|| format!("Boss downsample of {}", job.display()))?;
+    let out = Executor::from_env()
+        .await
+        .run(task, &CancellationToken::new())
+        .await
+        .map_err(|f| anyhow::anyhow!(f))?;
     eprintln!(
-        "wrote {} cuboids ({} skipped: all inputs missing; {} read from S3) in {:.2} s",
-        report.written,
-        report.skipped_empty,
-        report.store_reads,
+        "{} in {:.2} s",
+        out.summary,
         started.elapsed().as_secs_f64()
     );
-    println!("{}", serde_json::to_string(&next)?);
+    println!("{}", serde_json::to_string(&out.document)?);
+    Ok(())
+}
+
+/// Splits a downsample into tasks of at most `task_bytes` of source and writes them as a
+/// manifest (JSON lines) to `output`, or stdout.
+pub async fn plan_downsample(
+    task: DownsampleTask,
+    task_bytes: usize,
+    output: Option<&str>,
+) -> Result<()> {
+    let sdk = aws_env::sdk_config().await;
+    let store = open_store_with(&task.location, &sdk)?;
+    let vol = Precomputed::open(store)
+        .await
+        .with_context(|| format!("opening {}", task.location))?;
+    let parts = split_bounds(&vol.info, &task.options(), task_bytes)
+        .with_context(|| format!("planning {}", task.location))?;
+    let tasks: Vec<Task> = parts
+        .into_iter()
+        .map(|bounds| {
+            Task::Downsample(DownsampleTask {
+                bounds: Some(bounds),
+                ..task.clone()
+            })
+        })
+        .collect();
+    match output {
+        Some(location) => {
+            write_manifest(location, &tasks, &sdk).await?;
+            eprintln!("wrote {} tasks to {location}", tasks.len());
+        }
+        None => {
+            for t in &tasks {
+                println!("{}", serde_json::to_string(t)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `cuboids run-task`: a task document from a file, an `s3://` object or stdin (`-`). Fails with
+/// the Batch exit codes (75 retryable, 65 permanent).
+pub async fn run_task(location: &str) -> Result<ExitCode> {
+    let executor = Executor::from_env().await;
+    let task = if location == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the task document from stdin")?;
+        Task::from_json(&text).context("the task document on stdin")?
+    } else {
+        let source = TaskSource::Task(location.to_string());
+        job_task(&source, None, executor.sdk()).await?
+    };
+    finish(executor.run(&task, &shutdown_on_signals()?).await)
+}
+
+/// `cuboids batch`: the AWS Batch entrypoint.
+pub async fn batch(source: &TaskSource) -> Result<ExitCode> {
+    let executor = Executor::from_env().await;
+    let shutdown = shutdown_on_signals()?;
+    finish(run_batch_job(&executor, source, &shutdown).await)
+}
+
+/// Prints a task's output document (stdout) or its failure (stderr); the exit code says which.
+fn finish(result: Result<TaskOutput, TaskFailure>) -> Result<ExitCode> {
+    match result {
+        Ok(out) => {
+            eprintln!("{}", out.summary);
+            println!("{}", serde_json::to_string(&out.document)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(f) => {
+            eprintln!("error: {f}");
+            Ok(ExitCode::from(f.kind.exit_code()))
+        }
+    }
+}
+
+/// `cuboids worker`: runs until SIGTERM/SIGINT.
+pub async fn worker(opts: WorkerOptions) -> Result<()> {
+    let executor = Arc::new(Executor::from_env().await);
+    let client = sfn_client(executor.sdk());
+    let shutdown = shutdown_on_signals()?;
+    let report = run_worker(executor, client, opts, shutdown).await?;
+    eprintln!(
+        "worker stopped: {} tasks succeeded, {} failed, {} abandoned",
+        report.succeeded, report.failed, report.abandoned
+    );
+    Ok(())
+}
+
+/// `cuboids submit`: prints the submitted jobs as JSON lines.
+pub async fn submit(opts: SubmitOptions) -> Result<()> {
+    let sdk = aws_env::sdk_config().await;
+    let jobs = submit_manifest(&batch_client(&sdk), &sdk, &opts).await?;
+    for job in jobs {
+        println!("{}", serde_json::to_string(&job)?);
+    }
     Ok(())
 }
 

@@ -1,5 +1,8 @@
-//! The ways the binary runs. Locally (files, lavapipe or a local GPU) for now; AWS Batch and
-//! Step Functions activity workers come later.
+//! The ways the binary runs: locally (files, lavapipe or a local GPU), as an AWS Batch job and
+//! as a Step Functions activity worker. All of them run task documents through the `Executor`.
 
+pub mod activity;
+pub mod batch;
+pub mod executor;
 pub mod local;
 pub mod synthetic;

@@ -6,10 +6,16 @@
 /// answers with exponential backoff.
 pub const MAX_ATTEMPTS: u32 = 6;
 
-/// SDK configuration from the environment, with cuboids' retry policy.
+/// SDK configuration from the environment, with cuboids' retry policy (`AWS_MAX_ATTEMPTS`
+/// overrides the number of attempts, as in the AWS CLI).
 pub async fn sdk_config() -> aws_config::SdkConfig {
+    let attempts = std::env::var("AWS_MAX_ATTEMPTS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(MAX_ATTEMPTS);
     aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS))
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(attempts))
         .load()
         .await
 }

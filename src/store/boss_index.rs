@@ -5,7 +5,7 @@
 //! `lookup-key` `{col}&{exp}&{chan}&{res}#{0..99}` for the `lookup-key-index` GSI.
 
 use crate::formats::boss::CuboidId;
-use aws_sdk_dynamodb::error::DisplayErrorContext;
+use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_dynamodb::types::AttributeValue;
 use std::collections::HashMap;
 use thiserror::Error;
@@ -15,9 +15,26 @@ use thiserror::Error;
 pub struct IndexError {
     pub table: String,
     pub object_key: String,
+    /// DynamoDB's error code (`ResourceNotFoundException`, `AccessDeniedException`...).
+    pub code: Option<String>,
     pub message: String,
     #[source]
     pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl IndexError {
+    /// Whether a later attempt could succeed: not when the table is missing or access is denied.
+    pub fn is_transient(&self) -> bool {
+        !matches!(
+            self.code.as_deref(),
+            Some(
+                "ResourceNotFoundException"
+                    | "AccessDeniedException"
+                    | "UnrecognizedClientException"
+                    | "ValidationException"
+            )
+        )
+    }
 }
 
 pub struct S3Index {
@@ -101,6 +118,7 @@ impl S3Index {
             Err(e) => Err(IndexError {
                 table: self.table.clone(),
                 object_key: id.object_key(),
+                code: e.code().map(str::to_string),
                 message: DisplayErrorContext(&e).to_string(),
                 source: Box::new(e),
             }),

@@ -95,6 +95,20 @@ impl Store for LocalStore {
         remove_if_exists(&self.path(key, other)?).await
     }
 
+    /// Looks at metadata only: the chunk's bytes are not read.
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        for encoding in [ContentEncoding::Identity, ContentEncoding::Gzip] {
+            let path = self.path(key, encoding)?;
+            if tokio::fs::try_exists(&path)
+                .await
+                .map_err(io_error(&path))?
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         for encoding in [ContentEncoding::Identity, ContentEncoding::Gzip] {
             remove_if_exists(&self.path(key, encoding)?).await?;

@@ -49,20 +49,87 @@ pub enum StoreError {
     S3 {
         op: &'static str,
         url: String,
+        /// The service's error code (`AccessDenied`, `SlowDown`...), when it answered.
+        code: Option<String>,
         message: String,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
-/// Opens the store at a location: `s3://bucket/prefix`, or a local directory.
+/// S3 error codes that no retry can fix: the request itself is refused.
+const PERMANENT_S3_CODES: &[&str] = &[
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "NoSuchBucket",
+    "InvalidBucketName",
+];
+
+impl StoreError {
+    /// Whether running the same request later could succeed (a transient fault, after the
+    /// SDK's own retries), as opposed to a refusal or a bad key.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => !matches!(
+                source.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::InvalidInput
+            ),
+            StoreError::InvalidKey { .. } | StoreError::Location { .. } => false,
+            StoreError::S3 { code, .. } => code
+                .as_deref()
+                .is_none_or(|c| !PERMANENT_S3_CODES.contains(&c)),
+        }
+    }
+}
+
+/// Opens the store at a location: `s3://bucket/prefix` (configured from the AWS environment),
+/// or a local directory.
 pub async fn open_store(location: &str) -> Result<Arc<dyn Store>, StoreError> {
     if location.starts_with("s3://") {
         Ok(Arc::new(S3Store::from_env(location).await?))
-    } else if let Some(path) = location.strip_prefix("file://") {
-        Ok(Arc::new(LocalStore::new(path)))
     } else {
-        Ok(Arc::new(LocalStore::new(location)))
+        open_store_with(location, &aws_config::SdkConfig::builder().build())
+    }
+}
+
+/// Opens the store at a location with an AWS configuration already loaded.
+pub fn open_store_with(
+    location: &str,
+    sdk: &aws_config::SdkConfig,
+) -> Result<Arc<dyn Store>, StoreError> {
+    if location.starts_with("s3://") {
+        Ok(Arc::new(S3Store::with_config(
+            location,
+            sdk,
+            aws_env::endpoint("AWS_ENDPOINT_URL_S3"),
+        )?))
+    } else {
+        let path = location.strip_prefix("file://").unwrap_or(location);
+        Ok(Arc::new(LocalStore::new(path)))
+    }
+}
+
+/// The store holding a single object (a manifest, a task document) and its key: the object's
+/// parent directory or prefix, and its last path component.
+pub fn open_object(
+    location: &str,
+    sdk: &aws_config::SdkConfig,
+) -> Result<(Arc<dyn Store>, String), StoreError> {
+    let trimmed = location.trim_end_matches('/');
+    match trimmed.rsplit_once('/') {
+        Some((parent, name)) if !name.is_empty() && parent != "s3:/" => {
+            let parent = if parent.is_empty() { "/" } else { parent };
+            Ok((open_store_with(parent, sdk)?, name.to_string()))
+        }
+        _ if !location.starts_with("s3://") => {
+            Ok((open_store_with(".", sdk)?, trimmed.to_string()))
+        }
+        _ => Err(StoreError::Location {
+            location: location.to_string(),
+            reason: "names a bucket, not an object",
+        }),
     }
 }
 

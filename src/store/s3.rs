@@ -6,7 +6,7 @@
 
 use super::{check_key, ContentEncoding, Object, Store, StoreError};
 use async_trait::async_trait;
-use aws_sdk_s3::error::DisplayErrorContext;
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_s3::primitives::ByteStream;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
@@ -80,11 +80,12 @@ impl S3Store {
         &self,
         op: &'static str,
         key: &str,
-        e: impl std::error::Error + Send + Sync + 'static,
+        e: impl std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
     ) -> StoreError {
         StoreError::S3 {
             op,
             url: format!("s3://{}/{}", self.bucket, key),
+            code: e.code().map(str::to_string),
             message: DisplayErrorContext(&e).to_string(),
             source: Box::new(e),
         }
@@ -120,7 +121,13 @@ impl Store for S3Store {
             .body
             .collect()
             .await
-            .map_err(|e| self.error("GetObject (body)", &key, e))?
+            .map_err(|e| StoreError::S3 {
+                op: "GetObject (body)",
+                url: format!("s3://{}/{}", self.bucket, key),
+                code: None,
+                message: DisplayErrorContext(&e).to_string(),
+                source: Box::new(e),
+            })?
             .into_bytes()
             .to_vec();
         Ok(Some(Object { data, encoding }))
@@ -148,6 +155,24 @@ impl Store for S3Store {
             .await
             .map_err(|e| self.error("PutObject", &key, e))?;
         Ok(())
+    }
+
+    /// A HEAD request: the object's bytes are not fetched.
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        let key = self.object_key(key)?;
+        let _permit = self.permits.acquire().await.expect("never closed");
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
+            Err(e) => Err(self.error("HeadObject", &key, e)),
+        }
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {

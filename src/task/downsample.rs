@@ -8,7 +8,7 @@
 
 use crate::formats::precomputed::info::{Info, LayerType, Scale};
 use crate::formats::precomputed::{
-    check_scale_supported, chunk_grid, Precomputed, PrecomputedError, WriteOptions,
+    check_scale_supported, chunk_grid, chunk_key, Precomputed, PrecomputedError, WriteOptions,
 };
 use crate::geometry::{pow3, voxels, Box3, Vec3};
 use crate::gpu::downsample::{submit_channel_gpu, PendingSlab};
@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, Instrument};
 
 #[derive(Debug, Error)]
@@ -56,6 +57,8 @@ pub enum TaskError {
         elem: usize,
         limit: u64,
     },
+    #[error("stopped before it finished: the runner is shutting down")]
+    Cancelled,
     #[error("background task failed")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -68,7 +71,7 @@ pub enum Compute {
 }
 
 /// Absolute voxel bounds `[start, stop)` at the source mip.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Bounds {
     pub start: [i64; 3],
     pub stop: [i64; 3],
@@ -88,6 +91,10 @@ pub struct DownsampleOptions {
     pub tile_bytes: usize,
     /// Largest GPU slab; `None` = the context's default (see `GpuContext::default_slab_bytes`).
     pub slab_bytes: Option<u64>,
+    /// Only tiles with an output chunk missing are computed (a re-run after a partial one).
+    pub skip_existing: bool,
+    /// Checked before each tile: once cancelled, the run stops and cleans up as on failure.
+    pub cancel: Option<CancellationToken>,
 }
 
 impl Default for DownsampleOptions {
@@ -102,6 +109,8 @@ impl Default for DownsampleOptions {
             write: WriteOptions::default(),
             tile_bytes: 64 << 20,
             slab_bytes: None,
+            skip_existing: false,
+            cancel: None,
         }
     }
 }
@@ -114,6 +123,8 @@ pub struct DownsampleReport {
     pub output_voxels: u64,
     pub tiles: usize,
     pub tiles_skipped_empty: usize,
+    /// Tiles whose output chunks all existed (with `skip_existing`).
+    pub tiles_skipped_existing: usize,
     pub chunks_written: usize,
     pub new_scales: Vec<String>,
     pub wall: Duration,
@@ -243,6 +254,37 @@ fn tile_alignment(info: &Info, opts: &DownsampleOptions) -> Vec3 {
     align
 }
 
+/// The source region a run covers, rounded out to its tile alignment, and that alignment.
+/// `info` already has the new scales (see `plan_scales`).
+fn aligned_source(info: &Info, opts: &DownsampleOptions) -> Result<(Box3, Vec3), TaskError> {
+    let src = &info.scales[opts.mip];
+    let align = tile_alignment(info, opts);
+    let region = align_region(source_region(src, opts.bounds)?, align, src.size);
+    Ok((region, align))
+}
+
+/// Splits a run into independent parts of at most `part_bytes` of source each, as absolute
+/// bounds aligned so that every output chunk belongs to exactly one part: the tasks of a
+/// distributed run. Together they cover what the whole run would.
+pub fn split_bounds(
+    info: &Info,
+    opts: &DownsampleOptions,
+    part_bytes: usize,
+) -> Result<Vec<Bounds>, TaskError> {
+    let (new_info, _) = plan_scales(info, opts)?;
+    let (region, align) = aligned_source(&new_info, opts)?;
+    let offset = new_info.scales[opts.mip].voxel_offset;
+    let absolute = |v: Vec3| [0, 1, 2].map(|i| v[i] as i64 + offset[i]);
+    let elem = info.data_type.size() * info.num_channels;
+    Ok(plan_tiles(region, align, elem, part_bytes)
+        .into_iter()
+        .map(|part| Bounds {
+            start: absolute(part.start),
+            stop: absolute(part.stop),
+        })
+        .collect())
+}
+
 /// Downsamples a volume in place: reads mip `opts.mip`, writes mips `mip+1..=mip+num_mips`.
 pub async fn downsample(
     compute: Compute,
@@ -252,10 +294,7 @@ pub async fn downsample(
     let started = Instant::now();
     let (new_info, added) = plan_scales(&vol.info, opts)?;
     let method = opts.method.unwrap_or(default_method(vol.info.layer_type));
-    let src = &new_info.scales[opts.mip];
-    let region = source_region(src, opts.bounds)?;
-    let align = tile_alignment(&new_info, opts);
-    let region = align_region(region, align, src.size);
+    let (region, align) = aligned_source(&new_info, opts)?;
     let elem = vol.info.data_type.size() * vol.info.num_channels;
     let tiles = plan_tiles(region, align, elem, opts.tile_bytes);
     let slab_limit = match &compute {
@@ -362,17 +401,27 @@ impl Job {
             let job = job.clone();
             tokio::spawn(async move {
                 let t = Instant::now();
+                if job.opts.skip_existing && job.outputs_exist(tile).await? {
+                    return Ok(None);
+                }
                 let r = job
                     .source
                     .read_region(job.opts.mip, tile, job.opts.fill_missing)
                     .await;
-                r.map(|(v, any)| (v, any, t.elapsed()))
+                r.map(|(v, any)| Some((v, any, t.elapsed())))
             })
         };
         let mut next = tiles.first().map(|&t| read(t));
         for (i, &tile) in tiles.iter().enumerate() {
-            let (input, any, read_time) = next.take().expect("a read per tile").await??;
+            if job.opts.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+                return Err(TaskError::Cancelled);
+            }
+            let read_result = next.take().expect("a read per tile").await??;
             next = tiles.get(i + 1).map(|&t| read(t));
+            let Some((input, any, read_time)) = read_result else {
+                report.tiles_skipped_existing += 1;
+                continue;
+            };
             report.read += read_time;
             report.input_voxels += voxels(tile.shape()) as u64;
             if !any {
@@ -399,6 +448,40 @@ impl Job {
         Ok(report)
     }
 
+    /// Output chunks of every new mip under a tile, with their mips.
+    fn output_chunks(&self, tile: Box3) -> Vec<(usize, Box3)> {
+        (1..=self.opts.num_mips)
+            .flat_map(|k| {
+                let mip = self.opts.mip + k as usize;
+                let level_box = tile.downsampled(self.opts.factor.get(), k);
+                chunk_grid(self.target.scale(mip), level_box)
+                    .into_iter()
+                    .map(move |chunk| (mip, chunk))
+            })
+            .collect()
+    }
+
+    /// Whether every output chunk of a tile is already stored.
+    async fn outputs_exist(&self, tile: Box3) -> Result<bool, PrecomputedError> {
+        let keys: Vec<String> = self
+            .output_chunks(tile)
+            .into_iter()
+            .map(|(mip, chunk)| chunk_key(self.target.scale(mip), chunk))
+            .collect();
+        let missing = futures::stream::iter(keys)
+            .map(|key| async move { self.target.store.exists(&key).await })
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .try_filter(|exists| futures::future::ready(!exists))
+            .boxed()
+            .next()
+            .await;
+        match missing {
+            None => Ok(true),
+            Some(Ok(_)) => Ok(false),
+            Some(Err(e)) => Err(e.into()),
+        }
+    }
+
     /// All mips of one tile, every channel, via the GPU in slabs or the CPU reference.
     fn downsample_tile(&self, input: &Volume) -> Result<Vec<Volume>, TaskError> {
         let (factor, mips) = (self.opts.factor, self.opts.num_mips);
@@ -416,17 +499,19 @@ impl Job {
         levels: Vec<Volume>,
     ) -> Result<(usize, u64, Duration), TaskError> {
         let t = Instant::now();
-        let mut jobs = Vec::new();
-        let mut voxels_out = 0u64;
-        for (k, level) in levels.into_iter().enumerate() {
-            let mip = self.opts.mip + k + 1;
-            let level_box = tile.downsampled(self.opts.factor.get(), k as u32 + 1);
-            voxels_out += voxels(level_box.shape()) as u64;
-            let level = Arc::new(level);
-            for chunk in chunk_grid(self.target.scale(mip), level_box) {
-                jobs.push((mip, chunk, level.clone(), level_box.start));
-            }
-        }
+        let level_boxes: Vec<Box3> = (1..=levels.len() as u32)
+            .map(|k| tile.downsampled(self.opts.factor.get(), k))
+            .collect();
+        let voxels_out = level_boxes.iter().map(|b| voxels(b.shape()) as u64).sum();
+        let levels: Vec<Arc<Volume>> = levels.into_iter().map(Arc::new).collect();
+        let jobs: Vec<_> = self
+            .output_chunks(tile)
+            .into_iter()
+            .map(|(mip, chunk)| {
+                let k = mip - self.opts.mip - 1;
+                (mip, chunk, levels[k].clone(), level_boxes[k].start)
+            })
+            .collect();
         let count = jobs.len();
         futures::stream::iter(jobs)
             .map(|(mip, chunk, level, origin)| {

@@ -1,0 +1,282 @@
+//! AWS Batch: the job entrypoint (`cuboids batch`), manifests of task documents (one JSON
+//! document per line, in S3 or on disk) and `cuboids submit`, which submits a manifest as array
+//! jobs.
+//!
+//! Exit codes, for the job definition's retryStrategy (`evaluateOnExit`):
+//! 0: the task succeeded; 75: it failed in a way a retry can fix (storage faults, GPU faults, a
+//! SIGTERM at a timeout or spot reclaim: the `cuboids.*` errors that `FailureKind::is_retryable`
+//! names); 65: a retry cannot help (an invalid task or invalid data). Batch's own
+//! `Host EC2*` status reasons are retried by the job definition too.
+
+use crate::runtime::executor::{Executor, TaskFailure, TaskOutput};
+use crate::store::{aws_env, open_object, ContentEncoding, StoreError};
+use crate::task::failure::{Classify, FailureKind};
+use crate::task::spec::{SpecError, Task};
+use aws_sdk_batch::error::DisplayErrorContext;
+use aws_sdk_batch::types::ArrayProperties;
+use std::collections::HashMap;
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Batch's largest array job.
+pub const MAX_ARRAY_SIZE: usize = 10_000;
+
+#[derive(Debug, Error)]
+pub enum BatchError {
+    #[error("manifest {location}")]
+    Store {
+        location: String,
+        #[source]
+        source: Box<StoreError>,
+    },
+    #[error("manifest {location} does not exist")]
+    MissingManifest { location: String },
+    #[error("manifest {location} line {line}")]
+    Task {
+        location: String,
+        line: usize,
+        #[source]
+        source: SpecError,
+    },
+    #[error("manifest {location} has {count} tasks; task {index} (AWS_BATCH_JOB_ARRAY_INDEX + offset) does not exist")]
+    NoSuchTask {
+        location: String,
+        count: usize,
+        index: usize,
+    },
+    #[error("manifest {location} has {count} tasks but AWS_BATCH_JOB_ARRAY_INDEX is not set: submit it as an array job")]
+    NotAnArrayJob { location: String, count: usize },
+    #[error("AWS_BATCH_JOB_ARRAY_INDEX={0:?} is not a number")]
+    BadIndex(String),
+    #[error("manifest {location} has no tasks")]
+    EmptyManifest { location: String },
+    #[error("Batch SubmitJob failed: {message}")]
+    Submit { message: String },
+}
+
+impl Classify for BatchError {
+    fn failure_kind(&self) -> FailureKind {
+        match self {
+            BatchError::Store { source, .. } => source.failure_kind(),
+            BatchError::Submit { .. } => FailureKind::Storage,
+            _ => FailureKind::InvalidTask,
+        }
+    }
+}
+
+/// Reads a manifest's tasks, checking every line (a bad line names its number).
+pub async fn read_manifest(
+    location: &str,
+    sdk: &aws_config::SdkConfig,
+) -> Result<Vec<Task>, BatchError> {
+    let store_error = |source| BatchError::Store {
+        location: location.to_string(),
+        source: Box::new(source),
+    };
+    let (store, key) = open_object(location, sdk).map_err(store_error)?;
+    let object =
+        store
+            .get(&key)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| BatchError::MissingManifest {
+                location: location.to_string(),
+            })?;
+    let text = String::from_utf8_lossy(&object.data);
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            Task::from_json(line).map_err(|source| BatchError::Task {
+                location: location.to_string(),
+                line: i + 1,
+                source,
+            })
+        })
+        .collect()
+}
+
+/// Writes tasks as a manifest, one JSON document per line, in one whole-object write.
+pub async fn write_manifest(
+    location: &str,
+    tasks: &[Task],
+    sdk: &aws_config::SdkConfig,
+) -> Result<(), BatchError> {
+    let store_error = |source| BatchError::Store {
+        location: location.to_string(),
+        source: Box::new(source),
+    };
+    let mut text = String::new();
+    for task in tasks {
+        text.push_str(&serde_json::to_string(task).expect("tasks serialise"));
+        text.push('\n');
+    }
+    let (store, key) = open_object(location, sdk).map_err(store_error)?;
+    store
+        .put(&key, text.into_bytes(), ContentEncoding::Identity)
+        .await
+        .map_err(store_error)
+}
+
+/// Where a Batch job's task comes from.
+pub enum TaskSource {
+    /// Task `AWS_BATCH_JOB_ARRAY_INDEX + offset` of a manifest (or its only task).
+    Manifest { location: String, offset: usize },
+    /// A task document given inline (JSON) or as a file or `s3://` object.
+    Task(String),
+}
+
+/// Picks this job's task: array index + offset in a manifest, or the one given.
+pub async fn job_task(
+    source: &TaskSource,
+    array_index: Option<String>,
+    sdk: &aws_config::SdkConfig,
+) -> Result<Task, BatchError> {
+    match source {
+        TaskSource::Manifest { location, offset } => {
+            let mut tasks = read_manifest(location, sdk).await?;
+            let count = tasks.len();
+            let index = match array_index {
+                Some(i) => {
+                    i.trim()
+                        .parse::<usize>()
+                        .map_err(|_| BatchError::BadIndex(i))?
+                        + offset
+                }
+                None if count == 1 => 0,
+                None if count == 0 => {
+                    return Err(BatchError::EmptyManifest {
+                        location: location.clone(),
+                    })
+                }
+                None => {
+                    return Err(BatchError::NotAnArrayJob {
+                        location: location.clone(),
+                        count,
+                    })
+                }
+            };
+            if index >= count {
+                return Err(BatchError::NoSuchTask {
+                    location: location.clone(),
+                    count,
+                    index,
+                });
+            }
+            Ok(tasks.swap_remove(index))
+        }
+        TaskSource::Task(text) if text.trim_start().starts_with('{') => Task::from_json(text)
+            .map_err(|source| BatchError::Task {
+                location: "--task".into(),
+                line: 1,
+                source,
+            }),
+        TaskSource::Task(location) => {
+            let mut tasks = read_manifest(location, sdk).await?;
+            match tasks.len() {
+                1 => Ok(tasks.remove(0)),
+                count => Err(BatchError::NotAnArrayJob {
+                    location: location.clone(),
+                    count,
+                }),
+            }
+        }
+    }
+}
+
+/// The Batch entrypoint: finds this job's task and runs it. A SIGTERM (job timeout, spot
+/// reclaim) stops the task cooperatively and fails it as retryable.
+pub async fn run_batch_job(
+    executor: &Executor,
+    source: &TaskSource,
+    shutdown: &CancellationToken,
+) -> Result<TaskOutput, TaskFailure> {
+    let array_index = std::env::var("AWS_BATCH_JOB_ARRAY_INDEX").ok();
+    info!(
+        job = std::env::var("AWS_BATCH_JOB_ID").unwrap_or_default(),
+        attempt = std::env::var("AWS_BATCH_JOB_ATTEMPT").unwrap_or_default(),
+        array_index = array_index.clone().unwrap_or_default(),
+        "Batch job started"
+    );
+    let task = job_task(source, array_index, executor.sdk())
+        .await
+        .map_err(|e| TaskFailure::from_error("finding this job's task", &e))?;
+    executor.run(&task, shutdown).await
+}
+
+/// A Batch client from the AWS environment (`AWS_ENDPOINT_URL_BATCH` for another server).
+pub fn batch_client(sdk: &aws_config::SdkConfig) -> aws_sdk_batch::Client {
+    let mut config = aws_sdk_batch::config::Builder::from(sdk);
+    if let Some(endpoint) = aws_env::endpoint("AWS_ENDPOINT_URL_BATCH") {
+        config = config.endpoint_url(endpoint);
+    }
+    aws_sdk_batch::Client::from_conf(config.build())
+}
+
+pub struct SubmitOptions {
+    pub manifest: String,
+    pub job_queue: String,
+    pub job_definition: String,
+    pub job_name: String,
+}
+
+/// A submitted Batch job and the manifest tasks it runs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SubmittedJob {
+    pub job_id: String,
+    pub job_name: String,
+    pub offset: usize,
+    pub size: usize,
+}
+
+/// Submits a manifest: one array job per 10,000 tasks (a single task goes as a plain job), each
+/// with the parameters `manifest` and `offset` that the job definition's command refers to
+/// (`batch --manifest Ref::manifest --offset Ref::offset`).
+pub async fn submit_manifest(
+    client: &aws_sdk_batch::Client,
+    sdk: &aws_config::SdkConfig,
+    opts: &SubmitOptions,
+) -> Result<Vec<SubmittedJob>, BatchError> {
+    let count = read_manifest(&opts.manifest, sdk).await?.len();
+    if count == 0 {
+        return Err(BatchError::EmptyManifest {
+            location: opts.manifest.clone(),
+        });
+    }
+    let mut jobs = Vec::new();
+    for offset in (0..count).step_by(MAX_ARRAY_SIZE) {
+        let size = (count - offset).min(MAX_ARRAY_SIZE);
+        let job_name = if count > MAX_ARRAY_SIZE {
+            format!("{}-{}", opts.job_name, offset / MAX_ARRAY_SIZE)
+        } else {
+            opts.job_name.clone()
+        };
+        let parameters = HashMap::from([
+            ("manifest".to_string(), opts.manifest.clone()),
+            ("offset".to_string(), offset.to_string()),
+        ]);
+        let mut request = client
+            .submit_job()
+            .job_name(&job_name)
+            .job_queue(&opts.job_queue)
+            .job_definition(&opts.job_definition)
+            .set_parameters(Some(parameters));
+        if size > 1 {
+            request =
+                request.array_properties(ArrayProperties::builder().size(size as i32).build());
+        }
+        let out = request.send().await.map_err(|e| BatchError::Submit {
+            message: DisplayErrorContext(&e).to_string(),
+        })?;
+        let job_id = out.job_id().unwrap_or_default().to_string();
+        info!(%job_id, offset, size, "submitted");
+        jobs.push(SubmittedJob {
+            job_id,
+            job_name,
+            offset,
+            size,
+        });
+    }
+    Ok(jobs)
+}

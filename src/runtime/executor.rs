@@ -1,0 +1,206 @@
+//! Runs task documents: the one place `run-task`, the Batch entrypoint and the activity worker
+//! share. The GPU context is opened once, on first use, and reused by every task; the AWS
+//! configuration is loaded once.
+
+use crate::formats::precomputed::Precomputed;
+use crate::gpu::GpuContext;
+use crate::store::boss_index::S3Index;
+use crate::store::{aws_env, open_store_with, S3Store, Store};
+use crate::task::boss::channel_of;
+use crate::task::boss_downsample::{run_all_levels, run_step, BossError, BossTarget};
+use crate::task::downsample::{downsample, Compute};
+use crate::task::failure::{Classify, FailureKind};
+use crate::task::spec::{BossDownsampleTask, DownsampleTask, Task};
+use serde_json::Value;
+use std::sync::{Arc, OnceLock};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, Instrument};
+
+/// A failed task: its kind (error name, retryability) and the whole error chain as text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskFailure {
+    pub kind: FailureKind,
+    pub cause: String,
+}
+
+impl std::fmt::Display for TaskFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.error_name(), self.cause)
+    }
+}
+
+impl TaskFailure {
+    pub fn new(kind: FailureKind, cause: impl Into<String>) -> TaskFailure {
+        TaskFailure {
+            kind,
+            cause: cause.into(),
+        }
+    }
+
+    /// From an error that classifies itself, keeping its chain of causes.
+    pub fn from_error<E: Classify + std::error::Error>(context: &str, e: &E) -> TaskFailure {
+        TaskFailure::new(e.failure_kind(), format!("{context}: {}", error_chain(e)))
+    }
+}
+
+/// An error and its sources, joined with ": " (what `anyhow`'s `{:#}` prints).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// What a finished task returns: the output document and a one-line summary for people.
+#[derive(Clone, Debug)]
+pub struct TaskOutput {
+    pub document: Value,
+    pub summary: String,
+}
+
+pub struct Executor {
+    sdk: aws_config::SdkConfig,
+    gpu: OnceLock<Arc<GpuContext>>,
+    /// Serialises the first opening of the GPU between concurrent tasks.
+    gpu_opening: tokio::sync::Mutex<()>,
+}
+
+impl Executor {
+    /// With the standard AWS environment.
+    pub async fn from_env() -> Executor {
+        Executor::new(aws_env::sdk_config().await)
+    }
+
+    pub fn new(sdk: aws_config::SdkConfig) -> Executor {
+        Executor {
+            sdk,
+            gpu: OnceLock::new(),
+            gpu_opening: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn sdk(&self) -> &aws_config::SdkConfig {
+        &self.sdk
+    }
+
+    /// The GPU context, opened by the first task that needs it.
+    pub async fn gpu(&self) -> Result<Arc<GpuContext>, TaskFailure> {
+        if let Some(ctx) = self.gpu.get() {
+            return Ok(ctx.clone());
+        }
+        let _opening = self.gpu_opening.lock().await;
+        if let Some(ctx) = self.gpu.get() {
+            return Ok(ctx.clone());
+        }
+        let ctx = tokio::task::spawn_blocking(GpuContext::new)
+            .await
+            .map_err(|e| TaskFailure::new(FailureKind::Internal, format!("opening the GPU: {e}")))?
+            .map_err(|e| TaskFailure::from_error("opening the GPU", &e))?;
+        info!(adapter = %ctx.adapter_info.name, "GPU opened");
+        Ok(self.gpu.get_or_init(|| Arc::new(ctx)).clone())
+    }
+
+    /// Runs a task to its end, or until `cancel` fires: a downsample then stops before its next
+    /// tile and removes what it wrote to scales it was adding; a Boss step is dropped (every
+    /// cuboid is written whole, and without the returned document no level counts as done).
+    pub async fn run(
+        &self,
+        task: &Task,
+        cancel: &CancellationToken,
+    ) -> Result<TaskOutput, TaskFailure> {
+        let span = info_span!("task", task = %task.describe());
+        async {
+            let started = std::time::Instant::now();
+            let result = match task {
+                Task::Downsample(t) => self.downsample(t, cancel).await,
+                Task::BossDownsample(t) => tokio::select! {
+                    r = self.boss_downsample(t) => r,
+                    _ = cancel.cancelled() => Err(TaskFailure::new(
+                        FailureKind::Interrupted,
+                        "stopped before it finished: the runner is shutting down",
+                    )),
+                },
+            };
+            match &result {
+                Ok(out) => info!(seconds = started.elapsed().as_secs_f64(), "{}", out.summary),
+                Err(f) => {
+                    tracing::warn!(error = f.kind.error_name(), cause = %f.cause, "task failed")
+                }
+            }
+            result
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn downsample(
+        &self,
+        t: &DownsampleTask,
+        cancel: &CancellationToken,
+    ) -> Result<TaskOutput, TaskFailure> {
+        let context = format!("downsampling {}", t.location);
+        let store = open_store_with(&t.location, &self.sdk)
+            .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        let vol = Precomputed::open(store)
+            .await
+            .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        let ctx = self.gpu().await?;
+        let mut opts = t.options();
+        opts.cancel = Some(cancel.clone());
+        let report = downsample(Compute::Gpu(ctx), &vol, &opts)
+            .await
+            .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        Ok(TaskOutput {
+            document: t.output(&report),
+            summary: format!(
+                "{}: {:.1} MVx in {:.2} s = {:.1} MVx/s, {} chunks written, {} tiles skipped (existing), {} (empty)",
+                t.location,
+                report.input_voxels as f64 / 1e6,
+                report.wall.as_secs_f64(),
+                report.mvx_per_s(),
+                report.chunks_written,
+                report.tiles_skipped_existing,
+                report.tiles_skipped_empty
+            ),
+        })
+    }
+
+    async fn boss_downsample(&self, t: &BossDownsampleTask) -> Result<TaskOutput, TaskFailure> {
+        let fail = |e: BossError| TaskFailure::from_error("Boss downsample", &e);
+        let channel = channel_of(&t.job).map_err(|e| fail(e.into()))?;
+        let store: Arc<dyn Store> = Arc::new(
+            S3Store::with_config(
+                &format!("s3://{}", channel.bucket),
+                &self.sdk,
+                aws_env::endpoint("AWS_ENDPOINT_URL_S3"),
+            )
+            .map_err(|e| fail(e.into()))?,
+        );
+        let target = BossTarget {
+            store,
+            index: S3Index::new(
+                &self.sdk,
+                aws_env::endpoint("AWS_ENDPOINT_URL_DYNAMODB"),
+                &channel.index_table,
+            ),
+        };
+        let ctx = self.gpu().await?;
+        let (next, report) = if t.all_levels {
+            run_all_levels(ctx, &target, &t.job, t.cache_mib << 20).await
+        } else {
+            run_step(ctx, &target, &t.job).await
+        }
+        .map_err(fail)?;
+        Ok(TaskOutput {
+            document: next,
+            summary: format!(
+                "wrote {} cuboids ({} skipped: all inputs missing; {} read from S3)",
+                report.written, report.skipped_empty, report.store_reads
+            ),
+        })
+    }
+}

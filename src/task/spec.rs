@@ -1,0 +1,239 @@
+//! The task document: one unit of work as JSON, the same wherever it runs. `cuboids plan` writes
+//! them (one per line: a manifest), and `run-task`, the AWS Batch entrypoint and the Step
+//! Functions activity worker run them. The Boss's DownsampleChannel document is a task as it is.
+
+use crate::ops::downsample::{Factor, Method};
+use crate::task::downsample::{Bounds, DownsampleOptions, DownsampleReport};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum SpecError {
+    #[error("invalid task document")]
+    Invalid(#[source] serde_json::Error),
+    #[error("not a task document: a task has a \"kind\" (downsample, boss-downsample), a Boss DownsampleChannel document a \"msg\" object")]
+    Unrecognised,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Task {
+    /// Mips of a precomputed volume (local path or `s3://`), all or within bounds.
+    Downsample(DownsampleTask),
+    /// One step of the Boss resolution hierarchy (or every remaining one).
+    BossDownsample(BossDownsampleTask),
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn gzip_default() -> u32 {
+    6
+}
+
+fn anisotropic() -> Factor {
+    Factor::ANISOTROPIC
+}
+
+fn cache_default() -> usize {
+    4096
+}
+
+/// `cuboids downsample` as a document; the fields and defaults of its options.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownsampleTask {
+    pub location: String,
+    #[serde(default)]
+    pub mip: usize,
+    #[serde(default = "one")]
+    pub num_mips: u32,
+    #[serde(default = "anisotropic")]
+    pub factor: Factor,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bounds: Option<Bounds>,
+    #[serde(default)]
+    pub fill_missing: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<Method>,
+    #[serde(default = "gzip_default")]
+    pub gzip_level: u32,
+    /// Tiles whose output chunks all exist are not recomputed (a retry after a partial run).
+    #[serde(default)]
+    pub skip_existing: bool,
+    /// Host memory aimed at per tile, in MiB (default 64); tiles are never smaller than the
+    /// output chunks they write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tile_mib: Option<usize>,
+}
+
+/// A Boss DownsampleChannel document (`job`), one step or, with `all_levels`, every remaining one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BossDownsampleTask {
+    pub job: Value,
+    #[serde(default)]
+    pub all_levels: bool,
+    /// Host memory for cuboids kept between levels with `all_levels`, in MiB.
+    #[serde(default = "cache_default")]
+    pub cache_mib: usize,
+}
+
+impl Task {
+    /// Reads a task: a document with a `kind`, or a Boss DownsampleChannel document (which the
+    /// resolution hierarchy state machine sends to its activity as it is).
+    pub fn from_value(doc: Value) -> Result<Task, SpecError> {
+        if doc.get("kind").is_some() {
+            serde_json::from_value(doc).map_err(SpecError::Invalid)
+        } else if doc.get("msg").is_some_and(Value::is_object) {
+            Ok(Task::BossDownsample(BossDownsampleTask {
+                job: doc,
+                all_levels: false,
+                cache_mib: cache_default(),
+            }))
+        } else {
+            Err(SpecError::Unrecognised)
+        }
+    }
+
+    pub fn from_json(text: &str) -> Result<Task, SpecError> {
+        Task::from_value(serde_json::from_str(text).map_err(SpecError::Invalid)?)
+    }
+
+    /// A short description for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Task::Downsample(t) => format!(
+                "downsample {} mip {} +{}{}",
+                t.location,
+                t.mip,
+                t.num_mips,
+                t.bounds
+                    .map(|b| format!(" bounds {:?}..{:?}", b.start, b.stop))
+                    .unwrap_or_default()
+            ),
+            Task::BossDownsample(t) => format!(
+                "boss-downsample {} resolution {}{}",
+                t.job["msg"]["lookup_key"].as_str().unwrap_or("?"),
+                t.job["msg"]["resolution"],
+                if t.all_levels { " (all levels)" } else { "" }
+            ),
+        }
+    }
+}
+
+impl DownsampleTask {
+    pub fn options(&self) -> DownsampleOptions {
+        DownsampleOptions {
+            mip: self.mip,
+            num_mips: self.num_mips,
+            factor: self.factor,
+            bounds: self.bounds,
+            fill_missing: self.fill_missing,
+            method: self.method,
+            write: crate::formats::precomputed::WriteOptions {
+                gzip_level: self.gzip_level,
+            },
+            skip_existing: self.skip_existing,
+            tile_bytes: self
+                .tile_mib
+                .map_or(DownsampleOptions::default().tile_bytes, |m| m << 20),
+            ..Default::default()
+        }
+    }
+
+    /// The output document of a finished run.
+    pub fn output(&self, r: &DownsampleReport) -> Value {
+        serde_json::json!({
+            "kind": "downsample",
+            "location": self.location,
+            "mip": self.mip,
+            "num_mips": self.num_mips,
+            "bounds": self.bounds,
+            "input_voxels": r.input_voxels,
+            "output_voxels": r.output_voxels,
+            "tiles": r.tiles,
+            "tiles_skipped_empty": r.tiles_skipped_empty,
+            "tiles_skipped_existing": r.tiles_skipped_existing,
+            "chunks_written": r.chunks_written,
+            "new_scales": r.new_scales,
+            "seconds": r.wall.as_secs_f64(),
+            "mvx_per_s": r.mvx_per_s(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_a_minimal_downsample_task() {
+        let t = Task::from_json(r#"{"kind":"downsample","location":"s3://b/v"}"#).unwrap();
+        let Task::Downsample(d) = t else {
+            panic!("not a downsample task")
+        };
+        assert_eq!(
+            (d.mip, d.num_mips, d.factor, d.gzip_level, d.skip_existing),
+            (0, 1, Factor::ANISOTROPIC, 6, false)
+        );
+    }
+
+    #[test]
+    fn tasks_round_trip_through_json() {
+        let t = Task::Downsample(DownsampleTask {
+            location: "vol".into(),
+            mip: 1,
+            num_mips: 3,
+            factor: Factor::ISOTROPIC,
+            bounds: Some(Bounds {
+                start: [0, 64, 0],
+                stop: [128, 128, 64],
+            }),
+            fill_missing: true,
+            method: Some(Method::Mode),
+            gzip_level: 0,
+            skip_existing: true,
+            tile_mib: Some(16),
+        });
+        let text = serde_json::to_string(&t).unwrap();
+        assert!(text.contains(r#""factor":[2,2,2]"#), "{text}");
+        assert!(text.contains(r#""method":"mode""#), "{text}");
+        assert_eq!(Task::from_json(&text).unwrap(), t);
+    }
+
+    #[test]
+    fn a_boss_document_is_a_task_as_it_is() {
+        let doc = serde_json::json!({"lookup_key": "1&2&3", "msg": {"resolution": 0}});
+        let Task::BossDownsample(b) = Task::from_value(doc.clone()).unwrap() else {
+            panic!("not a Boss task")
+        };
+        assert_eq!((b.job, b.all_levels), (doc, false));
+    }
+
+    #[test]
+    fn bad_documents_say_what_is_wrong() {
+        let err = |text: &str| {
+            let e = Task::from_json(text).unwrap_err();
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg += &format!(": {s}");
+                source = s.source();
+            }
+            msg
+        };
+        assert!(err(r#"{"kind":"resize"}"#).contains("unknown variant `resize`"));
+        assert!(err(r#"{"kind":"downsample"}"#).contains("missing field `location`"));
+        assert!(
+            err(r#"{"kind":"downsample","location":"v","factor":[3,3,1]}"#)
+                .contains("unsupported downsampling factor [3, 3, 1]")
+        );
+        assert!(err(r#"{"kind":"downsample","location":"v","mips":2}"#)
+            .contains("unknown field `mips`"));
+        assert!(err(r#"{"resolution":0}"#).contains("not a task document"));
+        assert!(err("{").contains("invalid task document"));
+    }
+}
