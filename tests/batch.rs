@@ -81,7 +81,7 @@ async fn array_tasks_of_a_planned_manifest_equal_one_whole_run() {
     assert_eq!(tasks.len(), 4, "4 MiB tasks of a 16 MiB volume");
     assert!(tasks.iter().all(|t| t["kind"] == "downsample"));
 
-    for i in 0..tasks.len() {
+    for (i, task) in tasks.iter().enumerate() {
         let index = i.to_string();
         let out = ok(&cuboids(
             &s3,
@@ -89,7 +89,7 @@ async fn array_tasks_of_a_planned_manifest_equal_one_whole_run() {
             &[("AWS_BATCH_JOB_ARRAY_INDEX", &index)],
         ));
         let doc: Value = serde_json::from_str(out.trim()).unwrap();
-        assert_eq!(doc["bounds"], tasks[i]["bounds"], "task {i} ran");
+        assert_eq!(doc["bounds"], task["bounds"], "task {i} ran");
         assert_eq!(
             doc["chunks_written"],
             4 + 1,

@@ -37,6 +37,17 @@ pub const EXIT_RETRYABLE: u8 = 75;
 pub const EXIT_PERMANENT: u8 = 65;
 
 impl FailureKind {
+    pub const ALL: [FailureKind; 8] = [
+        FailureKind::InvalidTask,
+        FailureKind::InvalidData,
+        FailureKind::AccessDenied,
+        FailureKind::Storage,
+        FailureKind::Gpu,
+        FailureKind::Interrupted,
+        FailureKind::OutputTooLarge,
+        FailureKind::Internal,
+    ];
+
     /// The `error` sent with SendTaskFailure; state machines match these names.
     pub fn error_name(self) -> &'static str {
         match self {
