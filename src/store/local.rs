@@ -95,15 +95,15 @@ impl Store for LocalStore {
         remove_if_exists(&self.path(key, other)?).await
     }
 
-    /// Looks at metadata only: the chunk's bytes are not read.
+    /// Looks at metadata only: the chunk's bytes are not read. A directory is not an object.
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         for encoding in [ContentEncoding::Identity, ContentEncoding::Gzip] {
             let path = self.path(key, encoding)?;
-            if tokio::fs::try_exists(&path)
-                .await
-                .map_err(io_error(&path))?
-            {
-                return Ok(true);
+            match tokio::fs::metadata(&path).await {
+                Ok(meta) if meta.is_file() => return Ok(true),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(&path)(e)),
             }
         }
         Ok(false)
