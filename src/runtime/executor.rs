@@ -12,7 +12,8 @@ use crate::task::downsample::{downsample, Compute};
 use crate::task::failure::{Classify, FailureKind};
 use crate::task::spec::{BossDownsampleTask, DownsampleTask, Task};
 use serde_json::Value;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, Instrument};
 
@@ -64,9 +65,8 @@ pub struct TaskOutput {
 
 pub struct Executor {
     sdk: aws_config::SdkConfig,
-    gpu: OnceLock<Arc<GpuContext>>,
-    /// Serialises the first opening of the GPU between concurrent tasks.
-    gpu_opening: tokio::sync::Mutex<()>,
+    /// Opened once, by the first task that needs it; concurrent first tasks wait for it.
+    gpu: OnceCell<Arc<GpuContext>>,
 }
 
 impl Executor {
@@ -78,8 +78,7 @@ impl Executor {
     pub fn new(sdk: aws_config::SdkConfig) -> Executor {
         Executor {
             sdk,
-            gpu: OnceLock::new(),
-            gpu_opening: tokio::sync::Mutex::new(()),
+            gpu: OnceCell::new(),
         }
     }
 
@@ -89,19 +88,19 @@ impl Executor {
 
     /// The GPU context, opened by the first task that needs it.
     pub async fn gpu(&self) -> Result<Arc<GpuContext>, TaskFailure> {
-        if let Some(ctx) = self.gpu.get() {
-            return Ok(ctx.clone());
-        }
-        let _opening = self.gpu_opening.lock().await;
-        if let Some(ctx) = self.gpu.get() {
-            return Ok(ctx.clone());
-        }
-        let ctx = tokio::task::spawn_blocking(GpuContext::new)
+        self.gpu
+            .get_or_try_init(|| async {
+                let ctx = tokio::task::spawn_blocking(GpuContext::new)
+                    .await
+                    .map_err(|e| {
+                        TaskFailure::new(FailureKind::Internal, format!("opening the GPU: {e}"))
+                    })?
+                    .map_err(|e| TaskFailure::from_error("opening the GPU", &e))?;
+                info!(adapter = %ctx.adapter_info.name, "GPU opened");
+                Ok(Arc::new(ctx))
+            })
             .await
-            .map_err(|e| TaskFailure::new(FailureKind::Internal, format!("opening the GPU: {e}")))?
-            .map_err(|e| TaskFailure::from_error("opening the GPU", &e))?;
-        info!(adapter = %ctx.adapter_info.name, "GPU opened");
-        Ok(self.gpu.get_or_init(|| Arc::new(ctx)).clone())
+            .cloned()
     }
 
     /// Runs a task to its end, or until `cancel` fires: a downsample then stops before its next
