@@ -2,7 +2,8 @@
 //!
 //! Layout: `formats` (precomputed info, codecs) and `store` (where bytes live) are the I/O side;
 //! `gpu` holds the context and kernels, `ops` their CPU reference implementations; `task` plans
-//! and runs whole jobs; `runtime` holds the ways the binary runs (locally, for now).
+//! and runs whole jobs and task documents; `runtime` holds the ways the binary runs (locally, as
+//! an AWS Batch job, as a Step Functions activity worker).
 
 pub mod cli;
 pub mod dtype;

@@ -361,3 +361,27 @@ async fn heartbeats(
 fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_keeps_whole_characters() {
+        assert_eq!(truncate("abc", 5), "abc");
+        assert_eq!(truncate("µµµ", 2), "µµ");
+        let cause = "é".repeat(MAX_CAUSE_CHARS + 10);
+        assert_eq!(
+            truncate(&cause, MAX_CAUSE_CHARS).chars().count(),
+            MAX_CAUSE_CHARS
+        );
+    }
+
+    #[test]
+    fn every_error_name_fits_step_functions() {
+        for kind in FailureKind::ALL {
+            assert!(kind.error_name().len() <= MAX_ERROR_CHARS);
+            assert!(kind.error_name().starts_with("cuboids."));
+        }
+    }
+}
