@@ -5,7 +5,7 @@
 use crate::formats::precomputed::Precomputed;
 use crate::gpu::GpuContext;
 use crate::store::boss_index::S3Index;
-use crate::store::{aws_env, open_store_with, S3Store, Store};
+use crate::store::{aws_env, open_store_with};
 use crate::task::boss::channel_of;
 use crate::task::boss_downsample::{run_all_levels, run_step, BossError, BossTarget};
 use crate::task::downsample::{downsample, Compute};
@@ -171,14 +171,8 @@ impl Executor {
     async fn boss_downsample(&self, t: &BossDownsampleTask) -> Result<TaskOutput, TaskFailure> {
         let fail = |e: BossError| TaskFailure::from_error("Boss downsample", &e);
         let channel = channel_of(&t.job).map_err(|e| fail(e.into()))?;
-        let store: Arc<dyn Store> = Arc::new(
-            S3Store::with_config(
-                &format!("s3://{}", channel.bucket),
-                &self.sdk,
-                aws_env::endpoint("AWS_ENDPOINT_URL_S3"),
-            )
-            .map_err(|e| fail(e.into()))?,
-        );
+        let store = open_store_with(&format!("s3://{}", channel.bucket), &self.sdk)
+            .map_err(|e| fail(e.into()))?;
         let target = BossTarget {
             store,
             index: S3Index::new(

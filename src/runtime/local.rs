@@ -106,16 +106,22 @@ pub async fn boss_downsample(job: &Path, all_levels_cache_mib: Option<usize>) ->
 /// Runs a task document here, prints a summary on stderr and the output document on stdout.
 pub async fn run_and_print(task: &Task) -> Result<()> {
     let started = Instant::now();
-    let out = Executor::from_env()
+    let mut out = Executor::from_env()
         .await
         .run(task, &CancellationToken::new())
         .await
         .map_err(|f| anyhow::anyhow!(f))?;
-    eprintln!(
+    out.summary = format!(
         "{} in {:.2} s",
         out.summary,
         started.elapsed().as_secs_f64()
     );
+    print_output(&out)
+}
+
+/// A task's summary on stderr and its output document on stdout.
+fn print_output(out: &TaskOutput) -> Result<()> {
+    eprintln!("{}", out.summary);
     println!("{}", serde_json::to_string(&out.document)?);
     Ok(())
 }
@@ -184,11 +190,7 @@ pub async fn batch(source: &TaskSource) -> Result<ExitCode> {
 /// Prints a task's output document (stdout) or its failure (stderr); the exit code says which.
 fn finish(result: Result<TaskOutput, TaskFailure>) -> Result<ExitCode> {
     match result {
-        Ok(out) => {
-            eprintln!("{}", out.summary);
-            println!("{}", serde_json::to_string(&out.document)?);
-            Ok(ExitCode::SUCCESS)
-        }
+        Ok(out) => print_output(&out).map(|()| ExitCode::SUCCESS),
         Err(f) => {
             eprintln!("error: {f}");
             Ok(ExitCode::from(f.kind.exit_code()))
