@@ -6,11 +6,26 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
+const UNION_FIND: &str = include_str!("../../shaders/union_find.wgsl");
 
-/// Every shader, as the (name, source) pairs the device compiles: `common.wgsl` is prepended
-/// because WGSL has no includes. The naga validation test walks this list.
+/// Every shader, as the (name, source) pairs the device compiles: WGSL has no includes, so the
+/// downsampling kernels get `common.wgsl` prepended and the labelling kernels `union_find.wgsl`.
+/// The naga validation test walks this list.
 pub fn shader_sources() -> Vec<(&'static str, String)> {
-    [
+    let labelling = [
+        (
+            "connected_components",
+            include_str!("../../shaders/connected_components.wgsl"),
+        ),
+        ("watershed", include_str!("../../shaders/watershed.wgsl")),
+    ]
+    .into_iter()
+    .map(|(name, body)| (name, format!("{UNION_FIND}\n{body}")));
+    let standalone = [(
+        "region_graph",
+        include_str!("../../shaders/region_graph.wgsl").to_string(),
+    )];
+    let downsampling = [
         (
             "average_int",
             include_str!("../../shaders/average_int.wgsl"),
@@ -26,8 +41,8 @@ pub fn shader_sources() -> Vec<(&'static str, String)> {
         ("mode", include_str!("../../shaders/mode.wgsl")),
     ]
     .into_iter()
-    .map(|(name, body)| (name, format!("{COMMON}\n{body}")))
-    .collect()
+    .map(|(name, body)| (name, format!("{COMMON}\n{body}")));
+    downsampling.chain(labelling).chain(standalone).collect()
 }
 
 /// One pipeline: shader, entry point and pipeline-overridable constants.
@@ -47,6 +62,11 @@ pub enum KernelId {
     Mode {
         words: u32,
     },
+    /// An entry point of a labelling shader (no overridable constants).
+    Entry {
+        shader: &'static str,
+        entry: &'static str,
+    },
 }
 
 impl KernelId {
@@ -58,6 +78,7 @@ impl KernelId {
             KernelId::AverageF32 => "average_f32",
             KernelId::AverageU32 => "average_u32",
             KernelId::Mode { .. } => "mode",
+            KernelId::Entry { shader, .. } => shader,
         }
     }
 
@@ -65,6 +86,7 @@ impl KernelId {
         match self {
             KernelId::AverageIntFromPacked { .. } => "level_from_packed",
             KernelId::AverageIntFromSums { .. } => "level_from_sums",
+            KernelId::Entry { entry, .. } => entry,
             _ => "level",
         }
     }

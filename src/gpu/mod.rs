@@ -4,5 +4,6 @@
 pub mod context;
 pub mod downsample;
 pub mod kernels;
+pub mod labeling;
 
 pub use context::{GpuContext, GpuError};

@@ -83,3 +83,32 @@ fn fill_planes(image: &mut [u8], labels: &mut [u64], shape: Vec3, z0: usize) {
         *lab = best_id + 1;
     }
 }
+
+/// An EM-like affinity graph: edges inside cells are high, edges across the membranes of
+/// [`em_like`] low, with a little per-edge noise (so that, as with a network's float output,
+/// exact ties are rare). Channel c at v is the edge between v and v - e_c.
+pub fn affinities_like(shape: Vec3) -> crate::ops::watershed::Affinities {
+    let (image, _) = em_like(shape);
+    let img = &image.data;
+    let strides = [1, shape[0], shape[0] * shape[1]];
+    let channels = [0, 1, 2].map(|c| {
+        (0..img.len())
+            .map(|i| {
+                let at = [i % shape[0], (i / shape[0]) % shape[1], i / strides[2]];
+                if at[c] == 0 {
+                    return 0.0;
+                }
+                let darker = img[i].min(img[i - strides[c]]) as f32;
+                let noise = (hash(i as u64 * 3 + c as u64) >> 40) as f32 / (1u64 << 24) as f32;
+                ((darker - 50.0) / 130.0 + 0.05 * noise).clamp(0.0, 1.0)
+            })
+            .collect()
+    });
+    crate::ops::watershed::Affinities { shape, channels }
+}
+
+/// A probability map with the cells of [`em_like`] bright and membranes dark, in [0, 1].
+pub fn probability_like(shape: Vec3) -> Vec<f32> {
+    let (image, _) = em_like(shape);
+    image.data.iter().map(|&v| v as f32 / 255.0).collect()
+}
