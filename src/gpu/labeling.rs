@@ -397,6 +397,9 @@ fn deferred_voxels(info: &[u32], taint: &[u32], shape: Vec3, core: Box3) -> Vec<
     out
 }
 
+/// A fragment pair (low id, high id) and its edge statistics.
+pub type RegionEdge = ((u32, u32), EdgeStats);
+
 /// Slots of the region-graph table per fragment of the core at first: regions in 3-D touch a
 /// dozen or so others.
 const SLOTS_PER_FRAGMENT: usize = 16;
@@ -408,7 +411,7 @@ pub fn region_graph_box(
     fragments: &[u32],
     aff: &Affinities,
     core: Box3,
-) -> Result<Vec<((u32, u32), EdgeStats)>, GpuError> {
+) -> Result<Vec<RegionEdge>, GpuError> {
     let shape = aff.shape;
     let _span = debug_span!("gpu_region_graph", ?shape).entered();
     let n = voxels(shape);
