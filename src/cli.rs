@@ -4,7 +4,7 @@
 use crate::ops::downsample::{Factor, Method};
 use crate::runtime::activity::WorkerOptions;
 use crate::runtime::batch::{SubmitOptions, TaskSource};
-use crate::runtime::local;
+use crate::runtime::{local, segmentation};
 use crate::task::downsample::Bounds;
 use crate::task::spec::DownsampleTask;
 use anyhow::{bail, Context, Result};
@@ -100,6 +100,58 @@ enum Command {
         #[arg(long, default_value_t = 4096)]
         cache_mib: usize,
     },
+    /// Segment an affinity map (3 channels x, y, z; float32 or uint8) chunkflow-style on the GPU:
+    /// watershed, region graph, mean-affinity agglomeration, into a uint64
+    /// compressed_segmentation layer. Chunked runs leave no seams.
+    Segment {
+        /// The affinity map (precomputed, local or s3://).
+        #[arg(long)]
+        affinity: String,
+        /// The output segmentation layer (created; an existing one must match).
+        #[arg(long)]
+        output: String,
+        /// Merge while 1 - mean affinity < threshold.
+        #[arg(long, default_value_t = 0.7)]
+        threshold: f64,
+        /// Voxels whose strongest edge is at most this are background.
+        #[arg(long, default_value_t = 0.001)]
+        aff_low: f32,
+        /// Edges at least this strong always join.
+        #[arg(long, default_value_t = 0.9999)]
+        aff_high: f32,
+        #[command(flatten)]
+        chunks: ChunkArgs,
+    },
+    /// Thresholded connected components (cc3d semantics: value > threshold) into a uint64
+    /// compressed_segmentation layer, labels 1..N by first voxel.
+    ConnectedComponents {
+        /// The probability map (precomputed, one channel, local or s3://).
+        #[arg(long)]
+        input: String,
+        #[arg(long)]
+        output: String,
+        #[arg(long)]
+        threshold: f64,
+        /// 6, 18 or 26.
+        #[arg(long, default_value = "26")]
+        connectivity: crate::ops::connected_components::Connectivity,
+        /// Remove components smaller than this many voxels.
+        #[arg(long, default_value_t = 0)]
+        dust: u64,
+        #[command(flatten)]
+        chunks: ChunkArgs,
+    },
+    /// Measure segment and connected-components throughput (MVx/s) on a synthetic EM-like
+    /// volume; with --python, waterz and cc3d on the same data.
+    BenchSegment {
+        #[arg(long, default_value = "512,512,128", value_parser = parse_vec3)]
+        size: [usize; 3],
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// A Python with waterz and connected-components-3d installed.
+        #[arg(long)]
+        python: Option<PathBuf>,
+    },
     /// Make a small synthetic EM image and segmentation under DIR and downsample both.
     Demo {
         #[arg(long, default_value = "demo-data")]
@@ -177,6 +229,41 @@ impl DownsampleArgs {
             gzip_level: self.gzip_level,
             skip_existing: self.skip_existing,
             tile_mib: None,
+        }
+    }
+}
+
+/// How `segment` and `connected-components` cut the volume into GPU chunks.
+#[derive(clap::Args)]
+struct ChunkArgs {
+    /// Absolute voxel bounds x0,y0,z0,x1,y1,z1 on the output chunk grid (default: everything).
+    #[arg(long, value_parser = parse_bounds)]
+    bounds: Option<Bounds>,
+    /// Voxels per GPU chunk x,y,z, rounded up to whole output chunks (default: up to
+    /// 256,256,64, as the adapter allows). Results do not depend on it.
+    #[arg(long, value_parser = parse_vec3)]
+    chunk_size: Option<[usize; 3]>,
+    /// Chunk size of the output layer (default: the input's).
+    #[arg(long, value_parser = parse_vec3)]
+    output_chunk_size: Option<[usize; 3]>,
+    /// Read missing input chunks as zeros instead of failing.
+    #[arg(long)]
+    fill_missing: bool,
+    /// gzip level of written chunks (0 = uncompressed).
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
+    gzip_level: u32,
+}
+
+impl ChunkArgs {
+    fn options(&self) -> crate::task::segment::ChunkOptions {
+        crate::task::segment::ChunkOptions {
+            bounds: self.bounds,
+            chunk_size: self.chunk_size,
+            output_chunk_size: self.output_chunk_size,
+            fill_missing: self.fill_missing,
+            write: crate::formats::precomputed::WriteOptions {
+                gzip_level: self.gzip_level,
+            },
         }
     }
 }
@@ -349,6 +436,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
             job_definition,
             job_name,
         }))),
+        Command::Segment {
+            affinity,
+            output,
+            threshold,
+            aff_low,
+            aff_high,
+            chunks,
+        } => {
+            let opts = crate::task::segment::SegmentOptions {
+                chunks: chunks.options(),
+                watershed: crate::ops::watershed::WatershedParams {
+                    low: aff_low,
+                    high: aff_high,
+                },
+                threshold,
+            };
+            done(runtime.block_on(segmentation::segment_location(&affinity, &output, &opts)))
+        }
+        Command::ConnectedComponents {
+            input,
+            output,
+            threshold,
+            connectivity,
+            dust,
+            chunks,
+        } => {
+            let opts = crate::task::segment::ComponentsOptions {
+                chunks: chunks.options(),
+                threshold,
+                connectivity,
+                dust,
+            };
+            done(runtime.block_on(segmentation::components_location(&input, &output, &opts)))
+        }
+        Command::BenchSegment { size, dir, python } => done(runtime.block_on(
+            segmentation::bench_segment(segmentation::SegmentBenchOptions { size, dir, python }),
+        )),
         Command::Demo { dir, size } => done(runtime.block_on(local::demo(&dir, size))),
         Command::BossDownsample {
             job,

@@ -5,4 +5,5 @@ pub mod activity;
 pub mod batch;
 pub mod executor;
 pub mod local;
+pub mod segmentation;
 pub mod synthetic;

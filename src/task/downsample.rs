@@ -222,7 +222,7 @@ fn check_matches(mip: usize, existing: &Scale, want: &Scale) -> Result<(), TaskE
 }
 
 /// Relative region of the source scale to process, before alignment.
-fn source_region(scale: &Scale, bounds: Option<Bounds>) -> Result<Box3, TaskError> {
+pub(crate) fn source_region(scale: &Scale, bounds: Option<Bounds>) -> Result<Box3, TaskError> {
     let full = Box3::from_shape(scale.size);
     let Some(b) = bounds else { return Ok(full) };
     let rel =

@@ -144,6 +144,19 @@ impl Classify for TaskError {
     }
 }
 
+impl Classify for crate::task::segment::SegmentError {
+    fn failure_kind(&self) -> FailureKind {
+        use crate::task::segment::SegmentError as E;
+        match self {
+            E::Precomputed(e) => e.failure_kind(),
+            E::Gpu(e) => e.failure_kind(),
+            E::Task(e) => e.failure_kind(),
+            E::Input { .. } | E::OutputMismatch { .. } => FailureKind::InvalidTask,
+            E::Join(_) => FailureKind::Internal,
+        }
+    }
+}
+
 impl Classify for BossError {
     fn failure_kind(&self) -> FailureKind {
         match self {

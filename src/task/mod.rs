@@ -6,4 +6,6 @@ pub mod boss_downsample;
 pub mod downsample;
 pub mod failure;
 pub mod plan;
+pub mod segment;
 pub mod spec;
+pub mod stitch;

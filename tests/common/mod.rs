@@ -10,8 +10,18 @@ use std::sync::OnceLock;
 /// One GPU context per test binary, like the program itself. Tests need a Vulkan driver
 /// (lavapipe in CI) and fail, naming how to install one, when there is none.
 pub fn gpu() -> &'static GpuContext {
-    static CTX: OnceLock<GpuContext> = OnceLock::new();
-    CTX.get_or_init(|| GpuContext::new().unwrap_or_else(|e| panic!("{e}")))
+    shared_gpu().as_ref()
+}
+
+/// The same context, for functions that keep it across blocking threads.
+#[allow(dead_code)]
+pub fn gpu_arc() -> std::sync::Arc<GpuContext> {
+    shared_gpu().clone()
+}
+
+fn shared_gpu() -> &'static std::sync::Arc<GpuContext> {
+    static CTX: OnceLock<std::sync::Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| std::sync::Arc::new(GpuContext::new().unwrap_or_else(|e| panic!("{e}"))))
 }
 
 /// Deterministic xorshift64* generator: reproducible volumes without a rand dependency.

@@ -1,0 +1,213 @@
+//! Local entry points of `segment` and `connected-components`, and their benchmark.
+
+use crate::dtype::DataType;
+use crate::formats::precomputed::info::LayerType;
+use crate::formats::precomputed::{Precomputed, WriteOptions};
+use crate::geometry::{voxels, Vec3};
+use crate::ops::connected_components::Connectivity;
+use crate::ops::watershed::WatershedParams;
+use crate::runtime::local::{gpu, new_info, write_new_volume};
+use crate::runtime::synthetic::{affinities_like, probability_like};
+use crate::store::open_store;
+use crate::task::segment::{
+    connected_components, segment, ChunkOptions, ComponentsOptions, SegmentOptions, SegmentReport,
+};
+use crate::volume::Volume;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+async fn open_input(location: &str) -> Result<Precomputed> {
+    let store = open_store(location)
+        .await
+        .with_context(|| format!("opening {location}"))?;
+    Precomputed::open(store)
+        .await
+        .with_context(|| format!("opening {location}"))
+}
+
+pub async fn segment_location(input: &str, output: &str, opts: &SegmentOptions) -> Result<()> {
+    let vol = open_input(input).await?;
+    let out = open_store(output)
+        .await
+        .with_context(|| format!("opening {output}"))?;
+    let report = segment(gpu()?, &vol, out, opts)
+        .await
+        .with_context(|| format!("segmenting {input} into {output}"))?;
+    print_report(&format!("segment {input} -> {output}"), &report);
+    Ok(())
+}
+
+pub async fn components_location(
+    input: &str,
+    output: &str,
+    opts: &ComponentsOptions,
+) -> Result<()> {
+    let vol = open_input(input).await?;
+    let out = open_store(output)
+        .await
+        .with_context(|| format!("opening {output}"))?;
+    let report = connected_components(gpu()?, &vol, out, opts)
+        .await
+        .with_context(|| format!("labelling {input} into {output}"))?;
+    print_report(
+        &format!("connected-components {input} -> {output}"),
+        &report,
+    );
+    Ok(())
+}
+
+pub fn print_report(what: &str, r: &SegmentReport) {
+    println!(
+        "{what}: {:.1} MVx in {:.2} s = {:.1} MVx/s; {} chunks, {} fragments, {} segments ({} merges, {} region-graph edges, {} plateau voxels stitched on the host), {} chunks written",
+        r.voxels as f64 / 1e6,
+        r.wall.as_secs_f64(),
+        r.mvx_per_s(),
+        r.chunks,
+        r.fragments,
+        r.segments,
+        r.merges,
+        r.region_edges,
+        r.deferred,
+        r.chunks_written,
+    );
+    let passes: Vec<String> = r
+        .passes
+        .iter()
+        .map(|(name, d)| format!("{name} {:.2} s", d.as_secs_f64()))
+        .collect();
+    println!("  passes: {}", passes.join(", "));
+}
+
+/// Writes a float32 volume of `channels` channels (each Fortran-ordered) as a new precomputed
+/// layer with 64^3 chunks.
+pub async fn write_float_volume(
+    dir: &Path,
+    channels: &[&[f32]],
+    shape: Vec3,
+    write: WriteOptions,
+) -> Result<Precomputed> {
+    let mut info = new_info(
+        LayerType::Image,
+        DataType::Float32,
+        shape,
+        [64, 64, 64],
+        [8.0, 8.0, 40.0],
+    );
+    info.num_channels = channels.len();
+    let data: Vec<u8> = channels
+        .iter()
+        .flat_map(|c| bytemuck::cast_slice::<f32, u8>(c).iter().copied())
+        .collect();
+    let vol = Volume::from_bytes(DataType::Float32, shape, channels.len(), data)
+        .context("channel sizes")?;
+    write_new_volume(dir, info, &vol, write).await
+}
+
+pub struct SegmentBenchOptions {
+    pub size: Vec3,
+    pub dir: Option<PathBuf>,
+    /// A Python with waterz and cc3d: runs benches/segment_compare.py on the same data.
+    pub python: Option<PathBuf>,
+}
+
+/// `cuboids bench-segment`: segment and connected components of a synthetic EM-like volume,
+/// end to end (read, compute, write), in MVx/s; with `--python`, waterz and cc3d on the same
+/// arrays and machine.
+pub async fn bench_segment(o: SegmentBenchOptions) -> Result<()> {
+    let ctx = gpu()?;
+    println!(
+        "adapter: {} ({:?})",
+        ctx.adapter_info.name, ctx.adapter_info.device_type
+    );
+    let size = o.size;
+    let temp = tempfile::Builder::new()
+        .prefix("cuboids-bench-segment")
+        .tempdir_in(o.dir.clone().unwrap_or_else(std::env::temp_dir))?;
+    let t = Instant::now();
+    let aff = affinities_like(size);
+    let prob = probability_like(size);
+    let write = WriteOptions { gzip_level: 0 };
+    let channels: Vec<&[f32]> = aff.channels.iter().map(|c| c.as_slice()).collect();
+    let aff_vol =
+        write_float_volume(&temp.path().join("affinities"), &channels, size, write).await?;
+    let prob_vol =
+        write_float_volume(&temp.path().join("probability"), &[&prob], size, write).await?;
+    println!(
+        "synthetic EM-like affinities and probability map {size:?} written in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let mvx = voxels(size) as f64 / 1e6;
+    let chunks = ChunkOptions {
+        write,
+        ..Default::default()
+    };
+    for round in 0..2 {
+        let note = if round == 0 {
+            " (includes shader compilation)"
+        } else {
+            ""
+        };
+        let out = crate::store::LocalStore::new(temp.path().join(format!("seg{round}")));
+        let opts = SegmentOptions {
+            chunks: chunks.clone(),
+            watershed: WatershedParams::default(),
+            threshold: 0.7,
+        };
+        let r = segment(ctx.clone(), &aff_vol, std::sync::Arc::new(out), &opts).await?;
+        print_report(&format!("cuboids segment{note}"), &r);
+        let out = crate::store::LocalStore::new(temp.path().join(format!("cc{round}")));
+        let opts = ComponentsOptions {
+            chunks: chunks.clone(),
+            threshold: 0.5,
+            connectivity: Connectivity::TwentySix,
+            dust: 0,
+        };
+        let r =
+            connected_components(ctx.clone(), &prob_vol, std::sync::Arc::new(out), &opts).await?;
+        print_report(&format!("cuboids connected-components (26){note}"), &r);
+    }
+    if let Some(python) = o.python {
+        let aff_path = temp.path().join("affinities.f32");
+        let prob_path = temp.path().join("probability.f32");
+        std::fs::write(
+            &aff_path,
+            channels
+                .iter()
+                .flat_map(|c| bytemuck::cast_slice::<f32, u8>(c).to_vec())
+                .collect::<Vec<u8>>(),
+        )?;
+        std::fs::write(&prob_path, bytemuck::cast_slice::<f32, u8>(&prob))?;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/segment_compare.py");
+        let out = Command::new(&python)
+            .arg(&script)
+            .arg(&aff_path)
+            .arg(&prob_path)
+            .arg(format!("{},{},{}", size[0], size[1], size[2]))
+            .output()
+            .with_context(|| format!("running {}", python.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} failed: {}",
+                script.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // waterz also prints its progress on stdout: only the JSON lines are results.
+        for line in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with('{'))
+        {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            let seconds = v["seconds"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "{} (same data, this machine): {:.2} s = {:.1} MVx/s",
+                v["tool"].as_str().unwrap_or("?"),
+                seconds,
+                mvx / seconds
+            );
+        }
+    }
+    Ok(())
+}

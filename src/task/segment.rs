@@ -1,0 +1,675 @@
+//! `segment` and `connected-components` over precomputed volumes, chunk by chunk on the GPU and
+//! without seams: a chunked run writes exactly what one whole-region run writes.
+//!
+//! Segment, in four passes over the chunks of the region:
+//! 1. watershed of each chunk's core (affinities read with a 3-voxel margin, enough for every
+//!    rule of src/ops/watershed.rs to see what it needs) on the GPU;
+//! 2. on the host: plateaus that cross chunk faces (rare: they need exact ties) are resolved over
+//!    their whole extent, chunks are glued along their faces ([`crate::task::stitch`]) and
+//!    fragments numbered by first voxel;
+//! 3. the region graph of each chunk's core on the GPU (fixed-point sums, so exact), summed;
+//! 4. agglomeration of the whole graph on the CPU, then the output chunks are written.
+//!
+//! Connected components needs passes 1, 2 and the write. Chunk labels are kept in host memory
+//! (4 bytes per voxel) between passes; affinities are read again for pass 3 instead.
+
+use crate::dtype::DataType;
+use crate::formats::precomputed::info::{Encoding, Info, LayerType, Scale};
+use crate::formats::precomputed::{
+    chunk_grid, chunk_key, Precomputed, PrecomputedError, WriteOptions,
+};
+use crate::geometry::{voxels, Box3, Vec3};
+use crate::gpu::labeling::{
+    connected_components_box, region_graph_box, watershed_box, DeferredVoxel,
+};
+use crate::gpu::{GpuContext, GpuError};
+use crate::ops::agglomerate::{agglomerate, RegionGraph};
+use crate::ops::connected_components::Connectivity;
+use crate::ops::watershed::{Affinities, WatershedParams, DIRECTIONS, FAR};
+use crate::store::Store;
+use crate::task::downsample::{source_region, Bounds, TaskError};
+use crate::task::stitch::{ChunkGrid, ChunkLabels, Numbering, Stitcher};
+use crate::volume::Volume;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tracing::info;
+
+#[derive(Debug, Error)]
+pub enum SegmentError {
+    #[error(transparent)]
+    Precomputed(#[from] PrecomputedError),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Task(#[from] TaskError),
+    #[error("{location}: {field} {message}")]
+    Input {
+        location: String,
+        field: &'static str,
+        message: String,
+    },
+    #[error(
+        "output {location} exists and does not match: {field} is {existing}, expected {expected}"
+    )]
+    OutputMismatch {
+        location: String,
+        field: &'static str,
+        existing: String,
+        expected: String,
+    },
+    #[error("background task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Options both commands share.
+#[derive(Clone, Debug, Default)]
+pub struct ChunkOptions {
+    /// Absolute voxel bounds at mip 0; the whole volume when `None`. Voxels outside do not exist
+    /// for the run, and bounds must follow the output's chunk grid.
+    pub bounds: Option<Bounds>,
+    /// Core of each GPU chunk; rounded up to whole output chunks. `None`: the largest default
+    /// (256x256x64) that fits the adapter.
+    pub chunk_size: Option<Vec3>,
+    /// Output chunk size; the input's when `None`.
+    pub output_chunk_size: Option<Vec3>,
+    pub fill_missing: bool,
+    pub write: WriteOptions,
+}
+
+#[derive(Clone, Debug)]
+pub struct SegmentOptions {
+    pub chunks: ChunkOptions,
+    pub watershed: WatershedParams,
+    /// Merge while `1 - mean affinity < threshold`.
+    pub threshold: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct ComponentsOptions {
+    pub chunks: ChunkOptions,
+    pub threshold: f64,
+    pub connectivity: Connectivity,
+    /// Components smaller than this many voxels are removed (0 keeps all).
+    pub dust: u64,
+}
+
+/// What a run did, for the report line.
+#[derive(Clone, Debug, Default)]
+pub struct SegmentReport {
+    pub voxels: u64,
+    pub chunks: usize,
+    pub fragments: usize,
+    pub segments: usize,
+    pub merges: usize,
+    pub region_edges: usize,
+    /// Plateau voxels resolved on the host because their plateau crossed a chunk face.
+    pub deferred: usize,
+    pub chunks_written: usize,
+    pub wall: Duration,
+    /// Time per pass: label, stitch, region graph, agglomerate, write.
+    pub passes: Vec<(&'static str, Duration)>,
+}
+
+impl SegmentReport {
+    pub fn mvx_per_s(&self) -> f64 {
+        self.voxels as f64 / 1e6 / self.wall.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The resolved layout of a run: region (scale-relative), chunk grid and output volume.
+struct Layout {
+    region: Box3,
+    grid: ChunkGrid,
+    output: Precomputed,
+    output_is_new: bool,
+}
+
+const DEFAULT_CHUNK: Vec3 = [256, 256, 64];
+
+/// Host-visible words per box voxel the watershed needs at once (affinities, candidates, info,
+/// two relaxation words, labels): the chunk default shrinks until a box fits.
+const WATERSHED_BINDING_WORDS: u64 = 2;
+
+async fn layout(
+    ctx: &GpuContext,
+    input: &Precomputed,
+    output_store: Arc<dyn Store>,
+    opts: &ChunkOptions,
+    margin: usize,
+) -> Result<Layout, SegmentError> {
+    let scale = input.scale(0);
+    let region = source_region(scale, opts.bounds)?;
+    let out_chunk = opts.output_chunk_size.unwrap_or(scale.chunk_size());
+    let location = output_store.location();
+    for a in 0..3 {
+        let aligned = |v: usize| v.is_multiple_of(out_chunk[a]) || v == scale.size[a];
+        if !aligned(region.start[a]) || !aligned(region.stop[a]) {
+            return Err(SegmentError::Input {
+                location: input.store.location(),
+                field: "bounds",
+                message: format!(
+                    "{:?}..{:?} (relative to voxel_offset) must follow the output chunk grid {out_chunk:?}",
+                    region.start, region.stop
+                ),
+            });
+        }
+    }
+    let chunk = match opts.chunk_size {
+        Some(c) => c,
+        None => {
+            let mut c = DEFAULT_CHUNK;
+            let fits = |c: Vec3| {
+                voxels(c.map(|v| v + 2 * margin)) as u64 * 4 * WATERSHED_BINDING_WORDS
+                    <= ctx.max_binding_bytes()
+            };
+            while !fits(c) && c.iter().any(|&v| v > 16) {
+                let a = (0..3).max_by_key(|&a| c[a]).expect("3 axes");
+                c[a] /= 2;
+            }
+            c
+        }
+    };
+    let chunk = [0, 1, 2].map(|a| chunk[a].max(1).next_multiple_of(out_chunk[a]));
+    let grid = ChunkGrid {
+        region: region.shape(),
+        chunk,
+    };
+    let wanted = output_info(&input.info, out_chunk);
+    let (output, output_is_new) = match Precomputed::open(output_store.clone()).await {
+        Ok(existing) => {
+            check_output(&existing, &wanted, &location)?;
+            (existing, false)
+        }
+        Err(PrecomputedError::MissingInfo { .. }) => (
+            Precomputed {
+                store: output_store,
+                info: wanted,
+            },
+            true,
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Layout {
+        region,
+        grid,
+        output,
+        output_is_new,
+    })
+}
+
+/// A uint64 compressed_segmentation layer with the input's first scale.
+fn output_info(input: &Info, chunk: Vec3) -> Info {
+    let s = &input.scales[0];
+    Info {
+        layer_type: LayerType::Segmentation,
+        data_type: DataType::Uint64,
+        num_channels: 1,
+        scales: vec![Scale {
+            key: s.key.clone(),
+            size: s.size,
+            resolution: s.resolution,
+            voxel_offset: s.voxel_offset,
+            chunk_sizes: vec![chunk],
+            encoding: Encoding::CompressedSegmentation,
+            compressed_segmentation_block_size: Some([8, 8, 8]),
+            sharding: None,
+            extra: Default::default(),
+        }],
+        extra: Default::default(),
+    }
+}
+
+fn check_output(existing: &Precomputed, wanted: &Info, location: &str) -> Result<(), SegmentError> {
+    let mismatch = |field, existing: String, expected: String| SegmentError::OutputMismatch {
+        location: location.to_string(),
+        field,
+        existing,
+        expected,
+    };
+    let (e, w) = (&existing.info, &wanted.scales[0]);
+    if e.data_type != DataType::Uint64 || e.num_channels != 1 {
+        return Err(mismatch(
+            "data_type",
+            format!("{} x{}", e.data_type, e.num_channels),
+            "uint64 x1".into(),
+        ));
+    }
+    let s = &e.scales[0];
+    if s.size != w.size || s.voxel_offset != w.voxel_offset {
+        return Err(mismatch(
+            "scales[0].size/voxel_offset",
+            format!("{:?} at {:?}", s.size, s.voxel_offset),
+            format!("{:?} at {:?}", w.size, w.voxel_offset),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a region-relative box of the input (every channel).
+async fn read_box(
+    input: &Precomputed,
+    region: Box3,
+    b: Box3,
+    fill_missing: bool,
+) -> Result<Volume, SegmentError> {
+    let rel = Box3::new(
+        [0, 1, 2].map(|a| region.start[a] + b.start[a]),
+        [0, 1, 2].map(|a| region.start[a] + b.stop[a]),
+    );
+    Ok(input.read_region(0, rel, fill_missing).await?.0)
+}
+
+/// Float channels of a volume: float32 as is, uint8 scaled by 1/255 (affinities stored as bytes).
+fn affinities_of(vol: &Volume, location: &str) -> Result<Affinities, SegmentError> {
+    if vol.channels != 3 {
+        return Err(SegmentError::Input {
+            location: location.into(),
+            field: "num_channels",
+            message: format!("is {}; an affinity map has 3 (x, y, z)", vol.channels),
+        });
+    }
+    let channel = |c: usize| -> Result<Vec<f32>, SegmentError> {
+        let bytes = vol.channel(c);
+        match vol.dtype {
+            DataType::Float32 => Ok(bytemuck::pod_collect_to_vec(bytes)),
+            DataType::Uint8 => Ok(bytes.iter().map(|&b| b as f32 / 255.0).collect()),
+            other => Err(SegmentError::Input {
+                location: location.into(),
+                field: "data_type",
+                message: format!("is {other}; affinities must be float32 or uint8"),
+            }),
+        }
+    };
+    Ok(Affinities {
+        shape: vol.shape,
+        channels: [channel(0)?, channel(1)?, channel(2)?],
+    })
+}
+
+/// Values compared with the threshold: float32 as is; integer types become 1.0 / 0.0 against the
+/// threshold on the host (exact for every integer width), compared with 0.5 on the GPU.
+fn foreground_values(
+    vol: &Volume,
+    threshold: f64,
+    location: &str,
+) -> Result<(Vec<f32>, f32), SegmentError> {
+    if vol.channels != 1 {
+        return Err(SegmentError::Input {
+            location: location.into(),
+            field: "num_channels",
+            message: format!("is {}; connected components needs 1", vol.channels),
+        });
+    }
+    let bytes = vol.channel(0);
+    let above = |v: f64| if v > threshold { 1.0 } else { 0.0 };
+    Ok(match vol.dtype {
+        DataType::Float32 => (bytemuck::pod_collect_to_vec(bytes), threshold as f32),
+        DataType::Uint8 => (bytes.iter().map(|&b| above(b as f64)).collect(), 0.5),
+        DataType::Uint16 => (
+            bytes
+                .chunks_exact(2)
+                .map(|b| above(u16::from_le_bytes([b[0], b[1]]) as f64))
+                .collect(),
+            0.5,
+        ),
+        DataType::Uint32 => (
+            bytes
+                .chunks_exact(4)
+                .map(|b| above(u32::from_le_bytes(b.try_into().unwrap()) as f64))
+                .collect(),
+            0.5,
+        ),
+        other => {
+            return Err(SegmentError::Input {
+                location: location.into(),
+                field: "data_type",
+                message: format!(
+                    "is {other}; connected components reads float32, uint8, uint16 or uint32"
+                ),
+            })
+        }
+    })
+}
+
+/// Pass 1 for both commands: labels every chunk on the GPU, reading the next chunk while the
+/// current one computes. `label` gets (box, core within the box, the box's volume).
+async fn label_chunks<F>(
+    input: &Precomputed,
+    layout: &Layout,
+    margin: usize,
+    fill_missing: bool,
+    label: F,
+) -> Result<Stitcher, SegmentError>
+where
+    F: Fn(Box3, Box3, Volume) -> Result<ChunkLabels, SegmentError> + Send + Sync + 'static,
+{
+    let label = Arc::new(label);
+    let grid = layout.grid;
+    let mut stitcher = Stitcher::new(grid);
+    let boxed = move |c: usize| grid.grown(grid.core(c), margin, margin);
+    let read = |c: usize| {
+        let (input, region) = (input.clone(), layout.region);
+        tokio::spawn(async move { read_box(&input, region, boxed(c), fill_missing).await })
+    };
+    let mut next = (!grid.is_empty()).then(|| read(0));
+    for c in 0..grid.len() {
+        let vol = next.take().expect("read ahead").await??;
+        if c + 1 < grid.len() {
+            next = Some(read(c + 1));
+        }
+        let (b, core) = (boxed(c), grid.core(c));
+        let local_core = Box3::new(
+            [0, 1, 2].map(|a| core.start[a] - b.start[a]),
+            [0, 1, 2].map(|a| core.stop[a] - b.start[a]),
+        );
+        let label = label.clone();
+        let labels = tokio::task::spawn_blocking(move || label(b, local_core, vol)).await??;
+        stitcher.insert(c, labels);
+        info!(chunk = c + 1, of = grid.len(), "labelled");
+    }
+    Ok(stitcher)
+}
+
+/// Writes the final labels, output chunk by output chunk; on failure removes the chunks this run
+/// wrote into a new volume, and the info of a new volume is written last.
+async fn write_output(
+    layout: &Layout,
+    label_of: impl Fn(Box3) -> Vec<u32>,
+    write: WriteOptions,
+) -> Result<usize, SegmentError> {
+    let out = &layout.output;
+    let scale = out.scale(0).clone();
+    let mut written = Vec::new();
+    let result: Result<(), SegmentError> = async {
+        for c in 0..layout.grid.len() {
+            let core = layout.grid.core(c);
+            let labels = label_of(core);
+            let data: Vec<u8> = labels
+                .iter()
+                .flat_map(|&l| (l as u64).to_le_bytes())
+                .collect();
+            let vol = Volume::from_bytes(DataType::Uint64, core.shape(), 1, data).expect("shape");
+            let rel = Box3::new(
+                [0, 1, 2].map(|a| layout.region.start[a] + core.start[a]),
+                [0, 1, 2].map(|a| layout.region.start[a] + core.stop[a]),
+            );
+            for chunk in chunk_grid(&scale, rel) {
+                let local = [0, 1, 2].map(|a| chunk.start[a] - rel.start[a]);
+                let part = vol.crop(local, chunk.shape());
+                written.push(chunk_key(&scale, chunk));
+                out.write_chunk(0, chunk, part, write).await?;
+            }
+        }
+        if layout.output_is_new {
+            out.write_info().await?;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        if layout.output_is_new {
+            for key in &written {
+                if let Err(err) = out.store.delete(key).await {
+                    tracing::warn!(key, error = %err, "could not remove a chunk of an unfinished output");
+                }
+            }
+        }
+        return Err(e);
+    }
+    Ok(written.len())
+}
+
+/// Thresholded connected components of `input` (one channel) into a new uint64 segmentation.
+pub async fn connected_components(
+    ctx: Arc<GpuContext>,
+    input: &Precomputed,
+    output: Arc<dyn Store>,
+    opts: &ComponentsOptions,
+) -> Result<SegmentReport, SegmentError> {
+    let start = Instant::now();
+    let layout = layout(&ctx, input, output, &opts.chunks, 1).await?;
+    let mut report = SegmentReport {
+        voxels: voxels(layout.region.shape()) as u64,
+        chunks: layout.grid.len(),
+        ..Default::default()
+    };
+    let location = input.store.location();
+    let (threshold, connectivity) = (opts.threshold, opts.connectivity);
+    let t = Instant::now();
+    let mut stitcher = label_chunks(
+        input,
+        &layout,
+        1,
+        opts.chunks.fill_missing,
+        move |b, core, vol| {
+            let (values, t) = foreground_values(&vol, threshold, &location)?;
+            let roots = connected_components_box(&ctx, &values, vol.shape, core, t, connectivity)?;
+            let core_in_region = Box3::new(
+                [0, 1, 2].map(|a| core.start[a] + b.start[a]),
+                [0, 1, 2].map(|a| core.stop[a] + b.start[a]),
+            );
+            Ok(ChunkLabels::from_roots(&roots, b, core_in_region))
+        },
+    )
+    .await?;
+    report.passes.push(("label", t.elapsed()));
+    let t = Instant::now();
+    stitcher.glue();
+    let numbering = stitcher.number();
+    // Dust: drop small components and renumber the rest, still by first voxel.
+    let mut keep = vec![0u32; numbering.sizes.len()];
+    let mut next = 0;
+    for (l, &size) in numbering.sizes.iter().enumerate().skip(1) {
+        if size >= opts.dust {
+            next += 1;
+            keep[l] = next;
+        }
+    }
+    report.segments = next as usize;
+    report.fragments = numbering.sizes.len() - 1;
+    report.passes.push(("stitch", t.elapsed()));
+    let t = Instant::now();
+    report.chunks_written = write_output(
+        &layout,
+        |core| stitcher.labels_in(core, &numbering, |l| keep[l as usize]),
+        opts.chunks.write,
+    )
+    .await?;
+    report.passes.push(("write", t.elapsed()));
+    report.wall = start.elapsed();
+    Ok(report)
+}
+
+/// Affinity margin around a watershed chunk core (see src/gpu/labeling.rs).
+const WATERSHED_MARGIN: usize = 3;
+
+/// Watershed, region graph and mean-affinity agglomeration of an affinity map into a new uint64
+/// segmentation.
+pub async fn segment(
+    ctx: Arc<GpuContext>,
+    input: &Precomputed,
+    output: Arc<dyn Store>,
+    opts: &SegmentOptions,
+) -> Result<SegmentReport, SegmentError> {
+    let start = Instant::now();
+    let layout = layout(&ctx, input, output, &opts.chunks, WATERSHED_MARGIN).await?;
+    let grid = layout.grid;
+    let mut report = SegmentReport {
+        voxels: voxels(layout.region.shape()) as u64,
+        chunks: grid.len(),
+        ..Default::default()
+    };
+    let location = input.store.location();
+    let params = opts.watershed;
+    let deferred: Arc<std::sync::Mutex<HashMap<Vec3, DeferredVoxel>>> = Default::default();
+    let t = Instant::now();
+    let mut stitcher = {
+        let (ctx, location, deferred) = (ctx.clone(), location.clone(), deferred.clone());
+        label_chunks(
+            input,
+            &layout,
+            WATERSHED_MARGIN,
+            opts.chunks.fill_missing,
+            move |b, core, vol| {
+                let aff = affinities_of(&vol, &location)?;
+                let out = watershed_box(&ctx, &aff, core, params)?;
+                let mut d = deferred.lock().unwrap();
+                for v in out.deferred {
+                    let p =
+                        crate::ops::watershed::Grid { shape: aff.shape }.position(v.index as usize);
+                    d.insert([0, 1, 2].map(|a| p[a] + b.start[a]), v);
+                }
+                let core_in_region = Box3::new(
+                    [0, 1, 2].map(|a| core.start[a] + b.start[a]),
+                    [0, 1, 2].map(|a| core.stop[a] + b.start[a]),
+                );
+                Ok(ChunkLabels::from_roots(&out.roots, b, core_in_region))
+            },
+        )
+        .await?
+    };
+    report.passes.push(("watershed", t.elapsed()));
+    let t = Instant::now();
+    stitcher.glue();
+    let deferred = std::mem::take(&mut *deferred.lock().unwrap());
+    report.deferred = deferred.len();
+    for (a, b) in resolve_plateaus(&deferred) {
+        stitcher.join(a, b);
+    }
+    let numbering = stitcher.number();
+    report.fragments = numbering.sizes.len() - 1;
+    report.passes.push(("stitch", t.elapsed()));
+
+    let t = Instant::now();
+    let graph = region_graph(
+        &ctx,
+        input,
+        &layout,
+        &stitcher,
+        &numbering,
+        opts.chunks.fill_missing,
+        &location,
+    )
+    .await?;
+    report.region_edges = graph.len();
+    report.passes.push(("region graph", t.elapsed()));
+
+    let t = Instant::now();
+    let fragments = report.fragments as u32;
+    let threshold = opts.threshold;
+    let (segment_of, merges) =
+        tokio::task::spawn_blocking(move || agglomerate(fragments, &graph, threshold)).await?;
+    report.merges = merges.merges;
+    report.segments = merges.segments;
+    report.passes.push(("agglomerate", t.elapsed()));
+
+    let t = Instant::now();
+    report.chunks_written = write_output(
+        &layout,
+        |core| stitcher.labels_in(core, &numbering, |f| segment_of[f as usize]),
+        opts.chunks.write,
+    )
+    .await?;
+    report.passes.push(("write", t.elapsed()));
+    report.wall = start.elapsed();
+    Ok(report)
+}
+
+/// Pass 3: every chunk's region graph (edges from its core voxels to their -x, -y, -z
+/// neighbours), summed over chunks.
+async fn region_graph(
+    ctx: &Arc<GpuContext>,
+    input: &Precomputed,
+    layout: &Layout,
+    stitcher: &Stitcher,
+    numbering: &Numbering,
+    fill_missing: bool,
+    location: &str,
+) -> Result<RegionGraph, SegmentError> {
+    let grid = layout.grid;
+    let mut graph = RegionGraph::new();
+    for c in 0..grid.len() {
+        let core = grid.core(c);
+        let b = grid.grown(core, 1, 0);
+        let vol = read_box(input, layout.region, b, fill_missing).await?;
+        let aff = affinities_of(&vol, location)?;
+        let fragments = stitcher.labels_in(b, numbering, |f| f);
+        let local_core = Box3::new(
+            [0, 1, 2].map(|a| core.start[a] - b.start[a]),
+            [0, 1, 2].map(|a| core.stop[a] - b.start[a]),
+        );
+        let ctx = ctx.clone();
+        let edges = tokio::task::spawn_blocking(move || {
+            region_graph_box(&ctx, &fragments, &aff, local_core)
+        })
+        .await??;
+        for (pair, stats) in edges {
+            graph.entry(pair).or_default().add(stats);
+        }
+        info!(chunk = c + 1, of = grid.len(), "region graph");
+    }
+    Ok(graph)
+}
+
+/// Chooses pointers for plateau voxels whose plateau crosses chunk faces, by the rule of
+/// src/ops/watershed.rs applied to the whole plateau: breadth-first distances from the exits,
+/// then the last direction one step nearer; plateaus without an exit join along every edge.
+/// Returns the union edges.
+pub fn resolve_plateaus(deferred: &HashMap<Vec3, DeferredVoxel>) -> Vec<(Vec3, Vec3)> {
+    let step = |p: Vec3, d: usize| -> Vec3 {
+        [0, 1, 2].map(|a| (p[a] as i64 + DIRECTIONS[d][a]) as usize)
+    };
+    let mut distance: HashMap<Vec3, u32> = HashMap::new();
+    let mut queue = VecDeque::new();
+    let mut starts: Vec<Vec3> = deferred
+        .iter()
+        .filter(|(_, v)| v.to_exit != 0)
+        .map(|(p, _)| *p)
+        .collect();
+    starts.sort_unstable();
+    for p in starts {
+        distance.insert(p, 1);
+        queue.push_back(p);
+    }
+    while let Some(p) = queue.pop_front() {
+        let (v, here) = (deferred[&p], distance[&p]);
+        for d in 0..6 {
+            if v.bidirectional & (1 << d) == 0 {
+                continue;
+            }
+            let q = step(p, d);
+            if deferred.contains_key(&q) && !distance.contains_key(&q) {
+                distance.insert(q, here + 1);
+                queue.push_back(q);
+            }
+        }
+    }
+    let mut edges = Vec::new();
+    for (&p, v) in deferred {
+        let bidir = v.bidirectional;
+        match distance.get(&p) {
+            Some(&here) => {
+                let nearer = |d: usize| {
+                    if v.to_exit & (1 << d) != 0 {
+                        0
+                    } else {
+                        distance.get(&step(p, d)).copied().unwrap_or(FAR)
+                    }
+                };
+                let d = (0..6)
+                    .rev()
+                    .find(|&d| bidir & (1 << d) != 0 && nearer(d) == here - 1)
+                    .expect("a voxel at a finite distance has a nearer neighbour");
+                edges.push((p, step(p, d)));
+            }
+            None => {
+                for d in (0..6).filter(|d| bidir & (1 << d) != 0) {
+                    edges.push((p, step(p, d)));
+                }
+            }
+        }
+    }
+    edges
+}
