@@ -21,6 +21,11 @@ struct Params {
 const BIDIR_SHIFT: u32 = 6u;
 const EXIT: u32 = 0x1000u;
 const BACKGROUND: u32 = 0x2000u;
+// m >= high: every candidate edge is >= high, hence bidirectional, and so is every edge of the
+// neighbours it reaches: such a plateau never has an exit. It needs no distances and no taint,
+// and it joins along all its edges whether or not it crosses the core (an optimisation only: the
+// CPU reference reaches the same result through its distances, which stay FAR there).
+const SATURATED: u32 = 0x4000u;
 const FAR: u32 = 0xffffffffu;
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -85,7 +90,7 @@ fn edges(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
         candidates[i] = BACKGROUND;
         return;
     }
-    var bits = 0u;
+    var bits = select(0u, SATURATED, m >= P.high);
     for (var d = 0u; d < 6u; d++) {
         if present[d] && (a[d] == m || a[d] >= P.high) {
             bits |= 1u << d;
@@ -117,16 +122,16 @@ fn exits(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
             }
         }
     }
-    let exit = (c & ~bidir) != 0u;
+    let exit = (c & 0x3fu & ~bidir) != 0u;
     info[i] = c | (bidir << BIDIR_SHIFT) | select(0u, EXIT, exit);
     atomicStore(&parent[i], i);
     atomicStore(&relax_state[i], select(FAR, 0u, exit));
-    let outside_plateau = !exit && !in_core(position(i, P.size));
+    let outside_plateau = !exit && (c & SATURATED) == 0u && !in_core(position(i, P.size));
     atomicStore(&relax_state[P.voxels + i], select(0u, 1u, outside_plateau));
 }
 
 fn is_core_plateau(i: u32) -> bool {
-    return (info[i] & (BACKGROUND | EXIT)) == 0u && in_core(position(i, P.size));
+    return (info[i] & (BACKGROUND | EXIT | SATURATED)) == 0u && in_core(position(i, P.size));
 }
 
 @compute @workgroup_size(64)
