@@ -72,16 +72,17 @@ fn segment_reference(aff: &Affinities, threshold: f64) -> Vec<u64> {
 fn segment_chunked_equals_whole_equals_cpu_reference() {
     let dir = tempfile::tempdir().unwrap();
     let shape = [40, 36, 20];
-    for (name, aff) in [
-        ("em-like", affinities_like(shape)),
-        ("tied", tied_affinities(shape, 3)),
+    // The em-like volume is smaller than one synthetic cell: a low threshold keeps it in pieces.
+    for (name, aff, threshold) in [
+        ("em-like", affinities_like(shape), 0.05),
+        ("tied", tied_affinities(shape, 3), 0.7),
     ] {
         rt().block_on(async {
             let channels: Vec<&[f32]> = aff.channels.iter().map(|c| c.as_slice()).collect();
             let input = write_float_volume(&dir.path().join(name), &channels, shape, WRITE)
                 .await
                 .unwrap();
-            let expected = segment_reference(&aff, 0.7);
+            let expected = segment_reference(&aff, threshold);
             let segments = expected.iter().max().copied().unwrap();
             assert!(segments > 3, "{name}: only {segments} segments");
             let mut deferred = Vec::new();
@@ -94,7 +95,7 @@ fn segment_chunked_equals_whole_equals_cpu_reference() {
                 let opts = SegmentOptions {
                     chunks: chunks(chunk.or(Some(shape))),
                     watershed: WatershedParams::default(),
-                    threshold: 0.7,
+                    threshold,
                 };
                 let report = segment(gpu_arc(), &input, Arc::new(LocalStore::new(&out)), &opts)
                     .await
@@ -240,4 +241,79 @@ fn bad_inputs_name_the_field_and_leave_nothing() {
         .unwrap_err();
         assert!(err.to_string().contains("bounds"), "{err}");
     });
+}
+
+#[test]
+fn segmentation_tasks_run_through_run_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let shape = [24, 16, 8];
+    let mut rng = Rng::new(21);
+    let values: Vec<f32> = (0..shape[0] * shape[1] * shape[2])
+        .map(|_| rng.below(100) as f32 / 100.0)
+        .collect();
+    let aff = affinities_like([24, 16, 8]);
+    rt().block_on(async {
+        write_float_volume(&dir.path().join("prob"), &[&values], shape, WRITE)
+            .await
+            .unwrap();
+        let channels: Vec<&[f32]> = aff.channels.iter().map(|c| c.as_slice()).collect();
+        write_float_volume(&dir.path().join("aff"), &channels, shape, WRITE)
+            .await
+            .unwrap();
+    });
+    let run = |doc: serde_json::Value| {
+        let path = dir.path().join("task.json");
+        std::fs::write(&path, doc.to_string()).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_cuboids"))
+            .arg("run-task")
+            .arg(&path)
+            .env("CUBOIDS_LOG_FORMAT", "text")
+            .output()
+            .unwrap()
+    };
+    let out = run(serde_json::json!({
+        "kind": "connected-components",
+        "input": dir.path().join("prob"),
+        "output": dir.path().join("cc"),
+        "threshold": 0.55,
+        "connectivity": 6,
+        "chunk_size": [8, 8, 4],
+        "output_chunk_size": [8, 8, 4],
+        "gzip_level": 0
+    }));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["kind"], "connected-components");
+    let cpu = connected_components_cpu(&values, shape, 0.55, Connectivity::Six);
+    assert_eq!(doc["segments"], *cpu.iter().max().unwrap());
+    let got = rt().block_on(read_labels(&dir.path().join("cc")));
+    assert_eq!(got, cpu.iter().map(|&l| l as u64).collect::<Vec<_>>());
+
+    let out = run(serde_json::json!({
+        "kind": "segment",
+        "affinity": dir.path().join("aff"),
+        "output": dir.path().join("seg"),
+        "output_chunk_size": [8, 8, 4],
+    }));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = rt().block_on(read_labels(&dir.path().join("seg")));
+    assert_eq!(got, segment_reference(&aff, 0.7));
+
+    let out = run(serde_json::json!({
+        "kind": "segment", "affinity": "x", "output": "y", "treshold": 0.5
+    }));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("treshold"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -74,6 +74,27 @@ pub fn region_graph_cpu(aff: &Affinities, fragments: &[u32]) -> RegionGraph {
     graph
 }
 
+/// A fast, deterministic hasher for the adjacency maps (keys are small integers; SipHash's
+/// protection against adversarial keys is not needed and costs most of the time here).
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = (self.0.rotate_left(5) ^ v as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+type Adjacency = HashMap<u32, (EdgeStats, u32), std::hash::BuildHasherDefault<IdHasher>>;
+
 /// An entry of the merge queue. Stale entries (an older `version` of the edge) are skipped.
 #[derive(Debug)]
 struct Candidate {
@@ -125,9 +146,10 @@ pub struct MergeReport {
 /// segments by first voxel too.
 pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<u32>, MergeReport) {
     let n = fragments as usize + 1;
-    let mut sets = UnionFind::new(n);
-    // Adjacency of each current region (keyed by its root): neighbour root -> (stats, version).
-    let mut adjacency: Vec<HashMap<u32, (EdgeStats, u32)>> = vec![HashMap::new(); n];
+    // merged_into[r] = r for a live region, else the region it was merged into.
+    let mut merged_into: Vec<u32> = (0..n as u32).collect();
+    // Adjacency of each live region: neighbour -> (stats, version).
+    let mut adjacency: Vec<Adjacency> = vec![Adjacency::default(); n];
     let mut queue = BinaryHeap::new();
     let mut pairs: Vec<_> = graph.iter().collect();
     pairs.sort_unstable_by_key(|(k, _)| **k);
@@ -150,11 +172,13 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
         if 1.0 - c.stats.mean() >= threshold {
             break;
         }
-        // Merge the region with fewer neighbours into the other; the survivor is the union-find
-        // root (the smaller id) so that pairs stay (root, root).
-        sets.union(a, b);
-        let keep = sets.find(a);
-        let gone = if keep == a { b } else { a };
+        // The region with more neighbours survives, so each merge costs the smaller adjacency.
+        let (keep, gone) = if adjacency[a as usize].len() >= adjacency[b as usize].len() {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        merged_into[gone as usize] = keep;
         let moved = std::mem::take(&mut adjacency[gone as usize]);
         adjacency[keep as usize].remove(&gone);
         for (other, (stats, _)) in moved {
@@ -178,6 +202,10 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
             });
         }
         report.merges += 1;
+    }
+    let mut sets = UnionFind::new(n);
+    for (r, &into) in merged_into.iter().enumerate() {
+        sets.union(r as u32, into);
     }
     // Number segments by smallest fragment.
     let mut segment_of_root = vec![0u32; n];

@@ -10,7 +10,8 @@ use crate::task::boss::channel_of;
 use crate::task::boss_downsample::{run_all_levels, run_step, BossError, BossTarget};
 use crate::task::downsample::{downsample, Compute};
 use crate::task::failure::{Classify, FailureKind};
-use crate::task::spec::{BossDownsampleTask, DownsampleTask, Task};
+use crate::task::segment::{connected_components, segment};
+use crate::task::spec::{segmentation_output, BossDownsampleTask, DownsampleTask, Task};
 use serde_json::Value;
 use std::sync::Arc;
 use tokio::sync::OnceCell;
@@ -116,6 +117,13 @@ impl Executor {
             let started = std::time::Instant::now();
             let result = match task {
                 Task::Downsample(t) => self.downsample(t, cancel).await,
+                Task::Segment(_) | Task::ConnectedComponents(_) => tokio::select! {
+                    r = self.segmentation(task) => r,
+                    _ = cancel.cancelled() => Err(TaskFailure::new(
+                        FailureKind::Interrupted,
+                        "stopped before it finished: the runner is shutting down",
+                    )),
+                },
                 Task::BossDownsample(t) => tokio::select! {
                     r = self.boss_downsample(t) => r,
                     _ = cancel.cancelled() => Err(TaskFailure::new(
@@ -164,6 +172,43 @@ impl Executor {
                 report.chunks_written,
                 report.tiles_skipped_existing,
                 report.tiles_skipped_empty
+            ),
+        })
+    }
+
+    /// Segment and connected-components tasks. Their output layer's `info` is written last, so
+    /// an interrupted run leaves no layer that claims to be complete.
+    async fn segmentation(&self, task: &Task) -> Result<TaskOutput, TaskFailure> {
+        let (kind, input, output) = match task {
+            Task::Segment(t) => ("segment", &t.affinity, &t.output),
+            Task::ConnectedComponents(t) => ("connected-components", &t.input, &t.output),
+            _ => unreachable!("only segmentation tasks come here"),
+        };
+        let context = format!("{kind} {input} -> {output}");
+        let store =
+            open_store_with(input, &self.sdk).map_err(|e| TaskFailure::from_error(&context, &e))?;
+        let vol = Precomputed::open(store)
+            .await
+            .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        let out = open_store_with(output, &self.sdk)
+            .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        let ctx = self.gpu().await?;
+        let report = match task {
+            Task::Segment(t) => segment(ctx, &vol, out, &t.options()).await,
+            Task::ConnectedComponents(t) => {
+                connected_components(ctx, &vol, out, &t.options()).await
+            }
+            _ => unreachable!("only segmentation tasks come here"),
+        }
+        .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        Ok(TaskOutput {
+            document: segmentation_output(kind, output, &report),
+            summary: format!(
+                "{context}: {:.1} MVx in {:.2} s = {:.1} MVx/s, {} segments",
+                report.voxels as f64 / 1e6,
+                report.wall.as_secs_f64(),
+                report.mvx_per_s(),
+                report.segments
             ),
         })
     }

@@ -84,12 +84,35 @@ fn fill_planes(image: &mut [u8], labels: &mut [u64], shape: Vec3, z0: usize) {
     }
 }
 
+/// Box blur along one axis (radius r), in place: a network's output is smooth, EM is not.
+fn blur_axis(v: &mut [f32], shape: Vec3, axis: usize, r: usize) {
+    let stride = [1, shape[0], shape[0] * shape[1]][axis];
+    let len = shape[axis];
+    let mut line = vec![0f32; len];
+    for start in 0..v.len() {
+        if !(start / stride).is_multiple_of(len) {
+            continue; // not the first voxel of a line along `axis`
+        }
+        for (k, l) in line.iter_mut().enumerate() {
+            *l = v[start + k * stride];
+        }
+        for k in 0..len {
+            let (lo, hi) = (k.saturating_sub(r), (k + r).min(len - 1));
+            v[start + k * stride] = line[lo..=hi].iter().sum::<f32>() / (hi - lo + 1) as f32;
+        }
+    }
+}
+
 /// An EM-like affinity graph: edges inside cells are high, edges across the membranes of
-/// [`em_like`] low, with a little per-edge noise (so that, as with a network's float output,
-/// exact ties are rare). Channel c at v is the edge between v and v - e_c.
+/// [`em_like`] low; computed from the smoothed image (like a network's output) with a little
+/// per-edge noise (so that, as with float output, exact ties are rare). Channel c at v is the
+/// edge between v and v - e_c.
 pub fn affinities_like(shape: Vec3) -> crate::ops::watershed::Affinities {
     let (image, _) = em_like(shape);
-    let img = &image.data;
+    let mut img: Vec<f32> = image.data.iter().map(|&b| b as f32).collect();
+    blur_axis(&mut img, shape, 0, 2);
+    blur_axis(&mut img, shape, 1, 2);
+    blur_axis(&mut img, shape, 2, 1);
     let strides = [1, shape[0], shape[0] * shape[1]];
     let channels = [0, 1, 2].map(|c| {
         (0..img.len())
@@ -98,9 +121,9 @@ pub fn affinities_like(shape: Vec3) -> crate::ops::watershed::Affinities {
                 if at[c] == 0 {
                     return 0.0;
                 }
-                let darker = img[i].min(img[i - strides[c]]) as f32;
+                let darker = img[i].min(img[i - strides[c]]);
                 let noise = (hash(i as u64 * 3 + c as u64) >> 40) as f32 / (1u64 << 24) as f32;
-                ((darker - 50.0) / 130.0 + 0.05 * noise).clamp(0.0, 1.0)
+                ((darker - 50.0) / 120.0 + 0.01 * noise).clamp(0.0, 1.0)
             })
             .collect()
     });

@@ -2,8 +2,12 @@
 //! them (one per line: a manifest), and `run-task`, the AWS Batch entrypoint and the Step
 //! Functions activity worker run them. The Boss's DownsampleChannel document is a task as it is.
 
+use crate::geometry::Vec3;
+use crate::ops::connected_components::Connectivity;
 use crate::ops::downsample::{Factor, Method};
+use crate::ops::watershed::WatershedParams;
 use crate::task::downsample::{Bounds, DownsampleOptions, DownsampleReport};
+use crate::task::segment::{ChunkOptions, ComponentsOptions, SegmentOptions, SegmentReport};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
@@ -12,7 +16,7 @@ use thiserror::Error;
 pub enum SpecError {
     #[error("invalid task document")]
     Invalid(#[source] serde_json::Error),
-    #[error("not a task document: a task has a \"kind\" (downsample, boss-downsample), a Boss DownsampleChannel document a \"msg\" object")]
+    #[error("not a task document: a task has a \"kind\" (downsample, boss-downsample, segment, connected-components), a Boss DownsampleChannel document a \"msg\" object")]
     Unrecognised,
 }
 
@@ -23,6 +27,128 @@ pub enum Task {
     Downsample(DownsampleTask),
     /// One step of the Boss resolution hierarchy (or every remaining one).
     BossDownsample(BossDownsampleTask),
+    /// Watershed + agglomeration of an affinity map into a new segmentation layer.
+    Segment(SegmentTask),
+    /// Thresholded connected components into a new segmentation layer.
+    ConnectedComponents(ComponentsTask),
+}
+
+fn threshold_default() -> f64 {
+    0.7
+}
+
+fn low_default() -> f32 {
+    0.001
+}
+
+fn high_default() -> f32 {
+    0.9999
+}
+
+fn connectivity_default() -> Connectivity {
+    Connectivity::TwentySix
+}
+
+/// How `segment` and `connected-components` tasks chunk their volume (the CLI's options).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkFields {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bounds: Option<Bounds>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_size: Option<Vec3>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_chunk_size: Option<Vec3>,
+    #[serde(default)]
+    pub fill_missing: bool,
+    #[serde(default = "gzip_default")]
+    pub gzip_level: u32,
+}
+
+impl ChunkFields {
+    pub fn options(&self) -> ChunkOptions {
+        ChunkOptions {
+            bounds: self.bounds,
+            chunk_size: self.chunk_size,
+            output_chunk_size: self.output_chunk_size,
+            fill_missing: self.fill_missing,
+            write: crate::formats::precomputed::WriteOptions {
+                gzip_level: self.gzip_level,
+            },
+        }
+    }
+}
+
+/// `cuboids segment` as a document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentTask {
+    pub affinity: String,
+    pub output: String,
+    #[serde(default = "threshold_default")]
+    pub threshold: f64,
+    #[serde(default = "low_default")]
+    pub aff_low: f32,
+    #[serde(default = "high_default")]
+    pub aff_high: f32,
+    #[serde(flatten)]
+    pub chunks: ChunkFields,
+}
+
+/// `cuboids connected-components` as a document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentsTask {
+    pub input: String,
+    pub output: String,
+    pub threshold: f64,
+    #[serde(default = "connectivity_default")]
+    pub connectivity: Connectivity,
+    #[serde(default)]
+    pub dust: u64,
+    #[serde(flatten)]
+    pub chunks: ChunkFields,
+}
+
+impl SegmentTask {
+    pub fn options(&self) -> SegmentOptions {
+        SegmentOptions {
+            chunks: self.chunks.options(),
+            watershed: WatershedParams {
+                low: self.aff_low,
+                high: self.aff_high,
+            },
+            threshold: self.threshold,
+        }
+    }
+}
+
+impl ComponentsTask {
+    pub fn options(&self) -> ComponentsOptions {
+        ComponentsOptions {
+            chunks: self.chunks.options(),
+            threshold: self.threshold,
+            connectivity: self.connectivity,
+            dust: self.dust,
+        }
+    }
+}
+
+/// The output document of a finished segment or connected-components task.
+pub fn segmentation_output(kind: &str, output: &str, r: &SegmentReport) -> Value {
+    serde_json::json!({
+        "kind": kind,
+        "output": output,
+        "voxels": r.voxels,
+        "chunks": r.chunks,
+        "fragments": r.fragments,
+        "segments": r.segments,
+        "merges": r.merges,
+        "region_edges": r.region_edges,
+        "chunks_written": r.chunks_written,
+        "seconds": r.wall.as_secs_f64(),
+        "mvx_per_s": r.mvx_per_s(),
+    })
 }
 
 fn one() -> u32 {
@@ -120,6 +246,10 @@ impl Task {
                 t.job["msg"]["resolution"],
                 if t.all_levels { " (all levels)" } else { "" }
             ),
+            Task::Segment(t) => format!("segment {} -> {}", t.affinity, t.output),
+            Task::ConnectedComponents(t) => {
+                format!("connected-components {} -> {}", t.input, t.output)
+            }
         }
     }
 }
