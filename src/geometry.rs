@@ -63,6 +63,22 @@ impl Box3 {
         Box3::new(start, stop)
     }
 
+    /// This box in coordinates whose origin is `origin` (which it must not precede).
+    pub fn relative_to(&self, origin: Vec3) -> Box3 {
+        Box3::new(
+            [0, 1, 2].map(|i| self.start[i] - origin[i]),
+            [0, 1, 2].map(|i| self.stop[i] - origin[i]),
+        )
+    }
+
+    /// This box moved by `offset`.
+    pub fn offset_by(&self, offset: Vec3) -> Box3 {
+        Box3::new(
+            [0, 1, 2].map(|i| self.start[i] + offset[i]),
+            [0, 1, 2].map(|i| self.stop[i] + offset[i]),
+        )
+    }
+
     /// The box of level `k` covering this level-0 box when each level shrinks by `factor`.
     pub fn downsampled(&self, factor: Vec3, k: u32) -> Box3 {
         let f = pow3(factor, k);

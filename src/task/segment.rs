@@ -254,10 +254,7 @@ async fn read_box(
     b: Box3,
     fill_missing: bool,
 ) -> Result<Volume, SegmentError> {
-    let rel = Box3::new(
-        [0, 1, 2].map(|a| region.start[a] + b.start[a]),
-        [0, 1, 2].map(|a| region.start[a] + b.stop[a]),
-    );
+    let rel = b.offset_by(region.start);
     Ok(input.read_region(0, rel, fill_missing).await?.0)
 }
 
@@ -360,10 +357,7 @@ where
             next = Some(read(c + 1));
         }
         let (b, core) = (boxed(c), grid.core(c));
-        let local_core = Box3::new(
-            [0, 1, 2].map(|a| core.start[a] - b.start[a]),
-            [0, 1, 2].map(|a| core.stop[a] - b.start[a]),
-        );
+        let local_core = core.relative_to(b.start);
         let label = label.clone();
         let labels = tokio::task::spawn_blocking(move || label(b, local_core, vol)).await??;
         stitcher.insert(c, labels);
@@ -391,10 +385,7 @@ async fn write_output(
                 .flat_map(|&l| (l as u64).to_le_bytes())
                 .collect();
             let vol = Volume::from_bytes(DataType::Uint64, core.shape(), 1, data).expect("shape");
-            let rel = Box3::new(
-                [0, 1, 2].map(|a| layout.region.start[a] + core.start[a]),
-                [0, 1, 2].map(|a| layout.region.start[a] + core.stop[a]),
-            );
+            let rel = core.offset_by(layout.region.start);
             for chunk in chunk_grid(&scale, rel) {
                 let local = [0, 1, 2].map(|a| chunk.start[a] - rel.start[a]);
                 let part = vol.crop(local, chunk.shape());
@@ -446,10 +437,7 @@ pub async fn connected_components(
         move |b, core, vol| {
             let (values, t) = foreground_values(&vol, threshold, &location)?;
             let roots = connected_components_box(&ctx, &values, vol.shape, core, t, connectivity)?;
-            let core_in_region = Box3::new(
-                [0, 1, 2].map(|a| core.start[a] + b.start[a]),
-                [0, 1, 2].map(|a| core.stop[a] + b.start[a]),
-            );
+            let core_in_region = core.offset_by(b.start);
             Ok(ChunkLabels::from_roots(&roots, b, core_in_region))
         },
     )
@@ -521,10 +509,7 @@ pub async fn segment(
                         crate::ops::watershed::Grid { shape: aff.shape }.position(v.index as usize);
                     d.insert([0, 1, 2].map(|a| p[a] + b.start[a]), v);
                 }
-                let core_in_region = Box3::new(
-                    [0, 1, 2].map(|a| core.start[a] + b.start[a]),
-                    [0, 1, 2].map(|a| core.stop[a] + b.start[a]),
-                );
+                let core_in_region = core.offset_by(b.start);
                 Ok(ChunkLabels::from_roots(&out.roots, b, core_in_region))
             },
         )
@@ -596,10 +581,7 @@ async fn region_graph(
         let vol = read_box(input, layout.region, b, fill_missing).await?;
         let aff = affinities_of(&vol, location)?;
         let fragments = stitcher.labels_in(b, numbering, |f| f);
-        let local_core = Box3::new(
-            [0, 1, 2].map(|a| core.start[a] - b.start[a]),
-            [0, 1, 2].map(|a| core.stop[a] - b.start[a]),
-        );
+        let local_core = core.relative_to(b.start);
         let ctx = ctx.clone();
         let edges = tokio::task::spawn_blocking(move || {
             region_graph_box(&ctx, &fragments, &aff, local_core)
