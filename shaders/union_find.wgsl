@@ -17,6 +17,8 @@ fn position(i: u32, size: vec3<u32>) -> vec3<u32> {
     return vec3<u32>(i % size.x, (i / size.x) % size.y, i / (size.x * size.y));
 }
 
+// Path halving: each visited node is pointed at its grandparent. atomicMin keeps links
+// decreasing, so concurrent unions stay correct while watershed trees' long chains shorten.
 fn find(start: u32) -> u32 {
     var x = start;
     loop {
@@ -24,7 +26,11 @@ fn find(start: u32) -> u32 {
         if p == x {
             return x;
         }
-        x = p;
+        let grand = atomicLoad(&parent[p]);
+        if grand != p {
+            atomicMin(&parent[x], grand);
+        }
+        x = grand;
     }
     return x;
 }

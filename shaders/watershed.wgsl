@@ -37,8 +37,12 @@ const FAR: u32 = 0xffffffffu;
 @group(0) @binding(6) var<storage, read_write> info: array<u32>;
 // [0, voxels): distance to the nearest exit; [voxels, 2 voxels): taint (0 or 1).
 @group(0) @binding(7) var<storage, read_write> relax_state: array<atomic<u32>>;
-// [0]: something changed in this relaxation round; [1]: voxels left to the host.
+// [0]: something changed in this relaxation round; [1]: voxels left to the host;
+// [2]: length of plateau_list.
 @group(0) @binding(8) var<storage, read_write> flags: array<atomic<u32>>;
+// The core plateau voxels (not saturated): the only ones relaxation visits, so its rounds cost
+// what the plateaus hold, not the whole box.
+@group(0) @binding(9) var<storage, read_write> plateau_list: array<u32>;
 
 fn in_core(p: vec3<u32>) -> bool {
     return all(p >= P.core_start) && all(p < P.core_stop);
@@ -126,20 +130,21 @@ fn exits(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     info[i] = c | (bidir << BIDIR_SHIFT) | select(0u, EXIT, exit);
     atomicStore(&parent[i], i);
     atomicStore(&relax_state[i], select(FAR, 0u, exit));
-    let outside_plateau = !exit && (c & SATURATED) == 0u && !in_core(position(i, P.size));
-    atomicStore(&relax_state[P.voxels + i], select(0u, 1u, outside_plateau));
-}
-
-fn is_core_plateau(i: u32) -> bool {
-    return (info[i] & (BACKGROUND | EXIT | SATURATED)) == 0u && in_core(position(i, P.size));
+    let plateau = !exit && (c & SATURATED) == 0u;
+    let core = in_core(position(i, P.size));
+    atomicStore(&relax_state[P.voxels + i], select(0u, 1u, plateau && !core));
+    if plateau && core {
+        plateau_list[atomicAdd(&flags[2], 1u)] = i;
+    }
 }
 
 @compute @workgroup_size(64)
 fn relax(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let i = invocation(gid, groups);
-    if i >= P.voxels || !is_core_plateau(i) {
+    let k = invocation(gid, groups);
+    if k >= atomicLoad(&flags[2]) {
         return;
     }
+    let i = plateau_list[k];
     let bidir = (info[i] >> BIDIR_SHIFT) & 0x3fu;
     let here = atomicLoad(&relax_state[i]);
     let tainted = atomicLoad(&relax_state[P.voxels + i]);

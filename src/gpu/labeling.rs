@@ -292,7 +292,8 @@ pub fn watershed_box(
     let candidates = work.storage("candidates", n)?;
     let info = work.storage("voxel info", n)?;
     let relax = work.storage("plateau distances", 2 * n)?;
-    let flags = work.storage("flags", 2)?;
+    let flags = work.storage("flags", 3)?;
+    let plateau_list = work.storage("plateau voxels", n)?;
     let parent = work.storage("labels", n)?;
     const S: &str = "watershed";
     work.dispatch(
@@ -316,24 +317,32 @@ pub fn watershed_box(
             (5, &candidates),
             (6, &info),
             (7, &relax),
+            (8, &flags),
+            (9, &plateau_list),
         ],
         n,
     )?;
+    let plateau_voxels = work.finish(&[&flags])?[0][2] as usize;
     let mut rounds = 0;
-    loop {
+    let mut converged = plateau_voxels == 0;
+    while !converged {
         work.encoder.clear_buffer(&flags, 0, Some(4));
         for _ in 0..RELAX_PER_CHECK {
             work.dispatch(
                 S,
                 "relax",
-                &[(0, &uniform), (6, &info), (7, &relax), (8, &flags)],
-                n,
+                &[
+                    (0, &uniform),
+                    (6, &info),
+                    (7, &relax),
+                    (8, &flags),
+                    (9, &plateau_list),
+                ],
+                plateau_voxels,
             )?;
         }
         rounds += 1;
-        if work.finish(&[&flags])?[0][0] == 0 {
-            break;
-        }
+        converged = work.finish(&[&flags])?[0][0] == 0;
     }
     work.dispatch(
         S,
