@@ -98,17 +98,34 @@ type Adjacency = HashMap<u32, (EdgeStats, u32), std::hash::BuildHasherDefault<Id
 /// An entry of the merge queue. Stale entries (an older `version` of the edge) are skipped.
 #[derive(Debug)]
 struct Candidate {
+    /// `stats.mean()`, kept so that most comparisons in the heap are one float compare.
+    mean: f64,
     stats: EdgeStats,
     pair: (u32, u32),
     version: u32,
 }
 
 impl Candidate {
-    /// Exact comparison of means: sum1/count1 vs sum2/count2 by cross-multiplication.
+    fn new(stats: EdgeStats, pair: (u32, u32), version: u32) -> Candidate {
+        Candidate {
+            mean: stats.mean(),
+            stats,
+            pair,
+            version,
+        }
+    }
+
+    /// Exact comparison of means. The rounded means decide unless they are equal; then the
+    /// cross-multiplied fractions sum1/count1 vs sum2/count2 do.
     fn cmp_mean(&self, other: &Self) -> Ordering {
-        let l = self.stats.sum as u128 * other.stats.count as u128;
-        let r = other.stats.sum as u128 * self.stats.count as u128;
-        l.cmp(&r)
+        match self.mean.total_cmp(&other.mean) {
+            Ordering::Equal => {
+                let l = self.stats.sum as u128 * other.stats.count as u128;
+                let r = other.stats.sum as u128 * self.stats.count as u128;
+                l.cmp(&r)
+            }
+            unequal => unequal,
+        }
     }
 }
 
@@ -156,11 +173,7 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
     for (&(a, b), &stats) in pairs {
         adjacency[a as usize].insert(b, (stats, 0));
         adjacency[b as usize].insert(a, (stats, 0));
-        queue.push(Candidate {
-            stats,
-            pair: (a, b),
-            version: 0,
-        });
+        queue.push(Candidate::new(stats, (a, b), 0));
     }
     let mut report = MergeReport::default();
     while let Some(c) = queue.pop() {
@@ -195,11 +208,11 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
                 *entry
             };
             adjacency[other as usize].insert(keep, (merged, version));
-            queue.push(Candidate {
-                stats: merged,
-                pair: (keep.min(other), keep.max(other)),
+            queue.push(Candidate::new(
+                merged,
+                (keep.min(other), keep.max(other)),
                 version,
-            });
+            ));
         }
         report.merges += 1;
     }
