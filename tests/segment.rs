@@ -317,3 +317,70 @@ fn segmentation_tasks_run_through_run_task() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Input and output in S3 (moto's server), through the CLI: the same labels as the reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_reads_and_writes_s3_through_the_cli() {
+    let s3 = common::S3Server::start();
+    let shape = [24, 20, 12];
+    let aff = tied_affinities(shape, 17);
+    let store = Arc::new(s3.store("vols", "aff").await);
+    let mut info = cuboids::runtime::local::new_info(
+        cuboids::formats::precomputed::info::LayerType::Image,
+        cuboids::dtype::DataType::Float32,
+        shape,
+        [8, 8, 4],
+        [8.0, 8.0, 40.0],
+    );
+    info.num_channels = 3;
+    let data: Vec<u8> = aff
+        .channels
+        .iter()
+        .flat_map(|c| bytemuck::cast_slice::<f32, u8>(c).to_vec())
+        .collect();
+    let vol =
+        cuboids::volume::Volume::from_bytes(cuboids::dtype::DataType::Float32, shape, 3, data)
+            .unwrap();
+    Precomputed::create(store, info)
+        .await
+        .unwrap()
+        .write_region(0, [0; 3], &vol, WriteOptions::default())
+        .await
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cuboids"))
+        .args([
+            "segment",
+            "--affinity",
+            "s3://vols/aff",
+            "--output",
+            "s3://vols/seg",
+            "--chunk-size",
+            "8,8,8",
+        ])
+        .envs(s3.aws_env("AWS_ENDPOINT_URL_S3"))
+        .env("CUBOIDS_LOG_FORMAT", "text")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("MVx/s"));
+    let seg_store = Arc::new(
+        cuboids::store::S3Store::with_config(
+            "s3://vols/seg",
+            &s3.sdk_config().await,
+            Some(s3.endpoint.clone()),
+        )
+        .unwrap(),
+    );
+    let seg = Precomputed::open(seg_store).await.unwrap();
+    assert_eq!(seg.scale(0).chunk_sizes, vec![[8, 8, 4]]);
+    let (labels, _) = seg
+        .read_region(0, Box3::from_shape(shape), false)
+        .await
+        .unwrap();
+    let labels: Vec<u64> = bytemuck::pod_collect_to_vec(&labels.data);
+    assert_eq!(labels, segment_reference(&aff, 0.7));
+}
