@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::gpu_arc;
+use common::{gpu_arc, read_labels};
 use cuboids::formats::precomputed::{Precomputed, WriteOptions};
 use cuboids::geometry::{Box3, Vec3};
 use cuboids::ops::connected_components::{connected_components_cpu, remove_dust, Connectivity};
@@ -73,17 +73,6 @@ fn variation_of_information(a: &[u64], b: &[u64]) -> f64 {
     };
     let hj = h(&mut joint.values().copied());
     (2.0 * hj - h(&mut pa.values().copied()) - h(&mut pb.values().copied())).max(0.0)
-}
-
-async fn read_labels(dir: &Path) -> Vec<u64> {
-    let vol = Precomputed::open(Arc::new(LocalStore::new(dir)))
-        .await
-        .unwrap();
-    let (v, _) = vol
-        .read_region(0, Box3::from_shape(vol.scale(0).size), false)
-        .await
-        .unwrap();
-    bytemuck::pod_collect_to_vec(&v.data)
 }
 
 fn chunk_options() -> ChunkOptions {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{gpu_arc, Rng};
+use common::{gpu_arc, read_labels, Rng};
 use cuboids::formats::precomputed::{Precomputed, WriteOptions};
 use cuboids::geometry::{Box3, Vec3};
 use cuboids::ops::agglomerate::{agglomerate, region_graph_cpu};
@@ -24,18 +24,6 @@ const WRITE: WriteOptions = WriteOptions { gzip_level: 0 };
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
-}
-
-async fn read_labels(dir: &Path) -> Vec<u64> {
-    let vol = Precomputed::open(Arc::new(LocalStore::new(dir)))
-        .await
-        .unwrap();
-    let size = vol.scale(0).size;
-    let (v, _) = vol
-        .read_region(0, Box3::from_shape(size), false)
-        .await
-        .unwrap();
-    bytemuck::pod_collect_to_vec(&v.data)
 }
 
 fn chunks(chunk_size: Option<Vec3>) -> ChunkOptions {

@@ -14,7 +14,6 @@ pub fn gpu() -> &'static GpuContext {
 }
 
 /// The same context, for functions that keep it across blocking threads.
-#[allow(dead_code)]
 pub fn gpu_arc() -> std::sync::Arc<GpuContext> {
     shared_gpu().clone()
 }
@@ -81,6 +80,20 @@ pub fn random_volume(rng: &mut Rng, dtype: DataType, shape: Vec3, channels: usiz
 }
 
 /// Every file below `dir` (none if it does not exist), sorted.
+/// The uint64 labels of scale 0 of the segmentation layer at `dir`, Fortran order.
+pub async fn read_labels(dir: &std::path::Path) -> Vec<u64> {
+    use cuboids::formats::precomputed::Precomputed;
+    let vol = Precomputed::open(std::sync::Arc::new(cuboids::store::LocalStore::new(dir)))
+        .await
+        .unwrap();
+    let size = vol.scale(0).size;
+    let (v, _) = vol
+        .read_region(0, cuboids::geometry::Box3::from_shape(size), false)
+        .await
+        .unwrap();
+    bytemuck::pod_collect_to_vec(&v.data)
+}
+
 pub fn files_under(dir: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir) {
