@@ -7,8 +7,8 @@
 mod common;
 
 use common::{gpu_arc, read_labels};
-use cuboids::formats::precomputed::{Precomputed, WriteOptions};
-use cuboids::geometry::{Box3, Vec3};
+use cuboids::formats::precomputed::WriteOptions;
+use cuboids::geometry::Vec3;
 use cuboids::ops::connected_components::{connected_components_cpu, remove_dust, Connectivity};
 use cuboids::ops::watershed::{watershed_cpu, Affinities, WatershedParams};
 use cuboids::runtime::segmentation::write_float_volume;

@@ -17,7 +17,6 @@ use cuboids::task::downsample::Bounds;
 use cuboids::task::segment::{
     connected_components, segment, ChunkOptions, ComponentsOptions, SegmentOptions,
 };
-use std::path::Path;
 use std::sync::Arc;
 
 const WRITE: WriteOptions = WriteOptions { gzip_level: 0 };
