@@ -252,6 +252,10 @@ struct ChunkArgs {
     /// gzip level of written chunks (0 = uncompressed).
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
     gzip_level: u32,
+    /// Memory for decoded input chunks, in MiB: chunk margins and the second pass over the
+    /// affinities read from it instead of fetching chunks again.
+    #[arg(long, default_value_t = 1024)]
+    cache_mib: usize,
 }
 
 impl ChunkArgs {
@@ -264,6 +268,7 @@ impl ChunkArgs {
             write: crate::formats::precomputed::WriteOptions {
                 gzip_level: self.gzip_level,
             },
+            cache_bytes: self.cache_mib << 20,
         }
     }
 }

@@ -371,3 +371,58 @@ async fn segment_reads_and_writes_s3_through_the_cli() {
     let labels: Vec<u64> = bytemuck::pod_collect_to_vec(&labels.data);
     assert_eq!(labels, segment_reference(&aff, 0.7));
 }
+
+/// Chunk margins overlap neighbouring input chunks: the cache fetches each one once, and the
+/// labels do not depend on it.
+#[test]
+fn the_chunk_cache_fetches_each_input_chunk_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let shape = [32, 32, 16];
+    let aff = tied_affinities(shape, 8);
+    rt().block_on(async {
+        let mut info = cuboids::runtime::local::new_info(
+            cuboids::formats::precomputed::info::LayerType::Image,
+            cuboids::dtype::DataType::Float32,
+            shape,
+            [8, 8, 4],
+            [8.0, 8.0, 40.0],
+        );
+        info.num_channels = 3;
+        let data: Vec<u8> = aff
+            .channels
+            .iter()
+            .flat_map(|c| bytemuck::cast_slice::<f32, u8>(c).to_vec())
+            .collect();
+        let vol =
+            cuboids::volume::Volume::from_bytes(cuboids::dtype::DataType::Float32, shape, 3, data)
+                .unwrap();
+        let input =
+            cuboids::runtime::local::write_new_volume(&dir.path().join("aff"), info, &vol, WRITE)
+                .await
+                .unwrap();
+        let input_chunks = (32 / 8) * (32 / 8) * (16 / 4);
+        let mut outputs = Vec::new();
+        for cache_bytes in [64 << 20, 0] {
+            let out = dir.path().join(format!("seg-{cache_bytes}"));
+            let mut chunk_opts = chunks(Some([16, 16, 8]));
+            chunk_opts.cache_bytes = cache_bytes;
+            let opts = SegmentOptions {
+                chunks: chunk_opts,
+                watershed: WatershedParams::default(),
+                threshold: 0.7,
+            };
+            let report = segment(gpu_arc(), &input, Arc::new(LocalStore::new(&out)), &opts)
+                .await
+                .unwrap();
+            if cache_bytes > 0 {
+                assert_eq!(report.chunks_fetched, input_chunks, "{report:?}");
+                assert!(report.chunks_from_cache > input_chunks, "{report:?}");
+            } else {
+                assert!(report.chunks_fetched > 3 * input_chunks, "{report:?}");
+            }
+            outputs.push(read_labels(&out).await);
+        }
+        assert_eq!(outputs[0], outputs[1]);
+        assert_eq!(outputs[0], segment_reference(&aff, 0.7));
+    });
+}

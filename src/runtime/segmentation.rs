@@ -60,7 +60,7 @@ pub async fn components_location(
 
 pub fn print_report(what: &str, r: &SegmentReport) {
     println!(
-        "{what}: {:.1} MVx in {:.2} s = {:.1} MVx/s; {} chunks, {} fragments, {} segments ({} merges, {} region-graph edges, {} plateau voxels stitched on the host), {} chunks written",
+        "{what}: {:.1} MVx in {:.2} s = {:.1} MVx/s; {} chunks, {} fragments, {} segments ({} merges, {} region-graph edges, {} plateau voxels stitched on the host), {} chunks written; input chunks: {} fetched, {} reads from the cache",
         r.voxels as f64 / 1e6,
         r.wall.as_secs_f64(),
         r.mvx_per_s(),
@@ -71,6 +71,8 @@ pub fn print_report(what: &str, r: &SegmentReport) {
         r.region_edges,
         r.deferred,
         r.chunks_written,
+        r.chunks_fetched,
+        r.chunks_from_cache,
     );
     let passes: Vec<String> = r
         .passes

@@ -16,7 +16,7 @@
 use crate::dtype::DataType;
 use crate::formats::precomputed::info::{Encoding, Info, LayerType, Scale};
 use crate::formats::precomputed::{
-    chunk_grid, chunk_key, Precomputed, PrecomputedError, WriteOptions,
+    chunk_grid, chunk_key, ChunkCache, Precomputed, PrecomputedError, WriteOptions,
 };
 use crate::geometry::{voxels, Box3, Vec3};
 use crate::gpu::labeling::{
@@ -64,7 +64,7 @@ pub enum SegmentError {
 }
 
 /// Options both commands share.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ChunkOptions {
     /// Absolute voxel bounds at mip 0; the whole volume when `None`. Voxels outside do not exist
     /// for the run, and bounds must follow the output's chunk grid.
@@ -76,6 +76,25 @@ pub struct ChunkOptions {
     pub output_chunk_size: Option<Vec3>,
     pub fill_missing: bool,
     pub write: WriteOptions,
+    /// Decoded input chunks kept in memory, so that chunk margins and the second pass over the
+    /// affinities do not fetch chunks again (0: none kept).
+    pub cache_bytes: usize,
+}
+
+/// Default input chunk cache: 1 GiB.
+pub const DEFAULT_CACHE_BYTES: usize = 1 << 30;
+
+impl Default for ChunkOptions {
+    fn default() -> Self {
+        ChunkOptions {
+            bounds: None,
+            chunk_size: None,
+            output_chunk_size: None,
+            fill_missing: false,
+            write: WriteOptions::default(),
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -107,6 +126,9 @@ pub struct SegmentReport {
     /// Plateau voxels resolved on the host because their plateau crossed a chunk face.
     pub deferred: usize,
     pub chunks_written: usize,
+    /// Input chunks fetched from the store, and reads served from the chunk cache instead.
+    pub chunks_fetched: usize,
+    pub chunks_from_cache: usize,
     pub wall: Duration,
     /// Time per pass: label, stitch, region graph, agglomerate, write.
     pub passes: Vec<(&'static str, Duration)>,
@@ -118,12 +140,35 @@ impl SegmentReport {
     }
 }
 
-/// The resolved layout of a run: region (scale-relative), chunk grid and output volume.
+/// The resolved layout of a run: region (scale-relative), chunk grid, output volume and the
+/// input chunk cache.
+#[derive(Clone)]
 struct Layout {
     region: Box3,
     grid: ChunkGrid,
     output: Precomputed,
     output_is_new: bool,
+    cache: Arc<ChunkCache>,
+}
+
+impl Layout {
+    /// Reads a region-relative box of the input (every channel) through the chunk cache.
+    async fn read_box(
+        &self,
+        input: &Precomputed,
+        b: Box3,
+        fill_missing: bool,
+    ) -> Result<Volume, SegmentError> {
+        let rel = b.offset_by(self.region.start);
+        Ok(input
+            .read_region_cached(0, rel, fill_missing, Some(&self.cache))
+            .await?
+            .0)
+    }
+
+    fn count_reads(&self, report: &mut SegmentReport) {
+        (report.chunks_from_cache, report.chunks_fetched) = self.cache.counts();
+    }
 }
 
 const DEFAULT_CHUNK: Vec3 = [256, 256, 64];
@@ -196,6 +241,7 @@ async fn layout(
         grid,
         output,
         output_is_new,
+        cache: Arc::new(ChunkCache::new(opts.cache_bytes)),
     })
 }
 
@@ -245,17 +291,6 @@ fn check_output(existing: &Precomputed, wanted: &Info, location: &str) -> Result
         ));
     }
     Ok(())
-}
-
-/// Reads a region-relative box of the input (every channel).
-async fn read_box(
-    input: &Precomputed,
-    region: Box3,
-    b: Box3,
-    fill_missing: bool,
-) -> Result<Volume, SegmentError> {
-    let rel = b.offset_by(region.start);
-    Ok(input.read_region(0, rel, fill_missing).await?.0)
 }
 
 /// Float channels of a volume: float32 as is, uint8 scaled by 1/255 (affinities stored as bytes).
@@ -347,8 +382,9 @@ where
     let mut stitcher = Stitcher::new(grid);
     let boxed = move |c: usize| grid.grown(grid.core(c), margin, margin);
     let read = |c: usize| {
-        let (input, region) = (input.clone(), layout.region);
-        tokio::spawn(async move { read_box(&input, region, boxed(c), fill_missing).await })
+        let input = input.clone();
+        let reader = layout.clone();
+        tokio::spawn(async move { reader.read_box(&input, boxed(c), fill_missing).await })
     };
     let mut next = (!grid.is_empty()).then(|| read(0));
     for c in 0..grid.len() {
@@ -466,6 +502,7 @@ pub async fn connected_components(
     )
     .await?;
     report.passes.push(("write", t.elapsed()));
+    layout.count_reads(&mut report);
     report.wall = start.elapsed();
     Ok(report)
 }
@@ -558,6 +595,7 @@ pub async fn segment(
     )
     .await?;
     report.passes.push(("write", t.elapsed()));
+    layout.count_reads(&mut report);
     report.wall = start.elapsed();
     Ok(report)
 }
@@ -578,7 +616,7 @@ async fn region_graph(
     for c in 0..grid.len() {
         let core = grid.core(c);
         let b = grid.grown(core, 1, 0);
-        let vol = read_box(input, layout.region, b, fill_missing).await?;
+        let vol = layout.read_box(input, b, fill_missing).await?;
         let aff = affinities_of(&vol, location)?;
         let fragments = stitcher.labels_in(b, numbering, |f| f);
         let local_core = core.relative_to(b.start);

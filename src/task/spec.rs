@@ -63,6 +63,9 @@ pub struct ChunkFields {
     pub fill_missing: bool,
     #[serde(default = "gzip_default")]
     pub gzip_level: u32,
+    /// Memory for decoded input chunks, in MiB (default 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_mib: Option<usize>,
 }
 
 impl ChunkFields {
@@ -75,6 +78,9 @@ impl ChunkFields {
             write: crate::formats::precomputed::WriteOptions {
                 gzip_level: self.gzip_level,
             },
+            cache_bytes: self
+                .cache_mib
+                .map_or(crate::task::segment::DEFAULT_CACHE_BYTES, |m| m << 20),
         }
     }
 }

@@ -78,6 +78,67 @@ impl Default for WriteOptions {
     }
 }
 
+/// Decoded chunks kept for reads that overlap (boxes read with margins), within a byte budget;
+/// the oldest go first. `None` entries remember chunks that do not exist.
+pub struct ChunkCache {
+    budget: usize,
+    inner: std::sync::Mutex<CacheInner>,
+    hits: std::sync::atomic::AtomicUsize,
+    misses: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    chunks: std::collections::HashMap<String, Option<Arc<Volume>>>,
+    order: std::collections::VecDeque<String>,
+    used: usize,
+}
+
+impl ChunkCache {
+    pub fn new(budget_bytes: usize) -> ChunkCache {
+        ChunkCache {
+            budget: budget_bytes,
+            inner: Default::default(),
+            hits: Default::default(),
+            misses: Default::default(),
+        }
+    }
+
+    /// `Some(None)`: known missing; `None`: not cached.
+    fn get(&self, key: &str) -> Option<Option<Arc<Volume>>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let found = self.inner.lock().unwrap().chunks.get(key).cloned();
+        match found {
+            Some(_) => self.hits.fetch_add(1, Relaxed),
+            None => self.misses.fetch_add(1, Relaxed),
+        };
+        found
+    }
+
+    fn insert(&self, key: String, chunk: Option<Arc<Volume>>) {
+        let size = chunk.as_ref().map_or(0, |c| c.data.len());
+        let mut inner = self.inner.lock().unwrap();
+        if inner.chunks.insert(key.clone(), chunk).is_none() {
+            inner.order.push_back(key);
+            inner.used += size;
+        }
+        while inner.used > self.budget {
+            let Some(old) = inner.order.pop_front() else {
+                break;
+            };
+            if let Some(Some(c)) = inner.chunks.remove(&old) {
+                inner.used -= c.data.len();
+            }
+        }
+    }
+
+    /// Chunks served from the cache and chunks fetched.
+    pub fn counts(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.hits.load(Relaxed), self.misses.load(Relaxed))
+    }
+}
+
 /// An open precomputed volume: its store and its parsed, validated info.
 #[derive(Clone)]
 pub struct Precomputed {
@@ -150,6 +211,19 @@ impl Precomputed {
         region: Box3,
         fill_missing: bool,
     ) -> Result<(Volume, bool), PrecomputedError> {
+        self.read_region_cached(mip, region, fill_missing, None)
+            .await
+    }
+
+    /// [`Self::read_region`], taking chunks from `cache` when it holds them and keeping those it
+    /// fetches there: overlapping reads (boxes with margins) fetch each chunk once.
+    pub async fn read_region_cached(
+        &self,
+        mip: usize,
+        region: Box3,
+        fill_missing: bool,
+        cache: Option<&ChunkCache>,
+    ) -> Result<(Volume, bool), PrecomputedError> {
         let scale = Arc::new(self.scale(mip).clone());
         let (dtype, channels) = (self.info.data_type, self.info.num_channels);
         let mut out = Volume::zeros(dtype, region.shape(), channels);
@@ -159,24 +233,33 @@ impl Precomputed {
                 let (store, scale) = (self.store.clone(), scale.clone());
                 async move {
                     let key = chunk_key(&scale, chunk);
+                    if let Some(cached) = cache.and_then(|c| c.get(&key)) {
+                        return Ok((chunk, cached));
+                    }
                     let decoded = match store.get(&key).await? {
-                        Some(object) => Some(
-                            tokio::task::spawn_blocking(move || {
-                                decode_chunk(
-                                    &key,
-                                    object.data,
-                                    object.encoding,
-                                    &scale,
-                                    dtype,
-                                    channels,
-                                    chunk.shape(),
-                                )
-                            })
-                            .await??,
-                        ),
+                        Some(object) => {
+                            let key = key.clone();
+                            Some(Arc::new(
+                                tokio::task::spawn_blocking(move || {
+                                    decode_chunk(
+                                        &key,
+                                        object.data,
+                                        object.encoding,
+                                        &scale,
+                                        dtype,
+                                        channels,
+                                        chunk.shape(),
+                                    )
+                                })
+                                .await??,
+                            ))
+                        }
                         None if fill_missing => None,
                         None => return Err(PrecomputedError::MissingChunk { key }),
                     };
+                    if let Some(c) = cache {
+                        c.insert(key, decoded.clone());
+                    }
                     Ok::<_, PrecomputedError>((chunk, decoded))
                 }
             })
