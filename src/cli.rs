@@ -93,10 +93,12 @@ enum Command {
         /// The DownsampleChannel input document (JSON).
         #[arg(long)]
         job: PathBuf,
-        /// Run every remaining resolution in this process, reading each level from memory.
+        /// Run every remaining resolution in this process, reading each level from memory:
+        /// output cuboids stay on the GPU for the next level where they fit.
         #[arg(long)]
         all_levels: bool,
-        /// Memory for cuboids kept between levels with --all-levels, in MiB.
+        /// Memory for cuboids kept between levels with --all-levels, in MiB (GPU memory first,
+        /// then as much again in host memory).
         #[arg(long, default_value_t = 4096)]
         cache_mib: usize,
     },

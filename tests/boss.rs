@@ -689,6 +689,13 @@ mod step {
             "{} reads vs {step_reads} step by step",
             report.store_reads
         );
+        // Every level after the first is read from GPU memory, where the previous level's
+        // cuboids were left.
+        assert!(
+            report.gpu_resident_reads > 0
+                && report.gpu_resident_reads + report.store_reads >= step_reads,
+            "{report:?} vs {step_reads} reads step by step"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

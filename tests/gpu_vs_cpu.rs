@@ -97,3 +97,49 @@ fn long_pyramids_renormalise_like_tinybrain() {
         9,
     );
 }
+
+/// A block assembled on the GPU from resident and host parts (one part missing: zeros), and a
+/// level left on the GPU then used as a part: equal to the CPU reference on the host block.
+#[test]
+fn resident_blocks_match_cpu() {
+    use cuboids::gpu::downsample::{block_fits, downsample_block_resident, BlockPart};
+    use cuboids::volume::Volume;
+    let part = [16, 8, 4];
+    for (dtype, method) in [
+        (DataType::Uint8, Method::Average),
+        (DataType::Uint16, Method::Average),
+        (DataType::Float32, Method::Average),
+        (DataType::Uint64, Method::Mode),
+    ] {
+        let mut rng = Rng::new(dtype.size() as u64 + 40);
+        let factor = Factor::ANISOTROPIC;
+        let block = [32, 16, 4];
+        assert!(block_fits(gpu(), dtype, block));
+        // Level 1 of a first block, kept on the GPU: it is a [16, 8, 4] part of the next block.
+        let first_block = random_volume(&mut rng, dtype, block, 1);
+        let whole = [([0, 0, 0], BlockPart::Host(&first_block.data, block))];
+        let (first_level, resident) =
+            downsample_block_resident(gpu(), dtype, block, &whole, method, factor).unwrap();
+        let cpu_first = downsample_cpu(&first_block, method, factor, 1).unwrap();
+        assert_eq!(first_level, cpu_first[0].data, "{dtype}: first level");
+        assert_eq!(resident.shape, part);
+        assert_eq!(resident.to_host(gpu()).unwrap(), cpu_first[0].data);
+
+        let host_part = random_volume(&mut rng, dtype, part, 1);
+        let other_part = random_volume(&mut rng, dtype, part, 1);
+        let parts = [
+            ([0, 0, 0], BlockPart::Gpu(&resident)),
+            ([16, 0, 0], BlockPart::Host(&host_part.data, part)),
+            ([16, 8, 0], BlockPart::Host(&other_part.data, part)),
+        ];
+        let (level, _) =
+            downsample_block_resident(gpu(), dtype, block, &parts, method, factor).unwrap();
+        let mut host_block = Volume::zeros(dtype, block, 1);
+        let resident_host = Volume::from_bytes(dtype, part, 1, cpu_first[0].data.clone()).unwrap();
+        host_block.paste([0, 0, 0], &resident_host, [0; 3], part);
+        host_block.paste([16, 0, 0], &host_part, [0; 3], part);
+        host_block.paste([16, 8, 0], &other_part, [0; 3], part);
+        let cpu = downsample_cpu(&host_block, method, factor, 1).unwrap();
+        assert_eq!(level, cpu[0].data, "{dtype}: assembled block");
+    }
+}

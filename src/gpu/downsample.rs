@@ -153,6 +153,8 @@ pub struct PendingSlab {
     submission: wgpu::SubmissionIndex,
     readbacks: Vec<(wgpu::Buffer, Vec3, usize)>,
     retired: Vec<wgpu::Buffer>,
+    /// The last level's buffer, when the caller keeps it on the GPU.
+    kept: Option<wgpu::Buffer>,
     elem: usize,
 }
 
@@ -161,7 +163,140 @@ impl PendingSlab {
     pub fn wait(self, ctx: &GpuContext) -> Result<Vec<Vec<u8>>, GpuError> {
         let out = read_back(ctx, self.submission, self.readbacks, self.elem);
         ctx.recycle(self.retired);
+        ctx.recycle(self.kept);
         out
+    }
+
+    /// As [`Self::wait`], and also returns the last level's GPU buffer.
+    fn wait_keeping(mut self, ctx: &GpuContext) -> Result<(Vec<Vec<u8>>, wgpu::Buffer), GpuError> {
+        let kept = self.kept.take().expect("submitted with keep_last");
+        Ok((self.wait(ctx)?, kept))
+    }
+}
+
+/// A single-channel volume left on the GPU by an earlier computation, packed in Fortran order
+/// (its rows must be whole u32 words). `--all-levels` keeps Boss cuboids this way, so the next
+/// level reads them without a host round trip.
+pub struct GpuVolume {
+    buffer: wgpu::Buffer,
+    pub shape: Vec3,
+    pub dtype: DataType,
+}
+
+impl GpuVolume {
+    pub fn bytes(&self) -> u64 {
+        self.buffer.size()
+    }
+
+    /// Copies the voxels back to host memory (for a block too large to assemble on the GPU).
+    pub fn to_host(&self, ctx: &GpuContext) -> Result<Vec<u8>, GpuError> {
+        let size = self.buffer.size();
+        let staging = ctx.buffer(
+            "readback",
+            size,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(&self.buffer, 0, &staging, 0, size);
+        let submission = ctx.scoped("reading a cuboid back", || {
+            ctx.queue.submit([encoder.finish()])
+        })?;
+        let mut levels = read_back(
+            ctx,
+            submission,
+            vec![(staging, self.shape, self.shape[0])],
+            self.dtype.size(),
+        )?;
+        Ok(levels.pop().expect("one buffer"))
+    }
+}
+
+/// One piece of a block to downsample: resident on the GPU or in host memory, placed at `at`.
+pub enum BlockPart<'a> {
+    Gpu(&'a GpuVolume),
+    Host(&'a [u8], Vec3),
+}
+
+/// Whether [`downsample_block_resident`] can take a block of this shape and type: one binding
+/// of the adapter, rows of whole words.
+pub fn block_fits(ctx: &GpuContext, dtype: DataType, shape: Vec3) -> bool {
+    (shape[0] * dtype.size()).is_multiple_of(4)
+        && (voxels(shape) * dtype.size()) as u64 <= ctx.max_binding_bytes()
+}
+
+/// Assembles a block on the GPU from `parts` (missing parts stay zero) and downsamples it one
+/// level. Returns the level read back and left on the GPU.
+pub fn downsample_block_resident(
+    ctx: &GpuContext,
+    dtype: DataType,
+    shape: Vec3,
+    parts: &[(Vec3, BlockPart)],
+    method: Method,
+    factor: Factor,
+) -> Result<(Vec<u8>, GpuVolume), GpuError> {
+    let elem = dtype.size();
+    assert!(block_fits(ctx, dtype, shape), "callers check block_fits");
+    let bytes = (voxels(shape) * elem) as u64;
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+    let (block, uploads) = ctx.scoped("assembling a block", || {
+        let block = ctx.buffer("block", bytes, usage);
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        encoder.clear_buffer(&block, 0, None);
+        let mut uploads = Vec::new();
+        for (at, part) in parts {
+            let (source, part_shape) = match part {
+                BlockPart::Gpu(v) => (&v.buffer, v.shape),
+                BlockPart::Host(data, part_shape) => {
+                    let b = ctx.buffer(
+                        "block part",
+                        data.len().max(4) as u64,
+                        wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                    );
+                    write_padded(ctx, &b, data);
+                    uploads.push(b);
+                    (uploads.last().expect("pushed"), *part_shape)
+                }
+            };
+            copy_rows(&mut encoder, source, part_shape, &block, shape, *at, elem);
+        }
+        ctx.queue.submit([encoder.finish()]);
+        (block, uploads)
+    })?;
+    ctx.recycle(uploads);
+    let pending = submit_levels(ctx, block, shape[0], dtype, shape, method, factor, 1, true)?;
+    let (mut levels, kept) = pending.wait_keeping(ctx)?;
+    Ok((
+        levels.pop().expect("one level"),
+        GpuVolume {
+            buffer: kept,
+            shape: factor.level_shape(shape),
+            dtype,
+        },
+    ))
+}
+
+/// Copies a packed Fortran volume of `part` into a packed block of `block` at `at`, row by row.
+fn copy_rows(
+    encoder: &mut wgpu::CommandEncoder,
+    source: &wgpu::Buffer,
+    part: Vec3,
+    target: &wgpu::Buffer,
+    block: Vec3,
+    at: Vec3,
+    elem: usize,
+) {
+    let row = (part[0] * elem) as u64;
+    debug_assert!(
+        row.is_multiple_of(4)
+            && (at[0] * elem).is_multiple_of(4)
+            && (block[0] * elem).is_multiple_of(4)
+    );
+    for z in 0..part[2] {
+        for y in 0..part[1] {
+            let from = ((part[1] * z + y) * part[0] * elem) as u64;
+            let to = (((at[2] + z) * block[1] + at[1] + y) * block[0] + at[0]) * elem;
+            encoder.copy_buffer_to_buffer(source, from, target, to as u64, row);
+        }
     }
 }
 
@@ -188,7 +323,6 @@ pub fn submit_channel_gpu(
             limit,
         });
     }
-    let device = &ctx.device;
     let input_buffer = ctx.scoped("uploading the slab", || {
         let buffer = ctx.buffer(
             "slab",
@@ -206,7 +340,36 @@ pub fn submit_channel_gpu(
         }
         buffer
     })?;
+    submit_levels(
+        ctx,
+        input_buffer,
+        in_pitch,
+        dtype,
+        shape,
+        method,
+        factor,
+        mips,
+        false,
+    )
+}
 
+/// Records and submits levels 1..=mips of a slab already on the GPU (`input_buffer`, rows of
+/// `in_pitch` voxels). With `keep_last`, the last level's buffer is kept for the caller
+/// ([`PendingSlab::wait_keeping`]) instead of going back to the pool.
+#[allow(clippy::too_many_arguments)]
+fn submit_levels(
+    ctx: &GpuContext,
+    input_buffer: wgpu::Buffer,
+    in_pitch: usize,
+    dtype: DataType,
+    shape: Vec3,
+    method: Method,
+    factor: Factor,
+    mips: u32,
+    keep_last: bool,
+) -> Result<PendingSlab, GpuError> {
+    let elem = dtype.size();
+    let device = &ctx.device;
     let schedule = SumSchedule::new(dtype, factor);
     let mut encoder = device.create_command_encoder(&Default::default());
     let mut readbacks = Vec::new();
@@ -319,11 +482,17 @@ pub fn submit_channel_gpu(
     let submission = ctx.scoped("submitting", || ctx.queue.submit([encoder.finish()]))?;
     retired.push(input_buffer);
     retired.extend(previous_sums);
-    retired.extend(previous_out);
+    let kept = if keep_last {
+        previous_out
+    } else {
+        retired.extend(previous_out);
+        None
+    };
     Ok(PendingSlab {
         submission,
         readbacks,
         retired,
+        kept,
         elem,
     })
 }

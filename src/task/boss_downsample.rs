@@ -8,6 +8,7 @@
 use crate::dtype::DataType;
 use crate::formats::boss::{decode_cuboid, encode_cuboid, CuboidError, CuboidId, CUBOID};
 use crate::geometry::{mul3, Vec3};
+use crate::gpu::downsample::{block_fits, downsample_block_resident, BlockPart, GpuVolume};
 use crate::gpu::{GpuContext, GpuError};
 use crate::ops::downsample::{Factor, Method};
 use crate::store::boss_index::{IndexError, S3Index};
@@ -58,6 +59,8 @@ pub struct StepReport {
     pub skipped_empty: usize,
     /// Cuboids fetched from S3 (the rest came from the cache of earlier steps).
     pub store_reads: usize,
+    /// Input cuboids taken from GPU memory (left there by the previous level).
+    pub gpu_resident_reads: usize,
 }
 
 impl std::ops::AddAssign for StepReport {
@@ -65,36 +68,79 @@ impl std::ops::AddAssign for StepReport {
         self.written += other.written;
         self.skipped_empty += other.skipped_empty;
         self.store_reads += other.store_reads;
+        self.gpu_resident_reads += other.gpu_resident_reads;
+    }
+}
+
+/// A cuboid kept between levels: in GPU memory when it fits the budget there, else in host
+/// memory.
+#[derive(Clone)]
+enum Cached {
+    Gpu(Arc<GpuVolume>),
+    Host(Arc<Volume>),
+}
+
+impl Cached {
+    fn bytes(&self) -> usize {
+        match self {
+            Cached::Gpu(v) => v.bytes() as usize,
+            Cached::Host(v) => v.data.len(),
+        }
     }
 }
 
 /// Cuboids written by earlier steps of this process, so `--all-levels` reads each level from
-/// memory instead of S3, within a byte budget (beyond it, cuboids are read back from S3).
+/// memory instead of S3: first from GPU memory (no upload: the next level is assembled from
+/// them on the GPU), then from host memory, each within the byte budget; beyond both, cuboids
+/// are read back from S3.
 pub struct CuboidCache {
     budget: usize,
-    used: AtomicUsize,
-    cuboids: Mutex<HashMap<CuboidId, Arc<Volume>>>,
+    used_gpu: AtomicUsize,
+    used_host: AtomicUsize,
+    cuboids: Mutex<HashMap<CuboidId, Cached>>,
 }
 
 impl CuboidCache {
     pub fn new(budget_bytes: usize) -> CuboidCache {
         CuboidCache {
             budget: budget_bytes,
-            used: AtomicUsize::new(0),
+            used_gpu: AtomicUsize::new(0),
+            used_host: AtomicUsize::new(0),
             cuboids: Mutex::new(HashMap::new()),
         }
     }
 
-    fn get(&self, id: &CuboidId) -> Option<Arc<Volume>> {
+    fn get(&self, id: &CuboidId) -> Option<Cached> {
         self.cuboids.lock().unwrap().get(id).cloned()
     }
 
-    fn offer(&self, id: CuboidId, cuboid: Volume) {
-        let size = cuboid.data.len();
-        if self.used.fetch_add(size, Ordering::SeqCst) + size <= self.budget {
-            self.cuboids.lock().unwrap().insert(id, Arc::new(cuboid));
+    fn reserve(&self, used: &AtomicUsize, size: usize) -> bool {
+        if used.fetch_add(size, Ordering::SeqCst) + size <= self.budget {
+            true
         } else {
-            self.used.fetch_sub(size, Ordering::SeqCst);
+            used.fetch_sub(size, Ordering::SeqCst);
+            false
+        }
+    }
+
+    /// Keeps an output cuboid for the next level: its GPU copy if there is room, else its host
+    /// copy (`host` makes it on demand) if there is room there.
+    fn offer(&self, id: CuboidId, gpu: Option<GpuVolume>, host: impl FnOnce() -> Volume) {
+        if let Some(g) = gpu {
+            if self.reserve(&self.used_gpu, g.bytes() as usize) {
+                self.cuboids
+                    .lock()
+                    .unwrap()
+                    .insert(id, Cached::Gpu(Arc::new(g)));
+                return;
+            }
+        }
+        let cuboid = host();
+        if self.reserve(&self.used_host, cuboid.data.len()) {
+            self.cuboids
+                .lock()
+                .unwrap()
+                .insert(id, Cached::Host(Arc::new(cuboid)));
         }
     }
 
@@ -104,7 +150,11 @@ impl CuboidCache {
         map.retain(|id, c| {
             let keep = id.resolution >= resolution;
             if !keep {
-                self.used.fetch_sub(c.data.len(), Ordering::SeqCst);
+                let used = match c {
+                    Cached::Gpu(_) => &self.used_gpu,
+                    Cached::Host(_) => &self.used_host,
+                };
+                used.fetch_sub(c.bytes(), Ordering::SeqCst);
             }
             keep
         });
@@ -160,7 +210,7 @@ async fn run_step_cached(
     for pass in passes(&input) {
         info!(resolution = input.resolution, factor = ?pass.factor, iso = pass.writes_iso, cuboids = ?pass.cuboids, "Boss pass");
         let targets = pass_targets(&pass);
-        let results: Vec<(bool, usize)> = futures::stream::iter(targets)
+        let results: Vec<CuboidOutcome> = futures::stream::iter(targets)
             .map(|t| {
                 downsample_cuboid(
                     ctx.clone(),
@@ -175,9 +225,10 @@ async fn run_step_cached(
             .buffer_unordered(CONCURRENT_CUBOIDS)
             .try_collect()
             .await?;
-        report.written += results.iter().filter(|r| r.0).count();
-        report.skipped_empty += results.iter().filter(|r| !r.0).count();
-        report.store_reads += results.iter().map(|r| r.1).sum::<usize>();
+        report.written += results.iter().filter(|r| r.written).count();
+        report.skipped_empty += results.iter().filter(|r| !r.written).count();
+        report.store_reads += results.iter().map(|r| r.store_reads).sum::<usize>();
+        report.gpu_resident_reads += results.iter().map(|r| r.gpu_resident_reads).sum::<usize>();
     }
     Ok((next, report))
 }
@@ -197,8 +248,7 @@ fn pass_targets(pass: &Pass) -> Vec<Vec3> {
     out
 }
 
-/// Reads the cuboids under one output cuboid, downsamples, writes it. Returns whether it was
-/// written (false when all inputs were missing) and how many inputs came from S3.
+/// Reads the cuboids under one output cuboid, downsamples, writes it.
 async fn downsample_cuboid(
     ctx: Arc<GpuContext>,
     target: &BossTarget,
@@ -207,7 +257,7 @@ async fn downsample_cuboid(
     resolution: u32,
     pass: &Pass,
     first: Vec3,
-) -> Result<(bool, usize), BossError> {
+) -> Result<CuboidOutcome, BossError> {
     let f = pass.factor;
     let id = |resolution, index, iso| CuboidId {
         collection: channel.collection,
@@ -218,8 +268,8 @@ async fn downsample_cuboid(
         index,
         iso,
     };
-    let mut block = Volume::zeros(channel.dtype, mul3(CUBOID, f), 1);
-    let mut any = false;
+    let block_shape = mul3(CUBOID, f);
+    let mut inputs: Vec<(Vec3, Cached)> = Vec::new();
     let mut store_reads = 0;
     for dz in 0..f[2] {
         for dy in 0..f[1] {
@@ -230,28 +280,31 @@ async fn downsample_cuboid(
                     pass.reads_iso,
                 );
                 let cuboid = match cache.get(&input_id) {
-                    Some(cuboid) => cuboid,
+                    Some(cached) => cached,
                     None => {
                         store_reads += 1;
                         match read_cuboid(target, channel.dtype, &input_id).await? {
-                            Some(cuboid) => Arc::new(cuboid),
+                            Some(cuboid) => Cached::Host(Arc::new(cuboid)),
                             None => continue,
                         }
                     }
                 };
-                block.paste(
-                    [dx * CUBOID[0], dy * CUBOID[1], dz * CUBOID[2]],
-                    &cuboid,
-                    [0; 3],
-                    CUBOID,
-                );
-                any = true;
+                let at = [dx * CUBOID[0], dy * CUBOID[1], dz * CUBOID[2]];
+                inputs.push((at, cuboid));
             }
         }
     }
-    if !any {
-        return Ok((false, store_reads));
+    if inputs.is_empty() {
+        return Ok(CuboidOutcome {
+            written: false,
+            store_reads,
+            gpu_resident_reads: 0,
+        });
     }
+    let gpu_resident_reads = inputs
+        .iter()
+        .filter(|(_, c)| matches!(c, Cached::Gpu(_)))
+        .count();
     let method = if channel.annotation {
         Method::Mode
     } else {
@@ -263,28 +316,73 @@ async fn downsample_cuboid(
         [first[0] / f[0], first[1] / f[1], first[2] / f[2]],
         pass.writes_iso,
     );
-    let (cuboid, frame) =
-        tokio::task::spawn_blocking(move || -> Result<(Volume, Vec<u8>), BossError> {
-            // Slabbed like any volume: a uint64 ISO block (256 MiB) exceeds lavapipe's binding.
-            let slab_limit = ctx.default_slab_bytes();
-            let cuboid = downsample_volume_gpu(&ctx, &block, method, factor, 1, slab_limit)?
-                .pop()
-                .expect("one level");
+    let dtype = channel.dtype;
+    let (cuboid, resident, frame) = tokio::task::spawn_blocking(
+        move || -> Result<(Volume, Option<GpuVolume>, Vec<u8>), BossError> {
+            let (cuboid, resident) = if block_fits(&ctx, dtype, block_shape) {
+                // The block is assembled on the GPU and its level stays there for the next one.
+                let parts: Vec<(Vec3, BlockPart)> = inputs
+                    .iter()
+                    .map(|(at, c)| {
+                        let part = match c {
+                            Cached::Gpu(v) => BlockPart::Gpu(v),
+                            Cached::Host(v) => BlockPart::Host(&v.data, v.shape),
+                        };
+                        (*at, part)
+                    })
+                    .collect();
+                let (bytes, resident) =
+                    downsample_block_resident(&ctx, dtype, block_shape, &parts, method, factor)?;
+                let cuboid = Volume::from_bytes(dtype, CUBOID, 1, bytes).expect("a cuboid");
+                (cuboid, Some(resident))
+            } else {
+                // Too large for one binding (a uint64 ISO block on lavapipe): slabs from host
+                // memory.
+                let mut block = Volume::zeros(dtype, block_shape, 1);
+                for (at, c) in &inputs {
+                    let host = match c {
+                        Cached::Host(v) => v.clone(),
+                        // A level that fitted, read by a larger (ISO) block that does not.
+                        Cached::Gpu(v) => Arc::new(
+                            Volume::from_bytes(dtype, v.shape, 1, v.to_host(&ctx)?)
+                                .expect("a cuboid"),
+                        ),
+                    };
+                    block.paste(*at, &host, [0; 3], CUBOID);
+                }
+                let slab_limit = ctx.default_slab_bytes();
+                let cuboid = downsample_volume_gpu(&ctx, &block, method, factor, 1, slab_limit)?
+                    .pop()
+                    .expect("one level");
+                (cuboid, None)
+            };
             debug_assert_eq!(cuboid.shape, CUBOID);
             let frame = encode_cuboid(&cuboid).map_err(|source| BossError::Cuboid {
                 key: out_id.s3_key(),
                 source,
             })?;
-            Ok((cuboid, frame))
-        })
-        .await??;
+            Ok((cuboid, resident, frame))
+        },
+    )
+    .await??;
     target
         .store
         .put(&out_id.s3_key(), frame, ContentEncoding::Identity)
         .await?;
     target.index.ensure_entry(&out_id).await?;
-    cache.offer(out_id, cuboid);
-    Ok((true, store_reads))
+    cache.offer(out_id, resident, || cuboid);
+    Ok(CuboidOutcome {
+        written: true,
+        store_reads,
+        gpu_resident_reads,
+    })
+}
+
+/// What computing one output cuboid did.
+struct CuboidOutcome {
+    written: bool,
+    store_reads: usize,
+    gpu_resident_reads: usize,
 }
 
 /// One cuboid from S3, `None` when it does not exist (the Boss reads it as zeros).
