@@ -17,8 +17,9 @@ fn position(i: u32, size: vec3<u32>) -> vec3<u32> {
     return vec3<u32>(i % size.x, (i / size.x) % size.y, i / (size.x * size.y));
 }
 
-// Path halving: each visited node is pointed at its grandparent. atomicMin keeps links
-// decreasing, so concurrent unions stay correct while watershed trees' long chains shorten.
+// No path compression while uniting: measured on lavapipe, halving paths with atomicMin made
+// 26-connected components 35% slower and the watershed no faster. `flatten` points every node
+// at its root at the end.
 fn find(start: u32) -> u32 {
     var x = start;
     loop {
@@ -26,11 +27,7 @@ fn find(start: u32) -> u32 {
         if p == x {
             return x;
         }
-        let grand = atomicLoad(&parent[p]);
-        if grand != p {
-            atomicMin(&parent[x], grand);
-        }
-        x = grand;
+        x = p;
     }
     return x;
 }
