@@ -96,11 +96,11 @@ impl std::hash::Hasher for IdHasher {
 type Adjacency = HashMap<u32, (EdgeStats, u32), std::hash::BuildHasherDefault<IdHasher>>;
 
 /// An entry of the merge queue. Stale entries (an older `version` of the edge) are skipped.
+/// Kept small (24 bytes): the queue holds every edge version pushed, and its cost is memory
+/// traffic.
 #[derive(Debug)]
 struct Candidate {
-    /// `stats.mean()`, kept so that most comparisons in the heap are one float compare.
     mean: f64,
-    stats: EdgeStats,
     pair: (u32, u32),
     version: u32,
 }
@@ -109,22 +109,8 @@ impl Candidate {
     fn new(stats: EdgeStats, pair: (u32, u32), version: u32) -> Candidate {
         Candidate {
             mean: stats.mean(),
-            stats,
             pair,
             version,
-        }
-    }
-
-    /// Exact comparison of means. The rounded means decide unless they are equal; then the
-    /// cross-multiplied fractions sum1/count1 vs sum2/count2 do.
-    fn cmp_mean(&self, other: &Self) -> Ordering {
-        match self.mean.total_cmp(&other.mean) {
-            Ordering::Equal => {
-                let l = self.stats.sum as u128 * other.stats.count as u128;
-                let r = other.stats.sum as u128 * self.stats.count as u128;
-                l.cmp(&r)
-            }
-            unequal => unequal,
         }
     }
 }
@@ -141,10 +127,12 @@ impl PartialOrd for Candidate {
     }
 }
 impl Ord for Candidate {
-    /// Highest mean first; among equal means the smallest pair first (a max-heap pops the
-    /// greatest, so the pair order is reversed).
+    /// Highest mean first (means are exact sums over counts, rounded once to f64); among equal
+    /// means the smallest pair first (a max-heap pops the greatest, so the pair order is
+    /// reversed).
     fn cmp(&self, other: &Self) -> Ordering {
-        self.cmp_mean(other)
+        self.mean
+            .total_cmp(&other.mean)
             .then_with(|| other.pair.cmp(&self.pair))
             .then_with(|| self.version.cmp(&other.version))
     }
@@ -167,14 +155,13 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
     let mut merged_into: Vec<u32> = (0..n as u32).collect();
     // Adjacency of each live region: neighbour -> (stats, version).
     let mut adjacency: Vec<Adjacency> = vec![Adjacency::default(); n];
-    let mut queue = BinaryHeap::new();
-    let mut pairs: Vec<_> = graph.iter().collect();
-    pairs.sort_unstable_by_key(|(k, _)| **k);
-    for (&(a, b), &stats) in pairs {
+    let mut initial = Vec::with_capacity(graph.len());
+    for (&(a, b), &stats) in graph {
         adjacency[a as usize].insert(b, (stats, 0));
         adjacency[b as usize].insert(a, (stats, 0));
-        queue.push(Candidate::new(stats, (a, b), 0));
+        initial.push(Candidate::new(stats, (a, b), 0));
     }
+    let mut queue = BinaryHeap::from(initial);
     let mut report = MergeReport::default();
     while let Some(c) = queue.pop() {
         let (a, b) = c.pair;
@@ -182,7 +169,7 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
         if current.map(|(_, v)| *v) != Some(c.version) {
             continue; // merged away or re-scored since
         }
-        if 1.0 - c.stats.mean() >= threshold {
+        if 1.0 - c.mean >= threshold {
             break;
         }
         // The region with more neighbours survives, so each merge costs the smaller adjacency.
