@@ -426,3 +426,175 @@ fn the_chunk_cache_fetches_each_input_chunk_once() {
         assert_eq!(outputs[0], segment_reference(&aff, 0.7));
     });
 }
+
+async fn write_affinities(
+    dir: &std::path::Path,
+    aff: &Affinities,
+    dtype: cuboids::dtype::DataType,
+    chunk: Vec3,
+) -> Precomputed {
+    let mut info = cuboids::runtime::local::new_info(
+        cuboids::formats::precomputed::info::LayerType::Image,
+        dtype,
+        aff.shape,
+        chunk,
+        [8.0, 8.0, 40.0],
+    );
+    info.num_channels = 3;
+    let data: Vec<u8> = match dtype {
+        cuboids::dtype::DataType::Uint8 => aff
+            .channels
+            .iter()
+            .flat_map(|c| c.iter().map(|&a| (a * 255.0).round() as u8))
+            .collect(),
+        _ => aff
+            .channels
+            .iter()
+            .flat_map(|c| bytemuck::cast_slice::<f32, u8>(c).to_vec())
+            .collect(),
+    };
+    let vol = cuboids::volume::Volume::from_bytes(dtype, aff.shape, 3, data).unwrap();
+    cuboids::runtime::local::write_new_volume(dir, info, &vol, WRITE)
+        .await
+        .unwrap()
+}
+
+fn default_segment(chunk_opts: ChunkOptions) -> SegmentOptions {
+    SegmentOptions {
+        chunks: chunk_opts,
+        watershed: WatershedParams::default(),
+        threshold: 0.7,
+    }
+}
+
+/// uint8 affinities are read as value / 255; bounds make a sub-volume (voxels outside do not
+/// exist); a missing chunk is an error naming it, or zeros with fill_missing.
+#[test]
+fn uint8_affinities_bounds_and_missing_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let shape = [32, 24, 16];
+    // Levels k/255 so that uint8 storage is exact.
+    let mut rng = Rng::new(4);
+    let n = shape[0] * shape[1] * shape[2];
+    let aff = Affinities {
+        shape,
+        channels: [0, 1, 2].map(|_| (0..n).map(|_| (rng.below(6) * 51) as f32 / 255.0).collect()),
+    };
+    rt().block_on(async {
+        let input = write_affinities(
+            &dir.path().join("u8"),
+            &aff,
+            cuboids::dtype::DataType::Uint8,
+            [8, 8, 4],
+        )
+        .await;
+        let out = dir.path().join("seg-u8");
+        segment(
+            gpu_arc(),
+            &input,
+            Arc::new(LocalStore::new(&out)),
+            &default_segment(chunks(Some([16, 8, 8]))),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            read_labels(&out).await,
+            segment_reference(&aff, 0.7),
+            "uint8 input"
+        );
+
+        // Bounds: the reference is the cropped affinity graph (edges leaving the bounds vanish
+        // with the voxels outside).
+        let (start, stop) = ([8usize, 8, 4], [24usize, 24, 16]);
+        let sub = [0, 1, 2].map(|a| stop[a] - start[a]);
+        let crop = |c: &Vec<f32>| {
+            let mut out = Vec::new();
+            for z in start[2]..stop[2] {
+                for y in start[1]..stop[1] {
+                    for x in start[0]..stop[0] {
+                        out.push(c[x + shape[0] * (y + shape[1] * z)]);
+                    }
+                }
+            }
+            out
+        };
+        let cropped = Affinities {
+            shape: sub,
+            channels: [
+                crop(&aff.channels[0]),
+                crop(&aff.channels[1]),
+                crop(&aff.channels[2]),
+            ],
+        };
+        let mut opts = chunks(Some([8, 8, 4]));
+        opts.bounds = Some(Bounds {
+            start: [8, 8, 4],
+            stop: [24, 24, 16],
+        });
+        let out = dir.path().join("seg-bounds");
+        segment(
+            gpu_arc(),
+            &input,
+            Arc::new(LocalStore::new(&out)),
+            &default_segment(opts),
+        )
+        .await
+        .unwrap();
+        let labels = common::read_labels_with(&out, true).await;
+        let expected = segment_reference(&cropped, 0.7);
+        let mut inside = Vec::new();
+        for z in 0..shape[2] {
+            for y in 0..shape[1] {
+                for x in 0..shape[0] {
+                    let l = labels[x + shape[0] * (y + shape[1] * z)];
+                    let within = (0..3).all(|a| [x, y, z][a] >= start[a] && [x, y, z][a] < stop[a]);
+                    if within {
+                        inside.push(l);
+                    } else {
+                        assert_eq!(l, 0, "({x},{y},{z}) outside the bounds was written");
+                    }
+                }
+            }
+        }
+        assert_eq!(inside, expected, "bounded run");
+
+        // A missing chunk.
+        std::fs::remove_file(dir.path().join("u8/8_8_40/8-16_0-8_0-4")).unwrap();
+        let out = dir.path().join("seg-missing");
+        let err = segment(
+            gpu_arc(),
+            &input,
+            Arc::new(LocalStore::new(&out)),
+            &default_segment(chunks(None)),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("8-16_0-8_0-4"), "{err}");
+        assert!(!out.join("info").exists(), "a failed run left an info");
+        let mut opts = chunks(None);
+        opts.fill_missing = true;
+        segment(
+            gpu_arc(),
+            &input,
+            Arc::new(LocalStore::new(&out)),
+            &default_segment(opts),
+        )
+        .await
+        .unwrap();
+        let mut zeroed = aff.clone();
+        for c in zeroed.channels.iter_mut() {
+            for z in 0..4 {
+                for y in 0..8 {
+                    for x in 8..16 {
+                        c[x + shape[0] * (y + shape[1] * z)] = 0.0;
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            read_labels(&out).await,
+            segment_reference(&zeroed, 0.7),
+            "fill_missing"
+        );
+    });
+}

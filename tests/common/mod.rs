@@ -82,13 +82,18 @@ pub fn random_volume(rng: &mut Rng, dtype: DataType, shape: Vec3, channels: usiz
 /// Every file below `dir` (none if it does not exist), sorted.
 /// The uint64 labels of scale 0 of the segmentation layer at `dir`, Fortran order.
 pub async fn read_labels(dir: &std::path::Path) -> Vec<u64> {
+    read_labels_with(dir, false).await
+}
+
+/// [`read_labels`], with chunks never written (outside a run's bounds) read as zeros or not.
+pub async fn read_labels_with(dir: &std::path::Path, fill_missing: bool) -> Vec<u64> {
     use cuboids::formats::precomputed::Precomputed;
     let vol = Precomputed::open(std::sync::Arc::new(cuboids::store::LocalStore::new(dir)))
         .await
         .unwrap();
     let size = vol.scale(0).size;
     let (v, _) = vol
-        .read_region(0, cuboids::geometry::Box3::from_shape(size), false)
+        .read_region(0, cuboids::geometry::Box3::from_shape(size), fill_missing)
         .await
         .unwrap();
     bytemuck::pod_collect_to_vec(&v.data)
