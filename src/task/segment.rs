@@ -173,8 +173,8 @@ impl Layout {
 
 const DEFAULT_CHUNK: Vec3 = [256, 256, 64];
 
-/// Host-visible words per box voxel the watershed needs at once (affinities, candidates, info,
-/// two relaxation words, labels): the chunk default shrinks until a box fits.
+/// u32 words per box voxel in the largest buffer the watershed binds (the plateau distances and
+/// taint): the default chunk shrinks until that buffer fits one binding of the adapter.
 const WATERSHED_BINDING_WORDS: u64 = 2;
 
 async fn layout(
