@@ -26,6 +26,19 @@ fn demo_writes_and_downsamples_both_volumes() {
         text.contains("MVx/s") && text.matches("downsampled").count() == 2,
         "{text}"
     );
+    assert!(
+        text.contains("segmented") && text.contains("labelled cells"),
+        "{text}"
+    );
+    for layer in ["affinity-segmentation", "cells"] {
+        let info: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join(layer).join("info")).unwrap()).unwrap();
+        assert_eq!(info["type"], "segmentation", "{layer}");
+        assert_eq!(
+            info["scales"][0]["encoding"], "compressed_segmentation",
+            "{layer}"
+        );
+    }
     for layer in ["image", "segmentation"] {
         let info: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join(layer).join("info")).unwrap()).unwrap();

@@ -316,6 +316,7 @@ pub async fn demo(dir: &Path, size: Vec3) -> Result<()> {
             &report,
         );
     }
+    crate::runtime::segmentation::demo_segmentation(ctx, dir, size).await?;
     println!(
         "open with neuroglancer: precomputed://file://{}",
         std::fs::canonicalize(dir)?.display()
