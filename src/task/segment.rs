@@ -30,6 +30,7 @@ use crate::store::Store;
 use crate::task::downsample::{source_region, Bounds, TaskError};
 use crate::task::stitch::{ChunkGrid, ChunkLabels, Numbering, Stitcher};
 use crate::volume::Volume;
+use futures::{StreamExt, TryStreamExt};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -402,6 +403,9 @@ where
     Ok(stitcher)
 }
 
+/// Output chunks written at once.
+const WRITE_CONCURRENCY: usize = 32;
+
 /// Writes the final labels, output chunk by output chunk; on failure removes the chunks this run
 /// wrote into a new volume, and the info of a new volume is written last.
 async fn write_output(
@@ -422,12 +426,18 @@ async fn write_output(
                 .collect();
             let vol = Volume::from_bytes(DataType::Uint64, core.shape(), 1, data).expect("shape");
             let rel = core.offset_by(layout.region.start);
-            for chunk in chunk_grid(&scale, rel) {
-                let local = [0, 1, 2].map(|a| chunk.start[a] - rel.start[a]);
-                let part = vol.crop(local, chunk.shape());
-                written.push(chunk_key(&scale, chunk));
-                out.write_chunk(0, chunk, part, write).await?;
-            }
+            let chunks = chunk_grid(&scale, rel);
+            written.extend(chunks.iter().map(|&chunk| chunk_key(&scale, chunk)));
+            // Encoded and written concurrently: on S3 each put is a round trip.
+            futures::stream::iter(chunks)
+                .map(|chunk| {
+                    let local = [0, 1, 2].map(|a| chunk.start[a] - rel.start[a]);
+                    let part = vol.crop(local, chunk.shape());
+                    async move { out.write_chunk(0, chunk, part, write).await }
+                })
+                .buffer_unordered(WRITE_CONCURRENCY)
+                .try_collect::<Vec<_>>()
+                .await?;
         }
         if layout.output_is_new {
             out.write_info().await?;
