@@ -93,26 +93,39 @@ impl std::hash::Hasher for IdHasher {
     }
 }
 
-type Adjacency = HashMap<u32, (EdgeStats, u32), std::hash::BuildHasherDefault<IdHasher>>;
+/// Neighbour region -> edge id.
+type Adjacency = HashMap<u32, u32, std::hash::BuildHasherDefault<IdHasher>>;
 
-/// An entry of the merge queue. Stale entries (an older `version` of the edge) are skipped.
-/// Kept small (24 bytes): the queue holds every edge version pushed, and its cost is memory
-/// traffic.
+/// An edge between two live regions (which ones: the adjacency maps know).
+#[derive(Debug)]
+struct Edge {
+    stats: EdgeStats,
+    version: u32,
+    alive: bool,
+}
+
+/// The live regions a pushed pair now stands for (halving the merge chains it walks).
+fn endpoints(merged_into: &mut [u32], pair: (u32, u32)) -> (u32, u32) {
+    let mut live = |mut r: u32| {
+        while merged_into[r as usize] != r {
+            let next = merged_into[r as usize];
+            merged_into[r as usize] = merged_into[next as usize];
+            r = next;
+        }
+        r
+    };
+    (live(pair.0), live(pair.1))
+}
+
+/// An entry of the merge queue: an edge as it was when pushed. Entries of dead edges, or of an
+/// older `version` of a live one, are skipped. Kept small: the queue's cost is memory traffic.
 #[derive(Debug)]
 struct Candidate {
     mean: f64,
+    /// The edge's fragment pair when pushed: the tie-break among equal means.
     pair: (u32, u32),
+    edge: u32,
     version: u32,
-}
-
-impl Candidate {
-    fn new(stats: EdgeStats, pair: (u32, u32), version: u32) -> Candidate {
-        Candidate {
-            mean: stats.mean(),
-            pair,
-            version,
-        }
-    }
 }
 
 impl PartialEq for Candidate {
@@ -153,25 +166,39 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
     let n = fragments as usize + 1;
     // merged_into[r] = r for a live region, else the region it was merged into.
     let mut merged_into: Vec<u32> = (0..n as u32).collect();
-    // Adjacency of each live region: neighbour -> (stats, version).
+    // Edges between live regions; an edge keeps its id when one end merges into another region
+    // without a parallel edge there (its mean is unchanged: no new queue entry is needed).
+    let mut edges: Vec<Edge> = Vec::with_capacity(graph.len());
     let mut adjacency: Vec<Adjacency> = vec![Adjacency::default(); n];
     let mut initial = Vec::with_capacity(graph.len());
     for (&(a, b), &stats) in graph {
-        adjacency[a as usize].insert(b, (stats, 0));
-        adjacency[b as usize].insert(a, (stats, 0));
-        initial.push(Candidate::new(stats, (a, b), 0));
+        let id = edges.len() as u32;
+        edges.push(Edge {
+            stats,
+            version: 0,
+            alive: true,
+        });
+        adjacency[a as usize].insert(b, id);
+        adjacency[b as usize].insert(a, id);
+        initial.push(Candidate {
+            mean: stats.mean(),
+            pair: (a, b),
+            edge: id,
+            version: 0,
+        });
     }
     let mut queue = BinaryHeap::from(initial);
     let mut report = MergeReport::default();
     while let Some(c) = queue.pop() {
-        let (a, b) = c.pair;
-        let current = adjacency[a as usize].get(&b);
-        if current.map(|(_, v)| *v) != Some(c.version) {
+        let edge = &edges[c.edge as usize];
+        if !edge.alive || edge.version != c.version {
             continue; // merged away or re-scored since
         }
         if 1.0 - c.mean >= threshold {
             break;
         }
+        edges[c.edge as usize].alive = false;
+        let (a, b) = endpoints(&mut merged_into, c.pair);
         // The region with more neighbours survives, so each merge costs the smaller adjacency.
         let (keep, gone) = if adjacency[a as usize].len() >= adjacency[b as usize].len() {
             (a, b)
@@ -181,25 +208,31 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
         merged_into[gone as usize] = keep;
         let moved = std::mem::take(&mut adjacency[gone as usize]);
         adjacency[keep as usize].remove(&gone);
-        for (other, (stats, _)) in moved {
+        for (other, id) in moved {
             if other == keep {
                 continue;
             }
             adjacency[other as usize].remove(&gone);
-            let (merged, version) = {
-                let entry = adjacency[keep as usize]
-                    .entry(other)
-                    .or_insert((EdgeStats::default(), 0));
-                entry.0.add(stats);
-                entry.1 += 1;
-                *entry
-            };
-            adjacency[other as usize].insert(keep, (merged, version));
-            queue.push(Candidate::new(
-                merged,
-                (keep.min(other), keep.max(other)),
-                version,
-            ));
+            match adjacency[keep as usize].get(&other).copied() {
+                Some(parallel) => {
+                    // Two edges become one: its statistics combine and it is scored again.
+                    let absorbed = edges[id as usize].stats;
+                    edges[id as usize].alive = false;
+                    let e = &mut edges[parallel as usize];
+                    e.stats.add(absorbed);
+                    e.version += 1;
+                    queue.push(Candidate {
+                        mean: e.stats.mean(),
+                        pair: (keep.min(other), keep.max(other)),
+                        edge: parallel,
+                        version: e.version,
+                    });
+                }
+                None => {
+                    adjacency[keep as usize].insert(other, id);
+                    adjacency[other as usize].insert(keep, id);
+                }
+            }
         }
         report.merges += 1;
     }
@@ -260,5 +293,20 @@ mod tests {
         let (seg, r) = agglomerate(3, &g, 0.5);
         assert_eq!(seg, vec![0, 1, 1, 2]);
         assert_eq!(r.segments, 2);
+    }
+
+    #[test]
+    fn an_edge_moved_to_the_surviving_region_is_still_merged_in_order() {
+        // 1-2 merge first; the 2-3 edge then belongs to {1,2} without being queued again, and
+        // must still come before the weaker 1-4 edge.
+        let mut g = RegionGraph::new();
+        g.insert((1, 2), stats(&[0.95]));
+        g.insert((2, 3), stats(&[0.85]));
+        g.insert((1, 4), stats(&[0.5]));
+        let (seg, r) = agglomerate(4, &g, 0.4);
+        assert_eq!(seg, vec![0, 1, 1, 1, 2]);
+        assert_eq!(r.merges, 2);
+        let (seg, _) = agglomerate(4, &g, 0.6);
+        assert_eq!(seg, vec![0, 1, 1, 1, 1]);
     }
 }
