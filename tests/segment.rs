@@ -312,22 +312,7 @@ async fn segment_reads_and_writes_s3_through_the_cli() {
     let shape = [24, 20, 12];
     let aff = tied_affinities(shape, 17);
     let store = Arc::new(s3.store("vols", "aff").await);
-    let mut info = cuboids::runtime::local::new_info(
-        cuboids::formats::precomputed::info::LayerType::Image,
-        cuboids::dtype::DataType::Float32,
-        shape,
-        [8, 8, 4],
-        [8.0, 8.0, 40.0],
-    );
-    info.num_channels = 3;
-    let data: Vec<u8> = aff
-        .channels
-        .iter()
-        .flat_map(|c| bytemuck::cast_slice::<f32, u8>(c).to_vec())
-        .collect();
-    let vol =
-        cuboids::volume::Volume::from_bytes(cuboids::dtype::DataType::Float32, shape, 3, data)
-            .unwrap();
+    let (info, vol) = affinity_layer(&aff, cuboids::dtype::DataType::Float32, [8, 8, 4]);
     Precomputed::create(store, info)
         .await
         .unwrap()
@@ -380,26 +365,13 @@ fn the_chunk_cache_fetches_each_input_chunk_once() {
     let shape = [32, 32, 16];
     let aff = tied_affinities(shape, 8);
     rt().block_on(async {
-        let mut info = cuboids::runtime::local::new_info(
-            cuboids::formats::precomputed::info::LayerType::Image,
+        let input = write_affinities(
+            &dir.path().join("aff"),
+            &aff,
             cuboids::dtype::DataType::Float32,
-            shape,
             [8, 8, 4],
-            [8.0, 8.0, 40.0],
-        );
-        info.num_channels = 3;
-        let data: Vec<u8> = aff
-            .channels
-            .iter()
-            .flat_map(|c| bytemuck::cast_slice::<f32, u8>(c).to_vec())
-            .collect();
-        let vol =
-            cuboids::volume::Volume::from_bytes(cuboids::dtype::DataType::Float32, shape, 3, data)
-                .unwrap();
-        let input =
-            cuboids::runtime::local::write_new_volume(&dir.path().join("aff"), info, &vol, WRITE)
-                .await
-                .unwrap();
+        )
+        .await;
         let input_chunks = (32 / 8) * (32 / 8) * (16 / 4);
         let mut outputs = Vec::new();
         for cache_bytes in [64 << 20, 0] {
@@ -427,12 +399,16 @@ fn the_chunk_cache_fetches_each_input_chunk_once() {
     });
 }
 
-async fn write_affinities(
-    dir: &std::path::Path,
+/// An affinity map as a precomputed info and volume (3 channels, `chunk`-sized chunks);
+/// uint8 stores round(255 a).
+fn affinity_layer(
     aff: &Affinities,
     dtype: cuboids::dtype::DataType,
     chunk: Vec3,
-) -> Precomputed {
+) -> (
+    cuboids::formats::precomputed::info::Info,
+    cuboids::volume::Volume,
+) {
     let mut info = cuboids::runtime::local::new_info(
         cuboids::formats::precomputed::info::LayerType::Image,
         dtype,
@@ -454,6 +430,16 @@ async fn write_affinities(
             .collect(),
     };
     let vol = cuboids::volume::Volume::from_bytes(dtype, aff.shape, 3, data).unwrap();
+    (info, vol)
+}
+
+async fn write_affinities(
+    dir: &std::path::Path,
+    aff: &Affinities,
+    dtype: cuboids::dtype::DataType,
+    chunk: Vec3,
+) -> Precomputed {
+    let (info, vol) = affinity_layer(aff, dtype, chunk);
     cuboids::runtime::local::write_new_volume(dir, info, &vol, WRITE)
         .await
         .unwrap()

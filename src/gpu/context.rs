@@ -187,6 +187,35 @@ impl GpuContext {
         self.kernels.get(self, id)
     }
 
+    /// Waits for `submission` and maps `buffers` (MAP_READ staging buffers) for reading; errors
+    /// name `op`.
+    pub(crate) fn map_for_reading(
+        &self,
+        submission: wgpu::SubmissionIndex,
+        buffers: &[&wgpu::Buffer],
+        op: &str,
+    ) -> Result<(), GpuError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for b in buffers {
+            let tx = tx.clone();
+            b.map_async(wgpu::MapMode::Read, .., move |r| {
+                let _ = tx.send(r);
+            });
+        }
+        drop(tx);
+        self.device.poll(wgpu::PollType::Wait {
+            submission_index: Some(submission),
+            timeout: None,
+        })?;
+        for result in rx.iter() {
+            result.map_err(|source| GpuError::Map {
+                op: op.to_string(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Runs `f` inside validation and out-of-memory error scopes and returns their first error.
     pub(crate) fn scoped<T>(&self, op: &str, f: impl FnOnce() -> T) -> Result<T, GpuError> {
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);

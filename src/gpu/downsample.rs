@@ -516,24 +516,8 @@ fn read_back(
     readbacks: Vec<(wgpu::Buffer, Vec3, usize)>,
     elem: usize,
 ) -> Result<Vec<Vec<u8>>, GpuError> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    for (i, (buffer, _, _)) in readbacks.iter().enumerate() {
-        let tx = tx.clone();
-        buffer.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send((i, r));
-        });
-    }
-    drop(tx);
-    ctx.device.poll(wgpu::PollType::Wait {
-        submission_index: Some(submission),
-        timeout: None,
-    })?;
-    for (_, result) in rx.iter() {
-        result.map_err(|source| GpuError::Map {
-            op: "downsampling".into(),
-            source,
-        })?;
-    }
+    let buffers: Vec<&wgpu::Buffer> = readbacks.iter().map(|(b, _, _)| b).collect();
+    ctx.map_for_reading(submission, &buffers, "downsampling")?;
     Ok(readbacks
         .into_iter()
         .map(|(buffer, shape, pitch)| {

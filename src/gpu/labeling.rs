@@ -179,24 +179,7 @@ impl<'a> Work<'a> {
             ctx.device.create_command_encoder(&Default::default()),
         );
         let submission = ctx.scoped(self.op, || ctx.queue.submit([encoder.finish()]))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        for (i, s) in staging.iter().enumerate() {
-            let tx = tx.clone();
-            s.map_async(wgpu::MapMode::Read, .., move |r| {
-                let _ = tx.send((i, r));
-            });
-        }
-        drop(tx);
-        ctx.device.poll(wgpu::PollType::Wait {
-            submission_index: Some(submission),
-            timeout: None,
-        })?;
-        for (_, result) in rx.iter() {
-            result.map_err(|source| GpuError::Map {
-                op: self.op.into(),
-                source,
-            })?;
-        }
+        ctx.map_for_reading(submission, &staging.iter().collect::<Vec<_>>(), self.op)?;
         Ok(staging
             .iter()
             .map(|s| {
