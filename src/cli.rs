@@ -6,7 +6,7 @@ use crate::runtime::activity::WorkerOptions;
 use crate::runtime::batch::{SubmitOptions, TaskSource};
 use crate::runtime::{local, segmentation};
 use crate::task::downsample::Bounds;
-use crate::task::spec::DownsampleTask;
+use crate::task::spec::{ChunkFields, ComponentsTask, DownsampleTask, SegmentTask};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -261,16 +261,15 @@ struct ChunkArgs {
 }
 
 impl ChunkArgs {
-    fn options(&self) -> crate::task::segment::ChunkOptions {
-        crate::task::segment::ChunkOptions {
+    /// The same fields as a task document has them, so both convert to options in one place.
+    fn fields(self) -> ChunkFields {
+        ChunkFields {
             bounds: self.bounds,
             chunk_size: self.chunk_size,
             output_chunk_size: self.output_chunk_size,
             fill_missing: self.fill_missing,
-            write: crate::formats::precomputed::WriteOptions {
-                gzip_level: self.gzip_level,
-            },
-            cache_bytes: self.cache_mib << 20,
+            gzip_level: self.gzip_level,
+            cache_mib: Some(self.cache_mib),
         }
     }
 }
@@ -451,15 +450,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             aff_high,
             chunks,
         } => {
-            let opts = crate::task::segment::SegmentOptions {
-                chunks: chunks.options(),
-                watershed: crate::ops::watershed::WatershedParams {
-                    low: aff_low,
-                    high: aff_high,
-                },
+            let task = SegmentTask {
+                affinity,
+                output,
                 threshold,
+                aff_low,
+                aff_high,
+                chunks: chunks.fields(),
             };
-            done(runtime.block_on(segmentation::segment_location(&affinity, &output, &opts)))
+            done(runtime.block_on(segmentation::segment_location(
+                &task.affinity,
+                &task.output,
+                &task.options(),
+            )))
         }
         Command::ConnectedComponents {
             input,
@@ -469,13 +472,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dust,
             chunks,
         } => {
-            let opts = crate::task::segment::ComponentsOptions {
-                chunks: chunks.options(),
+            let task = ComponentsTask {
+                input,
+                output,
                 threshold,
                 connectivity,
                 dust,
+                chunks: chunks.fields(),
             };
-            done(runtime.block_on(segmentation::components_location(&input, &output, &opts)))
+            done(runtime.block_on(segmentation::components_location(
+                &task.input,
+                &task.output,
+                &task.options(),
+            )))
         }
         Command::BenchSegment { size, dir, python } => done(runtime.block_on(
             segmentation::bench_segment(segmentation::SegmentBenchOptions { size, dir, python }),

@@ -44,6 +44,14 @@ fn tied_affinities(shape: Vec3, seed: u64) -> Affinities {
     }
 }
 
+/// Values in [0, 1) in steps of 0.01.
+fn random_probabilities(shape: Vec3, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    (0..shape[0] * shape[1] * shape[2])
+        .map(|_| rng.below(100) as f32 / 100.0)
+        .collect()
+}
+
 fn segment_reference(aff: &Affinities, threshold: f64) -> Vec<u64> {
     let fragments = watershed_cpu(aff, WatershedParams::default());
     let count = fragments.iter().copied().max().unwrap_or(0);
@@ -113,10 +121,7 @@ fn segment_chunked_equals_whole_equals_cpu_reference() {
 fn connected_components_chunked_equal_whole_and_cpu_with_dust() {
     let dir = tempfile::tempdir().unwrap();
     let shape = [33, 30, 17];
-    let mut rng = Rng::new(9);
-    let values: Vec<f32> = (0..shape[0] * shape[1] * shape[2])
-        .map(|_| rng.below(100) as f32 / 100.0)
-        .collect();
+    let values = random_probabilities(shape, 9);
     rt().block_on(async {
         let input = write_float_volume(&dir.path().join("prob"), &[&values], shape, WRITE)
             .await
@@ -234,10 +239,7 @@ fn bad_inputs_name_the_field_and_leave_nothing() {
 fn segmentation_tasks_run_through_run_task() {
     let dir = tempfile::tempdir().unwrap();
     let shape = [24, 16, 8];
-    let mut rng = Rng::new(21);
-    let values: Vec<f32> = (0..shape[0] * shape[1] * shape[2])
-        .map(|_| rng.below(100) as f32 / 100.0)
-        .collect();
+    let values = random_probabilities(shape, 21);
     let aff = affinities_like([24, 16, 8]);
     rt().block_on(async {
         write_float_volume(&dir.path().join("prob"), &[&values], shape, WRITE)

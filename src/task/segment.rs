@@ -504,17 +504,8 @@ pub async fn connected_components(
     report.segments = next as usize;
     report.fragments = numbering.sizes.len() - 1;
     report.passes.push(("stitch", t.elapsed()));
-    let t = Instant::now();
-    report.chunks_written = write_output(
-        &layout,
-        |core| stitcher.labels_in(core, &numbering, |l| keep[l as usize]),
-        opts.chunks.write,
-    )
-    .await?;
-    report.passes.push(("write", t.elapsed()));
-    layout.count_reads(&mut report);
-    report.wall = start.elapsed();
-    Ok(report)
+    let label_of = |core| stitcher.labels_in(core, &numbering, |l| keep[l as usize]);
+    finish(&layout, label_of, opts.chunks.write, report, start).await
 }
 
 /// Affinity margin around a watershed chunk core (see src/gpu/labeling.rs).
@@ -597,13 +588,20 @@ pub async fn segment(
     report.segments = merges.segments;
     report.passes.push(("agglomerate", t.elapsed()));
 
+    let label_of = |core| stitcher.labels_in(core, &numbering, |f| segment_of[f as usize]);
+    finish(&layout, label_of, opts.chunks.write, report, start).await
+}
+
+/// The last pass of both commands: writes the output and completes the report.
+async fn finish(
+    layout: &Layout,
+    label_of: impl Fn(Box3) -> Vec<u32>,
+    write: WriteOptions,
+    mut report: SegmentReport,
+    start: Instant,
+) -> Result<SegmentReport, SegmentError> {
     let t = Instant::now();
-    report.chunks_written = write_output(
-        &layout,
-        |core| stitcher.labels_in(core, &numbering, |f| segment_of[f as usize]),
-        opts.chunks.write,
-    )
-    .await?;
+    report.chunks_written = write_output(layout, label_of, write).await?;
     report.passes.push(("write", t.elapsed()));
     layout.count_reads(&mut report);
     report.wall = start.elapsed();
