@@ -10,7 +10,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use cuboids::formats::precomputed::WriteOptions;
 use cuboids::geometry::{voxels, Box3, Vec3};
-use cuboids::gpu::labeling::{connected_components_box, watershed_box};
+use cuboids::gpu::labeling::{connected_components_box, watershed_box, BlockMasks};
 use cuboids::gpu::GpuContext;
 use cuboids::ops::connected_components::{connected_components_cpu, Connectivity};
 use cuboids::ops::watershed::{watershed_cpu, WatershedParams};
@@ -48,8 +48,8 @@ fn segmentation(c: &mut Criterion) {
     group.bench_function("watershed_cpu", |b| b.iter(|| watershed_cpu(&aff, params)));
     group.bench_function("cc26_gpu", |b| {
         b.iter(|| {
-            connected_components_box(&ctx, &prob, shape, whole, 0.5, Connectivity::TwentySix)
-                .unwrap()
+            let masks = BlockMasks::threshold(&prob, shape, 0.5);
+            connected_components_box(&ctx, masks, Connectivity::TwentySix).unwrap()
         })
     });
     group.bench_function("cc26_cpu", |b| {

@@ -1,9 +1,16 @@
-// Region graph of one box of fragments: for every voxel edge of the core between two different
-// fragments (0 is background), count the edge and add its fixed-point affinity (2^-24 units,
-// src/ops/agglomerate.rs) into an open-addressing hash table keyed by the fragment pair.
-// Keys are claimed write-once with compare-exchange: first the low id, then, by whichever thread
-// sees that id first, the high id; so every pair owns exactly one slot and nothing ever spins.
-// Sums are 64-bit as (low, high) words with an explicit carry.
+// Region graph of one box of fragments: for every voxel edge from a core voxel to its -x, -y or
+// -z neighbour (core or halo) between two different fragments (0 is background), count the edge
+// and add its fixed-point affinity (2^-24 units, src/ops/agglomerate.rs) into an open-addressing
+// hash table keyed by the fragment pair.
+//
+// The host sizes the table from `count` (the number of such voxel edges bounds the number of
+// pairs). When one table of that size would not fit a binding, the pairs are split into `parts`
+// partitions by a second hash, and `accumulate` runs once per partition into a fresh table.
+//
+// Keys are claimed write-once with compare-exchange: first the low word (low id + 1, so that 0
+// means empty), then, by whichever thread sees that id first, the high id; so every pair owns
+// exactly one slot and nothing ever spins. Sums are 64-bit as (low, high) words with an explicit
+// carry. Both entry points run one invocation per core voxel (a 3-D dispatch over the core).
 
 struct Params {
     size: vec3<u32>,
@@ -12,11 +19,15 @@ struct Params {
     // Slots in the table: a power of two.
     capacity: u32,
     core_stop: vec3<u32>,
-    pad: u32,
+    // Key-space partitions, and the one this dispatch accumulates.
+    parts: u32,
+    part: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
-const SLOT: u32 = 5u; // low id, high id, count, sum low word, sum high word
-const GROUP: u32 = 64u;
+const SLOT: u32 = 5u; // low id + 1, high id, count, sum low word, sum high word
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> fragments: array<u32>;
@@ -24,12 +35,9 @@ const GROUP: u32 = 64u;
 @group(0) @binding(3) var<storage, read> aff_y: array<f32>;
 @group(0) @binding(4) var<storage, read> aff_z: array<f32>;
 @group(0) @binding(5) var<storage, read_write> table: array<atomic<u32>>;
-// [0]: 1 when the table overflowed (the host retries with a bigger one).
+// [0]: 1 when the table overflowed (the host retries with more partitions);
+// [1]: voxel edges between different fragments (from `count`).
 @group(0) @binding(6) var<storage, read_write> flags: array<atomic<u32>>;
-
-fn invocation(gid: vec3<u32>, groups: vec3<u32>) -> u32 {
-    return gid.x + gid.y * groups.x * GROUP;
-}
 
 fn hash(a: u32, b: u32) -> u32 {
     var h = a * 0x9e3779b1u ^ (b + 0x7f4a7c15u + (a << 6u) + (a >> 2u));
@@ -37,6 +45,15 @@ fn hash(a: u32, b: u32) -> u32 {
     h *= 0x85ebca6bu;
     h ^= h >> 13u;
     return h;
+}
+
+// Independent of `hash` (which picks the slot), so that each partition fills its table evenly.
+fn partition_of(a: u32, b: u32) -> u32 {
+    var h = (a ^ 0x5bd1e995u) * 0xcc9e2d51u + b * 0x1b873593u;
+    h ^= h >> 15u;
+    h *= 0x2c1b3c6du;
+    h ^= h >> 12u;
+    return h % P.parts;
 }
 
 // Claims word k for `value` if it is empty; returns the value it holds afterwards.
@@ -61,11 +78,14 @@ fn quantize(a: f32) -> u32 {
 fn add_edge(a: u32, b: u32, affinity: f32) {
     let lo = min(a, b);
     let hi = max(a, b);
+    if P.parts > 1u && partition_of(lo, hi) != P.part {
+        return;
+    }
     let mask = P.capacity - 1u;
     var slot = hash(lo, hi) & mask;
     for (var probe = 0u; probe < P.capacity; probe++) {
         let k = slot * SLOT;
-        if claim(k, lo) == lo && claim(k + 1u, hi) == hi {
+        if claim(k, lo + 1u) == lo + 1u && claim(k + 1u, hi) == hi {
             atomicAdd(&table[k + 2u], 1u);
             let q = quantize(affinity);
             let old = atomicAdd(&table[k + 3u], q);
@@ -79,27 +99,63 @@ fn add_edge(a: u32, b: u32, affinity: f32) {
     atomicStore(&flags[0], 1u);
 }
 
-@compute @workgroup_size(64)
-fn accumulate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let i = invocation(gid, groups);
-    if i >= P.voxels {
+// The core voxel of this invocation and its index, or false past the core.
+fn core_voxel(gid: vec3<u32>) -> vec4<u32> {
+    let p = P.core_start + gid;
+    if any(p >= P.core_stop) {
+        return vec4<u32>(0u, 0u, 0u, 0xffffffffu);
+    }
+    return vec4<u32>(p, p.x + P.size.x * (p.y + P.size.y * p.z));
+}
+
+// The -x, -y, -z neighbours of core voxel p (index i) as indices; 0xffffffff outside the box.
+fn backward(p: vec3<u32>, i: u32) -> vec3<u32> {
+    let none = 0xffffffffu;
+    return vec3<u32>(
+        select(none, i - 1u, p.x > 0u),
+        select(none, i - P.size.x, p.y > 0u),
+        select(none, i - P.size.x * P.size.y, p.z > 0u),
+    );
+}
+
+fn differs(a: u32, j: u32) -> bool {
+    if j == 0xffffffffu {
+        return false;
+    }
+    let b = fragments[j];
+    return b != 0u && b != a;
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn count(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let v = core_voxel(gid);
+    if v.w == 0xffffffffu {
         return;
     }
+    let a = fragments[v.w];
+    if a == 0u {
+        return;
+    }
+    let n = backward(v.xyz, v.w);
+    let k = u32(differs(a, n.x)) + u32(differs(a, n.y)) + u32(differs(a, n.z));
+    if k > 0u {
+        atomicAdd(&flags[1], k);
+    }
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn accumulate(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let v = core_voxel(gid);
+    if v.w == 0xffffffffu {
+        return;
+    }
+    let i = v.w;
     let a = fragments[i];
-    let p = vec3<u32>(i % P.size.x, (i / P.size.x) % P.size.y, i / (P.size.x * P.size.y));
-    if a == 0u || any(p < P.core_start) || any(p >= P.core_stop) {
+    if a == 0u {
         return;
     }
-    if p.x > 0u {
-        let b = fragments[i - 1u];
-        if b != 0u && b != a { add_edge(a, b, aff_x[i]); }
-    }
-    if p.y > 0u {
-        let b = fragments[i - P.size.x];
-        if b != 0u && b != a { add_edge(a, b, aff_y[i]); }
-    }
-    if p.z > 0u {
-        let b = fragments[i - P.size.x * P.size.y];
-        if b != 0u && b != a { add_edge(a, b, aff_z[i]); }
-    }
+    let n = backward(v.xyz, i);
+    if differs(a, n.x) { add_edge(a, fragments[n.x], aff_x[i]); }
+    if differs(a, n.y) { add_edge(a, fragments[n.y], aff_y[i]); }
+    if differs(a, n.z) { add_edge(a, fragments[n.z], aff_z[i]); }
 }

@@ -148,6 +148,12 @@ enum Command {
     BenchSegment {
         #[arg(long, default_value = "512,512,128", value_parser = parse_vec3)]
         size: [usize; 3],
+        /// The synthetic affinity map to segment.
+        #[arg(long, value_enum, default_value = "em-like")]
+        affinities: segmentation::BenchAffinities,
+        /// Run only this pipeline (and its peer with --python).
+        #[arg(long, value_enum)]
+        only: Option<segmentation::BenchPipeline>,
         #[arg(long)]
         dir: Option<PathBuf>,
         /// A Python with waterz and connected-components-3d installed.
@@ -486,9 +492,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &task.options(),
             )))
         }
-        Command::BenchSegment { size, dir, python } => done(runtime.block_on(
-            segmentation::bench_segment(segmentation::SegmentBenchOptions { size, dir, python }),
-        )),
+        Command::BenchSegment {
+            size,
+            affinities,
+            only,
+            dir,
+            python,
+        } => done(runtime.block_on(segmentation::bench_segment(
+            segmentation::SegmentBenchOptions {
+                size,
+                affinities,
+                only,
+                dir,
+                python,
+            },
+        ))),
         Command::Demo { dir, size } => done(runtime.block_on(local::demo(&dir, size))),
         Command::BossDownsample {
             job,

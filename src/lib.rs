@@ -10,6 +10,7 @@ pub mod dtype;
 pub mod formats;
 pub mod geometry;
 pub mod gpu;
+pub mod hash;
 pub mod ops;
 pub mod runtime;
 pub mod store;

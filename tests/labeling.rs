@@ -5,7 +5,10 @@ mod common;
 
 use common::{gpu, Rng};
 use cuboids::geometry::{Box3, Vec3};
-use cuboids::gpu::labeling::{connected_components_box, region_graph_box, watershed_box, NONE};
+use cuboids::gpu::labeling::{
+    connected_components_box, region_graph_box, watershed_box, BlockMasks, NONE,
+};
+use cuboids::gpu::GpuContext;
 use cuboids::ops::agglomerate::region_graph_cpu;
 use cuboids::ops::connected_components::{connected_components_cpu, Connectivity};
 use cuboids::ops::union_find::number_by_first_voxel;
@@ -14,7 +17,23 @@ use cuboids::runtime::synthetic::affinities_like;
 
 /// Roots of a whole-volume box numbered like the CPU references (1..N by first voxel).
 fn numbered(roots: &[u32]) -> Vec<u32> {
-    number_by_first_voxel(roots.iter().map(|&r| (r != NONE).then_some(r)), roots.len())
+    let bound = roots
+        .iter()
+        .filter(|&&r| r != NONE)
+        .max()
+        .map_or(0, |&r| r as usize + 1);
+    number_by_first_voxel(roots.iter().map(|&r| (r != NONE).then_some(r)), bound)
+}
+
+/// Equal labellings, or a panic naming the first voxel that differs.
+fn assert_same(gpu: &[u32], cpu: &[u32], what: &str) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: voxel count");
+    if let Some(i) = (0..gpu.len()).find(|&i| gpu[i] != cpu[i]) {
+        panic!(
+            "{what}: voxel {i} is {} on the GPU, {} on the CPU",
+            gpu[i], cpu[i]
+        );
+    }
 }
 
 fn random_values(rng: &mut Rng, n: usize, levels: u64) -> Vec<f32> {
@@ -45,20 +64,13 @@ fn connected_components_match_cpu_for_every_connectivity() {
             Connectivity::TwentySix,
         ] {
             for threshold in [0.3f32, 0.5, 0.8] {
-                let roots = connected_components_box(
-                    gpu(),
-                    &values,
-                    shape,
-                    Box3::from_shape(shape),
-                    threshold,
-                    c,
-                )
-                .unwrap();
+                let masks = BlockMasks::threshold(&values, shape, threshold);
+                let roots = connected_components_box(gpu(), masks, c).unwrap().roots();
                 let cpu = connected_components_cpu(&values, shape, threshold, c);
-                assert_eq!(
-                    numbered(&roots),
-                    cpu,
-                    "{shape:?} {c:?} threshold {threshold}"
+                assert_same(
+                    &numbered(&roots),
+                    &cpu,
+                    &format!("{shape:?} {c:?} {threshold}"),
                 );
             }
         }
@@ -90,7 +102,7 @@ fn watershed_matches_cpu_on_random_tied_and_em_like_affinities() {
             "{name}: a whole volume defers nothing"
         );
         let cpu = watershed_cpu(&aff, params);
-        assert_eq!(numbered(&out.roots), cpu, "{name}");
+        assert_same(&numbered(&out.roots), &cpu, &name);
         assert!(
             cpu.iter().any(|&l| l > 0) || shape == [1, 1, 1],
             "{name}: no fragments"
@@ -100,16 +112,40 @@ fn watershed_matches_cpu_on_random_tied_and_em_like_affinities() {
 
 #[test]
 fn region_graph_matches_cpu() {
+    // A context whose bindings hold 64 KiB: the larger graphs need several key-space partitions.
+    let mut small = GpuContext::new().unwrap();
+    small.limit_bindings(64 << 10);
     let mut rng = Rng::new(5);
     for shape in [[40, 30, 12], [9, 9, 9]] {
         let aff = random_affinities(&mut rng, shape, 1 << 20);
         let fragments = watershed_cpu(&aff, WatershedParams::default());
-        let gpu_edges = region_graph_box(gpu(), &fragments, &aff, Box3::from_shape(shape)).unwrap();
         let cpu = region_graph_cpu(&aff, &fragments);
         assert!(cpu.len() > 10, "{shape:?}: {} edges", cpu.len());
-        assert_eq!(gpu_edges.len(), cpu.len(), "{shape:?}: edge count");
-        for (pair, stats) in gpu_edges {
-            assert_eq!(cpu.get(&pair), Some(&stats), "{shape:?}: edge {pair:?}");
+        for (name, ctx) in [("adapter limits", gpu()), ("64 KiB bindings", &small)] {
+            let gpu_edges =
+                region_graph_box(ctx, &fragments, &aff, Box3::from_shape(shape)).unwrap();
+            assert_eq!(gpu_edges.len(), cpu.len(), "{shape:?} {name}: edge count");
+            for (pair, stats) in gpu_edges {
+                assert_eq!(
+                    cpu.get(&pair),
+                    Some(&stats),
+                    "{shape:?} {name}: edge {pair:?}"
+                );
+            }
         }
+    }
+    // Every voxel its own fragment: more pairs than voxels.
+    let shape = [24, 24, 16];
+    let aff = random_affinities(&mut rng, shape, 1 << 20);
+    let fragments: Vec<u32> = (1..=(24 * 24 * 16) as u32).collect();
+    let cpu = region_graph_cpu(&aff, &fragments);
+    let gpu_edges = region_graph_box(&small, &fragments, &aff, Box3::from_shape(shape)).unwrap();
+    assert_eq!(gpu_edges.len(), cpu.len(), "one fragment per voxel");
+    for (pair, stats) in gpu_edges {
+        assert_eq!(
+            cpu.get(&pair),
+            Some(&stats),
+            "one fragment per voxel: edge {pair:?}"
+        );
     }
 }

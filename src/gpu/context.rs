@@ -51,6 +51,9 @@ pub enum GpuError {
 pub struct GpuContext {
     pub adapter_info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
+    /// Times each labelling kernel on its own and logs it (`CUBOIDS_PROFILE_KERNELS=1`): for
+    /// tuning kernels, since it waits for the GPU after every dispatch.
+    pub profile_kernels: bool,
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
     kernels: KernelCache,
@@ -105,6 +108,7 @@ impl GpuContext {
         Ok(GpuContext {
             adapter_info,
             limits,
+            profile_kernels: std::env::var_os("CUBOIDS_PROFILE_KERNELS").is_some_and(|v| v != "0"),
             device,
             queue,
             kernels: KernelCache::default(),
@@ -117,6 +121,13 @@ impl GpuContext {
         self.limits
             .max_storage_buffer_binding_size
             .min(self.limits.max_buffer_size)
+    }
+
+    /// Treats bindings above `bytes` as over the limit, as an adapter with a smaller limit would:
+    /// tests use it to exercise how passes split their work on small data.
+    pub fn limit_bindings(&mut self, bytes: u64) {
+        self.limits.max_storage_buffer_binding_size =
+            self.limits.max_storage_buffer_binding_size.min(bytes);
     }
 
     /// A few lines for `cuboids info` and logs.

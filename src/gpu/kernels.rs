@@ -9,22 +9,22 @@ const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const UNION_FIND: &str = include_str!("../../shaders/union_find.wgsl");
 
 /// Every shader, as the (name, source) pairs the device compiles: WGSL has no includes, so the
-/// downsampling kernels get `common.wgsl` prepended and the labelling kernels `union_find.wgsl`.
+/// downsampling kernels get `common.wgsl` prepended and the watershed `union_find.wgsl`.
 /// The naga validation test walks this list.
 pub fn shader_sources() -> Vec<(&'static str, String)> {
-    let labelling = [
+    let labelling = [("watershed", include_str!("../../shaders/watershed.wgsl"))]
+        .into_iter()
+        .map(|(name, body)| (name, format!("{UNION_FIND}\n{body}")));
+    let standalone = [
+        (
+            "region_graph",
+            include_str!("../../shaders/region_graph.wgsl").to_string(),
+        ),
         (
             "connected_components",
-            include_str!("../../shaders/connected_components.wgsl"),
+            include_str!("../../shaders/connected_components.wgsl").to_string(),
         ),
-        ("watershed", include_str!("../../shaders/watershed.wgsl")),
-    ]
-    .into_iter()
-    .map(|(name, body)| (name, format!("{UNION_FIND}\n{body}")));
-    let standalone = [(
-        "region_graph",
-        include_str!("../../shaders/region_graph.wgsl").to_string(),
-    )];
+    ];
     let downsampling = [
         (
             "average_int",

@@ -20,7 +20,8 @@ pub const NONE: u32 = u32::MAX;
 
 const GROUP: u32 = 64;
 
-/// The params block shared by the labelling shaders: box size, core, two scalars.
+/// The params block shared by the labelling shaders: box size, core, and scalars each shader
+/// names for itself (three beside the vectors, four after them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
 struct BoxParams {
@@ -30,6 +31,7 @@ struct BoxParams {
     word_b: u32,
     core_stop: [u32; 3],
     word_c: u32,
+    tail: [u32; 4],
 }
 
 fn box_params(shape: Vec3, core: Box3, words: [u32; 3]) -> BoxParams {
@@ -40,8 +42,12 @@ fn box_params(shape: Vec3, core: Box3, words: [u32; 3]) -> BoxParams {
         word_b: words[1],
         core_stop: core.stop.map(|v| v as u32),
         word_c: words[2],
+        tail: [0; 4],
     }
 }
+
+/// The workgroup of the 3-D labelling kernels: 8x8 voxels of one z plane.
+const GROUP_3D: [u32; 3] = [16, 16, 1];
 
 /// One command encoder's worth of labelling work and the helpers its functions share.
 struct Work<'a> {
@@ -121,7 +127,6 @@ impl<'a> Work<'a> {
         bindings: &[(u32, &wgpu::Buffer)],
         invocations: usize,
     ) -> Result<(), GpuError> {
-        let pipeline = self.ctx.pipeline(KernelId::Entry { shader, entry })?;
         let max = self.ctx.limits.max_compute_workgroups_per_dimension;
         let groups = (invocations.max(1) as u64).div_ceil(GROUP as u64);
         let (gx, gy) = if groups <= max as u64 {
@@ -136,6 +141,38 @@ impl<'a> Work<'a> {
                 limit: max as u64 * max as u64,
             });
         }
+        self.record(shader, entry, bindings, [gx, gy, 1])
+    }
+
+    /// Records a dispatch of one invocation per voxel of a box of `extent` voxels, in
+    /// [`GROUP_3D`] workgroups: kernels get their voxel's position without dividing.
+    fn dispatch_box(
+        &mut self,
+        shader: &'static str,
+        entry: &'static str,
+        bindings: &[(u32, &wgpu::Buffer)],
+        extent: Vec3,
+    ) -> Result<(), GpuError> {
+        let max = self.ctx.limits.max_compute_workgroups_per_dimension as u64;
+        let groups = [0, 1, 2].map(|a| (extent[a].max(1) as u64).div_ceil(GROUP_3D[a] as u64));
+        if let Some(&over) = groups.iter().find(|&&g| g > max) {
+            return Err(GpuError::TooLarge {
+                what: format!("a dispatch over a {extent:?} box for {}", self.op),
+                needed: over,
+                limit: max,
+            });
+        }
+        self.record(shader, entry, bindings, groups.map(|g| g as u32))
+    }
+
+    fn record(
+        &mut self,
+        shader: &'static str,
+        entry: &'static str,
+        bindings: &[(u32, &wgpu::Buffer)],
+        groups: [u32; 3],
+    ) -> Result<(), GpuError> {
+        let pipeline = self.ctx.pipeline(KernelId::Entry { shader, entry })?;
         let ctx = self.ctx;
         let encoder = &mut self.encoder;
         ctx.scoped(self.op, || {
@@ -154,8 +191,33 @@ impl<'a> Work<'a> {
             let mut pass = encoder.begin_compute_pass(&Default::default());
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
-            pass.dispatch_workgroups(gx, gy, 1);
-        })
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        })?;
+        if ctx.profile_kernels {
+            self.time_kernel(&format!("{shader}::{entry}"), groups)?;
+        }
+        Ok(())
+    }
+
+    /// Runs what was recorded so far and logs how long it took: with
+    /// [`GpuContext::profile_kernels`], each kernel is timed on its own (at the cost of a wait
+    /// after each).
+    fn time_kernel(&mut self, kernel: &str, groups: [u32; 3]) -> Result<(), GpuError> {
+        let ctx = self.ctx;
+        let start = std::time::Instant::now();
+        let encoder = std::mem::replace(
+            &mut self.encoder,
+            ctx.device.create_command_encoder(&Default::default()),
+        );
+        ctx.scoped(self.op, || ctx.queue.submit([encoder.finish()]))?;
+        ctx.device.poll(wgpu::PollType::wait_indefinitely())?;
+        tracing::info!(
+            kernel,
+            ?groups,
+            ms = start.elapsed().as_secs_f64() * 1e3,
+            "kernel time"
+        );
+        Ok(())
     }
 
     /// Submits what was recorded, then copies `buffers` back and returns their words.
@@ -193,37 +255,208 @@ impl<'a> Work<'a> {
     }
 }
 
-/// Connected components of `values > threshold` in a box of `shape`: core voxels unite with
-/// their backward neighbours (see [`Connectivity::backward_offsets`]). Returns each voxel's root.
+/// A box thresholded into one foreground mask per 2x2x2 block (bit x + 2y + 4z; voxels past an
+/// odd edge are background): what connected components uploads, 1 byte per 8 voxels.
+#[derive(Clone, Debug)]
+pub struct BlockMasks {
+    pub shape: Vec3,
+    pub blocks: Vec3,
+    pub masks: Vec<u8>,
+}
+
+impl BlockMasks {
+    /// Masks of the voxels (Fortran index) for which `foreground` holds.
+    pub fn from_fn(shape: Vec3, foreground: impl Fn(usize) -> bool) -> BlockMasks {
+        let blocks = shape.map(|v| v.div_ceil(2));
+        let mut masks = vec![0u8; voxels(blocks)];
+        let mut i = 0;
+        for z in 0..shape[2] {
+            for y in 0..shape[1] {
+                let row = blocks[0] * ((y >> 1) + blocks[1] * (z >> 1));
+                let bits = ((y & 1) << 1 | (z & 1) << 2) as u8;
+                for x in 0..shape[0] {
+                    masks[row + (x >> 1)] |= (foreground(i) as u8) << (bits | (x & 1) as u8);
+                    i += 1;
+                }
+            }
+        }
+        BlockMasks {
+            shape,
+            blocks,
+            masks,
+        }
+    }
+
+    /// Masks of `values > threshold`.
+    pub fn threshold(values: &[f32], shape: Vec3, threshold: f32) -> BlockMasks {
+        assert_eq!(values.len(), voxels(shape));
+        Self::from_fn(shape, |i| values[i] > threshold)
+    }
+}
+
+/// Connected components of one box as the GPU leaves them: per 2x2x2 block its foreground mask,
+/// and the root of every node (a block under 26-connectivity, a piece of a block under 6 and 18).
+#[derive(Clone, Debug)]
+pub struct BlockComponents {
+    masks: BlockMasks,
+    /// Each voxel's piece per mask under 6 and 18 (3 bits per voxel); `None` under 26.
+    pieces: Option<Vec<u32>>,
+    roots: Vec<u32>,
+}
+
+impl BlockComponents {
+    pub fn shape(&self) -> Vec3 {
+        self.masks.shape
+    }
+
+    /// The root of the voxel at `p` (box coordinates), or [`NONE`] for background. Roots are
+    /// node ids: equal roots, one component.
+    #[inline]
+    pub fn root_at(&self, p: Vec3) -> u32 {
+        let blocks = self.masks.blocks;
+        let b = (p[0] >> 1) + blocks[0] * ((p[1] >> 1) + blocks[1] * (p[2] >> 1));
+        let k = (p[0] & 1) | (p[1] & 1) << 1 | (p[2] & 1) << 2;
+        let mask = self.masks.masks[b];
+        if mask & (1 << k) == 0 {
+            return NONE;
+        }
+        match &self.pieces {
+            None => self.roots[b],
+            Some(pieces) => self.roots[b * 8 + ((pieces[mask as usize] >> (3 * k)) & 7) as usize],
+        }
+    }
+
+    /// One past the largest root.
+    pub fn root_bound(&self) -> usize {
+        self.roots.len()
+    }
+
+    /// The root of every voxel in Fortran order.
+    pub fn roots(&self) -> Vec<u32> {
+        let s = self.shape();
+        let mut out = Vec::with_capacity(voxels(s));
+        for z in 0..s[2] {
+            for y in 0..s[1] {
+                for x in 0..s[0] {
+                    out.push(self.root_at([x, y, z]));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The position of voxel `k` (0..8) in a 2x2x2 block.
+fn block_voxel(k: usize) -> [i64; 3] {
+    [(k & 1) as i64, ((k >> 1) & 1) as i64, (k >> 2) as i64]
+}
+
+/// The tables `connected_components.wgsl` reads for a connectivity: each mask's pieces, and
+/// which voxels of two neighbouring blocks touch (see the shader for the layout).
+fn block_tables(connectivity: Connectivity) -> Vec<u32> {
+    let touch = |a: [i64; 3], b: [i64; 3]| {
+        let d = [0, 1, 2].map(|i| (a[i] - b[i]).abs());
+        let axes = d.iter().filter(|&&v| v != 0).count();
+        d.iter().all(|&v| v <= 1) && axes >= 1 && axes <= connectivity.max_axes()
+    };
+    let mut tables = Vec::with_capacity(256 + 13 * 9);
+    for mask in 0..256u32 {
+        let mut piece: [usize; 8] = std::array::from_fn(|k| k);
+        // Relax to the smallest touching member until nothing changes (8 voxels: a few rounds).
+        let mut changed = true;
+        while changed {
+            changed = false;
+            for a in 0..8 {
+                for b in 0..8 {
+                    let both = mask & (1 << a) != 0 && mask & (1 << b) != 0;
+                    if both && touch(block_voxel(a), block_voxel(b)) && piece[b] < piece[a] {
+                        piece[a] = piece[b];
+                        changed = true;
+                    }
+                }
+            }
+        }
+        tables.push((0..8).fold(0, |acc, k| acc | (piece[k] as u32) << (3 * k)));
+    }
+    let mut adjacent = Vec::with_capacity(13 * 8);
+    for o in Connectivity::TwentySix.backward_offsets() {
+        let (mut near, mut far) = (0u32, 0u32);
+        for u in 0..8 {
+            let mut touching = 0u32;
+            for v in 0..8 {
+                let vb = block_voxel(v);
+                if touch(block_voxel(u), [0, 1, 2].map(|i| 2 * o[i] + vb[i])) {
+                    touching |= 1 << v;
+                }
+            }
+            if touching != 0 {
+                near |= 1 << u;
+            }
+            far |= touching;
+            adjacent.push(touching);
+        }
+        tables.push(near | far << 8);
+    }
+    tables.extend(adjacent);
+    tables
+}
+
+/// Connected components of a thresholded box, by block-based union-find (see
+/// shaders/connected_components.wgsl). Every edge inside the box is used.
 pub fn connected_components_box(
     ctx: &GpuContext,
-    values: &[f32],
-    shape: Vec3,
-    core: Box3,
-    threshold: f32,
+    masks: BlockMasks,
     connectivity: Connectivity,
-) -> Result<Vec<u32>, GpuError> {
-    let _span = debug_span!("gpu_connected_components", ?shape).entered();
-    let n = voxels(shape);
-    assert_eq!(values.len(), n);
-    let max_axes = match connectivity {
-        Connectivity::Six => 1,
-        Connectivity::Eighteen => 2,
-        Connectivity::TwentySix => 3,
+) -> Result<BlockComponents, GpuError> {
+    let _span = debug_span!("gpu_connected_components", shape = ?masks.shape).entered();
+    let block_count = masks.masks.len();
+    let nodes_per_block = if connectivity == Connectivity::TwentySix {
+        1
+    } else {
+        8
     };
+    let tables = block_tables(connectivity);
     let mut work = Work::new(ctx, "connected components");
-    let params = work.uniform(&box_params(
-        shape,
-        core,
-        [max_axes, threshold.to_bits(), n as u32],
-    ));
-    let values = work.upload("values", bytemuck::cast_slice(values))?;
-    let parent = work.storage("labels", n)?;
-    let all = [(0, &params), (1, &parent), (2, &values)];
-    work.dispatch("connected_components", "init", &all, n)?;
-    work.dispatch("connected_components", "unite_backward", &all, n)?;
-    work.dispatch("connected_components", "flatten", &[(1, &parent)], n)?;
-    Ok(work.finish(&[&parent])?.remove(0))
+    // The shader's layout: nodes per block, then the block counts.
+    let params = work.uniform(&BoxParams {
+        word_a: nodes_per_block as u32,
+        core_start: masks.blocks.map(|v| v as u32),
+        ..Zeroable::zeroed()
+    });
+    let mut packed = masks.masks.clone();
+    packed.resize(block_count.next_multiple_of(4).max(4), 0);
+    let mask_buffer = work.upload("block masks", &packed)?;
+    let table_buffer = work.upload("tables", bytemuck::cast_slice(&tables))?;
+    let parent = work.storage("labels", block_count * nodes_per_block)?;
+    let rest = work.storage("unions left", block_count)?;
+    const S: &str = "connected_components";
+    work.encoder.clear_buffer(&parent, 0, None);
+    work.encoder.clear_buffer(&rest, 0, None);
+    let bindings = [
+        (0, &params),
+        (1, &parent),
+        (2, &mask_buffer),
+        (3, &table_buffer),
+        (4, &rest),
+    ];
+    work.dispatch_box(S, "merge", &bindings, masks.blocks)?;
+    if nodes_per_block == 1 {
+        let bindings = [(0, &params), (1, &parent), (4, &rest)];
+        work.dispatch_box(S, "merge_rest", &bindings, masks.blocks)?;
+    }
+    work.dispatch(S, "flatten", &[(1, &parent)], block_count * nodes_per_block)?;
+    let parents = work.finish(&[&parent])?.remove(0);
+    // 0 marks a root; every other node holds its root + 1.
+    let roots = parents
+        .iter()
+        .enumerate()
+        .map(|(x, &p)| if p == 0 { x as u32 } else { p - 1 })
+        .collect();
+    Ok(BlockComponents {
+        masks,
+        pieces: (nodes_per_block > 1).then(|| tables[..256].to_vec()),
+        roots,
+    })
 }
 
 /// What the watershed of one box leaves for the host.
@@ -392,9 +625,8 @@ fn deferred_voxels(info: &[u32], taint: &[u32], shape: Vec3, core: Box3) -> Vec<
 /// A fragment pair (low id, high id) and its edge statistics.
 pub type RegionEdge = ((u32, u32), EdgeStats);
 
-/// Slots of the region-graph table per fragment of the core at first: regions in 3-D touch a
-/// dozen or so others.
-const SLOTS_PER_FRAGMENT: usize = 16;
+/// u32 words per region-graph table slot: low id + 1, high id, count, 64-bit sum.
+const SLOT_WORDS: u64 = 5;
 
 /// The region graph of the core of a box of fragments (0 = background): every edge between a
 /// core voxel and its -x, -y, -z neighbour (core or halo) joining two different fragments.
@@ -408,60 +640,136 @@ pub fn region_graph_box(
     let _span = debug_span!("gpu_region_graph", ?shape).entered();
     let n = voxels(shape);
     assert_eq!(fragments.len(), n);
-    let mut distinct = fragments.to_vec();
-    distinct.sort_unstable();
-    distinct.dedup();
-    let mut capacity = (distinct.len() * SLOTS_PER_FRAGMENT)
-        .max(1024)
-        .next_power_of_two();
-    let max_capacity = (ctx.max_binding_bytes() / 20).max(1) as usize;
+    let mut work = Work::new(ctx, "the region graph");
+    let frags = work.upload("fragments", bytemuck::cast_slice(fragments))?;
+    let [ax, ay, az] =
+        [0, 1, 2].map(|c| work.upload("affinities", bytemuck::cast_slice(&aff.channels[c])));
+    let (ax, ay, az) = (ax?, ay?, az?);
+    let inputs = RegionGraphInputs {
+        labels: &frags,
+        affinities: [&ax, &ay, &az],
+        shape,
+        core,
+    };
+    accumulate_region_graph(&mut work, &inputs)
+}
+
+/// What the region-graph kernels read: per-voxel labels of a box (0 = background) and its
+/// affinities, already on the GPU.
+struct RegionGraphInputs<'a> {
+    labels: &'a wgpu::Buffer,
+    affinities: [&'a wgpu::Buffer; 3],
+    shape: Vec3,
+    core: Box3,
+}
+
+/// Counts the core's voxel edges between different labels, sizes the hash table from that count
+/// (at most half full), and accumulates the pairs into it, split into as many key-space
+/// partitions as it takes for one table to fit a binding of this adapter. So the pass holds any
+/// number of pairs a box can have, on any adapter.
+fn accumulate_region_graph(
+    work: &mut Work,
+    inputs: &RegionGraphInputs,
+) -> Result<Vec<RegionEdge>, GpuError> {
+    const S: &str = "region_graph";
+    let (shape, core) = (inputs.shape, inputs.core);
+    let n = voxels(shape);
+    let flags = work.storage("flags", 2)?;
+    let params = |capacity: u64, parts: u64, part: u64| {
+        let mut p = box_params(shape, core, [n as u32, capacity as u32, parts as u32]);
+        p.tail[0] = part as u32;
+        p
+    };
+    let uniform = work.uniform(&params(1, 1, 0));
+    let [ax, ay, az] = inputs.affinities;
+    fn bindings<'b>(
+        uniform: &'b wgpu::Buffer,
+        labels: &'b wgpu::Buffer,
+        [ax, ay, az]: [&'b wgpu::Buffer; 3],
+        table: &'b wgpu::Buffer,
+        flags: &'b wgpu::Buffer,
+    ) -> [(u32, &'b wgpu::Buffer); 7] {
+        [
+            (0, uniform),
+            (1, labels),
+            (2, ax),
+            (3, ay),
+            (4, az),
+            (5, table),
+            (6, flags),
+        ]
+    }
+    work.dispatch_box(
+        S,
+        "count",
+        &[(0, &uniform), (1, inputs.labels), (6, &flags)],
+        core.shape(),
+    )?;
+    let voxel_edges = work.finish(&[&flags])?[0][1] as u64;
+    if voxel_edges == 0 {
+        return Ok(Vec::new());
+    }
+    // Power-of-two slots, at most half full, at most one binding.
+    let max_slots = prev_power_of_two(work.ctx.max_binding_bytes() / (SLOT_WORDS * 4));
+    let wanted = (2 * voxel_edges).next_power_of_two();
+    let mut parts = wanted.div_ceil(max_slots).next_power_of_two();
     loop {
-        let mut work = Work::new(ctx, "the region graph");
-        let cap = capacity.min(max_capacity.next_power_of_two() / 2).max(1);
-        let uniform = work.uniform(&box_params(shape, core, [n as u32, cap as u32, 0]));
-        let frags = work.upload("fragments", bytemuck::cast_slice(fragments))?;
-        let [ax, ay, az] =
-            [0, 1, 2].map(|c| work.upload("affinities", bytemuck::cast_slice(&aff.channels[c])));
-        let (ax, ay, az) = (ax?, ay?, az?);
-        let table = work.storage("region graph table", cap * 5)?;
-        let flags = work.storage("flags", 1)?;
-        work.dispatch(
-            "region_graph",
-            "accumulate",
-            &[
-                (0, &uniform),
-                (1, &frags),
-                (2, &ax),
-                (3, &ay),
-                (4, &az),
-                (5, &table),
-                (6, &flags),
-            ],
-            n,
-        )?;
-        let out = work.finish(&[&table, &flags])?;
-        if out[1][0] == 0 {
-            return Ok(out[0]
-                .chunks_exact(5)
-                .filter(|s| s[0] != 0)
-                .map(|s| {
-                    (
-                        (s[0], s[1]),
-                        EdgeStats {
-                            count: s[2] as u64,
-                            sum: s[3] as u64 | (s[4] as u64) << 32,
-                        },
-                    )
-                })
-                .collect());
+        let capacity = (wanted / parts).clamp(1024.min(wanted), max_slots);
+        let table = work.storage("region graph table", (capacity * SLOT_WORDS) as usize)?;
+        let mut edges = Vec::new();
+        let mut overflowed = false;
+        for part in 0..parts {
+            let uniform = work.uniform(&params(capacity, parts, part));
+            work.encoder.clear_buffer(&table, 0, None);
+            work.encoder.clear_buffer(&flags, 0, Some(4));
+            work.dispatch_box(
+                S,
+                "accumulate",
+                &bindings(&uniform, inputs.labels, [ax, ay, az], &table, &flags),
+                core.shape(),
+            )?;
+            let out = work.finish(&[&table, &flags])?;
+            if out[1][0] != 0 {
+                overflowed = true;
+                break;
+            }
+            edges.extend(table_edges(&out[0]));
         }
-        if cap >= max_capacity.next_power_of_two() / 2 {
+        if !overflowed {
+            return Ok(edges);
+        }
+        // Only an unlucky hash gets here: the table was sized for every voxel edge.
+        if parts >= voxel_edges {
             return Err(GpuError::TooLarge {
-                what: "the region graph of one chunk (use a smaller --chunk-size)".into(),
-                needed: (capacity * 20) as u64,
-                limit: ctx.max_binding_bytes(),
+                what: format!("the region graph of a {shape:?} box"),
+                needed: voxel_edges * 2 * SLOT_WORDS * 4,
+                limit: work.ctx.max_binding_bytes(),
             });
         }
-        capacity *= 2;
+        parts *= 2;
+    }
+}
+
+/// The filled slots of a region-graph table.
+fn table_edges(table: &[u32]) -> impl Iterator<Item = RegionEdge> + '_ {
+    table
+        .chunks_exact(SLOT_WORDS as usize)
+        .filter(|s| s[0] != 0)
+        .map(|s| {
+            (
+                (s[0] - 1, s[1]),
+                EdgeStats {
+                    count: s[2] as u64,
+                    sum: s[3] as u64 | (s[4] as u64) << 32,
+                },
+            )
+        })
+}
+
+fn prev_power_of_two(v: u64) -> u64 {
+    if v == 0 {
+        0
+    } else {
+        1 << (63 - v.leading_zeros())
     }
 }

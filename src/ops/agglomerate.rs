@@ -6,6 +6,7 @@
 //! an edge is exact and independent of the order voxels are visited in: on the GPU's atomics, on
 //! the CPU, and over any chunking. The mean differs from a float mean by at most 2^-25.
 
+use crate::hash::IdBuildHasher;
 use crate::ops::union_find::UnionFind;
 use crate::ops::watershed::Affinities;
 use std::cmp::Ordering;
@@ -74,27 +75,8 @@ pub fn region_graph_cpu(aff: &Affinities, fragments: &[u32]) -> RegionGraph {
     graph
 }
 
-/// A fast, deterministic hasher for the adjacency maps (keys are small integers; SipHash's
-/// protection against adversarial keys is not needed and costs most of the time here).
-#[derive(Default, Clone, Copy)]
-pub struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-    fn write_u32(&mut self, v: u32) {
-        self.0 = (self.0.rotate_left(5) ^ v as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
 /// Neighbour region -> edge id.
-type Adjacency = HashMap<u32, u32, std::hash::BuildHasherDefault<IdHasher>>;
+type Adjacency = HashMap<u32, u32, IdBuildHasher>;
 
 /// An edge between two live regions (which ones: the adjacency maps know).
 #[derive(Debug)]

@@ -48,7 +48,7 @@ impl std::str::FromStr for Connectivity {
 
 impl Connectivity {
     /// Most non-zero components an offset may have.
-    fn max_axes(self) -> usize {
+    pub fn max_axes(self) -> usize {
         match self {
             Connectivity::Six => 1,
             Connectivity::Eighteen => 2,

@@ -7,7 +7,7 @@ use crate::geometry::{voxels, Vec3};
 use crate::ops::connected_components::Connectivity;
 use crate::ops::watershed::WatershedParams;
 use crate::runtime::local::{gpu, new_info, write_new_volume};
-use crate::runtime::synthetic::{affinities_like, probability_like};
+use crate::runtime::synthetic::{affinities_like, noisy_cell_affinities, probability_like};
 use crate::store::open_store;
 use crate::task::segment::{
     connected_components, segment, ChunkOptions, ComponentsOptions, SegmentOptions, SegmentReport,
@@ -168,8 +168,37 @@ pub async fn demo_segmentation(
     Ok(())
 }
 
+/// Which synthetic affinity map `bench-segment` segments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchAffinities {
+    /// Smooth EM-like affinities (~30 voxels per fragment).
+    EmLike,
+    /// Voronoi cells, 0.85 inside and 0.15 across, Gaussian noise of sigma 0.06: millions of
+    /// tiny fragments and region-graph edges (the hard case for the agglomeration).
+    NoisyCells,
+}
+
+impl BenchAffinities {
+    pub fn make(self, size: Vec3) -> crate::ops::watershed::Affinities {
+        match self {
+            BenchAffinities::EmLike => affinities_like(size),
+            BenchAffinities::NoisyCells => noisy_cell_affinities(size, 0.85, 0.15, 0.06),
+        }
+    }
+}
+
+/// Which pipelines `bench-segment` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchPipeline {
+    Segment,
+    ConnectedComponents,
+}
+
 pub struct SegmentBenchOptions {
     pub size: Vec3,
+    pub affinities: BenchAffinities,
+    /// Only this pipeline (both when `None`).
+    pub only: Option<BenchPipeline>,
     pub dir: Option<PathBuf>,
     /// A Python with waterz and cc3d: runs benches/segment_compare.py on the same data.
     pub python: Option<PathBuf>,
@@ -189,7 +218,7 @@ pub async fn bench_segment(o: SegmentBenchOptions) -> Result<()> {
         .prefix("cuboids-bench-segment")
         .tempdir_in(o.dir.clone().unwrap_or_else(std::env::temp_dir))?;
     let t = Instant::now();
-    let aff = affinities_like(size);
+    let aff = o.affinities.make(size);
     let prob = probability_like(size);
     let write = WriteOptions { gzip_level: 0 };
     let channels: Vec<&[f32]> = aff.channels.iter().map(|c| c.as_slice()).collect();
@@ -198,7 +227,8 @@ pub async fn bench_segment(o: SegmentBenchOptions) -> Result<()> {
     let prob_vol =
         write_float_volume(&temp.path().join("probability"), &[&prob], size, write).await?;
     println!(
-        "synthetic EM-like affinities and probability map {size:?} written in {:.1} s",
+        "synthetic {:?} affinities and EM-like probability map {size:?} written in {:.1} s",
+        o.affinities,
         t.elapsed().as_secs_f64()
     );
     let mvx = voxels(size) as f64 / 1e6;
@@ -212,24 +242,28 @@ pub async fn bench_segment(o: SegmentBenchOptions) -> Result<()> {
         } else {
             ""
         };
-        let out = crate::store::LocalStore::new(temp.path().join(format!("seg{round}")));
-        let opts = SegmentOptions {
-            chunks: chunks.clone(),
-            watershed: WatershedParams::default(),
-            threshold: 0.7,
-        };
-        let r = segment(ctx.clone(), &aff_vol, std::sync::Arc::new(out), &opts).await?;
-        print_report(&format!("cuboids segment{note}"), &r);
-        let out = crate::store::LocalStore::new(temp.path().join(format!("cc{round}")));
-        let opts = ComponentsOptions {
-            chunks: chunks.clone(),
-            threshold: 0.5,
-            connectivity: Connectivity::TwentySix,
-            dust: 0,
-        };
-        let r =
-            connected_components(ctx.clone(), &prob_vol, std::sync::Arc::new(out), &opts).await?;
-        print_report(&format!("cuboids connected-components (26){note}"), &r);
+        if o.only != Some(BenchPipeline::ConnectedComponents) {
+            let out = crate::store::LocalStore::new(temp.path().join(format!("seg{round}")));
+            let opts = SegmentOptions {
+                chunks: chunks.clone(),
+                watershed: WatershedParams::default(),
+                threshold: 0.7,
+            };
+            let r = segment(ctx.clone(), &aff_vol, std::sync::Arc::new(out), &opts).await?;
+            print_report(&format!("cuboids segment{note}"), &r);
+        }
+        if o.only != Some(BenchPipeline::Segment) {
+            let out = crate::store::LocalStore::new(temp.path().join(format!("cc{round}")));
+            let opts = ComponentsOptions {
+                chunks: chunks.clone(),
+                threshold: 0.5,
+                connectivity: Connectivity::TwentySix,
+                dust: 0,
+            };
+            let r = connected_components(ctx.clone(), &prob_vol, std::sync::Arc::new(out), &opts)
+                .await?;
+            print_report(&format!("cuboids connected-components (26){note}"), &r);
+        }
     }
     if let Some(python) = o.python {
         let aff_path = temp.path().join("affinities.f32");
@@ -248,6 +282,11 @@ pub async fn bench_segment(o: SegmentBenchOptions) -> Result<()> {
             .arg(&aff_path)
             .arg(&prob_path)
             .arg(format!("{},{},{}", size[0], size[1], size[2]))
+            .arg(match o.only {
+                None => "both",
+                Some(BenchPipeline::Segment) => "segment",
+                Some(BenchPipeline::ConnectedComponents) => "connected-components",
+            })
             .output()
             .with_context(|| format!("running {}", python.display()))?;
         if !out.status.success() {

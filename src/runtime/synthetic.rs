@@ -51,30 +51,37 @@ pub fn em_like(shape: Vec3) -> (Volume, Volume) {
     )
 }
 
+/// The nearest cell seed to voxel (x, y, z) (z sections 4x thicker): its cell id and the squared
+/// distances to the nearest and second-nearest seeds.
+fn nearest_cell(x: usize, y: usize, z: usize) -> (u64, f32, f32) {
+    let p = [x as f32, y as f32, z as f32 * 4.0];
+    let cell = [0, 1, 2].map(|d| (p[d] / CELL as f32).floor() as i64);
+    let (mut best, mut second, mut best_id) = (f32::MAX, f32::MAX, 0u64);
+    for dz in -1..=1 {
+        for dy in -1..=1 {
+            for dx in -1..=1 {
+                let c = [cell[0] + dx, cell[1] + dy, cell[2] + dz];
+                let s = seed_of(c);
+                let d = (0..3).map(|k| (s[k] - p[k]).powi(2)).sum::<f32>();
+                if d < best {
+                    second = best;
+                    best = d;
+                    best_id =
+                        hash(c[0] as u64 ^ ((c[1] as u64) << 20) ^ ((c[2] as u64) << 40)) >> 24;
+                } else if d < second {
+                    second = d;
+                }
+            }
+        }
+    }
+    (best_id, best, second)
+}
+
 fn fill_planes(image: &mut [u8], labels: &mut [u64], shape: Vec3, z0: usize) {
     let plane = shape[0] * shape[1];
     for (i, (px, lab)) in image.iter_mut().zip(labels.iter_mut()).enumerate() {
         let (x, y, z) = (i % shape[0], (i / shape[0]) % shape[1], z0 + i / plane);
-        let p = [x as f32, y as f32, z as f32 * 4.0];
-        let cell = [0, 1, 2].map(|d| (p[d] / CELL as f32).floor() as i64);
-        let (mut best, mut second, mut best_id) = (f32::MAX, f32::MAX, 0u64);
-        for dz in -1..=1 {
-            for dy in -1..=1 {
-                for dx in -1..=1 {
-                    let c = [cell[0] + dx, cell[1] + dy, cell[2] + dz];
-                    let s = seed_of(c);
-                    let d = (0..3).map(|k| (s[k] - p[k]).powi(2)).sum::<f32>();
-                    if d < best {
-                        second = best;
-                        best = d;
-                        best_id =
-                            hash(c[0] as u64 ^ ((c[1] as u64) << 20) ^ ((c[2] as u64) << 40)) >> 24;
-                    } else if d < second {
-                        second = d;
-                    }
-                }
-            }
-        }
+        let (best_id, best, second) = nearest_cell(x, y, z);
         // Distance to the boundary between the two nearest cells: membranes are ~3 voxels wide.
         let edge = second.sqrt() - best.sqrt();
         let membrane = (1.0 - edge / 3.0).max(0.0);
@@ -134,4 +141,53 @@ pub fn affinities_like(shape: Vec3) -> crate::ops::watershed::Affinities {
 pub fn probability_like(shape: Vec3) -> Vec<f32> {
     let (image, _) = em_like(shape);
     image.data.iter().map(|&v| v as f32 / 255.0).collect()
+}
+
+/// A standard normal sample from two hashes (Box-Muller).
+fn gaussian(key: u64) -> f32 {
+    let u1 = ((hash(key) >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+    let u2 = (hash(key ^ 0x9e37_79b9_7f4a_7c15) >> 11) as f64 / (1u64 << 53) as f64;
+    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+}
+
+/// A hard affinity map for the agglomeration: the Voronoi cells of [`em_like`] with affinity
+/// `inside` between voxels of one cell and `across` between cells, plus Gaussian noise of
+/// `sigma`, clipped to [0, 1]. With noise well above the difference of neighbouring edges, almost
+/// every voxel is its own little fragment (millions of fragments, several region-graph edges per
+/// voxel): the case that sizes of passes must survive.
+pub fn noisy_cell_affinities(
+    shape: Vec3,
+    inside: f32,
+    across: f32,
+    sigma: f32,
+) -> crate::ops::watershed::Affinities {
+    let n = shape[0] * shape[1] * shape[2];
+    let cells: Vec<u64> = (0..n)
+        .map(|i| {
+            let (x, y, z) = (
+                i % shape[0],
+                (i / shape[0]) % shape[1],
+                i / (shape[0] * shape[1]),
+            );
+            nearest_cell(x, y, z).0
+        })
+        .collect();
+    let strides = [1, shape[0], shape[0] * shape[1]];
+    let channels = [0, 1, 2].map(|c| {
+        (0..n)
+            .map(|i| {
+                let at = [i % shape[0], (i / shape[0]) % shape[1], i / strides[2]];
+                if at[c] == 0 {
+                    return 0.0;
+                }
+                let mean = if cells[i] == cells[i - strides[c]] {
+                    inside
+                } else {
+                    across
+                };
+                (mean + sigma * gaussian(i as u64 * 3 + c as u64)).clamp(0.0, 1.0)
+            })
+            .collect()
+    });
+    crate::ops::watershed::Affinities { shape, channels }
 }

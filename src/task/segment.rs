@@ -20,7 +20,7 @@ use crate::formats::precomputed::{
 };
 use crate::geometry::{voxels, Box3, Vec3};
 use crate::gpu::labeling::{
-    connected_components_box, region_graph_box, watershed_box, DeferredVoxel,
+    connected_components_box, region_graph_box, watershed_box, BlockMasks, DeferredVoxel,
 };
 use crate::gpu::{GpuContext, GpuError};
 use crate::ops::agglomerate::{agglomerate, RegionGraph};
@@ -321,13 +321,13 @@ fn affinities_of(vol: &Volume, location: &str) -> Result<Affinities, SegmentErro
     })
 }
 
-/// Values compared with the threshold: float32 as is; integer types become 1.0 / 0.0 against the
-/// threshold on the host (exact for every integer width), compared with 0.5 on the GPU.
-fn foreground_values(
+/// The foreground (`value > threshold`) of a one-channel volume as block masks, compared in the
+/// volume's own type: float32 as f32 (as cc3d compares a float32 array), integers exactly.
+fn foreground_masks(
     vol: &Volume,
     threshold: f64,
     location: &str,
-) -> Result<(Vec<f32>, f32), SegmentError> {
+) -> Result<BlockMasks, SegmentError> {
     if vol.channels != 1 {
         return Err(SegmentError::Input {
             location: location.into(),
@@ -336,24 +336,21 @@ fn foreground_values(
         });
     }
     let bytes = vol.channel(0);
-    let above = |v: f64| if v > threshold { 1.0 } else { 0.0 };
+    let shape = vol.shape;
     Ok(match vol.dtype {
-        DataType::Float32 => (bytemuck::pod_collect_to_vec(bytes), threshold as f32),
-        DataType::Uint8 => (bytes.iter().map(|&b| above(b as f64)).collect(), 0.5),
-        DataType::Uint16 => (
-            bytes
-                .chunks_exact(2)
-                .map(|b| above(u16::from_le_bytes([b[0], b[1]]) as f64))
-                .collect(),
-            0.5,
-        ),
-        DataType::Uint32 => (
-            bytes
-                .chunks_exact(4)
-                .map(|b| above(u32::from_le_bytes(b.try_into().unwrap()) as f64))
-                .collect(),
-            0.5,
-        ),
+        DataType::Float32 => {
+            let t = threshold as f32;
+            BlockMasks::from_fn(shape, |i| {
+                f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()) > t
+            })
+        }
+        DataType::Uint8 => BlockMasks::from_fn(shape, |i| bytes[i] as f64 > threshold),
+        DataType::Uint16 => BlockMasks::from_fn(shape, |i| {
+            u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]) as f64 > threshold
+        }),
+        DataType::Uint32 => BlockMasks::from_fn(shape, |i| {
+            u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()) as f64 > threshold
+        }),
         other => {
             return Err(SegmentError::Input {
                 location: location.into(),
@@ -406,8 +403,9 @@ where
 /// Output chunks written at once.
 const WRITE_CONCURRENCY: usize = 32;
 
-/// Writes the final labels, output chunk by output chunk; on failure removes the chunks this run
-/// wrote into a new volume, and the info of a new volume is written last.
+/// Writes the final labels, output chunk by output chunk (`label_of` gives a region-relative
+/// box's labels); on failure removes the chunks this run wrote into a new volume, and the info
+/// of a new volume is written last.
 async fn write_output(
     layout: &Layout,
     label_of: impl Fn(Box3) -> Vec<u32>,
@@ -415,30 +413,24 @@ async fn write_output(
 ) -> Result<usize, SegmentError> {
     let out = &layout.output;
     let scale = out.scale(0).clone();
-    let mut written = Vec::new();
+    let chunks = chunk_grid(&scale, layout.region);
+    let written: Vec<String> = chunks.iter().map(|&c| chunk_key(&scale, c)).collect();
+    // Encoded on blocking threads and written concurrently: on S3 each put is a round trip.
     let result: Result<(), SegmentError> = async {
-        for c in 0..layout.grid.len() {
-            let core = layout.grid.core(c);
-            let labels = label_of(core);
-            let data: Vec<u8> = labels
-                .iter()
-                .flat_map(|&l| (l as u64).to_le_bytes())
-                .collect();
-            let vol = Volume::from_bytes(DataType::Uint64, core.shape(), 1, data).expect("shape");
-            let rel = core.offset_by(layout.region.start);
-            let chunks = chunk_grid(&scale, rel);
-            written.extend(chunks.iter().map(|&chunk| chunk_key(&scale, chunk)));
-            // Encoded and written concurrently: on S3 each put is a round trip.
-            futures::stream::iter(chunks)
-                .map(|chunk| {
-                    let local = [0, 1, 2].map(|a| chunk.start[a] - rel.start[a]);
-                    let part = vol.crop(local, chunk.shape());
-                    async move { out.write_chunk(0, chunk, part, write).await }
-                })
-                .buffer_unordered(WRITE_CONCURRENCY)
-                .try_collect::<Vec<_>>()
-                .await?;
-        }
+        futures::stream::iter(chunks)
+            .map(|chunk| {
+                let labels = label_of(chunk.relative_to(layout.region.start));
+                let mut bytes = vec![0u8; labels.len() * 8];
+                for (b, &l) in bytes.chunks_exact_mut(8).zip(&labels) {
+                    b[..4].copy_from_slice(&l.to_le_bytes());
+                }
+                let vol = Volume::from_bytes(DataType::Uint64, chunk.shape(), 1, bytes)
+                    .expect("one label per voxel");
+                async move { out.write_chunk(0, chunk, vol, write).await }
+            })
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .try_collect::<Vec<_>>()
+            .await?;
         if layout.output_is_new {
             out.write_info().await?;
         }
@@ -481,10 +473,15 @@ pub async fn connected_components(
         1,
         opts.chunks.fill_missing,
         move |b, core, vol| {
-            let (values, t) = foreground_values(&vol, threshold, &location)?;
-            let roots = connected_components_box(&ctx, &values, vol.shape, core, t, connectivity)?;
+            let masks = foreground_masks(&vol, threshold, &location)?;
+            let components = connected_components_box(&ctx, masks, connectivity)?;
             let core_in_region = core.offset_by(b.start);
-            Ok(ChunkLabels::from_roots(&roots, b, core_in_region))
+            Ok(ChunkLabels::from_root_fn(
+                |p| components.root_at(p),
+                components.root_bound(),
+                b,
+                core_in_region,
+            ))
         },
     )
     .await?;

@@ -11,7 +11,6 @@
 use crate::geometry::{voxels, Box3, Vec3};
 use crate::gpu::labeling::NONE;
 use crate::ops::union_find::UnionFind;
-use std::collections::HashMap;
 
 /// The cores of the chunks that tile a region.
 #[derive(Clone, Copy, Debug)]
@@ -69,44 +68,93 @@ fn positions(b: Box3) -> impl Iterator<Item = Vec3> {
     })
 }
 
-/// One chunk's labels: its core voxels numbered 1..=count (0 = not a node) and the halo voxels
-/// its components reach.
+/// One chunk's labels: its core voxels numbered 1..=count by first voxel (0 = not a node), where
+/// each label first occurs and how many voxels it has, and the halo voxels its components reach.
 #[derive(Clone, Debug)]
 pub struct ChunkLabels {
     pub core: Box3,
     pub labels: Vec<u32>,
     pub count: u32,
+    /// Per label (index label - 1): the core index (Fortran order) of its first voxel. Core order
+    /// and region order both sort by (z, y, x), so this is also the label's first voxel in the
+    /// region.
+    pub first: Vec<u32>,
+    /// Per label (index label - 1): its voxels in the core.
+    pub sizes: Vec<u64>,
     pub halo: Vec<(Vec3, u32)>,
 }
 
 impl ChunkLabels {
     /// From union-find roots of a box (region coordinates `boxed`) whose core is `core`.
     pub fn from_roots(roots: &[u32], boxed: Box3, core: Box3) -> ChunkLabels {
-        let mut local: HashMap<u32, u32> = HashMap::new();
-        let labels = positions(core)
-            .map(|p| match roots[index_in(boxed, p)] {
-                NONE => 0,
-                r => {
-                    let next = local.len() as u32 + 1;
-                    *local.entry(r).or_insert(next)
+        let shape = boxed.shape();
+        let index = |p: Vec3| p[0] + shape[0] * (p[1] + shape[1] * p[2]);
+        Self::from_root_fn(|p| roots[index(p)], roots.len(), boxed, core)
+    }
+
+    /// From a box's roots given by `root_at` (box coordinates; [`NONE`] where no node; every
+    /// other root below `root_bound`): core voxels numbered by first voxel, and the halo voxels
+    /// their components reach.
+    pub fn from_root_fn(
+        root_at: impl Fn(Vec3) -> u32,
+        root_bound: usize,
+        boxed: Box3,
+        core: Box3,
+    ) -> ChunkLabels {
+        // Root -> local label (0: not seen in the core yet).
+        let mut local = vec![0u32; root_bound];
+        let mut count = 0u32;
+        let (mut first, mut sizes) = (Vec::new(), Vec::new());
+        let mut labels = Vec::with_capacity(voxels(core.shape()));
+        let at = |p: Vec3| root_at([0, 1, 2].map(|a| p[a] - boxed.start[a]));
+        // Neighbouring voxels nearly always share a root: the last lookup is kept.
+        let (mut last_root, mut last_label) = (NONE, 0u32);
+        for z in core.start[2]..core.stop[2] {
+            for y in core.start[1]..core.stop[1] {
+                for x in core.start[0]..core.stop[0] {
+                    let r = at([x, y, z]);
+                    if r != last_root {
+                        last_root = r;
+                        last_label = if r == NONE {
+                            0
+                        } else {
+                            let slot = &mut local[r as usize];
+                            if *slot == 0 {
+                                count += 1;
+                                *slot = count;
+                                first.push(labels.len() as u32);
+                                sizes.push(0);
+                            }
+                            *slot
+                        };
+                    }
+                    if last_label != 0 {
+                        sizes[last_label as usize - 1] += 1;
+                    }
+                    labels.push(last_label);
                 }
-            })
-            .collect();
+            }
+        }
         let ring = Box3::new(
             [0, 1, 2].map(|a| core.start[a].saturating_sub(1).max(boxed.start[a])),
             [0, 1, 2].map(|a| (core.stop[a] + 1).min(boxed.stop[a])),
         );
         let halo = positions(ring)
             .filter(|p| (0..3).any(|a| p[a] < core.start[a] || p[a] >= core.stop[a]))
-            .filter_map(|p| match roots[index_in(boxed, p)] {
+            .filter_map(|p| match at(p) {
                 NONE => None,
-                r => local.get(&r).map(|&id| (p, id)),
+                r => match local[r as usize] {
+                    0 => None,
+                    id => Some((p, id)),
+                },
             })
             .collect();
         ChunkLabels {
             core,
             labels,
-            count: local.len() as u32,
+            count,
+            first,
+            sizes,
             halo,
         }
     }
@@ -189,7 +237,8 @@ impl Stitcher {
         }
     }
 
-    /// Numbers the components 1..N by first voxel in region order, with their sizes.
+    /// Numbers the components 1..N by first voxel in region order, with their sizes: from each
+    /// chunk's labels' first voxels and sizes, without visiting the voxels.
     pub fn number(&mut self) -> Numbering {
         let sets = self.sets.as_mut().expect("glue first");
         let nodes = sets.len();
@@ -198,14 +247,19 @@ impl Stitcher {
         let mut size = vec![0u64; nodes];
         for (c, chunk) in self.chunks.iter().enumerate() {
             let chunk = chunk.as_ref().expect("labelled");
-            for (p, &l) in positions(chunk.core).zip(&chunk.labels) {
-                if l == 0 {
-                    continue;
-                }
-                let root = sets.find(self.offsets[c] + l - 1) as usize;
+            let shape = chunk.core.shape();
+            for (l, (&at, &n)) in chunk.first.iter().zip(&chunk.sizes).enumerate() {
+                let at = at as usize;
+                let local = [
+                    at % shape[0],
+                    (at / shape[0]) % shape[1],
+                    at / (shape[0] * shape[1]),
+                ];
+                let p = [0, 1, 2].map(|a| chunk.core.start[a] + local[a]);
                 let g = (p[0] + region[0] * (p[1] + region[1] * p[2])) as u64;
+                let root = sets.find(self.offsets[c] + l as u32) as usize;
                 first[root] = first[root].min(g);
-                size[root] += 1;
+                size[root] += n;
             }
         }
         let mut roots: Vec<usize> = (0..nodes).filter(|&r| size[r] > 0).collect();

@@ -7,6 +7,7 @@
 //! order exactly, so its output is byte-identical to the `compressed_segmentation` package.
 
 use crate::geometry::Vec3;
+use crate::hash::IdBuildHasher;
 use std::collections::HashMap;
 use thiserror::Error;
 
@@ -82,8 +83,9 @@ fn encode_channel(
     let base = out.len();
     let g = grid(shape, block);
     out.resize(base + 2 * g[0] * g[1] * g[2], 0);
-    let mut tables: HashMap<Vec<u64>, u32> = HashMap::new();
+    let mut tables: HashMap<Vec<u64>, u32, IdBuildHasher> = HashMap::default();
     let block_len = block[0] * block[1] * block[2];
+    let mut table: Vec<u64> = Vec::with_capacity(block_len);
     for bz in 0..g[2] {
         for by in 0..g[1] {
             for bx in 0..g[0] {
@@ -93,7 +95,7 @@ fn encode_channel(
                     values[(origin[0] + x)
                         + shape[0] * ((origin[1] + y) + shape[1] * (origin[2] + z))]
                 };
-                let mut table: Vec<u64> = Vec::new();
+                table.clear();
                 for z in 0..actual[2] {
                     for y in 0..actual[1] {
                         for x in 0..actual[0] {
@@ -101,8 +103,13 @@ fn encode_channel(
                         }
                     }
                 }
-                table.sort_unstable();
-                table.dedup();
+                // Most blocks of a segmentation hold one label: no sort needed.
+                if table.iter().any(|&v| v != table[0]) {
+                    table.sort_unstable();
+                    table.dedup();
+                } else {
+                    table.truncate(1);
+                }
                 let bits = bits_for(table.len()) as usize;
                 let encoded_offset = out.len() - base;
                 let encoded_words = (bits * block_len).div_ceil(32);
@@ -114,18 +121,15 @@ fn encode_channel(
                 }
                 out.resize(out.len() + encoded_words, 0);
                 if bits > 0 {
-                    let index: HashMap<u64, u32> = table
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &v)| (v, i as u32))
-                        .collect();
+                    // The table is sorted: a value's index is its position.
+                    let index = |v: u64| table.binary_search(&v).expect("in the table") as u32;
                     let start = base + encoded_offset;
                     for z in 0..actual[2] {
                         for y in 0..actual[1] {
                             for x in 0..actual[0] {
                                 let pos = x + block[0] * (y + block[1] * z);
                                 let bit = pos * bits;
-                                out[start + bit / 32] |= index[&at(x, y, z)] << (bit % 32);
+                                out[start + bit / 32] |= index(at(x, y, z)) << (bit % 32);
                             }
                         }
                     }
@@ -137,7 +141,7 @@ fn encode_channel(
                             out.push((v >> 32) as u32);
                         }
                     }
-                    tables.insert(table, table_offset as u32);
+                    tables.insert(table.clone(), table_offset as u32);
                 }
                 let header = base + 2 * (bx + g[0] * (by + g[1] * bz));
                 out[header] = table_offset as u32 | ((bits as u32) << 24);
