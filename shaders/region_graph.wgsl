@@ -27,7 +27,9 @@ struct Params {
     pad2: u32,
 }
 
-const SLOT: u32 = 5u; // low id + 1, high id, count, sum low word, sum high word
+const SLOT: u32 = 5u;
+// The slots-filled counter, a cache line away from the overflow flag that every edge reads.
+const FILLED: u32 = 16u; // low id + 1, high id, count, sum low word, sum high word
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> fragments: array<u32>;
@@ -35,8 +37,9 @@ const SLOT: u32 = 5u; // low id + 1, high id, count, sum low word, sum high word
 @group(0) @binding(3) var<storage, read> aff_y: array<f32>;
 @group(0) @binding(4) var<storage, read> aff_z: array<f32>;
 @group(0) @binding(5) var<storage, read_write> table: array<atomic<u32>>;
-// [0]: 1 when the table overflowed (the host retries with more partitions);
-// [1]: voxel edges between different fragments (from `count`).
+// [0]: 1 when the table overflowed, i.e. became more than 3/4 full (the host retries with
+// more partitions); [1]: voxel edges between different fragments (from `count`); [FILLED]:
+// slots filled.
 @group(0) @binding(6) var<storage, read_write> flags: array<atomic<u32>>;
 
 fn hash(a: u32, b: u32) -> u32 {
@@ -56,11 +59,24 @@ fn partition_of(a: u32, b: u32) -> u32 {
     return h % P.parts;
 }
 
-// Claims word k for `value` if it is empty; returns the value it holds afterwards.
+// Claims word k for `value` if it is empty; returns the value it holds afterwards. A plain
+// atomic load first: most edges find their pair's slot already claimed, and a compare-exchange
+// costs far more than a load.
 fn claim(k: u32, value: u32) -> u32 {
+    let seen = atomicLoad(&table[k]);
+    if seen != 0u {
+        return seen;
+    }
     loop {
         let r = atomicCompareExchangeWeak(&table[k], 0u, value);
         if r.exchanged {
+            if (k % SLOT) == 0u {
+                // A new pair: stop early when the table is fuller than the host allowed for.
+                let filled = atomicAdd(&flags[FILLED], 1u) + 1u;
+                if filled > P.capacity - P.capacity / 4u {
+                    atomicStore(&flags[0], 1u);
+                }
+            }
             return value;
         }
         if r.old_value != 0u {
@@ -75,28 +91,39 @@ fn quantize(a: f32) -> u32 {
     return u32(round(clamp(a, 0.0, 1.0) * 16777216.0));
 }
 
-fn add_edge(a: u32, b: u32, affinity: f32) {
+// Adds `count` voxel edges of summed fixed-point affinity `sum` (low, high words) to pair (a, b).
+fn add_edge(a: u32, b: u32, count: u32, sum: vec2<u32>) {
     let lo = min(a, b);
     let hi = max(a, b);
-    if P.parts > 1u && partition_of(lo, hi) != P.part {
-        return;
+    if atomicLoad(&flags[0]) != 0u {
+        return; // overflowed: the host runs this again with more room
     }
     let mask = P.capacity - 1u;
     var slot = hash(lo, hi) & mask;
     for (var probe = 0u; probe < P.capacity; probe++) {
         let k = slot * SLOT;
         if claim(k, lo + 1u) == lo + 1u && claim(k + 1u, hi) == hi {
-            atomicAdd(&table[k + 2u], 1u);
-            let q = quantize(affinity);
-            let old = atomicAdd(&table[k + 3u], q);
-            if old > 0xffffffffu - q {
-                atomicAdd(&table[k + 4u], 1u);
+            atomicAdd(&table[k + 2u], count);
+            let old = atomicAdd(&table[k + 3u], sum.x);
+            let carry = u32(old > 0xffffffffu - sum.x);
+            if carry + sum.y > 0u {
+                atomicAdd(&table[k + 4u], carry + sum.y);
             }
             return;
         }
         slot = (slot + 1u) & mask;
     }
     atomicStore(&flags[0], 1u);
+}
+
+// One voxel edge of pair (a, b), when the pair is in this dispatch's partition. (Summing runs of
+// voxel edges along a boundary first, to insert once per run, was measured slower on lavapipe:
+// the divergent run loops cost more than the atomics they save.)
+fn add_voxel_edge(a: u32, b: u32, affinity: f32) {
+    if P.parts > 1u && partition_of(min(a, b), max(a, b)) != P.part {
+        return;
+    }
+    add_edge(a, b, 1u, vec2<u32>(quantize(affinity), 0u));
 }
 
 // The core voxel of this invocation and its index, or false past the core.
@@ -126,20 +153,29 @@ fn differs(a: u32, j: u32) -> bool {
     return b != 0u && b != a;
 }
 
+var<workgroup> group_edges: atomic<u32>;
+
 @compute @workgroup_size(16, 16, 1)
-fn count(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn count(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) local: u32) {
+    // No early return: every invocation reaches the barrier.
     let v = core_voxel(gid);
-    if v.w == 0xffffffffu {
-        return;
+    if v.w != 0xffffffffu {
+        let a = fragments[v.w];
+        if a != 0u {
+            let n = backward(v.xyz, v.w);
+            let k = u32(differs(a, n.x)) + u32(differs(a, n.y)) + u32(differs(a, n.z));
+            if k > 0u {
+                atomicAdd(&group_edges, k);
+            }
+        }
     }
-    let a = fragments[v.w];
-    if a == 0u {
-        return;
-    }
-    let n = backward(v.xyz, v.w);
-    let k = u32(differs(a, n.x)) + u32(differs(a, n.y)) + u32(differs(a, n.z));
-    if k > 0u {
-        atomicAdd(&flags[1], k);
+    // One global atomic per workgroup: thousands of threads adding to one counter serialize.
+    workgroupBarrier();
+    if local == 0u {
+        let k = atomicLoad(&group_edges);
+        if k > 0u {
+            atomicAdd(&flags[1], k);
+        }
     }
 }
 
@@ -155,7 +191,7 @@ fn accumulate(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let n = backward(v.xyz, i);
-    if differs(a, n.x) { add_edge(a, fragments[n.x], aff_x[i]); }
-    if differs(a, n.y) { add_edge(a, fragments[n.y], aff_y[i]); }
-    if differs(a, n.z) { add_edge(a, fragments[n.z], aff_z[i]); }
+    if differs(a, n.x) { add_voxel_edge(a, fragments[n.x], aff_x[i]); }
+    if differs(a, n.y) { add_voxel_edge(a, fragments[n.y], aff_y[i]); }
+    if differs(a, n.z) { add_voxel_edge(a, fragments[n.z], aff_z[i]); }
 }

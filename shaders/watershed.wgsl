@@ -1,12 +1,23 @@
-// Seeded watershed of one box of an affinity graph (prepended: union_find.wgsl). The rules are
-// those of src/ops/watershed.rs, which documents them; this file follows its steps:
-//   edges:   candidate directions (or background) of every voxel;
-//   exits:   bidirectional bits and the exit flag; seeds the plateau distances and taint;
-//   relax:   (repeated until nothing changes) steps to the nearest exit over plateau voxels of
-//            the core, and taint: whether the plateau reaches a plateau voxel outside the core,
-//            whose distance this box cannot know;
-//   unite:   pointer edges into the union-find; tainted voxels are left to the host, which
-//            resolves such plateaus across chunks.
+// Seeded watershed of one box of an affinity graph. The rules are those of src/ops/watershed.rs,
+// which documents them; this file follows its steps:
+//   edges:    candidate directions (or background) of every voxel;
+//   exits:    bidirectional bits and the exit flag; every core exit points at the neighbour it
+//             descends to, every other voxel at itself; lists the core plateau voxels;
+//   relax:    (repeated until nothing changes) steps to the nearest exit over plateau voxels of
+//             the core, and taint: whether the plateau reaches a plateau voxel outside the core,
+//             whose distance this box cannot know;
+//   point:    plateau voxels point one step nearer their exit; tainted voxels are left to the
+//             host, which resolves such plateaus across chunks; plateaus without an exit join
+//             along all their edges (union-find);
+//   unite_saturated: saturated plateaus join along all their edges too;
+//   descend:  every voxel follows its pointers to their end (path halving) and writes its root
+//             + 1 (0: background) as its key, which the region-graph kernels read directly.
+//
+// Pointers form a forest: along descents affinities strictly increase, and plateau steps
+// strictly decrease the distance to an exit. Its roots are halo voxels, tainted voxels and the
+// voxels of exitless plateaus; only those are ever linked by union-find, always to a smaller
+// index (atomicMin), so the result does not depend on the order threads run in. Descending is
+// therefore plain loads and stores, with no atomics on the common path.
 // Directions in waterz's order: 0 -z, 1 -y, 2 -x, 3 +z, 4 +y, 5 +x.
 
 struct Params {
@@ -16,8 +27,13 @@ struct Params {
     low: f32,
     core_stop: vec3<u32>,
     high: f32,
+    // x: length of plateau_list (the host reads it back after `exits`), for the list kernels:
+    // a uniform, not the atomic counter, which shares a cache line with the flags they write.
+    tail: vec4<u32>,
 }
 
+const NONE: u32 = 0xffffffffu;
+const GROUP: u32 = 64u;
 const BIDIR_SHIFT: u32 = 6u;
 const EXIT: u32 = 0x1000u;
 const BACKGROUND: u32 = 0x2000u;
@@ -26,66 +42,82 @@ const BACKGROUND: u32 = 0x2000u;
 // and it joins along all its edges whether or not it crosses the core (an optimisation only: the
 // CPU reference reaches the same result through its distances, which stay FAR there).
 const SATURATED: u32 = 0x4000u;
+const CORE: u32 = 0x8000u;
 const FAR: u32 = 0xffffffffu;
+// The plateau-list counter: a cache line away from the flags other threads read.
+const PLATEAUS: u32 = 16u;
 
 @group(0) @binding(0) var<uniform> P: Params;
+// Union-find view of the pointers (only roots are ever linked).
+@group(0) @binding(1) var<storage, read_write> parent: array<atomic<u32>>;
 @group(0) @binding(2) var<storage, read> aff_x: array<f32>;
 @group(0) @binding(3) var<storage, read> aff_y: array<f32>;
 @group(0) @binding(4) var<storage, read> aff_z: array<f32>;
-// Candidate bits (edges) and then the full info word (exits).
+// Candidate bits (edges); then, reused by `descend`, each voxel's key (root + 1, 0: background).
 @group(0) @binding(5) var<storage, read_write> candidates: array<u32>;
 @group(0) @binding(6) var<storage, read_write> info: array<u32>;
-// [0, voxels): distance to the nearest exit; [voxels, 2 voxels): taint (0 or 1).
-@group(0) @binding(7) var<storage, read_write> relax_state: array<atomic<u32>>;
+// Core plateau voxels only: [0, voxels): distance to the nearest exit; [voxels, 2 voxels):
+// taint (0 or 1). Only a voxel's own invocation writes its words, and distances only fall and
+// taints only rise, so plain loads of a neighbour's words (old or new) converge all the same.
+@group(0) @binding(7) var<storage, read_write> relax_state: array<u32>;
 // [0]: something changed in this relaxation round; [1]: voxels left to the host;
-// [2]: length of plateau_list.
+// [3]: 1 if the core has saturated voxels; [PLATEAUS]: length of plateau_list.
 @group(0) @binding(8) var<storage, read_write> flags: array<atomic<u32>>;
 // The core plateau voxels (not saturated): the only ones relaxation visits, so its rounds cost
 // what the plateaus hold, not the whole box.
 @group(0) @binding(9) var<storage, read_write> plateau_list: array<u32>;
+// The pointers as plain words, for `descend` (the same buffer as `parent`).
+@group(0) @binding(10) var<storage, read_write> pointer: array<u32>;
+
+
+fn index_of(p: vec3<u32>) -> u32 {
+    return p.x + P.size.x * (p.y + P.size.y * p.z);
+}
 
 fn in_core(p: vec3<u32>) -> bool {
     return all(p >= P.core_start) && all(p < P.core_stop);
 }
 
-// The neighbour in direction d, or NONE outside the box.
-fn neighbour(i: u32, d: u32) -> u32 {
-    let p = position(i, P.size);
+// The neighbour of voxel i in direction d; only called for edges that exist.
+fn step(i: u32, d: u32) -> u32 {
     switch d {
-        case 0u: { if p.z == 0u { return NONE; } return i - P.size.x * P.size.y; }
-        case 1u: { if p.y == 0u { return NONE; } return i - P.size.x; }
-        case 2u: { if p.x == 0u { return NONE; } return i - 1u; }
-        case 3u: { if p.z + 1u >= P.size.z { return NONE; } return i + P.size.x * P.size.y; }
-        case 4u: { if p.y + 1u >= P.size.y { return NONE; } return i + P.size.x; }
-        default: { if p.x + 1u >= P.size.x { return NONE; } return i + 1u; }
+        case 0u: { return i - P.size.x * P.size.y; }
+        case 1u: { return i - P.size.x; }
+        case 2u: { return i - 1u; }
+        case 3u: { return i + P.size.x * P.size.y; }
+        case 4u: { return i + P.size.x; }
+        default: { return i + 1u; }
     }
 }
 
-fn edge_affinity(i: u32, j: u32, d: u32) -> f32 {
-    // -z, -y, -x edges live at the voxel itself; +z, +y, +x at the neighbour.
-    let at = select(j, i, d < 3u);
-    switch d % 3u {
-        case 0u: { return aff_z[at]; }
-        case 1u: { return aff_y[at]; }
-        default: { return aff_x[at]; }
-    }
+// 1-D dispatches (over the plateau list) may be split across two grid dimensions.
+fn invocation(gid: vec3<u32>, groups: vec3<u32>) -> u32 {
+    return gid.x + gid.y * groups.x * GROUP;
 }
 
-@compute @workgroup_size(64)
-fn edges(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let i = invocation(gid, groups);
-    if i >= P.voxels {
+@compute @workgroup_size(16, 16, 1)
+fn edges(@builtin(global_invocation_id) p: vec3<u32>) {
+    if any(p >= P.size) {
         return;
     }
+    let i = index_of(p);
+    let sxy = P.size.x * P.size.y;
     var a: array<f32, 6>;
-    var present: array<bool, 6>;
+    var present = array<bool, 6>(
+        p.z > 0u, p.y > 0u, p.x > 0u,
+        p.z + 1u < P.size.z, p.y + 1u < P.size.y, p.x + 1u < P.size.x,
+    );
+    // -z, -y, -x edges live at the voxel itself; +z, +y, +x at the neighbour.
+    if present[0] { a[0] = aff_z[i]; }
+    if present[1] { a[1] = aff_y[i]; }
+    if present[2] { a[2] = aff_x[i]; }
+    if present[3] { a[3] = aff_z[i + sxy]; }
+    if present[4] { a[4] = aff_y[i + P.size.x]; }
+    if present[5] { a[5] = aff_x[i + 1u]; }
     var m = -1.0e38;
     var any_edge = false;
     for (var d = 0u; d < 6u; d++) {
-        let j = neighbour(i, d);
-        present[d] = j != NONE;
         if present[d] {
-            a[d] = edge_affinity(i, j, d);
             m = max(m, a[d]);
             any_edge = true;
         }
@@ -103,111 +135,213 @@ fn edges(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     candidates[i] = bits;
 }
 
-@compute @workgroup_size(64)
-fn exits(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let i = invocation(gid, groups);
-    if i >= P.voxels {
+@compute @workgroup_size(16, 16, 1)
+fn exits(@builtin(global_invocation_id) p: vec3<u32>) {
+    if any(p >= P.size) {
         return;
     }
+    let i = index_of(p);
     let c = candidates[i];
+    let core = in_core(p);
+    let core_bit = select(0u, CORE, core);
     if (c & BACKGROUND) != 0u {
-        info[i] = c;
-        atomicStore(&parent[i], NONE);
-        atomicStore(&relax_state[i], FAR);
-        atomicStore(&relax_state[P.voxels + i], 0u);
+        info[i] = c | core_bit;
+        pointer[i] = NONE;
         return;
     }
     var bidir = 0u;
     for (var d = 0u; d < 6u; d++) {
         if (c & (1u << d)) != 0u {
-            let w = candidates[neighbour(i, d)];
+            let w = candidates[step(i, d)];
             if (w & BACKGROUND) == 0u && (w & (1u << ((d + 3u) % 6u))) != 0u {
                 bidir |= 1u << d;
             }
         }
     }
-    let exit = (c & 0x3fu & ~bidir) != 0u;
-    info[i] = c | (bidir << BIDIR_SHIFT) | select(0u, EXIT, exit);
-    atomicStore(&parent[i], i);
-    atomicStore(&relax_state[i], select(FAR, 0u, exit));
-    let plateau = !exit && (c & SATURATED) == 0u;
-    let core = in_core(position(i, P.size));
-    atomicStore(&relax_state[P.voxels + i], select(0u, 1u, plateau && !core));
-    if plateau && core {
-        plateau_list[atomicAdd(&flags[2], 1u)] = i;
+    let out = c & 0x3fu & ~bidir;
+    let exit = out != 0u;
+    info[i] = c | (bidir << BIDIR_SHIFT) | select(0u, EXIT, exit) | core_bit;
+    // Halo voxels are roots: their own chunks decide where they lead.
+    var to = i;
+    if exit && core {
+        to = step(i, 31u - countLeadingZeros(out));
     }
+    pointer[i] = to;
+    if !exit && core {
+        if (c & SATURATED) != 0u {
+            if atomicLoad(&flags[3]) == 0u {
+                atomicStore(&flags[3], 1u);
+            }
+        } else {
+            relax_state[i] = FAR;
+            relax_state[P.voxels + i] = 0u;
+            plateau_list[atomicAdd(&flags[PLATEAUS], 1u)] = i;
+        }
+    }
+}
+
+// A bidirectional neighbour's (distance, taint) as a plateau voxel of the core sees it: exits are
+// at distance 0; a plateau voxel outside the core has a distance this box cannot know (taint).
+fn state_of(j: u32) -> vec2<u32> {
+    let w = info[j];
+    if (w & EXIT) != 0u {
+        return vec2<u32>(0u, 0u);
+    }
+    if (w & CORE) == 0u {
+        return vec2<u32>(FAR, 1u);
+    }
+    return vec2<u32>(relax_state[j], relax_state[P.voxels + j]);
 }
 
 @compute @workgroup_size(64)
 fn relax(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
     let k = invocation(gid, groups);
-    if k >= atomicLoad(&flags[2]) {
+    if k >= P.tail.x {
         return;
     }
     let i = plateau_list[k];
     let bidir = (info[i] >> BIDIR_SHIFT) & 0x3fu;
-    let here = atomicLoad(&relax_state[i]);
-    let tainted = atomicLoad(&relax_state[P.voxels + i]);
+    let here = relax_state[i];
+    let tainted = relax_state[P.voxels + i];
     var best = here;
     var taint = tainted;
     for (var d = 0u; d < 6u; d++) {
         if (bidir & (1u << d)) != 0u {
-            let j = neighbour(i, d);
-            let dj = atomicLoad(&relax_state[j]);
-            if dj != FAR && dj + 1u < best {
-                best = dj + 1u;
+            let s = state_of(step(i, d));
+            if s.x != FAR && s.x + 1u < best {
+                best = s.x + 1u;
             }
-            taint = max(taint, atomicLoad(&relax_state[P.voxels + j]));
+            taint = max(taint, s.y);
         }
     }
-    if best < here {
-        atomicMin(&relax_state[i], best);
-        atomicStore(&flags[0], 1u);
+    let changed = best < here || taint > tainted;
+    if changed {
+        relax_state[i] = best;
+        relax_state[P.voxels + i] = taint;
+        // Read before writing: once one thread has set the flag, the others only read it.
+        if atomicLoad(&flags[0]) == 0u {
+            atomicStore(&flags[0], 1u);
+        }
     }
-    if taint > tainted {
-        atomicMax(&relax_state[P.voxels + i], taint);
-        atomicStore(&flags[0], 1u);
+}
+
+// No path compression while uniting (unions are rare here: exitless plateaus only).
+fn find(start: u32) -> u32 {
+    var x = start;
+    loop {
+        let p = atomicLoad(&parent[x]);
+        if p == x {
+            return x;
+        }
+        x = p;
+    }
+    return x;
+}
+
+fn unite(a0: u32, b0: u32) {
+    var a = find(a0);
+    var b = find(b0);
+    loop {
+        if a == b {
+            return;
+        }
+        let hi = max(a, b);
+        let lo = min(a, b);
+        let old = atomicMin(&parent[hi], lo);
+        if old == hi {
+            return;
+        }
+        // hi had been linked to `old` meanwhile; it now points to min(old, lo): join old and lo.
+        a = find(old);
+        b = find(lo);
     }
 }
 
 @compute @workgroup_size(64)
-fn unite_pointers(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let i = invocation(gid, groups);
-    if i >= P.voxels {
+fn point(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    let k = invocation(gid, groups);
+    if k >= P.tail.x {
         return;
     }
-    let v = info[i];
-    if (v & BACKGROUND) != 0u || !in_core(position(i, P.size)) {
-        return;
-    }
-    let candidate = v & 0x3fu;
-    let bidir = (v >> BIDIR_SHIFT) & 0x3fu;
-    if (v & EXIT) != 0u {
-        let out = candidate & ~bidir;
-        unite(i, neighbour(i, 31u - countLeadingZeros(out)));
-        return;
-    }
-    if atomicLoad(&relax_state[P.voxels + i]) != 0u {
+    let i = plateau_list[k];
+    let bidir = (info[i] >> BIDIR_SHIFT) & 0x3fu;
+    if relax_state[P.voxels + i] != 0u {
         atomicAdd(&flags[1], 1u);
         return;
     }
-    let here = atomicLoad(&relax_state[i]);
+    let here = relax_state[i];
     if here != FAR {
         for (var k = 0u; k < 6u; k++) {
             let d = 5u - k;
             if (bidir & (1u << d)) != 0u {
-                let j = neighbour(i, d);
-                if atomicLoad(&relax_state[j]) == here - 1u {
-                    unite(i, j);
+                let j = step(i, d);
+                if state_of(j).x == here - 1u {
+                    atomicStore(&parent[i], j);
                     return;
                 }
             }
         }
         return;
     }
-    for (var d = 0u; d < 6u; d++) {
+    // An exitless plateau inside the core: its voxels are all roots until joined here. Edges
+    // are symmetric and every voxel of the plateau is listed, so each joins along its -z, -y,
+    // -x edges only.
+    for (var d = 0u; d < 3u; d++) {
         if (bidir & (1u << d)) != 0u {
-            unite(i, neighbour(i, d));
+            unite(i, step(i, d));
         }
     }
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn unite_saturated(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let p = P.core_start + gid;
+    if any(p >= P.core_stop) {
+        return;
+    }
+    let i = index_of(p);
+    let v = info[i];
+    if (v & SATURATED) == 0u || (v & BACKGROUND) != 0u {
+        return;
+    }
+    // Edges are symmetric: each core voxel joins along its -z, -y, -x edges, and along +z, +y,
+    // +x edges only where they leave the core (no halo voxel runs this).
+    let bidir = (v >> BIDIR_SHIFT) & 0x3fu;
+    let leaves = vec3<bool>(p.z + 1u >= P.core_stop.z, p.y + 1u >= P.core_stop.y, p.x + 1u >= P.core_stop.x);
+    for (var d = 0u; d < 6u; d++) {
+        if (bidir & (1u << d)) != 0u && (d < 3u || leaves[d - 3u]) {
+            unite(i, step(i, d));
+        }
+    }
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn descend(@builtin(global_invocation_id) p: vec3<u32>) {
+    if any(p >= P.size) {
+        return;
+    }
+    let i = index_of(p);
+    var x = pointer[i];
+    if x == NONE {
+        candidates[i] = 0u;
+        return;
+    }
+    // Path halving: every store points a voxel at one of its ancestors, which is what other
+    // threads may read at any time, so racing walks stay correct and shorten each other's paths.
+    x = i;
+    loop {
+        let y = pointer[x];
+        if y == x {
+            break;
+        }
+        let z = pointer[y];
+        if z == y {
+            x = y;
+            break;
+        }
+        pointer[x] = z;
+        x = z;
+    }
+    pointer[i] = x;
+    candidates[i] = x + 1u;
 }

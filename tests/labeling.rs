@@ -9,7 +9,7 @@ use cuboids::gpu::labeling::{
     connected_components_box, region_graph_box, watershed_box, BlockMasks, NONE,
 };
 use cuboids::gpu::GpuContext;
-use cuboids::ops::agglomerate::region_graph_cpu;
+use cuboids::ops::agglomerate::{region_graph_cpu, RegionGraph};
 use cuboids::ops::connected_components::{connected_components_cpu, Connectivity};
 use cuboids::ops::union_find::number_by_first_voxel;
 use cuboids::ops::watershed::{watershed_cpu, Affinities, WatershedParams};
@@ -96,13 +96,30 @@ fn watershed_matches_cpu_on_random_tied_and_em_like_affinities() {
     cases.push(("em-like".into(), affinities_like([64, 64, 16])));
     for (name, aff) in cases {
         let shape = aff.shape;
-        let out = watershed_box(gpu(), &aff, Box3::from_shape(shape), params).unwrap();
+        let out = watershed_box(gpu(), &aff, Box3::from_shape(shape), params, true).unwrap();
         assert!(
             out.deferred.is_empty(),
             "{name}: a whole volume defers nothing"
         );
         let cpu = watershed_cpu(&aff, params);
-        assert_same(&numbered(&out.roots), &cpu, &name);
+        let labels = numbered(&out.roots);
+        assert_same(&labels, &cpu, &name);
+        // The region graph accumulated from the roots on the GPU, keyed by root voxels.
+        let mut graph = RegionGraph::default();
+        for ((a, b), stats) in out.region_graph {
+            let (fa, fb) = (labels[a as usize], labels[b as usize]);
+            assert!(
+                fa != 0 && fb != 0,
+                "{name}: pair ({a}, {b}) names background"
+            );
+            if fa != fb {
+                graph
+                    .entry((fa.min(fb), fa.max(fb)))
+                    .or_default()
+                    .add(stats);
+            }
+        }
+        assert_eq!(graph, region_graph_cpu(&aff, &cpu), "{name}: region graph");
         assert!(
             cpu.iter().any(|&l| l > 0) || shape == [1, 1, 1],
             "{name}: no fragments"

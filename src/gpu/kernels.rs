@@ -6,16 +6,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
-const UNION_FIND: &str = include_str!("../../shaders/union_find.wgsl");
 
 /// Every shader, as the (name, source) pairs the device compiles: WGSL has no includes, so the
-/// downsampling kernels get `common.wgsl` prepended and the watershed `union_find.wgsl`.
+/// downsampling kernels get `common.wgsl` prepended; the labelling shaders stand alone.
 /// The naga validation test walks this list.
 pub fn shader_sources() -> Vec<(&'static str, String)> {
-    let labelling = [("watershed", include_str!("../../shaders/watershed.wgsl"))]
-        .into_iter()
-        .map(|(name, body)| (name, format!("{UNION_FIND}\n{body}")));
-    let standalone = [
+    let labelling = [
+        (
+            "watershed",
+            include_str!("../../shaders/watershed.wgsl").to_string(),
+        ),
         (
             "region_graph",
             include_str!("../../shaders/region_graph.wgsl").to_string(),
@@ -42,7 +42,7 @@ pub fn shader_sources() -> Vec<(&'static str, String)> {
     ]
     .into_iter()
     .map(|(name, body)| (name, format!("{COMMON}\n{body}")));
-    downsampling.chain(labelling).chain(standalone).collect()
+    downsampling.chain(labelling).collect()
 }
 
 /// One pipeline: shader, entry point and pipeline-overridable constants.

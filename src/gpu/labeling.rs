@@ -462,13 +462,20 @@ pub fn connected_components_box(
 /// What the watershed of one box leaves for the host.
 #[derive(Clone, Debug)]
 pub struct WatershedBox {
-    /// Union-find roots of every voxel of the box.
+    /// The root of every voxel of the box (an index in the box; [`NONE`] for background). Halo
+    /// voxels are roots of their own unless a saturated plateau joined them.
     pub roots: Vec<u32>,
     /// Core plateau voxels whose plateau leaves the core: their pointers are chosen on the host,
     /// over the whole plateau. Empty in a box that is the whole volume.
     pub deferred: Vec<DeferredVoxel>,
-    /// Relaxation rounds the plateau distances took.
+    /// Relaxation rounds run (the last batch of them changed nothing).
     pub rounds: u32,
+    /// With [`WatershedOptions::region_graph`]: the core's region graph keyed by roots, computed
+    /// in the same submission from the roots still on the GPU. A pair is (smaller, larger) of
+    /// two box indices: a core voxel's root, or a halo voxel itself (its fragment is decided by
+    /// its own chunk). Pairs whose ends turn out to be one fragment after stitching, and pairs
+    /// that name one fragment twice, are the caller's to merge.
+    pub region_graph: Vec<RegionEdge>,
 }
 
 /// A plateau voxel of the core whose pointer the host chooses.
@@ -482,16 +489,21 @@ pub struct DeferredVoxel {
     pub to_exit: u8,
 }
 
-/// Relaxation dispatches recorded between two checks for convergence.
+/// Relaxation dispatches recorded between two checks for convergence, at most: the first check
+/// comes after one round, and the gap doubles up to this (most plateaus are a few voxels and
+/// settle at once; a long one takes as many rounds as its length).
 const RELAX_PER_CHECK: usize = 8;
 
-/// The watershed of one box (see src/ops/watershed.rs for the rules). `aff` covers the box; its
-/// core must keep 3 voxels of margin to the box wherever the box does not end at the volume.
+/// The watershed of one box (see src/ops/watershed.rs for the rules and shaders/watershed.wgsl
+/// for the passes). `aff` covers the box; its core must keep 3 voxels of margin to the box
+/// wherever the box does not end at the volume. With `region_graph`, the core's region graph is
+/// accumulated from the GPU-resident roots before anything is read back.
 pub fn watershed_box(
     ctx: &GpuContext,
     aff: &Affinities,
     core: Box3,
     params: WatershedParams,
+    region_graph: bool,
 ) -> Result<WatershedBox, GpuError> {
     let shape = aff.shape;
     let _span = debug_span!("gpu_watershed", ?shape).entered();
@@ -505,77 +517,92 @@ pub fn watershed_box(
     let [ax, ay, az] =
         [0, 1, 2].map(|c| work.upload("affinities", bytemuck::cast_slice(&aff.channels[c])));
     let (ax, ay, az) = (ax?, ay?, az?);
-    let candidates = work.storage("candidates", n)?;
+    // Candidate bits first, each voxel's key (root + 1) at the end.
+    let keys = work.storage("candidates", n)?;
     let info = work.storage("voxel info", n)?;
     let relax = work.storage("plateau distances", 2 * n)?;
-    let flags = work.storage("flags", 3)?;
+    // Words 0, 1 and 3 (one cache line), the plateau counter at word 16 (its own).
+    let flags = work.storage("flags", 17)?;
     let plateau_list = work.storage("plateau voxels", n)?;
-    let parent = work.storage("labels", n)?;
+    let pointers = work.storage("pointers", n)?;
     const S: &str = "watershed";
-    work.dispatch(
-        S,
-        "edges",
-        &[
-            (0, &uniform),
-            (2, &ax),
-            (3, &ay),
-            (4, &az),
-            (5, &candidates),
-        ],
-        n,
-    )?;
-    work.dispatch(
+    let affinities = [(0, &uniform), (2, &ax), (3, &ay), (4, &az), (5, &keys)];
+    work.dispatch_box(S, "edges", &affinities, shape)?;
+    work.dispatch_box(
         S,
         "exits",
         &[
             (0, &uniform),
-            (1, &parent),
-            (5, &candidates),
+            (5, &keys),
             (6, &info),
             (7, &relax),
             (8, &flags),
             (9, &plateau_list),
+            (10, &pointers),
         ],
-        n,
+        shape,
     )?;
-    let plateau_voxels = work.finish(&[&flags])?[0][2] as usize;
-    let mut rounds = 0;
+    let counts = work.finish(&[&flags])?.remove(0);
+    let (plateau_voxels, saturated) = (counts[16] as usize, counts[3]);
+    let mut listed = box_params(
+        shape,
+        core,
+        [n as u32, params.low.to_bits(), params.high.to_bits()],
+    );
+    listed.tail[0] = plateau_voxels as u32;
+    let uniform = work.uniform(&listed);
+    let plateau = [
+        (0, &uniform),
+        (6, &info),
+        (7, &relax),
+        (8, &flags),
+        (9, &plateau_list),
+    ];
+    let (mut rounds, mut batch) = (0, 1);
     let mut converged = plateau_voxels == 0;
     while !converged {
         work.encoder.clear_buffer(&flags, 0, Some(4));
-        for _ in 0..RELAX_PER_CHECK {
-            work.dispatch(
-                S,
-                "relax",
-                &[
-                    (0, &uniform),
-                    (6, &info),
-                    (7, &relax),
-                    (8, &flags),
-                    (9, &plateau_list),
-                ],
-                plateau_voxels,
-            )?;
+        for _ in 0..batch {
+            work.dispatch(S, "relax", &plateau, plateau_voxels)?;
         }
-        rounds += 1;
+        rounds += batch as u32;
+        batch = (2 * batch).min(RELAX_PER_CHECK);
         converged = work.finish(&[&flags])?[0][0] == 0;
     }
-    work.dispatch(
+    if plateau_voxels > 0 {
+        let bindings: Vec<_> = plateau.iter().copied().chain([(1, &pointers)]).collect();
+        work.dispatch(S, "point", &bindings, plateau_voxels)?;
+    }
+    if saturated > 0 {
+        let bindings = [(0, &uniform), (1, &pointers), (6, &info)];
+        work.dispatch_box(S, "unite_saturated", &bindings, core.shape())?;
+    }
+    work.dispatch_box(
         S,
-        "unite_pointers",
-        &[
-            (0, &uniform),
-            (1, &parent),
-            (6, &info),
-            (7, &relax),
-            (8, &flags),
-        ],
-        n,
+        "descend",
+        &[(0, &uniform), (5, &keys), (10, &pointers)],
+        shape,
     )?;
-    work.dispatch(S, "flatten", &[(1, &parent)], n)?;
-    let mut out = work.finish(&[&parent, &flags])?;
+    let edges = if region_graph {
+        let inputs = RegionGraphInputs {
+            labels: &keys,
+            affinities: [&ax, &ay, &az],
+            shape,
+            core,
+        };
+        accumulate_region_graph(&mut work, &inputs)?
+            .into_iter()
+            .map(|((a, b), stats)| ((a - 1, b - 1), stats))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut out = work.finish(&[&keys, &flags])?;
     let deferred_count = out[1][1];
-    let roots = out.swap_remove(0);
+    let mut roots = out.swap_remove(0);
+    for r in &mut roots {
+        *r = r.wrapping_sub(1);
+    }
     let deferred = if deferred_count == 0 {
         Vec::new()
     } else {
@@ -588,6 +615,7 @@ pub fn watershed_box(
         roots,
         deferred,
         rounds,
+        region_graph: edges,
     })
 }
 
@@ -674,7 +702,8 @@ fn accumulate_region_graph(
     const S: &str = "region_graph";
     let (shape, core) = (inputs.shape, inputs.core);
     let n = voxels(shape);
-    let flags = work.storage("flags", 2)?;
+    // Words 0 and 1, and the fill counter at word 16 (its own cache line).
+    let flags = work.storage("flags", 17)?;
     let params = |capacity: u64, parts: u64, part: u64| {
         let mut p = box_params(shape, core, [n as u32, capacity as u32, parts as u32]);
         p.tail[0] = part as u32;
@@ -709,19 +738,27 @@ fn accumulate_region_graph(
     if voxel_edges == 0 {
         return Ok(Vec::new());
     }
-    // Power-of-two slots, at most half full, at most one binding.
+    // Power-of-two slots, at most one binding; a table counts as overflowed past 3/4 full.
+    // Every voxel edge could be a pair of its own, but pairs usually share many voxel edges:
+    // start with one partition as large as a binding allows and split only on overflow.
     let max_slots = prev_power_of_two(work.ctx.max_binding_bytes() / (SLOT_WORDS * 4));
-    let wanted = (2 * voxel_edges).next_power_of_two();
-    let mut parts = wanted.div_ceil(max_slots).next_power_of_two();
+    let slots_for = |pairs: u64| {
+        (pairs * 4)
+            .div_ceil(3)
+            .next_power_of_two()
+            .max(1024)
+            .min(max_slots)
+    };
+    let mut parts = 1u64;
     loop {
-        let capacity = (wanted / parts).clamp(1024.min(wanted), max_slots);
+        let capacity = slots_for(voxel_edges.div_ceil(parts));
         let table = work.storage("region graph table", (capacity * SLOT_WORDS) as usize)?;
         let mut edges = Vec::new();
         let mut overflowed = false;
         for part in 0..parts {
             let uniform = work.uniform(&params(capacity, parts, part));
             work.encoder.clear_buffer(&table, 0, None);
-            work.encoder.clear_buffer(&flags, 0, Some(4));
+            work.encoder.clear_buffer(&flags, 0, None);
             work.dispatch_box(
                 S,
                 "accumulate",
@@ -738,7 +775,7 @@ fn accumulate_region_graph(
         if !overflowed {
             return Ok(edges);
         }
-        // Only an unlucky hash gets here: the table was sized for every voxel edge.
+        // A partition held more pairs than its table: split the key space further.
         if parts >= voxel_edges {
             return Err(GpuError::TooLarge {
                 what: format!("the region graph of a {shape:?} box"),

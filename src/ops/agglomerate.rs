@@ -41,12 +41,12 @@ impl EdgeStats {
 }
 
 /// Fragment pairs `(a, b)`, a < b, to their edge statistics.
-pub type RegionGraph = HashMap<(u32, u32), EdgeStats>;
+pub type RegionGraph = HashMap<(u32, u32), EdgeStats, IdBuildHasher>;
 
 /// The region graph of `fragments` (0 = background, never an edge) on the CPU.
 pub fn region_graph_cpu(aff: &Affinities, fragments: &[u32]) -> RegionGraph {
     let s = aff.shape;
-    let mut graph = RegionGraph::new();
+    let mut graph = RegionGraph::default();
     let strides = [1, s[0], s[0] * s[1]];
     for z in 0..s[2] {
         for y in 0..s[1] {
@@ -75,8 +75,83 @@ pub fn region_graph_cpu(aff: &Affinities, fragments: &[u32]) -> RegionGraph {
     graph
 }
 
-/// Neighbour region -> edge id.
-type Adjacency = HashMap<u32, u32, IdBuildHasher>;
+/// Neighbour region -> edge id. Most regions have a handful of neighbours (fragments ~8), where
+/// a linear scan of a short vector beats hashing and allocates once; regions that grow past
+/// [`Adjacency::SMALL`] neighbours switch to a hash map.
+#[derive(Clone, Debug)]
+enum Adjacency {
+    Small(Vec<(u32, u32)>),
+    Large(HashMap<u32, u32, IdBuildHasher>),
+}
+
+impl Default for Adjacency {
+    fn default() -> Self {
+        Adjacency::Small(Vec::new())
+    }
+}
+
+impl Adjacency {
+    const SMALL: usize = 24;
+
+    fn with_capacity(neighbours: usize) -> Adjacency {
+        if neighbours <= Self::SMALL {
+            Adjacency::Small(Vec::with_capacity(neighbours))
+        } else {
+            let mut map = HashMap::default();
+            map.reserve(neighbours);
+            Adjacency::Large(map)
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Adjacency::Small(v) => v.len(),
+            Adjacency::Large(m) => m.len(),
+        }
+    }
+
+    fn get(&self, region: u32) -> Option<u32> {
+        match self {
+            Adjacency::Small(v) => v.iter().find(|e| e.0 == region).map(|e| e.1),
+            Adjacency::Large(m) => m.get(&region).copied(),
+        }
+    }
+
+    /// Adds a neighbour that is not there yet.
+    fn insert(&mut self, region: u32, edge: u32) {
+        match self {
+            Adjacency::Small(v) if v.len() < Self::SMALL => v.push((region, edge)),
+            Adjacency::Small(v) => {
+                let mut map: HashMap<u32, u32, IdBuildHasher> = v.drain(..).collect();
+                map.insert(region, edge);
+                *self = Adjacency::Large(map);
+            }
+            Adjacency::Large(m) => {
+                m.insert(region, edge);
+            }
+        }
+    }
+
+    fn remove(&mut self, region: u32) {
+        match self {
+            Adjacency::Small(v) => {
+                if let Some(at) = v.iter().position(|e| e.0 == region) {
+                    v.swap_remove(at);
+                }
+            }
+            Adjacency::Large(m) => {
+                m.remove(&region);
+            }
+        }
+    }
+
+    fn into_entries(self) -> Vec<(u32, u32)> {
+        match self {
+            Adjacency::Small(v) => v,
+            Adjacency::Large(m) => m.into_iter().collect(),
+        }
+    }
+}
 
 /// An edge between two live regions (which ones: the adjacency maps know).
 #[derive(Debug)]
@@ -216,7 +291,12 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
     // Edges between live regions; an edge keeps its id when one end merges into another region
     // without a parallel edge there (its mean is unchanged: no new queue entry is needed).
     let mut edges: Vec<Edge> = Vec::with_capacity(graph.len());
-    let mut adjacency: Vec<Adjacency> = vec![Adjacency::default(); n];
+    let mut degree = vec![0usize; n];
+    for &(a, b) in graph.keys() {
+        degree[a as usize] += 1;
+        degree[b as usize] += 1;
+    }
+    let mut adjacency: Vec<Adjacency> = degree.into_iter().map(Adjacency::with_capacity).collect();
     let mut initial = Vec::with_capacity(graph.len());
     for (&(a, b), &stats) in graph {
         let id = edges.len() as u32;
@@ -256,14 +336,14 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
             (b, a)
         };
         merged_into[gone as usize] = keep;
-        let moved = std::mem::take(&mut adjacency[gone as usize]);
-        adjacency[keep as usize].remove(&gone);
+        let moved = std::mem::take(&mut adjacency[gone as usize]).into_entries();
+        adjacency[keep as usize].remove(gone);
         for (other, id) in moved {
             if other == keep {
                 continue;
             }
-            adjacency[other as usize].remove(&gone);
-            match adjacency[keep as usize].get(&other).copied() {
+            adjacency[other as usize].remove(gone);
+            match adjacency[keep as usize].get(other) {
                 Some(parallel) => {
                     // Two edges become one: its statistics combine and it is scored again.
                     let absorbed = edges[id as usize].stats;
@@ -333,7 +413,7 @@ mod tests {
     fn merges_best_first_and_rescoring_uses_combined_means() {
         // 1-2 strong, 2-3 weak, 1-3 medium: after 1+2 merge, the {1,2}-3 edge has mean
         // (0.2 + 0.6) / 2 = 0.4 and 1 - 0.4 = 0.6 < 0.7 merges it too; at 0.5 it does not.
-        let mut g = RegionGraph::new();
+        let mut g = RegionGraph::default();
         g.insert((1, 2), stats(&[0.9]));
         g.insert((2, 3), stats(&[0.2]));
         g.insert((1, 3), stats(&[0.6]));
@@ -349,7 +429,7 @@ mod tests {
     fn an_edge_moved_to_the_surviving_region_is_still_merged_in_order() {
         // 1-2 merge first; the 2-3 edge then belongs to {1,2} without being queued again, and
         // must still come before the weaker 1-4 edge.
-        let mut g = RegionGraph::new();
+        let mut g = RegionGraph::default();
         g.insert((1, 2), stats(&[0.95]));
         g.insert((2, 3), stats(&[0.85]));
         g.insert((1, 4), stats(&[0.5]));
@@ -358,6 +438,83 @@ mod tests {
         assert_eq!(r.merges, 2);
         let (seg, _) = agglomerate(4, &g, 0.6);
         assert_eq!(seg, vec![0, 1, 1, 1, 1]);
+    }
+
+    /// Greedy merging the slow, obvious way: after every merge, regroup all original edges by
+    /// the regions they now join and take the best mean (smaller pair on ties).
+    fn agglomerate_naively(fragments: u32, graph: &RegionGraph, threshold: f64) -> Vec<u32> {
+        let n = fragments as usize + 1;
+        let mut sets = UnionFind::new(n);
+        loop {
+            let mut joined: HashMap<(u32, u32), EdgeStats> = HashMap::new();
+            for (&(a, b), &stats) in graph {
+                let (ra, rb) = (sets.find(a), sets.find(b));
+                if ra != rb {
+                    joined
+                        .entry((ra.min(rb), ra.max(rb)))
+                        .or_default()
+                        .add(stats);
+                }
+            }
+            let best = joined.iter().max_by(|x, y| {
+                let (mx, my) = (
+                    x.1.sum as u128 * y.1.count as u128,
+                    y.1.sum as u128 * x.1.count as u128,
+                );
+                mx.cmp(&my).then_with(|| y.0.cmp(x.0))
+            });
+            match best {
+                Some((&(a, b), stats)) if 1.0 - stats.mean() < threshold => {
+                    sets.union(a, b);
+                }
+                _ => break,
+            }
+        }
+        let mut segment_of_root = vec![0u32; n];
+        let mut next = 0;
+        let mut out = vec![0u32; n];
+        for f in 1..n as u32 {
+            let r = sets.find(f) as usize;
+            if segment_of_root[r] == 0 {
+                next += 1;
+                segment_of_root[r] = next;
+            }
+            out[f as usize] = segment_of_root[r];
+        }
+        out
+    }
+
+    #[test]
+    fn merges_like_naive_greedy_merging_on_random_graphs() {
+        // Random sums and counts: equal means are improbable, so the tie rule does not matter
+        // here. Merged regions grow well past Adjacency::SMALL neighbours.
+        let mut state = 987654321u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for (fragments, edges, threshold) in [(60u32, 200, 0.5), (400, 2400, 0.5), (400, 2400, 0.52)]
+        {
+            let mut g = RegionGraph::default();
+            while g.len() < edges {
+                let a = (next() % fragments as u64) as u32 + 1;
+                let b = (next() % fragments as u64) as u32 + 1;
+                if a != b {
+                    let count = next() % 20 + 1;
+                    let sum = (0..count).map(|_| next() % (1 << 24)).sum();
+                    g.insert((a.min(b), a.max(b)), EdgeStats { count, sum });
+                }
+            }
+            let (fast, report) = agglomerate(fragments, &g, threshold);
+            assert_eq!(
+                fast,
+                agglomerate_naively(fragments, &g, threshold),
+                "{fragments} fragments, threshold {threshold}"
+            );
+            assert!(report.merges > 10 && report.segments > 1, "{report:?}");
+        }
     }
 
     #[test]

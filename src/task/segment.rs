@@ -1,17 +1,19 @@
 //! `segment` and `connected-components` over precomputed volumes, chunk by chunk on the GPU and
 //! without seams: a chunked run writes exactly what one whole-region run writes.
 //!
-//! Segment, in four passes over the chunks of the region:
+//! Segment, in one pass over the chunks of the region and three on the host:
 //! 1. watershed of each chunk's core (affinities read with a 3-voxel margin, enough for every
-//!    rule of src/ops/watershed.rs to see what it needs) on the GPU;
-//! 2. on the host: plateaus that cross chunk faces (rare: they need exact ties) are resolved over
-//!    their whole extent, chunks are glued along their faces ([`crate::task::stitch`]) and
-//!    fragments numbered by first voxel;
-//! 3. the region graph of each chunk's core on the GPU (fixed-point sums, so exact), summed;
+//!    rule of src/ops/watershed.rs to see what it needs) on the GPU, and in the same submission
+//!    the core's region graph (fixed-point sums, so exact), keyed by the roots still on the GPU:
+//!    affinities are uploaded once and no labels go back up;
+//! 2. plateaus that cross chunk faces (rare: they need exact ties) are resolved over their whole
+//!    extent, chunks are glued along their faces ([`crate::task::stitch`]) and fragments
+//!    numbered by first voxel;
+//! 3. the chunks' region graphs are translated to fragment ids and summed;
 //! 4. agglomeration of the whole graph on the CPU, then the output chunks are written.
 //!
 //! Connected components needs passes 1, 2 and the write. Chunk labels are kept in host memory
-//! (4 bytes per voxel) between passes; affinities are read again for pass 3 instead.
+//! (4 bytes per voxel) between passes.
 
 use crate::dtype::DataType;
 use crate::formats::precomputed::info::{Encoding, Info, LayerType, Scale};
@@ -20,9 +22,10 @@ use crate::formats::precomputed::{
 };
 use crate::geometry::{voxels, Box3, Vec3};
 use crate::gpu::labeling::{
-    connected_components_box, region_graph_box, watershed_box, BlockMasks, DeferredVoxel,
+    connected_components_box, watershed_box, BlockMasks, DeferredVoxel, RegionEdge,
 };
 use crate::gpu::{GpuContext, GpuError};
+use crate::hash::IdBuildHasher;
 use crate::ops::agglomerate::{agglomerate, RegionGraph};
 use crate::ops::connected_components::Connectivity;
 use crate::ops::watershed::{Affinities, WatershedParams, DIRECTIONS, FAR};
@@ -77,8 +80,8 @@ pub struct ChunkOptions {
     pub output_chunk_size: Option<Vec3>,
     pub fill_missing: bool,
     pub write: WriteOptions,
-    /// Decoded input chunks kept in memory, so that chunk margins and the second pass over the
-    /// affinities do not fetch chunks again (0: none kept).
+    /// Decoded input chunks kept in memory, so that the margins that neighbouring GPU chunks
+    /// share do not fetch chunks again (0: none kept).
     pub cache_bytes: usize,
 }
 
@@ -527,9 +530,11 @@ pub async fn segment(
     let location = input.store.location();
     let params = opts.watershed;
     let deferred: Arc<std::sync::Mutex<HashMap<Vec3, DeferredVoxel>>> = Default::default();
+    let partial_graphs: Arc<std::sync::Mutex<Vec<PartialGraph>>> = Default::default();
     let t = Instant::now();
     let mut stitcher = {
-        let (ctx, location, deferred) = (ctx.clone(), location.clone(), deferred.clone());
+        let (ctx, location) = (ctx.clone(), location.clone());
+        let (deferred, partial_graphs) = (deferred.clone(), partial_graphs.clone());
         label_chunks(
             input,
             &layout,
@@ -537,13 +542,17 @@ pub async fn segment(
             opts.chunks.fill_missing,
             move |b, core, vol| {
                 let aff = affinities_of(&vol, &location)?;
-                let out = watershed_box(&ctx, &aff, core, params)?;
+                let out = watershed_box(&ctx, &aff, core, params, true)?;
                 let mut d = deferred.lock().unwrap();
                 for v in out.deferred {
                     let p =
                         crate::ops::watershed::Grid { shape: aff.shape }.position(v.index as usize);
                     d.insert([0, 1, 2].map(|a| p[a] + b.start[a]), v);
                 }
+                partial_graphs.lock().unwrap().push(PartialGraph {
+                    boxed: b,
+                    edges: out.region_graph,
+                });
                 let core_in_region = core.offset_by(b.start);
                 Ok(ChunkLabels::from_roots(&out.roots, b, core_in_region))
             },
@@ -563,16 +572,8 @@ pub async fn segment(
     report.passes.push(("stitch", t.elapsed()));
 
     let t = Instant::now();
-    let graph = region_graph(
-        &ctx,
-        input,
-        &layout,
-        &stitcher,
-        &numbering,
-        opts.chunks.fill_missing,
-        &location,
-    )
-    .await?;
+    let partial = std::mem::take(&mut *partial_graphs.lock().unwrap());
+    let graph = fragment_graph(&stitcher, &numbering, partial);
     report.region_edges = graph.len();
     report.passes.push(("region graph", t.elapsed()));
 
@@ -605,37 +606,52 @@ async fn finish(
     Ok(report)
 }
 
-/// Pass 3: every chunk's region graph (edges from its core voxels to their -x, -y, -z
-/// neighbours), summed over chunks.
-async fn region_graph(
-    ctx: &Arc<GpuContext>,
-    input: &Precomputed,
-    layout: &Layout,
+/// One chunk's region graph as the watershed pass left it: pairs of box voxels (`boxed` is the
+/// box in region coordinates).
+struct PartialGraph {
+    boxed: Box3,
+    edges: Vec<RegionEdge>,
+}
+
+/// The region graph of the fragments: each chunk's pairs of box voxels (roots, or halo voxels
+/// standing for their own chunk's fragment) translated to final fragment ids, pairs inside one
+/// fragment dropped, and pairs that meet in several chunks (or under several keys) summed. The
+/// sums are exact integers, so the result does not depend on the chunking.
+fn fragment_graph(
     stitcher: &Stitcher,
     numbering: &Numbering,
-    fill_missing: bool,
-    location: &str,
-) -> Result<RegionGraph, SegmentError> {
-    let grid = layout.grid;
-    let mut graph = RegionGraph::new();
-    for c in 0..grid.len() {
-        let core = grid.core(c);
-        let b = grid.grown(core, 1, 0);
-        let vol = layout.read_box(input, b, fill_missing).await?;
-        let aff = affinities_of(&vol, location)?;
-        let fragments = stitcher.labels_in(b, numbering, |f| f);
-        let local_core = core.relative_to(b.start);
-        let ctx = ctx.clone();
-        let edges = tokio::task::spawn_blocking(move || {
-            region_graph_box(&ctx, &fragments, &aff, local_core)
-        })
-        .await??;
-        for (pair, stats) in edges {
-            graph.entry(pair).or_default().add(stats);
+    partial: Vec<PartialGraph>,
+) -> RegionGraph {
+    let mut graph = RegionGraph::default();
+    for PartialGraph { boxed, edges } in partial {
+        let shape = boxed.shape();
+        let fragment = |i: u32| {
+            let i = i as usize;
+            let local = [
+                i % shape[0],
+                (i / shape[0]) % shape[1],
+                i / (shape[0] * shape[1]),
+            ];
+            let p = [0, 1, 2].map(|a| boxed.start[a] + local[a]);
+            let node = stitcher
+                .node(p)
+                .expect("a root or a halo voxel of the region graph is a fragment voxel");
+            numbering.label_of_node[node as usize]
+        };
+        // Keys repeat across a chunk's pairs: translate each once.
+        let mut fragment_of: HashMap<u32, u32, IdBuildHasher> = HashMap::default();
+        for ((a, b), stats) in edges {
+            let fa = *fragment_of.entry(a).or_insert_with(|| fragment(a));
+            let fb = *fragment_of.entry(b).or_insert_with(|| fragment(b));
+            if fa != fb {
+                graph
+                    .entry((fa.min(fb), fa.max(fb)))
+                    .or_default()
+                    .add(stats);
+            }
         }
-        info!(chunk = c + 1, of = grid.len(), "region graph");
     }
-    Ok(graph)
+    graph
 }
 
 /// Chooses pointers for plateau voxels whose plateau crosses chunk faces, by the rule of
