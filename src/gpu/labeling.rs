@@ -54,6 +54,16 @@ struct Work<'a> {
     ctx: &'a GpuContext,
     encoder: wgpu::CommandEncoder,
     op: &'static str,
+    /// Storage buffers taken from the context's pool, returned to it when the work is dropped:
+    /// chunks of one run have the same few sizes, and fresh buffers cost page faults on every
+    /// chunk (on lavapipe their memory is the host's).
+    pooled: Vec<wgpu::Buffer>,
+}
+
+impl Drop for Work<'_> {
+    fn drop(&mut self) {
+        self.ctx.recycle(self.pooled.drain(..));
+    }
 }
 
 impl<'a> Work<'a> {
@@ -62,6 +72,7 @@ impl<'a> Work<'a> {
             ctx,
             encoder: ctx.device.create_command_encoder(&Default::default()),
             op,
+            pooled: Vec::new(),
         }
     }
 
@@ -103,20 +114,19 @@ impl<'a> Work<'a> {
             })
     }
 
-    /// A zeroed storage buffer of `words` u32s.
-    fn storage(&self, what: &str, words: usize) -> Result<wgpu::Buffer, GpuError> {
+    /// A zeroed storage buffer of `words` u32s (from the pool, cleared by the GPU in order).
+    fn storage(&mut self, what: &str, words: usize) -> Result<wgpu::Buffer, GpuError> {
         let bytes = (words.max(1) * 4) as u64;
         self.check_size(what, bytes)?;
-        self.ctx.scoped(self.op, || {
-            self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(what),
-                size: bytes,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
-        })
+        let usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST;
+        let buffer = self
+            .ctx
+            .scoped(self.op, || self.ctx.buffer(what, bytes, usage))?;
+        self.encoder.clear_buffer(&buffer, 0, None);
+        self.pooled.push(buffer.clone());
+        Ok(buffer)
     }
 
     /// Records a dispatch of `invocations` threads of `shader::entry` with `bindings`.
@@ -226,12 +236,8 @@ impl<'a> Work<'a> {
         let staging: Vec<wgpu::Buffer> = buffers
             .iter()
             .map(|b| {
-                let s = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("readback"),
-                    size: b.size(),
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                });
+                let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+                let s = ctx.buffer("readback", b.size(), usage);
                 self.encoder.copy_buffer_to_buffer(b, 0, &s, 0, b.size());
                 s
             })
@@ -242,7 +248,7 @@ impl<'a> Work<'a> {
         );
         let submission = ctx.scoped(self.op, || ctx.queue.submit([encoder.finish()]))?;
         ctx.map_for_reading(submission, &staging.iter().collect::<Vec<_>>(), self.op)?;
-        Ok(staging
+        let words = staging
             .iter()
             .map(|s| {
                 let words =
@@ -251,7 +257,9 @@ impl<'a> Work<'a> {
                 s.unmap();
                 words
             })
-            .collect())
+            .collect();
+        ctx.recycle(staging);
+        Ok(words)
     }
 }
 

@@ -495,7 +495,8 @@ mod tests {
             state ^= state << 17;
             state
         };
-        for (fragments, edges, threshold) in [(60u32, 200, 0.5), (400, 2400, 0.5), (400, 2400, 0.52)]
+        for (fragments, edges, threshold) in
+            [(60u32, 200, 0.5), (400, 2400, 0.5), (400, 2400, 0.52)]
         {
             let mut g = RegionGraph::default();
             while g.len() < edges {
