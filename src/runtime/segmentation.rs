@@ -74,10 +74,15 @@ pub fn print_report(what: &str, r: &SegmentReport) {
         r.chunks_fetched,
         r.chunks_from_cache,
     );
+    // Each pass's share of the wall time, so that the next bottleneck is visible.
+    let wall = r.wall.as_secs_f64().max(f64::MIN_POSITIVE);
     let passes: Vec<String> = r
         .passes
         .iter()
-        .map(|(name, d)| format!("{name} {:.2} s", d.as_secs_f64()))
+        .map(|(name, d)| {
+            let s = d.as_secs_f64();
+            format!("{name} {s:.2} s ({:.0}%)", 100.0 * s / wall)
+        })
         .collect();
     println!("  passes: {}", passes.join(", "));
 }
