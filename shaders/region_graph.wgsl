@@ -91,10 +91,15 @@ fn quantize(a: f32) -> u32 {
     return u32(round(clamp(a, 0.0, 1.0) * 16777216.0));
 }
 
-// Adds `count` voxel edges of summed fixed-point affinity `sum` (low, high words) to pair (a, b).
-fn add_edge(a: u32, b: u32, count: u32, sum: vec2<u32>) {
+// Adds one voxel edge of pair (a, b), when the pair is in this dispatch's partition. (Summing
+// runs of voxel edges along a boundary first, to insert once per run, was measured slower on
+// lavapipe: the divergent run loops cost more than the atomics they save.)
+fn add_edge(a: u32, b: u32, affinity: f32) {
     let lo = min(a, b);
     let hi = max(a, b);
+    if P.parts > 1u && partition_of(lo, hi) != P.part {
+        return;
+    }
     if atomicLoad(&flags[0]) != 0u {
         return; // overflowed: the host runs this again with more room
     }
@@ -103,27 +108,17 @@ fn add_edge(a: u32, b: u32, count: u32, sum: vec2<u32>) {
     for (var probe = 0u; probe < P.capacity; probe++) {
         let k = slot * SLOT;
         if claim(k, lo + 1u) == lo + 1u && claim(k + 1u, hi) == hi {
-            atomicAdd(&table[k + 2u], count);
-            let old = atomicAdd(&table[k + 3u], sum.x);
-            let carry = u32(old > 0xffffffffu - sum.x);
-            if carry + sum.y > 0u {
-                atomicAdd(&table[k + 4u], carry + sum.y);
+            atomicAdd(&table[k + 2u], 1u);
+            let q = quantize(affinity);
+            let old = atomicAdd(&table[k + 3u], q);
+            if old > 0xffffffffu - q {
+                atomicAdd(&table[k + 4u], 1u);
             }
             return;
         }
         slot = (slot + 1u) & mask;
     }
     atomicStore(&flags[0], 1u);
-}
-
-// One voxel edge of pair (a, b), when the pair is in this dispatch's partition. (Summing runs of
-// voxel edges along a boundary first, to insert once per run, was measured slower on lavapipe:
-// the divergent run loops cost more than the atomics they save.)
-fn add_voxel_edge(a: u32, b: u32, affinity: f32) {
-    if P.parts > 1u && partition_of(min(a, b), max(a, b)) != P.part {
-        return;
-    }
-    add_edge(a, b, 1u, vec2<u32>(quantize(affinity), 0u));
 }
 
 // The core voxel of this invocation and its index, or false past the core.
@@ -191,7 +186,7 @@ fn accumulate(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let n = backward(v.xyz, i);
-    if differs(a, n.x) { add_voxel_edge(a, fragments[n.x], aff_x[i]); }
-    if differs(a, n.y) { add_voxel_edge(a, fragments[n.y], aff_y[i]); }
-    if differs(a, n.z) { add_voxel_edge(a, fragments[n.z], aff_z[i]); }
+    if differs(a, n.x) { add_edge(a, fragments[n.x], aff_x[i]); }
+    if differs(a, n.y) { add_edge(a, fragments[n.y], aff_y[i]); }
+    if differs(a, n.z) { add_edge(a, fragments[n.z], aff_z[i]); }
 }

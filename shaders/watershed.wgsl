@@ -321,14 +321,13 @@ fn descend(@builtin(global_invocation_id) p: vec3<u32>) {
         return;
     }
     let i = index_of(p);
-    var x = pointer[i];
-    if x == NONE {
+    if pointer[i] == NONE {
         candidates[i] = 0u;
         return;
     }
     // Path halving: every store points a voxel at one of its ancestors, which is what other
     // threads may read at any time, so racing walks stay correct and shorten each other's paths.
-    x = i;
+    var x = i;
     loop {
         let y = pointer[x];
         if y == x {

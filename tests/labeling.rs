@@ -6,7 +6,7 @@ mod common;
 use common::{gpu, Rng};
 use cuboids::geometry::{Box3, Vec3};
 use cuboids::gpu::labeling::{
-    connected_components_box, region_graph_box, watershed_box, BlockMasks, NONE,
+    connected_components_box, region_graph_box, watershed_box, BlockMasks, RegionEdge, NONE,
 };
 use cuboids::gpu::GpuContext;
 use cuboids::ops::agglomerate::{region_graph_cpu, RegionGraph};
@@ -141,14 +141,7 @@ fn region_graph_matches_cpu() {
         for (name, ctx) in [("adapter limits", gpu()), ("64 KiB bindings", &small)] {
             let gpu_edges =
                 region_graph_box(ctx, &fragments, &aff, Box3::from_shape(shape)).unwrap();
-            assert_eq!(gpu_edges.len(), cpu.len(), "{shape:?} {name}: edge count");
-            for (pair, stats) in gpu_edges {
-                assert_eq!(
-                    cpu.get(&pair),
-                    Some(&stats),
-                    "{shape:?} {name}: edge {pair:?}"
-                );
-            }
+            assert_same_graph(gpu_edges, &cpu, &format!("{shape:?} {name}"));
         }
     }
     // Every voxel its own fragment: more pairs than voxels.
@@ -157,12 +150,13 @@ fn region_graph_matches_cpu() {
     let fragments: Vec<u32> = (1..=(24 * 24 * 16) as u32).collect();
     let cpu = region_graph_cpu(&aff, &fragments);
     let gpu_edges = region_graph_box(&small, &fragments, &aff, Box3::from_shape(shape)).unwrap();
-    assert_eq!(gpu_edges.len(), cpu.len(), "one fragment per voxel");
+    assert_same_graph(gpu_edges, &cpu, "one fragment per voxel");
+}
+
+/// The GPU gives as many edges as the CPU, each with the CPU's statistics for its pair.
+fn assert_same_graph(gpu_edges: Vec<RegionEdge>, cpu: &RegionGraph, what: &str) {
+    assert_eq!(gpu_edges.len(), cpu.len(), "{what}: edge count");
     for (pair, stats) in gpu_edges {
-        assert_eq!(
-            cpu.get(&pair),
-            Some(&stats),
-            "one fragment per voxel: edge {pair:?}"
-        );
+        assert_eq!(cpu.get(&pair), Some(&stats), "{what}: edge {pair:?}");
     }
 }

@@ -517,11 +517,12 @@ pub fn watershed_box(
     let _span = debug_span!("gpu_watershed", ?shape).entered();
     let n = voxels(shape);
     let mut work = Work::new(ctx, "the watershed");
-    let uniform = work.uniform(&box_params(
+    let mut block = box_params(
         shape,
         core,
         [n as u32, params.low.to_bits(), params.high.to_bits()],
-    ));
+    );
+    let uniform = work.uniform(&block);
     let [ax, ay, az] =
         [0, 1, 2].map(|c| work.upload("affinities", bytemuck::cast_slice(&aff.channels[c])));
     let (ax, ay, az) = (ax?, ay?, az?);
@@ -552,13 +553,8 @@ pub fn watershed_box(
     )?;
     let counts = work.finish(&[&flags])?.remove(0);
     let (plateau_voxels, saturated) = (counts[16] as usize, counts[3]);
-    let mut listed = box_params(
-        shape,
-        core,
-        [n as u32, params.low.to_bits(), params.high.to_bits()],
-    );
-    listed.tail[0] = plateau_voxels as u32;
-    let uniform = work.uniform(&listed);
+    block.tail[0] = plateau_voxels as u32;
+    let uniform = work.uniform(&block);
     let plateau = [
         (0, &uniform),
         (6, &info),
@@ -765,7 +761,10 @@ fn accumulate_region_graph(
         let mut overflowed = false;
         for part in 0..parts {
             let uniform = work.uniform(&params(capacity, parts, part));
-            work.encoder.clear_buffer(&table, 0, None);
+            // A new table comes cleared; later partitions reuse it.
+            if part > 0 {
+                work.encoder.clear_buffer(&table, 0, None);
+            }
             work.encoder.clear_buffer(&flags, 0, None);
             work.dispatch_box(
                 S,

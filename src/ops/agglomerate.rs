@@ -7,7 +7,7 @@
 //! the CPU, and over any chunking. The mean differs from a float mean by at most 2^-25.
 
 use crate::hash::IdBuildHasher;
-use crate::ops::union_find::UnionFind;
+use crate::ops::union_find::{number_by_first_voxel, UnionFind};
 use crate::ops::watershed::Affinities;
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -370,20 +370,19 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
     for (r, &into) in merged_into.iter().enumerate() {
         sets.union(r as u32, into);
     }
-    // Number segments by smallest fragment.
-    let mut segment_of_root = vec![0u32; n];
-    let mut next = 0;
-    let mut out = vec![0u32; n];
-    for f in 1..n as u32 {
-        let r = sets.find(f) as usize;
-        if segment_of_root[r] == 0 {
-            next += 1;
-            segment_of_root[r] = next;
-        }
-        out[f as usize] = segment_of_root[r];
-    }
-    report.segments = next as usize;
+    let out = number_segments(&mut sets);
+    report.segments = out.iter().max().copied().unwrap_or(0) as usize;
     (out, report)
+}
+
+/// Per fragment (index 0 = background) its segment: the sets of `sets` numbered 1..N by their
+/// smallest fragment.
+fn number_segments(sets: &mut UnionFind) -> Vec<u32> {
+    let n = sets.len();
+    let roots: Vec<Option<u32>> = (0..n as u32)
+        .map(|f| (f > 0).then(|| sets.find(f)))
+        .collect();
+    number_by_first_voxel(roots.into_iter(), n)
 }
 
 #[cfg(test)]
@@ -470,18 +469,7 @@ mod tests {
                 _ => break,
             }
         }
-        let mut segment_of_root = vec![0u32; n];
-        let mut next = 0;
-        let mut out = vec![0u32; n];
-        for f in 1..n as u32 {
-            let r = sets.find(f) as usize;
-            if segment_of_root[r] == 0 {
-                next += 1;
-                segment_of_root[r] = next;
-            }
-            out[f as usize] = segment_of_root[r];
-        }
-        out
+        number_segments(&mut sets)
     }
 
     #[test]

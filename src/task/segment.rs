@@ -28,7 +28,7 @@ use crate::gpu::{GpuContext, GpuError};
 use crate::hash::IdBuildHasher;
 use crate::ops::agglomerate::{agglomerate, RegionGraph};
 use crate::ops::connected_components::Connectivity;
-use crate::ops::watershed::{Affinities, WatershedParams, DIRECTIONS, FAR};
+use crate::ops::watershed::{Affinities, Grid, WatershedParams, DIRECTIONS, FAR};
 use crate::store::Store;
 use crate::task::downsample::{source_region, Bounds, TaskError};
 use crate::task::stitch::{ChunkGrid, ChunkLabels, Numbering, Stitcher};
@@ -545,8 +545,7 @@ pub async fn segment(
                 let out = watershed_box(&ctx, &aff, core, params, true)?;
                 let mut d = deferred.lock().unwrap();
                 for v in out.deferred {
-                    let p =
-                        crate::ops::watershed::Grid { shape: aff.shape }.position(v.index as usize);
+                    let p = Grid { shape: aff.shape }.position(v.index as usize);
                     d.insert([0, 1, 2].map(|a| p[a] + b.start[a]), v);
                 }
                 partial_graphs.lock().unwrap().push(PartialGraph {
@@ -624,14 +623,11 @@ fn fragment_graph(
 ) -> RegionGraph {
     let mut graph = RegionGraph::default();
     for PartialGraph { boxed, edges } in partial {
-        let shape = boxed.shape();
+        let grid = Grid {
+            shape: boxed.shape(),
+        };
         let fragment = |i: u32| {
-            let i = i as usize;
-            let local = [
-                i % shape[0],
-                (i / shape[0]) % shape[1],
-                i / (shape[0] * shape[1]),
-            ];
+            let local = grid.position(i as usize);
             let p = [0, 1, 2].map(|a| boxed.start[a] + local[a]);
             let node = stitcher
                 .node(p)

@@ -11,6 +11,7 @@
 use crate::geometry::{voxels, Box3, Vec3};
 use crate::gpu::labeling::NONE;
 use crate::ops::union_find::UnionFind;
+use crate::ops::watershed::Grid;
 
 /// The cores of the chunks that tile a region.
 #[derive(Clone, Copy, Debug)]
@@ -87,9 +88,10 @@ pub struct ChunkLabels {
 impl ChunkLabels {
     /// From union-find roots of a box (region coordinates `boxed`) whose core is `core`.
     pub fn from_roots(roots: &[u32], boxed: Box3, core: Box3) -> ChunkLabels {
-        let shape = boxed.shape();
-        let index = |p: Vec3| p[0] + shape[0] * (p[1] + shape[1] * p[2]);
-        Self::from_root_fn(|p| roots[index(p)], roots.len(), boxed, core)
+        let grid = Grid {
+            shape: boxed.shape(),
+        };
+        Self::from_root_fn(|p| roots[grid.index(p)], roots.len(), boxed, core)
     }
 
     /// From a box's roots given by `root_at` (box coordinates; [`NONE`] where no node; every
@@ -247,14 +249,11 @@ impl Stitcher {
         let mut size = vec![0u64; nodes];
         for (c, chunk) in self.chunks.iter().enumerate() {
             let chunk = chunk.as_ref().expect("labelled");
-            let shape = chunk.core.shape();
+            let core = Grid {
+                shape: chunk.core.shape(),
+            };
             for (l, (&at, &n)) in chunk.first.iter().zip(&chunk.sizes).enumerate() {
-                let at = at as usize;
-                let local = [
-                    at % shape[0],
-                    (at / shape[0]) % shape[1],
-                    at / (shape[0] * shape[1]),
-                ];
+                let local = core.position(at as usize);
                 let p = [0, 1, 2].map(|a| chunk.core.start[a] + local[a]);
                 let g = (p[0] + region[0] * (p[1] + region[1] * p[2])) as u64;
                 let root = sets.find(self.offsets[c] + l as u32) as usize;
