@@ -1,42 +1,44 @@
 // Thresholded connected components of one box by block-based union-find, after Allegretti et
-// al.'s BUF: each invocation owns a 2x2x2 block of voxels.
+// al.'s BUF: a 2x2x2 block of voxels is the unit.
 //
-// The host thresholds the voxels into one 8-bit mask per block (bit x + 2y + 4z), four to a word.
-// Under 26-connectivity a block's voxels always touch each other, so a block is one node and
-// `parent` has one entry per block. Under 6 and 18 a block holds up to 4 separate pieces (the
-// host's table gives each voxel's piece as its smallest touching voxel) and a node is (block,
-// piece), 8 entries per block.
+// The host thresholds the voxels into one 8-bit mask per block (bit x + 2y + 4z), four to a word,
+// rows of blocks padded to whole words (`pitch` blocks, the padding empty). Under 26-connectivity
+// a block's voxels always touch each other, so a block is one node and `parent` has one entry per
+// block. Under 6 and 18 a block holds up to 4 separate pieces (the host's table gives each
+// voxel's piece as its smallest touching voxel) and a node is (block, piece), 8 entries per block.
 //
-// `merge` (and `merge_rest`) unite each block with its 13 earlier neighbour blocks where a voxel
-// of one touches a voxel of the other; `flatten` points every node at its root. Every edge inside
-// the box is a true edge of the volume, so the box needs no core rule: chunks are stitched on the
+// `merge` unites each block with its 13 earlier neighbour blocks where a voxel of one touches a
+// voxel of the other; one invocation takes the four blocks of one mask word, so that it reads
+// each neighbouring row of masks once (3 words) instead of once per block. Every edge inside the
+// box is a true edge of the volume, so the box needs no core rule: chunks are stitched on the
 // host through the voxels around the core.
 //
 // `parent` starts zeroed: 0 marks a root, any other value is the parent node + 1, so a zeroed
 // buffer is the initial forest and no pass sets it. Parents always point to smaller nodes, so no
-// link can close a cycle.
+// link can close a cycle, and the host finds every root in one forward pass over the read-back
+// parents (a node's parent has its root already), which costs less than a flattening kernel.
 
 struct Params {
     unused: vec3<u32>,
     // Nodes per block: 1 (26-connected) or 8.
     nodes_per_block: u32,
     blocks: vec3<u32>,
-    pad: u32,
+    // Blocks per row of `masks` and `parent`: blocks.x rounded up to a multiple of 4.
+    pitch: u32,
 }
 
-const GROUP: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read_write> parent: array<atomic<u32>>;
 @group(0) @binding(2) var<storage, read> masks: array<u32>;
+// `parent` as plain words (the same buffer), for reads that may see a stale value: any value a
+// node has held is one of its ancestors (or 0), so a stale read only makes a longer path.
+@group(0) @binding(4) var<storage, read_write> parent_plain: array<u32>;
 // [0, 256): each voxel's piece per mask (3 bits per voxel);
 // [256, 269): per backward offset, bits 0..8 the block's voxels that touch the neighbour block
 //             and bits 8..16 the neighbour's voxels that touch the block;
 // [269, 373): per offset and voxel u of the block, the neighbour's voxels that touch u.
 @group(0) @binding(3) var<storage, read> tables: array<u32>;
-// Per block (26-connectivity): the backward neighbours it still has to unite with after `merge`
-// (bit k for offset k); zeroed before `merge`.
-@group(0) @binding(4) var<storage, read_write> rest: array<u32>;
 
 const FACES: u32 = 256u;
 const ADJACENT: u32 = 269u;
@@ -61,7 +63,7 @@ fn unite(a0: u32, b0: u32) {
 }
 
 fn block_index(b: vec3<u32>) -> u32 {
-    return b.x + P.blocks.x * (b.y + P.blocks.y * b.z);
+    return b.x + P.pitch * (b.y + P.blocks.y * b.z);
 }
 
 fn mask_of(block: u32) -> u32 {
@@ -113,57 +115,144 @@ fn mask_at(block: u32) -> u32 {
     return mask_of(block);
 }
 
-// The mask of the block at offset d (0 outside the box); `interior`: no backward neighbour is
-// outside, so no bounds check is needed.
-fn neighbour_mask(block: u32, here: vec3<i32>, d: vec3<i32>, interior: bool) -> u32 {
-    if interior {
-        let delta = d.x + i32(P.blocks.x) * (d.y + i32(P.blocks.y) * d.z);
-        return mask_of(u32(i32(block) + delta));
-    }
-    return mask_at(block_at(here + d));
+// A row of masks around one word: the masks at x offsets -1..4 from the word's first block
+// (`before`, the four in `word`, `after`); all 0 for a row outside the box.
+struct Row {
+    before: u32,
+    word: u32,
+    after: u32,
 }
 
-@compute @workgroup_size(16, 16, 1)
-fn merge(@builtin(global_invocation_id) b: vec3<u32>) {
-    if any(b >= P.blocks) {
+fn row_at(wx: u32, y: i32, z: i32) -> Row {
+    var r = Row(0u, 0u, 0u);
+    if y < 0 || z < 0 || u32(y) >= P.blocks.y {
+        return r;
+    }
+    let words = P.pitch / 4u;
+    let w = wx + words * (u32(y) + P.blocks.y * u32(z));
+    r.word = masks[w];
+    if wx > 0u {
+        r.before = masks[w - 1u] >> 24u;
+    }
+    if wx + 1u < words {
+        r.after = masks[w + 1u] & 0xffu;
+    }
+    return r;
+}
+
+// The mask at x offset k (-1..4) of a row.
+fn mask_in(r: Row, k: i32) -> u32 {
+    if k < 0 {
+        return r.before;
+    }
+    if k > 3 {
+        return r.after;
+    }
+    return (r.word >> (u32(k) * 8u)) & 0xffu;
+}
+
+// The node index of the block at backward offset k from `block`.
+fn neighbour(block: u32, k: u32) -> u32 {
+    let d = backward_offset(k);
+    return u32(i32(block) + d.x + i32(P.pitch) * (d.y + i32(P.blocks.y) * d.z));
+}
+
+// 26-connectivity: the four blocks of one mask word. A 1-D dispatch over the words: a row is
+// a few dozen words, which 2-D workgroups would pad with idle invocations.
+@compute @workgroup_size(64)
+fn merge(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    let w = gid.x + gid.y * groups.x * 64u;
+    let words = P.pitch / 4u;
+    if w >= words * P.blocks.y * P.blocks.z {
         return;
     }
-    let block = block_index(b);
-    let mask = mask_of(block);
+    let row = w / words;
+    let g = vec3<u32>(w - row * words, row % P.blocks.y, row / P.blocks.y);
+    let y = i32(g.y);
+    let z = i32(g.z);
+    let own = row_at(g.x, y, z);
+    if own.word == 0u {
+        return;
+    }
+    // Backward neighbour rows, named by their (dy, dz).
+    let below_back = row_at(g.x, y - 1, z - 1);
+    let back = row_at(g.x, y, z - 1);
+    let above_back = row_at(g.x, y + 1, z - 1);
+    let below = row_at(g.x, y - 1, z);
+    let first = g.x * 4u + P.pitch * (g.y + P.blocks.y * g.z);
+    // Written out for j = 0..3 (not a loop), so that every mask position is a constant.
+    merge_in_word(first, 0, own, below_back, back, above_back, below);
+    merge_in_word(first, 1, own, below_back, back, above_back, below);
+    merge_in_word(first, 2, own, below_back, back, above_back, below);
+    merge_in_word(first, 3, own, below_back, back, above_back, below);
+}
+
+// Block j of the word whose first block is `first`, given the rows around it.
+fn merge_in_word(first: u32, j: i32, own: Row, below_back: Row, back: Row, above_back: Row, below: Row) {
+    let mask = mask_in(own, j);
     if mask == 0u {
         return;
     }
-    let here = vec3<i32>(b);
-    if P.nodes_per_block != 1u {
-        for (var k = 0u; k < 13u; k++) {
-            merge_pieces(block, mask, here, k);
-        }
+    merge_block(
+        first + u32(j), mask,
+        mask_in(below_back, j - 1), mask_in(below_back, j), mask_in(below_back, j + 1),
+        mask_in(back, j - 1), mask_in(back, j), mask_in(back, j + 1),
+        mask_in(above_back, j - 1), mask_in(above_back, j), mask_in(above_back, j + 1),
+        mask_in(below, j - 1), mask_in(below, j), mask_in(below, j + 1),
+        mask_in(own, j - 1),
+    );
+}
+
+// Unites one block (26-connectivity) with the backward neighbours it needs, given their masks
+// in offset order. Two neighbour blocks that touch are joined by the later one's own invocation,
+// so this block needs no link to a neighbour k that touches a neighbour j it is joined with
+// already. Every neighbour this block touches ends up joined to it, so k is covered when one of
+// the three face neighbours (offsets 4, 10, 12: z, y, x), earlier in the order 4, 10, 12, then
+// the rest, touches both this block and k. Inside an object that leaves one link per block; on
+// EM-like data 1.09 per foreground block. The tests are written out (offsets literal, so face
+// masks are constants) and need no branch.
+fn merge_block(
+    block: u32, mask: u32,
+    m0: u32, m1: u32, m2: u32, m3: u32, m4: u32, m5: u32, m6: u32, m7: u32, m8: u32, m9: u32,
+    m10: u32, m11: u32, m12: u32,
+) {
+    // Inside an object every block and neighbour is full: only the z face neighbour is needed
+    // (the common case, without the general tests).
+    let full = mask & m0 & m1 & m2 & m3 & m4 & m5 & m6 & m7 & m8 & m9 & m10 & m11 & m12;
+    var needed = 16u;
+    if full != 0xffu {
+        needed = needed_links(mask, m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12);
+    }
+    if needed == 0u {
         return;
     }
-    // 26-connectivity. Two neighbour blocks that touch are joined by the later one's own
-    // invocation, so this block needs no link to a neighbour k that touches a neighbour j it is
-    // joined with already. Every neighbour this block touches ends up joined to it, so k is
-    // covered when one of the three face neighbours (offsets 4, 10, 12: z, y, x), earlier in the
-    // order 4, 10, 12, then the rest, touches both this block and k. Inside an object that
-    // leaves one link per block; on EM-like data 1.09 per foreground block. The tests are
-    // written out (m_k: neighbour masks, t_k: touches this block; offsets literal, so face masks
-    // are constants) and need no branch. The first link is made here with a plain store: in this
-    // pass only a block's own invocation writes its parent. The others are left to
-    // `merge_rest`'s unions.
-    let interior = all(b > vec3<u32>(0u)) && all(b.xy + 1u < P.blocks.xy);
-    let m0 = neighbour_mask(block, here, vec3<i32>(-1, -1, -1), interior);
-    let m1 = neighbour_mask(block, here, vec3<i32>(0, -1, -1), interior);
-    let m2 = neighbour_mask(block, here, vec3<i32>(1, -1, -1), interior);
-    let m3 = neighbour_mask(block, here, vec3<i32>(-1, 0, -1), interior);
-    let m4 = neighbour_mask(block, here, vec3<i32>(0, 0, -1), interior);
-    let m5 = neighbour_mask(block, here, vec3<i32>(1, 0, -1), interior);
-    let m6 = neighbour_mask(block, here, vec3<i32>(-1, 1, -1), interior);
-    let m7 = neighbour_mask(block, here, vec3<i32>(0, 1, -1), interior);
-    let m8 = neighbour_mask(block, here, vec3<i32>(1, 1, -1), interior);
-    let m9 = neighbour_mask(block, here, vec3<i32>(-1, -1, 0), interior);
-    let m10 = neighbour_mask(block, here, vec3<i32>(0, -1, 0), interior);
-    let m11 = neighbour_mask(block, here, vec3<i32>(1, -1, 0), interior);
-    let m12 = neighbour_mask(block, here, vec3<i32>(-1, 0, 0), interior);
+    // The first link is one compare-and-swap from 0 (this block is still a root unless another
+    // invocation's union has linked it), to the neighbour's parent or grandparent where they
+    // are set already (earlier blocks mostly are): the same union, and chains stay short for
+    // the finds after. The rest, at most a few per block at the borders of objects, are unions.
+    var link_to = neighbour(block, firstTrailingBit(needed));
+    for (var hop = 0u; hop < 2u; hop++) {
+        let p = parent_plain[link_to];
+        link_to = select(link_to, p - 1u, p != 0u);
+    }
+    var others = needed & (needed - 1u);
+    if !atomicCompareExchangeWeak(&parent[block], 0u, link_to + 1u).exchanged {
+        others = needed;
+    }
+    while others != 0u {
+        let k = firstTrailingBit(others);
+        others &= others - 1u;
+        unite(block, neighbour(block, k));
+    }
+}
+
+// The backward neighbours (bit k for offset k) that one block must be linked with, from the
+// masks of the block and its 13 backward neighbours.
+fn needed_links(
+    mask: u32,
+    m0: u32, m1: u32, m2: u32, m3: u32, m4: u32, m5: u32, m6: u32, m7: u32, m8: u32, m9: u32,
+    m10: u32, m11: u32, m12: u32,
+) -> u32 {
     let t0 = touching(mask, m0, vec3<i32>(-1, -1, -1));
     let t1 = touching(mask, m1, vec3<i32>(0, -1, -1));
     let t2 = touching(mask, m2, vec3<i32>(1, -1, -1));
@@ -191,36 +280,22 @@ fn merge(@builtin(global_invocation_id) b: vec3<u32>) {
     needed |= select(0u, 4u, t2 & !((t4 & touching(m4, m2, vec3<i32>(1, -1, 0))) | (t10 & touching(m10, m2, vec3<i32>(1, 0, -1)))));
     needed |= select(0u, 64u, t6 & !((t4 & touching(m4, m6, vec3<i32>(-1, 1, 0))) | (t12 & touching(m12, m6, vec3<i32>(0, 1, -1)))));
     needed |= select(0u, 256u, t8 & !((t4 & touching(m4, m8, vec3<i32>(1, 1, 0)))));
-    if needed == 0u {
-        return;
-    }
-    // Linked under the neighbour's parent or grandparent where they are set already (earlier
-    // blocks mostly are): the same union, and chains stay short for the finds after.
-    var link_to = block_at(here + backward_offset(firstTrailingBit(needed)));
-    for (var hop = 0u; hop < 2u; hop++) {
-        let p = atomicLoad(&parent[link_to]);
-        link_to = select(link_to, p - 1u, p != 0u);
-    }
-    atomicStore(&parent[block], link_to + 1u);
-    let others = needed & (needed - 1u);
-    if others != 0u {
-        rest[block] = others;
-    }
+    return needed;
 }
 
-// The unions `merge` left: at most a few per block, at the borders of objects.
+// 6- and 18-connectivity: one invocation per block.
 @compute @workgroup_size(16, 16, 1)
-fn merge_rest(@builtin(global_invocation_id) b: vec3<u32>) {
+fn merge_pieces(@builtin(global_invocation_id) b: vec3<u32>) {
     if any(b >= P.blocks) {
         return;
     }
     let block = block_index(b);
-    var needed = rest[block];
-    let here = vec3<i32>(b);
-    while needed != 0u {
-        let k = firstTrailingBit(needed);
-        needed &= needed - 1u;
-        unite(block, block_at(here + backward_offset(k)));
+    let mask = mask_of(block);
+    if mask == 0u {
+        return;
+    }
+    for (var k = 0u; k < 13u; k++) {
+        merge_pieces_with(block, mask, vec3<i32>(b), k);
     }
 }
 
@@ -231,7 +306,7 @@ fn node(block: u32, mask: u32, k: u32) -> u32 {
 
 // 6- and 18-connectivity: unites the pieces of this block with the pieces of the k-th backward
 // neighbour block that touch them (per-voxel adjacency masks from the host's tables).
-fn merge_pieces(block: u32, mask: u32, here: vec3<i32>, k: u32) {
+fn merge_pieces_with(block: u32, mask: u32, here: vec3<i32>, k: u32) {
     let face = tables[FACES + k];
     if (mask & face & 0xffu) == 0u {
         return;
@@ -254,23 +329,9 @@ fn merge_pieces(block: u32, mask: u32, here: vec3<i32>, k: u32) {
     }
 }
 
-// Points every node that is not a root straight at its root.
-@compute @workgroup_size(64)
-fn flatten(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let x = gid.x + gid.y * groups.x * GROUP;
-    if x >= arrayLength(&parent) {
-        return;
-    }
-    let p = atomicLoad(&parent[x]);
-    if p != 0u {
-        atomicStore(&parent[x], find_halving(p - 1u) + 1u);
-    }
-}
-
 // find() that halves the path it walks (each node it passes then points to its grandparent).
 // Only non-roots are written, and only with one of their ancestors: safe beside any other
-// writer. `merge` leaves chains of links; nodes are mostly flattened in index order, so a chain
-// usually ends at an earlier node already pointing at its root.
+// writer.
 fn find_halving(start: u32) -> u32 {
     var x = start;
     loop {

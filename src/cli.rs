@@ -159,6 +159,9 @@ enum Command {
         /// A Python with waterz and connected-components-3d installed.
         #[arg(long)]
         python: Option<PathBuf>,
+        /// Core of each GPU chunk x,y,z (the commands' default when not given).
+        #[arg(long, value_parser = parse_vec3)]
+        chunk_size: Option<[usize; 3]>,
     },
     /// Make a small synthetic EM image and segmentation under DIR and downsample both.
     Demo {
@@ -498,6 +501,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             only,
             dir,
             python,
+            chunk_size,
         } => done(runtime.block_on(segmentation::bench_segment(
             segmentation::SegmentBenchOptions {
                 size,
@@ -505,6 +509,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 only,
                 dir,
                 python,
+                chunk_size,
             },
         ))),
         Command::Demo { dir, size } => done(runtime.block_on(local::demo(&dir, size))),

@@ -269,6 +269,9 @@ impl<'a> Work<'a> {
 pub struct BlockMasks {
     pub shape: Vec3,
     pub blocks: Vec3,
+    /// Blocks per row of `masks`: `blocks[0]` rounded up to a multiple of 4, so that every row
+    /// starts a new word of four masks (the padding is empty).
+    pub pitch: usize,
     pub masks: Vec<u8>,
 }
 
@@ -276,14 +279,22 @@ impl BlockMasks {
     /// Masks of the voxels (Fortran index) for which `foreground` holds.
     pub fn from_fn(shape: Vec3, foreground: impl Fn(usize) -> bool) -> BlockMasks {
         let blocks = shape.map(|v| v.div_ceil(2));
-        let mut masks = vec![0u8; voxels(blocks)];
+        let pitch = blocks[0].next_multiple_of(4);
+        let mut masks = vec![0u8; pitch * blocks[1] * blocks[2]];
         let mut i = 0;
+        let pairs = shape[0] / 2;
         for z in 0..shape[2] {
             for y in 0..shape[1] {
-                let row = blocks[0] * ((y >> 1) + blocks[1] * (z >> 1));
-                let bits = ((y & 1) << 1 | (z & 1) << 2) as u8;
-                for x in 0..shape[0] {
-                    masks[row + (x >> 1)] |= (foreground(i) as u8) << (bits | (x & 1) as u8);
+                let row = pitch * ((y >> 1) + blocks[1] * (z >> 1));
+                let shift = (y & 1) << 1 | (z & 1) << 2;
+                // Two voxels along x share a block: one update per block.
+                for m in &mut masks[row..row + pairs] {
+                    let bits = foreground(i) as u8 | (foreground(i + 1) as u8) << 1;
+                    *m |= bits << shift;
+                    i += 2;
+                }
+                if shape[0] % 2 == 1 {
+                    masks[row + pairs] |= (foreground(i) as u8) << shift;
                     i += 1;
                 }
             }
@@ -291,6 +302,7 @@ impl BlockMasks {
         BlockMasks {
             shape,
             blocks,
+            pitch,
             masks,
         }
     }
@@ -299,6 +311,13 @@ impl BlockMasks {
     pub fn threshold(values: &[f32], shape: Vec3, threshold: f32) -> BlockMasks {
         assert_eq!(values.len(), voxels(shape));
         Self::from_fn(shape, |i| values[i] > threshold)
+    }
+
+    /// The index of the block that holds voxel `p`, and the voxel's bit in its mask.
+    #[inline]
+    fn block_of(&self, p: Vec3) -> (usize, usize) {
+        let b = (p[0] >> 1) + self.pitch * ((p[1] >> 1) + self.blocks[1] * (p[2] >> 1));
+        (b, (p[0] & 1) | (p[1] & 1) << 1 | (p[2] & 1) << 2)
     }
 }
 
@@ -321,9 +340,7 @@ impl BlockComponents {
     /// node ids: equal roots, one component.
     #[inline]
     pub fn root_at(&self, p: Vec3) -> u32 {
-        let blocks = self.masks.blocks;
-        let b = (p[0] >> 1) + blocks[0] * ((p[1] >> 1) + blocks[1] * (p[2] >> 1));
-        let k = (p[0] & 1) | (p[1] & 1) << 1 | (p[2] & 1) << 2;
+        let (b, k) = self.masks.block_of(p);
         let mask = self.masks.masks[b];
         if mask & (1 << k) == 0 {
             return NONE;
@@ -337,6 +354,54 @@ impl BlockComponents {
     /// One past the largest root.
     pub fn root_bound(&self) -> usize {
         self.roots.len()
+    }
+
+    /// Appends the roots of the `len` voxels from `p` along x: [`Self::root_at`] without the
+    /// per-voxel block arithmetic.
+    pub fn roots_row(&self, p: Vec3, len: usize, out: &mut Vec<u32>) {
+        let (row_start, bit_yz) = self.masks.block_of([0, p[1], p[2]]);
+        let masks = &self.masks.masks[row_start..];
+        let end = p[0] + len;
+        match &self.pieces {
+            // One node per block: each block's mask and root are read once for its two voxels.
+            None => {
+                let roots = &self.roots[row_start..];
+                let voxel = |b: usize, bit: usize| {
+                    if masks[b] & (1 << (bit_yz | bit)) == 0 {
+                        NONE
+                    } else {
+                        roots[b]
+                    }
+                };
+                let mut x = p[0];
+                if x & 1 == 1 && x < end {
+                    out.push(voxel(x >> 1, 1));
+                    x += 1;
+                }
+                while x + 1 < end {
+                    let b = x >> 1;
+                    out.push(voxel(b, 0));
+                    out.push(voxel(b, 1));
+                    x += 2;
+                }
+                if x < end {
+                    out.push(voxel(x >> 1, 0));
+                }
+            }
+            Some(pieces) => {
+                for x in p[0]..end {
+                    let b = x >> 1;
+                    let k = bit_yz | (x & 1);
+                    let mask = masks[b];
+                    out.push(if mask & (1 << k) == 0 {
+                        NONE
+                    } else {
+                        let piece = (pieces[mask as usize] >> (3 * k)) & 7;
+                        self.roots[(row_start + b) * 8 + piece as usize]
+                    });
+                }
+            }
+        }
     }
 
     /// The root of every voxel in Fortran order.
@@ -409,6 +474,21 @@ fn block_tables(connectivity: Connectivity) -> Vec<u32> {
     tables
 }
 
+/// Every node's root from the parents the GPU leaves (0: a root, else the parent + 1). Parents
+/// are smaller nodes, so one forward pass finds each root from its parent's, already found.
+fn roots_of_parents(parents: &[u32]) -> Vec<u32> {
+    let mut roots = Vec::with_capacity(parents.len());
+    for (x, &p) in parents.iter().enumerate() {
+        let root = if p == 0 {
+            x as u32
+        } else {
+            roots[p as usize - 1]
+        };
+        roots.push(root);
+    }
+    roots
+}
+
 /// Connected components of a thresholded box, by block-based union-find (see
 /// shaders/connected_components.wgsl). Every edge inside the box is used.
 pub fn connected_components_box(
@@ -429,37 +509,30 @@ pub fn connected_components_box(
     let params = work.uniform(&BoxParams {
         word_a: nodes_per_block as u32,
         core_start: masks.blocks.map(|v| v as u32),
+        word_b: masks.pitch as u32,
         ..Zeroable::zeroed()
     });
     let mut packed = masks.masks.clone();
-    packed.resize(block_count.next_multiple_of(4).max(4), 0);
+    packed.resize(block_count.max(4), 0);
     let mask_buffer = work.upload("block masks", &packed)?;
-    let table_buffer = work.upload("tables", bytemuck::cast_slice(&tables))?;
     let parent = work.storage("labels", block_count * nodes_per_block)?;
-    let rest = work.storage("unions left", block_count)?;
     const S: &str = "connected_components";
     work.encoder.clear_buffer(&parent, 0, None);
-    work.encoder.clear_buffer(&rest, 0, None);
-    let bindings = [
-        (0, &params),
-        (1, &parent),
-        (2, &mask_buffer),
-        (3, &table_buffer),
-        (4, &rest),
-    ];
-    work.dispatch_box(S, "merge", &bindings, masks.blocks)?;
     if nodes_per_block == 1 {
-        let bindings = [(0, &params), (1, &parent), (4, &rest)];
-        work.dispatch_box(S, "merge_rest", &bindings, masks.blocks)?;
+        let bindings = [(0, &params), (1, &parent), (2, &mask_buffer), (4, &parent)];
+        work.dispatch(S, "merge", &bindings, block_count / 4)?;
+    } else {
+        let table_buffer = work.upload("tables", bytemuck::cast_slice(&tables))?;
+        let bindings = [
+            (0, &params),
+            (1, &parent),
+            (2, &mask_buffer),
+            (3, &table_buffer),
+        ];
+        work.dispatch_box(S, "merge_pieces", &bindings, masks.blocks)?;
     }
-    work.dispatch(S, "flatten", &[(1, &parent)], block_count * nodes_per_block)?;
     let parents = work.finish(&[&parent])?.remove(0);
-    // 0 marks a root; every other node holds its root + 1.
-    let roots = parents
-        .iter()
-        .enumerate()
-        .map(|(x, &p)| if p == 0 { x as u32 } else { p - 1 })
-        .collect();
+    let roots = roots_of_parents(&parents);
     Ok(BlockComponents {
         masks,
         pieces: (nodes_per_block > 1).then(|| tables[..256].to_vec()),

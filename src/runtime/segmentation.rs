@@ -207,6 +207,19 @@ pub struct SegmentBenchOptions {
     pub dir: Option<PathBuf>,
     /// A Python with waterz and cc3d: runs benches/segment_compare.py on the same data.
     pub python: Option<PathBuf>,
+    /// GPU chunk core (the commands' default when `None`).
+    pub chunk_size: Option<Vec3>,
+}
+
+/// benches/segment_compare.py: under the working directory when it is a checkout (the binary may
+/// have been built elsewhere, e.g. carried to a GPU machine), else where the crate was built.
+fn compare_script() -> PathBuf {
+    let relative = Path::new("benches/segment_compare.py");
+    if relative.is_file() {
+        relative.to_path_buf()
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+    }
 }
 
 /// `cuboids bench-segment`: segment and connected components of a synthetic EM-like volume,
@@ -239,6 +252,7 @@ pub async fn bench_segment(o: SegmentBenchOptions) -> Result<()> {
     let mvx = voxels(size) as f64 / 1e6;
     let chunks = ChunkOptions {
         write,
+        chunk_size: o.chunk_size,
         ..Default::default()
     };
     for round in 0..2 {
@@ -281,7 +295,7 @@ pub async fn bench_segment(o: SegmentBenchOptions) -> Result<()> {
                 .collect::<Vec<u8>>(),
         )?;
         std::fs::write(&prob_path, bytemuck::cast_slice::<f32, u8>(&prob))?;
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/segment_compare.py");
+        let script = compare_script();
         let out = Command::new(&python)
             .arg(&script)
             .arg(&aff_path)

@@ -31,7 +31,7 @@ use crate::ops::connected_components::Connectivity;
 use crate::ops::watershed::{Affinities, Grid, WatershedParams, DIRECTIONS, FAR};
 use crate::store::Store;
 use crate::task::downsample::{source_region, Bounds, TaskError};
-use crate::task::stitch::{ChunkGrid, ChunkLabels, Numbering, Stitcher};
+use crate::task::stitch::{ChunkGrid, ChunkLabels, FinalLabels, Numbering, Stitcher};
 use crate::volume::Volume;
 use futures::{StreamExt, TryStreamExt};
 use std::collections::{HashMap, VecDeque};
@@ -343,9 +343,12 @@ fn foreground_masks(
     Ok(match vol.dtype {
         DataType::Float32 => {
             let t = threshold as f32;
-            BlockMasks::from_fn(shape, |i| {
-                f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()) > t
-            })
+            // Decoded chunks are word-aligned in practice; a copy only where they are not.
+            let values: std::borrow::Cow<[f32]> = match bytemuck::try_cast_slice(bytes) {
+                Ok(aligned) => aligned.into(),
+                Err(_) => bytemuck::pod_collect_to_vec(bytes).into(),
+            };
+            BlockMasks::from_fn(shape, |i| values[i] > t)
         }
         DataType::Uint8 => BlockMasks::from_fn(shape, |i| bytes[i] as f64 > threshold),
         DataType::Uint16 => BlockMasks::from_fn(shape, |i| {
@@ -406,30 +409,32 @@ where
 /// Output chunks written at once.
 const WRITE_CONCURRENCY: usize = 32;
 
-/// Writes the final labels, output chunk by output chunk (`label_of` gives a region-relative
-/// box's labels); on failure removes the chunks this run wrote into a new volume, and the info
-/// of a new volume is written last.
+/// Writes the final labels, output chunk by output chunk; on failure removes the chunks this
+/// run wrote into a new volume, and the info of a new volume is written last.
 async fn write_output(
     layout: &Layout,
-    label_of: impl Fn(Box3) -> Vec<u32>,
+    labels: Arc<FinalLabels>,
     write: WriteOptions,
 ) -> Result<usize, SegmentError> {
     let out = &layout.output;
     let scale = out.scale(0).clone();
     let chunks = chunk_grid(&scale, layout.region);
     let written: Vec<String> = chunks.iter().map(|&c| chunk_key(&scale, c)).collect();
-    // Encoded on blocking threads and written concurrently: on S3 each put is a round trip.
+    // Filled and encoded on blocking threads and written concurrently: on S3 each put is a
+    // round trip.
     let result: Result<(), SegmentError> = async {
         futures::stream::iter(chunks)
             .map(|chunk| {
-                let labels = label_of(chunk.relative_to(layout.region.start));
-                let mut bytes = vec![0u8; labels.len() * 8];
-                for (b, &l) in bytes.chunks_exact_mut(8).zip(&labels) {
-                    b[..4].copy_from_slice(&l.to_le_bytes());
+                let labels = labels.clone();
+                let in_region = chunk.relative_to(layout.region.start);
+                async move {
+                    let vol = tokio::task::spawn_blocking(move || {
+                        uint64_volume(chunk.shape(), &labels.labels_in(in_region))
+                    })
+                    .await?;
+                    out.write_chunk(0, chunk, vol, write).await?;
+                    Ok::<_, SegmentError>(())
                 }
-                let vol = Volume::from_bytes(DataType::Uint64, chunk.shape(), 1, bytes)
-                    .expect("one label per voxel");
-                async move { out.write_chunk(0, chunk, vol, write).await }
             })
             .buffer_unordered(WRITE_CONCURRENCY)
             .try_collect::<Vec<_>>()
@@ -451,6 +456,15 @@ async fn write_output(
         return Err(e);
     }
     Ok(written.len())
+}
+
+/// Labels as a uint64 volume (little-endian, high words 0).
+fn uint64_volume(shape: Vec3, labels: &[u32]) -> Volume {
+    let mut vol = Volume::zeros(DataType::Uint64, shape, 1);
+    for (b, &l) in vol.channel_mut(0).chunks_exact_mut(8).zip(labels) {
+        b[..4].copy_from_slice(&l.to_le_bytes());
+    }
+    vol
 }
 
 /// Thresholded connected components of `input` (one channel) into a new uint64 segmentation.
@@ -479,12 +493,7 @@ pub async fn connected_components(
             let masks = foreground_masks(&vol, threshold, &location)?;
             let components = connected_components_box(&ctx, masks, connectivity)?;
             let core_in_region = core.offset_by(b.start);
-            Ok(ChunkLabels::from_root_fn(
-                |p| components.root_at(p),
-                components.root_bound(),
-                b,
-                core_in_region,
-            ))
+            Ok(ChunkLabels::from_box_roots(&components, b, core_in_region))
         },
     )
     .await?;
@@ -504,8 +513,8 @@ pub async fn connected_components(
     report.segments = next as usize;
     report.fragments = numbering.sizes.len() - 1;
     report.passes.push(("stitch", t.elapsed()));
-    let label_of = |core| stitcher.labels_in(core, &numbering, |l| keep[l as usize]);
-    finish(&layout, label_of, opts.chunks.write, report, start).await
+    let labels = stitcher.into_final(&numbering, |l| keep[l as usize]);
+    finish(&layout, labels, opts.chunks.write, report, start).await
 }
 
 /// Affinity margin around a watershed chunk core (see src/gpu/labeling.rs).
@@ -585,20 +594,20 @@ pub async fn segment(
     report.segments = merges.segments;
     report.passes.push(("agglomerate", t.elapsed()));
 
-    let label_of = |core| stitcher.labels_in(core, &numbering, |f| segment_of[f as usize]);
-    finish(&layout, label_of, opts.chunks.write, report, start).await
+    let labels = stitcher.into_final(&numbering, |f| segment_of[f as usize]);
+    finish(&layout, labels, opts.chunks.write, report, start).await
 }
 
 /// The last pass of both commands: writes the output and completes the report.
 async fn finish(
     layout: &Layout,
-    label_of: impl Fn(Box3) -> Vec<u32>,
+    labels: FinalLabels,
     write: WriteOptions,
     mut report: SegmentReport,
     start: Instant,
 ) -> Result<SegmentReport, SegmentError> {
     let t = Instant::now();
-    report.chunks_written = write_output(layout, label_of, write).await?;
+    report.chunks_written = write_output(layout, Arc::new(labels), write).await?;
     report.passes.push(("write", t.elapsed()));
     layout.count_reads(&mut report);
     report.wall = start.elapsed();

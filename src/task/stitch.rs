@@ -9,7 +9,7 @@
 //! by first voxel (Fortran order over the region), so they do not depend on the chunking at all.
 
 use crate::geometry::{voxels, Box3, Vec3};
-use crate::gpu::labeling::NONE;
+use crate::gpu::labeling::{BlockComponents, NONE};
 use crate::ops::union_find::UnionFind;
 use crate::ops::watershed::Grid;
 
@@ -63,10 +63,74 @@ fn index_in(b: Box3, p: Vec3) -> usize {
     (p[0] - b.start[0]) + s[0] * ((p[1] - b.start[1]) + s[1] * (p[2] - b.start[2]))
 }
 
-fn positions(b: Box3) -> impl Iterator<Item = Vec3> {
-    (b.start[2]..b.stop[2]).flat_map(move |z| {
-        (b.start[1]..b.stop[1]).flat_map(move |y| (b.start[0]..b.stop[0]).map(move |x| [x, y, z]))
-    })
+/// The voxels of `outer` outside `inner` (a box inside it), in Fortran order, as runs along x
+/// (`f(start, len)`): whole rows where y or z is outside `inner`, else the row's two ends.
+fn for_each_shell_row(outer: Box3, inner: Box3, mut f: impl FnMut(Vec3, usize)) {
+    for z in outer.start[2]..outer.stop[2] {
+        for y in outer.start[1]..outer.stop[1] {
+            let whole = (1..3).any(|a| {
+                let v = [0, y, z][a];
+                v < inner.start[a] || v >= inner.stop[a]
+            });
+            if whole {
+                f([outer.start[0], y, z], outer.stop[0] - outer.start[0]);
+                continue;
+            }
+            if inner.start[0] > outer.start[0] {
+                f([outer.start[0], y, z], inner.start[0] - outer.start[0]);
+            }
+            if outer.stop[0] > inner.stop[0] {
+                f([inner.stop[0], y, z], outer.stop[0] - inner.stop[0]);
+            }
+        }
+    }
+}
+
+/// The union-find roots of the nodes of a box, in box coordinates: what [`ChunkLabels`] numbers.
+pub trait BoxRoots {
+    /// One past the largest root.
+    fn root_bound(&self) -> usize;
+    /// The root of the voxel at `p`, or [`NONE`] where no node is.
+    fn root_at(&self, p: Vec3) -> u32;
+    /// Appends the roots of the `len` voxels from `p` along x (rows are the hot path).
+    fn row(&self, p: Vec3, len: usize, out: &mut Vec<u32>) {
+        out.extend((p[0]..p[0] + len).map(|x| self.root_at([x, p[1], p[2]])));
+    }
+}
+
+/// One root per voxel of the box, in Fortran order.
+struct DenseRoots<'a> {
+    roots: &'a [u32],
+    grid: Grid,
+}
+
+impl BoxRoots for DenseRoots<'_> {
+    fn root_bound(&self) -> usize {
+        self.roots.len()
+    }
+
+    fn root_at(&self, p: Vec3) -> u32 {
+        self.roots[self.grid.index(p)]
+    }
+
+    fn row(&self, p: Vec3, len: usize, out: &mut Vec<u32>) {
+        let i = self.grid.index(p);
+        out.extend_from_slice(&self.roots[i..i + len]);
+    }
+}
+
+impl BoxRoots for BlockComponents {
+    fn root_bound(&self) -> usize {
+        BlockComponents::root_bound(self)
+    }
+
+    fn root_at(&self, p: Vec3) -> u32 {
+        BlockComponents::root_at(self, p)
+    }
+
+    fn row(&self, p: Vec3, len: usize, out: &mut Vec<u32>) {
+        self.roots_row(p, len, out)
+    }
 }
 
 /// One chunk's labels: its core voxels numbered 1..=count by first voxel (0 = not a node), where
@@ -88,52 +152,50 @@ pub struct ChunkLabels {
 impl ChunkLabels {
     /// From union-find roots of a box (region coordinates `boxed`) whose core is `core`.
     pub fn from_roots(roots: &[u32], boxed: Box3, core: Box3) -> ChunkLabels {
-        let grid = Grid {
-            shape: boxed.shape(),
+        let dense = DenseRoots {
+            roots,
+            grid: Grid {
+                shape: boxed.shape(),
+            },
         };
-        Self::from_root_fn(|p| roots[grid.index(p)], roots.len(), boxed, core)
+        Self::from_box_roots(&dense, boxed, core)
     }
 
-    /// From a box's roots given by `root_at` (box coordinates; [`NONE`] where no node; every
-    /// other root below `root_bound`): core voxels numbered by first voxel, and the halo voxels
-    /// their components reach.
-    pub fn from_root_fn(
-        root_at: impl Fn(Vec3) -> u32,
-        root_bound: usize,
-        boxed: Box3,
-        core: Box3,
-    ) -> ChunkLabels {
+    /// From a box's roots (region coordinates `boxed`): core voxels numbered by first voxel, and
+    /// the halo voxels their components reach.
+    pub fn from_box_roots(roots: &impl BoxRoots, boxed: Box3, core: Box3) -> ChunkLabels {
         // Root -> local label (0: not seen in the core yet).
-        let mut local = vec![0u32; root_bound];
+        let mut local = vec![0u32; roots.root_bound()];
         let mut count = 0u32;
         let (mut first, mut sizes) = (Vec::new(), Vec::new());
         let mut labels = Vec::with_capacity(voxels(core.shape()));
-        let at = |p: Vec3| root_at([0, 1, 2].map(|a| p[a] - boxed.start[a]));
-        // Neighbouring voxels nearly always share a root: the last lookup is kept.
-        let (mut last_root, mut last_label) = (NONE, 0u32);
+        let in_box = |p: Vec3| [0, 1, 2].map(|a| p[a] - boxed.start[a]);
+        let width = core.shape()[0];
+        let mut row = Vec::with_capacity(width);
         for z in core.start[2]..core.stop[2] {
             for y in core.start[1]..core.stop[1] {
-                for x in core.start[0]..core.stop[0] {
-                    let r = at([x, y, z]);
-                    if r != last_root {
-                        last_root = r;
-                        last_label = if r == NONE {
-                            0
-                        } else {
-                            let slot = &mut local[r as usize];
-                            if *slot == 0 {
-                                count += 1;
-                                *slot = count;
-                                first.push(labels.len() as u32);
-                                sizes.push(0);
-                            }
-                            *slot
-                        };
-                    }
-                    if last_label != 0 {
-                        sizes[last_label as usize - 1] += 1;
-                    }
-                    labels.push(last_label);
+                row.clear();
+                roots.row(in_box([core.start[0], y, z]), width, &mut row);
+                // Neighbouring voxels nearly always share a root: one lookup per run.
+                let mut i = 0;
+                while i < row.len() {
+                    let r = row[i];
+                    let run = row[i..].iter().take_while(|&&v| v == r).count();
+                    let label = if r == NONE {
+                        0
+                    } else {
+                        let slot = &mut local[r as usize];
+                        if *slot == 0 {
+                            count += 1;
+                            *slot = count;
+                            first.push(labels.len() as u32);
+                            sizes.push(0);
+                        }
+                        sizes[*slot as usize - 1] += run as u64;
+                        *slot
+                    };
+                    labels.extend(std::iter::repeat_n(label, run));
+                    i += run;
                 }
             }
         }
@@ -141,16 +203,16 @@ impl ChunkLabels {
             [0, 1, 2].map(|a| core.start[a].saturating_sub(1).max(boxed.start[a])),
             [0, 1, 2].map(|a| (core.stop[a] + 1).min(boxed.stop[a])),
         );
-        let halo = positions(ring)
-            .filter(|p| (0..3).any(|a| p[a] < core.start[a] || p[a] >= core.stop[a]))
-            .filter_map(|p| match at(p) {
-                NONE => None,
-                r => match local[r as usize] {
-                    0 => None,
-                    id => Some((p, id)),
-                },
-            })
-            .collect();
+        let mut halo = Vec::new();
+        for_each_shell_row(ring, core, |start, len| {
+            row.clear();
+            roots.row(in_box(start), len, &mut row);
+            for (dx, &r) in row.iter().enumerate() {
+                if r != NONE && local[r as usize] != 0 {
+                    halo.push(([start[0] + dx, start[1], start[2]], local[r as usize]));
+                }
+            }
+        });
         ChunkLabels {
             core,
             labels,
@@ -278,22 +340,53 @@ impl Stitcher {
         }
     }
 
-    /// The final labels of a box of the region (0 where no node), through `map` (node label ->
-    /// output label).
-    pub fn labels_in(&self, b: Box3, numbering: &Numbering, map: impl Fn(u32) -> u32) -> Vec<u32> {
+    /// The output labels: every node's label through `map` (node label -> output label), kept
+    /// with the chunks so that output boxes can be filled from any thread.
+    pub fn into_final(self, numbering: &Numbering, map: impl Fn(u32) -> u32) -> FinalLabels {
+        FinalLabels {
+            chunks: self
+                .chunks
+                .into_iter()
+                .map(|c| c.expect("every chunk is labelled before stitching"))
+                .collect(),
+            offsets: self.offsets,
+            label_of_node: numbering.label_of_node.iter().map(|&l| map(l)).collect(),
+        }
+    }
+}
+
+/// The output labels of a run, box by box: each chunk's core labels and the output label of each
+/// of their nodes.
+pub struct FinalLabels {
+    chunks: Vec<ChunkLabels>,
+    offsets: Vec<u32>,
+    label_of_node: Vec<u32>,
+}
+
+impl FinalLabels {
+    /// The labels of a box of the region (0 where no node), row by row: every voxel of `b` lies
+    /// in the core of exactly one chunk.
+    pub fn labels_in(&self, b: Box3) -> Vec<u32> {
         let mut out = vec![0u32; voxels(b.shape())];
-        // Copy chunk by chunk: every voxel of `b` lies in the core of exactly one chunk.
-        for c in 0..self.chunks.len() {
-            let chunk = self.chunk(c);
+        for (chunk, &offset) in self.chunks.iter().zip(&self.offsets) {
             let part = chunk.core.intersect(&b);
             if part.is_empty() {
                 continue;
             }
-            for p in positions(part) {
-                let l = chunk.labels[index_in(chunk.core, p)];
-                if l != 0 {
-                    out[index_in(b, p)] =
-                        map(numbering.label_of_node[(self.offsets[c] + l - 1) as usize]);
+            let width = part.shape()[0];
+            let nodes = &self.label_of_node[offset as usize..];
+            for z in part.start[2]..part.stop[2] {
+                for y in part.start[1]..part.stop[1] {
+                    let from = index_in(chunk.core, [part.start[0], y, z]);
+                    let to = index_in(b, [part.start[0], y, z]);
+                    for (o, &l) in out[to..to + width]
+                        .iter_mut()
+                        .zip(&chunk.labels[from..from + width])
+                    {
+                        if l != 0 {
+                            *o = nodes[l as usize - 1];
+                        }
+                    }
                 }
             }
         }
