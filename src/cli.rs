@@ -127,21 +127,8 @@ enum Command {
     /// Thresholded connected components (cc3d semantics: value > threshold) into a uint64
     /// compressed_segmentation layer, labels 1..N by first voxel.
     ConnectedComponents {
-        /// The probability map (precomputed, one channel, local or s3://).
-        #[arg(long)]
-        input: String,
-        #[arg(long)]
-        output: String,
-        #[arg(long)]
-        threshold: f64,
-        /// 6, 18 or 26.
-        #[arg(long, default_value = "26")]
-        connectivity: crate::ops::connected_components::Connectivity,
-        /// Remove components smaller than this many voxels.
-        #[arg(long, default_value_t = 0)]
-        dust: u64,
         #[command(flatten)]
-        chunks: ChunkArgs,
+        args: ComponentsArgs,
     },
     /// Measure segment and connected-components throughput (MVx/s) on a synthetic EM-like
     /// volume; with --python, waterz and cc3d on the same data.
@@ -244,6 +231,39 @@ impl DownsampleArgs {
     }
 }
 
+/// `connected-components`' options, also those of its plan.
+#[derive(clap::Args)]
+struct ComponentsArgs {
+    /// The probability map (precomputed, one channel, local or s3://).
+    #[arg(long)]
+    input: String,
+    #[arg(long)]
+    output: String,
+    #[arg(long)]
+    threshold: f64,
+    /// 6, 18 or 26.
+    #[arg(long, default_value = "26")]
+    connectivity: crate::ops::connected_components::Connectivity,
+    /// Remove components smaller than this many voxels.
+    #[arg(long, default_value_t = 0)]
+    dust: u64,
+    #[command(flatten)]
+    chunks: ChunkArgs,
+}
+
+impl ComponentsArgs {
+    fn task(self) -> ComponentsTask {
+        ComponentsTask {
+            input: self.input,
+            output: self.output,
+            threshold: self.threshold,
+            connectivity: self.connectivity,
+            dust: self.dust,
+            chunks: self.chunks.fields(),
+        }
+    }
+}
+
 /// How `segment` and `connected-components` cut the volume into GPU chunks.
 #[derive(clap::Args)]
 struct ChunkArgs {
@@ -297,6 +317,21 @@ enum PlanCommand {
         /// Where to write the manifest (a file or s3:// object); default: stdout.
         #[arg(long)]
         output: Option<String>,
+    },
+    /// Connected components in stages past one machine: block tasks (GPU), one merge task,
+    /// relabel tasks, one finalize task. Run each stage's tasks (in any order) before the next
+    /// stage's; the output equals a single-process run's, voxel for voxel.
+    ConnectedComponents {
+        #[command(flatten)]
+        args: ComponentsArgs,
+        /// Host memory per block task, in MiB (16 bytes per block voxel).
+        #[arg(long, default_value_t = 4096)]
+        task_mib: usize,
+        /// Manifests are written to PREFIX{block,merge,relabel,finalize}.jsonl (a path or
+        /// s3:// prefix; end it with / for a folder), and the stages printed as JSON; default:
+        /// every task on stdout, stage after stage.
+        #[arg(long)]
+        manifests: Option<String>,
     },
 }
 
@@ -410,6 +445,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             task_mib << 20,
             output.as_deref(),
         ))),
+        Command::Plan {
+            what:
+                PlanCommand::ConnectedComponents {
+                    args,
+                    task_mib,
+                    manifests,
+                },
+        } => done(runtime.block_on(local::plan_components(
+            args.task(),
+            task_mib << 20,
+            manifests.as_deref(),
+        ))),
         Command::RunTask { task } => runtime.block_on(local::run_task(&task)),
         Command::Worker {
             activity_arn,
@@ -473,22 +520,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &task.options(),
             )))
         }
-        Command::ConnectedComponents {
-            input,
-            output,
-            threshold,
-            connectivity,
-            dust,
-            chunks,
-        } => {
-            let task = ComponentsTask {
-                input,
-                output,
-                threshold,
-                connectivity,
-                dust,
-                chunks: chunks.fields(),
-            };
+        Command::ConnectedComponents { args } => {
+            let task = args.task();
             done(runtime.block_on(segmentation::components_location(
                 &task.input,
                 &task.output,

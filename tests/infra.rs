@@ -43,7 +43,7 @@ fn template_and_state_machines_validate() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("2 state machines checked, 0 problems"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 state machines checked, 0 problems"));
 }
 
 #[test]
@@ -128,4 +128,24 @@ fn gpu_image_has_what_vulkan_needs() {
     assert_eq!(icd["ICD"]["library_path"], "libGLX_nvidia.so.0");
     let lavapipe = std::fs::read_to_string(repo().join("docker/Dockerfile.lavapipe")).unwrap();
     assert!(lavapipe.contains("mesa-vulkan-drivers"));
+}
+
+#[test]
+fn segment_machine_runs_the_plans_stages_in_order() {
+    let machine = asl("segment.asl.json");
+    let stages = &machine["States"]["Stages"];
+    // One stage at a time, in the order the plan lists them: a stage reads what the one before
+    // wrote.
+    assert_eq!(stages["MaxConcurrency"], 1);
+    assert_eq!(stages["ItemsPath"], "$.stages");
+    // The fields `cuboids plan connected-components --manifests` prints for each stage.
+    let selector = stages["ItemSelector"].to_string();
+    for field in ["Value.manifest", "Value.jobs", "Value.stage"] {
+        assert!(selector.contains(field), "{selector} lacks {field}");
+    }
+    let jobs = &stages["ItemProcessor"]["States"]["StageJobs"];
+    assert_eq!(jobs["ItemsPath"], "$.jobs");
+    let text = jobs.to_string();
+    assert!(text.contains("arn:aws:states:::batch:submitJob.sync"));
+    assert!(text.contains("\"offset.$\":\"States.Format('{}', $.offset)\""));
 }

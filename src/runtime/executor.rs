@@ -11,7 +11,10 @@ use crate::task::boss_downsample::{run_all_levels, run_step, BossError, BossTarg
 use crate::task::downsample::{downsample, Compute};
 use crate::task::failure::{Classify, FailureKind};
 use crate::task::segment::{connected_components, segment};
-use crate::task::spec::{segmentation_output, BossDownsampleTask, DownsampleTask, Task};
+use crate::task::spec::{
+    segmentation_output, BossDownsampleTask, ComponentsStageTask, DownsampleTask, Stage, Task,
+};
+use crate::task::staged::run_stage;
 use serde_json::Value;
 use std::sync::Arc;
 use tokio::sync::OnceCell;
@@ -43,6 +46,14 @@ impl TaskFailure {
     pub fn from_error<E: Classify + std::error::Error>(context: &str, e: &E) -> TaskFailure {
         TaskFailure::new(e.failure_kind(), format!("{context}: {}", error_chain(e)))
     }
+}
+
+/// The process's peak resident memory (Linux's VmHWM), or `None` where it cannot be read.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// An error and its sources, joined with ": " (what `anyhow`'s `{:#}` prints).
@@ -119,6 +130,13 @@ impl Executor {
                 Task::Downsample(t) => self.downsample(t, cancel).await,
                 Task::Segment(_) | Task::ConnectedComponents(_) => tokio::select! {
                     r = self.segmentation(task) => r,
+                    _ = cancel.cancelled() => Err(TaskFailure::new(
+                        FailureKind::Interrupted,
+                        "stopped before it finished: the runner is shutting down",
+                    )),
+                },
+                Task::ConnectedComponentsStage(t) => tokio::select! {
+                    r = self.components_stage(t) => r,
                     _ = cancel.cancelled() => Err(TaskFailure::new(
                         FailureKind::Interrupted,
                         "stopped before it finished: the runner is shutting down",
@@ -201,14 +219,56 @@ impl Executor {
             _ => unreachable!("only segmentation tasks come here"),
         }
         .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        let mut document = segmentation_output(kind, output, &report);
+        document["peak_rss_bytes"] = serde_json::json!(peak_rss_bytes());
         Ok(TaskOutput {
-            document: segmentation_output(kind, output, &report),
+            document,
             summary: format!(
                 "{context}: {:.1} MVx in {:.2} s = {:.1} MVx/s, {} segments",
                 report.voxels as f64 / 1e6,
                 report.wall.as_secs_f64(),
                 report.mvx_per_s(),
                 report.segments
+            ),
+        })
+    }
+
+    /// One task of a staged connected-components plan; only the block stage opens the GPU.
+    async fn components_stage(&self, t: &ComponentsStageTask) -> Result<TaskOutput, TaskFailure> {
+        let (input, output) = (&t.plan.components.input, &t.plan.components.output);
+        let context = format!(
+            "connected-components {:?} stage{} {input} -> {output}",
+            t.stage,
+            t.block.map(|b| format!(" block {b}")).unwrap_or_default()
+        );
+        let store =
+            open_store_with(input, &self.sdk).map_err(|e| TaskFailure::from_error(&context, &e))?;
+        let vol = Precomputed::open(store)
+            .await
+            .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        let out = open_store_with(output, &self.sdk)
+            .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        let ctx = match t.stage {
+            Stage::Block => Some(self.gpu().await?),
+            _ => None,
+        };
+        let report = run_stage(t, &vol, out, ctx)
+            .await
+            .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        let mut document = segmentation_output("connected-components-stage", output, &report);
+        document["stage"] = serde_json::to_value(t.stage).expect("a stage serialises");
+        document["block"] = serde_json::json!(t.block);
+        document["plan"] = serde_json::json!(t.plan.id);
+        // What a Batch job definition's memory must cover (bounded by the block, not the volume).
+        document["peak_rss_bytes"] = serde_json::json!(peak_rss_bytes());
+        Ok(TaskOutput {
+            document,
+            summary: format!(
+                "{context}: {:.2} s, {} components, {} segments, {} chunks written",
+                report.wall.as_secs_f64(),
+                report.fragments,
+                report.segments,
+                report.chunks_written
             ),
         })
     }

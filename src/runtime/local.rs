@@ -19,7 +19,7 @@ use crate::task::downsample::{
     downsample, split_bounds, Compute, DownsampleOptions, DownsampleReport,
 };
 use crate::task::plan::plan_slabs;
-use crate::task::spec::{BossDownsampleTask, DownsampleTask, Task};
+use crate::task::spec::{BossDownsampleTask, ComponentsTask, DownsampleTask, Task};
 use crate::volume::Volume;
 use anyhow::{Context, Result};
 use std::io::Read;
@@ -160,6 +160,54 @@ pub async fn plan_downsample(
             }
         }
     }
+    Ok(())
+}
+
+/// Cuts connected components into a staged plan (see `task::staged`) and writes one manifest
+/// per stage under the `manifests` prefix (printing the stages as JSON), or every task to stdout.
+pub async fn plan_components(
+    task: ComponentsTask,
+    task_bytes: usize,
+    manifests: Option<&str>,
+) -> Result<()> {
+    let sdk = aws_env::sdk_config().await;
+    let store = open_store_with(&task.input, &sdk)?;
+    let vol = Precomputed::open(store)
+        .await
+        .with_context(|| format!("opening {}", task.input))?;
+    let (plan, stages) = crate::task::staged::plan_components(&vol, &task, task_bytes)
+        .with_context(|| format!("planning connected components of {}", task.input))?;
+    let Some(prefix) = manifests else {
+        for t in stages.iter().flatten() {
+            println!("{}", serde_json::to_string(t)?);
+        }
+        return Ok(());
+    };
+    let names = ["block", "merge", "relabel", "finalize"];
+    let mut summary = Vec::new();
+    for (name, tasks) in names.iter().zip(&stages) {
+        let location = format!("{prefix}{name}.jsonl");
+        write_manifest(&location, tasks, &sdk).await?;
+        // The array jobs that run the stage (what segment.asl.json submits).
+        let jobs: Vec<serde_json::Value> = (0..tasks.len())
+            .step_by(crate::runtime::batch::MAX_ARRAY_SIZE)
+            .map(|offset| {
+                let size = (tasks.len() - offset).min(crate::runtime::batch::MAX_ARRAY_SIZE);
+                serde_json::json!({"offset": offset, "size": size})
+            })
+            .collect();
+        summary.push(serde_json::json!({
+            "stage": name, "manifest": location, "tasks": tasks.len(), "jobs": jobs,
+        }));
+    }
+    eprintln!(
+        "plan {}: {} blocks of {:?} voxels",
+        plan.id, plan.blocks, plan.block_size
+    );
+    println!(
+        "{}",
+        serde_json::json!({"plan": plan.id, "blocks": plan.blocks, "stages": summary})
+    );
     Ok(())
 }
 

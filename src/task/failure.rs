@@ -157,6 +157,20 @@ impl Classify for crate::task::segment::SegmentError {
     }
 }
 
+impl Classify for crate::task::staged::StagedError {
+    fn failure_kind(&self) -> FailureKind {
+        use crate::task::staged::StagedError as E;
+        match self {
+            E::Segment(e) => e.failure_kind(),
+            E::Store { source, .. } => source.as_ref().failure_kind(),
+            // A stage run before its inputs exist, or over damaged ones: running it again
+            // changes nothing until someone runs the stage before (or the plan) again.
+            E::Missing { .. } | E::Corrupt { .. } => FailureKind::InvalidData,
+            E::OtherPlan { .. } | E::BadPlan { .. } => FailureKind::InvalidTask,
+        }
+    }
+}
+
 impl Classify for BossError {
     fn failure_kind(&self) -> FailureKind {
         match self {

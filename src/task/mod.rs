@@ -8,4 +8,5 @@ pub mod failure;
 pub mod plan;
 pub mod segment;
 pub mod spec;
+pub mod staged;
 pub mod stitch;

@@ -147,11 +147,11 @@ impl SegmentReport {
 /// The resolved layout of a run: region (scale-relative), chunk grid, output volume and the
 /// input chunk cache.
 #[derive(Clone)]
-struct Layout {
-    region: Box3,
-    grid: ChunkGrid,
-    output: Precomputed,
-    output_is_new: bool,
+pub(crate) struct Layout {
+    pub(crate) region: Box3,
+    pub(crate) grid: ChunkGrid,
+    pub(crate) output: Precomputed,
+    pub(crate) output_is_new: bool,
     cache: Arc<ChunkCache>,
 }
 
@@ -175,14 +175,15 @@ impl Layout {
     }
 }
 
-const DEFAULT_CHUNK: Vec3 = [256, 256, 64];
+pub(crate) const DEFAULT_CHUNK: Vec3 = [256, 256, 64];
 
 /// u32 words per box voxel in the largest buffer the watershed binds (the plateau distances and
 /// taint): the default chunk shrinks until that buffer fits one binding of the adapter.
 const WATERSHED_BINDING_WORDS: u64 = 2;
 
-async fn layout(
-    ctx: &GpuContext,
+/// `max_binding_bytes`: the adapter's storage binding limit, which bounds the default chunk.
+pub(crate) async fn layout(
+    max_binding_bytes: u64,
     input: &Precomputed,
     output_store: Arc<dyn Store>,
     opts: &ChunkOptions,
@@ -211,7 +212,7 @@ async fn layout(
             let mut c = DEFAULT_CHUNK;
             let fits = |c: Vec3| {
                 voxels(c.map(|v| v + 2 * margin)) as u64 * 4 * WATERSHED_BINDING_WORDS
-                    <= ctx.max_binding_bytes()
+                    <= max_binding_bytes
             };
             while !fits(c) && c.iter().any(|&v| v > 16) {
                 let a = (0..3).max_by_key(|&a| c[a]).expect("3 axes");
@@ -326,7 +327,7 @@ fn affinities_of(vol: &Volume, location: &str) -> Result<Affinities, SegmentErro
 
 /// The foreground (`value > threshold`) of a one-channel volume as block masks, compared in the
 /// volume's own type: float32 as f32 (as cc3d compares a float32 array), integers exactly.
-fn foreground_masks(
+pub(crate) fn foreground_masks(
     vol: &Volume,
     threshold: f64,
     location: &str,
@@ -371,11 +372,12 @@ fn foreground_masks(
 
 /// Pass 1 for both commands: labels every chunk on the GPU, reading the next chunk while the
 /// current one computes. `label` gets (box, core within the box, the box's volume).
-async fn label_chunks<F>(
+pub(crate) async fn label_chunks<F>(
     input: &Precomputed,
     layout: &Layout,
     margin: usize,
     fill_missing: bool,
+    chunks: &[usize],
     label: F,
 ) -> Result<Stitcher, SegmentError>
 where
@@ -390,18 +392,18 @@ where
         let reader = layout.clone();
         tokio::spawn(async move { reader.read_box(&input, boxed(c), fill_missing).await })
     };
-    let mut next = (!grid.is_empty()).then(|| read(0));
-    for c in 0..grid.len() {
+    let mut next = chunks.first().map(|&c| read(c));
+    for (k, &c) in chunks.iter().enumerate() {
         let vol = next.take().expect("read ahead").await??;
-        if c + 1 < grid.len() {
-            next = Some(read(c + 1));
+        if let Some(&after) = chunks.get(k + 1) {
+            next = Some(read(after));
         }
         let (b, core) = (boxed(c), grid.core(c));
         let local_core = core.relative_to(b.start);
         let label = label.clone();
         let labels = tokio::task::spawn_blocking(move || label(b, local_core, vol)).await??;
         stitcher.insert(c, labels);
-        info!(chunk = c + 1, of = grid.len(), "labelled");
+        info!(chunk = k + 1, of = chunks.len(), "labelled");
     }
     Ok(stitcher)
 }
@@ -411,14 +413,16 @@ const WRITE_CONCURRENCY: usize = 32;
 
 /// Writes the final labels, output chunk by output chunk; on failure removes the chunks this
 /// run wrote into a new volume, and the info of a new volume is written last.
-async fn write_output(
+pub(crate) async fn write_output(
     layout: &Layout,
     labels: Arc<FinalLabels>,
     write: WriteOptions,
+    area: Box3,
+    write_info: bool,
 ) -> Result<usize, SegmentError> {
     let out = &layout.output;
     let scale = out.scale(0).clone();
-    let chunks = chunk_grid(&scale, layout.region);
+    let chunks = chunk_grid(&scale, area.offset_by(layout.region.start));
     let written: Vec<String> = chunks.iter().map(|&c| chunk_key(&scale, c)).collect();
     // Filled and encoded on blocking threads and written concurrently: on S3 each put is a
     // round trip.
@@ -439,7 +443,7 @@ async fn write_output(
             .buffer_unordered(WRITE_CONCURRENCY)
             .try_collect::<Vec<_>>()
             .await?;
-        if layout.output_is_new {
+        if write_info && layout.output_is_new {
             out.write_info().await?;
         }
         Ok(())
@@ -467,6 +471,24 @@ fn uint64_volume(shape: Vec3, labels: &[u32]) -> Volume {
     vol
 }
 
+/// Voxels read around a connected-components chunk core: its neighbours, for the halo.
+pub(crate) const COMPONENTS_MARGIN: usize = 1;
+
+/// Labels one chunk's connected components on the GPU (`label_chunks`' per-chunk step).
+pub(crate) fn components_labeler(
+    ctx: Arc<GpuContext>,
+    threshold: f64,
+    connectivity: Connectivity,
+    location: String,
+) -> impl Fn(Box3, Box3, Volume) -> Result<ChunkLabels, SegmentError> + Send + Sync + 'static {
+    move |b, core, vol| {
+        let masks = foreground_masks(&vol, threshold, &location)?;
+        let components = connected_components_box(&ctx, masks, connectivity)?;
+        let core_in_region = core.offset_by(b.start);
+        Ok(ChunkLabels::from_box_roots(&components, b, core_in_region))
+    }
+}
+
 /// Thresholded connected components of `input` (one channel) into a new uint64 segmentation.
 pub async fn connected_components(
     ctx: Arc<GpuContext>,
@@ -475,7 +497,14 @@ pub async fn connected_components(
     opts: &ComponentsOptions,
 ) -> Result<SegmentReport, SegmentError> {
     let start = Instant::now();
-    let layout = layout(&ctx, input, output, &opts.chunks, 1).await?;
+    let layout = layout(
+        ctx.max_binding_bytes(),
+        input,
+        output,
+        &opts.chunks,
+        COMPONENTS_MARGIN,
+    )
+    .await?;
     let mut report = SegmentReport {
         voxels: voxels(layout.region.shape()) as u64,
         chunks: layout.grid.len(),
@@ -484,17 +513,14 @@ pub async fn connected_components(
     let location = input.store.location();
     let (threshold, connectivity) = (opts.threshold, opts.connectivity);
     let t = Instant::now();
+    let all: Vec<usize> = (0..layout.grid.len()).collect();
     let mut stitcher = label_chunks(
         input,
         &layout,
-        1,
+        COMPONENTS_MARGIN,
         opts.chunks.fill_missing,
-        move |b, core, vol| {
-            let masks = foreground_masks(&vol, threshold, &location)?;
-            let components = connected_components_box(&ctx, masks, connectivity)?;
-            let core_in_region = core.offset_by(b.start);
-            Ok(ChunkLabels::from_box_roots(&components, b, core_in_region))
-        },
+        &all,
+        components_labeler(ctx, threshold, connectivity, location),
     )
     .await?;
     report.passes.push(("label", t.elapsed()));
@@ -529,7 +555,14 @@ pub async fn segment(
     opts: &SegmentOptions,
 ) -> Result<SegmentReport, SegmentError> {
     let start = Instant::now();
-    let layout = layout(&ctx, input, output, &opts.chunks, WATERSHED_MARGIN).await?;
+    let layout = layout(
+        ctx.max_binding_bytes(),
+        input,
+        output,
+        &opts.chunks,
+        WATERSHED_MARGIN,
+    )
+    .await?;
     let grid = layout.grid;
     let mut report = SegmentReport {
         voxels: voxels(layout.region.shape()) as u64,
@@ -544,11 +577,13 @@ pub async fn segment(
     let mut stitcher = {
         let (ctx, location) = (ctx.clone(), location.clone());
         let (deferred, partial_graphs) = (deferred.clone(), partial_graphs.clone());
+        let all: Vec<usize> = (0..layout.grid.len()).collect();
         label_chunks(
             input,
             &layout,
             WATERSHED_MARGIN,
             opts.chunks.fill_missing,
+            &all,
             move |b, core, vol| {
                 let aff = affinities_of(&vol, &location)?;
                 let out = watershed_box(&ctx, &aff, core, params, true)?;
@@ -607,7 +642,8 @@ async fn finish(
     start: Instant,
 ) -> Result<SegmentReport, SegmentError> {
     let t = Instant::now();
-    report.chunks_written = write_output(layout, Arc::new(labels), write).await?;
+    let whole = Box3::from_shape(layout.region.shape());
+    report.chunks_written = write_output(layout, Arc::new(labels), write, whole, true).await?;
     report.passes.push(("write", t.elapsed()));
     layout.count_reads(&mut report);
     report.wall = start.elapsed();

@@ -31,6 +31,70 @@ pub enum Task {
     Segment(SegmentTask),
     /// Thresholded connected components into a new segmentation layer.
     ConnectedComponents(ComponentsTask),
+    /// One task of a staged connected-components plan (`cuboids plan connected-components`).
+    ConnectedComponentsStage(ComponentsStageTask),
+}
+
+/// The stages of a staged plan, run in this order; tasks within a stage in any order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stage {
+    /// Label one block (GPU), write its labels and face summary.
+    Block,
+    /// Join the blocks' faces, number the components, write each block's relabel table.
+    Merge,
+    /// Write one block's output chunks.
+    Relabel,
+    /// Check that every block was relabelled, then write the output's info.
+    Finalize,
+}
+
+/// A staged connected-components plan: what every task of it shares.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentsPlan {
+    /// md5 (hex) of the rest of the plan; intermediates carry it, so that objects of another plan
+    /// are never mixed in.
+    pub id: String,
+    /// Block extent in voxels: whole GPU chunks (`components.chunk_size`) and output chunks.
+    pub block_size: Vec3,
+    pub blocks: usize,
+    pub components: ComponentsTask,
+}
+
+impl ComponentsPlan {
+    pub fn new(block_size: Vec3, blocks: usize, components: ComponentsTask) -> ComponentsPlan {
+        let mut plan = ComponentsPlan {
+            id: String::new(),
+            block_size,
+            blocks,
+            components,
+        };
+        plan.id = plan.expected_id();
+        plan
+    }
+
+    /// The id this plan's contents give (a task whose `id` differs was edited or mixed up).
+    pub fn expected_id(&self) -> String {
+        use md5::{Digest, Md5};
+        let body = serde_json::to_vec(&(&self.block_size, self.blocks, &self.components))
+            .expect("a plan serialises");
+        Md5::digest(&body)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// One task of a staged connected-components plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentsStageTask {
+    pub stage: Stage,
+    /// The block, for the block and relabel stages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<usize>,
+    pub plan: ComponentsPlan,
 }
 
 fn threshold_default() -> f64 {
@@ -256,6 +320,14 @@ impl Task {
             Task::ConnectedComponents(t) => {
                 format!("connected-components {} -> {}", t.input, t.output)
             }
+            Task::ConnectedComponentsStage(t) => format!(
+                "connected-components {:?} stage{} of plan {} ({} -> {})",
+                t.stage,
+                t.block.map(|b| format!(" block {b}")).unwrap_or_default(),
+                t.plan.id,
+                t.plan.components.input,
+                t.plan.components.output
+            ),
         }
     }
 }

@@ -65,7 +65,7 @@ fn index_in(b: Box3, p: Vec3) -> usize {
 
 /// The voxels of `outer` outside `inner` (a box inside it), in Fortran order, as runs along x
 /// (`f(start, len)`): whole rows where y or z is outside `inner`, else the row's two ends.
-fn for_each_shell_row(outer: Box3, inner: Box3, mut f: impl FnMut(Vec3, usize)) {
+pub fn for_each_shell_row(outer: Box3, inner: Box3, mut f: impl FnMut(Vec3, usize)) {
     for z in outer.start[2]..outer.stop[2] {
         for y in outer.start[1]..outer.stop[1] {
             let whole = (1..3).any(|a| {
@@ -236,10 +236,12 @@ pub struct Stitcher {
     sets: Option<UnionFind>,
 }
 
-/// The final numbering: per union-find node its label (1..=count), and each label's size.
+/// The final numbering: per union-find node its label (1..=count), and per label (index 0 for
+/// none) its size and its first voxel (index in region order).
 pub struct Numbering {
     pub label_of_node: Vec<u32>,
     pub sizes: Vec<u64>,
+    pub first: Vec<u64>,
 }
 
 impl Stitcher {
@@ -271,26 +273,38 @@ impl Stitcher {
         }
     }
 
-    /// Joins each chunk's halo voxels to their own chunks' components.
-    pub fn glue(&mut self) {
+    /// Joins each chunk's halo voxels to their own chunks' components. Chunks may be missing (a
+    /// block of a staged run holds only its own): halo voxels in a missing chunk are returned,
+    /// with the node they join, for a later stage to glue.
+    pub fn glue(&mut self) -> Vec<(Vec3, u32)> {
         let mut total = 0u32;
-        self.offsets = (0..self.chunks.len())
+        self.offsets = self
+            .chunks
+            .iter()
             .map(|c| {
                 let o = total;
-                total += self.chunk(c).count;
+                total += c.as_ref().map_or(0, |c| c.count);
                 o
             })
             .collect();
         let mut sets = UnionFind::new(total as usize);
-        for c in 0..self.chunks.len() {
-            for &(p, id) in &self.chunk(c).halo {
+        let mut outside = Vec::new();
+        for (c, chunk) in self.chunks.iter().enumerate() {
+            let Some(chunk) = chunk else { continue };
+            for &(p, id) in &chunk.halo {
+                let node = self.offsets[c] + id - 1;
+                if self.chunks[self.grid.chunk_of(p)].is_none() {
+                    outside.push((p, node));
+                    continue;
+                }
                 let there = self
                     .node(p)
                     .expect("a halo node is a node in its own chunk as well");
-                sets.union(self.offsets[c] + id - 1, there);
+                sets.union(node, there);
             }
         }
         self.sets = Some(sets);
+        outside
     }
 
     /// Joins the components of two voxels (edges decided outside the chunks).
@@ -310,7 +324,7 @@ impl Stitcher {
         let mut first = vec![u64::MAX; nodes];
         let mut size = vec![0u64; nodes];
         for (c, chunk) in self.chunks.iter().enumerate() {
-            let chunk = chunk.as_ref().expect("labelled");
+            let Some(chunk) = chunk else { continue };
             let core = Grid {
                 shape: chunk.core.shape(),
             };
@@ -327,9 +341,11 @@ impl Stitcher {
         roots.sort_unstable_by_key(|&r| first[r]);
         let mut label_of_root = vec![0u32; nodes];
         let mut sizes = vec![0u64];
+        let mut firsts = vec![u64::MAX];
         for (i, &r) in roots.iter().enumerate() {
             label_of_root[r] = i as u32 + 1;
             sizes.push(size[r]);
+            firsts.push(first[r]);
         }
         let label_of_node = (0..nodes as u32)
             .map(|n| label_of_root[sets.find(n) as usize])
@@ -337,19 +353,22 @@ impl Stitcher {
         Numbering {
             label_of_node,
             sizes,
+            first: firsts,
         }
     }
 
     /// The output labels: every node's label through `map` (node label -> output label), kept
     /// with the chunks so that output boxes can be filled from any thread.
     pub fn into_final(self, numbering: &Numbering, map: impl Fn(u32) -> u32) -> FinalLabels {
+        let (chunks, offsets) = self
+            .chunks
+            .into_iter()
+            .zip(self.offsets)
+            .filter_map(|(c, o)| c.map(|c| (c, o)))
+            .unzip();
         FinalLabels {
-            chunks: self
-                .chunks
-                .into_iter()
-                .map(|c| c.expect("every chunk is labelled before stitching"))
-                .collect(),
-            offsets: self.offsets,
+            chunks,
+            offsets,
             label_of_node: numbering.label_of_node.iter().map(|&l| map(l)).collect(),
         }
     }
@@ -364,6 +383,23 @@ pub struct FinalLabels {
 }
 
 impl FinalLabels {
+    /// Labels that are already final: one box's labels (region coordinates `core`), label l
+    /// written as `label_of[l - 1]`.
+    pub fn from_box(core: Box3, labels: Vec<u32>, label_of: Vec<u32>) -> FinalLabels {
+        FinalLabels {
+            chunks: vec![ChunkLabels {
+                core,
+                labels,
+                count: label_of.len() as u32,
+                first: Vec::new(),
+                sizes: Vec::new(),
+                halo: Vec::new(),
+            }],
+            offsets: vec![0],
+            label_of_node: label_of,
+        }
+    }
+
     /// The labels of a box of the region (0 where no node), row by row: every voxel of `b` lies
     /// in the core of exactly one chunk.
     pub fn labels_in(&self, b: Box3) -> Vec<u32> {
