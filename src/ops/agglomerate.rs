@@ -145,6 +145,22 @@ impl Adjacency {
         }
     }
 
+    /// Renames neighbour `old` (which is there) to `new` (which is not), keeping its edge.
+    fn rename(&mut self, old: u32, new: u32) {
+        match self {
+            Adjacency::Small(v) => {
+                if let Some(e) = v.iter_mut().find(|e| e.0 == old) {
+                    e.0 = new;
+                }
+            }
+            Adjacency::Large(m) => {
+                if let Some(edge) = m.remove(&old) {
+                    m.insert(new, edge);
+                }
+            }
+        }
+    }
+
     fn into_entries(self) -> Vec<(u32, u32)> {
         match self {
             Adjacency::Small(v) => v,
@@ -342,9 +358,9 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
             if other == keep {
                 continue;
             }
-            adjacency[other as usize].remove(gone);
             match adjacency[keep as usize].get(other) {
                 Some(parallel) => {
+                    adjacency[other as usize].remove(gone);
                     // Two edges become one: its statistics combine and it is scored again.
                     let absorbed = edges[id as usize].stats;
                     edges[id as usize].alive = false;
@@ -359,8 +375,9 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
                     });
                 }
                 None => {
+                    // The edge moves to `keep` at both ends: renamed in place at `other`.
                     adjacency[keep as usize].insert(other, id);
-                    adjacency[other as usize].insert(keep, id);
+                    adjacency[other as usize].rename(gone, keep);
                 }
             }
         }
