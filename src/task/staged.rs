@@ -27,7 +27,8 @@
 //! | 40..48 | payload length after gunzip |
 //! | 48..64 | md5 of the gzip payload |
 //!
-//! Payloads: labels, one u32 per block voxel (Fortran order, 0 background); summary, u32 count
+//! Payloads: labels, (u32 label, u32 run length) pairs that cover the block's voxels in Fortran
+//! order (0 background); summary, u32 count
 //! K, K u64 first voxels, K u64 sizes, u64 H and H (u64 voxel, u32 label) halo entries, u64 F and
 //! F (u64 voxel, u32 label) face entries (voxels as region indices); remap, one u32 output label
 //! per block label; done, empty. Every stage rewrites identical bytes when run again.
@@ -338,8 +339,17 @@ impl Reader<'_> {
     }
 }
 
-fn u32s_to_bytes(words: &[u32]) -> Vec<u8> {
-    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+/// Words as little-endian bytes: borrowed as they are on little-endian machines.
+fn u32s_to_bytes(words: &[u32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice(words).into()
+    } else {
+        words
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into()
+    }
 }
 
 fn bytes_to_u32s(key: &str, bytes: &[u8], expected: usize) -> Result<Vec<u32>, StagedError> {
@@ -349,10 +359,59 @@ fn bytes_to_u32s(key: &str, bytes: &[u8], expected: usize) -> Result<Vec<u32>, S
             why: format!("{} bytes, expected {}", bytes.len(), expected * 4),
         });
     }
+    if cfg!(target_endian = "little") {
+        return Ok(bytemuck::pod_collect_to_vec(bytes));
+    }
     Ok(bytes
         .chunks_exact(4)
         .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
         .collect())
+}
+
+/// Labels as (label, run length) pairs: block labels come in long runs, which makes the payload
+/// small before gzip (and gzip fast).
+fn runs_of(labels: &[u32]) -> Vec<u32> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < labels.len() {
+        let l = labels[i];
+        let n = labels[i..]
+            .iter()
+            .take(u32::MAX as usize)
+            .take_while(|&&v| v == l)
+            .count();
+        runs.extend([l, n as u32]);
+        i += n;
+    }
+    runs
+}
+
+/// The labels of (label, run length) pairs, which must cover exactly `voxels` voxels.
+fn expand_runs(key: &str, runs: &[u32], voxels: usize) -> Result<Vec<u32>, StagedError> {
+    let corrupt = |why: String| StagedError::Corrupt {
+        key: key.to_string(),
+        why,
+    };
+    if !runs.len().is_multiple_of(2) {
+        return Err(corrupt("an odd number of run words".into()));
+    }
+    let mut labels = Vec::with_capacity(voxels);
+    for pair in runs.chunks_exact(2) {
+        let n = pair[1] as usize;
+        if n == 0 || labels.len() + n > voxels {
+            return Err(corrupt(format!(
+                "runs cover more than the block's {voxels} voxels (or an empty run)"
+            )));
+        }
+        labels.extend(std::iter::repeat_n(pair[0], n));
+    }
+    if labels.len() != voxels {
+        return Err(corrupt(format!(
+            "runs cover {} of the block's {voxels} voxels",
+            labels.len()
+        )));
+    }
+    Ok(labels)
 }
 
 /// Host bytes a block task holds per block voxel: the decoded float input (with its margins and
@@ -619,7 +678,7 @@ async fn run_block(
     };
     // The summary last: the merge reads only summaries, and a summary means the labels are there.
     staging
-        .put(Kind::Labels, b, &u32s_to_bytes(&labels))
+        .put(Kind::Labels, b, &u32s_to_bytes(&runs_of(&labels)))
         .await?;
     staging.put(Kind::Summary, b, &summary.encode()).await?;
     Ok(SegmentReport {
@@ -750,7 +809,8 @@ async fn relabel(
     let remap = bytes_to_u32s(&remap_key, &remap, remap.len() / 4)?;
     let labels = staging.get(Kind::Labels, b).await?;
     let labels_key = staging.key(Kind::Labels, b);
-    let labels = bytes_to_u32s(&labels_key, &labels, voxels(block.shape()))?;
+    let runs = bytes_to_u32s(&labels_key, &labels, labels.len() / 4)?;
+    let labels = expand_runs(&labels_key, &runs, voxels(block.shape()))?;
     if let Some(&l) = labels.iter().find(|&&l| l as usize > remap.len()) {
         return Err(StagedError::Corrupt {
             key: labels_key,
