@@ -296,8 +296,24 @@ fn stages_are_idempotent_and_bad_intermediates_are_named() {
     assert_eq!(o.status.code(), Some(65), "{}", text(&o));
     assert!(text(&o).contains("another plan"), "{}", text(&o));
 
-    // A task document whose plan was edited after planning.
     let line = std::fs::read_to_string(&manifests[1]).unwrap();
+    // A plan (with a consistent id) whose blocks do not tile the volume in whole GPU chunks.
+    let mut task: cuboids::task::spec::Task = serde_json::from_str(line.trim()).unwrap();
+    if let cuboids::task::spec::Task::ConnectedComponentsStage(t) = &mut task {
+        t.plan = cuboids::task::spec::ComponentsPlan::new(
+            [12, 16, 8],
+            t.plan.blocks,
+            t.plan.components.clone(),
+        );
+    }
+    let o = cuboids(
+        &["batch", "--task", &serde_json::to_string(&task).unwrap()],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(65), "{}", text(&o));
+    assert!(text(&o).contains("do not tile"), "{}", text(&o));
+
+    // A task document whose plan was edited after planning.
     let mut doc: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
     doc["plan"]["components"]["threshold"] = serde_json::json!(0.9);
     let o = cuboids(&["batch", "--task", &doc.to_string()], None);
