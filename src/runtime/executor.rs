@@ -5,7 +5,7 @@
 use crate::formats::precomputed::Precomputed;
 use crate::gpu::GpuContext;
 use crate::store::boss_index::S3Index;
-use crate::store::{aws_env, open_store_with};
+use crate::store::{aws_env, open_store_with, Store};
 use crate::task::boss::channel_of;
 use crate::task::boss_downsample::{run_all_levels, run_step, BossError, BossTarget};
 use crate::task::downsample::{downsample, Compute};
@@ -194,6 +194,23 @@ impl Executor {
         })
     }
 
+    /// A segmentation task's input volume and output store, failures named with `context`.
+    async fn open_input_output(
+        &self,
+        input: &str,
+        output: &str,
+        context: &str,
+    ) -> Result<(Precomputed, Arc<dyn Store>), TaskFailure> {
+        let store =
+            open_store_with(input, &self.sdk).map_err(|e| TaskFailure::from_error(context, &e))?;
+        let vol = Precomputed::open(store)
+            .await
+            .map_err(|e| TaskFailure::from_error(context, &e))?;
+        let out =
+            open_store_with(output, &self.sdk).map_err(|e| TaskFailure::from_error(context, &e))?;
+        Ok((vol, out))
+    }
+
     /// Segment and connected-components tasks. Their output layer's `info` is written last, so
     /// an interrupted run leaves no layer that claims to be complete.
     async fn segmentation(&self, task: &Task) -> Result<TaskOutput, TaskFailure> {
@@ -203,13 +220,7 @@ impl Executor {
             _ => unreachable!("only segmentation tasks come here"),
         };
         let context = format!("{kind} {input} -> {output}");
-        let store =
-            open_store_with(input, &self.sdk).map_err(|e| TaskFailure::from_error(&context, &e))?;
-        let vol = Precomputed::open(store)
-            .await
-            .map_err(|e| TaskFailure::from_error(&context, &e))?;
-        let out = open_store_with(output, &self.sdk)
-            .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        let (vol, out) = self.open_input_output(input, output, &context).await?;
         let ctx = self.gpu().await?;
         let report = match task {
             Task::Segment(t) => segment(ctx, &vol, out, &t.options()).await,
@@ -241,13 +252,7 @@ impl Executor {
             t.stage,
             t.block.map(|b| format!(" block {b}")).unwrap_or_default()
         );
-        let store =
-            open_store_with(input, &self.sdk).map_err(|e| TaskFailure::from_error(&context, &e))?;
-        let vol = Precomputed::open(store)
-            .await
-            .map_err(|e| TaskFailure::from_error(&context, &e))?;
-        let out = open_store_with(output, &self.sdk)
-            .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        let (vol, out) = self.open_input_output(input, output, &context).await?;
         let ctx = match t.stage {
             Stage::Block => Some(self.gpu().await?),
             _ => None,

@@ -126,6 +126,14 @@ fn print_output(out: &TaskOutput) -> Result<()> {
     Ok(())
 }
 
+/// The precomputed volume a plan cuts up.
+async fn open_volume(location: &str, sdk: &aws_config::SdkConfig) -> Result<Precomputed> {
+    let store = open_store_with(location, sdk)?;
+    Precomputed::open(store)
+        .await
+        .with_context(|| format!("opening {location}"))
+}
+
 /// Splits a downsample into tasks of at most `task_bytes` of source and writes them as a
 /// manifest (JSON lines) to `output`, or stdout.
 pub async fn plan_downsample(
@@ -134,10 +142,7 @@ pub async fn plan_downsample(
     output: Option<&str>,
 ) -> Result<()> {
     let sdk = aws_env::sdk_config().await;
-    let store = open_store_with(&task.location, &sdk)?;
-    let vol = Precomputed::open(store)
-        .await
-        .with_context(|| format!("opening {}", task.location))?;
+    let vol = open_volume(&task.location, &sdk).await?;
     let parts = split_bounds(&vol.info, &task.options(), task_bytes)
         .with_context(|| format!("planning {}", task.location))?;
     let tasks: Vec<Task> = parts
@@ -171,10 +176,7 @@ pub async fn plan_components(
     manifests: Option<&str>,
 ) -> Result<()> {
     let sdk = aws_env::sdk_config().await;
-    let store = open_store_with(&task.input, &sdk)?;
-    let vol = Precomputed::open(store)
-        .await
-        .with_context(|| format!("opening {}", task.input))?;
+    let vol = open_volume(&task.input, &sdk).await?;
     let (plan, stages) = crate::task::staged::plan_components(&vol, &task, task_bytes)
         .with_context(|| format!("planning connected components of {}", task.input))?;
     let Some(prefix) = manifests else {

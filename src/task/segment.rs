@@ -327,7 +327,7 @@ fn affinities_of(vol: &Volume, location: &str) -> Result<Affinities, SegmentErro
 
 /// The foreground (`value > threshold`) of a one-channel volume as block masks, compared in the
 /// volume's own type: float32 as f32 (as cc3d compares a float32 array), integers exactly.
-pub(crate) fn foreground_masks(
+fn foreground_masks(
     vol: &Volume,
     threshold: f64,
     location: &str,

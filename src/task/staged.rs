@@ -34,7 +34,7 @@
 //! per block label; done, empty. Every stage rewrites identical bytes when run again.
 
 use crate::formats::precomputed::{gunzip, gzip, Precomputed};
-use crate::geometry::{voxels, Box3, Vec3};
+use crate::geometry::{voxels, Box3};
 use crate::gpu::GpuContext;
 use crate::ops::union_find::UnionFind;
 use crate::ops::watershed::Grid;
@@ -605,11 +605,6 @@ fn check_blocks(plan: &ComponentsPlan, layout: &Layout) -> Result<ChunkGrid, Sta
     Ok(blocks)
 }
 
-/// The region index of a region position.
-fn region_index(region: Vec3, p: Vec3) -> u64 {
-    (p[0] + region[0] * (p[1] + region[1] * p[2])) as u64
-}
-
 /// Block stage: labels the block's chunks and writes its labels and summary.
 async fn run_block(
     ctx: &Arc<GpuContext>,
@@ -642,12 +637,13 @@ async fn run_block(
     .await?;
     let outside = stitcher.glue();
     let numbering = stitcher.number();
-    let region = grid.region;
+    // Voxels are named by their index in the region.
+    let region = Grid { shape: grid.region };
     let halo = outside
         .iter()
         .map(|&(p, node)| {
             (
-                region_index(region, p),
+                region.index(p) as u64,
                 numbering.label_of_node[node as usize],
             )
         })
@@ -666,7 +662,7 @@ async fn run_block(
             let p = [x, start[1], start[2]];
             let l = labels[at.index([0, 1, 2].map(|a| p[a] - block.start[a]))];
             if l != 0 {
-                face.push((region_index(region, p), l));
+                face.push((region.index(p) as u64, l));
             }
         }
     });
