@@ -106,23 +106,8 @@ enum Command {
     /// watershed, region graph, mean-affinity agglomeration, into a uint64
     /// compressed_segmentation layer. Chunked runs leave no seams.
     Segment {
-        /// The affinity map (precomputed, local or s3://).
-        #[arg(long)]
-        affinity: String,
-        /// The output segmentation layer (created; an existing one must match).
-        #[arg(long)]
-        output: String,
-        /// Merge while 1 - mean affinity < threshold.
-        #[arg(long, default_value_t = 0.7)]
-        threshold: f64,
-        /// Voxels whose strongest edge is at most this are background.
-        #[arg(long, default_value_t = 0.001)]
-        aff_low: f32,
-        /// Edges at least this strong always join.
-        #[arg(long, default_value_t = 0.9999)]
-        aff_high: f32,
         #[command(flatten)]
-        chunks: ChunkArgs,
+        args: SegmentArgs,
     },
     /// Thresholded connected components (cc3d semantics: value > threshold) into a uint64
     /// compressed_segmentation layer, labels 1..N by first voxel.
@@ -231,6 +216,41 @@ impl DownsampleArgs {
     }
 }
 
+/// `segment`'s options, also those of its plan.
+#[derive(clap::Args)]
+struct SegmentArgs {
+    /// The affinity map (precomputed, local or s3://).
+    #[arg(long)]
+    affinity: String,
+    /// The output segmentation layer (created; an existing one must match).
+    #[arg(long)]
+    output: String,
+    /// Merge while 1 - mean affinity < threshold.
+    #[arg(long, default_value_t = 0.7)]
+    threshold: f64,
+    /// Voxels whose strongest edge is at most this are background.
+    #[arg(long, default_value_t = 0.001)]
+    aff_low: f32,
+    /// Edges at least this strong always join.
+    #[arg(long, default_value_t = 0.9999)]
+    aff_high: f32,
+    #[command(flatten)]
+    chunks: ChunkArgs,
+}
+
+impl SegmentArgs {
+    fn task(self) -> SegmentTask {
+        SegmentTask {
+            affinity: self.affinity,
+            output: self.output,
+            threshold: self.threshold,
+            aff_low: self.aff_low,
+            aff_high: self.aff_high,
+            chunks: self.chunks.fields(),
+        }
+    }
+}
+
 /// `connected-components`' options, also those of its plan.
 #[derive(clap::Args)]
 struct ComponentsArgs {
@@ -317,6 +337,22 @@ enum PlanCommand {
         /// Where to write the manifest (a file or s3:// object); default: stdout.
         #[arg(long)]
         output: Option<String>,
+    },
+    /// Segment in stages past one machine: block tasks (GPU: watershed and region graph), one
+    /// merge task (agglomeration of the whole graph), relabel tasks, one finalize task. Run
+    /// each stage's tasks (in any order) before the next stage's; the output equals a
+    /// single-process run's, voxel for voxel.
+    Segment {
+        #[command(flatten)]
+        args: SegmentArgs,
+        /// Host memory per block task, in MiB (24 bytes per block voxel).
+        #[arg(long, default_value_t = 4096)]
+        task_mib: usize,
+        /// Manifests are written to PREFIX{block,merge,relabel,finalize}.jsonl (a path or
+        /// s3:// prefix; end it with / for a folder), and the stages printed as JSON; default:
+        /// every task on stdout, stage after stage.
+        #[arg(long)]
+        manifests: Option<String>,
     },
     /// Connected components in stages past one machine: block tasks (GPU), one merge task,
     /// relabel tasks, one finalize task. Run each stage's tasks (in any order) before the next
@@ -452,7 +488,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     task_mib,
                     manifests,
                 },
-        } => done(runtime.block_on(local::plan_components(
+        } => done(runtime.block_on(local::plan_staged(
+            args.task(),
+            task_mib << 20,
+            manifests.as_deref(),
+        ))),
+        Command::Plan {
+            what:
+                PlanCommand::Segment {
+                    args,
+                    task_mib,
+                    manifests,
+                },
+        } => done(runtime.block_on(local::plan_staged(
             args.task(),
             task_mib << 20,
             manifests.as_deref(),
@@ -498,22 +546,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             job_definition,
             job_name,
         }))),
-        Command::Segment {
-            affinity,
-            output,
-            threshold,
-            aff_low,
-            aff_high,
-            chunks,
-        } => {
-            let task = SegmentTask {
-                affinity,
-                output,
-                threshold,
-                aff_low,
-                aff_high,
-                chunks: chunks.fields(),
-            };
+        Command::Segment { args } => {
+            let task = args.task();
             done(runtime.block_on(segmentation::segment_location(
                 &task.affinity,
                 &task.output,

@@ -42,37 +42,43 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// Writes the plan's manifests under `dir` and returns their paths, stage by stage.
+/// Writes the connected-components plan's manifests under `dir` and returns their paths, stage
+/// by stage.
 fn plan(dir: &Path, input: &Path, output: &Path, dust: u64, connectivity: &str) -> Vec<PathBuf> {
+    let args = [
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--threshold",
+        "0.55",
+        "--connectivity",
+        connectivity,
+        "--dust",
+        &dust.to_string(),
+    ];
+    plan_of(dir, "connected-components", &args)
+}
+
+/// Plans `kind` with `args` in blocks of one 16x16x8 GPU chunk (as small as they come), output
+/// chunks of 8x8x4, manifests under `dir`; returns their paths, stage by stage.
+fn plan_of(dir: &Path, kind: &str, args: &[&str]) -> Vec<PathBuf> {
     let prefix = format!("{}/", dir.join("plan").display());
-    let o = cuboids(
-        &[
-            "plan",
-            "connected-components",
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-            "--threshold",
-            "0.55",
-            "--connectivity",
-            connectivity,
-            "--dust",
-            &dust.to_string(),
-            "--chunk-size",
-            "16,16,8",
-            "--output-chunk-size",
-            "8,8,4",
-            "--gzip-level",
-            "0",
-            // Blocks as small as they come: one GPU chunk of 16x16x8 voxels.
-            "--task-mib",
-            "0",
-            "--manifests",
-            &prefix,
-        ],
-        None,
-    );
+    let mut all = vec!["plan", kind];
+    all.extend_from_slice(args);
+    all.extend([
+        "--chunk-size",
+        "16,16,8",
+        "--output-chunk-size",
+        "8,8,4",
+        "--gzip-level",
+        "0",
+        "--task-mib",
+        "0",
+        "--manifests",
+        &prefix,
+    ]);
+    let o = cuboids(&all, None);
     assert!(o.status.success(), "{}", text(&o));
     let stages: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     // What segment.asl.json reads: each stage's manifest and array jobs.
@@ -101,21 +107,26 @@ fn batch(manifest: &Path, index: usize) -> Output {
     )
 }
 
-fn run_stage_shuffled(manifest: &Path, rng: &mut Rng) {
+/// Runs every task of a manifest, in shuffled order; returns their output documents.
+fn run_stage_shuffled(manifest: &Path, rng: &mut Rng) -> Vec<serde_json::Value> {
     let n = tasks_in(manifest);
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         order.swap(i, rng.below(i as u64 + 1) as usize);
     }
-    for i in order {
-        let o = batch(manifest, i);
-        assert!(
-            o.status.success(),
-            "{} task {i}: {}",
-            manifest.display(),
-            text(&o)
-        );
-    }
+    order
+        .into_iter()
+        .map(|i| {
+            let o = batch(manifest, i);
+            assert!(
+                o.status.success(),
+                "{} task {i}: {}",
+                manifest.display(),
+                text(&o)
+            );
+            serde_json::from_slice(&o.stdout).unwrap()
+        })
+        .collect()
 }
 
 fn single_process(input: &Path, output: &Path, dust: u64, connectivity: Connectivity) {
@@ -212,6 +223,119 @@ fn staged_plan_run_task_by_task_equals_single_process() {
     }
 }
 
+/// Affinities with only 4 levels: ties everywhere, so plateaus cross chunk and block faces.
+fn tied_affinities(shape: Vec3, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = Rng::new(seed);
+    let n = shape[0] * shape[1] * shape[2];
+    (0..3)
+        .map(|_| (0..n).map(|_| rng.below(4) as f32 / 3.0).collect())
+        .collect()
+}
+
+#[test]
+fn staged_segment_run_task_by_task_equals_single_process() {
+    let shape = [40, 36, 20];
+    let mut rng = Rng::new(11);
+    let smooth = cuboids::runtime::synthetic::affinities_like(shape);
+    for (name, channels, threshold) in [
+        ("tied", tied_affinities(shape, 7), "0.5"),
+        // Continuous values with objects larger than a block: fragments and segments cross
+        // block faces.
+        ("smooth", smooth.channels.to_vec(), "0.3"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("aff");
+        let refs: Vec<&[f32]> = channels.iter().map(Vec::as_slice).collect();
+        rt().block_on(write_float_volume(&input, &refs, shape, WRITE))
+            .unwrap();
+        let whole = dir.path().join("whole");
+        rt().block_on(async {
+            let input =
+                cuboids::formats::precomputed::Precomputed::open(Arc::new(LocalStore::new(&input)))
+                    .await
+                    .unwrap();
+            let opts = cuboids::task::segment::SegmentOptions {
+                chunks: ChunkOptions {
+                    output_chunk_size: Some(OUT_CHUNK),
+                    chunk_size: Some([32, 32, 16]),
+                    write: WRITE,
+                    ..Default::default()
+                },
+                watershed: Default::default(),
+                threshold: threshold.parse().unwrap(),
+            };
+            cuboids::task::segment::segment(
+                gpu_arc(),
+                &input,
+                Arc::new(LocalStore::new(&whole)),
+                &opts,
+            )
+            .await
+            .unwrap();
+        });
+
+        let staged = dir.path().join("staged");
+        let args = [
+            "--affinity",
+            input.to_str().unwrap(),
+            "--output",
+            staged.to_str().unwrap(),
+            "--threshold",
+            threshold,
+        ];
+        let manifests = plan_of(dir.path(), "segment", &args);
+        assert_eq!(tasks_in(&manifests[0]), 27, "{name}");
+        let mut outputs = Vec::new();
+        for (stage, manifest) in manifests.iter().enumerate() {
+            assert!(
+                !staged.join("info").exists(),
+                "{name}: the info exists before stage {stage} ran"
+            );
+            outputs.push(run_stage_shuffled(manifest, &mut rng));
+        }
+        let merge = &outputs[1][0];
+        eprintln!("{name}: merge {merge}");
+        if name == "tied" {
+            assert!(
+                merge["deferred"].as_u64().unwrap() > 0,
+                "tied data must leave plateaus open across blocks: {merge}"
+            );
+        }
+        assert!(merge["merges"].as_u64().unwrap() > 0, "{name}: {merge}");
+        let expected = rt().block_on(read_labels(&whole));
+        let got = rt().block_on(read_labels(&staged));
+        let segments: std::collections::HashSet<u64> = expected.iter().copied().collect();
+        assert!(segments.len() > 2, "{name}: a trivial volume");
+        assert!(
+            got == expected,
+            "{name}: staged and single-process labels differ"
+        );
+        if name != "tied" {
+            continue;
+        }
+        // A block and the merge run again rewrite identical bytes (graphs included).
+        let before = snapshot(&staged);
+        for (manifest, i) in [(&manifests[0], 13), (&manifests[1], 0)] {
+            let o = batch(manifest, i);
+            assert!(o.status.success(), "{}", text(&o));
+        }
+        assert!(snapshot(&staged) == before, "a re-run changed bytes");
+        // A truncated graph: the merge names it, permanently.
+        let staging = std::fs::read_dir(staged.join(".cuboids-staging"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let graph = staging.join("block-4.graph");
+        let bytes = std::fs::read(&graph).unwrap();
+        std::fs::write(&graph, &bytes[..bytes.len() - 3]).unwrap();
+        let o = batch(&manifests[1], 0);
+        assert_eq!(o.status.code(), Some(65), "{}", text(&o));
+        assert!(text(&o).contains("block-4.graph"), "{}", text(&o));
+    }
+}
+
 /// Every file under `dir` with its bytes, for comparing runs.
 fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
@@ -303,7 +427,7 @@ fn stages_are_idempotent_and_bad_intermediates_are_named() {
         t.plan = cuboids::task::spec::ComponentsPlan::new(
             [12, 16, 8],
             t.plan.blocks,
-            t.plan.components.clone(),
+            t.plan.work.clone(),
         );
     }
     let o = cuboids(
@@ -315,7 +439,7 @@ fn stages_are_idempotent_and_bad_intermediates_are_named() {
 
     // A task document whose plan was edited after planning.
     let mut doc: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
-    doc["plan"]["components"]["threshold"] = serde_json::json!(0.9);
+    doc["plan"]["work"]["threshold"] = serde_json::json!(0.9);
     let o = cuboids(&["batch", "--task", &doc.to_string()], None);
     assert_eq!(o.status.code(), Some(65), "{}", text(&o));
     assert!(text(&o).contains("edited"), "{}", text(&o));

@@ -12,9 +12,9 @@ use crate::task::downsample::{downsample, Compute};
 use crate::task::failure::{Classify, FailureKind};
 use crate::task::segment::{connected_components, segment};
 use crate::task::spec::{
-    segmentation_output, BossDownsampleTask, ComponentsStageTask, DownsampleTask, Stage, Task,
+    segmentation_output, BossDownsampleTask, DownsampleTask, Stage, StageTask, Task,
 };
-use crate::task::staged::run_stage;
+use crate::task::staged::{run_stage, StagedWork};
 use serde_json::Value;
 use std::sync::Arc;
 use tokio::sync::OnceCell;
@@ -136,7 +136,14 @@ impl Executor {
                     )),
                 },
                 Task::ConnectedComponentsStage(t) => tokio::select! {
-                    r = self.components_stage(t) => r,
+                    r = self.stage_task("connected-components", t) => r,
+                    _ = cancel.cancelled() => Err(TaskFailure::new(
+                        FailureKind::Interrupted,
+                        "stopped before it finished: the runner is shutting down",
+                    )),
+                },
+                Task::SegmentStage(t) => tokio::select! {
+                    r = self.stage_task("segment", t) => r,
                     _ = cancel.cancelled() => Err(TaskFailure::new(
                         FailureKind::Interrupted,
                         "stopped before it finished: the runner is shutting down",
@@ -244,11 +251,15 @@ impl Executor {
         })
     }
 
-    /// One task of a staged connected-components plan; only the block stage opens the GPU.
-    async fn components_stage(&self, t: &ComponentsStageTask) -> Result<TaskOutput, TaskFailure> {
-        let (input, output) = (&t.plan.components.input, &t.plan.components.output);
+    /// One task of a staged plan (`kind` of work); only the block stage opens the GPU.
+    async fn stage_task<W: StagedWork>(
+        &self,
+        kind: &str,
+        t: &StageTask<W>,
+    ) -> Result<TaskOutput, TaskFailure> {
+        let (input, output) = (t.plan.work.input(), t.plan.work.output());
         let context = format!(
-            "connected-components {:?} stage{} {input} -> {output}",
+            "{kind} {:?} stage{} {input} -> {output}",
             t.stage,
             t.block.map(|b| format!(" block {b}")).unwrap_or_default()
         );
@@ -260,7 +271,7 @@ impl Executor {
         let report = run_stage(t, &vol, out, ctx)
             .await
             .map_err(|e| TaskFailure::from_error(&context, &e))?;
-        let mut document = segmentation_output("connected-components-stage", output, &report);
+        let mut document = segmentation_output(&format!("{kind}-stage"), output, &report);
         document["stage"] = serde_json::to_value(t.stage).expect("a stage serialises");
         document["block"] = serde_json::json!(t.block);
         document["plan"] = serde_json::json!(t.plan.id);

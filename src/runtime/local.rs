@@ -19,7 +19,8 @@ use crate::task::downsample::{
     downsample, split_bounds, Compute, DownsampleOptions, DownsampleReport,
 };
 use crate::task::plan::plan_slabs;
-use crate::task::spec::{BossDownsampleTask, ComponentsTask, DownsampleTask, Task};
+use crate::task::spec::{BossDownsampleTask, DownsampleTask, Task};
+use crate::task::staged::StagedWork;
 use crate::volume::Volume;
 use anyhow::{Context, Result};
 use std::io::Read;
@@ -168,17 +169,18 @@ pub async fn plan_downsample(
     Ok(())
 }
 
-/// Cuts connected components into a staged plan (see `task::staged`) and writes one manifest
-/// per stage under the `manifests` prefix (printing the stages as JSON), or every task to stdout.
-pub async fn plan_components(
-    task: ComponentsTask,
+/// `cuboids plan segment|connected-components`: cuts the task into a staged plan (see
+/// `task::staged`) and writes one manifest per stage under the `manifests` prefix (printing the
+/// stages as JSON), or every task to stdout.
+pub async fn plan_staged<W: StagedWork>(
+    task: W,
     task_bytes: usize,
     manifests: Option<&str>,
 ) -> Result<()> {
     let sdk = aws_env::sdk_config().await;
-    let vol = open_volume(&task.input, &sdk).await?;
-    let (plan, stages) = crate::task::staged::plan_components(&vol, &task, task_bytes)
-        .with_context(|| format!("planning connected components of {}", task.input))?;
+    let vol = open_volume(task.input(), &sdk).await?;
+    let (plan, stages) = crate::task::staged::plan(&vol, &task, task_bytes)
+        .with_context(|| format!("planning stages over {}", task.input()))?;
     let Some(prefix) = manifests else {
         for t in stages.iter().flatten() {
             println!("{}", serde_json::to_string(t)?);

@@ -544,7 +544,44 @@ pub async fn connected_components(
 }
 
 /// Affinity margin around a watershed chunk core (see src/gpu/labeling.rs).
-const WATERSHED_MARGIN: usize = 3;
+pub(crate) const WATERSHED_MARGIN: usize = 3;
+
+/// What the watershed pass leaves besides the chunks' labels: the plateau voxels whose plateau
+/// crosses a chunk face (by region position), to be resolved over the whole plateau, and each
+/// chunk's region graph.
+#[derive(Default)]
+pub(crate) struct WatershedLeftovers {
+    pub(crate) deferred: HashMap<Vec3, DeferredVoxel>,
+    pub(crate) partial: Vec<PartialGraph>,
+}
+
+/// Watershed and region graph of one chunk on the GPU (`label_chunks`' per-chunk step); what
+/// stitching needs besides the labels goes to `leftovers`.
+pub(crate) fn watershed_labeler(
+    ctx: Arc<GpuContext>,
+    params: WatershedParams,
+    location: String,
+    leftovers: Arc<std::sync::Mutex<WatershedLeftovers>>,
+) -> impl Fn(Box3, Box3, Volume) -> Result<ChunkLabels, SegmentError> + Send + Sync + 'static {
+    move |b, core, vol| {
+        let aff = affinities_of(&vol, &location)?;
+        let out = watershed_box(&ctx, &aff, core, params, true)?;
+        let grid = Grid { shape: aff.shape };
+        let mut left = leftovers.lock().expect("no panics while held");
+        for v in out.deferred {
+            let p = grid.position(v.index as usize);
+            left.deferred
+                .insert([0, 1, 2].map(|a| p[a] + b.start[a]), v);
+        }
+        left.partial.push(PartialGraph {
+            boxed: b,
+            edges: out.region_graph,
+        });
+        drop(left);
+        let core_in_region = core.offset_by(b.start);
+        Ok(ChunkLabels::from_roots(&out.roots, b, core_in_region))
+    }
+}
 
 /// Watershed, region graph and mean-affinity agglomeration of an affinity map into a new uint64
 /// segmentation.
@@ -569,43 +606,27 @@ pub async fn segment(
         chunks: grid.len(),
         ..Default::default()
     };
-    let location = input.store.location();
-    let params = opts.watershed;
-    let deferred: Arc<std::sync::Mutex<HashMap<Vec3, DeferredVoxel>>> = Default::default();
-    let partial_graphs: Arc<std::sync::Mutex<Vec<PartialGraph>>> = Default::default();
+    let leftovers: Arc<std::sync::Mutex<WatershedLeftovers>> = Default::default();
     let t = Instant::now();
-    let mut stitcher = {
-        let (ctx, location) = (ctx.clone(), location.clone());
-        let (deferred, partial_graphs) = (deferred.clone(), partial_graphs.clone());
-        let all: Vec<usize> = (0..layout.grid.len()).collect();
-        label_chunks(
-            input,
-            &layout,
-            WATERSHED_MARGIN,
-            opts.chunks.fill_missing,
-            &all,
-            move |b, core, vol| {
-                let aff = affinities_of(&vol, &location)?;
-                let out = watershed_box(&ctx, &aff, core, params, true)?;
-                let mut d = deferred.lock().unwrap();
-                for v in out.deferred {
-                    let p = Grid { shape: aff.shape }.position(v.index as usize);
-                    d.insert([0, 1, 2].map(|a| p[a] + b.start[a]), v);
-                }
-                partial_graphs.lock().unwrap().push(PartialGraph {
-                    boxed: b,
-                    edges: out.region_graph,
-                });
-                let core_in_region = core.offset_by(b.start);
-                Ok(ChunkLabels::from_roots(&out.roots, b, core_in_region))
-            },
-        )
-        .await?
-    };
+    let all: Vec<usize> = (0..layout.grid.len()).collect();
+    let mut stitcher = label_chunks(
+        input,
+        &layout,
+        WATERSHED_MARGIN,
+        opts.chunks.fill_missing,
+        &all,
+        watershed_labeler(
+            ctx.clone(),
+            opts.watershed,
+            input.store.location(),
+            leftovers.clone(),
+        ),
+    )
+    .await?;
     report.passes.push(("watershed", t.elapsed()));
     let t = Instant::now();
     stitcher.glue();
-    let deferred = std::mem::take(&mut *deferred.lock().unwrap());
+    let WatershedLeftovers { deferred, partial } = std::mem::take(&mut *leftovers.lock().unwrap());
     report.deferred = deferred.len();
     for (a, b) in resolve_plateaus(&deferred) {
         stitcher.join(a, b);
@@ -615,7 +636,6 @@ pub async fn segment(
     report.passes.push(("stitch", t.elapsed()));
 
     let t = Instant::now();
-    let partial = std::mem::take(&mut *partial_graphs.lock().unwrap());
     let graph = fragment_graph(&stitcher, &numbering, partial);
     report.region_edges = graph.len();
     report.passes.push(("region graph", t.elapsed()));
@@ -652,9 +672,9 @@ async fn finish(
 
 /// One chunk's region graph as the watershed pass left it: pairs of box voxels (`boxed` is the
 /// box in region coordinates).
-struct PartialGraph {
-    boxed: Box3,
-    edges: Vec<RegionEdge>,
+pub(crate) struct PartialGraph {
+    pub(crate) boxed: Box3,
+    pub(crate) edges: Vec<RegionEdge>,
 }
 
 /// The region graph of the fragments: each chunk's pairs of box voxels (roots, or halo voxels

@@ -33,15 +33,19 @@ pub enum Task {
     ConnectedComponents(ComponentsTask),
     /// One task of a staged connected-components plan (`cuboids plan connected-components`).
     ConnectedComponentsStage(ComponentsStageTask),
+    /// One task of a staged segment plan (`cuboids plan segment`).
+    SegmentStage(SegmentStageTask),
 }
 
 /// The stages of a staged plan, run in this order; tasks within a stage in any order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Stage {
-    /// Label one block (GPU), write its labels and face summary.
+    /// Label one block (GPU), write its labels and face summary (and for segment its open
+    /// plateaus and partial region graph).
     Block,
-    /// Join the blocks' faces, number the components, write each block's relabel table.
+    /// Join the blocks' faces, number the components (segment: and agglomerate them), write each
+    /// block's relabel table.
     Merge,
     /// Write one block's output chunks.
     Relabel,
@@ -49,26 +53,27 @@ pub enum Stage {
     Finalize,
 }
 
-/// A staged connected-components plan: what every task of it shares.
+/// A staged plan (`cuboids plan segment|connected-components`): what every task of it shares.
+/// `W` is the work it cuts into blocks: a [`SegmentTask`] or a [`ComponentsTask`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ComponentsPlan {
+pub struct StagedPlan<W> {
     /// md5 (hex) of the rest of the plan; intermediates carry it, so that objects of another plan
     /// are never mixed in.
     pub id: String,
-    /// Block extent in voxels: whole GPU chunks (`components.chunk_size`) and output chunks.
+    /// Block extent in voxels: whole GPU chunks (`work.chunk_size`) and output chunks.
     pub block_size: Vec3,
     pub blocks: usize,
-    pub components: ComponentsTask,
+    pub work: W,
 }
 
-impl ComponentsPlan {
-    pub fn new(block_size: Vec3, blocks: usize, components: ComponentsTask) -> ComponentsPlan {
-        let mut plan = ComponentsPlan {
+impl<W: Serialize> StagedPlan<W> {
+    pub fn new(block_size: Vec3, blocks: usize, work: W) -> StagedPlan<W> {
+        let mut plan = StagedPlan {
             id: String::new(),
             block_size,
             blocks,
-            components,
+            work,
         };
         plan.id = plan.expected_id();
         plan
@@ -77,7 +82,7 @@ impl ComponentsPlan {
     /// The id this plan's contents give (a task whose `id` differs was edited or mixed up).
     pub fn expected_id(&self) -> String {
         use md5::{Digest, Md5};
-        let body = serde_json::to_vec(&(&self.block_size, self.blocks, &self.components))
+        let body = serde_json::to_vec(&(&self.block_size, self.blocks, &self.work))
             .expect("a plan serialises");
         Md5::digest(&body)
             .iter()
@@ -86,16 +91,21 @@ impl ComponentsPlan {
     }
 }
 
-/// One task of a staged connected-components plan.
+/// One task of a staged plan.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ComponentsStageTask {
+pub struct StageTask<W> {
     pub stage: Stage,
     /// The block, for the block and relabel stages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<usize>,
-    pub plan: ComponentsPlan,
+    pub plan: StagedPlan<W>,
 }
+
+pub type ComponentsPlan = StagedPlan<ComponentsTask>;
+pub type ComponentsStageTask = StageTask<ComponentsTask>;
+pub type SegmentPlan = StagedPlan<SegmentTask>;
+pub type SegmentStageTask = StageTask<SegmentTask>;
 
 fn threshold_default() -> f64 {
     0.7
@@ -215,6 +225,7 @@ pub fn segmentation_output(kind: &str, output: &str, r: &SegmentReport) -> Value
         "segments": r.segments,
         "merges": r.merges,
         "region_edges": r.region_edges,
+        "deferred": r.deferred,
         "chunks_written": r.chunks_written,
         "seconds": r.wall.as_secs_f64(),
         "mvx_per_s": r.mvx_per_s(),
@@ -320,15 +331,28 @@ impl Task {
             Task::ConnectedComponents(t) => {
                 format!("connected-components {} -> {}", t.input, t.output)
             }
-            Task::ConnectedComponentsStage(t) => format!(
-                "connected-components {:?} stage{} of plan {} ({} -> {})",
-                t.stage,
-                t.block.map(|b| format!(" block {b}")).unwrap_or_default(),
-                t.plan.id,
-                t.plan.components.input,
-                t.plan.components.output
+            Task::ConnectedComponentsStage(t) => t.describe(
+                "connected-components",
+                &t.plan.work.input,
+                &t.plan.work.output,
             ),
+            Task::SegmentStage(t) => {
+                t.describe("segment", &t.plan.work.affinity, &t.plan.work.output)
+            }
         }
+    }
+}
+
+impl<W> StageTask<W> {
+    fn describe(&self, kind: &str, input: &str, output: &str) -> String {
+        format!(
+            "{kind} {:?} stage{} of plan {} ({input} -> {output})",
+            self.stage,
+            self.block
+                .map(|b| format!(" block {b}"))
+                .unwrap_or_default(),
+            self.plan.id,
+        )
     }
 }
 

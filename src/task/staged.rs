@@ -34,20 +34,28 @@
 //! per block label; done, empty. Every stage rewrites identical bytes when run again.
 
 use crate::formats::precomputed::{gunzip, gzip, Precomputed};
-use crate::geometry::{voxels, Box3};
+use crate::geometry::{voxels, Box3, Vec3};
+use crate::gpu::labeling::DeferredVoxel;
 use crate::gpu::GpuContext;
+use crate::hash::IdBuildHasher;
+use crate::ops::agglomerate::{agglomerate, EdgeStats, RegionGraph};
 use crate::ops::union_find::UnionFind;
-use crate::ops::watershed::Grid;
+use crate::ops::watershed::{Grid, DIRECTIONS};
 use crate::store::{ContentEncoding, Store, StoreError};
 use crate::task::downsample::source_region;
 use crate::task::plan::lcm;
 use crate::task::segment::{
-    components_labeler, label_chunks, layout, write_output, Layout, SegmentError, SegmentReport,
-    COMPONENTS_MARGIN, DEFAULT_CHUNK,
+    components_labeler, label_chunks, layout, resolve_plateaus, watershed_labeler, write_output,
+    Layout, PartialGraph, SegmentError, SegmentReport, WatershedLeftovers, COMPONENTS_MARGIN,
+    DEFAULT_CHUNK, WATERSHED_MARGIN,
 };
-use crate::task::spec::{ComponentsPlan, ComponentsStageTask, ComponentsTask, Stage, Task};
+use crate::task::spec::{
+    ChunkFields, ComponentsTask, SegmentTask, Stage, StageTask, StagedPlan, Task,
+};
 use crate::task::stitch::{for_each_shell_row, ChunkGrid, FinalLabels};
 use md5::{Digest, Md5};
+use serde::Serialize;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 use thiserror::Error;
@@ -94,6 +102,7 @@ enum Kind {
     Summary = 2,
     Remap = 3,
     Done = 4,
+    Graph = 5,
 }
 
 impl Kind {
@@ -103,6 +112,7 @@ impl Kind {
             Kind::Summary => "summary",
             Kind::Remap => "remap",
             Kind::Done => "done",
+            Kind::Graph => "graph",
         }
     }
 }
@@ -414,26 +424,104 @@ fn expand_runs(key: &str, runs: &[u32], voxels: usize) -> Result<Vec<u32>, Stage
     Ok(labels)
 }
 
-/// Host bytes a block task holds per block voxel: the decoded float input (with its margins and
-/// the chunk cache's share), the chunk labels and the block labels.
-pub const BLOCK_BYTES_PER_VOXEL: usize = 16;
+/// The work a staged plan cuts into blocks, as its stages see it.
+pub trait StagedWork: Serialize + Clone + Send + Sync + 'static {
+    /// The input volume (precomputed, local or `s3://`).
+    fn input(&self) -> &str;
+    fn output(&self) -> &str;
+    fn chunk_fields(&self) -> &ChunkFields;
+    fn chunk_fields_mut(&mut self) -> &mut ChunkFields;
+    /// Input voxels read around each GPU chunk core.
+    fn margin(&self) -> usize;
+    /// Host bytes a block task holds per block voxel: what sizes the blocks.
+    fn block_bytes_per_voxel(&self) -> usize;
+    fn work(&self) -> Work<'_>;
+    /// One of its stage tasks as a task document.
+    fn stage_task(task: StageTask<Self>) -> Task;
+}
 
-/// Cuts a connected-components task into a staged plan: blocks of whole GPU chunks and output
-/// chunks, grown along x, then y, then z while a block's host memory stays within `task_bytes`.
-/// Returns the tasks of each stage, in stage order.
-pub fn plan_components(
+/// What a block and the merge compute: connected components or segment.
+pub enum Work<'a> {
+    Components(&'a ComponentsTask),
+    Segment(&'a SegmentTask),
+}
+
+/// Host bytes a connected-components block task holds per block voxel: the chunk labels, the
+/// block labels, and the float input of the chunk in flight (with its share of the cache).
+pub const COMPONENTS_BYTES_PER_VOXEL: usize = 16;
+
+/// Host bytes a segment block task holds per block voxel: as connected components, plus the
+/// chunks' partial region graphs (a few edges per fragment) and three affinity channels in
+/// flight.
+pub const SEGMENT_BYTES_PER_VOXEL: usize = 24;
+
+impl StagedWork for ComponentsTask {
+    fn input(&self) -> &str {
+        &self.input
+    }
+    fn output(&self) -> &str {
+        &self.output
+    }
+    fn chunk_fields(&self) -> &ChunkFields {
+        &self.chunks
+    }
+    fn chunk_fields_mut(&mut self) -> &mut ChunkFields {
+        &mut self.chunks
+    }
+    fn margin(&self) -> usize {
+        COMPONENTS_MARGIN
+    }
+    fn block_bytes_per_voxel(&self) -> usize {
+        COMPONENTS_BYTES_PER_VOXEL
+    }
+    fn work(&self) -> Work<'_> {
+        Work::Components(self)
+    }
+    fn stage_task(task: StageTask<Self>) -> Task {
+        Task::ConnectedComponentsStage(task)
+    }
+}
+
+impl StagedWork for SegmentTask {
+    fn input(&self) -> &str {
+        &self.affinity
+    }
+    fn output(&self) -> &str {
+        &self.output
+    }
+    fn chunk_fields(&self) -> &ChunkFields {
+        &self.chunks
+    }
+    fn chunk_fields_mut(&mut self) -> &mut ChunkFields {
+        &mut self.chunks
+    }
+    fn margin(&self) -> usize {
+        WATERSHED_MARGIN
+    }
+    fn block_bytes_per_voxel(&self) -> usize {
+        SEGMENT_BYTES_PER_VOXEL
+    }
+    fn work(&self) -> Work<'_> {
+        Work::Segment(self)
+    }
+    fn stage_task(task: StageTask<Self>) -> Task {
+        Task::SegmentStage(task)
+    }
+}
+
+/// Cuts a segment or connected-components task into a staged plan: blocks of whole GPU chunks
+/// and output chunks, grown along x, then y, then z while a block's host memory stays within
+/// `task_bytes`. Returns the tasks of each stage, in stage order.
+pub fn plan<W: StagedWork>(
     input: &Precomputed,
-    task: &ComponentsTask,
+    task: &W,
     task_bytes: usize,
-) -> Result<(ComponentsPlan, Vec<Vec<Task>>), StagedError> {
+) -> Result<(StagedPlan<W>, Vec<Vec<Task>>), StagedError> {
     let scale = input.scale(0);
-    let region = source_region(scale, task.chunks.bounds).map_err(SegmentError::from)?;
-    let out_chunk = task.chunks.output_chunk_size.unwrap_or(scale.chunk_size());
-    let chunk = task
-        .chunks
-        .chunk_size
-        .unwrap_or(DEFAULT_CHUNK)
-        .map(|v| v.max(1));
+    let fields = task.chunk_fields();
+    let region = source_region(scale, fields.bounds).map_err(SegmentError::from)?;
+    let out_chunk = fields.output_chunk_size.unwrap_or(scale.chunk_size());
+    let chunk = fields.chunk_size.unwrap_or(DEFAULT_CHUNK).map(|v| v.max(1));
     let chunk = [0, 1, 2].map(|a| chunk[a].next_multiple_of(out_chunk[a]));
     let extent = region.shape();
     let mut block = [0, 1, 2].map(|a| chunk[a].min(extent[a].next_multiple_of(chunk[a])));
@@ -441,7 +529,7 @@ pub fn plan_components(
         while block[a] < extent[a] {
             let mut bigger = block;
             bigger[a] = (block[a] * 2).min(extent[a].next_multiple_of(chunk[a]));
-            if voxels(bigger) * BLOCK_BYTES_PER_VOXEL > task_bytes {
+            if voxels(bigger) * task.block_bytes_per_voxel() > task_bytes {
                 break;
             }
             block = bigger;
@@ -453,11 +541,11 @@ pub fn plan_components(
         chunk: block,
     }
     .len();
-    let mut components = task.clone();
-    components.chunks.chunk_size = Some(chunk);
-    let plan = ComponentsPlan::new(block, blocks, components);
+    let mut work = task.clone();
+    work.chunk_fields_mut().chunk_size = Some(chunk);
+    let plan = StagedPlan::new(block, blocks, work);
     let stage = |stage: Stage, block: Option<usize>| {
-        Task::ConnectedComponentsStage(ComponentsStageTask {
+        W::stage_task(StageTask {
             stage,
             block,
             plan: plan.clone(),
@@ -476,8 +564,8 @@ pub fn plan_components(
 
 /// Runs one task of a staged plan. Only the block stage uses the GPU (`ctx`; the other stages
 /// run where there is none).
-pub async fn run_stage(
-    task: &ComponentsStageTask,
+pub async fn run_stage<W: StagedWork>(
+    task: &StageTask<W>,
     input: &Precomputed,
     output: Arc<dyn Store>,
     ctx: Option<Arc<GpuContext>>,
@@ -504,7 +592,6 @@ pub async fn run_stage(
                 ),
             })
     };
-    let opts = plan.components.options();
     let staging = Staging {
         store: output.clone(),
         plan: plan.id.clone(),
@@ -516,24 +603,25 @@ pub async fn run_stage(
                 id: plan.id.clone(),
                 why: "the block stage needs a GPU".into(),
             })?;
+            let opts = plan.work.chunk_fields().options();
             let binding = ctx.max_binding_bytes();
-            let layout = layout(binding, input, output, &opts.chunks, COMPONENTS_MARGIN).await?;
+            let layout = layout(binding, input, output, &opts, plan.work.margin()).await?;
             let blocks = check_blocks(plan, &layout)?;
             run_block(&ctx, plan, input, &layout, blocks, b, &staging).await?
         }
         Stage::Merge => {
-            let layout = gpu_free_layout_context(input, &output, plan).await?;
+            let layout = gpu_free_layout(input, &output, plan).await?;
             let blocks = check_blocks(plan, &layout)?;
             merge(plan, blocks, &staging).await?
         }
         Stage::Relabel => {
             let b = block("relabel")?;
-            let ctx = gpu_free_layout_context(input, &output, plan).await?;
-            let blocks = check_blocks(plan, &ctx)?;
-            relabel(plan, &ctx, blocks, b, &staging).await?
+            let layout = gpu_free_layout(input, &output, plan).await?;
+            let blocks = check_blocks(plan, &layout)?;
+            relabel(plan, &layout, blocks, b, &staging).await?
         }
         Stage::Finalize => {
-            let layout = gpu_free_layout_context(input, &output, plan).await?;
+            let layout = gpu_free_layout(input, &output, plan).await?;
             check_blocks(plan, &layout)?;
             for b in 0..plan.blocks {
                 staging.get(Kind::Done, b).await?;
@@ -556,27 +644,20 @@ pub async fn run_stage(
     Ok(report)
 }
 
-/// The layout of the stages that need no GPU (relabel, finalize): the plan fixes the chunk size,
-/// so no adapter limit is consulted.
-async fn gpu_free_layout_context(
+/// The layout of the stages that need no GPU (merge, relabel, finalize): the plan fixes the
+/// chunk size, so no adapter limit is consulted.
+async fn gpu_free_layout<W: StagedWork>(
     input: &Precomputed,
     output: &Arc<dyn Store>,
-    plan: &ComponentsPlan,
+    plan: &StagedPlan<W>,
 ) -> Result<Layout, StagedError> {
-    let opts = plan.components.options();
-    Ok(layout(
-        u64::MAX,
-        input,
-        output.clone(),
-        &opts.chunks,
-        COMPONENTS_MARGIN,
-    )
-    .await?)
+    let opts = plan.work.chunk_fields().options();
+    Ok(layout(u64::MAX, input, output.clone(), &opts, plan.work.margin()).await?)
 }
 
 /// The plan's block grid, checked against the run's layout: blocks must be whole GPU chunks and
 /// their count the plan's.
-fn check_blocks(plan: &ComponentsPlan, layout: &Layout) -> Result<ChunkGrid, StagedError> {
+fn check_blocks<W>(plan: &StagedPlan<W>, layout: &Layout) -> Result<ChunkGrid, StagedError> {
     let blocks = ChunkGrid {
         region: layout.grid.region,
         chunk: plan.block_size,
@@ -605,10 +686,11 @@ fn check_blocks(plan: &ComponentsPlan, layout: &Layout) -> Result<ChunkGrid, Sta
     Ok(blocks)
 }
 
-/// Block stage: labels the block's chunks and writes its labels and summary.
-async fn run_block(
+/// Block stage: labels the block's chunks (segment: watershed and region graph), glues them,
+/// and writes the block's labels, its graph (segment) and last its summary.
+async fn run_block<W: StagedWork>(
     ctx: &Arc<GpuContext>,
-    plan: &ComponentsPlan,
+    plan: &StagedPlan<W>,
     input: &Precomputed,
     layout: &Layout,
     blocks: ChunkGrid,
@@ -620,25 +702,46 @@ async fn run_block(
     let chunks: Vec<usize> = (0..grid.len())
         .filter(|&c| block.intersect(&grid.core(c)) == grid.core(c))
         .collect();
-    let c = &plan.components;
-    let mut stitcher = label_chunks(
-        input,
-        layout,
-        COMPONENTS_MARGIN,
-        c.chunks.fill_missing,
-        &chunks,
-        components_labeler(
-            ctx.clone(),
-            c.threshold,
-            c.connectivity,
-            input.store.location(),
-        ),
-    )
-    .await?;
+    let fill_missing = plan.work.chunk_fields().fill_missing;
+    let location = input.store.location();
+    let margin = plan.work.margin();
+    let (mut stitcher, leftovers) = match plan.work.work() {
+        Work::Components(c) => {
+            let label = components_labeler(ctx.clone(), c.threshold, c.connectivity, location);
+            let stitcher = label_chunks(input, layout, margin, fill_missing, &chunks, label);
+            (stitcher.await?, None)
+        }
+        Work::Segment(s) => {
+            let left: Arc<std::sync::Mutex<WatershedLeftovers>> = Default::default();
+            let params = s.options().watershed;
+            let label = watershed_labeler(ctx.clone(), params, location, left.clone());
+            let stitcher = label_chunks(input, layout, margin, fill_missing, &chunks, label);
+            let stitcher = stitcher.await?;
+            let left = std::mem::take(&mut *left.lock().expect("no panics while held"));
+            (stitcher, Some(left))
+        }
+    };
     let outside = stitcher.glue();
+    // Plateaus that stay inside the block are resolved here; those that leave it go to the merge.
+    let leftovers = leftovers.map(|left| {
+        let (closed, open) = split_plateaus(left.deferred, block);
+        for (p, q) in resolve_plateaus(&closed) {
+            stitcher.join(p, q);
+        }
+        (open, left.partial)
+    });
     let numbering = stitcher.number();
     // Voxels are named by their index in the region.
     let region = Grid { shape: grid.region };
+    let label_at = |p: Vec3| {
+        stitcher
+            .node(p)
+            .map_or(0, |n| numbering.label_of_node[n as usize])
+    };
+    let graph = leftovers.map(|(open, partial)| BlockGraph {
+        open: open_voxels(&open, block, region, &label_at),
+        edges: block_edges(partial, block, region, &label_at),
+    });
     let halo = outside
         .iter()
         .map(|&(p, node)| {
@@ -649,6 +752,34 @@ async fn run_block(
         })
         .collect();
     let labels = stitcher.into_final(&numbering, |l| l).labels_in(block);
+    let summary = Summary {
+        first: numbering.first[1..].to_vec(),
+        sizes: numbering.sizes[1..].to_vec(),
+        halo,
+        face: face_voxels(&labels, block, region),
+    };
+    // The summary last: the merge reads only summaries and graphs, and a summary means that the
+    // block's other objects are there.
+    staging
+        .put(Kind::Labels, b, &u32s_to_bytes(&runs_of(&labels)))
+        .await?;
+    let mut report = SegmentReport {
+        voxels: voxels(block.shape()) as u64,
+        chunks: chunks.len(),
+        fragments: summary.first.len(),
+        ..Default::default()
+    };
+    if let Some(graph) = &graph {
+        report.deferred = graph.open.len();
+        report.region_edges = graph.edges.len();
+        staging.put(Kind::Graph, b, &graph.encode()).await?;
+    }
+    staging.put(Kind::Summary, b, &summary.encode()).await?;
+    Ok(report)
+}
+
+/// The labelled voxels on the block's outer shell (its faces), by region index (sorted).
+fn face_voxels(labels: &[u32], block: Box3, region: Grid) -> Vec<(u64, u32)> {
     let inner = Box3::new(
         [0, 1, 2].map(|a| (block.start[a] + 1).min(block.stop[a])),
         [0, 1, 2].map(|a| block.stop[a].saturating_sub(1).max(block.start[a])),
@@ -666,29 +797,226 @@ async fn run_block(
             }
         }
     });
-    let summary = Summary {
-        first: numbering.first[1..].to_vec(),
-        sizes: numbering.sizes[1..].to_vec(),
-        halo,
-        face,
-    };
-    // The summary last: the merge reads only summaries, and a summary means the labels are there.
-    staging
-        .put(Kind::Labels, b, &u32s_to_bytes(&runs_of(&labels)))
-        .await?;
-    staging.put(Kind::Summary, b, &summary.encode()).await?;
-    Ok(SegmentReport {
-        voxels: voxels(block.shape()) as u64,
-        chunks: chunks.len(),
-        fragments: summary.first.len(),
-        ..Default::default()
-    })
+    face
 }
 
-/// Merge stage: joins the blocks through their faces, numbers the components by first voxel
-/// (dust dropped), and writes each block's relabel table.
-async fn merge(
-    plan: &ComponentsPlan,
+fn inside(b: Box3, p: Vec3) -> bool {
+    (0..3).all(|a| p[a] >= b.start[a] && p[a] < b.stop[a])
+}
+
+/// The neighbour of `p` in direction `d`, if it is a voxel (coordinates not below 0).
+fn step(p: Vec3, d: usize) -> Option<Vec3> {
+    let q = [0, 1, 2].map(|a| p[a] as i64 + DIRECTIONS[d][a]);
+    q.iter().all(|&v| v >= 0).then(|| q.map(|v| v as usize))
+}
+
+/// Splits a block's deferred plateau voxels by plateau: those of plateaus entirely inside the
+/// block (closed: the block resolves them, with exactly the result of resolving them with all
+/// the others, since a plateau's pointers depend on its own voxels only), and those of plateaus
+/// that reach past the block (open, sorted by position: the merge resolves them).
+fn split_plateaus(
+    deferred: HashMap<Vec3, DeferredVoxel>,
+    block: Box3,
+) -> (HashMap<Vec3, DeferredVoxel>, Vec<(Vec3, DeferredVoxel)>) {
+    let leaves = |p: Vec3, v: &DeferredVoxel| {
+        (0..6).any(|d| {
+            v.bidirectional & (1 << d) != 0 && step(p, d).is_none_or(|q| !inside(block, q))
+        })
+    };
+    let mut open_seen: std::collections::HashSet<Vec3> = Default::default();
+    let mut starts: Vec<Vec3> = deferred
+        .iter()
+        .filter(|(p, v)| leaves(**p, v))
+        .map(|(p, _)| *p)
+        .collect();
+    starts.sort_unstable();
+    let mut queue: VecDeque<Vec3> = VecDeque::new();
+    for p in starts {
+        if open_seen.insert(p) {
+            queue.push_back(p);
+        }
+        while let Some(p) = queue.pop_front() {
+            let v = deferred[&p];
+            for d in (0..6).filter(|d| v.bidirectional & (1 << d) != 0) {
+                if let Some(q) = step(p, d) {
+                    if deferred.contains_key(&q) && open_seen.insert(q) {
+                        queue.push_back(q);
+                    }
+                }
+            }
+        }
+    }
+    let mut closed = deferred;
+    let mut open: Vec<(Vec3, DeferredVoxel)> = open_seen
+        .into_iter()
+        .map(|p| (p, closed.remove(&p).expect("an open voxel is deferred")))
+        .collect();
+    open.sort_unstable_by_key(|(p, _)| (p[2], p[1], p[0]));
+    (closed, open)
+}
+
+/// Open plateau voxels as the merge needs them: with their block label and the block labels of
+/// their neighbours inside the block (a pointer may end at any of them).
+fn open_voxels(
+    open: &[(Vec3, DeferredVoxel)],
+    block: Box3,
+    region: Grid,
+    label_at: &impl Fn(Vec3) -> u32,
+) -> Vec<OpenVoxel> {
+    open.iter()
+        .map(|&(p, v)| OpenVoxel {
+            voxel: region.index(p) as u64,
+            bidirectional: v.bidirectional,
+            to_exit: v.to_exit,
+            label: label_at(p),
+            neighbours: std::array::from_fn(|d| {
+                step(p, d).filter(|&q| inside(block, q)).map_or(0, label_at)
+            }),
+        })
+        .collect()
+}
+
+/// A key of a block's partial region graph: a block label, or (with this bit) the region index
+/// of a voxel outside the block, whose label its own block knows.
+const VOXEL_KEY: u64 = 1 << 63;
+
+/// The block's region graph: each chunk's pairs of box voxels translated to block labels (or
+/// outside voxels), pairs inside one block label dropped, the rest summed and sorted.
+fn block_edges(
+    partial: Vec<PartialGraph>,
+    block: Box3,
+    region: Grid,
+    label_at: &impl Fn(Vec3) -> u32,
+) -> Vec<(u64, u64, EdgeStats)> {
+    let mut sums: HashMap<(u64, u64), EdgeStats, IdBuildHasher> = HashMap::default();
+    for PartialGraph { boxed, edges } in partial {
+        let grid = Grid {
+            shape: boxed.shape(),
+        };
+        let key = |i: u32| {
+            let local = grid.position(i as usize);
+            let p = [0, 1, 2].map(|a| boxed.start[a] + local[a]);
+            if inside(block, p) {
+                let l = label_at(p);
+                assert_ne!(l, 0, "a region-graph key is a fragment voxel");
+                l as u64
+            } else {
+                VOXEL_KEY | region.index(p) as u64
+            }
+        };
+        let mut key_of: HashMap<u32, u64, IdBuildHasher> = HashMap::default();
+        for ((a, b), stats) in edges {
+            let ka = *key_of.entry(a).or_insert_with(|| key(a));
+            let kb = *key_of.entry(b).or_insert_with(|| key(b));
+            if ka != kb {
+                sums.entry((ka.min(kb), ka.max(kb))).or_default().add(stats);
+            }
+        }
+    }
+    let mut edges: Vec<(u64, u64, EdgeStats)> =
+        sums.into_iter().map(|((a, b), s)| (a, b, s)).collect();
+    edges.sort_unstable_by_key(|&(a, b, _)| (a, b));
+    edges
+}
+
+/// A plateau voxel whose plateau leaves its block.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct OpenVoxel {
+    voxel: u64,
+    bidirectional: u8,
+    to_exit: u8,
+    label: u32,
+    /// Block labels of the neighbours in waterz's direction order (0: outside the block or not
+    /// a fragment voxel).
+    neighbours: [u32; 6],
+}
+
+/// What a segment block adds for the merge: its open plateau voxels and its partial region
+/// graph.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct BlockGraph {
+    open: Vec<OpenVoxel>,
+    edges: Vec<(u64, u64, EdgeStats)>,
+}
+
+impl BlockGraph {
+    const OPEN_BYTES: usize = 8 + 2 + 4 + 24;
+    const EDGE_BYTES: usize = 32;
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            16 + self.open.len() * Self::OPEN_BYTES + self.edges.len() * Self::EDGE_BYTES,
+        );
+        out.extend_from_slice(&(self.open.len() as u64).to_le_bytes());
+        for v in &self.open {
+            out.extend_from_slice(&v.voxel.to_le_bytes());
+            out.extend_from_slice(&[v.bidirectional, v.to_exit]);
+            for l in std::iter::once(v.label).chain(v.neighbours) {
+                out.extend_from_slice(&l.to_le_bytes());
+            }
+        }
+        out.extend_from_slice(&(self.edges.len() as u64).to_le_bytes());
+        for (a, b, s) in &self.edges {
+            for w in [*a, *b, s.count, s.sum] {
+                out.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Decodes a block's graph whose labels must be below `count` + 1.
+    fn decode(key: &str, bytes: &[u8], count: usize) -> Result<BlockGraph, StagedError> {
+        let mut r = Reader { bytes, at: 0, key };
+        let label_ok = |l: u32, zero_ok: bool| (zero_ok || l != 0) && l as usize <= count;
+        let n = r.u64()? as usize;
+        r.check(n.saturating_mul(Self::OPEN_BYTES))?;
+        let mut g = BlockGraph::default();
+        for _ in 0..n {
+            let voxel = r.u64()?;
+            let [bidirectional, to_exit] = r.take()?;
+            let label = r.u32()?;
+            let mut neighbours = [0u32; 6];
+            for l in &mut neighbours {
+                *l = r.u32()?;
+            }
+            if !label_ok(label, false) || !neighbours.iter().all(|&l| label_ok(l, true)) {
+                return Err(r.corrupt(format!("an open voxel's label outside 1..={count}")));
+            }
+            g.open.push(OpenVoxel {
+                voxel,
+                bidirectional,
+                to_exit,
+                label,
+                neighbours,
+            });
+        }
+        let n = r.u64()? as usize;
+        r.check(n.saturating_mul(Self::EDGE_BYTES))?;
+        for _ in 0..n {
+            let (a, b) = (r.u64()?, r.u64()?);
+            let stats = EdgeStats {
+                count: r.u64()?,
+                sum: r.u64()?,
+            };
+            for k in [a, b] {
+                if k & VOXEL_KEY == 0 && !label_ok(k.try_into().unwrap_or(u32::MAX), false) {
+                    return Err(r.corrupt(format!("an edge's label {k} outside 1..={count}")));
+                }
+            }
+            g.edges.push((a, b, stats));
+        }
+        if r.at != bytes.len() {
+            return Err(r.corrupt(format!("{} bytes after the graph", bytes.len() - r.at)));
+        }
+        Ok(g)
+    }
+}
+
+/// Merge stage: joins the blocks through their faces (segment: and their open plateaus),
+/// numbers the components by first voxel, then drops dust (connected components) or
+/// agglomerates the region graph (segment), and writes each block's relabel table.
+async fn merge<W: StagedWork>(
+    plan: &StagedPlan<W>,
     blocks: ChunkGrid,
     staging: &Staging,
 ) -> Result<SegmentReport, StagedError> {
@@ -697,103 +1025,263 @@ async fn merge(
         let bytes = staging.get(Kind::Summary, b).await?;
         summaries.push(Summary::decode(&staging.key(Kind::Summary, b), &bytes)?);
     }
-    let remaps = tokio::task::spawn_blocking({
-        let dust = plan.components.dust;
-        let keys: Vec<String> = (0..plan.blocks)
-            .map(|b| staging.key(Kind::Summary, b))
-            .collect();
-        move || join_blocks(&summaries, blocks, dust, &keys)
+    let mut graphs = Vec::new();
+    if let Work::Segment(_) = plan.work.work() {
+        for (b, summary) in summaries.iter().enumerate() {
+            let bytes = staging.get(Kind::Graph, b).await?;
+            let key = staging.key(Kind::Graph, b);
+            graphs.push(BlockGraph::decode(&key, &bytes, summary.first.len())?);
+        }
+    }
+    let keys: Vec<[String; 2]> = (0..plan.blocks)
+        .map(|b| [Kind::Summary, Kind::Graph].map(|k| staging.key(k, b)))
+        .collect();
+    let work = plan.work.clone();
+    let remaps = tokio::task::spawn_blocking(move || {
+        let nodes = BlockNodes::new(&summaries, blocks, &keys);
+        match work.work() {
+            Work::Components(c) => join_components(&nodes, c.dust),
+            Work::Segment(s) => join_segments(&nodes, &graphs, s.threshold),
+        }
     })
     .await
     .map_err(SegmentError::from)??;
     for (b, remap) in remaps.tables.iter().enumerate() {
         staging.put(Kind::Remap, b, &u32s_to_bytes(remap)).await?;
     }
-    Ok(SegmentReport {
-        chunks: plan.blocks,
-        fragments: remaps.components,
-        segments: remaps.segments,
-        ..Default::default()
-    })
+    Ok(remaps.report)
 }
 
 struct Remaps {
     tables: Vec<Vec<u32>>,
-    components: usize,
-    segments: usize,
+    report: SegmentReport,
 }
 
-/// The merge's computation: union-find over every block's labels, joined where a halo voxel of
-/// one block is a face voxel of another.
-fn join_blocks(
-    summaries: &[Summary],
+/// Every block label of a plan as one union-find node, and the voxels on block faces.
+struct BlockNodes<'a> {
+    summaries: &'a [Summary],
+    /// Per block: its summary's and its graph's keys (for errors).
+    keys: &'a [[String; 2]],
+    offsets: Vec<usize>,
+    total: usize,
     blocks: ChunkGrid,
-    dust: u64,
-    keys: &[String],
-) -> Result<Remaps, StagedError> {
-    let mut offsets = Vec::with_capacity(summaries.len());
-    let mut total = 0usize;
-    for s in summaries {
-        offsets.push(total);
-        total += s.first.len();
-    }
-    let voxel_grid = Grid {
-        shape: blocks.region,
-    };
-    let mut sets = UnionFind::new(total);
-    for (b, s) in summaries.iter().enumerate() {
-        for &(voxel, label) in &s.halo {
-            // The block that holds the voxel, and the voxel among its (sorted) face voxels.
-            let owner = blocks.chunk_of(voxel_grid.position(voxel as usize));
-            let face = &summaries.get(owner).map_or(&[][..], |o| &o.face[..]);
-            let there = face
-                .binary_search_by_key(&voxel, |&(v, _)| v)
-                .map(|at| offsets[owner] + face[at].1 as usize - 1)
-                .map_err(|_| StagedError::Corrupt {
-                    key: keys[b].clone(),
-                    why: format!("halo voxel {voxel} is not a face voxel of block {owner}"),
-                })?;
-            sets.union((offsets[b] + label as usize - 1) as u32, there as u32);
+    voxels: Grid,
+}
+
+impl<'a> BlockNodes<'a> {
+    fn new(summaries: &'a [Summary], blocks: ChunkGrid, keys: &'a [[String; 2]]) -> Self {
+        let mut offsets = Vec::with_capacity(summaries.len());
+        let mut total = 0usize;
+        for s in summaries {
+            offsets.push(total);
+            total += s.first.len();
+        }
+        BlockNodes {
+            summaries,
+            keys,
+            offsets,
+            total,
+            blocks,
+            voxels: Grid {
+                shape: blocks.region,
+            },
         }
     }
-    let mut first = vec![u64::MAX; total];
-    let mut size = vec![0u64; total];
-    for (b, s) in summaries.iter().enumerate() {
-        for (l, (&f, &n)) in s.first.iter().zip(&s.sizes).enumerate() {
-            let root = sets.find((offsets[b] + l) as u32) as usize;
-            first[root] = first[root].min(f);
-            size[root] += n;
-        }
+
+    fn node(&self, b: usize, label: u32) -> u32 {
+        (self.offsets[b] + label as usize - 1) as u32
     }
-    let mut roots: Vec<usize> = (0..total).filter(|&r| size[r] > 0).collect();
-    roots.sort_unstable_by_key(|&r| first[r]);
-    let mut label_of_root = vec![0u32; total];
+
+    fn owner(&self, p: Vec3) -> usize {
+        self.blocks.chunk_of(p)
+    }
+
+    /// The node of a voxel on its own block's face, which an object of block `asker` (its
+    /// summary or its graph: `object` 0 or 1) names.
+    fn face_node(&self, voxel: u64, asker: usize, object: usize) -> Result<u32, StagedError> {
+        let p = self.voxels.position(voxel as usize);
+        let owner = self.owner(p);
+        let face = self.summaries.get(owner).map_or(&[][..], |o| &o.face[..]);
+        face.binary_search_by_key(&voxel, |&(v, _)| v)
+            .map(|at| self.node(owner, face[at].1))
+            .map_err(|_| StagedError::Corrupt {
+                key: self.keys[asker][object].clone(),
+                why: format!("voxel {voxel} is not a face voxel of block {owner}"),
+            })
+    }
+
+    /// Joins each block's halo voxels to the labels their own blocks give them.
+    fn glue_halos(&self, sets: &mut UnionFind) -> Result<(), StagedError> {
+        for (b, s) in self.summaries.iter().enumerate() {
+            for &(voxel, label) in &s.halo {
+                sets.union(self.node(b, label), self.face_node(voxel, b, 0)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Numbers the components 1..N by first voxel in region order: each node's component, and
+    /// each component's size (index 0 unused).
+    fn number(&self, sets: &mut UnionFind) -> (Vec<u32>, Vec<u64>) {
+        let total = self.total;
+        let mut first = vec![u64::MAX; total];
+        let mut size = vec![0u64; total];
+        for (b, s) in self.summaries.iter().enumerate() {
+            for (l, (&f, &n)) in s.first.iter().zip(&s.sizes).enumerate() {
+                let root = sets.find((self.offsets[b] + l) as u32) as usize;
+                first[root] = first[root].min(f);
+                size[root] += n;
+            }
+        }
+        let mut roots: Vec<usize> = (0..total).filter(|&r| size[r] > 0).collect();
+        roots.sort_unstable_by_key(|&r| first[r]);
+        let mut component_of_root = vec![0u32; total];
+        let mut sizes = vec![0u64];
+        for (i, &r) in roots.iter().enumerate() {
+            component_of_root[r] = i as u32 + 1;
+            sizes.push(size[r]);
+        }
+        let component = (0..total as u32)
+            .map(|n| component_of_root[sets.find(n) as usize])
+            .collect();
+        (component, sizes)
+    }
+
+    /// Per block, per label: `f(node)`.
+    fn tables(&self, f: impl Fn(u32) -> u32) -> Vec<Vec<u32>> {
+        self.summaries
+            .iter()
+            .enumerate()
+            .map(|(b, s)| {
+                (0..s.first.len())
+                    .map(|l| f((self.offsets[b] + l) as u32))
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// Connected components' merge: components through the halos, numbered by first voxel, dust
+/// dropped and the rest renumbered in the same order.
+fn join_components(nodes: &BlockNodes, dust: u64) -> Result<Remaps, StagedError> {
+    let mut sets = UnionFind::new(nodes.total);
+    nodes.glue_halos(&mut sets)?;
+    let (component, sizes) = nodes.number(&mut sets);
+    let mut keep = vec![0u32; sizes.len()];
     let mut next = 0u32;
-    for &r in &roots {
-        if size[r] >= dust {
+    for (c, &size) in sizes.iter().enumerate().skip(1) {
+        if size >= dust {
             next += 1;
-            label_of_root[r] = next;
+            keep[c] = next;
         }
     }
-    let tables = summaries
-        .iter()
-        .enumerate()
-        .map(|(b, s)| {
-            (0..s.first.len())
-                .map(|l| label_of_root[sets.find((offsets[b] + l) as u32) as usize])
-                .collect()
-        })
-        .collect();
     Ok(Remaps {
-        tables,
-        components: roots.len(),
-        segments: next as usize,
+        tables: nodes.tables(|n| keep[component[n as usize] as usize]),
+        report: SegmentReport {
+            chunks: nodes.summaries.len(),
+            fragments: sizes.len() - 1,
+            segments: next as usize,
+            ..Default::default()
+        },
+    })
+}
+
+/// Segment's merge: fragments through the halos and the open plateaus (resolved over their whole
+/// extent, as a single process resolves them), numbered by first voxel; the blocks' partial
+/// graphs translated to fragments and summed (exact integer sums, so equal to a single
+/// process's graph); then agglomeration of the whole graph.
+fn join_segments(
+    nodes: &BlockNodes,
+    graphs: &[BlockGraph],
+    threshold: f64,
+) -> Result<Remaps, StagedError> {
+    let mut sets = UnionFind::new(nodes.total);
+    nodes.glue_halos(&mut sets)?;
+    let mut deferred = HashMap::new();
+    let mut open_at: HashMap<Vec3, (usize, &OpenVoxel)> = HashMap::new();
+    for (b, g) in graphs.iter().enumerate() {
+        for v in &g.open {
+            let p = nodes.voxels.position(v.voxel as usize);
+            if nodes.owner(p) != b {
+                return Err(StagedError::Corrupt {
+                    key: nodes.keys[b][1].clone(),
+                    why: format!("open voxel {} lies outside the block", v.voxel),
+                });
+            }
+            deferred.insert(
+                p,
+                DeferredVoxel {
+                    index: 0,
+                    bidirectional: v.bidirectional,
+                    to_exit: v.to_exit,
+                },
+            );
+            open_at.insert(p, (b, v));
+        }
+    }
+    for (p, q) in resolve_plateaus(&deferred) {
+        let (b, v) = open_at[&p];
+        let there = if let Some(&(bq, w)) = open_at.get(&q) {
+            nodes.node(bq, w.label)
+        } else if nodes.owner(q) == b {
+            let d = (0..6)
+                .find(|&d| step(p, d) == Some(q))
+                .expect("a plateau pointer is one step");
+            match v.neighbours[d] {
+                0 => {
+                    return Err(StagedError::Corrupt {
+                        key: nodes.keys[b][1].clone(),
+                        why: format!("open voxel {} has no label toward {d}", v.voxel),
+                    })
+                }
+                l => nodes.node(b, l),
+            }
+        } else {
+            nodes.face_node(nodes.voxels.index(q) as u64, b, 1)?
+        };
+        sets.union(nodes.node(b, v.label), there);
+    }
+    let (fragment, sizes) = nodes.number(&mut sets);
+    let fragments = sizes.len() - 1;
+    let mut graph = RegionGraph::default();
+    for (b, g) in graphs.iter().enumerate() {
+        let fragment_of = |k: u64| -> Result<u32, StagedError> {
+            let node = if k & VOXEL_KEY != 0 {
+                nodes.face_node(k & !VOXEL_KEY, b, 1)?
+            } else {
+                nodes.node(b, k as u32)
+            };
+            Ok(fragment[node as usize])
+        };
+        for &(ka, kb, stats) in &g.edges {
+            let (fa, fb) = (fragment_of(ka)?, fragment_of(kb)?);
+            if fa != fb {
+                graph
+                    .entry((fa.min(fb), fa.max(fb)))
+                    .or_default()
+                    .add(stats);
+            }
+        }
+    }
+    let region_edges = graph.len();
+    let (segment_of, merges) = agglomerate(fragments as u32, &graph, threshold);
+    Ok(Remaps {
+        tables: nodes.tables(|n| segment_of[fragment[n as usize] as usize]),
+        report: SegmentReport {
+            chunks: nodes.summaries.len(),
+            fragments,
+            segments: merges.segments,
+            merges: merges.merges,
+            region_edges,
+            deferred: deferred.len(),
+            ..Default::default()
+        },
     })
 }
 
 /// Relabel stage: writes the block's output chunks through its table, then its done marker.
-async fn relabel(
-    plan: &ComponentsPlan,
+async fn relabel<W: StagedWork>(
+    plan: &StagedPlan<W>,
     layout: &Layout,
     blocks: ChunkGrid,
     b: usize,
@@ -817,7 +1305,7 @@ async fn relabel(
     let written = write_output(
         layout,
         Arc::new(labels),
-        plan.components.options().chunks.write,
+        plan.work.chunk_fields().options().write,
         block,
         false,
     )
