@@ -134,6 +134,10 @@ enum Command {
         /// Core of each GPU chunk x,y,z (the commands' default when not given).
         #[arg(long, value_parser = parse_vec3)]
         chunk_size: Option<[usize; 3]>,
+        /// Also run each pipeline as a staged plan (blocks of this much host memory, MiB), all
+        /// its tasks in this process, checked equal to the single run, and print the time ratio.
+        #[arg(long)]
+        staged_task_mib: Option<usize>,
     },
     /// Make a small synthetic EM image and segmentation under DIR and downsample both.
     Demo {
@@ -569,6 +573,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dir,
             python,
             chunk_size,
+            staged_task_mib,
         } => done(runtime.block_on(segmentation::bench_segment(
             segmentation::SegmentBenchOptions {
                 size,
@@ -577,6 +582,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 dir,
                 python,
                 chunk_size,
+                staged_task_mib,
             },
         ))),
         Command::Demo { dir, size } => done(runtime.block_on(local::demo(&dir, size))),

@@ -551,3 +551,81 @@ fn block_task_memory_is_bounded_by_the_block_not_the_volume() {
 fn values_ref(v: &[f32]) -> [&[f32]; 1] {
     [v]
 }
+
+#[test]
+fn segment_block_task_memory_is_bounded_by_the_block_not_the_volume() {
+    // Affinity maps of 4 and 8 M voxels, blocks of 1 M voxels (24 MiB at 24 bytes per voxel).
+    let mut rss = Vec::new();
+    for x in [256, 512] {
+        let shape = [x, 256, 64];
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("aff");
+        let aff = cuboids::runtime::synthetic::affinities_like(shape);
+        let channels: Vec<&[f32]> = aff.channels.iter().map(Vec::as_slice).collect();
+        rt().block_on(write_float_volume(&input, &channels, shape, WRITE))
+            .unwrap();
+        drop(aff);
+        let common = |output: &Path| -> Vec<String> {
+            [
+                "--affinity",
+                input.to_str().unwrap(),
+                "--output",
+                output.to_str().unwrap(),
+                "--chunk-size",
+                "128,128,64",
+                "--output-chunk-size",
+                "64,64,64",
+            ]
+            .map(String::from)
+            .to_vec()
+        };
+        let mut plan_args = vec!["plan".to_string(), "segment".to_string()];
+        plan_args.extend(common(&dir.path().join("staged")));
+        plan_args.extend(["--task-mib", "24", "--manifests"].map(String::from));
+        plan_args.push(format!("{}/", dir.path().join("plan").display()));
+        let o = cuboids(
+            &plan_args.iter().map(String::as_str).collect::<Vec<_>>(),
+            None,
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        let block_manifest = dir.path().join("plan").join("block.jsonl");
+        assert_eq!(
+            tasks_in(&block_manifest),
+            x / 128 * 2,
+            "blocks of 128x128x64"
+        );
+        let block = peak_rss(&batch(&block_manifest, 0));
+        // The control: a single-process run holds the whole volume's fragments and graph.
+        let doc = serde_json::json!({
+            "kind": "segment",
+            "affinity": input,
+            "output": dir.path().join("whole"),
+            "chunk_size": [128, 128, 64],
+            "output_chunk_size": [64, 64, 64],
+        });
+        let task = dir.path().join("whole.json");
+        std::fs::write(&task, doc.to_string()).unwrap();
+        let whole = peak_rss(&cuboids(&["run-task", task.to_str().unwrap()], None));
+        eprintln!(
+            "{shape:?}: segment block task {} MiB, single process {} MiB",
+            block >> 20,
+            whole >> 20
+        );
+        rss.push((block, whole));
+    }
+    let (small, large) = (rss[0], rss[1]);
+    // The single process grows with the volume (16 MB more labels at least); the block task
+    // does not.
+    assert!(
+        large.1 > small.1 + (12 << 20),
+        "single process: {} -> {} MiB",
+        small.1 >> 20,
+        large.1 >> 20
+    );
+    assert!(
+        large.0 < small.0 + (8 << 20),
+        "segment block task: {} -> {} MiB",
+        small.0 >> 20,
+        large.0 >> 20
+    );
+}

@@ -12,6 +12,8 @@ use crate::store::open_store;
 use crate::task::segment::{
     connected_components, segment, ChunkOptions, ComponentsOptions, SegmentOptions, SegmentReport,
 };
+use crate::task::spec::{ChunkFields, ComponentsTask, SegmentTask, Stage, Task};
+use crate::task::staged::{self, StagedWork};
 use crate::volume::Volume;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -209,6 +211,9 @@ pub struct SegmentBenchOptions {
     pub python: Option<PathBuf>,
     /// GPU chunk core (the commands' default when `None`).
     pub chunk_size: Option<Vec3>,
+    /// Also run each pipeline as a staged plan with blocks of this much host memory (MiB),
+    /// every stage's tasks one after another in this process, and compare with the single run.
+    pub staged_task_mib: Option<usize>,
 }
 
 /// benches/segment_compare.py: under the working directory when it is a checkout (the binary may
@@ -255,6 +260,8 @@ pub async fn bench_segment(o: SegmentBenchOptions) -> Result<()> {
         chunk_size: o.chunk_size,
         ..Default::default()
     };
+    // The warm single-process times, which the staged runs are compared with.
+    let (mut single_segment, mut single_components) = (None, None);
     for round in 0..2 {
         let note = if round == 0 {
             " (includes shader compilation)"
@@ -270,6 +277,7 @@ pub async fn bench_segment(o: SegmentBenchOptions) -> Result<()> {
             };
             let r = segment(ctx.clone(), &aff_vol, std::sync::Arc::new(out), &opts).await?;
             print_report(&format!("cuboids segment{note}"), &r);
+            single_segment = Some(r.wall);
         }
         if o.only != Some(BenchPipeline::Segment) {
             let out = crate::store::LocalStore::new(temp.path().join(format!("cc{round}")));
@@ -282,6 +290,45 @@ pub async fn bench_segment(o: SegmentBenchOptions) -> Result<()> {
             let r = connected_components(ctx.clone(), &prob_vol, std::sync::Arc::new(out), &opts)
                 .await?;
             print_report(&format!("cuboids connected-components (26){note}"), &r);
+            single_components = Some(r.wall);
+        }
+    }
+    if let Some(task_mib) = o.staged_task_mib {
+        let fields = ChunkFields {
+            bounds: None,
+            chunk_size: o.chunk_size,
+            output_chunk_size: None,
+            fill_missing: false,
+            gzip_level: 0,
+            cache_mib: None,
+        };
+        if let Some(single) = single_segment {
+            let task = SegmentTask {
+                affinity: location_of(temp.path(), "affinities"),
+                output: location_of(temp.path(), "seg-staged"),
+                threshold: 0.7,
+                aff_low: 0.001,
+                aff_high: 0.9999,
+                chunks: fields.clone(),
+            };
+            let ctx = Some(ctx.clone());
+            let r = run_plan_in_process(&aff_vol, &task, task_mib, ctx, single).await?;
+            compare_outputs(temp.path(), "seg1", "seg-staged").await?;
+            println!("cuboids segment staged, in one process: {r}");
+        }
+        if let Some(single) = single_components {
+            let task = ComponentsTask {
+                input: location_of(temp.path(), "probability"),
+                output: location_of(temp.path(), "cc-staged"),
+                threshold: 0.5,
+                connectivity: Connectivity::TwentySix,
+                dust: 0,
+                chunks: fields,
+            };
+            let ctx = Some(ctx.clone());
+            let r = run_plan_in_process(&prob_vol, &task, task_mib, ctx, single).await?;
+            compare_outputs(temp.path(), "cc1", "cc-staged").await?;
+            println!("cuboids connected-components staged, in one process: {r}");
         }
     }
     if let Some(python) = o.python {
@@ -329,6 +376,94 @@ pub async fn bench_segment(o: SegmentBenchOptions) -> Result<()> {
                 mvx / seconds
             );
         }
+    }
+    Ok(())
+}
+
+fn location_of(dir: &Path, name: &str) -> String {
+    dir.join(name).to_string_lossy().into_owned()
+}
+
+/// Runs every task of a staged plan of `task`, stage after stage, in this process; returns a
+/// line with the total time, its ratio to the `single` run's and each stage's share.
+async fn run_plan_in_process<W: StagedWork>(
+    input: &Precomputed,
+    task: &W,
+    task_mib: usize,
+    ctx: Option<std::sync::Arc<crate::gpu::GpuContext>>,
+    single: std::time::Duration,
+) -> Result<String> {
+    let (plan, stages) = staged::plan(input, task, task_mib << 20)?;
+    let output = open_store(task.output()).await?;
+    let start = Instant::now();
+    let mut shares = Vec::new();
+    for tasks in &stages {
+        let t = Instant::now();
+        let mut name = "";
+        // Each pass's time summed over the stage's tasks.
+        let mut passes: Vec<(&str, f64)> = Vec::new();
+        for stage_task in tasks {
+            let report = match stage_task {
+                Task::SegmentStage(t) => {
+                    name = stage_name(t.stage);
+                    staged::run_stage(t, input, output.clone(), ctx.clone()).await?
+                }
+                Task::ConnectedComponentsStage(t) => {
+                    name = stage_name(t.stage);
+                    staged::run_stage(t, input, output.clone(), ctx.clone()).await?
+                }
+                other => bail!("not a stage task: {}", other.describe()),
+            };
+            for (pass, d) in report.passes {
+                match passes.iter_mut().find(|p| p.0 == pass) {
+                    Some(p) => p.1 += d.as_secs_f64(),
+                    None => passes.push((pass, d.as_secs_f64())),
+                }
+            }
+        }
+        let passes: Vec<String> = passes
+            .iter()
+            .map(|(pass, s)| format!("{pass} {s:.2}"))
+            .collect();
+        shares.push(format!(
+            "{name} {:.2} s [{}]",
+            t.elapsed().as_secs_f64(),
+            passes.join(", ")
+        ));
+    }
+    let wall = start.elapsed();
+    Ok(format!(
+        "{} blocks of {:?}: {:.2} s = {:.2}x the single process ({})",
+        plan.blocks,
+        plan.block_size,
+        wall.as_secs_f64(),
+        wall.as_secs_f64() / single.as_secs_f64(),
+        shares.join(", ")
+    ))
+}
+
+fn stage_name(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Block => "block",
+        Stage::Merge => "merge",
+        Stage::Relabel => "relabel",
+        Stage::Finalize => "finalize",
+    }
+}
+
+/// Fails unless two outputs under `dir` hold the same labels.
+async fn compare_outputs(dir: &Path, a: &str, b: &str) -> Result<()> {
+    let read = |name: &str| {
+        let location = location_of(dir, name);
+        async move {
+            let vol = open_input(&location).await?;
+            let whole = crate::geometry::Box3::from_shape(vol.scale(0).size);
+            let (labels, _) = vol.read_region_cached(0, whole, false, None).await?;
+            anyhow::Ok(labels)
+        }
+    };
+    if read(a).await?.data != read(b).await?.data {
+        bail!("{b} differs from {a}: the staged run is not the single run's labels");
     }
     Ok(())
 }

@@ -1,37 +1,58 @@
-//! Connected components past one machine: a plan cuts the region into blocks, and four stages
-//! of tasks (Batch array children or activity tasks, each in any order within its stage) give
-//! exactly the labels of a single-process run.
+//! Segment and connected components past one machine: a plan cuts the region into blocks, and
+//! four stages of tasks (Batch array children or activity tasks, each in any order within its
+//! stage) give exactly the labels of a single-process run.
 //!
-//! 1. **block** (GPU, one per block): labels the block's GPU chunks, glued inside the block, then
-//!    numbered by first voxel within the block. Writes the block's labels and a summary: per
-//!    label its first voxel (region order) and size, the block's face voxels with their labels,
-//!    and the halo voxels outside the block that its labels reach.
-//! 2. **merge** (one task, no GPU): joins the blocks through their halos and faces, numbers the
-//!    components 1..N by first voxel, drops dust, and writes each block's relabel table.
+//! 1. **block** (GPU, one per block): labels the block's GPU chunks (connected components, or
+//!    segment's watershed fragments with each chunk's region graph), glued inside the block,
+//!    then numbered by first voxel within the block. Writes the block's labels and a summary:
+//!    per label its first voxel (region order) and size, the block's face voxels with their
+//!    labels, and the halo voxels outside the block that its labels reach. A segment block
+//!    resolves the plateaus (see src/ops/watershed.rs) that stay inside it and also writes its
+//!    graph: the plateau voxels whose plateau leaves the block, and its region graph keyed by
+//!    block labels or by voxels of other blocks' faces.
+//! 2. **merge** (one task, no GPU): joins the blocks through their halos and faces (segment: and
+//!    the open plateaus, resolved over their whole extent), numbers the components 1..N by first
+//!    voxel, then drops dust (connected components) or sums the blocks' graphs into the
+//!    fragments' region graph and agglomerates it (segment); writes each block's relabel table.
 //! 3. **relabel** (one per block, no GPU): writes the block's output chunks through its table.
 //! 4. **finalize** (one task): checks that every block was relabelled, then writes the output's
 //!    info: until then the output is not a volume, so no partial output passes for a finished
 //!    one.
 //!
+//! Why the result equals a single process's: fragments and components are numbered by first
+//! voxel, so the numbering does not depend on the blocking; a plateau's pointers depend on that
+//! plateau's voxels only, so resolving a closed plateau in its block gives what resolving all of
+//! them together gives; region-graph sums are exact integers, so summing per block and then
+//! across blocks gives the same graph; agglomeration then runs on the same graph.
+//!
 //! Intermediate objects live next to the output, under `.cuboids-staging/<plan id>/`:
-//! `block-<i>.labels`, `block-<i>.summary`, `block-<i>.remap` and `block-<i>.done`. Each is a
-//! 64-byte header and a gzip payload (little-endian throughout):
+//! `block-<i>.labels`, `block-<i>.summary`, `block-<i>.graph` (segment), `block-<i>.remap` and
+//! `block-<i>.done`. Each is a 64-byte header and a gzip payload (little-endian throughout):
 //!
 //! | bytes | field |
 //! | --- | --- |
 //! | 0..8 | magic `CUBOIDS\0` |
 //! | 8..12 | format version (1) |
-//! | 12..16 | kind: 1 labels, 2 summary, 3 remap, 4 done |
+//! | 12..16 | kind: 1 labels, 2 summary, 3 remap, 4 done, 5 graph |
 //! | 16..32 | plan id (the md5 in the tasks' `plan.id`) |
 //! | 32..40 | block index |
 //! | 40..48 | payload length after gunzip |
 //! | 48..64 | md5 of the gzip payload |
 //!
-//! Payloads: labels, (u32 label, u32 run length) pairs that cover the block's voxels in Fortran
-//! order (0 background); summary, u32 count
-//! K, K u64 first voxels, K u64 sizes, u64 H and H (u64 voxel, u32 label) halo entries, u64 F and
-//! F (u64 voxel, u32 label) face entries (voxels as region indices); remap, one u32 output label
-//! per block label; done, empty. Every stage rewrites identical bytes when run again.
+//! Payloads (voxels as region indices, Fortran order):
+//! - labels: (u32 label, u32 run length) pairs that cover the block's voxels in Fortran order (0
+//!   background);
+//! - summary: u32 count K, K u64 first voxels, K u64 sizes, u64 H and H (u64 voxel, u32 label)
+//!   halo entries, u64 F and F (u64 voxel, u32 label) face entries (sorted by voxel);
+//! - graph: u64 D and D open plateau voxels (u64 voxel, u8 bidirectional directions, u8 those
+//!   toward an exit, u32 label, 6 u32 labels of its neighbours inside the block in waterz's
+//!   direction order, 0 outside it), then u64 E and E edges (u64 key, u64 key, u64 voxel-edge
+//!   count, u64 fixed-point affinity sum) sorted by keys; a key is a block label, or 2^63 + the
+//!   voxel of another block's face;
+//! - remap: one u32 output label per block label;
+//! - done: empty.
+//!
+//! Every stage rewrites identical bytes when run again.
 
 use crate::formats::precomputed::{gunzip, gzip, Precomputed};
 use crate::geometry::{voxels, Box3, Vec3};
@@ -705,6 +726,7 @@ async fn run_block<W: StagedWork>(
     let fill_missing = plan.work.chunk_fields().fill_missing;
     let location = input.store.location();
     let margin = plan.work.margin();
+    let mut passes = Passes::new();
     let (mut stitcher, leftovers) = match plan.work.work() {
         Work::Components(c) => {
             let label = components_labeler(ctx.clone(), c.threshold, c.connectivity, location);
@@ -721,6 +743,7 @@ async fn run_block<W: StagedWork>(
             (stitcher, Some(left))
         }
     };
+    passes.done("label");
     let outside = stitcher.glue();
     // Plateaus that stay inside the block are resolved here; those that leave it go to the merge.
     let leftovers = leftovers.map(|left| {
@@ -738,10 +761,14 @@ async fn run_block<W: StagedWork>(
             .node(p)
             .map_or(0, |n| numbering.label_of_node[n as usize])
     };
+    passes.done("stitch");
     let graph = leftovers.map(|(open, partial)| BlockGraph {
         open: open_voxels(&open, block, region, &label_at),
         edges: block_edges(partial, block, region, &label_at),
     });
+    if graph.is_some() {
+        passes.done("region graph");
+    }
     let halo = outside
         .iter()
         .map(|&(p, node)| {
@@ -758,6 +785,7 @@ async fn run_block<W: StagedWork>(
         halo,
         face: face_voxels(&labels, block, region),
     };
+    passes.done("block labels");
     // The summary last: the merge reads only summaries and graphs, and a summary means that the
     // block's other objects are there.
     staging
@@ -775,7 +803,35 @@ async fn run_block<W: StagedWork>(
         staging.put(Kind::Graph, b, &graph.encode()).await?;
     }
     staging.put(Kind::Summary, b, &summary.encode()).await?;
+    passes.done("write");
+    report.passes = passes.into_vec();
     Ok(report)
+}
+
+/// Times consecutive passes of a stage task, for its report.
+struct Passes {
+    since: Instant,
+    passes: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Passes {
+    fn new() -> Passes {
+        Passes {
+            since: Instant::now(),
+            passes: Vec::new(),
+        }
+    }
+
+    /// Ends the pass `name` (begun when the last one ended).
+    fn done(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.passes.push((name, now - self.since));
+        self.since = now;
+    }
+
+    fn into_vec(self) -> Vec<(&'static str, std::time::Duration)> {
+        self.passes
+    }
 }
 
 /// The labelled voxels on the block's outer shell (its faces), by region index (sorted).
@@ -1020,6 +1076,7 @@ async fn merge<W: StagedWork>(
     blocks: ChunkGrid,
     staging: &Staging,
 ) -> Result<SegmentReport, StagedError> {
+    let mut passes = Passes::new();
     let mut summaries = Vec::with_capacity(plan.blocks);
     for b in 0..plan.blocks {
         let bytes = staging.get(Kind::Summary, b).await?;
@@ -1036,8 +1093,9 @@ async fn merge<W: StagedWork>(
     let keys: Vec<[String; 2]> = (0..plan.blocks)
         .map(|b| [Kind::Summary, Kind::Graph].map(|k| staging.key(k, b)))
         .collect();
+    passes.done("read");
     let work = plan.work.clone();
-    let remaps = tokio::task::spawn_blocking(move || {
+    let mut remaps = tokio::task::spawn_blocking(move || {
         let nodes = BlockNodes::new(&summaries, blocks, &keys);
         match work.work() {
             Work::Components(c) => join_components(&nodes, c.dust),
@@ -1046,9 +1104,13 @@ async fn merge<W: StagedWork>(
     })
     .await
     .map_err(SegmentError::from)??;
+    passes.passes.append(&mut remaps.report.passes);
+    passes.since = Instant::now();
     for (b, remap) in remaps.tables.iter().enumerate() {
         staging.put(Kind::Remap, b, &u32s_to_bytes(remap)).await?;
     }
+    passes.done("write");
+    remaps.report.passes = passes.into_vec();
     Ok(remaps.report)
 }
 
@@ -1195,6 +1257,7 @@ fn join_segments(
     graphs: &[BlockGraph],
     threshold: f64,
 ) -> Result<Remaps, StagedError> {
+    let mut passes = Passes::new();
     let mut sets = UnionFind::new(nodes.total);
     nodes.glue_halos(&mut sets)?;
     let mut deferred = HashMap::new();
@@ -1243,6 +1306,7 @@ fn join_segments(
     }
     let (fragment, sizes) = nodes.number(&mut sets);
     let fragments = sizes.len() - 1;
+    passes.done("stitch");
     let mut graph = RegionGraph::default();
     for (b, g) in graphs.iter().enumerate() {
         let fragment_of = |k: u64| -> Result<u32, StagedError> {
@@ -1264,7 +1328,9 @@ fn join_segments(
         }
     }
     let region_edges = graph.len();
+    passes.done("region graph");
     let (segment_of, merges) = agglomerate(fragments as u32, &graph, threshold);
+    passes.done("agglomerate");
     Ok(Remaps {
         tables: nodes.tables(|n| segment_of[fragment[n as usize] as usize]),
         report: SegmentReport {
@@ -1274,6 +1340,7 @@ fn join_segments(
             merges: merges.merges,
             region_edges,
             deferred: deferred.len(),
+            passes: passes.into_vec(),
             ..Default::default()
         },
     })
@@ -1288,6 +1355,7 @@ async fn relabel<W: StagedWork>(
     staging: &Staging,
 ) -> Result<SegmentReport, StagedError> {
     let block = blocks.core(b);
+    let mut passes = Passes::new();
     let remap = staging.get(Kind::Remap, b).await?;
     let remap_key = staging.key(Kind::Remap, b);
     let remap = bytes_to_u32s(&remap_key, &remap, remap.len() / 4)?;
@@ -1302,6 +1370,7 @@ async fn relabel<W: StagedWork>(
         });
     }
     let labels = FinalLabels::from_box(block, labels, remap);
+    passes.done("read");
     let written = write_output(
         layout,
         Arc::new(labels),
@@ -1311,9 +1380,11 @@ async fn relabel<W: StagedWork>(
     )
     .await?;
     staging.put(Kind::Done, b, &[]).await?;
+    passes.done("write");
     Ok(SegmentReport {
         voxels: voxels(block.shape()) as u64,
         chunks_written: written,
+        passes: passes.into_vec(),
         ..Default::default()
     })
 }
