@@ -169,13 +169,10 @@ impl Adjacency {
     }
 }
 
-/// An edge between two live regions (which ones: the adjacency maps know).
-#[derive(Debug)]
-struct Edge {
-    stats: EdgeStats,
-    version: u32,
-    alive: bool,
-}
+/// The state of an edge between two live regions (which ones: the adjacency maps know): its
+/// version, or [`DEAD`]. Kept apart from the statistics, 4 bytes per edge: the queue's staleness
+/// check reads it for every popped entry, most of them stale, at random.
+const DEAD: u32 = u32::MAX;
 
 /// The live regions a pushed pair now stands for (halving the merge chains it walks).
 fn endpoints(merged_into: &mut [u32], pair: (u32, u32)) -> (u32, u32) {
@@ -235,6 +232,9 @@ struct MergeQueue {
     /// Bucket i > 0: keys whose highest bit differing from `last` is bit i - 1.
     buckets: Vec<Vec<Candidate>>,
     last: u64,
+    /// An empty vector with capacity, swapped in for a bucket being redistributed, so that
+    /// buckets keep their allocations instead of growing again from nothing.
+    spare: Vec<Candidate>,
 }
 
 impl MergeQueue {
@@ -242,6 +242,7 @@ impl MergeQueue {
         MergeQueue {
             buckets: (0..=64).map(|_| Vec::new()).collect(),
             last: 0,
+            spare: Vec::new(),
         }
     }
 
@@ -277,12 +278,14 @@ impl MergeQueue {
     fn pop(&mut self) -> Option<Candidate> {
         if self.buckets[0].is_empty() {
             let i = (1..=64).find(|&i| !self.buckets[i].is_empty())?;
-            let moved = std::mem::take(&mut self.buckets[i]);
+            let mut moved =
+                std::mem::replace(&mut self.buckets[i], std::mem::take(&mut self.spare));
             self.last = moved.iter().map(Self::key).min().expect("not empty");
-            for c in moved {
+            for c in moved.drain(..) {
                 let b = self.bucket(Self::key(&c));
                 self.buckets[b].push(c);
             }
+            self.spare = moved;
             self.buckets[0].sort_unstable();
         }
         self.buckets[0].pop()
@@ -306,7 +309,8 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
     let mut merged_into: Vec<u32> = (0..n as u32).collect();
     // Edges between live regions; an edge keeps its id when one end merges into another region
     // without a parallel edge there (its mean is unchanged: no new queue entry is needed).
-    let mut edges: Vec<Edge> = Vec::with_capacity(graph.len());
+    let mut stats_of: Vec<EdgeStats> = Vec::with_capacity(graph.len());
+    let mut version_of: Vec<u32> = Vec::with_capacity(graph.len());
     let mut degree = vec![0usize; n];
     for &(a, b) in graph.keys() {
         degree[a as usize] += 1;
@@ -315,12 +319,9 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
     let mut adjacency: Vec<Adjacency> = degree.into_iter().map(Adjacency::with_capacity).collect();
     let mut initial = Vec::with_capacity(graph.len());
     for (&(a, b), &stats) in graph {
-        let id = edges.len() as u32;
-        edges.push(Edge {
-            stats,
-            version: 0,
-            alive: true,
-        });
+        let id = stats_of.len() as u32;
+        stats_of.push(stats);
+        version_of.push(0);
         adjacency[a as usize].insert(b, id);
         adjacency[b as usize].insert(a, id);
         initial.push(Candidate {
@@ -336,14 +337,13 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
     }
     let mut report = MergeReport::default();
     while let Some(c) = queue.pop() {
-        let edge = &edges[c.edge as usize];
-        if !edge.alive || edge.version != c.version {
-            continue; // merged away or re-scored since
+        if version_of[c.edge as usize] != c.version {
+            continue; // merged away (DEAD) or re-scored since
         }
         if 1.0 - c.mean >= threshold {
             break;
         }
-        edges[c.edge as usize].alive = false;
+        version_of[c.edge as usize] = DEAD;
         let (a, b) = endpoints(&mut merged_into, c.pair);
         // The region with more neighbours survives, so each merge costs the smaller adjacency.
         let (keep, gone) = if adjacency[a as usize].len() >= adjacency[b as usize].len() {
@@ -362,16 +362,16 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
                 Some(parallel) => {
                     adjacency[other as usize].remove(gone);
                     // Two edges become one: its statistics combine and it is scored again.
-                    let absorbed = edges[id as usize].stats;
-                    edges[id as usize].alive = false;
-                    let e = &mut edges[parallel as usize];
-                    e.stats.add(absorbed);
-                    e.version += 1;
+                    let absorbed = stats_of[id as usize];
+                    version_of[id as usize] = DEAD;
+                    let p = parallel as usize;
+                    stats_of[p].add(absorbed);
+                    version_of[p] += 1;
                     queue.push(Candidate {
-                        mean: e.stats.mean(),
+                        mean: stats_of[p].mean(),
                         pair: (keep.min(other), keep.max(other)),
                         edge: parallel,
-                        version: e.version,
+                        version: version_of[p],
                     });
                 }
                 None => {
