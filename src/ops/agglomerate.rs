@@ -7,7 +7,6 @@
 //! the CPU, and over any chunking. The mean differs from a float mean by at most 2^-25.
 
 use crate::hash::IdBuildHasher;
-use crate::ops::union_find::{number_by_first_voxel, UnionFind};
 use crate::ops::watershed::Affinities;
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -110,13 +109,6 @@ impl Adjacency {
         }
     }
 
-    fn get(&self, region: u32) -> Option<u32> {
-        match self {
-            Adjacency::Small(v) => v.iter().find(|e| e.0 == region).map(|e| e.1),
-            Adjacency::Large(m) => m.get(&region).copied(),
-        }
-    }
-
     /// Adds a neighbour that is not there yet.
     fn insert(&mut self, region: u32, edge: u32) {
         match self {
@@ -128,6 +120,41 @@ impl Adjacency {
             }
             Adjacency::Large(m) => {
                 m.insert(region, edge);
+            }
+        }
+    }
+
+    /// The edge to neighbour `region`, to read and replace.
+    fn get_mut(&mut self, region: u32) -> Option<&mut u32> {
+        match self {
+            Adjacency::Small(v) => v.iter_mut().find(|e| e.0 == region).map(|e| &mut e.1),
+            Adjacency::Large(m) => m.get_mut(&region),
+        }
+    }
+
+    /// Drops neighbour `gone` and points neighbour `keep` (both there) at `edge`, in one pass.
+    fn drop_and_point(&mut self, gone: u32, keep: u32, edge: u32) {
+        match self {
+            Adjacency::Small(v) => {
+                let (mut at, mut pointed) = (None, false);
+                for (i, e) in v.iter_mut().enumerate() {
+                    if e.0 == gone {
+                        at = Some(i);
+                    } else if e.0 == keep {
+                        e.1 = edge;
+                        pointed = true;
+                    }
+                    if pointed && at.is_some() {
+                        break;
+                    }
+                }
+                if let Some(i) = at {
+                    v.swap_remove(i);
+                }
+            }
+            Adjacency::Large(m) => {
+                m.remove(&gone);
+                m.insert(keep, edge);
             }
         }
     }
@@ -174,28 +201,34 @@ impl Adjacency {
 /// check reads it for every popped entry, most of them stale, at random.
 const DEAD: u32 = u32::MAX;
 
-/// The live regions a pushed pair now stands for (halving the merge chains it walks).
-fn endpoints(merged_into: &mut [u32], pair: (u32, u32)) -> (u32, u32) {
-    let mut live = |mut r: u32| {
-        while merged_into[r as usize] != r {
-            let next = merged_into[r as usize];
-            merged_into[r as usize] = merged_into[next as usize];
-            r = next;
-        }
-        r
-    };
-    (live(pair.0), live(pair.1))
+/// The live region a node now belongs to (halving the merge chain it walks).
+fn live(merged_into: &mut [u32], mut r: u32) -> u32 {
+    while merged_into[r as usize] != r {
+        let next = merged_into[r as usize];
+        merged_into[r as usize] = merged_into[next as usize];
+        r = next;
+    }
+    r
 }
 
-/// An entry of the merge queue: an edge as it was when pushed. Entries of dead edges, or of an
+/// An entry of the merge queue: an edge as it was when scored. Entries of dead edges, or of an
 /// older `version` of a live one, are skipped. Kept small: the queue's cost is memory traffic.
 #[derive(Debug)]
 struct Candidate {
-    mean: f64,
-    /// The edge's fragment pair when pushed: the tie-break among equal means.
-    pair: (u32, u32),
+    /// The edge's statistics when scored: means compare exactly, as fractions, so that two
+    /// means that round to one f64 still pop in a fixed order.
+    stats: EdgeStats,
+    /// The edge, which is also the tie-break among equal means (smaller first): edges are
+    /// numbered in the order of their ties (see [`GraphEdge::tie`]), and two edges that become
+    /// one keep the smaller number.
     edge: u32,
     version: u32,
+}
+
+impl Candidate {
+    fn mean(&self) -> f64 {
+        self.stats.mean()
+    }
 }
 
 impl PartialEq for Candidate {
@@ -210,13 +243,14 @@ impl PartialOrd for Candidate {
     }
 }
 impl Ord for Candidate {
-    /// Highest mean first (means are exact sums over counts, rounded once to f64); among equal
-    /// means the smallest pair first (a max-heap pops the greatest, so the pair order is
+    /// Highest mean first (compared exactly: sum_a * count_b against sum_b * count_a); among
+    /// equal means the smallest edge first (a max-heap pops the greatest, so the edge order is
     /// reversed).
     fn cmp(&self, other: &Self) -> Ordering {
-        self.mean
-            .total_cmp(&other.mean)
-            .then_with(|| other.pair.cmp(&self.pair))
+        let (a, b) = (&self.stats, &other.stats);
+        (a.sum as u128 * b.count as u128)
+            .cmp(&(b.sum as u128 * a.count as u128))
+            .then_with(|| other.edge.cmp(&self.edge))
             .then_with(|| self.version.cmp(&other.version))
     }
 }
@@ -225,7 +259,8 @@ impl Ord for Candidate {
 /// pushes means no higher than the last one popped (a combined edge's mean is a weighted average
 /// of two live edges' means), so a monotone queue applies: each entry moves down at most 64
 /// buckets in its life, in sequential memory, where a binary heap of millions of entries spends
-/// its time on cache misses. It pops exactly in [`Candidate`]'s order, ties included.
+/// its time on cache misses. Buckets go by the mean rounded to f64 (rounding keeps the order of
+/// exact means, ties aside); it pops exactly in [`Candidate`]'s order, ties included.
 #[derive(Debug)]
 struct MergeQueue {
     /// Bucket 0: entries whose key equals `last`, sorted so that the next to pop is at the end.
@@ -249,7 +284,7 @@ impl MergeQueue {
     /// Smaller keys pop first: the highest mean (means are non-negative, whose f64 bit patterns
     /// order like their values).
     fn key(c: &Candidate) -> u64 {
-        u64::MAX - c.mean.to_bits()
+        u64::MAX - c.mean().to_bits()
     }
 
     fn bucket(&self, key: u64) -> usize {
@@ -299,112 +334,289 @@ pub struct MergeReport {
     pub segments: usize,
 }
 
+/// An edge of a graph to agglomerate: its two regions (`a < b`, each named by its smallest
+/// node), their statistics, and its tie-break among equal means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GraphEdge {
+    pub a: u32,
+    pub b: u32,
+    pub stats: EdgeStats,
+    /// The smallest fragment pair among the fragments' graph edges that this edge sums (for
+    /// an edge of that graph, `(a, b)`); smaller pops first among equal means. It depends on
+    /// the edge's voxels only, not on which region survives a merge nor on the order of merges,
+    /// and an edge formed from several has the smallest of theirs: what lets agglomeration run
+    /// in rounds (see [`agglomerate_rounds`]).
+    pub tie: (u32, u32),
+}
+
+/// The outcome of [`agglomerate_rounds`]: what was merged and what is left for a later round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Agglomeration {
+    /// Per node, the smallest node of its region.
+    pub region_of: Vec<u32>,
+    /// The edges between the regions that are left, sorted, with their ties: a later round that holds more of the graph goes on from exactly here.
+    pub left: Vec<GraphEdge>,
+    pub merges: usize,
+}
+
+/// Agglomeration over the part of a graph one task holds, exactly as far as that part decides
+/// it (ABISS's frozen segments).
+///
+/// Nodes are numbered in an order that does not depend on the part (fragments by first voxel),
+/// and `frozen[n]` marks the nodes with edges the part does not hold. Edges pop best first as
+/// in one whole run; one that touches a frozen region is not merged but freezes both its
+/// regions, since what the region would become depends on edges elsewhere. Regions that are
+/// not frozen hold all their edges, and any edge the whole run forms from their edges has a
+/// mean no higher than its parts (a weighted average) and, on equal means, the smallest of
+/// their tie-breaks, so it cannot pop before its parts pop here: every merge made here is one
+/// the whole run makes, on the same statistics. A round over the union of parts, given the edges
+/// left by its parts and the edges between them, continues where they stopped; the last round,
+/// with nothing frozen, ends where one run over the whole graph ends.
+pub fn agglomerate_rounds(
+    nodes: usize,
+    edges: &[GraphEdge],
+    frozen: &[bool],
+    threshold: f64,
+) -> Agglomeration {
+    assert_eq!(frozen.len(), nodes, "one frozen flag per node");
+    let mut sorted = edges.to_vec();
+    sorted.sort_unstable_by_key(|e| e.tie);
+    let mut run = Agglomerator::new(nodes, &sorted, frozen);
+    drop(sorted);
+    let merges = run.merge_until(threshold);
+    run.finish(merges)
+}
+
 /// Merges fragments 1..=`fragments` along `graph` until the best pair's `1 - mean` reaches
 /// `threshold`. Returns, per fragment id (index 0 = background), its segment id: segments are
 /// numbered 1..N by their smallest fragment, so numbering fragments by first voxel numbers
 /// segments by first voxel too.
 pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<u32>, MergeReport) {
+    let mut edges: Vec<GraphEdge> = graph
+        .iter()
+        .map(|(&(a, b), &stats)| GraphEdge {
+            a,
+            b,
+            stats,
+            tie: (a, b),
+        })
+        .collect();
+    edges.sort_unstable_by_key(|e| e.tie);
     let n = fragments as usize + 1;
-    // merged_into[r] = r for a live region, else the region it was merged into.
-    let mut merged_into: Vec<u32> = (0..n as u32).collect();
-    // Edges between live regions; an edge keeps its id when one end merges into another region
-    // without a parallel edge there (its mean is unchanged: no new queue entry is needed).
-    let mut stats_of: Vec<EdgeStats> = Vec::with_capacity(graph.len());
-    let mut version_of: Vec<u32> = Vec::with_capacity(graph.len());
-    let mut degree = vec![0usize; n];
-    for &(a, b) in graph.keys() {
-        degree[a as usize] += 1;
-        degree[b as usize] += 1;
+    let mut run = Agglomerator::new(n, &edges, &[]);
+    drop(edges);
+    let merges = run.merge_until(threshold);
+    let out = number_by_smallest(&run.region_of());
+    let segments = out.iter().max().copied().unwrap_or(0) as usize;
+    (out, MergeReport { merges, segments })
+}
+
+/// Per node (index 0 = background) its segment 1..N, numbered by smallest node, given each
+/// node's smallest region member.
+fn number_by_smallest(region_of: &[u32]) -> Vec<u32> {
+    let mut out = vec![0u32; region_of.len()];
+    let mut next = 0;
+    for n in 1..region_of.len() {
+        let r = region_of[n] as usize;
+        out[n] = if r == n {
+            next += 1;
+            next
+        } else {
+            out[r]
+        };
     }
-    let mut adjacency: Vec<Adjacency> = degree.into_iter().map(Adjacency::with_capacity).collect();
-    let mut initial = Vec::with_capacity(graph.len());
-    for (&(a, b), &stats) in graph {
-        let id = stats_of.len() as u32;
-        stats_of.push(stats);
-        version_of.push(0);
-        adjacency[a as usize].insert(b, id);
-        adjacency[b as usize].insert(a, id);
-        initial.push(Candidate {
-            mean: stats.mean(),
-            pair: (a, b),
-            edge: id,
-            version: 0,
-        });
-    }
-    let mut queue = MergeQueue::new();
-    for c in initial {
-        queue.push(c);
-    }
-    let mut report = MergeReport::default();
-    while let Some(c) = queue.pop() {
-        if version_of[c.edge as usize] != c.version {
-            continue; // merged away (DEAD) or re-scored since
+    out
+}
+
+/// Greedy mean-affinity merging over one graph (see [`agglomerate_rounds`]).
+struct Agglomerator {
+    /// merged_into[r] = r for a live region, else the region it was merged into.
+    merged_into: Vec<u32>,
+    /// Per region, whether it waits for a later round; empty when nothing does.
+    frozen: Vec<bool>,
+    /// Edges between live regions, numbered in the order of their ties; an edge keeps its id
+    /// when one end merges into another region without a parallel edge there (its mean is
+    /// unchanged: no new queue entry), and two parallel edges become the smaller id.
+    stats_of: Vec<EdgeStats>,
+    /// Each edge's version, or [`DEAD`]. Kept apart from the statistics, 4 bytes per edge: the
+    /// queue's staleness check reads it for every popped entry, most of them stale, at random.
+    version_of: Vec<u32>,
+    /// Each edge's tie as given (the tie of a combined edge is that of its smaller id).
+    tie_of: Vec<(u32, u32)>,
+    /// Each edge's regions when the run began: members of the regions it joins now.
+    ends_of: Vec<(u32, u32)>,
+    adjacency: Vec<Adjacency>,
+    queue: MergeQueue,
+}
+
+impl Agglomerator {
+    /// `edges` sorted by tie; `frozen` per node, or empty when no node is.
+    fn new(nodes: usize, edges: &[GraphEdge], frozen: &[bool]) -> Agglomerator {
+        debug_assert!(edges.windows(2).all(|w| w[0].tie < w[1].tie));
+        let mut degree = vec![0usize; nodes];
+        for e in edges {
+            degree[e.a as usize] += 1;
+            degree[e.b as usize] += 1;
         }
-        if 1.0 - c.mean >= threshold {
-            break;
+        let mut adjacency: Vec<Adjacency> =
+            degree.into_iter().map(Adjacency::with_capacity).collect();
+        let mut queue = MergeQueue::new();
+        for (id, e) in edges.iter().enumerate() {
+            adjacency[e.a as usize].insert(e.b, id as u32);
+            adjacency[e.b as usize].insert(e.a, id as u32);
+            queue.push(Candidate {
+                stats: e.stats,
+                edge: id as u32,
+                version: 0,
+            });
         }
-        version_of[c.edge as usize] = DEAD;
-        let (a, b) = endpoints(&mut merged_into, c.pair);
+        Agglomerator {
+            merged_into: (0..nodes as u32).collect(),
+            frozen: if frozen.contains(&true) {
+                frozen.to_vec()
+            } else {
+                Vec::new()
+            },
+            stats_of: edges.iter().map(|e| e.stats).collect(),
+            version_of: vec![0; edges.len()],
+            tie_of: edges.iter().map(|e| e.tie).collect(),
+            ends_of: edges.iter().map(|e| (e.a, e.b)).collect(),
+            adjacency,
+            queue,
+        }
+    }
+
+    /// Merges best first until the best edge's `1 - mean` reaches `threshold`; returns how many
+    /// merges it made.
+    fn merge_until(&mut self, threshold: f64) -> usize {
+        let mut merges = 0;
+        while let Some(c) = self.queue.pop() {
+            if self.version_of[c.edge as usize] != c.version {
+                continue; // merged away (DEAD) or re-scored since
+            }
+            if 1.0 - c.mean() >= threshold {
+                break;
+            }
+            let ends = self.ends_of[c.edge as usize];
+            let a = live(&mut self.merged_into, ends.0);
+            let b = live(&mut self.merged_into, ends.1);
+            if !self.frozen.is_empty() && (self.frozen[a as usize] || self.frozen[b as usize]) {
+                // Decided by edges elsewhere: both regions wait for a round that holds them.
+                self.frozen[a as usize] = true;
+                self.frozen[b as usize] = true;
+                continue;
+            }
+            self.version_of[c.edge as usize] = DEAD;
+            self.merge(a, b);
+            merges += 1;
+        }
+        merges
+    }
+
+    fn merge(&mut self, a: u32, b: u32) {
         // The region with more neighbours survives, so each merge costs the smaller adjacency.
-        let (keep, gone) = if adjacency[a as usize].len() >= adjacency[b as usize].len() {
+        let (keep, gone) = if self.adjacency[a as usize].len() >= self.adjacency[b as usize].len() {
             (a, b)
         } else {
             (b, a)
         };
-        merged_into[gone as usize] = keep;
-        let moved = std::mem::take(&mut adjacency[gone as usize]).into_entries();
-        adjacency[keep as usize].remove(gone);
+        self.merged_into[gone as usize] = keep;
+        let moved = std::mem::take(&mut self.adjacency[gone as usize]).into_entries();
+        self.adjacency[keep as usize].remove(gone);
         for (other, id) in moved {
             if other == keep {
                 continue;
             }
-            match adjacency[keep as usize].get(other) {
+            let parallel = self.adjacency[keep as usize].get_mut(other).map(|slot| {
+                let parallel = *slot;
+                *slot = parallel.min(id);
+                parallel
+            });
+            match parallel {
                 Some(parallel) => {
-                    adjacency[other as usize].remove(gone);
-                    // Two edges become one: its statistics combine and it is scored again.
-                    let absorbed = stats_of[id as usize];
-                    version_of[id as usize] = DEAD;
-                    let p = parallel as usize;
-                    stats_of[p].add(absorbed);
-                    version_of[p] += 1;
-                    queue.push(Candidate {
-                        mean: stats_of[p].mean(),
-                        pair: (keep.min(other), keep.max(other)),
-                        edge: parallel,
-                        version: version_of[p],
+                    // Two edges become one, under the smaller id (the smaller tie): its
+                    // statistics combine and it is scored again.
+                    let (kept, absorbed) = (parallel.min(id), parallel.max(id));
+                    self.adjacency[other as usize].drop_and_point(gone, keep, kept);
+                    let (k, a) = (kept as usize, absorbed as usize);
+                    let absorbed_stats = self.stats_of[a];
+                    self.stats_of[k].add(absorbed_stats);
+                    self.version_of[a] = DEAD;
+                    self.version_of[k] += 1;
+                    self.queue.push(Candidate {
+                        stats: self.stats_of[k],
+                        edge: kept,
+                        version: self.version_of[k],
                     });
                 }
                 None => {
                     // The edge moves to `keep` at both ends: renamed in place at `other`.
-                    adjacency[keep as usize].insert(other, id);
-                    adjacency[other as usize].rename(gone, keep);
+                    self.adjacency[keep as usize].insert(other, id);
+                    self.adjacency[other as usize].rename(gone, keep);
                 }
             }
         }
-        report.merges += 1;
     }
-    let mut sets = UnionFind::new(n);
-    for (r, &into) in merged_into.iter().enumerate() {
-        sets.union(r as u32, into);
-    }
-    let out = number_segments(&mut sets);
-    report.segments = out.iter().max().copied().unwrap_or(0) as usize;
-    (out, report)
-}
 
-/// Per fragment (index 0 = background) its segment: the sets of `sets` numbered 1..N by their
-/// smallest fragment.
-fn number_segments(sets: &mut UnionFind) -> Vec<u32> {
-    let n = sets.len();
-    let roots: Vec<Option<u32>> = (0..n as u32)
-        .map(|f| (f > 0).then(|| sets.find(f)))
-        .collect();
-    number_by_first_voxel(roots.into_iter(), n)
+    /// Per node, the smallest node of its region.
+    fn region_of(&mut self) -> Vec<u32> {
+        const NONE: u32 = u32::MAX;
+        let mut smallest = vec![NONE; self.merged_into.len()];
+        (0..self.merged_into.len() as u32)
+            .map(|n| {
+                let r = live(&mut self.merged_into, n) as usize;
+                if smallest[r] == NONE {
+                    smallest[r] = n; // nodes come in increasing order
+                }
+                smallest[r]
+            })
+            .collect()
+    }
+
+    fn finish(mut self, merges: usize) -> Agglomeration {
+        let region_of = self.region_of();
+        let mut left = Vec::new();
+        for (r, adjacency) in self.adjacency.iter().enumerate() {
+            let mine = region_of[r];
+            let edges = match adjacency {
+                Adjacency::Small(v) => v.clone(),
+                Adjacency::Large(m) => m.iter().map(|(&o, &id)| (o, id)).collect(),
+            };
+            for (other, id) in edges {
+                let theirs = region_of[other as usize];
+                if mine < theirs {
+                    left.push(GraphEdge {
+                        a: mine,
+                        b: theirs,
+                        stats: self.stats_of[id as usize],
+                        tie: self.tie_of[id as usize],
+                    });
+                }
+            }
+        }
+        left.sort_unstable_by_key(|e| (e.a, e.b));
+        Agglomeration {
+            region_of,
+            left,
+            merges,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::union_find::{number_by_first_voxel, UnionFind};
+
+    /// Per fragment (index 0 = background) its segment: the sets of `sets` numbered 1..N by their
+    /// smallest fragment.
+    fn number_segments(sets: &mut UnionFind) -> Vec<u32> {
+        let n = sets.len();
+        let roots: Vec<Option<u32>> = (0..n as u32)
+            .map(|f| (f > 0).then(|| sets.find(f)))
+            .collect();
+        number_by_first_voxel(roots.into_iter(), n)
+    }
 
     fn stats(affinities: &[f32]) -> EdgeStats {
         EdgeStats {
@@ -457,30 +669,32 @@ mod tests {
     }
 
     /// Greedy merging the slow, obvious way: after every merge, regroup all original edges by
-    /// the regions they now join and take the best mean (smaller pair on ties).
+    /// the regions they now join and take the best mean (compared exactly), on ties the one
+    /// whose smallest original pair is smallest.
     fn agglomerate_naively(fragments: u32, graph: &RegionGraph, threshold: f64) -> Vec<u32> {
         let n = fragments as usize + 1;
         let mut sets = UnionFind::new(n);
         loop {
-            let mut joined: HashMap<(u32, u32), EdgeStats> = HashMap::new();
+            let mut joined: HashMap<(u32, u32), (EdgeStats, (u32, u32))> = HashMap::new();
             for (&(a, b), &stats) in graph {
                 let (ra, rb) = (sets.find(a), sets.find(b));
                 if ra != rb {
-                    joined
+                    let e = joined
                         .entry((ra.min(rb), ra.max(rb)))
-                        .or_default()
-                        .add(stats);
+                        .or_insert((EdgeStats::default(), (a, b)));
+                    e.0.add(stats);
+                    e.1 = e.1.min((a, b));
                 }
             }
             let best = joined.iter().max_by(|x, y| {
                 let (mx, my) = (
-                    x.1.sum as u128 * y.1.count as u128,
-                    y.1.sum as u128 * x.1.count as u128,
+                    x.1 .0.sum as u128 * y.1 .0.count as u128,
+                    y.1 .0.sum as u128 * x.1 .0.count as u128,
                 );
-                mx.cmp(&my).then_with(|| y.0.cmp(x.0))
+                mx.cmp(&my).then_with(|| y.1 .1.cmp(&x.1 .1))
             });
             match best {
-                Some((&(a, b), stats)) if 1.0 - stats.mean() < threshold => {
+                Some((&(a, b), (stats, _))) if 1.0 - stats.mean() < threshold => {
                     sets.union(a, b);
                 }
                 _ => break,
@@ -523,10 +737,200 @@ mod tests {
         }
     }
 
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
+
+    /// Node at a grid position, numbered from 1 in Fortran order (as fragments are numbered by
+    /// their first voxel).
+    fn node_at(shape: [usize; 3], p: [usize; 3]) -> u32 {
+        (1 + p[0] + shape[0] * (p[1] + shape[1] * p[2])) as u32
+    }
+
+    fn position(shape: [usize; 3], node: u32) -> [usize; 3] {
+        let i = node as usize - 1;
+        [
+            i % shape[0],
+            (i / shape[0]) % shape[1],
+            i / (shape[0] * shape[1]),
+        ]
+    }
+
+    /// A graph on a grid of nodes: edges to the face neighbours and to some diagonal ones, with
+    /// means on `levels` levels (many exact ties, and ties of combined means) or, for a quarter
+    /// of the edges, off the levels by a few units.
+    fn grid_graph(shape: [usize; 3], levels: u64, seed: u64) -> RegionGraph {
+        let mut next = xorshift(seed);
+        let mut g = RegionGraph::default();
+        let steps = [
+            [1, 0, 0],
+            [0, 1, 0],
+            [0, 0, 1],
+            [1, 1, 0],
+            [0, 1, 1],
+            [1, 0, 1],
+        ];
+        for z in 0..shape[2] {
+            for y in 0..shape[1] {
+                for x in 0..shape[0] {
+                    for (k, d) in steps.iter().enumerate() {
+                        let q = [x + d[0], y + d[1], z + d[2]];
+                        if (0..3).any(|c| q[c] >= shape[c]) || (k >= 3 && next() % 4 != 0) {
+                            continue;
+                        }
+                        let count = next() % 4 + 1;
+                        let level = next() % (levels + 1);
+                        let mut sum = level * count * ((1 << 24) / levels);
+                        if next() % 4 == 0 {
+                            sum = sum.saturating_sub(next() % 3);
+                        }
+                        let (a, b) = (node_at(shape, [x, y, z]), node_at(shape, q));
+                        g.insert((a, b), EdgeStats { count, sum });
+                    }
+                }
+            }
+        }
+        g
+    }
+
+    /// Agglomerates `graph` (on a grid of nodes) in rounds, as a hierarchy of tasks would: each
+    /// block of `block` nodes alone first, then blocks doubled on every axis, each round given
+    /// the edges its parts left and the edges between them, until one block holds the grid.
+    /// Returns the segments (numbered by smallest node) and the edges the first round left.
+    fn agglomerate_in_rounds(
+        shape: [usize; 3],
+        graph: &RegionGraph,
+        mut block: [usize; 3],
+        threshold: f64,
+    ) -> (Vec<u32>, usize) {
+        let n = voxels3(shape) + 1;
+        let mut region_of: Vec<u32> = (0..n as u32).collect();
+        let mut left: Vec<GraphEdge> = Vec::new();
+        let mut pending: Vec<((u32, u32), EdgeStats)> =
+            graph.iter().map(|(&k, &v)| (k, v)).collect();
+        pending.sort_unstable_by_key(|e| e.0);
+        let mut first_round_left = None;
+        loop {
+            let group = |node: u32| {
+                let p = position(shape, node);
+                [p[0] / block[0], p[1] / block[1], p[2] / block[2]]
+            };
+            let groups = [0, 1, 2].map(|c| shape[c].div_ceil(block[c]));
+            let mut next_left = Vec::new();
+            for gz in 0..groups[2] {
+                for gy in 0..groups[1] {
+                    for gx in 0..groups[0] {
+                        let here = [gx, gy, gz];
+                        let mut edges: Vec<GraphEdge> = left
+                            .iter()
+                            .filter(|e| group(e.a) == here)
+                            .copied()
+                            .collect();
+                        let mut frozen = vec![false; n];
+                        for &((a, b), stats) in &pending {
+                            match (group(a) == here, group(b) == here) {
+                                (true, true) => {
+                                    // Edges between parts join unmerged (frozen) fragments.
+                                    assert_eq!(
+                                        (region_of[a as usize], region_of[b as usize]),
+                                        (a, b)
+                                    );
+                                    edges.push(GraphEdge {
+                                        a,
+                                        b,
+                                        stats,
+                                        tie: (a, b),
+                                    });
+                                }
+                                (true, false) => frozen[region_of[a as usize] as usize] = true,
+                                (false, true) => frozen[region_of[b as usize] as usize] = true,
+                                (false, false) => {}
+                            }
+                        }
+                        let round = agglomerate_rounds(n, &edges, &frozen, threshold);
+                        for r in region_of.iter_mut() {
+                            if group(*r) == here {
+                                *r = round.region_of[*r as usize];
+                            }
+                        }
+                        next_left.extend(round.left);
+                    }
+                }
+            }
+            left = next_left;
+            first_round_left.get_or_insert(left.len());
+            pending.retain(|&((a, b), _)| group(a) != group(b));
+            if (0..3).all(|c| block[c] >= shape[c]) {
+                assert!(pending.is_empty());
+                return (number_by_smallest(&region_of), first_round_left.unwrap());
+            }
+            block = block.map(|b| b * 2);
+        }
+    }
+
+    fn voxels3(shape: [usize; 3]) -> usize {
+        shape[0] * shape[1] * shape[2]
+    }
+
+    #[test]
+    fn merges_like_naive_greedy_merging_on_graphs_with_many_ties() {
+        let mut seeds = xorshift(0xfeed);
+        for levels in [1, 2, 3, 5] {
+            for threshold in [0.3, 0.5, 0.7, 0.99] {
+                let shape = [7, 5, 3];
+                let graph = grid_graph(shape, levels, seeds() | 1);
+                let nodes = voxels3(shape) as u32;
+                assert_eq!(
+                    agglomerate(nodes, &graph, threshold).0,
+                    agglomerate_naively(nodes, &graph, threshold),
+                    "{levels} levels, threshold {threshold}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn agglomeration_in_rounds_equals_one_whole_run() {
+        let mut seeds = xorshift(0x5eed);
+        let mut cases = 0;
+        for (shape, block, levels) in [
+            ([8, 8, 8], [2, 2, 2], 4),
+            ([8, 8, 8], [4, 4, 4], 16),
+            ([12, 6, 5], [3, 2, 2], 3),
+            ([9, 9, 4], [2, 3, 1], 64),
+        ] {
+            for threshold in [0.3, 0.5, 0.7, 0.95] {
+                for _ in 0..3 {
+                    let graph = grid_graph(shape, levels, seeds() | 1);
+                    let nodes = voxels3(shape) as u32;
+                    let (whole, report) = agglomerate(nodes, &graph, threshold);
+                    let (rounds, left) = agglomerate_in_rounds(shape, &graph, block, threshold);
+                    assert!(
+                        whole == rounds,
+                        "shape {shape:?}, blocks {block:?}, {levels} levels, threshold {threshold}"
+                    );
+                    if report.merges > 10 && report.segments > 1 && left > 0 {
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        // Most cases both merge and leave edges to later rounds: the test exercises freezing.
+        assert!(
+            cases > 30,
+            "{cases} cases with merges, segments and frozen edges"
+        );
+    }
+
     #[test]
     fn the_merge_queue_pops_in_binary_heap_order() {
         use std::collections::BinaryHeap;
-        // Means from a few levels (many ties) and pairs; pushes never exceed the last pop.
+        // Means from a few levels (many ties) and edges; pushes never exceed the last pop.
         let mut state = 12345u64;
         let mut next = || {
             state ^= state << 13;
@@ -536,28 +940,36 @@ mod tests {
         };
         let mut queue = MergeQueue::new();
         let mut heap = BinaryHeap::new();
-        let candidate = |mean: f64, r: u64, version: u32| Candidate {
-            mean,
-            pair: ((r % 7) as u32, (r % 11) as u32 + 7),
+        // Means as exact fractions: count 1..=3, sums on a coarse grid, so that many are
+        // equal, some equal only as fractions (2/3 = 4/6 of a unit).
+        let candidate = |units: u64, count: u64, r: u64, version: u32| Candidate {
+            stats: EdgeStats {
+                count,
+                sum: units * count * (1 << 18) / 3,
+            },
             edge: (r % 1000) as u32,
             version,
         };
         for i in 0..2000 {
-            let (mean, r) = ((next() % 50) as f64 / 49.0, next());
-            queue.push(candidate(mean, r, i));
-            heap.push(candidate(mean, r, i));
+            let (units, count, r) = (next() % 193, next() % 3 + 1, next());
+            queue.push(candidate(units, count, r, i));
+            heap.push(candidate(units, count, r, i));
         }
         let mut popped = 0;
         while let Some(h) = heap.pop() {
             let q = queue.pop().expect("as many entries");
-            assert_eq!((q.mean, q.pair, q.version), (h.mean, h.pair, h.version));
+            assert_eq!((q.stats, q.edge, q.version), (h.stats, h.edge, h.version));
             popped += 1;
             // Push a few entries at or below the popped mean, as merges do.
             if popped % 3 == 0 {
                 let r = next();
-                let mean = h.mean * ((next() % 4) as f64 / 3.0);
-                queue.push(candidate(mean, r, popped));
-                heap.push(candidate(mean, r, popped));
+                let count = next() % 3 + 1;
+                let units = ((h.mean() * 192.0) as u64).saturating_sub(next() % 4);
+                let c = candidate(units, count, r, popped);
+                if c.mean() <= h.mean() {
+                    queue.push(candidate(units, count, r, popped));
+                    heap.push(c);
+                }
             }
         }
         assert!(queue.pop().is_none());
