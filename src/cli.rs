@@ -438,6 +438,8 @@ fn init_logging() {
 }
 
 pub fn main() -> ExitCode {
+    // Before any thread starts (it sets an environment variable).
+    crate::gpu::context::give_vulkan_a_runtime_dir();
     let cli = Cli::parse();
     init_logging();
     match run(cli) {

@@ -57,3 +57,28 @@ fn demo_writes_and_downsamples_both_volumes() {
         }
     }
 }
+
+/// Headless machines, containers and Batch have no XDG_RUNTIME_DIR; Mesa's Vulkan drivers then
+/// printed "error: XDG_RUNTIME_DIR is invalid" on every command, though nothing was wrong.
+#[test]
+fn a_healthy_machine_without_a_runtime_dir_prints_no_error() {
+    for runtime_dir in [None, Some("/nonexistent/cuboids-xdg")] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cuboids"));
+        command.arg("info");
+        match runtime_dir {
+            None => command.env_remove("XDG_RUNTIME_DIR"),
+            Some(dir) => command.env("XDG_RUNTIME_DIR", dir),
+        };
+        let out = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("adapter:"),
+            "{stderr}"
+        );
+        assert!(
+            !stderr.to_lowercase().contains("error"),
+            "XDG_RUNTIME_DIR {runtime_dir:?}: {stderr}"
+        );
+    }
+}

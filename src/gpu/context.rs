@@ -281,3 +281,50 @@ fn choose_adapter(
             .expect("not empty")),
     }
 }
+
+/// Gives the Vulkan loader a runtime directory when the environment has none.
+///
+/// Mesa's Vulkan drivers (lavapipe included) print `error: XDG_RUNTIME_DIR is invalid or not set
+/// in the environment.` twice when the variable is unset, as it is on headless machines, in
+/// containers and on Batch. Nothing is wrong then, and a user who reads "error" stops. A private
+/// directory (mode 0700, under the temporary directory) silences it. Call before any thread
+/// starts: it sets a process environment variable.
+pub fn give_vulkan_a_runtime_dir() {
+    let usable = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(std::path::PathBuf::from)
+        .is_some_and(|dir| dir.is_absolute() && dir.is_dir());
+    if usable {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cuboids-xdg-{}", user_id()));
+    if std::fs::create_dir_all(&dir).is_ok() && restrict_to_owner(&dir) {
+        std::env::set_var("XDG_RUNTIME_DIR", &dir);
+    }
+}
+
+fn user_id() -> u32 {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self").map_or(0, |m| m.uid())
+    }
+    #[cfg(not(unix))]
+    {
+        0
+    }
+}
+
+/// Mode 0700, as the XDG spec asks of a runtime directory; false where that fails (someone
+/// else's directory of that name).
+fn restrict_to_owner(dir: &std::path::Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).is_ok()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        true
+    }
+}
