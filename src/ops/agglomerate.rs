@@ -780,13 +780,14 @@ mod tests {
                 for x in 0..shape[0] {
                     for (k, d) in steps.iter().enumerate() {
                         let q = [x + d[0], y + d[1], z + d[2]];
-                        if (0..3).any(|c| q[c] >= shape[c]) || (k >= 3 && next() % 4 != 0) {
+                        if (0..3).any(|c| q[c] >= shape[c]) || (k >= 3 && !next().is_multiple_of(4))
+                        {
                             continue;
                         }
                         let count = next() % 4 + 1;
                         let level = next() % (levels + 1);
                         let mut sum = level * count * ((1 << 24) / levels);
-                        if next() % 4 == 0 {
+                        if next().is_multiple_of(4) {
                             sum = sum.saturating_sub(next() % 3);
                         }
                         let (a, b) = (node_at(shape, [x, y, z]), node_at(shape, q));
