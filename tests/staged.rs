@@ -63,12 +63,17 @@ fn plan(dir: &Path, input: &Path, output: &Path, dust: u64, connectivity: &str) 
 /// Plans `kind` with `args` in blocks of one 16x16x8 GPU chunk (as small as they come), output
 /// chunks of 8x8x4, manifests under `dir`; returns their paths, stage by stage.
 fn plan_of(dir: &Path, kind: &str, args: &[&str]) -> Vec<PathBuf> {
+    plan_in_blocks_of(dir, kind, args, "16,16,8")
+}
+
+/// [`plan_of`] with blocks of one GPU chunk of `chunk` voxels.
+fn plan_in_blocks_of(dir: &Path, kind: &str, args: &[&str], chunk: &str) -> Vec<PathBuf> {
     let prefix = format!("{}/", dir.join("plan").display());
     let mut all = vec!["plan", kind];
     all.extend_from_slice(args);
     all.extend([
         "--chunk-size",
-        "16,16,8",
+        chunk,
         "--output-chunk-size",
         "8,8,4",
         "--gzip-level",
@@ -237,11 +242,35 @@ fn staged_segment_run_task_by_task_equals_single_process() {
     let shape = [40, 36, 20];
     let mut rng = Rng::new(11);
     let smooth = cuboids::runtime::synthetic::affinities_like(shape);
-    for (name, channels, threshold) in [
-        ("tied", tied_affinities(shape, 7), "0.5"),
+    let larger = [64, 64, 32];
+    for (name, shape, channels, threshold, blocks_of, blocks) in [
+        (
+            "tied",
+            shape,
+            tied_affinities(shape, 7),
+            "0.5",
+            "16,16,8",
+            27,
+        ),
         // Continuous values with objects larger than a block: fragments and segments cross
         // block faces.
-        ("smooth", smooth.channels.to_vec(), "0.3"),
+        (
+            "smooth",
+            shape,
+            smooth.channels.to_vec(),
+            "0.3",
+            "16,16,8",
+            27,
+        ),
+        // Blocks large enough to hold many fragments and segments wholly inside them.
+        (
+            "tied, larger blocks",
+            larger,
+            tied_affinities(larger, 3),
+            "0.5",
+            "32,32,16",
+            8,
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().join("aff");
@@ -283,8 +312,8 @@ fn staged_segment_run_task_by_task_equals_single_process() {
             "--threshold",
             threshold,
         ];
-        let manifests = plan_of(dir.path(), "segment", &args);
-        assert_eq!(tasks_in(&manifests[0]), 27, "{name}");
+        let manifests = plan_in_blocks_of(dir.path(), "segment", &args, blocks_of);
+        assert_eq!(tasks_in(&manifests[0]), blocks, "{name}");
         let mut outputs = Vec::new();
         for (stage, manifest) in manifests.iter().enumerate() {
             assert!(
@@ -295,7 +324,7 @@ fn staged_segment_run_task_by_task_equals_single_process() {
         }
         let merge = &outputs[1][0];
         eprintln!("{name}: merge {merge}");
-        if name == "tied" {
+        if name.starts_with("tied") {
             assert!(
                 merge["deferred"].as_u64().unwrap() > 0,
                 "tied data must leave plateaus open across blocks: {merge}"

@@ -402,6 +402,7 @@ async fn run_plan_in_process<W: StagedWork>(
         let mut name = "";
         // Each pass's time summed over the stage's tasks.
         let mut passes: Vec<(&str, f64)> = Vec::new();
+        let mut merges = 0;
         for stage_task in tasks {
             let report = match stage_task {
                 Task::SegmentStage(t) => {
@@ -414,6 +415,7 @@ async fn run_plan_in_process<W: StagedWork>(
                 }
                 other => bail!("not a stage task: {}", other.describe()),
             };
+            merges += report.merges;
             for (pass, d) in report.passes {
                 match passes.iter_mut().find(|p| p.0 == pass) {
                     Some(p) => p.1 += d.as_secs_f64(),
@@ -425,8 +427,13 @@ async fn run_plan_in_process<W: StagedWork>(
             .iter()
             .map(|(pass, s)| format!("{pass} {s:.2}"))
             .collect();
+        let merges = if merges > 0 {
+            format!(", {merges} merges")
+        } else {
+            String::new()
+        };
         shares.push(format!(
-            "{name} {:.2} s [{}]",
+            "{name} {:.2} s [{}]{merges}",
             t.elapsed().as_secs_f64(),
             passes.join(", ")
         ));
