@@ -258,7 +258,7 @@ fn decode(
     if Md5::digest(body)[..] != data[48..64] {
         return Err(corrupt("checksum mismatch (truncated or altered)".into()));
     }
-    let payload = gunzip(body).map_err(|e| corrupt(format!("gzip: {e}")))?;
+    let payload = gunzip(body, length as usize).map_err(|e| corrupt(format!("gzip: {e}")))?;
     if payload.len() as u64 != length {
         return Err(corrupt(format!(
             "payload of {} bytes, header says {length}",

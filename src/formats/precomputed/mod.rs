@@ -161,7 +161,7 @@ impl Precomputed {
         let data = match object.encoding {
             ContentEncoding::Identity => object.data,
             ContentEncoding::Gzip => {
-                gunzip(&object.data).map_err(|source| PrecomputedError::Gzip {
+                gunzip(&object.data, MAX_INFO_BYTES).map_err(|source| PrecomputedError::Gzip {
                     key: "info".into(),
                     source,
                 })?
@@ -316,6 +316,18 @@ impl Precomputed {
     }
 }
 
+/// The largest scale read or written (a petavoxel): past it, voxel indices and sizes no longer
+/// fit the arithmetic comfortably, and no such volume exists.
+const MAX_SCALE_VOXELS: u64 = 1 << 50;
+/// The largest chunk read or written (real ones are at most a few hundred MiB).
+const MAX_CHUNK_BYTES: u64 = 1 << 32;
+
+fn checked_voxels(shape: Vec3) -> Option<u64> {
+    (shape[0] as u64)
+        .checked_mul(shape[1] as u64)?
+        .checked_mul(shape[2] as u64)
+}
+
 fn validate_info(info: &Info, location: &str) -> Result<(), PrecomputedError> {
     let bad = |field: String, message: String| PrecomputedError::InvalidInfo {
         location: location.to_string(),
@@ -339,12 +351,29 @@ fn validate_info(info: &Info, location: &str) -> Result<(), PrecomputedError> {
                 format!("{:?} has a zero extent", s.size),
             ));
         }
+        if checked_voxels(s.size).is_none_or(|n| n > MAX_SCALE_VOXELS) {
+            return Err(bad(
+                field("size"),
+                format!("{:?} is more than 2^50 voxels", s.size),
+            ));
+        }
         match s.chunk_sizes.first() {
             None => return Err(bad(field("chunk_sizes"), "empty".into())),
             Some(c) if c.contains(&0) => {
                 return Err(bad(
                     field("chunk_sizes"),
                     format!("{c:?} has a zero extent"),
+                ))
+            }
+            Some(c)
+                if checked_voxels(*c)
+                    .and_then(|n| n.checked_mul(info.num_channels as u64))
+                    .and_then(|n| n.checked_mul(info.data_type.size() as u64))
+                    .is_none_or(|bytes| bytes > MAX_CHUNK_BYTES) =>
+            {
+                return Err(bad(
+                    field("chunk_sizes"),
+                    format!("{c:?} makes chunks of more than 4 GiB"),
                 ))
             }
             _ => {}
@@ -430,23 +459,37 @@ pub fn chunk_key(scale: &Scale, chunk: Box3) -> String {
     )
 }
 
-/// Decompresses a gzip object. libdeflate does single-member streams (what every writer of
-/// chunks produces) several times faster than a streaming inflater; anything it refuses is
-/// retried with flate2, which also reads multi-member streams and reports what is wrong.
-pub fn gunzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
-    if let Some(out) = gunzip_single_member(data) {
+/// The largest `info` document read (a real one is a few KiB).
+pub const MAX_INFO_BYTES: usize = 64 << 20;
+
+/// Decompresses a gzip object of at most `limit` bytes: a stream that inflates to more (a
+/// damaged or hostile one: gzip inflates up to ~1000x) is an error once it passes the limit,
+/// not an allocation of whatever it claims. libdeflate does single-member streams (what every
+/// writer of chunks produces) several times faster than a streaming inflater; anything it
+/// refuses is retried with flate2, which also reads multi-member streams and reports what is
+/// wrong.
+pub fn gunzip(data: &[u8], limit: usize) -> std::io::Result<Vec<u8>> {
+    if let Some(out) = gunzip_single_member(data, limit) {
         return Ok(out);
     }
-    let mut out = Vec::with_capacity(data.len() * 4);
-    flate2::read::MultiGzDecoder::new(data).read_to_end(&mut out)?;
+    let mut out = Vec::with_capacity(data.len().saturating_mul(4).min(limit));
+    flate2::read::MultiGzDecoder::new(data)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)?;
+    if out.len() > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("inflates to more than the {limit} bytes expected"),
+        ));
+    }
     Ok(out)
 }
 
-fn gunzip_single_member(data: &[u8]) -> Option<Vec<u8>> {
+fn gunzip_single_member(data: &[u8], limit: usize) -> Option<Vec<u8>> {
     // The trailer's ISIZE is the uncompressed size modulo 2^32: exact for chunks.
     let isize =
         u32::from_le_bytes(data.get(data.len().checked_sub(4)?..)?.try_into().ok()?) as usize;
-    if isize > 1 << 30 {
+    if isize > limit.min(1 << 30) {
         return None;
     }
     let mut out = vec![0u8; isize];
@@ -454,6 +497,13 @@ fn gunzip_single_member(data: &[u8]) -> Option<Vec<u8>> {
         .gzip_decompress(data, &mut out)
         .ok()?;
     (n == isize).then_some(out)
+}
+
+/// The most bytes a stored chunk of `raw` decoded bytes can take before gzip:
+/// compressed_segmentation can exceed the raw size (a table entry and up to 32 bits of index
+/// per voxel, plus block headers), never by 4x.
+fn stored_chunk_limit(raw: usize) -> usize {
+    raw.saturating_mul(4).saturating_add(1 << 16)
 }
 
 pub fn gzip(data: &[u8], level: u32) -> Vec<u8> {
@@ -479,10 +529,13 @@ pub fn decode_chunk(
 ) -> Result<Volume, PrecomputedError> {
     let data = match encoding {
         ContentEncoding::Identity => data,
-        ContentEncoding::Gzip => gunzip(&data).map_err(|source| PrecomputedError::Gzip {
-            key: key.to_string(),
-            source,
-        })?,
+        ContentEncoding::Gzip => {
+            let raw = voxels(shape) * channels * dtype.size();
+            gunzip(&data, stored_chunk_limit(raw)).map_err(|source| PrecomputedError::Gzip {
+                key: key.to_string(),
+                source,
+            })?
+        }
     };
     let data = match scale.encoding {
         Encoding::CompressedSegmentation => compressed_segmentation::decode(
