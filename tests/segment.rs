@@ -586,3 +586,143 @@ fn uint8_affinities_bounds_and_missing_chunks() {
         );
     });
 }
+
+/// A local store that cancels a run after its `after`-th write, as SIGTERM or a lost heartbeat
+/// would mid-write.
+struct CancelAfterWrites {
+    inner: LocalStore,
+    after: usize,
+    puts: std::sync::atomic::AtomicUsize,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+#[async_trait::async_trait]
+impl cuboids::store::Store for CancelAfterWrites {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
+    async fn get(
+        &self,
+        key: &str,
+    ) -> Result<Option<cuboids::store::Object>, cuboids::store::StoreError> {
+        self.inner.get(key).await
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        data: Vec<u8>,
+        encoding: cuboids::store::ContentEncoding,
+    ) -> Result<(), cuboids::store::StoreError> {
+        let r = self.inner.put(key, data, encoding).await;
+        if self.puts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == self.after {
+            self.cancel.cancel();
+        }
+        r
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), cuboids::store::StoreError> {
+        self.inner.delete(key).await
+    }
+}
+
+/// Every file under `dir` (chunks, info, temporary files).
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_cancelled_run_leaves_no_chunks_in_a_new_output_and_keeps_an_existing_one() {
+    let shape = [48, 40, 16]; // 6 x 5 x 4 = 120 output chunks of 8x8x4
+    let dir = tempfile::tempdir().unwrap();
+    let aff = tied_affinities(shape, 5);
+    let prob = random_probabilities(shape, 6);
+    let refs: Vec<&[f32]> = aff.channels.iter().map(Vec::as_slice).collect();
+    let rt = rt();
+    let aff_vol = rt
+        .block_on(write_float_volume(
+            &dir.path().join("aff"),
+            &refs,
+            shape,
+            WRITE,
+        ))
+        .unwrap();
+    let prob_vol = rt
+        .block_on(write_float_volume(
+            &dir.path().join("prob"),
+            &[&prob],
+            shape,
+            WRITE,
+        ))
+        .unwrap();
+    let run = |output: &std::path::Path, after: usize, segmenting: bool| {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let store = Arc::new(CancelAfterWrites {
+            inner: LocalStore::new(output),
+            after,
+            puts: Default::default(),
+            cancel: cancel.clone(),
+        });
+        let mut chunks = chunks(Some([16, 16, 8]));
+        chunks.cancel = Some(cancel);
+        rt.block_on(async {
+            if segmenting {
+                let opts = SegmentOptions {
+                    chunks,
+                    watershed: WatershedParams::default(),
+                    threshold: 0.5,
+                };
+                segment(gpu_arc(), &aff_vol, store, &opts).await
+            } else {
+                let opts = ComponentsOptions {
+                    chunks,
+                    threshold: 0.5,
+                    connectivity: Connectivity::TwentySix,
+                    dust: 0,
+                };
+                connected_components(gpu_arc(), &prob_vol, store, &opts).await
+            }
+        })
+    };
+    for (name, segmenting) in [("segment", true), ("connected-components", false)] {
+        let output = dir.path().join(name);
+        // Cancelled after 10 of 120 chunk writes: an error, and nothing left behind.
+        let err = run(&output, 10, segmenting).unwrap_err();
+        assert!(
+            matches!(err, cuboids::task::segment::SegmentError::Cancelled),
+            "{name}: {err}"
+        );
+        assert_eq!(
+            files_under(&output),
+            Vec::<std::path::PathBuf>::new(),
+            "{name}"
+        );
+        // A finished run, then a cancelled run over it: the finished output stays whole.
+        let done = run(&output, usize::MAX, segmenting).unwrap();
+        assert_eq!(done.chunks_written, 120, "{name}");
+        let before: Vec<_> = files_under(&output)
+            .into_iter()
+            .map(|p| (std::fs::read(&p).unwrap(), p))
+            .collect();
+        assert_eq!(before.len(), 121, "{name}: 120 chunks and the info");
+        assert!(run(&output, 10, segmenting).is_err(), "{name}");
+        let after: Vec<_> = files_under(&output)
+            .into_iter()
+            .map(|p| (std::fs::read(&p).unwrap(), p))
+            .collect();
+        assert!(after == before, "{name}: the existing output changed");
+    }
+}

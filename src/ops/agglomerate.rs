@@ -402,13 +402,48 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
         })
         .collect();
     edges.sort_unstable_by_key(|e| e.tie);
+    agglomerate_sorted(fragments, &edges, threshold)
+}
+
+/// [`agglomerate`] over the fragments' graph as edges sorted by fragment pair, each pair once
+/// and its own tie (what [`sum_sorted_edges`] makes): no hashing on the way.
+pub fn agglomerate_sorted(
+    fragments: u32,
+    edges: &[GraphEdge],
+    threshold: f64,
+) -> (Vec<u32>, MergeReport) {
+    debug_assert!(edges.iter().all(|e| e.tie == (e.a, e.b)));
     let n = fragments as usize + 1;
-    let mut run = Agglomerator::new(n, &edges, &[]);
-    drop(edges);
+    let mut run = Agglomerator::new(n, edges, &[]);
     let merges = run.merge_until(threshold);
     let out = number_by_smallest(&run.region_of());
     let segments = out.iter().max().copied().unwrap_or(0) as usize;
     (out, MergeReport { merges, segments })
+}
+
+/// Edges of fragment pairs (`a < b`, in any order and repeated, as chunks report them) summed
+/// into a graph sorted by pair: a sort of 8-byte keys instead of millions of hash-map inserts.
+pub fn sum_sorted_edges(mut pairs: Vec<(u64, EdgeStats)>) -> Vec<GraphEdge> {
+    pairs.sort_unstable_by_key(|p| p.0);
+    let mut out: Vec<GraphEdge> = Vec::with_capacity(pairs.len());
+    for (key, stats) in pairs {
+        let (a, b) = ((key >> 32) as u32, key as u32);
+        match out.last_mut() {
+            Some(last) if (last.a, last.b) == (a, b) => last.stats.add(stats),
+            _ => out.push(GraphEdge {
+                a,
+                b,
+                stats,
+                tie: (a, b),
+            }),
+        }
+    }
+    out
+}
+
+/// The key of a fragment pair for [`sum_sorted_edges`].
+pub fn pair_key(a: u32, b: u32) -> u64 {
+    ((a.min(b) as u64) << 32) | a.max(b) as u64
 }
 
 /// Per node (index 0 = background) its segment 1..N, numbered by smallest node, given each

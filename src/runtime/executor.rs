@@ -116,8 +116,10 @@ impl Executor {
     }
 
     /// Runs a task to its end, or until `cancel` fires: a downsample then stops before its next
-    /// tile and removes what it wrote to scales it was adding; a Boss step is dropped (every
-    /// cuboid is written whole, and without the returned document no level counts as done).
+    /// tile and removes what it wrote to scales it was adding; segment and connected components
+    /// stop before their next GPU chunk, pass or output chunk and remove what they wrote to an
+    /// output they were creating; a Boss step is dropped (every cuboid is written whole, and
+    /// without the returned document no level counts as done).
     pub async fn run(
         &self,
         task: &Task,
@@ -128,13 +130,9 @@ impl Executor {
             let started = std::time::Instant::now();
             let result = match task {
                 Task::Downsample(t) => self.downsample(t, cancel).await,
-                Task::Segment(_) | Task::ConnectedComponents(_) => tokio::select! {
-                    r = self.segmentation(task) => r,
-                    _ = cancel.cancelled() => Err(TaskFailure::new(
-                        FailureKind::Interrupted,
-                        "stopped before it finished: the runner is shutting down",
-                    )),
-                },
+                Task::Segment(_) | Task::ConnectedComponents(_) => {
+                    self.segmentation(task, cancel).await
+                }
                 Task::ConnectedComponentsStage(t) => tokio::select! {
                     r = self.stage_task("connected-components", t) => r,
                     _ = cancel.cancelled() => Err(TaskFailure::new(
@@ -219,8 +217,13 @@ impl Executor {
     }
 
     /// Segment and connected-components tasks. Their output layer's `info` is written last, so
-    /// an interrupted run leaves no layer that claims to be complete.
-    async fn segmentation(&self, task: &Task) -> Result<TaskOutput, TaskFailure> {
+    /// an interrupted run leaves no layer that claims to be complete; once `cancel` fires, the
+    /// run stops at its next check and removes the chunks it wrote to a layer it was creating.
+    async fn segmentation(
+        &self,
+        task: &Task,
+        cancel: &CancellationToken,
+    ) -> Result<TaskOutput, TaskFailure> {
         let (kind, input, output) = match task {
             Task::Segment(t) => ("segment", &t.affinity, &t.output),
             Task::ConnectedComponents(t) => ("connected-components", &t.input, &t.output),
@@ -230,9 +233,15 @@ impl Executor {
         let (vol, out) = self.open_input_output(input, output, &context).await?;
         let ctx = self.gpu().await?;
         let report = match task {
-            Task::Segment(t) => segment(ctx, &vol, out, &t.options()).await,
+            Task::Segment(t) => {
+                let mut opts = t.options();
+                opts.chunks.cancel = Some(cancel.clone());
+                segment(ctx, &vol, out, &opts).await
+            }
             Task::ConnectedComponents(t) => {
-                connected_components(ctx, &vol, out, &t.options()).await
+                let mut opts = t.options();
+                opts.chunks.cancel = Some(cancel.clone());
+                connected_components(ctx, &vol, out, &opts).await
             }
             _ => unreachable!("only segmentation tasks come here"),
         }

@@ -153,6 +153,7 @@ impl Classify for crate::task::segment::SegmentError {
             E::Task(e) => e.failure_kind(),
             E::Input { .. } | E::OutputMismatch { .. } => FailureKind::InvalidTask,
             E::Join(_) => FailureKind::Internal,
+            E::Cancelled => FailureKind::Interrupted,
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::gpu::labeling::{
 };
 use crate::gpu::{GpuContext, GpuError};
 use crate::hash::IdBuildHasher;
-use crate::ops::agglomerate::{agglomerate, RegionGraph};
+use crate::ops::agglomerate::{agglomerate_sorted, pair_key, sum_sorted_edges, GraphEdge};
 use crate::ops::connected_components::Connectivity;
 use crate::ops::watershed::{Affinities, Grid, WatershedParams, DIRECTIONS, FAR};
 use crate::store::Store;
@@ -38,6 +38,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 #[derive(Debug, Error)]
@@ -65,6 +66,10 @@ pub enum SegmentError {
     },
     #[error("background task failed")]
     Join(#[from] tokio::task::JoinError),
+    #[error(
+        "stopped before it finished (cancelled); no chunk of this run was left in a new output"
+    )]
+    Cancelled,
 }
 
 /// Options both commands share.
@@ -83,6 +88,10 @@ pub struct ChunkOptions {
     /// Decoded input chunks kept in memory, so that the margins that neighbouring GPU chunks
     /// share do not fetch chunks again (0: none kept).
     pub cache_bytes: usize,
+    /// Checked before each GPU chunk, between passes and before each output chunk: once
+    /// cancelled, the run stops, lets the chunk writes under way finish, and removes what it
+    /// wrote to an output it was creating.
+    pub cancel: Option<CancellationToken>,
 }
 
 /// Default input chunk cache: 1 GiB.
@@ -97,6 +106,7 @@ impl Default for ChunkOptions {
             fill_missing: false,
             write: WriteOptions::default(),
             cache_bytes: DEFAULT_CACHE_BYTES,
+            cancel: None,
         }
     }
 }
@@ -153,9 +163,23 @@ pub(crate) struct Layout {
     pub(crate) output: Precomputed,
     pub(crate) output_is_new: bool,
     cache: Arc<ChunkCache>,
+    cancel: Option<CancellationToken>,
 }
 
 impl Layout {
+    fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(|c| c.is_cancelled())
+    }
+
+    /// Fails with [`SegmentError::Cancelled`] once the run was cancelled.
+    pub(crate) fn check_cancel(&self) -> Result<(), SegmentError> {
+        if self.cancelled() {
+            Err(SegmentError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Reads a region-relative box of the input (every channel) through the chunk cache.
     async fn read_box(
         &self,
@@ -247,6 +271,7 @@ pub(crate) async fn layout(
         output,
         output_is_new,
         cache: Arc::new(ChunkCache::new(opts.cache_bytes)),
+        cancel: opts.cancel.clone(),
     })
 }
 
@@ -394,6 +419,7 @@ where
     };
     let mut next = chunks.first().map(|&c| read(c));
     for (k, &c) in chunks.iter().enumerate() {
+        layout.check_cancel()?;
         let vol = next.take().expect("read ahead").await??;
         if let Some(&after) = chunks.get(k + 1) {
             next = Some(read(after));
@@ -427,7 +453,10 @@ pub(crate) async fn write_output(
     // Filled and encoded on blocking threads and written concurrently: on S3 each put is a
     // round trip.
     let result: Result<(), SegmentError> = async {
+        // Once cancelled, no new chunk starts; the writes under way finish (a dropped write
+        // could leave a temporary file behind), then the written ones are removed below.
         futures::stream::iter(chunks)
+            .take_while(|_| std::future::ready(!layout.cancelled()))
             .map(|chunk| {
                 let labels = labels.clone();
                 let in_region = chunk.relative_to(layout.region.start);
@@ -443,6 +472,7 @@ pub(crate) async fn write_output(
             .buffer_unordered(WRITE_CONCURRENCY)
             .try_collect::<Vec<_>>()
             .await?;
+        layout.check_cancel()?;
         if write_info && layout.output_is_new {
             out.write_info().await?;
         }
@@ -624,6 +654,7 @@ pub async fn segment(
     )
     .await?;
     report.passes.push(("watershed", t.elapsed()));
+    layout.check_cancel()?;
     let t = Instant::now();
     stitcher.glue();
     let WatershedLeftovers { deferred, partial } = std::mem::take(&mut *leftovers.lock().unwrap());
@@ -640,11 +671,13 @@ pub async fn segment(
     report.region_edges = graph.len();
     report.passes.push(("region graph", t.elapsed()));
 
+    layout.check_cancel()?;
     let t = Instant::now();
     let fragments = report.fragments as u32;
     let threshold = opts.threshold;
     let (segment_of, merges) =
-        tokio::task::spawn_blocking(move || agglomerate(fragments, &graph, threshold)).await?;
+        tokio::task::spawn_blocking(move || agglomerate_sorted(fragments, &graph, threshold))
+            .await?;
     report.merges = merges.merges;
     report.segments = merges.segments;
     report.passes.push(("agglomerate", t.elapsed()));
@@ -661,6 +694,7 @@ async fn finish(
     mut report: SegmentReport,
     start: Instant,
 ) -> Result<SegmentReport, SegmentError> {
+    layout.check_cancel()?;
     let t = Instant::now();
     let whole = Box3::from_shape(layout.region.shape());
     report.chunks_written = write_output(layout, Arc::new(labels), write, whole, true).await?;
@@ -685,8 +719,8 @@ fn fragment_graph(
     stitcher: &Stitcher,
     numbering: &Numbering,
     partial: Vec<PartialGraph>,
-) -> RegionGraph {
-    let mut graph = RegionGraph::default();
+) -> Vec<GraphEdge> {
+    let mut pairs = Vec::with_capacity(partial.iter().map(|p| p.edges.len()).sum());
     for PartialGraph { boxed, edges } in partial {
         let grid = Grid {
             shape: boxed.shape(),
@@ -705,14 +739,11 @@ fn fragment_graph(
             let fa = *fragment_of.entry(a).or_insert_with(|| fragment(a));
             let fb = *fragment_of.entry(b).or_insert_with(|| fragment(b));
             if fa != fb {
-                graph
-                    .entry((fa.min(fb), fa.max(fb)))
-                    .or_default()
-                    .add(stats);
+                pairs.push((pair_key(fa, fb), stats));
             }
         }
     }
-    graph
+    sum_sorted_edges(pairs)
 }
 
 /// Chooses pointers for plateau voxels whose plateau crosses chunk faces, by the rule of

@@ -155,6 +155,7 @@ impl ChunkFields {
             cache_bytes: self
                 .cache_mib
                 .map_or(crate::task::segment::DEFAULT_CACHE_BYTES, |m| m << 20),
+            cancel: None,
         }
     }
 }
