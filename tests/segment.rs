@@ -726,3 +726,73 @@ fn a_cancelled_run_leaves_no_chunks_in_a_new_output_and_keeps_an_existing_one() 
         assert!(after == before, "{name}: the existing output changed");
     }
 }
+
+#[test]
+fn a_cancelled_relabel_stage_task_leaves_none_of_its_chunks() {
+    use cuboids::task::spec::Task;
+    use cuboids::task::staged::{plan, run_stage};
+    let shape = [48, 40, 16];
+    let dir = tempfile::tempdir().unwrap();
+    let prob = random_probabilities(shape, 8);
+    let rt = rt();
+    let input = rt
+        .block_on(write_float_volume(
+            &dir.path().join("prob"),
+            &[&prob],
+            shape,
+            WRITE,
+        ))
+        .unwrap();
+    let output = dir.path().join("cc");
+    let doc = serde_json::json!({
+        "kind": "connected-components", "input": dir.path().join("prob"), "output": output,
+        "threshold": 0.5, "chunk_size": [16, 16, 8], "output_chunk_size": [8, 8, 4],
+        "gzip_level": 0
+    });
+    let Task::ConnectedComponents(task) = Task::from_json(&doc.to_string()).unwrap() else {
+        panic!("a connected-components task")
+    };
+    let (_, stages) = plan(&input, &task, 0).unwrap();
+    let stage_task = |t: &Task| match t {
+        Task::ConnectedComponentsStage(s) => s.clone(),
+        other => panic!("{}", other.describe()),
+    };
+    let store = || Arc::new(LocalStore::new(&output));
+    for t in stages[0].iter().chain(&stages[1]) {
+        rt.block_on(run_stage(
+            &stage_task(t),
+            &input,
+            store(),
+            Some(gpu_arc()),
+            None,
+        ))
+        .unwrap();
+    }
+    let chunks = || {
+        files_under(&output)
+            .into_iter()
+            .filter(|p| !p.to_string_lossy().contains(".cuboids-staging"))
+            .collect::<Vec<_>>()
+    };
+    assert!(chunks().is_empty(), "{:?}", chunks());
+    // Block 0's relabel (16x16x8: 8 output chunks), cancelled after its 3rd chunk write.
+    let relabel = stage_task(&stages[2][0]);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let cancelling = Arc::new(CancelAfterWrites {
+        inner: LocalStore::new(&output),
+        after: 3,
+        puts: Default::default(),
+        cancel: cancel.clone(),
+    });
+    let err = rt
+        .block_on(run_stage(&relabel, &input, cancelling, None, Some(cancel)))
+        .unwrap_err();
+    assert!(err.to_string().contains("cancelled"), "{err}");
+    assert_eq!(chunks(), Vec::<std::path::PathBuf>::new());
+    // Run again, it writes the block's chunks.
+    let report = rt
+        .block_on(run_stage(&relabel, &input, store(), None, None))
+        .unwrap();
+    assert_eq!(report.chunks_written, 8);
+    assert_eq!(chunks().len(), 8);
+}

@@ -117,8 +117,8 @@ impl Executor {
 
     /// Runs a task to its end, or until `cancel` fires: a downsample then stops before its next
     /// tile and removes what it wrote to scales it was adding; segment and connected components
-    /// stop before their next GPU chunk, pass or output chunk and remove what they wrote to an
-    /// output they were creating; a Boss step is dropped (every cuboid is written whole, and
+    /// (and their block and relabel stage tasks) stop before their next GPU chunk, pass or
+    /// output chunk and remove what they wrote to an output they were creating; a Boss step is dropped (every cuboid is written whole, and
     /// without the returned document no level counts as done).
     pub async fn run(
         &self,
@@ -133,20 +133,10 @@ impl Executor {
                 Task::Segment(_) | Task::ConnectedComponents(_) => {
                     self.segmentation(task, cancel).await
                 }
-                Task::ConnectedComponentsStage(t) => tokio::select! {
-                    r = self.stage_task("connected-components", t) => r,
-                    _ = cancel.cancelled() => Err(TaskFailure::new(
-                        FailureKind::Interrupted,
-                        "stopped before it finished: the runner is shutting down",
-                    )),
-                },
-                Task::SegmentStage(t) => tokio::select! {
-                    r = self.stage_task("segment", t) => r,
-                    _ = cancel.cancelled() => Err(TaskFailure::new(
-                        FailureKind::Interrupted,
-                        "stopped before it finished: the runner is shutting down",
-                    )),
-                },
+                Task::ConnectedComponentsStage(t) => {
+                    self.stage_task("connected-components", t, cancel).await
+                }
+                Task::SegmentStage(t) => self.stage_task("segment", t, cancel).await,
                 Task::BossDownsample(t) => tokio::select! {
                     r = self.boss_downsample(t) => r,
                     _ = cancel.cancelled() => Err(TaskFailure::new(
@@ -265,6 +255,7 @@ impl Executor {
         &self,
         kind: &str,
         t: &StageTask<W>,
+        cancel: &CancellationToken,
     ) -> Result<TaskOutput, TaskFailure> {
         let (input, output) = (t.plan.work.input(), t.plan.work.output());
         let context = format!(
@@ -277,7 +268,7 @@ impl Executor {
             Stage::Block => Some(self.gpu().await?),
             _ => None,
         };
-        let report = run_stage(t, &vol, out, ctx)
+        let report = run_stage(t, &vol, out, ctx, Some(cancel.clone()))
             .await
             .map_err(|e| TaskFailure::from_error(&context, &e))?;
         let mut document = segmentation_output(&format!("{kind}-stage"), output, &report);

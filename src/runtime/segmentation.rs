@@ -407,11 +407,11 @@ async fn run_plan_in_process<W: StagedWork>(
             let report = match stage_task {
                 Task::SegmentStage(t) => {
                     name = stage_name(t.stage);
-                    staged::run_stage(t, input, output.clone(), ctx.clone()).await?
+                    staged::run_stage(t, input, output.clone(), ctx.clone(), None).await?
                 }
                 Task::ConnectedComponentsStage(t) => {
                     name = stage_name(t.stage);
-                    staged::run_stage(t, input, output.clone(), ctx.clone()).await?
+                    staged::run_stage(t, input, output.clone(), ctx.clone(), None).await?
                 }
                 other => bail!("not a stage task: {}", other.describe()),
             };

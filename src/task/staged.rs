@@ -80,6 +80,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 use thiserror::Error;
+use tokio_util::sync::CancellationToken;
 
 /// Where a plan's intermediate objects live in the output store.
 pub const STAGING: &str = ".cuboids-staging";
@@ -590,6 +591,7 @@ pub async fn run_stage<W: StagedWork>(
     input: &Precomputed,
     output: Arc<dyn Store>,
     ctx: Option<Arc<GpuContext>>,
+    cancel: Option<CancellationToken>,
 ) -> Result<SegmentReport, StagedError> {
     let start = Instant::now();
     let plan = &task.plan;
@@ -624,25 +626,26 @@ pub async fn run_stage<W: StagedWork>(
                 id: plan.id.clone(),
                 why: "the block stage needs a GPU".into(),
             })?;
-            let opts = plan.work.chunk_fields().options();
+            let mut opts = plan.work.chunk_fields().options();
+            opts.cancel = cancel;
             let binding = ctx.max_binding_bytes();
             let layout = layout(binding, input, output, &opts, plan.work.margin()).await?;
             let blocks = check_blocks(plan, &layout)?;
             run_block(&ctx, plan, input, &layout, blocks, b, &staging).await?
         }
         Stage::Merge => {
-            let layout = gpu_free_layout(input, &output, plan).await?;
+            let layout = gpu_free_layout(input, &output, plan, cancel).await?;
             let blocks = check_blocks(plan, &layout)?;
-            merge(plan, blocks, &staging).await?
+            merge(plan, blocks, &staging, &layout).await?
         }
         Stage::Relabel => {
             let b = block("relabel")?;
-            let layout = gpu_free_layout(input, &output, plan).await?;
+            let layout = gpu_free_layout(input, &output, plan, cancel).await?;
             let blocks = check_blocks(plan, &layout)?;
             relabel(plan, &layout, blocks, b, &staging).await?
         }
         Stage::Finalize => {
-            let layout = gpu_free_layout(input, &output, plan).await?;
+            let layout = gpu_free_layout(input, &output, plan, cancel).await?;
             check_blocks(plan, &layout)?;
             for b in 0..plan.blocks {
                 staging.get(Kind::Done, b).await?;
@@ -671,8 +674,10 @@ async fn gpu_free_layout<W: StagedWork>(
     input: &Precomputed,
     output: &Arc<dyn Store>,
     plan: &StagedPlan<W>,
+    cancel: Option<CancellationToken>,
 ) -> Result<Layout, StagedError> {
-    let opts = plan.work.chunk_fields().options();
+    let mut opts = plan.work.chunk_fields().options();
+    opts.cancel = cancel;
     Ok(layout(u64::MAX, input, output.clone(), &opts, plan.work.margin()).await?)
 }
 
@@ -1075,6 +1080,7 @@ async fn merge<W: StagedWork>(
     plan: &StagedPlan<W>,
     blocks: ChunkGrid,
     staging: &Staging,
+    layout: &Layout,
 ) -> Result<SegmentReport, StagedError> {
     let mut passes = Passes::new();
     let mut summaries = Vec::with_capacity(plan.blocks);
@@ -1106,6 +1112,7 @@ async fn merge<W: StagedWork>(
     .map_err(SegmentError::from)??;
     passes.passes.append(&mut remaps.report.passes);
     passes.since = Instant::now();
+    layout.check_cancel()?;
     for (b, remap) in remaps.tables.iter().enumerate() {
         staging.put(Kind::Remap, b, &u32s_to_bytes(remap)).await?;
     }
