@@ -1369,13 +1369,14 @@ async fn relabel<W: StagedWork>(
     let labels = staging.get(Kind::Labels, b).await?;
     let labels_key = staging.key(Kind::Labels, b);
     let runs = bytes_to_u32s(&labels_key, &labels, labels.len() / 4)?;
-    let labels = expand_runs(&labels_key, &runs, voxels(block.shape()))?;
-    if let Some(&l) = labels.iter().find(|&&l| l as usize > remap.len()) {
+    // Checked per run (label, length), not per voxel.
+    if let Some(&l) = runs.iter().step_by(2).find(|&&l| l as usize > remap.len()) {
         return Err(StagedError::Corrupt {
             key: labels_key,
             why: format!("label {l}, the block's table has {}", remap.len()),
         });
     }
+    let labels = expand_runs(&labels_key, &runs, voxels(block.shape()))?;
     let labels = FinalLabels::from_box(block, labels, remap);
     passes.done("read");
     let written = write_output(
