@@ -147,6 +147,26 @@ enum Command {
         #[arg(long, default_value = "512,512,64", value_parser = parse_vec3)]
         size: [usize; 3],
     },
+    /// Write a PNG of one z-section: grey for an image, stable pseudo-colours for a
+    /// segmentation, optionally over an image.
+    Preview {
+        /// The precomputed volume: a directory holding `info`, or s3://bucket/prefix.
+        volume: String,
+        /// The section's z, in the voxel coordinates of --mip (voxel_offset included).
+        #[arg(long)]
+        z: i64,
+        #[arg(long, default_value_t = 0)]
+        mip: usize,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// An image volume to draw under the segmentation (same size at --mip).
+        #[arg(long)]
+        image: Option<String>,
+        /// The segmentation's opacity over --image.
+        #[arg(long, default_value_t = 0.5)]
+        alpha: f64,
+    },
     /// Measure end-to-end and kernel throughput (MVx/s) on a synthetic uint8 volume.
     Bench {
         #[arg(long, default_value = "1024,1024,128", value_parser = parse_vec3)]
@@ -588,6 +608,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             },
         ))),
         Command::Demo { dir, size } => done(runtime.block_on(local::demo(&dir, size))),
+        Command::Preview {
+            volume,
+            z,
+            mip,
+            out,
+            image,
+            alpha,
+        } => {
+            let opts = local::PreviewOptions {
+                z,
+                mip,
+                image,
+                alpha,
+            };
+            runtime.block_on(local::preview(&volume, &out, &opts))?;
+            println!("wrote {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::BossDownsample {
             job,
             all_levels,

@@ -56,6 +56,67 @@ fn demo_writes_and_downsamples_both_volumes() {
             );
         }
     }
+    // Previews of the middle section: real PNGs of the volume's (or mip 3's) size, and
+    // segmentations that show their segments.
+    let previews: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("preview: "))
+        .collect();
+    assert_eq!(previews.len(), 5, "{text}");
+    for path in previews {
+        let (width, height, _) = png_summary(std::path::Path::new(path));
+        let expected = if path.contains("mip3") {
+            (20, 12)
+        } else {
+            (160, 96)
+        };
+        assert_eq!((width, height), expected, "{path}");
+    }
+    // Without the image under them, a segmentation's colours are its segments: the demo's
+    // segmentations show many cells, not one merged blob.
+    for layer in ["segmentation", "affinity-segmentation", "cells"] {
+        let png = temp.path().join(format!("{layer}.png"));
+        let out = Command::new(env!("CARGO_BIN_EXE_cuboids"))
+            .arg("preview")
+            .arg(dir.join(layer))
+            .args(["--z", "10", "--out"])
+            .arg(&png)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let (_, _, colours) = png_summary(&png);
+        assert!(colours > 8, "{layer}: {colours} colours");
+    }
+    // Bad requests are named.
+    for (args, named) in [
+        (vec!["--z", "20"], "--z 20"),
+        (vec!["--z", "3", "--mip", "7"], "--mip 7"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cuboids"))
+            .arg("preview")
+            .arg(dir.join("image"))
+            .args(&args)
+            .arg("--out")
+            .arg(temp.path().join("bad.png"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(named), "{stderr}");
+        assert!(!temp.path().join("bad.png").exists());
+    }
+}
+
+/// A PNG's width, height and number of distinct colours.
+fn png_summary(path: &std::path::Path) -> (u32, u32, usize) {
+    let file = std::io::BufReader::new(std::fs::File::open(path).unwrap());
+    let mut reader = png::Decoder::new(file).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb, "{}", path.display());
+    let colours: std::collections::HashSet<&[u8]> =
+        buf[..info.buffer_size()].chunks_exact(3).collect();
+    (info.width, info.height, colours.len())
 }
 
 /// Headless machines, containers and Batch have no XDG_RUNTIME_DIR; Mesa's Vulkan drivers then

@@ -3,3 +3,4 @@
 pub mod blosc;
 pub mod boss;
 pub mod precomputed;
+pub mod preview;

@@ -369,10 +369,39 @@ pub async fn demo(dir: &Path, size: Vec3) -> Result<()> {
         );
     }
     crate::runtime::segmentation::demo_segmentation(ctx, dir, size).await?;
+    demo_previews(dir, size).await?;
     println!(
         "open with neuroglancer: precomputed://file://{}",
         std::fs::canonicalize(dir)?.display()
     );
+    Ok(())
+}
+
+/// PNGs of the demo's middle section: the image, its mip 3, and each segmentation over it.
+async fn demo_previews(dir: &Path, size: Vec3) -> Result<()> {
+    let previews = dir.join("previews");
+    std::fs::create_dir_all(&previews)
+        .with_context(|| format!("creating {}", previews.display()))?;
+    let z = (size[2] / 2) as i64;
+    let image = dir.join("image").display().to_string();
+    for (name, layer, mip, under) in [
+        ("image", "image", 0, false),
+        ("image-mip3", "image", 3, false),
+        ("segmentation", "segmentation", 0, true),
+        ("affinity-segmentation", "affinity-segmentation", 0, true),
+        ("cells", "cells", 0, true),
+    ] {
+        let out = previews.join(format!("{name}-z{z}.png"));
+        let opts = PreviewOptions {
+            z,
+            mip,
+            image: under.then(|| image.clone()),
+            alpha: 0.5,
+        };
+        let layer = dir.join(layer).display().to_string();
+        preview(&layer, &out, &opts).await?;
+        println!("preview: {}", out.display());
+    }
     Ok(())
 }
 
@@ -515,4 +544,69 @@ fn bench_volume(size: Vec3) -> Volume {
         z += n;
     }
     out
+}
+
+/// What `cuboids preview` draws.
+pub struct PreviewOptions {
+    /// The z of the section, in the voxel coordinates of `mip` (voxel_offset included).
+    pub z: i64,
+    pub mip: usize,
+    /// An image volume drawn in grey under the segmentation (the same size at `mip`).
+    pub image: Option<String>,
+    /// The segmentation's weight over the image (0..1).
+    pub alpha: f64,
+}
+
+/// One section of `mip` of a volume, as the volume's data (first channel) and its layer type.
+async fn read_section(location: &str, mip: usize, z: i64) -> Result<(Volume, LayerType)> {
+    let store = open_store(location).await?;
+    let vol = Precomputed::open(store)
+        .await
+        .with_context(|| format!("opening {location}"))?;
+    let scales = vol.info.scales.len();
+    anyhow::ensure!(
+        mip < scales,
+        "{location}: --mip {mip}, but the volume has {scales} scale(s) (0..={})",
+        scales - 1
+    );
+    let scale = vol.scale(mip);
+    let (z0, depth) = (scale.voxel_offset[2], scale.size[2] as i64);
+    anyhow::ensure!(
+        (z0..z0 + depth).contains(&z),
+        "{location}: --z {z} is outside scale {} ({}), whose z runs {z0}..{}",
+        mip,
+        scale.key,
+        z0 + depth
+    );
+    let rel = (z - z0) as usize;
+    let region = crate::geometry::Box3::new([0, 0, rel], [scale.size[0], scale.size[1], rel + 1]);
+    let (section, _) = vol
+        .read_region(mip, region, true)
+        .await
+        .with_context(|| format!("reading z {z} of {location} mip {mip}"))?;
+    Ok((section, vol.info.layer_type))
+}
+
+/// `cuboids preview`: a PNG of one section, grey for an image, pseudo-colours for a
+/// segmentation (over `image` when given).
+pub async fn preview(location: &str, out: &Path, opts: &PreviewOptions) -> Result<()> {
+    use crate::formats::preview::{encode_png, image_picture, segmentation_picture};
+    let (section, layer) = read_section(location, opts.mip, opts.z).await?;
+    let picture = match (&opts.image, layer) {
+        (None, LayerType::Image) => image_picture(&section)?,
+        (under, _) => {
+            let image = match under {
+                Some(image) => Some(read_section(image, opts.mip, opts.z).await?.0),
+                None => None,
+            };
+            segmentation_picture(&section, image.as_ref(), opts.alpha)
+                .with_context(|| format!("drawing {location} over {:?}", opts.image))?
+        }
+    };
+    let png = encode_png(&picture)?;
+    // Whole or not at all: a temporary file renamed into place.
+    let temp = out.with_extension("png.tmp");
+    std::fs::write(&temp, &png).with_context(|| format!("writing {}", temp.display()))?;
+    std::fs::rename(&temp, out).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
 }

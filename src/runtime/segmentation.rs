@@ -7,7 +7,9 @@ use crate::geometry::{voxels, Vec3};
 use crate::ops::connected_components::Connectivity;
 use crate::ops::watershed::WatershedParams;
 use crate::runtime::local::{gpu, new_info, write_new_volume};
-use crate::runtime::synthetic::{affinities_like, noisy_cell_affinities, probability_like};
+use crate::runtime::synthetic::{
+    affinities_like, noisy_cell_affinities, probability_like, smooth_probability_like,
+};
 use crate::store::open_store;
 use crate::task::segment::{
     connected_components, segment, ChunkOptions, ComponentsOptions, SegmentOptions, SegmentReport,
@@ -125,7 +127,7 @@ pub async fn demo_segmentation(
     let aff = affinities_like(size);
     let channels: Vec<&[f32]> = aff.channels.iter().map(|c| c.as_slice()).collect();
     let aff_vol = write_float_volume(&dir.join("affinities"), &channels, size, write).await?;
-    let prob = probability_like(size);
+    let prob = smooth_probability_like(size);
     let prob_vol = write_float_volume(&dir.join("probability"), &[&prob], size, write).await?;
     let fresh = |name: &str| -> Result<std::sync::Arc<crate::store::LocalStore>> {
         let path = dir.join(name);
@@ -135,10 +137,13 @@ pub async fn demo_segmentation(
         }
         Ok(std::sync::Arc::new(crate::store::LocalStore::new(path)))
     };
+    // Merging while the mean affinity is above 0.7 keeps the synthetic cells apart (their
+    // membranes' affinities are low but noisy); 0.7 as `1 - mean` (the benchmark's waterz
+    // setting) merges nearly every cell into one, which the demo's preview made plain.
     let opts = SegmentOptions {
         chunks: ChunkOptions::default(),
         watershed: WatershedParams::default(),
-        threshold: 0.7,
+        threshold: 0.3,
     };
     let report = segment(
         ctx.clone(),
@@ -155,18 +160,18 @@ pub async fn demo_segmentation(
         ),
         &report,
     );
-    // Membranes are thin across z (40 nm sections): 6-connectivity and a threshold a little
-    // above the cells' mean keep neighbouring cells apart.
+    // Membranes are thin across z (40 nm sections): 6-connectivity and a threshold just under
+    // the smoothed cells' level (~0.67) keep neighbouring cells apart.
     let opts = ComponentsOptions {
         chunks: ChunkOptions::default(),
-        threshold: 0.62,
+        threshold: 0.65,
         connectivity: Connectivity::Six,
         dust: 100,
     };
     let report = connected_components(ctx, &prob_vol, fresh("cells")?, &opts).await?;
     print_report(
         &format!(
-            "labelled cells of {} (> 0.62, 6-connected, dust 100) into {}",
+            "labelled cells of {} (> 0.65, 6-connected, dust 100) into {}",
             dir.join("probability").display(),
             dir.join("cells").display()
         ),

@@ -143,6 +143,18 @@ pub fn probability_like(shape: Vec3) -> Vec<f32> {
     image.data.iter().map(|&v| v as f32 / 255.0).collect()
 }
 
+/// [`probability_like`] smoothed as a network's output is (the image blurred over 2 voxels in
+/// x and y, 1 in z): cells bright and even, membranes dark, so that thresholding separates
+/// the cells instead of the image's noise.
+pub fn smooth_probability_like(shape: Vec3) -> Vec<f32> {
+    let (image, _) = em_like(shape);
+    let mut img: Vec<f32> = image.data.iter().map(|&b| b as f32 / 255.0).collect();
+    blur_axis(&mut img, shape, 0, 2);
+    blur_axis(&mut img, shape, 1, 2);
+    blur_axis(&mut img, shape, 2, 1);
+    img
+}
+
 /// A standard normal sample from two hashes (Box-Muller).
 fn gaussian(key: u64) -> f32 {
     let u1 = ((hash(key) >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
