@@ -627,6 +627,17 @@ impl cuboids::store::Store for CancelAfterWrites {
     }
 }
 
+/// A float32 volume of `channels` written to `path`, opened.
+fn float_volume(
+    rt: &tokio::runtime::Runtime,
+    path: &std::path::Path,
+    channels: &[&[f32]],
+    shape: Vec3,
+) -> Precomputed {
+    rt.block_on(write_float_volume(path, channels, shape, WRITE))
+        .unwrap()
+}
+
 /// Every file under `dir` (chunks, info, temporary files).
 fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
@@ -652,22 +663,8 @@ fn a_cancelled_run_leaves_no_chunks_in_a_new_output_and_keeps_an_existing_one() 
     let prob = random_probabilities(shape, 6);
     let refs: Vec<&[f32]> = aff.channels.iter().map(Vec::as_slice).collect();
     let rt = rt();
-    let aff_vol = rt
-        .block_on(write_float_volume(
-            &dir.path().join("aff"),
-            &refs,
-            shape,
-            WRITE,
-        ))
-        .unwrap();
-    let prob_vol = rt
-        .block_on(write_float_volume(
-            &dir.path().join("prob"),
-            &[&prob],
-            shape,
-            WRITE,
-        ))
-        .unwrap();
+    let aff_vol = float_volume(&rt, &dir.path().join("aff"), &refs, shape);
+    let prob_vol = float_volume(&rt, &dir.path().join("prob"), &[&prob], shape);
     let run = |output: &std::path::Path, after: usize, segmenting: bool| {
         let cancel = tokio_util::sync::CancellationToken::new();
         let store = Arc::new(CancelAfterWrites {
@@ -735,14 +732,7 @@ fn a_cancelled_relabel_stage_task_leaves_none_of_its_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let prob = random_probabilities(shape, 8);
     let rt = rt();
-    let input = rt
-        .block_on(write_float_volume(
-            &dir.path().join("prob"),
-            &[&prob],
-            shape,
-            WRITE,
-        ))
-        .unwrap();
+    let input = float_volume(&rt, &dir.path().join("prob"), &[&prob], shape);
     let output = dir.path().join("cc");
     let doc = serde_json::json!({
         "kind": "connected-components", "input": dir.path().join("prob"), "output": output,
