@@ -12,6 +12,7 @@ pub mod geometry;
 pub mod gpu;
 pub mod hash;
 pub mod ops;
+pub mod progress;
 pub mod runtime;
 pub mod store;
 pub mod task;

@@ -107,6 +107,69 @@ fn demo_writes_and_downsamples_both_volumes() {
     }
 }
 
+/// Off a terminal, long passes log `progress` lines (JSON, as Batch and CloudWatch get them)
+/// with the pass, the share done, the rate and the time left; one ends each pass at 100%.
+#[test]
+fn long_passes_log_progress_lines_off_a_terminal() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("demo-data");
+    let demo = Command::new(env!("CARGO_BIN_EXE_cuboids"))
+        .args([
+            "demo",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--size",
+            "128,96,16",
+        ])
+        .output()
+        .unwrap();
+    assert!(demo.status.success());
+    let segment = [
+        "segment",
+        "--affinity",
+        "affinities",
+        "--output",
+        "seg",
+        "--threshold",
+        "0.3",
+    ];
+    let downsample = ["downsample", "image", "--mip", "4", "--num-mips", "1"];
+    for (args, passes) in [
+        (&segment[..], &["watershed", "write"][..]),
+        (&downsample[..], &["downsample"][..]),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cuboids"))
+            .current_dir(&dir)
+            .args(args)
+            .env("CUBOIDS_PROGRESS_SECONDS", "0")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let lines: Vec<serde_json::Value> = stderr
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|l: &serde_json::Value| l["fields"]["message"] == "progress")
+            .collect();
+        for pass in passes {
+            let of_pass: Vec<&serde_json::Value> = lines
+                .iter()
+                .filter(|l| l["fields"]["pass"] == *pass)
+                .collect();
+            let last = of_pass.last().unwrap_or_else(|| panic!("{pass}: {stderr}"));
+            assert_eq!(last["fields"]["percent"], 100.0, "{pass}: {last}");
+            assert!(
+                last["fields"]["mvx_per_s"].as_f64().unwrap() > 0.0,
+                "{last}"
+            );
+            assert!(
+                last["fields"]["total_mvx"].as_f64().unwrap() > 0.0,
+                "{last}"
+            );
+        }
+    }
+}
+
 /// A PNG's width, height and number of distinct colours.
 fn png_summary(path: &std::path::Path) -> (u32, u32, usize) {
     let file = std::io::BufReader::new(std::fs::File::open(path).unwrap());

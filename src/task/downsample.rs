@@ -14,6 +14,7 @@ use crate::geometry::{pow3, voxels, Box3, Vec3};
 use crate::gpu::downsample::{submit_channel_gpu, PendingSlab};
 use crate::gpu::{GpuContext, GpuError};
 use crate::ops::downsample::{check_supported, downsample_cpu, DownsampleError, Factor, Method};
+use crate::progress::Progress;
 use crate::task::plan::{align_region, lcm, plan_slabs, plan_tiles};
 use crate::volume::Volume;
 use futures::{StreamExt, TryStreamExt};
@@ -412,9 +413,14 @@ impl Job {
             })
         };
         let mut next = tiles.first().map(|&t| read(t));
+        let total = tiles.iter().map(|t| voxels(t.shape()) as u64).sum();
+        let progress = Progress::new("downsample", total);
         for (i, &tile) in tiles.iter().enumerate() {
             if job.opts.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
                 return Err(TaskError::Cancelled);
+            }
+            if i > 0 {
+                progress.add(voxels(tiles[i - 1].shape()) as u64);
             }
             let read_result = next.take().expect("a read per tile").await??;
             next = tiles.get(i + 1).map(|&t| read(t));
@@ -445,6 +451,10 @@ impl Job {
         while let Some(done) = writes.join_next().await {
             report.absorb(done??);
         }
+        if let Some(last) = tiles.last() {
+            progress.add(voxels(last.shape()) as u64);
+        }
+        progress.finish();
         Ok(report)
     }
 

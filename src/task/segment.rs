@@ -29,6 +29,7 @@ use crate::hash::IdBuildHasher;
 use crate::ops::agglomerate::{agglomerate_sorted, pair_key, sum_sorted_edges, GraphEdge};
 use crate::ops::connected_components::Connectivity;
 use crate::ops::watershed::{Affinities, Grid, WatershedParams, DIRECTIONS, FAR};
+use crate::progress::Progress;
 use crate::store::Store;
 use crate::task::downsample::{source_region, Bounds, TaskError};
 use crate::task::stitch::{ChunkGrid, ChunkLabels, FinalLabels, Numbering, Stitcher};
@@ -39,7 +40,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
 #[derive(Debug, Error)]
 pub enum SegmentError {
@@ -398,6 +398,7 @@ fn foreground_masks(
 /// Pass 1 for both commands: labels every chunk on the GPU, reading the next chunk while the
 /// current one computes. `label` gets (box, core within the box, the box's volume).
 pub(crate) async fn label_chunks<F>(
+    pass: &'static str,
     input: &Precomputed,
     layout: &Layout,
     margin: usize,
@@ -418,6 +419,11 @@ where
         tokio::spawn(async move { reader.read_box(&input, boxed(c), fill_missing).await })
     };
     let mut next = chunks.first().map(|&c| read(c));
+    let total = chunks
+        .iter()
+        .map(|&c| voxels(grid.core(c).shape()) as u64)
+        .sum();
+    let progress = Progress::new(pass, total);
     for (k, &c) in chunks.iter().enumerate() {
         layout.check_cancel()?;
         let vol = next.take().expect("read ahead").await??;
@@ -429,8 +435,9 @@ where
         let label = label.clone();
         let labels = tokio::task::spawn_blocking(move || label(b, local_core, vol)).await??;
         stitcher.insert(c, labels);
-        info!(chunk = k + 1, of = chunks.len(), "labelled");
+        progress.add(voxels(core.shape()) as u64);
     }
+    progress.finish();
     Ok(stitcher)
 }
 
@@ -450,6 +457,7 @@ pub(crate) async fn write_output(
     let scale = out.scale(0).clone();
     let chunks = chunk_grid(&scale, area.offset_by(layout.region.start));
     let written: Vec<String> = chunks.iter().map(|&c| chunk_key(&scale, c)).collect();
+    let progress = Progress::new("write", voxels(area.shape()) as u64);
     // Filled and encoded on blocking threads and written concurrently: on S3 each put is a
     // round trip.
     let result: Result<(), SegmentError> = async {
@@ -459,6 +467,7 @@ pub(crate) async fn write_output(
             .take_while(|_| std::future::ready(!layout.cancelled()))
             .map(|chunk| {
                 let labels = labels.clone();
+                let progress = &progress;
                 let in_region = chunk.relative_to(layout.region.start);
                 async move {
                     let vol = tokio::task::spawn_blocking(move || {
@@ -466,12 +475,14 @@ pub(crate) async fn write_output(
                     })
                     .await?;
                     out.write_chunk(0, chunk, vol, write).await?;
+                    progress.add(voxels(chunk.shape()) as u64);
                     Ok::<_, SegmentError>(())
                 }
             })
             .buffer_unordered(WRITE_CONCURRENCY)
             .try_collect::<Vec<_>>()
             .await?;
+        progress.finish();
         layout.check_cancel()?;
         if write_info && layout.output_is_new {
             out.write_info().await?;
@@ -545,6 +556,7 @@ pub async fn connected_components(
     let t = Instant::now();
     let all: Vec<usize> = (0..layout.grid.len()).collect();
     let mut stitcher = label_chunks(
+        "label",
         input,
         &layout,
         COMPONENTS_MARGIN,
@@ -640,6 +652,7 @@ pub async fn segment(
     let t = Instant::now();
     let all: Vec<usize> = (0..layout.grid.len()).collect();
     let mut stitcher = label_chunks(
+        "watershed",
         input,
         &layout,
         WATERSHED_MARGIN,

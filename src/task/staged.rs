@@ -735,14 +735,23 @@ async fn run_block<W: StagedWork>(
     let (mut stitcher, leftovers) = match plan.work.work() {
         Work::Components(c) => {
             let label = components_labeler(ctx.clone(), c.threshold, c.connectivity, location);
-            let stitcher = label_chunks(input, layout, margin, fill_missing, &chunks, label);
+            let stitcher =
+                label_chunks("label", input, layout, margin, fill_missing, &chunks, label);
             (stitcher.await?, None)
         }
         Work::Segment(s) => {
             let left: Arc<std::sync::Mutex<WatershedLeftovers>> = Default::default();
             let params = s.options().watershed;
             let label = watershed_labeler(ctx.clone(), params, location, left.clone());
-            let stitcher = label_chunks(input, layout, margin, fill_missing, &chunks, label);
+            let stitcher = label_chunks(
+                "watershed",
+                input,
+                layout,
+                margin,
+                fill_missing,
+                &chunks,
+                label,
+            );
             let stitcher = stitcher.await?;
             let left = std::mem::take(&mut *left.lock().expect("no panics while held"));
             (stitcher, Some(left))
