@@ -5,8 +5,9 @@
 //! 1. **block** (GPU, one per block): labels the block's GPU chunks (connected components, or
 //!    segment's watershed fragments with each chunk's region graph), glued inside the block,
 //!    then numbered by first voxel within the block. Writes the block's labels and a summary:
-//!    per label its first voxel (region order) and size, the block's face voxels with their
-//!    labels, and the halo voxels outside the block that its labels reach. A segment block
+//!    per label its first voxel (region order) and size, the voxels on the block's faces that
+//!    other blocks share with their labels, and the halo voxels outside the block that its
+//!    labels reach. A segment block
 //!    resolves the plateaus (see src/ops/watershed.rs) that stay inside it and also writes its
 //!    graph: the plateau voxels whose plateau leaves the block, and its region graph keyed by
 //!    block labels or by voxels of other blocks' faces.
@@ -73,7 +74,7 @@ use crate::task::segment::{
 use crate::task::spec::{
     ChunkFields, ComponentsTask, SegmentTask, Stage, StageTask, StagedPlan, Task,
 };
-use crate::task::stitch::{for_each_shell_row, ChunkGrid, FinalLabels};
+use crate::task::stitch::{ChunkGrid, FinalLabels};
 use md5::{Digest, Md5};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
@@ -398,24 +399,6 @@ fn bytes_to_u32s(key: &str, bytes: &[u8], expected: usize) -> Result<Vec<u32>, S
         .chunks_exact(4)
         .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
         .collect())
-}
-
-/// Labels as (label, run length) pairs: block labels come in long runs, which makes the payload
-/// small before gzip (and gzip fast).
-fn runs_of(labels: &[u32]) -> Vec<u32> {
-    let mut runs = Vec::new();
-    let mut i = 0;
-    while i < labels.len() {
-        let l = labels[i];
-        let n = labels[i..]
-            .iter()
-            .take(u32::MAX as usize)
-            .take_while(|&&v| v == l)
-            .count();
-        runs.extend([l, n as u32]);
-        i += n;
-    }
-    runs
 }
 
 /// The labels of (label, run length) pairs, which must cover exactly `voxels` voxels.
@@ -792,19 +775,17 @@ async fn run_block<W: StagedWork>(
             )
         })
         .collect();
-    let labels = stitcher.into_final(&numbering, |l| l).labels_in(block);
+    let (runs, face) = runs_and_face(&stitcher.into_final(&numbering, |l| l), block, region);
     let summary = Summary {
         first: numbering.first[1..].to_vec(),
         sizes: numbering.sizes[1..].to_vec(),
         halo,
-        face: face_voxels(&labels, block, region),
+        face,
     };
     passes.done("block labels");
     // The summary last: the merge reads only summaries and graphs, and a summary means that the
     // block's other objects are there.
-    staging
-        .put(Kind::Labels, b, &u32s_to_bytes(&runs_of(&labels)))
-        .await?;
+    staging.put(Kind::Labels, b, &u32s_to_bytes(&runs)).await?;
     let mut report = SegmentReport {
         voxels: voxels(block.shape()) as u64,
         chunks: chunks.len(),
@@ -848,26 +829,45 @@ impl Passes {
     }
 }
 
-/// The labelled voxels on the block's outer shell (its faces), by region index (sorted).
-fn face_voxels(labels: &[u32], block: Box3, region: Grid) -> Vec<(u64, u32)> {
-    let inner = Box3::new(
-        [0, 1, 2].map(|a| (block.start[a] + 1).min(block.stop[a])),
-        [0, 1, 2].map(|a| block.stop[a].saturating_sub(1).max(block.start[a])),
-    );
-    let at = Grid {
-        shape: block.shape(),
-    };
+/// The block's labels as (label, run length) pairs in Fortran order, and the labelled voxels on
+/// its faces that other blocks share (by region index, sorted), row by row: the block's labels
+/// are never all in memory at once.
+fn runs_and_face(labels: &FinalLabels, block: Box3, region: Grid) -> (Vec<u32>, Vec<(u64, u32)>) {
+    // Only faces shared with another block: the merge never asks about the volume's own faces.
+    let low = |a: usize| block.start[a] > 0;
+    let high = |a: usize| block.stop[a] < region.shape[a];
+    let mut runs: Vec<u32> = Vec::new();
     let mut face = Vec::new();
-    for_each_shell_row(block, inner, |start, len| {
-        for x in start[0]..start[0] + len {
-            let p = [x, start[1], start[2]];
-            let l = labels[at.index([0, 1, 2].map(|a| p[a] - block.start[a]))];
+    labels.for_each_row(block, |y, z, row| {
+        for &l in row {
+            match runs.len() {
+                n if n >= 2 && runs[n - 2] == l && runs[n - 1] < u32::MAX => runs[n - 1] += 1,
+                _ => runs.extend([l, 1]),
+            }
+        }
+        let shell_row = (y == block.start[1] && low(1))
+            || (y + 1 == block.stop[1] && high(1))
+            || (z == block.start[2] && low(2))
+            || (z + 1 == block.stop[2] && high(2));
+        let mut keep = |x: usize| {
+            let l = row[x - block.start[0]];
             if l != 0 {
-                face.push((region.index(p) as u64, l));
+                face.push((region.index([x, y, z]) as u64, l));
+            }
+        };
+        if shell_row {
+            (block.start[0]..block.stop[0]).for_each(&mut keep);
+        } else {
+            let (first, last) = (block.start[0], block.stop[0] - 1);
+            if low(0) {
+                keep(first);
+            }
+            if high(0) && !(low(0) && last == first) {
+                keep(last);
             }
         }
     });
-    face
+    (runs, face)
 }
 
 fn inside(b: Box3, p: Vec3) -> bool {

@@ -163,6 +163,18 @@ impl ChunkLabels {
 
     /// From a box's roots (region coordinates `boxed`): core voxels numbered by first voxel, and
     /// the halo voxels their components reach.
+    /// Row (y, z) of `part` (inside this chunk's core) through `nodes` (label l -> nodes[l - 1];
+    /// 0 stays as `out` has it).
+    fn row_into(&self, nodes: &[u32], part: Box3, y: usize, z: usize, out: &mut [u32]) {
+        let from = index_in(self.core, [part.start[0], y, z]);
+        let width = out.len();
+        for (o, &l) in out.iter_mut().zip(&self.labels[from..from + width]) {
+            if l != 0 {
+                *o = nodes[l as usize - 1];
+            }
+        }
+    }
+
     pub fn from_box_roots(roots: &impl BoxRoots, boxed: Box3, core: Box3) -> ChunkLabels {
         // Root -> local label (0: not seen in the core yet).
         let mut local = vec![0u32; roots.root_bound()];
@@ -409,23 +421,49 @@ impl FinalLabels {
             if part.is_empty() {
                 continue;
             }
-            let width = part.shape()[0];
             let nodes = &self.label_of_node[offset as usize..];
             for z in part.start[2]..part.stop[2] {
                 for y in part.start[1]..part.stop[1] {
-                    let from = index_in(chunk.core, [part.start[0], y, z]);
                     let to = index_in(b, [part.start[0], y, z]);
-                    for (o, &l) in out[to..to + width]
-                        .iter_mut()
-                        .zip(&chunk.labels[from..from + width])
-                    {
-                        if l != 0 {
-                            *o = nodes[l as usize - 1];
-                        }
-                    }
+                    let width = part.shape()[0];
+                    chunk.row_into(nodes, part, y, z, &mut out[to..to + width]);
                 }
             }
         }
         out
+    }
+
+    /// Calls `f(y, z, labels)` for every row of `b` (along x), in Fortran order, without
+    /// holding the box's labels at once.
+    pub fn for_each_row(&self, b: Box3, mut f: impl FnMut(usize, usize, &[u32])) {
+        let mut row = vec![0u32; b.shape()[0]];
+        let parts: Vec<(&ChunkLabels, &[u32], Box3)> = self
+            .chunks
+            .iter()
+            .zip(&self.offsets)
+            .map(|(c, &offset)| {
+                (
+                    c,
+                    &self.label_of_node[offset as usize..],
+                    c.core.intersect(&b),
+                )
+            })
+            .filter(|(_, _, part)| !part.is_empty())
+            .collect();
+        for z in b.start[2]..b.stop[2] {
+            for y in b.start[1]..b.stop[1] {
+                row.fill(0);
+                for (chunk, nodes, part) in &parts {
+                    if !(part.start[1]..part.stop[1]).contains(&y)
+                        || !(part.start[2]..part.stop[2]).contains(&z)
+                    {
+                        continue;
+                    }
+                    let to = part.start[0] - b.start[0];
+                    chunk.row_into(nodes, *part, y, z, &mut row[to..to + part.shape()[0]]);
+                }
+                f(y, z, &row);
+            }
+        }
     }
 }
