@@ -147,6 +147,18 @@ enum Command {
         #[arg(long, default_value = "512,512,64", value_parser = parse_vec3)]
         size: [usize; 3],
     },
+    /// Serve volumes over HTTP (with CORS) on this machine and print a neuroglancer link that
+    /// shows them; Ctrl-C stops.
+    View {
+        /// Precomputed volumes: directories holding `info`, or s3://bucket/prefix.
+        #[arg(required = true)]
+        volumes: Vec<String>,
+        /// 0: any free port.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+    },
     /// Write a PNG of one z-section: grey for an image, stable pseudo-colours for a
     /// segmentation, optionally over an image.
     Preview {
@@ -608,6 +620,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             },
         ))),
         Command::Demo { dir, size } => done(runtime.block_on(local::demo(&dir, size))),
+        Command::View {
+            volumes,
+            port,
+            host,
+        } => done(runtime.block_on(crate::runtime::view::view(&volumes, &host, port))),
         Command::Preview {
             volume,
             z,

@@ -63,6 +63,10 @@ fn demo_writes_and_downsamples_both_volumes() {
         .filter_map(|l| l.strip_prefix("preview: "))
         .collect();
     assert_eq!(previews.len(), 5, "{text}");
+    assert!(
+        text.contains("run: cuboids view ") && text.contains("cells"),
+        "the demo ends with a view command: {text}"
+    );
     for path in previews {
         let (width, height, _) = png_summary(std::path::Path::new(path));
         let expected = if path.contains("mip3") {
@@ -205,4 +209,134 @@ fn a_healthy_machine_without_a_runtime_dir_prints_no_error() {
             "XDG_RUNTIME_DIR {runtime_dir:?}: {stderr}"
         );
     }
+}
+
+/// `cuboids view` serves the demo's volumes to a real HTTP client (curl) with CORS, prints a
+/// neuroglancer link holding both layers, and stops cleanly on Ctrl-C (SIGINT).
+#[test]
+fn view_serves_volumes_with_cors_and_a_neuroglancer_link() {
+    use std::io::BufRead;
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("demo-data");
+    let demo = Command::new(env!("CARGO_BIN_EXE_cuboids"))
+        .args([
+            "demo",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--size",
+            "128,96,16",
+        ])
+        .output()
+        .unwrap();
+    assert!(demo.status.success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cuboids"))
+        .arg("view")
+        .arg(dir.join("image"))
+        .arg(dir.join("cells"))
+        .args(["--port", "0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    let base = loop {
+        let line = lines.next().expect("a line").unwrap();
+        printed.push(line.clone());
+        if let Some(rest) = line.strip_prefix("serving ") {
+            break rest.rsplit(' ').next().unwrap().to_string();
+        }
+    };
+    let link = loop {
+        let line = lines.next().expect("a line").unwrap();
+        if let Some(link) = line.strip_prefix("open with neuroglancer: ") {
+            break link.to_string();
+        }
+    };
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-s", "-S"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    // The info, as JSON, and a chunk byte for byte (curl inflates gzip as a browser does).
+    let info: serde_json::Value =
+        serde_json::from_slice(&curl(&[&format!("{base}/image/info")])).unwrap();
+    assert_eq!(info["type"], "image");
+    let scale = info["scales"][0]["key"].as_str().unwrap().to_string();
+    let chunk_dir = dir.join("image").join(&scale);
+    let chunk = std::fs::read_dir(&chunk_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let name = chunk
+        .file_name()
+        .to_string_lossy()
+        .trim_end_matches(".gz")
+        .to_string();
+    let served = curl(&["--compressed", &format!("{base}/image/{scale}/{name}")]);
+    let on_disk = std::fs::read(chunk.path()).unwrap();
+    let expected = if chunk.path().extension().is_some_and(|e| e == "gz") {
+        cuboids::formats::precomputed::gunzip(&on_disk, 1 << 30).unwrap()
+    } else {
+        on_disk
+    };
+    assert!(served == expected, "{scale}/{name} differs");
+    // CORS on answers and preflights; a missing object is a 404.
+    let headers = String::from_utf8(curl(&["-i", &format!("{base}/cells/info")])).unwrap();
+    assert!(
+        headers.contains("Access-Control-Allow-Origin: *"),
+        "{headers}"
+    );
+    let preflight = String::from_utf8(curl(&[
+        "-i",
+        "-X",
+        "OPTIONS",
+        &format!("{base}/cells/info"),
+    ]))
+    .unwrap();
+    assert!(preflight.starts_with("HTTP/1.1 204"), "{preflight}");
+    let missing = String::from_utf8(curl(&["-i", &format!("{base}/cells/no/such/key")])).unwrap();
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    // The link holds both layers, each with its type.
+    let state = percent_decode(link.split("#!").nth(1).unwrap());
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let layers = state["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2, "{state}");
+    assert_eq!(layers[0]["source"], format!("precomputed://{base}/image"));
+    assert_eq!(layers[0]["type"], "image");
+    assert_eq!(layers[1]["type"], "segmentation");
+    // Ctrl-C: it stops and exits 0.
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}: {printed:?}");
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+            out.push(u8::from_str_radix(hex, 16).unwrap());
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
 }

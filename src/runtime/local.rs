@@ -370,9 +370,13 @@ pub async fn demo(dir: &Path, size: Vec3) -> Result<()> {
     }
     crate::runtime::segmentation::demo_segmentation(ctx, dir, size).await?;
     demo_previews(dir, size).await?;
+    let layers: Vec<String> = ["image", "segmentation", "affinity-segmentation", "cells"]
+        .iter()
+        .map(|l| dir.join(l).display().to_string())
+        .collect();
     println!(
-        "open with neuroglancer: precomputed://file://{}",
-        std::fs::canonicalize(dir)?.display()
+        "to look at them in neuroglancer, run: cuboids view {}",
+        layers.join(" ")
     );
     Ok(())
 }

@@ -7,3 +7,4 @@ pub mod executor;
 pub mod local;
 pub mod segmentation;
 pub mod synthetic;
+pub mod view;
