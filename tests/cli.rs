@@ -115,19 +115,7 @@ fn demo_writes_and_downsamples_both_volumes() {
 /// with the pass, the share done, the rate and the time left; one ends each pass at 100%.
 #[test]
 fn long_passes_log_progress_lines_off_a_terminal() {
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path().join("demo-data");
-    let demo = Command::new(env!("CARGO_BIN_EXE_cuboids"))
-        .args([
-            "demo",
-            "--dir",
-            dir.to_str().unwrap(),
-            "--size",
-            "128,96,16",
-        ])
-        .output()
-        .unwrap();
-    assert!(demo.status.success());
+    let (_temp, dir) = small_demo();
     let segment = [
         "segment",
         "--affinity",
@@ -174,6 +162,28 @@ fn long_passes_log_progress_lines_off_a_terminal() {
     }
 }
 
+/// The demo's volumes at 128x96x16 in a temporary directory (kept alive by the first value).
+fn small_demo() -> (tempfile::TempDir, std::path::PathBuf) {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("demo-data");
+    let demo = Command::new(env!("CARGO_BIN_EXE_cuboids"))
+        .args([
+            "demo",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--size",
+            "128,96,16",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        demo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+    (temp, dir)
+}
+
 /// A PNG's width, height and number of distinct colours.
 fn png_summary(path: &std::path::Path) -> (u32, u32, usize) {
     let file = std::io::BufReader::new(std::fs::File::open(path).unwrap());
@@ -216,19 +226,7 @@ fn a_healthy_machine_without_a_runtime_dir_prints_no_error() {
 #[test]
 fn view_serves_volumes_with_cors_and_a_neuroglancer_link() {
     use std::io::BufRead;
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path().join("demo-data");
-    let demo = Command::new(env!("CARGO_BIN_EXE_cuboids"))
-        .args([
-            "demo",
-            "--dir",
-            dir.to_str().unwrap(),
-            "--size",
-            "128,96,16",
-        ])
-        .output()
-        .unwrap();
-    assert!(demo.status.success());
+    let (_temp, dir) = small_demo();
     let mut child = Command::new(env!("CARGO_BIN_EXE_cuboids"))
         .arg("view")
         .arg(dir.join("image"))
