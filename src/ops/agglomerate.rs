@@ -402,23 +402,25 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
         })
         .collect();
     edges.sort_unstable_by_key(|e| e.tie);
-    agglomerate_sorted(fragments, &edges, threshold)
+    agglomerate_sorted(fragments, &edges, threshold, &|| false).expect("never stopped")
 }
 
 /// [`agglomerate`] over the fragments' graph as edges sorted by fragment pair, each pair once
-/// and its own tie (what [`sum_sorted_edges`] makes): no hashing on the way.
+/// and its own tie (what [`sum_sorted_edges`] makes): no hashing on the way. Asks `stop` now and
+/// then (a long agglomeration should not outlive a SIGTERM's grace): `None` once it says so.
 pub fn agglomerate_sorted(
     fragments: u32,
     edges: &[GraphEdge],
     threshold: f64,
-) -> (Vec<u32>, MergeReport) {
+    stop: &dyn Fn() -> bool,
+) -> Option<(Vec<u32>, MergeReport)> {
     debug_assert!(edges.iter().all(|e| e.tie == (e.a, e.b)));
     let n = fragments as usize + 1;
     let mut run = Agglomerator::new(n, edges, &[]);
-    let merges = run.merge_until(threshold);
+    let merges = run.merge_until_or_stopped(threshold, stop)?;
     let out = number_by_smallest(&run.region_of());
     let segments = out.iter().max().copied().unwrap_or(0) as usize;
-    (out, MergeReport { merges, segments })
+    Some((out, MergeReport { merges, segments }))
 }
 
 /// Edges of fragment pairs (`a < b`, in any order and repeated, as chunks report them) summed
@@ -524,8 +526,19 @@ impl Agglomerator {
     /// Merges best first until the best edge's `1 - mean` reaches `threshold`; returns how many
     /// merges it made.
     fn merge_until(&mut self, threshold: f64) -> usize {
+        self.merge_until_or_stopped(threshold, &|| false)
+            .expect("never stopped")
+    }
+
+    /// [`Self::merge_until`], asking `stop` every 2^16 queue entries; `None` once it says so.
+    fn merge_until_or_stopped(&mut self, threshold: f64, stop: &dyn Fn() -> bool) -> Option<usize> {
         let mut merges = 0;
+        let mut popped = 0u32;
         while let Some(c) = self.queue.pop() {
+            popped = popped.wrapping_add(1);
+            if popped.is_multiple_of(1 << 16) && stop() {
+                return None;
+            }
             if self.version_of[c.edge as usize] != c.version {
                 continue; // merged away (DEAD) or re-scored since
             }
@@ -545,7 +558,7 @@ impl Agglomerator {
             self.merge(a, b);
             merges += 1;
         }
-        merges
+        Some(merges)
     }
 
     fn merge(&mut self, a: u32, b: u32) {
@@ -911,6 +924,30 @@ mod tests {
 
     fn voxels3(shape: [usize; 3]) -> usize {
         shape[0] * shape[1] * shape[2]
+    }
+
+    #[test]
+    fn a_stopped_agglomeration_returns_nothing() {
+        let graph = grid_graph([40, 40, 40], 4, 99);
+        let mut edges: Vec<GraphEdge> = graph
+            .iter()
+            .map(|(&(a, b), &stats)| GraphEdge {
+                a,
+                b,
+                stats,
+                tie: (a, b),
+            })
+            .collect();
+        edges.sort_unstable_by_key(|e| e.tie);
+        let asked = std::cell::Cell::new(0);
+        let stop = || {
+            asked.set(asked.get() + 1);
+            true
+        };
+        assert!(agglomerate_sorted(64_000, &edges, 0.9, &stop).is_none());
+        assert_eq!(asked.get(), 1);
+        let (whole, _) = agglomerate_sorted(64_000, &edges, 0.9, &|| false).unwrap();
+        assert_eq!(whole, agglomerate(64_000, &graph, 0.9).0);
     }
 
     #[test]

@@ -688,9 +688,13 @@ pub async fn segment(
     let t = Instant::now();
     let fragments = report.fragments as u32;
     let threshold = opts.threshold;
-    let (segment_of, merges) =
-        tokio::task::spawn_blocking(move || agglomerate_sorted(fragments, &graph, threshold))
-            .await?;
+    let cancel = layout.cancel.clone();
+    let (segment_of, merges) = tokio::task::spawn_blocking(move || {
+        let stop = || cancel.as_ref().is_some_and(|c| c.is_cancelled());
+        agglomerate_sorted(fragments, &graph, threshold, &stop)
+    })
+    .await?
+    .ok_or(SegmentError::Cancelled)?;
     report.merges = merges.merges;
     report.segments = merges.segments;
     report.passes.push(("agglomerate", t.elapsed()));
