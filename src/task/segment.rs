@@ -171,6 +171,11 @@ impl Layout {
         self.cancel.as_ref().is_some_and(|c| c.is_cancelled())
     }
 
+    /// The run's cancellation, for passes on blocking threads.
+    pub(crate) fn cancel_token(&self) -> Option<CancellationToken> {
+        self.cancel.clone()
+    }
+
     /// Fails with [`SegmentError::Cancelled`] once the run was cancelled.
     pub(crate) fn check_cancel(&self) -> Result<(), SegmentError> {
         if self.cancelled() {

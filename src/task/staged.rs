@@ -60,7 +60,7 @@ use crate::geometry::{voxels, Box3, Vec3};
 use crate::gpu::labeling::DeferredVoxel;
 use crate::gpu::GpuContext;
 use crate::hash::IdBuildHasher;
-use crate::ops::agglomerate::{agglomerate, EdgeStats, RegionGraph};
+use crate::ops::agglomerate::{agglomerate_sorted, pair_key, sum_sorted_edges, EdgeStats};
 use crate::ops::union_find::UnionFind;
 use crate::ops::watershed::{Grid, DIRECTIONS};
 use crate::store::{ContentEncoding, Store, StoreError};
@@ -1110,11 +1110,15 @@ async fn merge<W: StagedWork>(
         .collect();
     passes.done("read");
     let work = plan.work.clone();
+    let cancel = layout.cancel_token();
     let mut remaps = tokio::task::spawn_blocking(move || {
         let nodes = BlockNodes::new(&summaries, blocks, &keys);
         match work.work() {
             Work::Components(c) => join_components(&nodes, c.dust),
-            Work::Segment(s) => join_segments(&nodes, &graphs, s.threshold),
+            Work::Segment(s) => {
+                let stop = || cancel.as_ref().is_some_and(|c| c.is_cancelled());
+                join_segments(&nodes, &graphs, s.threshold, &stop)
+            }
         }
     })
     .await
@@ -1272,6 +1276,7 @@ fn join_segments(
     nodes: &BlockNodes,
     graphs: &[BlockGraph],
     threshold: f64,
+    stop: &dyn Fn() -> bool,
 ) -> Result<Remaps, StagedError> {
     let mut passes = Passes::new();
     let mut sets = UnionFind::new(nodes.total);
@@ -1323,7 +1328,7 @@ fn join_segments(
     let (fragment, sizes) = nodes.number(&mut sets);
     let fragments = sizes.len() - 1;
     passes.done("stitch");
-    let mut graph = RegionGraph::default();
+    let mut pairs = Vec::with_capacity(graphs.iter().map(|g| g.edges.len()).sum());
     for (b, g) in graphs.iter().enumerate() {
         let fragment_of = |k: u64| -> Result<u32, StagedError> {
             let node = if k & VOXEL_KEY != 0 {
@@ -1336,16 +1341,15 @@ fn join_segments(
         for &(ka, kb, stats) in &g.edges {
             let (fa, fb) = (fragment_of(ka)?, fragment_of(kb)?);
             if fa != fb {
-                graph
-                    .entry((fa.min(fb), fa.max(fb)))
-                    .or_default()
-                    .add(stats);
+                pairs.push((pair_key(fa, fb), stats));
             }
         }
     }
+    let graph = sum_sorted_edges(pairs);
     let region_edges = graph.len();
     passes.done("region graph");
-    let (segment_of, merges) = agglomerate(fragments as u32, &graph, threshold);
+    let (segment_of, merges) = agglomerate_sorted(fragments as u32, &graph, threshold, stop)
+        .ok_or(SegmentError::Cancelled)?;
     passes.done("agglomerate");
     Ok(Remaps {
         tables: nodes.tables(|n| segment_of[fragment[n as usize] as usize]),
