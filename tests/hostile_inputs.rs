@@ -171,15 +171,6 @@ fn gzip_bomb(inflated: usize) -> Vec<u8> {
     gz.finish().unwrap()
 }
 
-fn peak_rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb << 10)
-}
-
 #[test]
 fn a_chunk_that_inflates_past_its_size_is_an_error_not_an_allocation() {
     let shape = [64, 64, 64];
@@ -187,6 +178,7 @@ fn a_chunk_that_inflates_past_its_size_is_an_error_not_an_allocation() {
     // 512 MiB of zeros in ~0.5 MB of gzip, where the chunk holds 256 KiB.
     let bomb = gzip_bomb(512 << 20);
     assert!(bomb.len() < 2 << 20, "{} bytes", bomb.len());
+    let peak_rss_bytes = || cuboids::runtime::executor::peak_rss_bytes().unwrap_or(0);
     let before = peak_rss_bytes();
     let err = decode_chunk(
         "bomb",

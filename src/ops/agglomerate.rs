@@ -188,6 +188,14 @@ impl Adjacency {
         }
     }
 
+    /// (neighbour, edge) pairs.
+    fn entries(&self) -> Box<dyn Iterator<Item = (u32, u32)> + '_> {
+        match self {
+            Adjacency::Small(v) => Box::new(v.iter().copied()),
+            Adjacency::Large(m) => Box::new(m.iter().map(|(&o, &id)| (o, id))),
+        }
+    }
+
     fn into_entries(self) -> Vec<(u32, u32)> {
         match self {
             Adjacency::Small(v) => v,
@@ -354,7 +362,8 @@ pub struct GraphEdge {
 pub struct Agglomeration {
     /// Per node, the smallest node of its region.
     pub region_of: Vec<u32>,
-    /// The edges between the regions that are left, sorted, with their ties: a later round that holds more of the graph goes on from exactly here.
+    /// The edges between the regions that are left, sorted, with their ties: a later round that
+    /// holds more of the graph goes on from exactly here.
     pub left: Vec<GraphEdge>,
     pub merges: usize,
 }
@@ -392,6 +401,13 @@ pub fn agglomerate_rounds(
 /// numbered 1..N by their smallest fragment, so numbering fragments by first voxel numbers
 /// segments by first voxel too.
 pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<u32>, MergeReport) {
+    agglomerate_sorted(fragments, &sorted_edges(graph), threshold, &|| false)
+        .expect("never stopped")
+}
+
+/// The edges of a fragments' graph, each its own tie, sorted by pair (what
+/// [`agglomerate_sorted`] takes).
+fn sorted_edges(graph: &RegionGraph) -> Vec<GraphEdge> {
     let mut edges: Vec<GraphEdge> = graph
         .iter()
         .map(|(&(a, b), &stats)| GraphEdge {
@@ -402,7 +418,7 @@ pub fn agglomerate(fragments: u32, graph: &RegionGraph, threshold: f64) -> (Vec<
         })
         .collect();
     edges.sort_unstable_by_key(|e| e.tie);
-    agglomerate_sorted(fragments, &edges, threshold, &|| false).expect("never stopped")
+    edges
 }
 
 /// [`agglomerate`] over the fragments' graph as edges sorted by fragment pair, each pair once
@@ -626,11 +642,7 @@ impl Agglomerator {
         let mut left = Vec::new();
         for (r, adjacency) in self.adjacency.iter().enumerate() {
             let mine = region_of[r];
-            let edges = match adjacency {
-                Adjacency::Small(v) => v.clone(),
-                Adjacency::Large(m) => m.iter().map(|(&o, &id)| (o, id)).collect(),
-            };
-            for (other, id) in edges {
+            for (other, id) in adjacency.entries() {
                 let theirs = region_of[other as usize];
                 if mine < theirs {
                     left.push(GraphEdge {
@@ -857,7 +869,7 @@ mod tests {
         mut block: [usize; 3],
         threshold: f64,
     ) -> (Vec<u32>, usize) {
-        let n = voxels3(shape) + 1;
+        let n = crate::geometry::voxels(shape) + 1;
         let mut region_of: Vec<u32> = (0..n as u32).collect();
         let mut left: Vec<GraphEdge> = Vec::new();
         let mut pending: Vec<((u32, u32), EdgeStats)> =
@@ -922,23 +934,10 @@ mod tests {
         }
     }
 
-    fn voxels3(shape: [usize; 3]) -> usize {
-        shape[0] * shape[1] * shape[2]
-    }
-
     #[test]
     fn a_stopped_agglomeration_returns_nothing() {
         let graph = grid_graph([40, 40, 40], 4, 99);
-        let mut edges: Vec<GraphEdge> = graph
-            .iter()
-            .map(|(&(a, b), &stats)| GraphEdge {
-                a,
-                b,
-                stats,
-                tie: (a, b),
-            })
-            .collect();
-        edges.sort_unstable_by_key(|e| e.tie);
+        let edges = sorted_edges(&graph);
         let asked = std::cell::Cell::new(0);
         let stop = || {
             asked.set(asked.get() + 1);
@@ -957,7 +956,7 @@ mod tests {
             for threshold in [0.3, 0.5, 0.7, 0.99] {
                 let shape = [7, 5, 3];
                 let graph = grid_graph(shape, levels, seeds() | 1);
-                let nodes = voxels3(shape) as u32;
+                let nodes = crate::geometry::voxels(shape) as u32;
                 assert_eq!(
                     agglomerate(nodes, &graph, threshold).0,
                     agglomerate_naively(nodes, &graph, threshold),
@@ -980,7 +979,7 @@ mod tests {
             for threshold in [0.3, 0.5, 0.7, 0.95] {
                 for _ in 0..3 {
                     let graph = grid_graph(shape, levels, seeds() | 1);
-                    let nodes = voxels3(shape) as u32;
+                    let nodes = crate::geometry::voxels(shape) as u32;
                     let (whole, report) = agglomerate(nodes, &graph, threshold);
                     let (rounds, left) = agglomerate_in_rounds(shape, &graph, block, threshold);
                     assert!(

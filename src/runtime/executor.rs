@@ -118,8 +118,9 @@ impl Executor {
     /// Runs a task to its end, or until `cancel` fires: a downsample then stops before its next
     /// tile and removes what it wrote to scales it was adding; segment and connected components
     /// (and their block and relabel stage tasks) stop before their next GPU chunk, pass or
-    /// output chunk and remove what they wrote to an output they were creating; a Boss step is dropped (every cuboid is written whole, and
-    /// without the returned document no level counts as done).
+    /// output chunk and remove what they wrote to an output they were creating; a Boss step is
+    /// dropped (every cuboid is written whole, and without the returned document no level counts
+    /// as done).
     pub async fn run(
         &self,
         task: &Task,

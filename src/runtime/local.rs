@@ -14,7 +14,7 @@ use crate::runtime::batch::{
 };
 use crate::runtime::executor::{Executor, TaskFailure, TaskOutput};
 use crate::runtime::synthetic::em_like;
-use crate::store::{aws_env, open_store, open_store_with, LocalStore};
+use crate::store::{aws_env, open_store_with, LocalStore};
 use crate::task::downsample::{
     downsample, split_bounds, Compute, DownsampleOptions, DownsampleReport,
 };
@@ -46,12 +46,7 @@ pub async fn downsample_location(
     opts: &DownsampleOptions,
     cpu: bool,
 ) -> Result<()> {
-    let store = open_store(location)
-        .await
-        .with_context(|| format!("opening {location}"))?;
-    let vol = Precomputed::open(store)
-        .await
-        .with_context(|| format!("opening {location}"))?;
+    let vol = crate::runtime::segmentation::open_input(location).await?;
     let compute = if cpu {
         Compute::Cpu
     } else {
@@ -563,10 +558,7 @@ pub struct PreviewOptions {
 
 /// One section of `mip` of a volume, as the volume's data (first channel) and its layer type.
 async fn read_section(location: &str, mip: usize, z: i64) -> Result<(Volume, LayerType)> {
-    let store = open_store(location).await?;
-    let vol = Precomputed::open(store)
-        .await
-        .with_context(|| format!("opening {location}"))?;
+    let vol = crate::runtime::segmentation::open_input(location).await?;
     let scales = vol.info.scales.len();
     anyhow::ensure!(
         mip < scales,

@@ -22,7 +22,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-async fn open_input(location: &str) -> Result<Precomputed> {
+/// The precomputed volume at a directory or `s3://` location, with the location in errors.
+pub(crate) async fn open_input(location: &str) -> Result<Precomputed> {
     let store = open_store(location)
         .await
         .with_context(|| format!("opening {location}"))?;

@@ -116,10 +116,7 @@ fn blur_axis(v: &mut [f32], shape: Vec3, axis: usize, r: usize) {
 /// edge between v and v - e_c.
 pub fn affinities_like(shape: Vec3) -> crate::ops::watershed::Affinities {
     let (image, _) = em_like(shape);
-    let mut img: Vec<f32> = image.data.iter().map(|&b| b as f32).collect();
-    blur_axis(&mut img, shape, 0, 2);
-    blur_axis(&mut img, shape, 1, 2);
-    blur_axis(&mut img, shape, 2, 1);
+    let img = blurred(image.data.iter().map(|&b| b as f32).collect(), shape);
     let strides = [1, shape[0], shape[0] * shape[1]];
     let channels = [0, 1, 2].map(|c| {
         (0..img.len())
@@ -148,7 +145,14 @@ pub fn probability_like(shape: Vec3) -> Vec<f32> {
 /// the cells instead of the image's noise.
 pub fn smooth_probability_like(shape: Vec3) -> Vec<f32> {
     let (image, _) = em_like(shape);
-    let mut img: Vec<f32> = image.data.iter().map(|&b| b as f32 / 255.0).collect();
+    blurred(
+        image.data.iter().map(|&b| b as f32 / 255.0).collect(),
+        shape,
+    )
+}
+
+/// An image blurred as a network's output is smooth: over 2 voxels in x and y, 1 in z.
+fn blurred(mut img: Vec<f32>, shape: Vec3) -> Vec<f32> {
     blur_axis(&mut img, shape, 0, 2);
     blur_axis(&mut img, shape, 1, 2);
     blur_axis(&mut img, shape, 2, 1);

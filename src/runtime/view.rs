@@ -8,8 +8,7 @@
 //! Ctrl-C (or SIGTERM).
 
 use crate::formats::precomputed::info::LayerType;
-use crate::formats::precomputed::Precomputed;
-use crate::store::{open_store, ContentEncoding, Store};
+use crate::store::{ContentEncoding, Store};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -63,10 +62,7 @@ pub async fn view(locations: &[String], host: &str, port: u16) -> Result<()> {
     let mut served: HashMap<String, Served> = HashMap::new();
     let mut layers = Vec::new();
     for location in locations {
-        let store = open_store(location).await?;
-        let vol = Precomputed::open(store.clone())
-            .await
-            .with_context(|| format!("opening {location}"))?;
+        let vol = crate::runtime::segmentation::open_input(location).await?;
         let mut name = name_of(location);
         while served.contains_key(&name) {
             name.push('_');
@@ -76,7 +72,7 @@ pub async fn view(locations: &[String], host: &str, port: u16) -> Result<()> {
             name.clone(),
             Served {
                 name,
-                store,
+                store: vol.store,
                 layer: vol.info.layer_type,
             },
         );

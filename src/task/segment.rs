@@ -171,9 +171,10 @@ impl Layout {
         self.cancel.as_ref().is_some_and(|c| c.is_cancelled())
     }
 
-    /// The run's cancellation, for passes on blocking threads.
-    pub(crate) fn cancel_token(&self) -> Option<CancellationToken> {
-        self.cancel.clone()
+    /// Whether the run was cancelled, as a check that passes on blocking threads can own.
+    pub(crate) fn stop_check(&self) -> impl Fn() -> bool + Send + 'static {
+        let cancel = self.cancel.clone();
+        move || cancel.as_ref().is_some_and(|c| c.is_cancelled())
     }
 
     /// Fails with [`SegmentError::Cancelled`] once the run was cancelled.
@@ -693,9 +694,8 @@ pub async fn segment(
     let t = Instant::now();
     let fragments = report.fragments as u32;
     let threshold = opts.threshold;
-    let cancel = layout.cancel.clone();
+    let stop = layout.stop_check();
     let (segment_of, merges) = tokio::task::spawn_blocking(move || {
-        let stop = || cancel.as_ref().is_some_and(|c| c.is_cancelled());
         agglomerate_sorted(fragments, &graph, threshold, &stop)
     })
     .await?

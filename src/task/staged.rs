@@ -7,10 +7,9 @@
 //!    then numbered by first voxel within the block. Writes the block's labels and a summary:
 //!    per label its first voxel (region order) and size, the voxels on the block's faces that
 //!    other blocks share with their labels, and the halo voxels outside the block that its
-//!    labels reach. A segment block
-//!    resolves the plateaus (see src/ops/watershed.rs) that stay inside it and also writes its
-//!    graph: the plateau voxels whose plateau leaves the block, and its region graph keyed by
-//!    block labels or by voxels of other blocks' faces.
+//!    labels reach. A segment block resolves the plateaus (see src/ops/watershed.rs) that stay
+//!    inside it and also writes its graph: the plateau voxels whose plateau leaves the block,
+//!    and its region graph keyed by block labels or by voxels of other blocks' faces.
 //! 2. **merge** (one task, no GPU): joins the blocks through their halos and faces (segment: and
 //!    the open plateaus, resolved over their whole extent), numbers the components 1..N by first
 //!    voxel, then drops dust (connected components) or sums the blocks' graphs into the
@@ -1110,15 +1109,12 @@ async fn merge<W: StagedWork>(
         .collect();
     passes.done("read");
     let work = plan.work.clone();
-    let cancel = layout.cancel_token();
+    let stop = layout.stop_check();
     let mut remaps = tokio::task::spawn_blocking(move || {
         let nodes = BlockNodes::new(&summaries, blocks, &keys);
         match work.work() {
             Work::Components(c) => join_components(&nodes, c.dust),
-            Work::Segment(s) => {
-                let stop = || cancel.as_ref().is_some_and(|c| c.is_cancelled());
-                join_segments(&nodes, &graphs, s.threshold, &stop)
-            }
+            Work::Segment(s) => join_segments(&nodes, &graphs, s.threshold, &stop),
         }
     })
     .await

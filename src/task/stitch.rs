@@ -161,8 +161,6 @@ impl ChunkLabels {
         Self::from_box_roots(&dense, boxed, core)
     }
 
-    /// From a box's roots (region coordinates `boxed`): core voxels numbered by first voxel, and
-    /// the halo voxels their components reach.
     /// Row (y, z) of `part` (inside this chunk's core) through `nodes` (label l -> nodes[l - 1];
     /// 0 stays as `out` has it).
     fn row_into(&self, nodes: &[u32], part: Box3, y: usize, z: usize, out: &mut [u32]) {
@@ -175,6 +173,8 @@ impl ChunkLabels {
         }
     }
 
+    /// From a box's roots (region coordinates `boxed`): core voxels numbered by first voxel, and
+    /// the halo voxels their components reach.
     pub fn from_box_roots(roots: &impl BoxRoots, boxed: Box3, core: Box3) -> ChunkLabels {
         // Root -> local label (0: not seen in the core yet).
         let mut local = vec![0u32; roots.root_bound()];
