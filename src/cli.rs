@@ -6,7 +6,7 @@ use crate::runtime::activity::WorkerOptions;
 use crate::runtime::batch::{SubmitOptions, TaskSource};
 use crate::runtime::{local, segmentation};
 use crate::task::downsample::Bounds;
-use crate::task::spec::{ChunkFields, ComponentsTask, DownsampleTask, SegmentTask};
+use crate::task::spec::{ChunkFields, ComponentsTask, DownsampleTask, SegmentTask, Task};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -248,6 +248,7 @@ impl DownsampleArgs {
             gzip_level: self.gzip_level,
             skip_existing: self.skip_existing,
             tile_mib: None,
+            cpu: false,
         }
     }
 }
@@ -451,14 +452,20 @@ fn parse_bounds(s: &str) -> Result<Bounds, String> {
 /// `CUBOIDS_LOG_FORMAT=text|json` overrides.
 fn init_logging() {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,cuboids=info,aws_config=error")
-    });
     let json = match std::env::var("CUBOIDS_LOG_FORMAT").as_deref() {
         Ok("json") => true,
         Ok("text") => false,
         _ => !std::io::stderr().is_terminal(),
     };
+    // At a terminal the command prints the task's report and failure itself; the executor's
+    // own lines (task done, task failed) would say the same twice.
+    let default = if json {
+        "warn,cuboids=info,aws_config=error"
+    } else {
+        "warn,cuboids=info,cuboids::runtime::executor=error,aws_config=error"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -503,8 +510,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "{location} is not a directory holding a precomputed volume (nor an s3:// URL)"
                 );
             }
-            let opts = args.task(location.clone()).options();
-            done(runtime.block_on(local::downsample_location(&location, &opts, cpu)))
+            let mut task = args.task(location);
+            task.cpu = cpu;
+            runtime.block_on(local::run_command(Task::Downsample(task)))
         }
         Command::Plan {
             what:
@@ -585,20 +593,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             job_name,
         }))),
         Command::Segment { args } => {
-            let task = args.task();
-            done(runtime.block_on(segmentation::segment_location(
-                &task.affinity,
-                &task.output,
-                &task.options(),
-            )))
+            runtime.block_on(local::run_command(Task::Segment(args.task())))
         }
         Command::ConnectedComponents { args } => {
-            let task = args.task();
-            done(runtime.block_on(segmentation::components_location(
-                &task.input,
-                &task.output,
-                &task.options(),
-            )))
+            runtime.block_on(local::run_command(Task::ConnectedComponents(args.task())))
         }
         Command::BenchSegment {
             size,

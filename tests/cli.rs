@@ -1,6 +1,7 @@
 //! The binary as a user runs it.
 
-use std::process::Command;
+use std::io::BufRead;
+use std::process::{Command, Stdio};
 
 #[test]
 fn demo_writes_and_downsamples_both_volumes() {
@@ -26,10 +27,14 @@ fn demo_writes_and_downsamples_both_volumes() {
         text.contains("MVx/s") && text.matches("downsampled").count() == 2,
         "{text}"
     );
-    assert!(
-        text.contains("segmented") && text.contains("labelled cells"),
-        "{text}"
-    );
+    // Each step's report, as the task the demo ran through the executor reports it.
+    for step in ["segment ", "connected-components "] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(step) && l.contains("MVx/s")),
+            "{step}: {text}"
+        );
+    }
     for layer in ["affinity-segmentation", "cells"] {
         let info: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join(layer).join("info")).unwrap()).unwrap();
@@ -337,4 +342,121 @@ fn percent_decode(s: &str) -> String {
         }
     }
     String::from_utf8(out).unwrap()
+}
+
+/// A CLI command runs as the task Batch runs it: Ctrl-C (SIGINT) stops a segment as SIGTERM
+/// stops a Batch job, with `cuboids.Interrupted` and the retryable exit code 75, and leaves
+/// nothing in the output layer it was creating.
+#[test]
+fn ctrl_c_stops_a_cli_segment_as_a_batch_task_stops() {
+    let temp = tempfile::tempdir().unwrap();
+    let size = [256, 256, 48];
+    let aff = cuboids::runtime::synthetic::affinities_like(size);
+    let channels: Vec<&[f32]> = aff.channels.iter().map(|c| c.as_slice()).collect();
+    let affinity = temp.path().join("affinities");
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(cuboids::runtime::segmentation::write_float_volume(
+            &affinity,
+            &channels,
+            size,
+            Default::default(),
+        ))
+        .unwrap();
+    let output = temp.path().join("segmentation");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cuboids"))
+        .arg("segment")
+        .arg("--affinity")
+        .arg(&affinity)
+        .arg("--output")
+        .arg(&output)
+        .env("CUBOIDS_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    // The GPU opens after the signal handlers are in place and before the first chunk, so the
+    // signal lands within the run (16 chunks: seconds on lavapipe).
+    let mut log = Vec::new();
+    for line in &mut lines {
+        let line = line.unwrap();
+        let ready = line.contains("GPU ready");
+        log.push(line);
+        if ready {
+            break;
+        }
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    log.extend(lines.map(|l| l.unwrap()));
+    let status = child.wait().unwrap();
+    let log = log.join("\n");
+    assert_eq!(status.code(), Some(75), "{log}");
+    assert!(log.contains("cuboids.Interrupted"), "{log}");
+    let left: Vec<_> = walk(&output);
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// A failing CLI command fails as its task document does under `run-task`: the same
+/// `cuboids.*` name, cause and exit code.
+#[test]
+fn a_cli_command_fails_as_its_task_document_does() {
+    let temp = tempfile::tempdir().unwrap();
+    let missing = temp.path().join("no-such-volume");
+    let cli = Command::new(env!("CARGO_BIN_EXE_cuboids"))
+        .arg("connected-components")
+        .arg("--input")
+        .arg(&missing)
+        .arg("--output")
+        .arg(temp.path().join("cc"))
+        .args(["--threshold", "0.5"])
+        .output()
+        .unwrap();
+    let document = serde_json::json!({
+        "kind": "connected-components", "input": missing, "output": temp.path().join("cc"),
+        "threshold": 0.5,
+    });
+    let task = temp.path().join("task.json");
+    std::fs::write(&task, document.to_string()).unwrap();
+    let run_task = Command::new(env!("CARGO_BIN_EXE_cuboids"))
+        .arg("run-task")
+        .arg(&task)
+        .output()
+        .unwrap();
+    let error_line = |out: &std::process::Output| {
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .map(str::to_string)
+    };
+    let line = error_line(&cli).expect("the CLI prints an error line");
+    assert!(
+        line.contains("cuboids.InvalidTask") && line.contains(missing.to_str().unwrap()),
+        "{line}"
+    );
+    assert_eq!(Some(line), error_line(&run_task));
+    assert_eq!(cli.status.code(), Some(65));
+    assert_eq!(run_task.status.code(), cli.status.code());
+    assert!(!temp.path().join("cc").exists());
+}
+
+/// Every file under `dir` (none when it does not exist).
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flat_map(|e| {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                walk(&path)
+            } else {
+                vec![path]
+            }
+        })
+        .collect()
 }

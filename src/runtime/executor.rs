@@ -68,11 +68,13 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// What a finished task returns: the output document and a one-line summary for people.
+/// What a finished task returns: the output document, a one-line summary for logs, and the
+/// report a person at a terminal reads (the summary and the time each pass took).
 #[derive(Clone, Debug)]
 pub struct TaskOutput {
     pub document: Value,
     pub summary: String,
+    pub report: Vec<String>,
 }
 
 pub struct Executor {
@@ -169,14 +171,19 @@ impl Executor {
         let vol = Precomputed::open(store)
             .await
             .map_err(|e| TaskFailure::from_error(&context, &e))?;
-        let ctx = self.gpu().await?;
+        let compute = if t.cpu {
+            Compute::Cpu
+        } else {
+            Compute::Gpu(self.gpu().await?)
+        };
         let mut opts = t.options();
         opts.cancel = Some(cancel.clone());
-        let report = downsample(Compute::Gpu(ctx), &vol, &opts)
+        let report = downsample(compute, &vol, &opts)
             .await
             .map_err(|e| TaskFailure::from_error(&context, &e))?;
         Ok(TaskOutput {
             document: t.output(&report),
+            report: report.describe(&format!("downsampled {}", t.location)),
             summary: format!(
                 "{}: {:.1} MVx in {:.2} s = {:.1} MVx/s, {} chunks written, {} tiles skipped (existing), {} (empty)",
                 t.location,
@@ -241,6 +248,7 @@ impl Executor {
         document["peak_rss_bytes"] = serde_json::json!(peak_rss_bytes());
         Ok(TaskOutput {
             document,
+            report: report.describe(&context),
             summary: format!(
                 "{context}: {:.1} MVx in {:.2} s = {:.1} MVx/s, {} segments",
                 report.voxels as f64 / 1e6,
@@ -278,15 +286,17 @@ impl Executor {
         document["plan"] = serde_json::json!(t.plan.id);
         // What a Batch job definition's memory must cover (bounded by the block, not the volume).
         document["peak_rss_bytes"] = serde_json::json!(peak_rss_bytes());
+        let summary = format!(
+            "{context}: {:.2} s, {} components, {} segments, {} chunks written",
+            report.wall.as_secs_f64(),
+            report.fragments,
+            report.segments,
+            report.chunks_written
+        );
         Ok(TaskOutput {
             document,
-            summary: format!(
-                "{context}: {:.2} s, {} components, {} segments, {} chunks written",
-                report.wall.as_secs_f64(),
-                report.fragments,
-                report.segments,
-                report.chunks_written
-            ),
+            report: vec![summary.clone()],
+            summary,
         })
     }
 
@@ -310,12 +320,14 @@ impl Executor {
             run_step(ctx, &target, &t.job).await
         }
         .map_err(fail)?;
+        let summary = format!(
+            "wrote {} cuboids ({} skipped: all inputs missing; {} read from S3)",
+            report.written, report.skipped_empty, report.store_reads
+        );
         Ok(TaskOutput {
             document: next,
-            summary: format!(
-                "wrote {} cuboids ({} skipped: all inputs missing; {} read from S3)",
-                report.written, report.skipped_empty, report.store_reads
-            ),
+            report: vec![summary.clone()],
+            summary,
         })
     }
 }

@@ -34,53 +34,10 @@ pub fn gpu() -> Result<Arc<GpuContext>> {
     Ok(Arc::new(GpuContext::new().context("opening the GPU")?))
 }
 
-async fn open_dir(path: &Path) -> Result<Precomputed> {
-    Precomputed::open(Arc::new(LocalStore::new(path)))
-        .await
-        .with_context(|| format!("opening {}", path.display()))
-}
-
-/// Downsamples the volume at a directory or `s3://` location.
-pub async fn downsample_location(
-    location: &str,
-    opts: &DownsampleOptions,
-    cpu: bool,
-) -> Result<()> {
-    let vol = crate::runtime::segmentation::open_input(location).await?;
-    let compute = if cpu {
-        Compute::Cpu
-    } else {
-        Compute::Gpu(gpu()?)
-    };
-    let report = downsample(compute, &vol, opts)
-        .await
-        .with_context(|| format!("downsampling {location}"))?;
-    print_report(location, &report);
-    Ok(())
-}
-
 fn print_report(what: &str, r: &DownsampleReport) {
-    println!(
-        "{what}: {:.1} MVx in {:.2} s = {:.1} MVx/s; {} tiles ({} empty), {} chunks written, {:.1} MVx out",
-        r.input_voxels as f64 / 1e6,
-        r.wall.as_secs_f64(),
-        r.mvx_per_s(),
-        r.tiles,
-        r.tiles_skipped_empty,
-        r.chunks_written,
-        r.output_voxels as f64 / 1e6,
-    );
-    println!(
-        "  busy: read {:.2} s, compute {:.2} s, write {:.2} s (stages overlap){}",
-        r.read.as_secs_f64(),
-        r.compute.as_secs_f64(),
-        r.write.as_secs_f64(),
-        if r.new_scales.is_empty() {
-            String::new()
-        } else {
-            format!("; new scales {}", r.new_scales.join(", "))
-        }
-    );
+    for line in r.describe(what) {
+        println!("{line}");
+    }
 }
 
 /// Runs one Boss DownsampleChannel step from a job file (or, with a cache budget, every remaining
@@ -97,6 +54,26 @@ pub async fn boss_downsample(job: &Path, all_levels_cache_mib: Option<usize>) ->
     run_and_print(&task)
         .await
         .with_context(|| format!("Boss downsample of {}", job.display()))
+}
+
+/// A CLI command's task, run through the same `Executor` as `run-task`, Batch and the worker
+/// run it, so it behaves the same everywhere: Ctrl-C or SIGTERM stops it and removes what it
+/// wrote to an output it was creating; a failure prints its `cuboids.*` name and cause and exits
+/// with the Batch exit codes (75 retryable, 65 permanent). The report goes to stdout.
+pub async fn run_command(task: Task) -> Result<ExitCode> {
+    let executor = Executor::from_env().await;
+    match executor.run(&task, &shutdown_on_signals()?).await {
+        Ok(out) => {
+            for line in &out.report {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(f) => {
+            eprintln!("error: {f}");
+            Ok(ExitCode::from(f.kind.exit_code()))
+        }
+    }
 }
 
 /// Runs a task document here, prints a summary on stderr and the output document on stdout.
@@ -317,7 +294,10 @@ pub async fn write_new_volume(
 }
 
 pub async fn demo(dir: &Path, size: Vec3) -> Result<()> {
-    let ctx = gpu()?;
+    // Every step runs as a task through one executor (one GPU context), as on Batch.
+    let executor = Executor::from_env().await;
+    let stop = shutdown_on_signals()?;
+    let ctx = executor.gpu().await.map_err(anyhow::Error::msg)?;
     println!(
         "cuboids demo on {} ({:?})",
         ctx.adapter_info.name, ctx.adapter_info.device_type
@@ -348,22 +328,10 @@ pub async fn demo(dir: &Path, size: Vec3) -> Result<()> {
         layers.push(path);
     }
     for path in layers {
-        let vol = open_dir(&path).await?;
-        let opts = DownsampleOptions {
-            num_mips: 4,
-            factor: Factor::ANISOTROPIC,
-            write,
-            ..Default::default()
-        };
-        let report = downsample(Compute::Gpu(ctx.clone()), &vol, &opts)
-            .await
-            .with_context(|| format!("downsampling {}", path.display()))?;
-        print_report(
-            &format!("downsampled {} by 2,2,1 x4", path.display()),
-            &report,
-        );
+        let task = DownsampleTask::new(path.display().to_string(), 4);
+        run_demo_task(&executor, Task::Downsample(task), &stop).await?;
     }
-    crate::runtime::segmentation::demo_segmentation(ctx, dir, size).await?;
+    crate::runtime::segmentation::demo_segmentation(&executor, &stop, dir, size).await?;
     demo_previews(dir, size).await?;
     let layers: Vec<String> = ["image", "segmentation", "affinity-segmentation", "cells"]
         .iter()
@@ -373,6 +341,22 @@ pub async fn demo(dir: &Path, size: Vec3) -> Result<()> {
         "to look at them in neuroglancer, run: cuboids view {}",
         layers.join(" ")
     );
+    Ok(())
+}
+
+/// One of the demo's steps, its report printed.
+pub(crate) async fn run_demo_task(
+    executor: &Executor,
+    task: Task,
+    stop: &CancellationToken,
+) -> Result<()> {
+    let out = executor
+        .run(&task, stop)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    for line in &out.report {
+        println!("{line}");
+    }
     Ok(())
 }
 

@@ -6,7 +6,8 @@ use crate::formats::precomputed::{Precomputed, WriteOptions};
 use crate::geometry::{voxels, Vec3};
 use crate::ops::connected_components::Connectivity;
 use crate::ops::watershed::WatershedParams;
-use crate::runtime::local::{gpu, new_info, write_new_volume};
+use crate::runtime::executor::Executor;
+use crate::runtime::local::{gpu, new_info, run_demo_task, write_new_volume};
 use crate::runtime::synthetic::{
     affinities_like, noisy_cell_affinities, probability_like, smooth_probability_like,
 };
@@ -21,6 +22,7 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// The precomputed volume at a directory or `s3://` location, with the location in errors.
 pub(crate) async fn open_input(location: &str) -> Result<Precomputed> {
@@ -32,64 +34,10 @@ pub(crate) async fn open_input(location: &str) -> Result<Precomputed> {
         .with_context(|| format!("opening {location}"))
 }
 
-pub async fn segment_location(input: &str, output: &str, opts: &SegmentOptions) -> Result<()> {
-    let vol = open_input(input).await?;
-    let out = open_store(output)
-        .await
-        .with_context(|| format!("opening {output}"))?;
-    let report = segment(gpu()?, &vol, out, opts)
-        .await
-        .with_context(|| format!("segmenting {input} into {output}"))?;
-    print_report(&format!("segment {input} -> {output}"), &report);
-    Ok(())
-}
-
-pub async fn components_location(
-    input: &str,
-    output: &str,
-    opts: &ComponentsOptions,
-) -> Result<()> {
-    let vol = open_input(input).await?;
-    let out = open_store(output)
-        .await
-        .with_context(|| format!("opening {output}"))?;
-    let report = connected_components(gpu()?, &vol, out, opts)
-        .await
-        .with_context(|| format!("labelling {input} into {output}"))?;
-    print_report(
-        &format!("connected-components {input} -> {output}"),
-        &report,
-    );
-    Ok(())
-}
-
 pub fn print_report(what: &str, r: &SegmentReport) {
-    println!(
-        "{what}: {:.1} MVx in {:.2} s = {:.1} MVx/s; {} chunks, {} fragments, {} segments ({} merges, {} region-graph edges, {} plateau voxels stitched on the host), {} chunks written; input chunks: {} fetched, {} reads from the cache",
-        r.voxels as f64 / 1e6,
-        r.wall.as_secs_f64(),
-        r.mvx_per_s(),
-        r.chunks,
-        r.fragments,
-        r.segments,
-        r.merges,
-        r.region_edges,
-        r.deferred,
-        r.chunks_written,
-        r.chunks_fetched,
-        r.chunks_from_cache,
-    );
-    // Each pass's share of the wall time, so that the next bottleneck is visible.
-    let wall = r.wall.as_secs_f64().max(f64::MIN_POSITIVE);
-    let passes: Vec<String> = r
-        .passes
-        .iter()
-        .map(|(name, d)| {
-            let s = d.as_secs_f64();
-            format!("{name} {s:.2} s ({:.0}%)", 100.0 * s / wall)
-        })
-        .collect();
-    println!("  passes: {}", passes.join(", "));
+    for line in r.describe(what) {
+        println!("{line}");
+    }
 }
 
 /// Writes a float32 volume of `channels` channels (each Fortran-ordered) as a new precomputed
@@ -120,65 +68,43 @@ pub async fn write_float_volume(
 /// The demo's second half: an affinity map made from the demo's EM image, segmented; and the
 /// image's bright cells as connected components.
 pub async fn demo_segmentation(
-    ctx: std::sync::Arc<crate::gpu::GpuContext>,
+    executor: &Executor,
+    stop: &CancellationToken,
     dir: &Path,
     size: Vec3,
 ) -> Result<()> {
     let write = WriteOptions::default();
     let aff = affinities_like(size);
     let channels: Vec<&[f32]> = aff.channels.iter().map(|c| c.as_slice()).collect();
-    let aff_vol = write_float_volume(&dir.join("affinities"), &channels, size, write).await?;
+    write_float_volume(&dir.join("affinities"), &channels, size, write).await?;
     let prob = smooth_probability_like(size);
-    let prob_vol = write_float_volume(&dir.join("probability"), &[&prob], size, write).await?;
-    let fresh = |name: &str| -> Result<std::sync::Arc<crate::store::LocalStore>> {
+    write_float_volume(&dir.join("probability"), &[&prob], size, write).await?;
+    // A rerun replaces the demo's outputs (a task refuses an output made with other options).
+    let fresh = |name: &str| -> Result<String> {
         let path = dir.join(name);
         if path.exists() {
             std::fs::remove_dir_all(&path)
                 .with_context(|| format!("clearing {}", path.display()))?;
         }
-        Ok(std::sync::Arc::new(crate::store::LocalStore::new(path)))
+        Ok(path.display().to_string())
     };
+    let location = |name: &str| dir.join(name).display().to_string();
     // Merging while the mean affinity is above 0.7 keeps the synthetic cells apart (their
     // membranes' affinities are low but noisy); 0.7 as `1 - mean` (the benchmark's waterz
     // setting) merges nearly every cell into one, which the demo's preview made plain.
-    let opts = SegmentOptions {
-        chunks: ChunkOptions::default(),
-        watershed: WatershedParams::default(),
-        threshold: 0.3,
-    };
-    let report = segment(
-        ctx.clone(),
-        &aff_vol,
-        fresh("affinity-segmentation")?,
-        &opts,
-    )
-    .await?;
-    print_report(
-        &format!(
-            "segmented {} into {}",
-            dir.join("affinities").display(),
-            dir.join("affinity-segmentation").display()
-        ),
-        &report,
-    );
+    let segment = SegmentTask::new(location("affinities"), fresh("affinity-segmentation")?, 0.3);
+    run_demo_task(executor, Task::Segment(segment), stop).await?;
     // Membranes are thin across z (40 nm sections): 6-connectivity and a threshold just under
     // the smoothed cells' level (~0.67) keep neighbouring cells apart.
-    let opts = ComponentsOptions {
-        chunks: ChunkOptions::default(),
+    let cells = ComponentsTask {
+        input: location("probability"),
+        output: fresh("cells")?,
         threshold: 0.65,
         connectivity: Connectivity::Six,
         dust: 100,
+        chunks: ChunkFields::default(),
     };
-    let report = connected_components(ctx, &prob_vol, fresh("cells")?, &opts).await?;
-    print_report(
-        &format!(
-            "labelled cells of {} (> 0.65, 6-connected, dust 100) into {}",
-            dir.join("probability").display(),
-            dir.join("cells").display()
-        ),
-        &report,
-    );
-    Ok(())
+    run_demo_task(executor, Task::ConnectedComponents(cells), stop).await
 }
 
 /// Which synthetic affinity map `bench-segment` segments.

@@ -139,6 +139,34 @@ impl DownsampleReport {
     pub fn mvx_per_s(&self) -> f64 {
         self.input_voxels as f64 / 1e6 / self.wall.as_secs_f64().max(1e-9)
     }
+
+    /// The report for people: throughput and counts, then each stage's busy time.
+    pub fn describe(&self, what: &str) -> Vec<String> {
+        vec![
+            format!(
+                "{what}: {:.1} MVx in {:.2} s = {:.1} MVx/s; {} tiles ({} empty, {} skipped: existing), {} chunks written, {:.1} MVx out",
+                self.input_voxels as f64 / 1e6,
+                self.wall.as_secs_f64(),
+                self.mvx_per_s(),
+                self.tiles,
+                self.tiles_skipped_empty,
+                self.tiles_skipped_existing,
+                self.chunks_written,
+                self.output_voxels as f64 / 1e6,
+            ),
+            format!(
+                "  busy: read {:.2} s, compute {:.2} s, write {:.2} s (stages overlap){}",
+                self.read.as_secs_f64(),
+                self.compute.as_secs_f64(),
+                self.write.as_secs_f64(),
+                if self.new_scales.is_empty() {
+                    String::new()
+                } else {
+                    format!("; new scales {}", self.new_scales.join(", "))
+                }
+            ),
+        ]
+    }
 }
 
 /// The method a layer gets by default.

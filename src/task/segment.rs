@@ -152,6 +152,38 @@ impl SegmentReport {
     pub fn mvx_per_s(&self) -> f64 {
         self.voxels as f64 / 1e6 / self.wall.as_secs_f64().max(1e-9)
     }
+
+    /// The report for people: throughput and counts, then each pass's share of the wall time,
+    /// so that the next bottleneck is visible.
+    pub fn describe(&self, what: &str) -> Vec<String> {
+        let wall = self.wall.as_secs_f64().max(f64::MIN_POSITIVE);
+        let passes: Vec<String> = self
+            .passes
+            .iter()
+            .map(|(name, d)| {
+                let s = d.as_secs_f64();
+                format!("{name} {s:.2} s ({:.0}%)", 100.0 * s / wall)
+            })
+            .collect();
+        vec![
+            format!(
+                "{what}: {:.1} MVx in {:.2} s = {:.1} MVx/s; {} chunks, {} fragments, {} segments ({} merges, {} region-graph edges, {} plateau voxels stitched on the host), {} chunks written; input chunks: {} fetched, {} reads from the cache",
+                self.voxels as f64 / 1e6,
+                self.wall.as_secs_f64(),
+                self.mvx_per_s(),
+                self.chunks,
+                self.fragments,
+                self.segments,
+                self.merges,
+                self.region_edges,
+                self.deferred,
+                self.chunks_written,
+                self.chunks_fetched,
+                self.chunks_from_cache,
+            ),
+            format!("  passes: {}", passes.join(", ")),
+        ]
+    }
 }
 
 /// The resolved layout of a run: region (scale-relative), chunk grid, output volume and the

@@ -142,6 +142,20 @@ pub struct ChunkFields {
     pub cache_mib: Option<usize>,
 }
 
+/// What a task document that leaves every chunk field out gets.
+impl Default for ChunkFields {
+    fn default() -> ChunkFields {
+        ChunkFields {
+            bounds: None,
+            chunk_size: None,
+            output_chunk_size: None,
+            fill_missing: false,
+            gzip_level: gzip_default(),
+            cache_mib: None,
+        }
+    }
+}
+
 impl ChunkFields {
     pub fn options(&self) -> ChunkOptions {
         ChunkOptions {
@@ -192,6 +206,19 @@ pub struct ComponentsTask {
 }
 
 impl SegmentTask {
+    /// Segments `affinity` into `output`, merging while 1 - mean affinity < `threshold`; every
+    /// other field as a task document that leaves it out has it.
+    pub fn new(affinity: impl Into<String>, output: impl Into<String>, threshold: f64) -> Self {
+        SegmentTask {
+            affinity: affinity.into(),
+            output: output.into(),
+            threshold,
+            aff_low: low_default(),
+            aff_high: high_default(),
+            chunks: ChunkFields::default(),
+        }
+    }
+
     pub fn options(&self) -> SegmentOptions {
         SegmentOptions {
             chunks: self.chunks.options(),
@@ -275,6 +302,9 @@ pub struct DownsampleTask {
     /// output chunks they write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tile_mib: Option<usize>,
+    /// Pools on the CPU reference instead of the GPU: for a machine without one (slow, exact).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cpu: bool,
 }
 
 /// A Boss DownsampleChannel document (`job`), one step or, with `all_levels`, every remaining one.
@@ -358,6 +388,24 @@ impl<W> StageTask<W> {
 }
 
 impl DownsampleTask {
+    /// `num_mips` new mips of the volume at `location`, every other field as a task document
+    /// that leaves it out has it.
+    pub fn new(location: impl Into<String>, num_mips: u32) -> DownsampleTask {
+        DownsampleTask {
+            location: location.into(),
+            mip: 0,
+            num_mips,
+            factor: anisotropic(),
+            bounds: None,
+            fill_missing: false,
+            method: None,
+            gzip_level: gzip_default(),
+            skip_existing: false,
+            tile_mib: None,
+            cpu: false,
+        }
+    }
+
     pub fn options(&self) -> DownsampleOptions {
         DownsampleOptions {
             mip: self.mip,
@@ -412,6 +460,22 @@ mod tests {
             (d.mip, d.num_mips, d.factor, d.gzip_level, d.skip_existing),
             (0, 1, Factor::ANISOTROPIC, 6, false)
         );
+        assert_eq!(d, DownsampleTask::new("s3://b/v", 1));
+    }
+
+    /// What the demo and the CLI build in code is what a document with the same fields means.
+    #[test]
+    fn constructors_give_a_documents_defaults() {
+        let doc = r#"{"kind":"segment","affinity":"a","output":"o","threshold":0.3}"#;
+        assert_eq!(
+            Task::from_json(doc).unwrap(),
+            Task::Segment(SegmentTask::new("a", "o", 0.3))
+        );
+        let doc = r#"{"kind":"connected-components","input":"p","output":"o","threshold":0.5}"#;
+        let Task::ConnectedComponents(c) = Task::from_json(doc).unwrap() else {
+            panic!("not a connected-components task")
+        };
+        assert_eq!(c.chunks, ChunkFields::default());
     }
 
     #[test]
@@ -430,8 +494,10 @@ mod tests {
             gzip_level: 0,
             skip_existing: true,
             tile_mib: Some(16),
+            cpu: true,
         });
         let text = serde_json::to_string(&t).unwrap();
+        assert!(text.contains(r#""cpu":true"#), "{text}");
         assert!(text.contains(r#""factor":[2,2,2]"#), "{text}");
         assert!(text.contains(r#""method":"mode""#), "{text}");
         assert_eq!(Task::from_json(&text).unwrap(), t);
