@@ -153,6 +153,20 @@ fn region_graph_matches_cpu() {
     let cpu = region_graph_cpu(&aff, &fragments);
     let gpu_edges = region_graph_box(&small, &fragments, &aff, Box3::from_shape(shape)).unwrap();
     assert_same_graph(gpu_edges, &cpu, "one fragment per voxel");
+    // Two fragments meeting on a plane of 32x32 voxel edges of affinity 1: every workgroup's
+    // share of the pair (256 edges: 2^32 in fixed point) carries into the sum's high word,
+    // and so does the table's sum of them (2^34).
+    let shape = [32, 32, 4];
+    let n = 32 * 32 * 4;
+    let aff = Affinities {
+        shape,
+        channels: [0, 1, 2].map(|_| vec![1.0; n]),
+    };
+    let fragments: Vec<u32> = (0..n).map(|i| 1 + (i >= n / 2) as u32).collect();
+    let cpu = region_graph_cpu(&aff, &fragments);
+    assert_eq!(cpu[&(1, 2)].sum, 1 << 34);
+    let gpu_edges = region_graph_box(gpu(), &fragments, &aff, Box3::from_shape(shape)).unwrap();
+    assert_same_graph(gpu_edges, &cpu, "sums past 32 bits");
 }
 
 /// The GPU gives as many edges as the CPU, each with the CPU's statistics for its pair.
