@@ -528,6 +528,18 @@ pub fn agglomerate_sorted(
 /// into a graph sorted by pair: a sort of 8-byte keys instead of millions of hash-map inserts.
 pub fn sum_sorted_edges(mut pairs: Vec<(u64, EdgeStats)>) -> Vec<GraphEdge> {
     pairs.sort_unstable_by_key(|p| p.0);
+    sum_adjacent(pairs)
+}
+
+/// [`sum_sorted_edges`] for pairs that come as a few sorted runs one after another (sorted on
+/// several threads): the stable sort finds the runs and only merges them.
+pub fn sum_sorted_runs(mut pairs: Vec<(u64, EdgeStats)>) -> Vec<GraphEdge> {
+    pairs.sort_by_key(|p| p.0);
+    sum_adjacent(pairs)
+}
+
+/// Sorted pairs, equal keys summed.
+fn sum_adjacent(pairs: Vec<(u64, EdgeStats)>) -> Vec<GraphEdge> {
     let mut out: Vec<GraphEdge> = Vec::with_capacity(pairs.len());
     for (key, stats) in pairs {
         let (a, b) = ((key >> 32) as u32, key as u32);

@@ -26,7 +26,9 @@ use crate::gpu::labeling::{
 };
 use crate::gpu::{GpuContext, GpuError};
 use crate::hash::IdBuildHasher;
-use crate::ops::agglomerate::{agglomerate_sorted, pair_key, sum_sorted_edges, GraphEdge};
+use crate::ops::agglomerate::{
+    agglomerate_sorted, pair_key, sum_sorted_runs, EdgeStats, GraphEdge,
+};
 use crate::ops::connected_components::Connectivity;
 use crate::ops::watershed::{Affinities, Grid, WatershedParams, DIRECTIONS, FAR};
 use crate::progress::Progress;
@@ -774,8 +776,41 @@ fn fragment_graph(
     numbering: &Numbering,
     partial: Vec<PartialGraph>,
 ) -> Vec<GraphEdge> {
-    let mut pairs = Vec::with_capacity(partial.iter().map(|p| p.edges.len()).sum());
-    for PartialGraph { boxed, edges } in partial {
+    // Chunks are translated and sorted on every core, then their sorted runs merged.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, partial.len().max(1));
+    let mut groups: Vec<Vec<PartialGraph>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, chunk) in partial.into_iter().enumerate() {
+        groups[i % threads].push(chunk);
+    }
+    let runs: Vec<Vec<(u64, EdgeStats)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = groups
+            .into_iter()
+            .map(|group| {
+                scope.spawn(move || {
+                    let mut pairs = fragment_pairs(stitcher, numbering, group);
+                    pairs.sort_unstable_by_key(|p| p.0);
+                    pairs
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a region-graph thread panicked"))
+            .collect()
+    });
+    sum_sorted_runs(runs.concat())
+}
+
+/// The pairs of some chunks' region graphs as fragment pairs (`pair_key`), in no order.
+fn fragment_pairs(
+    stitcher: &Stitcher,
+    numbering: &Numbering,
+    chunks: Vec<PartialGraph>,
+) -> Vec<(u64, EdgeStats)> {
+    let mut pairs = Vec::with_capacity(chunks.iter().map(|p| p.edges.len()).sum());
+    for PartialGraph { boxed, edges } in chunks {
         let grid = Grid {
             shape: boxed.shape(),
         };
@@ -797,7 +832,7 @@ fn fragment_graph(
             }
         }
     }
-    sum_sorted_edges(pairs)
+    pairs
 }
 
 /// Chooses pointers for plateau voxels whose plateau crosses chunk faces, by the rule of
