@@ -185,8 +185,18 @@ fn accumulate(@builtin(global_invocation_id) gid: vec3<u32>) {
     if a == 0u {
         return;
     }
+    // Every load first, unconditionally (lavapipe runs eight invocations in lockstep: loads
+    // under divergent branches cost it far more than loads all of them make).
     let n = backward(v.xyz, i);
-    if differs(a, n.x) { add_edge(a, fragments[n.x], aff_x[i]); }
-    if differs(a, n.y) { add_edge(a, fragments[n.y], aff_y[i]); }
-    if differs(a, n.z) { add_edge(a, fragments[n.z], aff_z[i]); }
+    let none = 0xffffffffu;
+    let b = vec3<u32>(
+        select(0u, fragments[select(i, n.x, n.x != none)], n.x != none),
+        select(0u, fragments[select(i, n.y, n.y != none)], n.y != none),
+        select(0u, fragments[select(i, n.z, n.z != none)], n.z != none),
+    );
+    let affinity = vec3<f32>(aff_x[i], aff_y[i], aff_z[i]);
+    let edge = b != vec3<u32>(0u) & b != vec3<u32>(a);
+    if edge.x { add_edge(a, b.x, affinity.x); }
+    if edge.y { add_edge(a, b.y, affinity.y); }
+    if edge.z { add_edge(a, b.z, affinity.z); }
 }

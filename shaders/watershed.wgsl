@@ -107,13 +107,16 @@ fn edges(@builtin(global_invocation_id) p: vec3<u32>) {
         p.z > 0u, p.y > 0u, p.x > 0u,
         p.z + 1u < P.size.z, p.y + 1u < P.size.y, p.x + 1u < P.size.x,
     );
-    // -z, -y, -x edges live at the voxel itself; +z, +y, +x at the neighbour.
-    if present[0] { a[0] = aff_z[i]; }
-    if present[1] { a[1] = aff_y[i]; }
-    if present[2] { a[2] = aff_x[i]; }
-    if present[3] { a[3] = aff_z[i + sxy]; }
-    if present[4] { a[4] = aff_y[i + P.size.x]; }
-    if present[5] { a[5] = aff_x[i + 1u]; }
+    // -z, -y, -x edges live at the voxel itself; +z, +y, +x at the neighbour. Loaded whether
+    // or not the edge exists (from the voxel itself when it does not; the value is then
+    // unused): lavapipe runs invocations in lockstep, where loads under divergent branches
+    // cost far more than loads every lane makes.
+    a[0] = aff_z[i];
+    a[1] = aff_y[i];
+    a[2] = aff_x[i];
+    a[3] = aff_z[select(i, i + sxy, present[3])];
+    a[4] = aff_y[select(i, i + P.size.x, present[4])];
+    a[5] = aff_x[select(i, i + 1u, present[5])];
     var m = -1.0e38;
     var any_edge = false;
     for (var d = 0u; d < 6u; d++) {
@@ -149,14 +152,21 @@ fn exits(@builtin(global_invocation_id) p: vec3<u32>) {
         pointer[i] = NONE;
         return;
     }
+    // The neighbours' candidate bits, loaded by every lane (from the voxel itself where the
+    // edge is not a candidate, which then counts for nothing).
+    let sxy = P.size.x * P.size.y;
+    let w = array<u32, 6>(
+        candidates[select(i, i - sxy, (c & 1u) != 0u)],
+        candidates[select(i, i - P.size.x, (c & 2u) != 0u)],
+        candidates[select(i, i - 1u, (c & 4u) != 0u)],
+        candidates[select(i, i + sxy, (c & 8u) != 0u)],
+        candidates[select(i, i + P.size.x, (c & 16u) != 0u)],
+        candidates[select(i, i + 1u, (c & 32u) != 0u)],
+    );
     var bidir = 0u;
     for (var d = 0u; d < 6u; d++) {
-        if (c & (1u << d)) != 0u {
-            let w = candidates[step(i, d)];
-            if (w & BACKGROUND) == 0u && (w & (1u << ((d + 3u) % 6u))) != 0u {
-                bidir |= 1u << d;
-            }
-        }
+        let back = (w[d] & BACKGROUND) == 0u && (w[d] & (1u << ((d + 3u) % 6u))) != 0u;
+        bidir |= select(0u, 1u << d, (c & (1u << d)) != 0u && back);
     }
     let out = c & 0x3fu & ~bidir;
     let exit = out != 0u;
