@@ -30,6 +30,8 @@ struct Params {
 const SLOT: u32 = 5u;
 // The slots-filled counter, a cache line away from the overflow flag that every edge reads.
 const FILLED: u32 = 16u; // low id + 1, high id, count, sum low word, sum high word
+// Slots `compact` has packed so far.
+const PACKED: u32 = 2u;
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> fragments: array<u32>;
@@ -41,6 +43,9 @@ const FILLED: u32 = 16u; // low id + 1, high id, count, sum low word, sum high w
 // more partitions); [1]: voxel edges between different fragments (from `count`); [FILLED]:
 // slots filled.
 @group(0) @binding(6) var<storage, read_write> flags: array<atomic<u32>>;
+// The filled slots, packed by `compact`: what the host reads back instead of the whole table
+// (a few times smaller: the table is sized for the bound on pairs and kept at most 3/4 full).
+@group(0) @binding(7) var<storage, read_write> compacted: array<u32>;
 
 fn hash(a: u32, b: u32) -> u32 {
     var h = a * 0x9e3779b1u ^ (b + 0x7f4a7c15u + (a << 6u) + (a >> 2u));
@@ -199,4 +204,42 @@ fn accumulate(@builtin(global_invocation_id) gid: vec3<u32>) {
     if edge.x { add_edge(a, b.x, affinity.x); }
     if edge.y { add_edge(a, b.y, affinity.y); }
     if edge.z { add_edge(a, b.z, affinity.z); }
+}
+
+// Table slots each `compact` invocation packs: one counter update per run of slots, not per
+// slot (a 1-D dispatch of capacity / RUN invocations, split over two grid dimensions when long).
+const RUN: u32 = 16u;
+
+// Copies the filled slots of a run of table slots to the next free places of `compacted`. The
+// order is the threads'; the host sorts the pairs anyway.
+@compute @workgroup_size(64)
+fn compact(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    let first = (gid.x + gid.y * groups.x * 64u) * RUN;
+    if first >= P.capacity {
+        return;
+    }
+    let last = min(first + RUN, P.capacity);
+    var filled = 0u;
+    for (var s = first; s < last; s++) {
+        filled += u32(atomicLoad(&table[s * SLOT]) != 0u);
+    }
+    if filled == 0u {
+        return;
+    }
+    var at = atomicAdd(&flags[PACKED], filled) * SLOT;
+    for (var s = first; s < last; s++) {
+        let k = s * SLOT;
+        let lo = atomicLoad(&table[k]);
+        if lo == 0u {
+            continue;
+        }
+        if at + SLOT > arrayLength(&compacted) {
+            return; // an overflowed table, which the host discards
+        }
+        compacted[at] = lo;
+        for (var w = 1u; w < SLOT; w++) {
+            compacted[at + w] = atomicLoad(&table[k + w]);
+        }
+        at += SLOT;
+    }
 }

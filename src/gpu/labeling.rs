@@ -129,6 +129,21 @@ impl<'a> Work<'a> {
         Ok(buffer)
     }
 
+    /// A storage buffer whose contents start undefined: for output a kernel writes before
+    /// anything reads it (clearing a large one costs a pass over its memory).
+    fn scratch(&mut self, what: &str, words: usize) -> Result<wgpu::Buffer, GpuError> {
+        let bytes = (words.max(1) * 4) as u64;
+        self.check_size(what, bytes)?;
+        let usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST;
+        let buffer = self
+            .ctx
+            .scoped(self.op, || self.ctx.buffer(what, bytes, usage))?;
+        self.pooled.push(buffer.clone());
+        Ok(buffer)
+    }
+
     /// Records a dispatch of `invocations` threads of `shader::entry` with `bindings`.
     fn dispatch(
         &mut self,
@@ -232,13 +247,22 @@ impl<'a> Work<'a> {
 
     /// Submits what was recorded, then copies `buffers` back and returns their words.
     fn finish(&mut self, buffers: &[&wgpu::Buffer]) -> Result<Vec<Vec<u32>>, GpuError> {
+        let whole: Vec<(&wgpu::Buffer, u64)> = buffers.iter().map(|&b| (b, b.size())).collect();
+        self.finish_prefixes(&whole)
+    }
+
+    /// [`Self::finish`] for the first `bytes` of each buffer (a multiple of 4, at least 4).
+    fn finish_prefixes(
+        &mut self,
+        buffers: &[(&wgpu::Buffer, u64)],
+    ) -> Result<Vec<Vec<u32>>, GpuError> {
         let ctx = self.ctx;
         let staging: Vec<wgpu::Buffer> = buffers
             .iter()
-            .map(|b| {
+            .map(|&(b, bytes)| {
                 let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
-                let s = ctx.buffer("readback", b.size(), usage);
-                self.encoder.copy_buffer_to_buffer(b, 0, &s, 0, b.size());
+                let s = ctx.buffer("readback", bytes, usage);
+                self.encoder.copy_buffer_to_buffer(b, 0, &s, 0, bytes);
                 s
             })
             .collect();
@@ -732,6 +756,10 @@ pub type RegionEdge = ((u32, u32), EdgeStats);
 
 /// u32 words per region-graph table slot: low id + 1, high id, count, 64-bit sum.
 const SLOT_WORDS: u64 = 5;
+/// The word of the region-graph flags that counts packed slots (`PACKED` in the shader).
+const PACKED_WORD: usize = 2;
+/// Table slots per invocation of `compact` (`RUN` in the shader).
+const COMPACT_RUN: u64 = 16;
 
 /// The region graph of the core of a box of fragments (0 = background): every edge between a
 /// core voxel and its -x, -y, -z neighbour (core or halo) joining two different fragments.
@@ -830,6 +858,9 @@ fn accumulate_region_graph(
     loop {
         let capacity = slots_for(voxel_edges.div_ceil(parts));
         let table = work.storage("region graph table", (capacity * SLOT_WORDS) as usize)?;
+        // A table holds at most 3/4 of its capacity before it counts as overflowed.
+        let most = (capacity - capacity / 4 + 1) * SLOT_WORDS;
+        let compacted = work.scratch("region graph pairs", most as usize)?;
         let mut edges = Vec::new();
         let mut overflowed = false;
         for part in 0..parts {
@@ -839,18 +870,20 @@ fn accumulate_region_graph(
                 work.encoder.clear_buffer(&table, 0, None);
             }
             work.encoder.clear_buffer(&flags, 0, None);
-            work.dispatch_box(
-                S,
-                "accumulate",
-                &bindings(&uniform, inputs.labels, [ax, ay, az], &table, &flags),
-                core.shape(),
-            )?;
-            let out = work.finish(&[&table, &flags])?;
-            if out[1][0] != 0 {
+            let bound = bindings(&uniform, inputs.labels, [ax, ay, az], &table, &flags);
+            work.dispatch_box(S, "accumulate", &bound, core.shape())?;
+            let packing = [(0, &uniform), (5, &table), (6, &flags), (7, &compacted)];
+            let runs = capacity.div_ceil(COMPACT_RUN) as usize;
+            work.dispatch(S, "compact", &packing, runs)?;
+            let flags_now = work.finish(&[&flags])?.remove(0);
+            if flags_now[0] != 0 {
                 overflowed = true;
                 break;
             }
-            edges.extend(table_edges(&out[0]));
+            // Only the packed slots come back.
+            let packed = flags_now[PACKED_WORD] as u64 * SLOT_WORDS * 4;
+            let out = work.finish_prefixes(&[(&compacted, packed.max(4))])?;
+            edges.extend(table_edges(&out[0][..(packed / 4) as usize]));
         }
         if !overflowed {
             return Ok(edges);
