@@ -58,6 +58,8 @@ pub struct GpuContext {
     pub(crate) queue: wgpu::Queue,
     kernels: KernelCache,
     pool: BufferPool,
+    /// How large a region-graph table the next box is first given (a guess; never the result).
+    pub(crate) pair_density: crate::gpu::labeling::PairDensity,
 }
 
 /// Buffers kept for reuse between calls. Slabs of one job have the same shapes, so after the
@@ -113,6 +115,7 @@ impl GpuContext {
             queue,
             kernels: KernelCache::default(),
             pool: BufferPool::default(),
+            pair_density: Default::default(),
         })
     }
 

@@ -804,48 +804,10 @@ fn accumulate_region_graph(
     work: &mut Work,
     inputs: &RegionGraphInputs,
 ) -> Result<Vec<RegionEdge>, GpuError> {
-    const S: &str = "region_graph";
-    let (shape, core) = (inputs.shape, inputs.core);
-    let n = voxels(shape);
-    // Words 0 and 1, and the fill counter at word 16 (its own cache line).
+    let core_voxels = voxels(inputs.core.shape()) as u64;
+    // Words 0 to 2, and the fill counter at word 16 (its own cache line).
     let flags = work.storage("flags", 17)?;
-    let params = |capacity: u64, parts: u64, part: u64| {
-        let mut p = box_params(shape, core, [n as u32, capacity as u32, parts as u32]);
-        p.tail[0] = part as u32;
-        p
-    };
-    let uniform = work.uniform(&params(1, 1, 0));
-    let [ax, ay, az] = inputs.affinities;
-    fn bindings<'b>(
-        uniform: &'b wgpu::Buffer,
-        labels: &'b wgpu::Buffer,
-        [ax, ay, az]: [&'b wgpu::Buffer; 3],
-        table: &'b wgpu::Buffer,
-        flags: &'b wgpu::Buffer,
-    ) -> [(u32, &'b wgpu::Buffer); 7] {
-        [
-            (0, uniform),
-            (1, labels),
-            (2, ax),
-            (3, ay),
-            (4, az),
-            (5, table),
-            (6, flags),
-        ]
-    }
-    work.dispatch_box(
-        S,
-        "count",
-        &[(0, &uniform), (1, inputs.labels), (6, &flags)],
-        core.shape(),
-    )?;
-    let voxel_edges = work.finish(&[&flags])?[0][1] as u64;
-    if voxel_edges == 0 {
-        return Ok(Vec::new());
-    }
     // Power-of-two slots, at most one binding; a table counts as overflowed past 3/4 full.
-    // Every voxel edge could be a pair of its own, but pairs usually share many voxel edges:
-    // start with one partition as large as a binding allows and split only on overflow.
     let max_slots = prev_power_of_two(work.ctx.max_binding_bytes() / (SLOT_WORDS * 4));
     let slots_for = |pairs: u64| {
         (pairs * 4)
@@ -854,49 +816,132 @@ fn accumulate_region_graph(
             .max(1024)
             .min(max_slots)
     };
+    // First a guess from the boxes before, in one partition: the boxes of a volume hold about
+    // as many pairs per voxel as each other, which sizes a table a few times smaller than the
+    // bound below and saves its counting pass. A box that holds more overflows its table and
+    // takes the counted way; the result is the same either way.
+    if let Some(expected) = work.ctx.pair_density.expected_pairs(core_voxels) {
+        let capacity = slots_for(expected);
+        if capacity < max_slots {
+            if let Some(edges) = accumulate_in_parts(work, inputs, &flags, capacity, 1)? {
+                work.ctx.pair_density.observe(edges.len(), core_voxels);
+                return Ok(edges);
+            }
+        }
+    }
+    let uniform = work.uniform(&region_graph_params(inputs, 1, 1, 0));
+    work.encoder.clear_buffer(&flags, 0, None);
+    work.dispatch_box(
+        "region_graph",
+        "count",
+        &[(0, &uniform), (1, inputs.labels), (6, &flags)],
+        inputs.core.shape(),
+    )?;
+    let voxel_edges = work.finish(&[&flags])?[0][1] as u64;
+    if voxel_edges == 0 {
+        return Ok(Vec::new());
+    }
+    // Every voxel edge could be a pair of its own, but pairs usually share many voxel edges:
+    // start with one partition as large as a binding allows and split only on overflow.
     let mut parts = 1u64;
     loop {
         let capacity = slots_for(voxel_edges.div_ceil(parts));
-        let table = work.storage("region graph table", (capacity * SLOT_WORDS) as usize)?;
-        // A table holds at most 3/4 of its capacity before it counts as overflowed.
-        let most = (capacity - capacity / 4 + 1) * SLOT_WORDS;
-        let compacted = work.scratch("region graph pairs", most as usize)?;
-        let mut edges = Vec::new();
-        let mut overflowed = false;
-        for part in 0..parts {
-            let uniform = work.uniform(&params(capacity, parts, part));
-            // A new table comes cleared; later partitions reuse it.
-            if part > 0 {
-                work.encoder.clear_buffer(&table, 0, None);
-            }
-            work.encoder.clear_buffer(&flags, 0, None);
-            let bound = bindings(&uniform, inputs.labels, [ax, ay, az], &table, &flags);
-            work.dispatch_box(S, "accumulate", &bound, core.shape())?;
-            let packing = [(0, &uniform), (5, &table), (6, &flags), (7, &compacted)];
-            let runs = capacity.div_ceil(COMPACT_RUN) as usize;
-            work.dispatch(S, "compact", &packing, runs)?;
-            let flags_now = work.finish(&[&flags])?.remove(0);
-            if flags_now[0] != 0 {
-                overflowed = true;
-                break;
-            }
-            // Only the packed slots come back.
-            let packed = flags_now[PACKED_WORD] as u64 * SLOT_WORDS * 4;
-            let out = work.finish_prefixes(&[(&compacted, packed.max(4))])?;
-            edges.extend(table_edges(&out[0][..(packed / 4) as usize]));
-        }
-        if !overflowed {
+        if let Some(edges) = accumulate_in_parts(work, inputs, &flags, capacity, parts)? {
+            work.ctx.pair_density.observe(edges.len(), core_voxels);
             return Ok(edges);
         }
         // A partition held more pairs than its table: split the key space further.
         if parts >= voxel_edges {
             return Err(GpuError::TooLarge {
-                what: format!("the region graph of a {shape:?} box"),
+                what: format!("the region graph of a {:?} box", inputs.shape),
                 needed: voxel_edges * 2 * SLOT_WORDS * 4,
                 limit: work.ctx.max_binding_bytes(),
             });
         }
         parts *= 2;
+    }
+}
+
+fn region_graph_params(
+    inputs: &RegionGraphInputs,
+    capacity: u64,
+    parts: u64,
+    part: u64,
+) -> BoxParams {
+    let n = voxels(inputs.shape);
+    let mut p = box_params(
+        inputs.shape,
+        inputs.core,
+        [n as u32, capacity as u32, parts as u32],
+    );
+    p.tail[0] = part as u32;
+    p
+}
+
+/// Accumulates the pairs into tables of `capacity` slots, one key-space partition of `parts` at
+/// a time, and brings back the filled slots; `None` when a partition overflowed its table.
+fn accumulate_in_parts(
+    work: &mut Work,
+    inputs: &RegionGraphInputs,
+    flags: &wgpu::Buffer,
+    capacity: u64,
+    parts: u64,
+) -> Result<Option<Vec<RegionEdge>>, GpuError> {
+    const S: &str = "region_graph";
+    let [ax, ay, az] = inputs.affinities;
+    let table = work.storage("region graph table", (capacity * SLOT_WORDS) as usize)?;
+    // A table holds at most 3/4 of its capacity before it counts as overflowed.
+    let most = (capacity - capacity / 4 + 1) * SLOT_WORDS;
+    let compacted = work.scratch("region graph pairs", most as usize)?;
+    let mut edges = Vec::new();
+    for part in 0..parts {
+        let uniform = work.uniform(&region_graph_params(inputs, capacity, parts, part));
+        // A new table comes cleared; later partitions reuse it.
+        if part > 0 {
+            work.encoder.clear_buffer(&table, 0, None);
+        }
+        work.encoder.clear_buffer(flags, 0, None);
+        let bound = [
+            (0, &uniform),
+            (1, inputs.labels),
+            (2, ax),
+            (3, ay),
+            (4, az),
+            (5, &table),
+            (6, flags),
+        ];
+        work.dispatch_box(S, "accumulate", &bound, inputs.core.shape())?;
+        let packing = [(0, &uniform), (5, &table), (6, flags), (7, &compacted)];
+        let runs = capacity.div_ceil(COMPACT_RUN) as usize;
+        work.dispatch(S, "compact", &packing, runs)?;
+        let flags_now = work.finish(&[flags])?.remove(0);
+        if flags_now[0] != 0 {
+            return Ok(None);
+        }
+        // Only the packed slots come back.
+        let packed = flags_now[PACKED_WORD] as u64 * SLOT_WORDS * 4;
+        let out = work.finish_prefixes(&[(&compacted, packed.max(4))])?;
+        edges.extend(table_edges(&out[0][..(packed / 4) as usize]));
+    }
+    Ok(Some(edges))
+}
+
+/// Region-graph pairs per core voxel of the last box a context accumulated (in 2^-20 units;
+/// 0: none yet): how large a table the next box is first given.
+#[derive(Default)]
+pub(crate) struct PairDensity(std::sync::atomic::AtomicU64);
+
+impl PairDensity {
+    /// The pairs a box of `voxels` core voxels is expected to hold, with a quarter to spare.
+    fn expected_pairs(&self, voxels: u64) -> Option<u64> {
+        let density = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        (density > 0).then(|| ((density * voxels) >> 20) * 5 / 4 + 1)
+    }
+
+    fn observe(&self, pairs: usize, voxels: u64) {
+        if let Some(density) = ((pairs as u64) << 20).checked_div(voxels) {
+            self.0.store(density, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
