@@ -135,21 +135,26 @@ async fn open(path: &Path) -> Precomputed {
 }
 
 /// CloudVolume's gzipped raw image and compressed_segmentation labels (odd size, offset
-/// (3,100,7), truncated edge chunks) read back exactly, and downsample to what igneous computes.
+/// (3,100,7), truncated edge chunks) read back exactly, and downsample to what igneous computes;
+/// so do their sharded copies (tests/fixtures/make_sharded_fixtures.py), whose new mips are
+/// written unsharded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_and_downsamples_cloudvolume_volumes() {
-    for layer in ["image", "segmentation"] {
+    let sources = ["cloudvolume", "cloudvolume_sharded"];
+    for (source, layer) in sources
+        .into_iter()
+        .flat_map(|s| [(s, "image"), (s, "segmentation")])
+    {
         let temp = tempfile::tempdir().unwrap();
         let dir = temp.path().join(layer);
-        cuboids::runtime::local::copy_tree(&fixtures().join("cloudvolume").join(layer), &dir)
-            .unwrap();
+        cuboids::runtime::local::copy_tree(&fixtures().join(source).join(layer), &dir).unwrap();
         let vol = open(&dir).await;
         let whole = Box3::from_shape(vol.scale(0).size);
         let (data, any) = vol.read_region(0, whole, false).await.unwrap();
         assert!(any);
         assert!(
             data.data == read(fixtures().join("cloudvolume").join(format!("{layer}.raw"))),
-            "{layer}: read"
+            "{source} {layer}: read"
         );
 
         let opts = DownsampleOptions {
@@ -183,7 +188,7 @@ async fn reads_and_downsamples_cloudvolume_volumes() {
             );
             assert!(
                 out.data == expected,
-                "{layer} mip {mip}: differs from tinybrain on the CloudVolume data"
+                "{source} {layer} mip {mip}: differs from tinybrain on the CloudVolume data"
             );
         }
     }

@@ -348,3 +348,40 @@ fn damaged_task_documents_are_errors() {
         }
     }
 }
+
+/// Damaged shard files (CloudVolume's, tests/fixtures/make_sharded_fixtures.py): reading the
+/// whole volume never panics, gives the volume's size when it succeeds, and otherwise an error
+/// that names the shard file or the chunk.
+#[test]
+fn damaged_shard_files_are_named_errors() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut rng = Rng(0x5ba4_d0c5);
+    for layer in ["image", "segmentation"] {
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/cloudvolume_sharded")
+            .join(layer);
+        let valid = std::fs::read(fixture.join("8_8_40/0.shard")).unwrap();
+        let temp = tempfile::tempdir().unwrap();
+        cuboids::runtime::local::copy_tree(&fixture, temp.path()).unwrap();
+        let vol = rt
+            .block_on(Precomputed::open(Arc::new(LocalStore::new(temp.path()))))
+            .unwrap();
+        let whole = cuboids::geometry::Box3::from_shape(vol.scale(0).size);
+        for _ in 0..MUTANTS / 4 {
+            let damaged = mutate(&valid, &mut rng);
+            std::fs::write(temp.path().join("8_8_40/0.shard"), &damaged).unwrap();
+            // A fresh handle: no minishard index cached from the last mutant.
+            let vol = Precomputed::new(vol.store.clone(), vol.info.clone());
+            let read = must_not_panic("a shard read", &damaged, || {
+                rt.block_on(vol.read_region(0, whole, true))
+            });
+            match read {
+                Ok((data, _)) => assert_eq!(data.shape, whole.shape()),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(e.contains("8_8_40/"), "{layer}: an unnamed error: {e}");
+                }
+            }
+        }
+    }
+}

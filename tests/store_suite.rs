@@ -46,6 +46,25 @@ async fn suite(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(store.get("a/b/c").await.unwrap().unwrap().data, b"plain");
 
+    // Ranged reads (shard files): a middle, a range past the end (clipped), one starting past
+    // the end (empty), an empty range, and a missing object (None).
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+    store
+        .put("shard", bytes.clone(), ContentEncoding::Identity)
+        .await
+        .unwrap();
+    let range = |start: u64, len: u64| {
+        let store = store.clone();
+        async move { store.get_range("shard", start, len).await.unwrap() }
+    };
+    assert_eq!(range(1000, 300).await.unwrap(), &bytes[1000..1300]);
+    assert_eq!(range(0, 1).await.unwrap(), &bytes[..1]);
+    assert_eq!(range(9_990, 100).await.unwrap(), &bytes[9_990..]);
+    assert_eq!(range(20_000, 16).await.unwrap(), Vec::<u8>::new());
+    assert_eq!(range(5, 0).await.unwrap(), Vec::<u8>::new());
+    assert_eq!(store.get_range("nope/none", 0, 16).await.unwrap(), None);
+    store.delete("shard").await.unwrap();
+
     store.delete("a/b/c").await.unwrap();
     assert_eq!(store.get("a/b/c").await.unwrap(), None);
     assert!(!store.exists("a/b/c").await.unwrap());

@@ -63,6 +63,32 @@ impl Store for LocalStore {
         Ok(None)
     }
 
+    async fn get_range(
+        &self,
+        key: &str,
+        start: u64,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let path = self.path(key, ContentEncoding::Identity)?;
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error(&path)(e)),
+        };
+        let size = file.metadata().await.map_err(io_error(&path))?.len();
+        let to = start.saturating_add(len).min(size);
+        if start >= to {
+            return Ok(Some(Vec::new()));
+        }
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(io_error(&path))?;
+        let mut data = vec![0; (to - start) as usize];
+        file.read_exact(&mut data).await.map_err(io_error(&path))?;
+        Ok(Some(data))
+    }
+
     async fn put(
         &self,
         key: &str,

@@ -149,6 +149,24 @@ pub trait Store: Send + Sync {
         encoding: ContentEncoding,
     ) -> Result<(), StoreError>;
 
+    /// Bytes `start..start + len` of an identity-encoded object (a shard file), fewer where the
+    /// object ends first (none past its end), or `None` when it does not exist. Readers of
+    /// sharded volumes fetch only index entries and the chunks they need this way. The default
+    /// reads the whole object; backends override it with real ranged reads.
+    async fn get_range(
+        &self,
+        key: &str,
+        start: u64,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.get(key).await?.map(|object| {
+            let data = object.data;
+            let from = (start.min(data.len() as u64)) as usize;
+            let to = (start.saturating_add(len).min(data.len() as u64)) as usize;
+            data[from..to].to_vec()
+        }))
+    }
+
     /// Removes the object in every encoding; removing a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
 

@@ -133,6 +133,51 @@ impl Store for S3Store {
         Ok(Some(Object { data, encoding }))
     }
 
+    async fn get_range(
+        &self,
+        key: &str,
+        start: u64,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        if len == 0 {
+            return Ok(self.exists(key).await?.then(Vec::new));
+        }
+        let key = self.object_key(key)?;
+        let _permit = self.permits.acquire().await.expect("never closed");
+        let range = format!("bytes={start}-{}", start.saturating_add(len) - 1);
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .range(range)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
+            // A range that starts past the end of the object.
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
+                return Ok(Some(Vec::new()))
+            }
+            Err(e) => return Err(self.error("GetObject (range)", &key, e)),
+        };
+        let data = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::S3 {
+                op: "GetObject (range body)",
+                url: format!("s3://{}/{}", self.bucket, key),
+                code: None,
+                message: DisplayErrorContext(&e).to_string(),
+                source: Box::new(e),
+            })?
+            .into_bytes()
+            .to_vec();
+        Ok(Some(data))
+    }
+
     async fn put(
         &self,
         key: &str,

@@ -8,7 +8,8 @@
 
 use crate::formats::precomputed::info::{Info, LayerType, Scale};
 use crate::formats::precomputed::{
-    check_scale_supported, chunk_grid, chunk_key, Precomputed, PrecomputedError, WriteOptions,
+    check_scale_readable, check_scale_supported, chunk_grid, chunk_key, Precomputed,
+    PrecomputedError, WriteOptions,
 };
 use crate::geometry::{pow3, voxels, Box3, Vec3};
 use crate::gpu::downsample::{submit_channel_gpu, PendingSlab};
@@ -187,7 +188,7 @@ pub fn plan_scales(
         mip: opts.mip,
         count,
     })?;
-    check_scale_supported(src)?;
+    check_scale_readable(src)?;
     let method = opts.method.unwrap_or(default_method(info.layer_type));
     check_supported(method, info.data_type)?;
     if opts.num_mips == 0 {
@@ -341,10 +342,7 @@ pub async fn downsample(
     info!(tiles = tiles.len(), ?align, ?region, method = ?method, "downsample planned");
 
     // Output chunks are written through a handle that already knows the new scales.
-    let target = Arc::new(Precomputed {
-        store: vol.store.clone(),
-        info: new_info.clone(),
-    });
+    let target = Arc::new(Precomputed::new(vol.store.clone(), new_info.clone()));
     let written = Arc::new(Mutex::new(Vec::<String>::new()));
     let job = Job {
         compute,

@@ -296,13 +296,7 @@ pub(crate) async fn layout(
             check_output(&existing, &wanted, &location)?;
             (existing, false)
         }
-        Err(PrecomputedError::MissingInfo { .. }) => (
-            Precomputed {
-                store: output_store,
-                info: wanted,
-            },
-            true,
-        ),
+        Err(PrecomputedError::MissingInfo { .. }) => (Precomputed::new(output_store, wanted), true),
         Err(e) => return Err(e.into()),
     };
     Ok(Layout {
@@ -358,6 +352,13 @@ fn check_output(existing: &Precomputed, wanted: &Info, location: &str) -> Result
             "scales[0].size/voxel_offset",
             format!("{:?} at {:?}", s.size, s.voxel_offset),
             format!("{:?} at {:?}", w.size, w.voxel_offset),
+        ));
+    }
+    if s.sharding.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(mismatch(
+            "scales[0].sharding",
+            "sharded (cuboids does not write sharded scales yet)".into(),
+            "unsharded".into(),
         ));
     }
     Ok(())

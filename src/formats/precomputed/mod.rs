@@ -3,6 +3,7 @@
 
 pub mod compressed_segmentation;
 pub mod info;
+pub mod sharding;
 
 use crate::dtype::DataType;
 use crate::geometry::{div_ceil3, voxels, Box3, Vec3};
@@ -11,6 +12,7 @@ use crate::volume::Volume;
 use compressed_segmentation::CsegError;
 use futures::{StreamExt, TryStreamExt};
 use info::{Encoding, Info, Scale};
+use sharding::{ShardReader, ShardingSpec};
 use std::io::Read;
 use std::sync::Arc;
 use thiserror::Error;
@@ -35,8 +37,10 @@ pub enum PrecomputedError {
     },
     #[error("scale {scale} uses encoding {encoding:?}; cuboids reads and writes raw and compressed_segmentation")]
     UnsupportedEncoding { scale: String, encoding: Encoding },
-    #[error("scale {scale} is sharded; cuboids does not handle sharded volumes yet")]
+    #[error("scale {scale} is sharded; cuboids reads sharded scales but does not write them yet")]
     Sharded { scale: String },
+    #[error("shard file {key} is corrupt: {why}")]
+    ShardCorrupt { key: String, why: String },
     #[error("chunk {key} is missing (use --fill-missing to read missing chunks as zeros)")]
     MissingChunk { key: String },
     #[error("chunk {key} has {got} bytes, expected {expected} for a {shape:?} x {channels} {dtype} chunk")]
@@ -144,12 +148,23 @@ impl ChunkCache {
 pub struct Precomputed {
     pub store: Arc<dyn Store>,
     pub info: Info,
+    /// Minishard indices read so far, for sharded scales.
+    pub shards: Arc<ShardReader>,
 }
 
 /// Chunks fetched at once per read: enough to keep disks and S3 busy.
 const FETCH_CONCURRENCY: usize = 32;
 
 impl Precomputed {
+    /// A handle on a volume whose info is already checked.
+    pub fn new(store: Arc<dyn Store>, info: Info) -> Precomputed {
+        Precomputed {
+            store,
+            info,
+            shards: Arc::default(),
+        }
+    }
+
     pub async fn open(store: Arc<dyn Store>) -> Result<Precomputed, PrecomputedError> {
         let location = store.location();
         let object = store
@@ -173,7 +188,7 @@ impl Precomputed {
                 source,
             })?;
         validate_info(&info, &location)?;
-        Ok(Precomputed { store, info })
+        Ok(Precomputed::new(store, info))
     }
 
     /// Creates a new volume by writing its info.
@@ -182,7 +197,7 @@ impl Precomputed {
         info: Info,
     ) -> Result<Precomputed, PrecomputedError> {
         validate_info(&info, &store.location())?;
-        let vol = Precomputed { store, info };
+        let vol = Precomputed::new(store, info);
         vol.write_info().await?;
         Ok(vol)
     }
@@ -228,15 +243,43 @@ impl Precomputed {
         let (dtype, channels) = (self.info.data_type, self.info.num_channels);
         let mut out = Volume::zeros(dtype, region.shape(), channels);
         let mut any = false;
+        let sharding = match &scale.sharding {
+            Some(v) if !v.is_null() => Some(Arc::new(ShardingSpec::parse(v).map_err(
+                |(field, message)| PrecomputedError::InvalidInfo {
+                    location: self.store.location(),
+                    field: format!("scales[{mip}] ({}).{field}", scale.key),
+                    message,
+                },
+            )?)),
+            _ => None,
+        };
         let mut chunks = futures::stream::iter(self.chunks_in(mip, region))
             .map(|chunk| {
                 let (store, scale) = (self.store.clone(), scale.clone());
+                let (sharding, shards) = (sharding.clone(), self.shards.clone());
                 async move {
                     let key = chunk_key(&scale, chunk);
                     if let Some(cached) = cache.and_then(|c| c.get(&key)) {
                         return Ok((chunk, cached));
                     }
-                    let decoded = match store.get(&key).await? {
+                    let stored = match &sharding {
+                        None => store.get(&key).await?,
+                        Some(spec) => {
+                            let id = sharding::chunk_id(chunk, scale.chunk_size(), scale.size);
+                            let bounds = sharding::ShardBounds {
+                                chunk_bytes: voxels(chunk.shape()) * dtype.size() * channels,
+                                chunks: voxels(div_ceil3(scale.size, scale.chunk_size())),
+                            };
+                            shards
+                                .read_chunk(&*store, spec, &scale.key, id, bounds)
+                                .await?
+                                .map(|data| crate::store::Object {
+                                    data,
+                                    encoding: ContentEncoding::Identity,
+                                })
+                        }
+                    };
+                    let decoded = match stored {
                         Some(object) => {
                             let key = key.clone();
                             Some(Arc::new(
@@ -308,6 +351,8 @@ impl Precomputed {
         opts: WriteOptions,
     ) -> Result<String, PrecomputedError> {
         let scale = self.scale(mip).clone();
+        // Chunk files next to shard files would be invisible to every reader of the scale.
+        check_scale_supported(&scale)?;
         let key = chunk_key(&scale, chunk);
         let (data, encoding) =
             tokio::task::spawn_blocking(move || encode_chunk(&vol, &scale, opts)).await??;
@@ -378,6 +423,16 @@ fn validate_info(info: &Info, location: &str) -> Result<(), PrecomputedError> {
             }
             _ => {}
         }
+        if let Some(spec) = s.sharding.as_ref().filter(|v| !v.is_null()) {
+            ShardingSpec::parse(spec).map_err(|(name, why)| bad(field(&name), why))?;
+            let grid = div_ceil3(s.size, s.chunk_size());
+            if !sharding::morton_fits(grid) {
+                return Err(bad(
+                    field("sharding"),
+                    format!("a grid of {grid:?} chunks needs chunk ids over 64 bits"),
+                ));
+            }
+        }
         if s.resolution.iter().any(|r| r.0.is_nan() || r.0 <= 0.0) {
             return Err(bad(field("resolution"), "must be positive".into()));
         }
@@ -404,13 +459,18 @@ fn validate_info(info: &Info, location: &str) -> Result<(), PrecomputedError> {
     Ok(())
 }
 
-/// Checks that cuboids can read and write a scale's chunks.
+/// Checks that cuboids can write a scale's chunks (and read them).
 pub fn check_scale_supported(scale: &Scale) -> Result<(), PrecomputedError> {
     if scale.sharding.as_ref().is_some_and(|s| !s.is_null()) {
         return Err(PrecomputedError::Sharded {
             scale: scale.key.clone(),
         });
     }
+    check_scale_readable(scale)
+}
+
+/// Checks that cuboids can read a scale's chunks, sharded or not.
+pub fn check_scale_readable(scale: &Scale) -> Result<(), PrecomputedError> {
     match scale.encoding {
         Encoding::Raw | Encoding::CompressedSegmentation => Ok(()),
         encoding => Err(PrecomputedError::UnsupportedEncoding {

@@ -1,0 +1,308 @@
+//! Sharded precomputed scales (neuroglancer_uint64_sharded_v1) written by CloudVolume
+//! (tests/fixtures/make_sharded_fixtures.py): read locally and from a real S3 server with ranged
+//! reads, hashed as CloudVolume hashes, and damaged shards named in their errors.
+
+mod common;
+
+use async_trait::async_trait;
+use common::S3Server;
+use cuboids::formats::precomputed::sharding::murmurhash3_x86_128_low64;
+use cuboids::formats::precomputed::{Precomputed, PrecomputedError, WriteOptions};
+use cuboids::geometry::Box3;
+use cuboids::store::{ContentEncoding, LocalStore, Object, Store, StoreError};
+use cuboids::volume::Volume;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn sharded(layer: &str) -> PathBuf {
+    fixtures().join("cloudvolume_sharded").join(layer)
+}
+
+/// The array CloudVolume wrote (the same for the sharded and the unsharded copy).
+fn expected(layer: &str) -> Vec<u8> {
+    std::fs::read(fixtures().join("cloudvolume").join(format!("{layer}.raw"))).unwrap()
+}
+
+async fn read_whole(vol: &Precomputed) -> Result<Volume, PrecomputedError> {
+    let whole = Box3::from_shape(vol.scale(0).size);
+    Ok(vol.read_region(0, whole, false).await?.0)
+}
+
+/// A real store that counts what is read through it: whole objects and ranged bytes.
+struct Counting {
+    inner: Arc<dyn Store>,
+    whole_shard_gets: AtomicU64,
+    ranged_bytes: AtomicU64,
+}
+
+#[async_trait]
+impl Store for Counting {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    async fn get(&self, key: &str) -> Result<Option<Object>, StoreError> {
+        if key.ends_with(".shard") {
+            self.whole_shard_gets.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.get(key).await
+    }
+    async fn get_range(
+        &self,
+        key: &str,
+        start: u64,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let got = self.inner.get_range(key, start, len).await?;
+        let n = got.as_ref().map_or(0, |d| d.len() as u64);
+        self.ranged_bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(got)
+    }
+    async fn put(&self, key: &str, data: Vec<u8>, enc: ContentEncoding) -> Result<(), StoreError> {
+        self.inner.put(key, data, enc).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+}
+
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    common::files_under(dir)
+        .into_iter()
+        .map(|path| {
+            let rel = Path::new(&path).strip_prefix(dir).unwrap();
+            (rel.display().to_string(), std::fs::read(&path).unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_cloudvolume_sharded_volumes_locally() {
+    for layer in ["image", "segmentation"] {
+        let vol = Precomputed::open(Arc::new(LocalStore::new(sharded(layer))))
+            .await
+            .unwrap();
+        let data = read_whole(&vol).await.unwrap();
+        assert!(data.data == expected(layer), "{layer}: sharded read");
+    }
+}
+
+/// Over S3, shards are read by ranges: one chunk costs its index entry, its minishard index and
+/// its bytes, not the shard file; the whole volume reads back exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_sharded_volumes_from_s3_with_ranged_reads() {
+    let s3 = S3Server::start();
+    for (i, layer) in ["image", "segmentation"].into_iter().enumerate() {
+        let store: Arc<dyn Store> = Arc::new(s3.store(&format!("shards{i}"), layer).await);
+        let mut shard_bytes = 0;
+        for (key, data) in files(&sharded(layer)) {
+            if key.ends_with(".shard") {
+                shard_bytes = shard_bytes.max(data.len() as u64);
+            }
+            store
+                .put(&key, data, ContentEncoding::Identity)
+                .await
+                .unwrap();
+        }
+        let counting = Arc::new(Counting {
+            inner: store,
+            whole_shard_gets: AtomicU64::new(0),
+            ranged_bytes: AtomicU64::new(0),
+        });
+        let vol = Precomputed::open(counting.clone()).await.unwrap();
+        let one_chunk = Box3::new([16, 16, 4], [32, 32, 8]);
+        let (part, any) = vol.read_region(0, one_chunk, false).await.unwrap();
+        assert!(any);
+        let fetched = counting.ranged_bytes.load(Ordering::Relaxed);
+        assert!(
+            fetched < shard_bytes / 2,
+            "{layer}: one chunk fetched {fetched} bytes of shards up to {shard_bytes} bytes"
+        );
+        let whole = read_whole(&vol).await.unwrap();
+        assert!(
+            whole.data == expected(layer),
+            "{layer}: sharded read over S3"
+        );
+        let region = whole.crop([16, 16, 4], [16, 16, 4]);
+        assert!(part.data == region.data, "{layer}: one chunk over S3");
+        assert_eq!(counting.whole_shard_gets.load(Ordering::Relaxed), 0);
+    }
+}
+
+#[test]
+fn shard_hashes_equal_cloudvolumes() {
+    let path = fixtures().join("cloudvolume_sharded/murmurhash.json");
+    let pairs: Vec<(u64, u64)> = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    assert!(pairs.len() > 20);
+    for (id, hash) in pairs {
+        assert_eq!(murmurhash3_x86_128_low64(id), hash, "chunk id {id}");
+    }
+}
+
+/// A copy of the sharded segmentation to damage.
+fn damaged_copy() -> (tempfile::TempDir, PathBuf) {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("seg");
+    cuboids::runtime::local::copy_tree(&sharded("segmentation"), &dir).unwrap();
+    (temp, dir)
+}
+
+async fn read_error(dir: &Path) -> String {
+    let vol = Precomputed::open(Arc::new(LocalStore::new(dir)))
+        .await
+        .unwrap();
+    match read_whole(&vol).await {
+        Ok(_) => panic!("a damaged shard read without error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn u64_at(data: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(data[at..at + 8].try_into().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_shards_fail_with_the_shard_named() {
+    let shard = |dir: &Path| dir.join("8_8_40/0.shard");
+    // Truncated inside its index.
+    let (_t, dir) = damaged_copy();
+    let data = std::fs::read(shard(&dir)).unwrap();
+    std::fs::write(shard(&dir), &data[..40]).unwrap();
+    let e = read_error(&dir).await;
+    assert!(
+        e.contains("8_8_40/0.shard") && e.contains("truncated"),
+        "{e}"
+    );
+
+    // Truncated in its data: a minishard index (at the end) that is cut off.
+    let (_t, dir) = damaged_copy();
+    std::fs::write(shard(&dir), &data[..data.len() - 30]).unwrap();
+    let e = read_error(&dir).await;
+    assert!(
+        e.contains("8_8_40/0.shard") && e.contains("outside the shard file"),
+        "{e}"
+    );
+
+    // An index entry that ends before it starts.
+    let (_t, dir) = damaged_copy();
+    let mut bad = data.clone();
+    let first_minishard = (0..4).find(|&m| u64_at(&data, 16 * m) != u64_at(&data, 16 * m + 8));
+    let m = first_minishard.expect("a minishard with chunks");
+    bad[16 * m + 8..16 * m + 16].copy_from_slice(&0u64.to_le_bytes());
+    bad[16 * m..16 * m + 8].copy_from_slice(&5u64.to_le_bytes());
+    std::fs::write(shard(&dir), &bad).unwrap();
+    let e = read_error(&dir).await;
+    assert!(
+        e.contains("8_8_40/0.shard") && e.contains("before it starts"),
+        "{e}"
+    );
+
+    // A minishard index whose chunk points past the end of the shard.
+    let (_t, dir) = damaged_copy();
+    let mut bad = data.clone();
+    let (start, end) = (
+        u64_at(&data, 16 * m) as usize,
+        u64_at(&data, 16 * m + 8) as usize,
+    );
+    let n = (end - start) / 24;
+    let first_size = 64 + start + 16 * n; // the third row: sizes
+    bad[first_size..first_size + 8].copy_from_slice(&1_000_000u64.to_le_bytes());
+    std::fs::write(shard(&dir), &bad).unwrap();
+    let e = read_error(&dir).await;
+    assert!(
+        e.contains("8_8_40/0.shard") && e.contains("outside the shard file"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_sharding_specs_are_named_and_sharded_scales_are_not_written() {
+    let cases = [
+        (
+            "hash",
+            serde_json::json!("murmurhash3_x64_128"),
+            "sharding.hash",
+        ),
+        ("shard_bits", serde_json::json!(63), "sharding.shard_bits"),
+        ("@type", serde_json::json!("zarr_sharded"), "sharding.@type"),
+        (
+            "data_encoding",
+            serde_json::json!("zstd"),
+            "sharding.data_encoding",
+        ),
+    ];
+    for (field, value, named) in cases {
+        let (_t, dir) = damaged_copy();
+        let mut info: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("info")).unwrap()).unwrap();
+        info["scales"][0]["sharding"][field] = value;
+        std::fs::write(dir.join("info"), serde_json::to_vec(&info).unwrap()).unwrap();
+        let e = match Precomputed::open(Arc::new(LocalStore::new(&dir))).await {
+            Ok(_) => panic!("{field}: a bad sharding spec opened"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(named), "{field}: {e}");
+    }
+
+    // Writing a chunk file into a sharded scale would hide it from every reader: refused.
+    let (_t, dir) = damaged_copy();
+    let before = common::files_under(&dir);
+    let vol = Precomputed::open(Arc::new(LocalStore::new(&dir)))
+        .await
+        .unwrap();
+    let chunk = Box3::new([0, 0, 0], [16, 16, 4]);
+    let data = read_whole(&vol).await.unwrap().crop([0, 0, 0], [16, 16, 4]);
+    let e = vol
+        .write_chunk(0, chunk, data, WriteOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, PrecomputedError::Sharded { .. }), "{e}");
+    assert_eq!(common::files_under(&dir), before, "nothing written");
+}
+
+fn connected_components(input: &Path, output: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cuboids"))
+        .arg("connected-components")
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .args(["--threshold", "120"])
+        .output()
+        .unwrap()
+}
+
+/// A command reads a sharded input as it reads the unsharded copy (byte-identical output), and
+/// refuses a sharded output layer before it labels anything.
+#[test]
+fn connected_components_read_sharded_inputs_and_refuse_sharded_outputs() {
+    let temp = tempfile::tempdir().unwrap();
+    let (from_sharded, from_plain) = (temp.path().join("a"), temp.path().join("b"));
+    let run = connected_components(&sharded("image"), &from_sharded);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let plain = fixtures().join("cloudvolume/image");
+    let run = connected_components(&plain, &from_plain);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(files(&from_sharded) == files(&from_plain));
+    assert!(files(&from_plain).len() > 30, "a real output");
+
+    let (_t, out) = damaged_copy();
+    let before = files(&out);
+    let run = connected_components(&sharded("image"), &out);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(65), "{stderr}");
+    assert!(stderr.contains("scales[0].sharding"), "{stderr}");
+    assert!(files(&out) == before, "the sharded layer is untouched");
+}
