@@ -12,6 +12,7 @@ byte-identical.
 """
 import argparse
 import filecmp
+import gzip
 import json
 import os
 import shutil
@@ -26,8 +27,9 @@ from cloudvolume.datasource.precomputed.common import compressed_morton_code
 from cloudvolume.datasource.precomputed.sharding import ShardingSpecification
 
 
-def make_sharded_copy(src, dst):
-    """Re-packs the chunk files of src's mip 0 into shard files (stored bytes unchanged)."""
+def make_sharded_copy(src, dst, gzip_data):
+    """Re-packs the chunk files of src's mip 0 into shard files (chunks gzipped by CloudVolume
+    when the unsharded ones are)."""
     info = json.load(open(os.path.join(src, "info")))
     scale = info["scales"][0]
     size, chunk = np.array(scale["size"]), np.array(scale["chunk_sizes"][0])
@@ -38,7 +40,7 @@ def make_sharded_copy(src, dst):
     spec_dict = {
         "@type": "neuroglancer_uint64_sharded_v1", "preshift_bits": 3, "hash": "identity",
         "minishard_bits": 2, "shard_bits": max(total_bits - 5, 0),
-        "minishard_index_encoding": "gzip", "data_encoding": "raw",
+        "minishard_index_encoding": "gzip", "data_encoding": "gzip" if gzip_data else "raw",
     }
     spec = ShardingSpecification.from_dict(spec_dict)
     scale["sharding"] = spec_dict
@@ -52,11 +54,11 @@ def make_sharded_copy(src, dst):
                 stop = np.minimum(start + chunk, size)
                 name = "_".join(f"{a}-{b}" for a, b in zip(start, stop))
                 path = os.path.join(src, scale["key"], name)
-                gz = path + ".gz"
-                data = open(gz if os.path.exists(gz) else path, "rb").read()
-                if os.path.exists(gz):
-                    import gzip
-                    data = gzip.decompress(data)
+                gzipped = path + ".gz"
+                if os.path.exists(gzipped):
+                    data = gzip.decompress(open(gzipped, "rb").read())
+                else:
+                    data = open(path, "rb").read()
                 code = int(compressed_morton_code((gx, gy, gz), grid))
                 shards[spec.compute_shard_location(code).shard_number][code] = data
     for number, chunks in shards.items():
@@ -85,7 +87,7 @@ def main():
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         plain = os.path.join(work, "image")
         sharded = os.path.join(work, "image-sharded")
-        n = make_sharded_copy(plain, sharded)
+        n = make_sharded_copy(plain, sharded, args.gzip_level > 0)
         print(f"sharded copy: {n} shard files")
         times = {"unsharded": [], "sharded": []}
         outputs = {}
