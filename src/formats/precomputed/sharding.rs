@@ -227,6 +227,72 @@ fn fmix32(mut h: u32) -> u32 {
     h
 }
 
+/// A shard file holding `chunks` (chunk id -> stored bytes in the scale's encoding; all of them
+/// in this shard): the shard index, then the chunks' data, minishard by minishard in increasing
+/// number and by increasing id within each, then the minishard indices in the same order
+/// (gzipped data and indices where the spec says so). This is the layout CloudVolume's shard
+/// writer produces for chunks given in id order, byte for byte with raw encodings; minishards
+/// without chunks get an empty (0, 0) entry, as there.
+pub fn encode_shard(
+    spec: &ShardingSpec,
+    chunks: &std::collections::BTreeMap<u64, Vec<u8>>,
+) -> Vec<u8> {
+    let mut minishards: std::collections::BTreeMap<u64, Vec<(u64, &[u8])>> = Default::default();
+    for (&id, data) in chunks {
+        minishards
+            .entry(spec.location(id).1)
+            .or_default()
+            .push((id, data.as_slice()));
+    }
+    let mut data_part = Vec::new();
+    let mut indices = Vec::new();
+    for chunks in minishards.values() {
+        let mut ids = Vec::with_capacity(chunks.len());
+        let mut offsets = Vec::with_capacity(chunks.len());
+        let mut sizes = Vec::with_capacity(chunks.len());
+        let mut last_id = 0;
+        for (i, &(id, data)) in chunks.iter().enumerate() {
+            let stored = if spec.gzip_data {
+                std::borrow::Cow::Owned(super::gzip(data, 6))
+            } else {
+                std::borrow::Cow::Borrowed(data)
+            };
+            ids.push(id - last_id);
+            last_id = id;
+            // The first chunk's offset counts from the start of the data part; the others
+            // follow the chunk before them directly.
+            offsets.push(if i == 0 { data_part.len() as u64 } else { 0 });
+            sizes.push(stored.len() as u64);
+            data_part.extend_from_slice(&stored);
+        }
+        let index: Vec<u8> = [ids, offsets, sizes]
+            .concat()
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        indices.push(if spec.gzip_minishard_index {
+            super::gzip(&index, 6)
+        } else {
+            index
+        });
+    }
+    let mut fixed = vec![0u8; spec.index_bytes() as usize];
+    let mut end = data_part.len() as u64;
+    for (&minishard, index) in minishards.keys().zip(&indices) {
+        let start = end;
+        end += index.len() as u64;
+        let at = 16 * minishard as usize;
+        fixed[at..at + 8].copy_from_slice(&start.to_le_bytes());
+        fixed[at + 8..at + 16].copy_from_slice(&end.to_le_bytes());
+    }
+    let mut shard = fixed;
+    shard.extend_from_slice(&data_part);
+    for index in indices {
+        shard.extend_from_slice(&index);
+    }
+    shard
+}
+
 /// What a scale's shards can hold at most: a chunk's decoded bytes and the number of chunks
 /// (which bounds a minishard index). Damaged sizes past these are errors, not allocations.
 #[derive(Clone, Copy, Debug)]
