@@ -76,6 +76,23 @@ impl S3Store {
         })
     }
 
+    /// A response body, whole (a connection that breaks mid-body is an error of `op` on `key`).
+    async fn read_body(
+        &self,
+        body: ByteStream,
+        op: &'static str,
+        key: &str,
+    ) -> Result<Vec<u8>, StoreError> {
+        let bytes = body.collect().await.map_err(|e| StoreError::S3 {
+            op,
+            url: format!("s3://{}/{}", self.bucket, key),
+            code: None,
+            message: DisplayErrorContext(&e).to_string(),
+            source: Box::new(e),
+        })?;
+        Ok(bytes.into_bytes().to_vec())
+    }
+
     fn error(
         &self,
         op: &'static str,
@@ -117,19 +134,7 @@ impl Store for S3Store {
             Some(enc) if enc.eq_ignore_ascii_case("gzip") => ContentEncoding::Gzip,
             _ => ContentEncoding::Identity,
         };
-        let data = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::S3 {
-                op: "GetObject (body)",
-                url: format!("s3://{}/{}", self.bucket, key),
-                code: None,
-                message: DisplayErrorContext(&e).to_string(),
-                source: Box::new(e),
-            })?
-            .into_bytes()
-            .to_vec();
+        let data = self.read_body(out.body, "GetObject (body)", &key).await?;
         Ok(Some(Object { data, encoding }))
     }
 
@@ -162,19 +167,7 @@ impl Store for S3Store {
             }
             Err(e) => return Err(self.error("GetObject (range)", &key, e)),
         };
-        let data = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::S3 {
-                op: "GetObject (range body)",
-                url: format!("s3://{}/{}", self.bucket, key),
-                code: None,
-                message: DisplayErrorContext(&e).to_string(),
-                source: Box::new(e),
-            })?
-            .into_bytes()
-            .to_vec();
+        let data = self.read_body(out.body, "GetObject (range body)", &key).await?;
         Ok(Some(data))
     }
 
