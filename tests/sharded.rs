@@ -362,3 +362,36 @@ async fn encoded_shards_equal_cloudvolumes() {
         assert!(data.data == expected(layer), "{layer}: re-encoded shards");
     }
 }
+
+/// The sharding of new image scales is igneous's (`create_sharded_image_info`), and the shard
+/// extent CloudVolume derives from it, on sizes from a few chunks to petascale.
+#[test]
+fn new_scale_sharding_follows_igneous() {
+    use cuboids::formats::precomputed::sharding::{
+        igneous_image_spec, image_shard_shape, ShardingSpec,
+    };
+    let path = fixtures().join("cloudvolume_sharded/igneous_specs.json");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    assert!(cases.len() >= 10);
+    let vec3 = |v: &serde_json::Value| -> [usize; 3] { serde_json::from_value(v.clone()).unwrap() };
+    for case in &cases {
+        let (size, chunk) = (vec3(&case["size"]), vec3(&case["chunk"]));
+        let bytes = case["bytes_per_voxel"].as_u64().unwrap() as usize;
+        let target = case["shard_bytes"].as_u64().unwrap();
+        let ours = igneous_image_spec(size, chunk, bytes, target).unwrap();
+        let theirs = ShardingSpec::parse(&case["spec"]).unwrap();
+        assert_eq!(
+            ours, theirs,
+            "{size:?} chunks {chunk:?}, {bytes} B/voxel, {target} B"
+        );
+        assert_eq!(
+            image_shard_shape(&ours, size, chunk),
+            vec3(&case["shard_shape"]),
+            "shard shape of {size:?} chunks {chunk:?}"
+        );
+    }
+    // Chunk ids that need more than 64 bits: no sharding, a clear error.
+    let e = igneous_image_spec([1 << 40, 1 << 40, 1 << 40], [1, 1, 1], 1, 1 << 30).unwrap_err();
+    assert!(e.contains("over 64"), "{e}");
+}

@@ -167,7 +167,9 @@ impl Store for S3Store {
             }
             Err(e) => return Err(self.error("GetObject (range)", &key, e)),
         };
-        let data = self.read_body(out.body, "GetObject (range body)", &key).await?;
+        let data = self
+            .read_body(out.body, "GetObject (range body)", &key)
+            .await?;
         Ok(Some(data))
     }
 

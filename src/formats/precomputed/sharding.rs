@@ -145,6 +145,108 @@ impl ShardingSpec {
     }
 }
 
+/// The sharding igneous recommends for a new image scale (`create_sharded_image_info` in
+/// igneous-pipeline, with its defaults): identity hash; as many chunks per shard as fit
+/// `shard_bytes` uncompressed (a power of two; all of them when the scale is smaller); then
+/// minishards until each holds at most 4,000 chunks, as long as the shard index stays within
+/// 8 KiB and a minishard index within 40,000 bytes; gzip minishard indices and data. Errors when
+/// chunk positions need more than 64 bits. The same choices as igneous, so that a pyramid
+/// cuboids writes is laid out as igneous would lay it out.
+pub fn igneous_image_spec(
+    size: Vec3,
+    chunk: Vec3,
+    bytes_per_voxel: usize,
+    shard_bytes: u64,
+) -> Result<ShardingSpec, String> {
+    const MAX_LABELS_PER_MINISHARD: f64 = 4000.0;
+    const MAX_MINISHARD_INDEX_BYTES: f64 = 40000.0;
+    const MAX_SHARD_INDEX_BYTES: f64 = 8192.0;
+    let grid = div_ceil3(size, chunk);
+    let max_bits: i64 = axis_bits(grid).iter().map(|&b| b as i64).sum();
+    if max_bits > 64 {
+        return Err(format!(
+            "a grid of {grid:?} chunks needs {max_bits}-bit chunk ids (over 64)"
+        ));
+    }
+    let num_chunks = grid.iter().map(|&g| g as f64).product::<f64>();
+    let chunk_bytes = (chunk.iter().product::<usize>() * bytes_per_voxel) as f64;
+    let mut chunks_per_shard = (shard_bytes as f64 / chunk_bytes).ceil();
+    chunks_per_shard = 2f64.powi(chunks_per_shard.log2().floor() as i32);
+    if num_chunks < chunks_per_shard {
+        chunks_per_shard = 2f64.powi(num_chunks.log2().ceil() as i32);
+    }
+    let mut num_shards = num_chunks / chunks_per_shard;
+    // Bits that index the chunks of a shard, as many as the shards leave.
+    let preshift_for = |num_shards: f64| {
+        let shard_bits = num_shards.log2().ceil() as i64;
+        (chunks_per_shard.log2().ceil() as i64).min(max_bits - shard_bits)
+    };
+    let mut preshift_bits = preshift_for(num_shards);
+    let mut labels_per_minishard = chunks_per_shard;
+    let mut minishard_bits = 0i64;
+    while labels_per_minishard > MAX_LABELS_PER_MINISHARD {
+        labels_per_minishard /= 2.0;
+        minishard_bits += 1;
+        let minishard_index = 24.0 * labels_per_minishard;
+        let shard_index = 16.0 * 2f64.powi(minishard_bits as i32);
+        let minishard_too_big =
+            minishard_index > MAX_MINISHARD_INDEX_BYTES && minishard_bits > preshift_bits;
+        if minishard_too_big || shard_index > MAX_SHARD_INDEX_BYTES {
+            minishard_bits -= 1;
+            num_shards *= 2.0;
+            preshift_bits = preshift_for(num_shards);
+        }
+    }
+    // Preshift and minishard bits together index the chunks of a shard; the rest of the id's
+    // bits name the shard.
+    preshift_bits -= minishard_bits;
+    let shard_bits = max_bits - preshift_bits - minishard_bits;
+    if preshift_bits < 0 || shard_bits < 0 {
+        return Err(format!(
+            "no sharding fits: preshift {preshift_bits}, minishard {minishard_bits}, shard {shard_bits} bits of {max_bits}"
+        ));
+    }
+    Ok(ShardingSpec {
+        preshift_bits: preshift_bits as u32,
+        hash: ShardHash::Identity,
+        minishard_bits: minishard_bits as u32,
+        shard_bits: shard_bits as u32,
+        gzip_minishard_index: true,
+        gzip_data: true,
+    })
+}
+
+/// The voxel extent of one shard of an image scale with an identity hash (CloudVolume's
+/// `image_shard_shape`): the preshift and minishard bits, dealt out over x, y, z in Morton
+/// order while an axis still has grid to cover.
+pub fn image_shard_shape(spec: &ShardingSpec, size: Vec3, chunk: Vec3) -> Vec3 {
+    let grid = div_ceil3(size, chunk);
+    let bits = spec.preshift_bits + spec.minishard_bits;
+    let mut shape = [0u32; 3];
+    let mut over = [false; 3];
+    let mut dealt = 0;
+    'deal: while dealt < bits {
+        let mut changed = false;
+        for a in 0..3 {
+            if (1u128 << (shape[a] + 1)) < 2 * grid[a] as u128 && !over[a] {
+                if (1u128 << (shape[a] + 1)) >= grid[a] as u128 {
+                    over[a] = true;
+                }
+                shape[a] += 1;
+                dealt += 1;
+                changed = true;
+            }
+            if dealt >= bits {
+                break 'deal;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    [0, 1, 2].map(|a| chunk[a] << shape[a])
+}
+
 fn low_bits(bits: u32) -> u64 {
     if bits >= 64 {
         u64::MAX
