@@ -230,6 +230,10 @@ struct DownsampleArgs {
     /// Skip tiles whose output chunks all exist (finishing a partial run).
     #[arg(long)]
     skip_existing: bool,
+    /// Write the new mips as sharded scales (neuroglancer_uint64_sharded_v1), sharded as
+    /// igneous shards them; runs on the whole volume (or bounds that hold whole shards).
+    #[arg(long)]
+    sharded: bool,
 }
 
 impl DownsampleArgs {
@@ -249,6 +253,7 @@ impl DownsampleArgs {
             skip_existing: self.skip_existing,
             tile_mib: None,
             cpu: false,
+            sharded: self.sharded,
         }
     }
 }

@@ -395,3 +395,92 @@ fn new_scale_sharding_follows_igneous() {
     let e = igneous_image_spec([1 << 40, 1 << 40, 1 << 40], [1, 1, 1], 1, 1 << 30).unwrap_err();
     assert!(e.contains("over 64"), "{e}");
 }
+
+/// `downsample --sharded` writes each new mip as shard files (igneous's spec), which read back
+/// as tinybrain's pyramid; runs that would split a shard, or rewrite an existing mip, are
+/// refused before anything is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downsample_writes_sharded_mips_equal_to_tinybrains() {
+    use cuboids::formats::precomputed::sharding::{igneous_image_spec, ShardingSpec};
+    use cuboids::task::downsample::{downsample, Bounds, Compute, DownsampleOptions};
+    let gpu = Compute::Gpu(common::gpu_arc());
+    for (source, layer) in [
+        ("cloudvolume", "image"),
+        ("cloudvolume", "segmentation"),
+        ("cloudvolume_sharded", "image"),
+    ] {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join(layer);
+        cuboids::runtime::local::copy_tree(&fixtures().join(source).join(layer), &dir).unwrap();
+        let vol = Precomputed::open(Arc::new(LocalStore::new(&dir)))
+            .await
+            .unwrap();
+        let opts = DownsampleOptions {
+            num_mips: 2,
+            sharded: true,
+            ..Default::default()
+        };
+        downsample(gpu.clone(), &vol, &opts).await.unwrap();
+        let vol = Precomputed::open(Arc::new(LocalStore::new(&dir)))
+            .await
+            .unwrap();
+        for mip in 1..=2 {
+            let scale = vol.scale(mip);
+            let spec = ShardingSpec::parse(scale.sharding.as_ref().unwrap()).unwrap();
+            let bytes = vol.info.data_type.size();
+            let igneous = igneous_image_spec(scale.size, scale.chunk_size(), bytes, 3_500_000_000);
+            assert_eq!(
+                spec,
+                igneous.unwrap(),
+                "{layer} mip {mip}: igneous's sharding"
+            );
+            let files = common::files_under(&dir.join(&scale.key));
+            assert!(!files.is_empty() && files.iter().all(|f| f.ends_with(".shard")));
+            let whole = Box3::from_shape(scale.size);
+            let (data, _) = vol.read_region(mip, whole, false).await.unwrap();
+            let golden = fixtures()
+                .join("cloudvolume")
+                .join(format!("{layer}.mip{mip}.raw"));
+            assert!(
+                data.data == std::fs::read(golden).unwrap(),
+                "{source} {layer} mip {mip}: sharded mip differs from tinybrain's"
+            );
+        }
+    }
+
+    // Bounds that cut a shard, and a mip that exists: named errors, nothing written.
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("image");
+    cuboids::runtime::local::copy_tree(&fixtures().join("cloudvolume/image"), &dir).unwrap();
+    let before = common::files_under(&dir);
+    let vol = Precomputed::open(Arc::new(LocalStore::new(&dir)))
+        .await
+        .unwrap();
+    let cut = DownsampleOptions {
+        num_mips: 1,
+        sharded: true,
+        bounds: Some(Bounds {
+            start: [3, 100, 7],
+            stop: [35, 132, 18],
+        }),
+        ..Default::default()
+    };
+    let e = downsample(gpu.clone(), &vol, &cut).await.unwrap_err();
+    assert!(e.to_string().contains("whole shards"), "{e}");
+    assert_eq!(common::files_under(&dir), before);
+    let plain = DownsampleOptions {
+        num_mips: 1,
+        ..Default::default()
+    };
+    downsample(gpu.clone(), &vol, &plain).await.unwrap();
+    let vol = Precomputed::open(Arc::new(LocalStore::new(&dir)))
+        .await
+        .unwrap();
+    let again = DownsampleOptions {
+        num_mips: 2,
+        sharded: true,
+        ..Default::default()
+    };
+    let e = downsample(gpu, &vol, &again).await.unwrap_err();
+    assert!(e.to_string().contains("exists already"), "{e}");
+}

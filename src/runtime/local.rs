@@ -118,6 +118,13 @@ pub async fn plan_downsample(
     let vol = open_volume(&task.location, &sdk).await?;
     let parts = split_bounds(&vol.info, &task.options(), task_bytes)
         .with_context(|| format!("planning {}", task.location))?;
+    if task.sharded && parts.len() > 1 {
+        anyhow::bail!(
+            "planning {}: --sharded tasks must hold whole shards, which plan downsample does not align {} tasks to yet; run `cuboids downsample --sharded` on the whole volume, or raise --task-mib until the plan is one task",
+            task.location,
+            parts.len()
+        );
+    }
     let tasks: Vec<Task> = parts
         .into_iter()
         .map(|bounds| {

@@ -7,8 +7,12 @@
 //! are removed, so nothing half-written is left claimed.
 
 use crate::formats::precomputed::info::{Info, LayerType, Scale};
+use crate::formats::precomputed::sharding::{
+    chunk_id, encode_shard, igneous_image_spec, image_shard_shape, ShardAssembler, ShardChunks,
+    ShardingSpec,
+};
 use crate::formats::precomputed::{
-    check_scale_readable, check_scale_supported, chunk_grid, chunk_key, Precomputed,
+    check_scale_readable, check_scale_supported, chunk_grid, chunk_key, encode_chunk, Precomputed,
     PrecomputedError, WriteOptions,
 };
 use crate::geometry::{pow3, voxels, Box3, Vec3};
@@ -59,6 +63,8 @@ pub enum TaskError {
         elem: usize,
         limit: u64,
     },
+    #[error("sharded output: {why}")]
+    Sharding { why: String },
     #[error("stopped before it finished: the runner is shutting down")]
     Cancelled,
     #[error("background task failed")]
@@ -97,7 +103,13 @@ pub struct DownsampleOptions {
     pub skip_existing: bool,
     /// Checked before each tile: once cancelled, the run stops and cleans up as on failure.
     pub cancel: Option<CancellationToken>,
+    /// New scales are sharded as igneous shards them (`sharding::igneous_image_spec`); the run
+    /// must then cover whole shards of every new mip (a whole volume always does).
+    pub sharded: bool,
 }
+
+/// igneous's default uncompressed bytes per shard (`MEMORY_TARGET`, 3.5 GB).
+pub const IGNEOUS_SHARD_BYTES: u64 = 3_500_000_000;
 
 impl Default for DownsampleOptions {
     fn default() -> Self {
@@ -113,6 +125,7 @@ impl Default for DownsampleOptions {
             slab_bytes: None,
             skip_existing: false,
             cancel: None,
+            sharded: false,
         }
     }
 }
@@ -201,10 +214,30 @@ pub fn plan_scales(
         let mip = opts.mip + k as usize;
         match out.scales.get(mip) {
             Some(existing) => {
+                if opts.sharded {
+                    return Err(TaskError::Sharding {
+                        why: format!(
+                            "mip {mip} ({}) exists already; sharded runs write new scales only",
+                            existing.key
+                        ),
+                    });
+                }
                 check_scale_supported(existing)?;
                 check_matches(mip, existing, &want)?;
             }
             None => {
+                let mut want = want;
+                if opts.sharded {
+                    let voxel_bytes = info.data_type.size() * info.num_channels;
+                    let spec = igneous_image_spec(
+                        want.size,
+                        want.chunk_size(),
+                        voxel_bytes,
+                        IGNEOUS_SHARD_BYTES,
+                    )
+                    .map_err(|why| TaskError::Sharding { why })?;
+                    want.sharding = Some(spec.to_json());
+                }
                 added.push(want.key.clone());
                 out.scales.push(want);
             }
@@ -343,8 +376,10 @@ pub async fn downsample(
 
     // Output chunks are written through a handle that already knows the new scales.
     let target = Arc::new(Precomputed::new(vol.store.clone(), new_info.clone()));
+    let shards = shard_assemblers(&new_info, opts, region)?;
     let written = Arc::new(Mutex::new(Vec::<String>::new()));
     let job = Job {
+        shards,
         compute,
         source: vol.clone(),
         target: target.clone(),
@@ -387,7 +422,49 @@ async fn remove_new_chunks(target: &Precomputed, added: &[String], written: &[St
     }
 }
 
+/// For each sharded new mip, the assembler of the shards this run writes, after checking that
+/// the run covers each of them whole (a shard has one writer).
+fn shard_assemblers(
+    info: &Info,
+    opts: &DownsampleOptions,
+    region: Box3,
+) -> Result<std::collections::HashMap<usize, ShardAssembler>, TaskError> {
+    let mut out = std::collections::HashMap::new();
+    for k in 1..=opts.num_mips {
+        let mip = opts.mip + k as usize;
+        let scale = &info.scales[mip];
+        let Some(spec) = scale.sharding.as_ref().filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let spec = ShardingSpec::parse(spec).map_err(|(field, why)| TaskError::Sharding {
+            why: format!("{field}: {why}"),
+        })?;
+        let level = region.downsampled(opts.factor.get(), k);
+        let extent = image_shard_shape(&spec, scale.size, scale.chunk_size());
+        for a in 0..3 {
+            let whole_start = level.start[a].is_multiple_of(extent[a]);
+            let whole_stop =
+                level.stop[a].is_multiple_of(extent[a]) || level.stop[a] >= scale.size[a];
+            if !(whole_start && whole_stop) {
+                return Err(TaskError::Sharding {
+                    why: format!(
+                        "the run covers {:?}..{:?} of mip {mip} ({}), which does not hold whole shards of {extent:?} voxels; run on the whole volume or on shard-aligned bounds",
+                        level.start, level.stop, scale.key
+                    ),
+                });
+            }
+        }
+        let ids = chunk_grid(scale, level)
+            .into_iter()
+            .map(|c| chunk_id(c, scale.chunk_size(), scale.size));
+        out.insert(mip, ShardAssembler::new(spec, &scale.key, ids));
+    }
+    Ok(out)
+}
+
 struct Job {
+    /// Sharded new mips: their chunks go to shard files, written whole.
+    shards: std::collections::HashMap<usize, ShardAssembler>,
     compute: Compute,
     source: Precomputed,
     target: Arc<Precomputed>,
@@ -477,6 +554,7 @@ impl Job {
         while let Some(done) = writes.join_next().await {
             report.absorb(done??);
         }
+        job.flush_shards().await?;
         if let Some(last) = tiles.last() {
             progress.add(voxels(last.shape()) as u64);
         }
@@ -555,6 +633,9 @@ impl Job {
                 async move {
                     let local = [0, 1, 2].map(|i| chunk.start[i] - origin[i]);
                     let vol = level.crop(local, chunk.shape());
+                    if job.shards.contains_key(&mip) {
+                        return job.add_to_shard(mip, chunk, vol).await;
+                    }
                     let key = job
                         .target
                         .write_chunk(mip, chunk, vol, job.opts.write)
@@ -567,6 +648,45 @@ impl Job {
             .try_collect::<()>()
             .await?;
         Ok((count, voxels_out, t.elapsed()))
+    }
+}
+
+impl Job {
+    /// Encodes a chunk of a sharded mip (the scale's encoding; gzip is the shard's business)
+    /// and writes its shard once the shard is complete.
+    async fn add_to_shard(&self, mip: usize, chunk: Box3, vol: Volume) -> Result<(), TaskError> {
+        let scale = self.target.scale(mip).clone();
+        let id = chunk_id(chunk, scale.chunk_size(), scale.size);
+        let raw = WriteOptions { gzip_level: 0 };
+        let (data, _) =
+            tokio::task::spawn_blocking(move || encode_chunk(&vol, &scale, raw)).await??;
+        if let Some(shard) = self.shards[&mip].add(id, data) {
+            self.write_shard(mip, shard).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes one shard file whole.
+    async fn write_shard(&self, mip: usize, (key, chunks): ShardChunks) -> Result<(), TaskError> {
+        let spec = self.shards[&mip].spec().clone();
+        let file = tokio::task::spawn_blocking(move || encode_shard(&spec, &chunks)).await?;
+        self.target
+            .store
+            .put(&key, file, crate::store::ContentEncoding::Identity)
+            .await
+            .map_err(PrecomputedError::from)?;
+        self.written.lock().unwrap().push(key);
+        Ok(())
+    }
+
+    /// Writes the shards still open at the end of a run: their missing chunks had no input.
+    async fn flush_shards(&self) -> Result<(), TaskError> {
+        for (&mip, assembler) in &self.shards {
+            for shard in assembler.rest() {
+                self.write_shard(mip, shard).await?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -137,7 +137,8 @@ impl Classify for TaskError {
             | TaskError::NoSuchMip { .. }
             | TaskError::ScaleMismatch { .. }
             | TaskError::Bounds { .. }
-            | TaskError::SlabTooLarge { .. } => FailureKind::InvalidTask,
+            | TaskError::SlabTooLarge { .. }
+            | TaskError::Sharding { .. } => FailureKind::InvalidTask,
             TaskError::Cancelled => FailureKind::Interrupted,
             TaskError::Join(_) => FailureKind::Internal,
         }

@@ -305,6 +305,9 @@ pub struct DownsampleTask {
     /// Pools on the CPU reference instead of the GPU: for a machine without one (slow, exact).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cpu: bool,
+    /// New scales are sharded as igneous shards them; the task must hold whole shards.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sharded: bool,
 }
 
 /// A Boss DownsampleChannel document (`job`), one step or, with `all_levels`, every remaining one.
@@ -403,6 +406,7 @@ impl DownsampleTask {
             skip_existing: false,
             tile_mib: None,
             cpu: false,
+            sharded: false,
         }
     }
 
@@ -418,6 +422,7 @@ impl DownsampleTask {
                 gzip_level: self.gzip_level,
             },
             skip_existing: self.skip_existing,
+            sharded: self.sharded,
             tile_bytes: self
                 .tile_mib
                 .map_or(DownsampleOptions::default().tile_bytes, |m| m << 20),
@@ -495,6 +500,7 @@ mod tests {
             skip_existing: true,
             tile_mib: Some(16),
             cpu: true,
+            sharded: true,
         });
         let text = serde_json::to_string(&t).unwrap();
         assert!(text.contains(r#""cpu":true"#), "{text}");

@@ -120,6 +120,23 @@ impl ShardingSpec {
         })
     }
 
+    /// The `sharding` object of an info.
+    pub fn to_json(&self) -> Value {
+        let encoding = |gzip: bool| if gzip { "gzip" } else { "raw" };
+        serde_json::json!({
+            "@type": "neuroglancer_uint64_sharded_v1",
+            "preshift_bits": self.preshift_bits,
+            "hash": match self.hash {
+                ShardHash::Identity => "identity",
+                ShardHash::Murmurhash3X86_128 => "murmurhash3_x86_128",
+            },
+            "minishard_bits": self.minishard_bits,
+            "shard_bits": self.shard_bits,
+            "minishard_index_encoding": encoding(self.gzip_minishard_index),
+            "data_encoding": encoding(self.gzip_data),
+        })
+    }
+
     /// Bytes of the shard index at the start of every shard file.
     pub fn index_bytes(&self) -> u64 {
         16 << self.minishard_bits
@@ -395,6 +412,60 @@ pub fn encode_shard(
     shard
 }
 
+/// Gathers the chunks a run writes to a sharded scale, shard by shard: a shard is handed back
+/// whole once the last of its chunks the run expects has arrived, so each shard file is written
+/// once, by one writer. Memory: the encoded chunks of the shards still open.
+pub struct ShardAssembler {
+    spec: ShardingSpec,
+    scale_key: String,
+    expected: HashMap<u64, usize>,
+    open: Mutex<HashMap<u64, std::collections::BTreeMap<u64, Vec<u8>>>>,
+}
+
+/// A shard's key and its chunks (chunk id -> stored bytes), ready for [`encode_shard`].
+pub type ShardChunks = (String, std::collections::BTreeMap<u64, Vec<u8>>);
+
+impl ShardAssembler {
+    /// Expects the chunks `ids` (every chunk the run may write to the scale).
+    pub fn new(spec: ShardingSpec, scale_key: &str, ids: impl IntoIterator<Item = u64>) -> Self {
+        let mut expected = HashMap::new();
+        for id in ids {
+            *expected.entry(spec.location(id).0).or_insert(0) += 1;
+        }
+        ShardAssembler {
+            spec,
+            scale_key: scale_key.to_string(),
+            expected,
+            open: Mutex::default(),
+        }
+    }
+
+    pub fn spec(&self) -> &ShardingSpec {
+        &self.spec
+    }
+
+    /// Adds a chunk's stored bytes; returns its shard once complete.
+    pub fn add(&self, id: u64, data: Vec<u8>) -> Option<ShardChunks> {
+        let shard = self.spec.location(id).0;
+        let mut open = self.open.lock().expect("no panics while held");
+        let chunks = open.entry(shard).or_default();
+        chunks.insert(id, data);
+        if chunks.len() < self.expected.get(&shard).copied().unwrap_or(0) {
+            return None;
+        }
+        let chunks = open.remove(&shard).expect("just filled");
+        Some((self.spec.shard_key(&self.scale_key, shard), chunks))
+    }
+
+    /// The shards still open: those with chunks the run did not write (all-missing input).
+    pub fn rest(&self) -> Vec<ShardChunks> {
+        let mut open = self.open.lock().expect("no panics while held");
+        open.drain()
+            .map(|(shard, chunks)| (self.spec.shard_key(&self.scale_key, shard), chunks))
+            .collect()
+    }
+}
+
 /// What a scale's shards can hold at most: a chunk's decoded bytes and the number of chunks
 /// (which bounds a minishard index). Damaged sizes past these are errors, not allocations.
 #[derive(Clone, Copy, Debug)]
@@ -419,7 +490,8 @@ const MAX_CACHED_MINISHARDS: usize = 4096;
 impl ShardReader {
     /// The stored bytes of a chunk (its scale's encoding, gzip removed where the spec gzips
     /// data), or `None` when its shard, minishard or entry does not exist (a missing chunk).
-    /// `bounds` limit what a gzipped chunk or minishard index may inflate to.
+    /// `bounds` limit what a gzipped chunk or minishard index may inflate to (a chunk: about
+    /// twice its voxels' bytes).
     pub async fn read_chunk(
         &self,
         store: &dyn Store,
@@ -464,7 +536,9 @@ impl ShardReader {
         if !spec.gzip_data {
             return Ok(Some(data));
         }
-        gunzip(&data, max_chunk_bytes)
+        // compressed_segmentation can take more than the raw voxels (block headers and tables
+        // of small or truncated chunks): twice the voxels and a margin bound it.
+        gunzip(&data, max_chunk_bytes * 2 + (64 << 10))
             .map(Some)
             .map_err(|e| corrupt(format!("chunk {chunk_id}: gzip: {e}")))
     }
