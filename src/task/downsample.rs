@@ -236,6 +236,12 @@ pub fn plan_scales(
                         IGNEOUS_SHARD_BYTES,
                     )
                     .map_err(|why| TaskError::Sharding { why })?;
+                    // Chunks are gzipped in shards as they would be in files: --gzip-level 0 is
+                    // raw data.
+                    let spec = ShardingSpec {
+                        gzip_data: opts.write.gzip_level > 0,
+                        ..spec
+                    };
                     want.sharding = Some(spec.to_json());
                 }
                 added.push(want.key.clone());
@@ -652,14 +658,20 @@ impl Job {
 }
 
 impl Job {
-    /// Encodes a chunk of a sharded mip (the scale's encoding; gzip is the shard's business)
-    /// and writes its shard once the shard is complete.
+    /// Encodes a chunk of a sharded mip (the scale's encoding, gzipped where the spec says, on
+    /// the blocking pool like any chunk) and writes its shard once the shard is complete.
     async fn add_to_shard(&self, mip: usize, chunk: Box3, vol: Volume) -> Result<(), TaskError> {
         let scale = self.target.scale(mip).clone();
         let id = chunk_id(chunk, scale.chunk_size(), scale.size);
-        let raw = WriteOptions { gzip_level: 0 };
-        let (data, _) =
-            tokio::task::spawn_blocking(move || encode_chunk(&vol, &scale, raw)).await??;
+        let gzip_level = if self.shards[&mip].spec().gzip_data {
+            self.opts.write.gzip_level.max(1)
+        } else {
+            0
+        };
+        let (data, _) = tokio::task::spawn_blocking(move || {
+            encode_chunk(&vol, &scale, WriteOptions { gzip_level })
+        })
+        .await??;
         if let Some(shard) = self.shards[&mip].add(id, data) {
             self.write_shard(mip, shard).await?;
         }

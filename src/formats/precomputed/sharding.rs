@@ -346,12 +346,12 @@ fn fmix32(mut h: u32) -> u32 {
     h
 }
 
-/// A shard file holding `chunks` (chunk id -> stored bytes in the scale's encoding; all of them
-/// in this shard): the shard index, then the chunks' data, minishard by minishard in increasing
-/// number and by increasing id within each, then the minishard indices in the same order
-/// (gzipped data and indices where the spec says so). This is the layout CloudVolume's shard
-/// writer produces for chunks given in id order, byte for byte with raw encodings; minishards
-/// without chunks get an empty (0, 0) entry, as there.
+/// A shard file holding `chunks` (chunk id -> stored bytes: the scale's encoding, already
+/// gzipped where the spec gzips data; all of them in this shard): the shard index, then the
+/// chunks' data, minishard by minishard in increasing number and by increasing id within each,
+/// then the minishard indices in the same order (gzipped where the spec says so). This is the
+/// layout CloudVolume's shard writer produces for chunks given in id order, byte for byte with
+/// raw indices; minishards without chunks get an empty (0, 0) entry, as there.
 pub fn encode_shard(
     spec: &ShardingSpec,
     chunks: &std::collections::BTreeMap<u64, Vec<u8>>,
@@ -370,19 +370,14 @@ pub fn encode_shard(
         let mut offsets = Vec::with_capacity(chunks.len());
         let mut sizes = Vec::with_capacity(chunks.len());
         let mut last_id = 0;
-        for (i, &(id, data)) in chunks.iter().enumerate() {
-            let stored = if spec.gzip_data {
-                std::borrow::Cow::Owned(super::gzip(data, 6))
-            } else {
-                std::borrow::Cow::Borrowed(data)
-            };
+        for (i, &(id, stored)) in chunks.iter().enumerate() {
             ids.push(id - last_id);
             last_id = id;
             // The first chunk's offset counts from the start of the data part; the others
             // follow the chunk before them directly.
             offsets.push(if i == 0 { data_part.len() as u64 } else { 0 });
             sizes.push(stored.len() as u64);
-            data_part.extend_from_slice(&stored);
+            data_part.extend_from_slice(stored);
         }
         let index: Vec<u8> = [ids, offsets, sizes]
             .concat()
