@@ -452,6 +452,35 @@ async fn downsample_writes_sharded_mips_equal_to_tinybrains() {
         }
     }
 
+    // --gzip-level 0: raw shard data, the same mips.
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("image");
+    cuboids::runtime::local::copy_tree(&fixtures().join("cloudvolume/image"), &dir).unwrap();
+    let vol = Precomputed::open(Arc::new(LocalStore::new(&dir)))
+        .await
+        .unwrap();
+    let raw = DownsampleOptions {
+        num_mips: 1,
+        sharded: true,
+        write: WriteOptions { gzip_level: 0 },
+        ..Default::default()
+    };
+    downsample(gpu.clone(), &vol, &raw).await.unwrap();
+    let vol = Precomputed::open(Arc::new(LocalStore::new(&dir)))
+        .await
+        .unwrap();
+    let spec = ShardingSpec::parse(vol.scale(1).sharding.as_ref().unwrap()).unwrap();
+    assert!(!spec.gzip_data);
+    let (data, _) = vol
+        .read_region(1, Box3::from_shape(vol.scale(1).size), false)
+        .await
+        .unwrap();
+    let golden = fixtures().join("cloudvolume/image.mip1.raw");
+    assert!(
+        data.data == std::fs::read(golden).unwrap(),
+        "raw shard data"
+    );
+
     // Bounds that cut a shard, and a mip that exists: named errors, nothing written.
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().join("image");
