@@ -254,6 +254,7 @@ impl DownsampleArgs {
             tile_mib: None,
             cpu: false,
             sharded: self.sharded,
+            shard_source_mib: None,
         }
     }
 }

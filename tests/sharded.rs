@@ -517,3 +517,77 @@ async fn downsample_writes_sharded_mips_equal_to_tinybrains() {
     let e = downsample(gpu, &vol, &again).await.unwrap_err();
     assert!(e.to_string().contains("exists already"), "{e}");
 }
+
+/// A plan of a sharded pyramid: tasks hold whole shards of every mip (each shard covering at
+/// most a task's source), and run one by one in shuffled order, as Batch children would, they
+/// write mips equal to an unsharded single run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_sharded_pyramids_equal_one_unsharded_run() {
+    use cuboids::dtype::DataType;
+    use cuboids::formats::precomputed::info::{Encoding, LayerType};
+    use cuboids::runtime::local::{new_info, write_new_volume};
+    use cuboids::task::downsample::{downsample, split_bounds, Compute, DownsampleOptions};
+    let gpu = Compute::Gpu(common::gpu_arc());
+    let temp = tempfile::tempdir().unwrap();
+    let input = common::random_volume(&mut common::Rng::new(7), DataType::Uint8, [500, 300, 20], 1);
+    let mut info = new_info(
+        LayerType::Image,
+        DataType::Uint8,
+        input.shape,
+        [32, 32, 8],
+        [4.0, 4.0, 40.0],
+    );
+    info.scales[0].encoding = Encoding::Raw;
+    info.scales[0].voxel_offset = [7, -5, 3];
+    let open = |dir: PathBuf| async move {
+        Precomputed::open(Arc::new(LocalStore::new(dir)))
+            .await
+            .unwrap()
+    };
+    let (plain, sharded) = (temp.path().join("plain"), temp.path().join("sharded"));
+    for dir in [&plain, &sharded] {
+        write_new_volume(dir, info.clone(), &input, WriteOptions::default())
+            .await
+            .unwrap();
+    }
+    let base = DownsampleOptions {
+        num_mips: 3,
+        ..Default::default()
+    };
+    downsample(gpu.clone(), &open(plain.clone()).await, &base)
+        .await
+        .unwrap();
+
+    let part_bytes = 256 << 10;
+    let opts = DownsampleOptions {
+        sharded: true,
+        shard_source_bytes: Some(part_bytes as u64),
+        ..base.clone()
+    };
+    let vol = open(sharded.clone()).await;
+    let mut parts = split_bounds(&vol.info, &opts, part_bytes).unwrap();
+    assert!(parts.len() >= 4, "{} parts", parts.len());
+    let mut rng = common::Rng::new(11);
+    for i in (1..parts.len()).rev() {
+        parts.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    for bounds in parts {
+        let task = DownsampleOptions {
+            bounds: Some(bounds),
+            ..opts.clone()
+        };
+        downsample(gpu.clone(), &open(sharded.clone()).await, &task)
+            .await
+            .unwrap();
+    }
+    let (a, b) = (open(plain).await, open(sharded.clone()).await);
+    for mip in 1..=3 {
+        assert!(b.scale(mip).sharding.is_some());
+        let shards = common::files_under(&sharded.join(&b.scale(mip).key));
+        assert!(shards.iter().all(|f| f.ends_with(".shard")));
+        let whole = Box3::from_shape(a.scale(mip).size);
+        let (x, _) = a.read_region(mip, whole, false).await.unwrap();
+        let (y, _) = b.read_region(mip, whole, false).await.unwrap();
+        assert!(x.data == y.data, "mip {mip} ({} shards)", shards.len());
+    }
+}

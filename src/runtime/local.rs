@@ -116,15 +116,13 @@ pub async fn plan_downsample(
 ) -> Result<()> {
     let sdk = aws_env::sdk_config().await;
     let vol = open_volume(&task.location, &sdk).await?;
+    // Sharded: each shard covers at most a task's source, and tasks hold whole shards.
+    let task = DownsampleTask {
+        shard_source_mib: task.sharded.then_some((task_bytes >> 20).max(1) as u64),
+        ..task
+    };
     let parts = split_bounds(&vol.info, &task.options(), task_bytes)
         .with_context(|| format!("planning {}", task.location))?;
-    if task.sharded && parts.len() > 1 {
-        anyhow::bail!(
-            "planning {}: --sharded tasks must hold whole shards, which plan downsample does not align {} tasks to yet; run `cuboids downsample --sharded` on the whole volume, or raise --task-mib until the plan is one task",
-            task.location,
-            parts.len()
-        );
-    }
     let tasks: Vec<Task> = parts
         .into_iter()
         .map(|bounds| {

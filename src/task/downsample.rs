@@ -106,6 +106,10 @@ pub struct DownsampleOptions {
     /// New scales are sharded as igneous shards them (`sharding::igneous_image_spec`); the run
     /// must then cover whole shards of every new mip (a whole volume always does).
     pub sharded: bool,
+    /// Uncompressed source bytes each shard of a new mip covers at most (igneous's
+    /// `memory_target`); `None`: igneous's 3.5 GB at every mip. A plan sets it to its task size,
+    /// so that one task holds whole shards of every mip within its memory.
+    pub shard_source_bytes: Option<u64>,
 }
 
 /// igneous's default uncompressed bytes per shard (`MEMORY_TARGET`, 3.5 GB).
@@ -126,6 +130,7 @@ impl Default for DownsampleOptions {
             skip_existing: false,
             cancel: None,
             sharded: false,
+            shard_source_bytes: None,
         }
     }
 }
@@ -210,46 +215,62 @@ pub fn plan_scales(
     let mut out = info.clone();
     let mut added = Vec::new();
     for k in 1..=opts.num_mips {
-        let want = src.downsampled(opts.factor.get(), k);
+        let mut want = src.downsampled(opts.factor.get(), k);
         let mip = opts.mip + k as usize;
+        if opts.sharded {
+            want.sharding = Some(new_scale_sharding(info, opts, &want, k)?.to_json());
+        }
         match out.scales.get(mip) {
-            Some(existing) => {
-                if opts.sharded {
+            Some(existing) if opts.sharded => {
+                // Another task of the same plan may have added it: the same sharding, or none.
+                let same = existing
+                    .sharding
+                    .as_ref()
+                    .and_then(|v| ShardingSpec::parse(v).ok())
+                    .is_some_and(|s| Some(s.to_json()) == want.sharding);
+                if !same {
                     return Err(TaskError::Sharding {
                         why: format!(
-                            "mip {mip} ({}) exists already; sharded runs write new scales only",
-                            existing.key
+                            "mip {mip} ({}) exists already, not sharded as this run shards it ({})",
+                            existing.key,
+                            want.sharding.as_ref().expect("set above")
                         ),
                     });
                 }
+                check_matches(mip, existing, &want)?;
+            }
+            Some(existing) => {
                 check_scale_supported(existing)?;
                 check_matches(mip, existing, &want)?;
             }
             None => {
-                let mut want = want;
-                if opts.sharded {
-                    let voxel_bytes = info.data_type.size() * info.num_channels;
-                    let spec = igneous_image_spec(
-                        want.size,
-                        want.chunk_size(),
-                        voxel_bytes,
-                        IGNEOUS_SHARD_BYTES,
-                    )
-                    .map_err(|why| TaskError::Sharding { why })?;
-                    // Chunks are gzipped in shards as they would be in files: --gzip-level 0 is
-                    // raw data.
-                    let spec = ShardingSpec {
-                        gzip_data: opts.write.gzip_level > 0,
-                        ..spec
-                    };
-                    want.sharding = Some(spec.to_json());
-                }
                 added.push(want.key.clone());
                 out.scales.push(want);
             }
         }
     }
     Ok((out, added))
+}
+
+/// The sharding of new mip `k` (scale `want`): igneous's recommendation for its size, each shard
+/// covering at most `shard_source_bytes` of source; raw data when chunks are not gzipped.
+fn new_scale_sharding(
+    info: &Info,
+    opts: &DownsampleOptions,
+    want: &Scale,
+    k: u32,
+) -> Result<ShardingSpec, TaskError> {
+    let voxel_bytes = info.data_type.size() * info.num_channels;
+    // A shard of mip k covers factor^k as many source voxels as its own.
+    let shard_bytes = opts.shard_source_bytes.map_or(IGNEOUS_SHARD_BYTES, |b| {
+        (b / pow3(opts.factor.get(), k).iter().product::<usize>() as u64).max(1)
+    });
+    let spec = igneous_image_spec(want.size, want.chunk_size(), voxel_bytes, shard_bytes)
+        .map_err(|why| TaskError::Sharding { why })?;
+    Ok(ShardingSpec {
+        gzip_data: opts.write.gzip_level > 0,
+        ..spec
+    })
 }
 
 fn check_matches(mip: usize, existing: &Scale, want: &Scale) -> Result<(), TaskError> {
@@ -341,7 +362,20 @@ pub fn split_bounds(
     part_bytes: usize,
 ) -> Result<Vec<Bounds>, TaskError> {
     let (new_info, _) = plan_scales(info, opts)?;
-    let (region, align) = aligned_source(&new_info, opts)?;
+    let (region, mut align) = aligned_source(&new_info, opts)?;
+    // Sharded mips: a part holds whole shards of each (their extents in source voxels).
+    for k in 1..=opts.num_mips {
+        let scale = &new_info.scales[opts.mip + k as usize];
+        if let Some(spec) = scale.sharding.as_ref().filter(|v| !v.is_null()) {
+            let spec = ShardingSpec::parse(spec).map_err(|(field, why)| TaskError::Sharding {
+                why: format!("{field}: {why}"),
+            })?;
+            let extent = image_shard_shape(&spec, scale.size, scale.chunk_size());
+            let f = pow3(opts.factor.get(), k);
+            align = [0, 1, 2].map(|i| lcm(align[i], extent[i] * f[i]));
+        }
+    }
+    let region = align_region(region, align, new_info.scales[opts.mip].size);
     let offset = new_info.scales[opts.mip].voxel_offset;
     let absolute = |v: Vec3| [0, 1, 2].map(|i| v[i] as i64 + offset[i]);
     let elem = info.data_type.size() * info.num_channels;

@@ -308,6 +308,10 @@ pub struct DownsampleTask {
     /// New scales are sharded as igneous shards them; the task must hold whole shards.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sharded: bool,
+    /// With `sharded`: source MiB each shard covers at most (a plan's task size; the same in
+    /// every task of a plan, which all write the same info). Default: igneous's 3.5 GB per mip.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_source_mib: Option<u64>,
 }
 
 /// A Boss DownsampleChannel document (`job`), one step or, with `all_levels`, every remaining one.
@@ -407,6 +411,7 @@ impl DownsampleTask {
             tile_mib: None,
             cpu: false,
             sharded: false,
+            shard_source_mib: None,
         }
     }
 
@@ -423,6 +428,7 @@ impl DownsampleTask {
             },
             skip_existing: self.skip_existing,
             sharded: self.sharded,
+            shard_source_bytes: self.shard_source_mib.map(|m| m << 20),
             tile_bytes: self
                 .tile_mib
                 .map_or(DownsampleOptions::default().tile_bytes, |m| m << 20),
@@ -501,6 +507,7 @@ mod tests {
             tile_mib: Some(16),
             cpu: true,
             sharded: true,
+            shard_source_mib: Some(512),
         });
         let text = serde_json::to_string(&t).unwrap();
         assert!(text.contains(r#""cpu":true"#), "{text}");
