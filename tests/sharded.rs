@@ -28,6 +28,21 @@ fn expected(layer: &str) -> Vec<u8> {
     std::fs::read(fixtures().join("cloudvolume").join(format!("{layer}.raw"))).unwrap()
 }
 
+/// The volume in a local directory.
+async fn open_dir(dir: &Path) -> Precomputed {
+    Precomputed::open(Arc::new(LocalStore::new(dir)))
+        .await
+        .unwrap()
+}
+
+/// A writable copy of a fixture volume (`cloudvolume/image`, ...), in a temporary directory.
+fn fixture_copy(volume: &str) -> (tempfile::TempDir, PathBuf) {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("vol");
+    cuboids::runtime::local::copy_tree(&fixtures().join(volume), &dir).unwrap();
+    (temp, dir)
+}
+
 async fn read_whole(vol: &Precomputed) -> Result<Volume, PrecomputedError> {
     let whole = Box3::from_shape(vol.scale(0).size);
     Ok(vol.read_region(0, whole, false).await?.0)
@@ -145,20 +160,20 @@ fn shard_hashes_equal_cloudvolumes() {
 
 /// A copy of the sharded segmentation to damage.
 fn damaged_copy() -> (tempfile::TempDir, PathBuf) {
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path().join("seg");
-    cuboids::runtime::local::copy_tree(&sharded("segmentation"), &dir).unwrap();
-    (temp, dir)
+    fixture_copy("cloudvolume_sharded/segmentation")
 }
 
-async fn read_error(dir: &Path) -> String {
-    let vol = Precomputed::open(Arc::new(LocalStore::new(dir)))
-        .await
-        .unwrap();
-    match read_whole(&vol).await {
-        Ok(_) => panic!("a damaged shard read without error"),
+/// Reads the sharded segmentation with its shard 0 replaced by `damaged`; the error must name
+/// the shard file and say `why`.
+async fn assert_damage_named(damaged: &[u8], why: &str) {
+    let (_t, dir) = damaged_copy();
+    std::fs::write(dir.join("8_8_40/0.shard"), damaged).unwrap();
+    let vol = open_dir(&dir).await;
+    let e = match read_whole(&vol).await {
+        Ok(_) => panic!("a damaged shard read without error ({why})"),
         Err(e) => e.to_string(),
-    }
+    };
+    assert!(e.contains("8_8_40/0.shard") && e.contains(why), "{e}");
 }
 
 fn u64_at(data: &[u8], at: usize) -> u64 {
@@ -167,56 +182,31 @@ fn u64_at(data: &[u8], at: usize) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_shards_fail_with_the_shard_named() {
-    let shard = |dir: &Path| dir.join("8_8_40/0.shard");
+    let data = std::fs::read(sharded("segmentation").join("8_8_40/0.shard")).unwrap();
     // Truncated inside its index.
-    let (_t, dir) = damaged_copy();
-    let data = std::fs::read(shard(&dir)).unwrap();
-    std::fs::write(shard(&dir), &data[..40]).unwrap();
-    let e = read_error(&dir).await;
-    assert!(
-        e.contains("8_8_40/0.shard") && e.contains("truncated"),
-        "{e}"
-    );
-
+    assert_damage_named(&data[..40], "truncated").await;
     // Truncated in its data: a minishard index (at the end) that is cut off.
-    let (_t, dir) = damaged_copy();
-    std::fs::write(shard(&dir), &data[..data.len() - 30]).unwrap();
-    let e = read_error(&dir).await;
-    assert!(
-        e.contains("8_8_40/0.shard") && e.contains("outside the shard file"),
-        "{e}"
-    );
+    assert_damage_named(&data[..data.len() - 30], "outside the shard file").await;
 
     // An index entry that ends before it starts.
-    let (_t, dir) = damaged_copy();
-    let mut bad = data.clone();
     let first_minishard = (0..4).find(|&m| u64_at(&data, 16 * m) != u64_at(&data, 16 * m + 8));
     let m = first_minishard.expect("a minishard with chunks");
+    let mut bad = data.clone();
     bad[16 * m + 8..16 * m + 16].copy_from_slice(&0u64.to_le_bytes());
     bad[16 * m..16 * m + 8].copy_from_slice(&5u64.to_le_bytes());
-    std::fs::write(shard(&dir), &bad).unwrap();
-    let e = read_error(&dir).await;
-    assert!(
-        e.contains("8_8_40/0.shard") && e.contains("before it starts"),
-        "{e}"
-    );
+    assert_damage_named(&bad, "before it starts").await;
 
-    // A minishard index whose chunk points past the end of the shard.
-    let (_t, dir) = damaged_copy();
-    let mut bad = data.clone();
+    // A minishard index whose chunk points past the end of the shard: its first size (the
+    // third row of n entries, after the 64-byte shard index).
     let (start, end) = (
         u64_at(&data, 16 * m) as usize,
         u64_at(&data, 16 * m + 8) as usize,
     );
     let n = (end - start) / 24;
-    let first_size = 64 + start + 16 * n; // the third row: sizes
+    let first_size = 64 + start + 16 * n;
+    let mut bad = data.clone();
     bad[first_size..first_size + 8].copy_from_slice(&1_000_000u64.to_le_bytes());
-    std::fs::write(shard(&dir), &bad).unwrap();
-    let e = read_error(&dir).await;
-    assert!(
-        e.contains("8_8_40/0.shard") && e.contains("outside the shard file"),
-        "{e}"
-    );
+    assert_damage_named(&bad, "outside the shard file").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,9 +241,7 @@ async fn bad_sharding_specs_are_named_and_sharded_scales_are_not_written() {
     // Writing a chunk file into a sharded scale would hide it from every reader: refused.
     let (_t, dir) = damaged_copy();
     let before = common::files_under(&dir);
-    let vol = Precomputed::open(Arc::new(LocalStore::new(&dir)))
-        .await
-        .unwrap();
+    let vol = open_dir(&dir).await;
     let chunk = Box3::new([0, 0, 0], [16, 16, 4]);
     let data = read_whole(&vol).await.unwrap().crop([0, 0, 0], [16, 16, 4]);
     let e = vol
@@ -413,21 +401,15 @@ async fn downsample_writes_sharded_mips_equal_to_tinybrains() {
         ("cloudvolume", "segmentation"),
         ("cloudvolume_sharded", "image"),
     ] {
-        let temp = tempfile::tempdir().unwrap();
-        let dir = temp.path().join(layer);
-        cuboids::runtime::local::copy_tree(&fixtures().join(source).join(layer), &dir).unwrap();
-        let vol = Precomputed::open(Arc::new(LocalStore::new(&dir)))
-            .await
-            .unwrap();
+        let (_temp, dir) = fixture_copy(&format!("{source}/{layer}"));
+        let vol = open_dir(&dir).await;
         let opts = DownsampleOptions {
             num_mips: 2,
             sharded: true,
             ..Default::default()
         };
         downsample(gpu.clone(), &vol, &opts).await.unwrap();
-        let vol = Precomputed::open(Arc::new(LocalStore::new(&dir)))
-            .await
-            .unwrap();
+        let vol = open_dir(&dir).await;
         for mip in 1..=2 {
             let scale = vol.scale(mip);
             let spec = ShardingSpec::parse(scale.sharding.as_ref().unwrap()).unwrap();
@@ -453,12 +435,8 @@ async fn downsample_writes_sharded_mips_equal_to_tinybrains() {
     }
 
     // --gzip-level 0: raw shard data, the same mips.
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path().join("image");
-    cuboids::runtime::local::copy_tree(&fixtures().join("cloudvolume/image"), &dir).unwrap();
-    let vol = Precomputed::open(Arc::new(LocalStore::new(&dir)))
-        .await
-        .unwrap();
+    let (_temp, dir) = fixture_copy("cloudvolume/image");
+    let vol = open_dir(&dir).await;
     let raw = DownsampleOptions {
         num_mips: 1,
         sharded: true,
@@ -466,9 +444,7 @@ async fn downsample_writes_sharded_mips_equal_to_tinybrains() {
         ..Default::default()
     };
     downsample(gpu.clone(), &vol, &raw).await.unwrap();
-    let vol = Precomputed::open(Arc::new(LocalStore::new(&dir)))
-        .await
-        .unwrap();
+    let vol = open_dir(&dir).await;
     let spec = ShardingSpec::parse(vol.scale(1).sharding.as_ref().unwrap()).unwrap();
     assert!(!spec.gzip_data);
     let (data, _) = vol
@@ -482,13 +458,9 @@ async fn downsample_writes_sharded_mips_equal_to_tinybrains() {
     );
 
     // Bounds that cut a shard, and a mip that exists: named errors, nothing written.
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path().join("image");
-    cuboids::runtime::local::copy_tree(&fixtures().join("cloudvolume/image"), &dir).unwrap();
+    let (_temp, dir) = fixture_copy("cloudvolume/image");
     let before = common::files_under(&dir);
-    let vol = Precomputed::open(Arc::new(LocalStore::new(&dir)))
-        .await
-        .unwrap();
+    let vol = open_dir(&dir).await;
     let cut = DownsampleOptions {
         num_mips: 1,
         sharded: true,
@@ -506,9 +478,7 @@ async fn downsample_writes_sharded_mips_equal_to_tinybrains() {
         ..Default::default()
     };
     downsample(gpu.clone(), &vol, &plain).await.unwrap();
-    let vol = Precomputed::open(Arc::new(LocalStore::new(&dir)))
-        .await
-        .unwrap();
+    let vol = open_dir(&dir).await;
     let again = DownsampleOptions {
         num_mips: 2,
         sharded: true,
@@ -539,11 +509,7 @@ async fn planned_sharded_pyramids_equal_one_unsharded_run() {
     );
     info.scales[0].encoding = Encoding::Raw;
     info.scales[0].voxel_offset = [7, -5, 3];
-    let open = |dir: PathBuf| async move {
-        Precomputed::open(Arc::new(LocalStore::new(dir)))
-            .await
-            .unwrap()
-    };
+    let open = |dir: PathBuf| async move { open_dir(&dir).await };
     let (plain, sharded) = (temp.path().join("plain"), temp.path().join("sharded"));
     for dir in [&plain, &sharded] {
         write_new_volume(dir, info.clone(), &input, WriteOptions::default())
