@@ -10,6 +10,7 @@ use cuboids::formats::precomputed::sharding::murmurhash3_x86_128_low64;
 use cuboids::formats::precomputed::{Precomputed, PrecomputedError, WriteOptions};
 use cuboids::geometry::Box3;
 use cuboids::store::{ContentEncoding, LocalStore, Object, Store, StoreError};
+use cuboids::task::downsample::Compute;
 use cuboids::volume::Volume;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -556,4 +557,57 @@ async fn planned_sharded_pyramids_equal_one_unsharded_run() {
         let (y, _) = b.read_region(mip, whole, false).await.unwrap();
         assert!(x.data == y.data, "mip {mip} ({} shards)", shards.len());
     }
+}
+
+/// A sharded run that fails partway (a damaged source chunk in its last tile) removes the shard
+/// files it had written, and leaves the info as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sharded_run_leaves_no_shards() {
+    use cuboids::dtype::DataType;
+    use cuboids::formats::precomputed::info::LayerType;
+    use cuboids::runtime::local::{new_info, write_new_volume};
+    use cuboids::task::downsample::{downsample, DownsampleOptions};
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("vol");
+    let input = common::random_volume(&mut common::Rng::new(5), DataType::Uint8, [256, 64, 8], 1);
+    let info = new_info(
+        LayerType::Image,
+        DataType::Uint8,
+        input.shape,
+        [32, 32, 8],
+        [4.0, 4.0, 40.0],
+    );
+    write_new_volume(&dir, info, &input, WriteOptions::default())
+        .await
+        .unwrap();
+    let opts = DownsampleOptions {
+        num_mips: 1,
+        tile_bytes: 1,
+        sharded: true,
+        // One mip-1 chunk per shard: shards are written as tiles finish.
+        shard_source_bytes: Some(4 * 32 * 32 * 8),
+        ..Default::default()
+    };
+    let good = files(&dir);
+
+    // Undamaged, the run writes four shards.
+    let (_t, copy) = (tempfile::tempdir().unwrap(), temp.path().join("copy"));
+    cuboids::runtime::local::copy_tree(&dir, &copy).unwrap();
+    downsample(Compute::Cpu, &open_dir(&copy).await, &opts)
+        .await
+        .unwrap();
+    assert_eq!(common::files_under(&copy.join("8_8_40")).len(), 4);
+
+    let last = dir.join("4_4_40/224-256_32-64_0-8.gz");
+    std::fs::write(&last, cuboids::formats::precomputed::gzip(&[1u8; 10], 6)).unwrap();
+    let before = files(&dir);
+    let e = downsample(Compute::Cpu, &open_dir(&dir).await, &opts)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("224-256_32-64_0-8"), "{e}");
+    assert!(
+        files(&dir) == before,
+        "shards of the failed run were left behind"
+    );
+    assert!(before.len() == good.len());
 }
