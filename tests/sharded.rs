@@ -611,3 +611,42 @@ async fn a_failed_sharded_run_leaves_no_shards() {
     );
     assert!(before.len() == good.len());
 }
+
+/// CloudVolume itself (12.15.2, from the test venv that scripts/test makes: CUBOIDS_TEST_PYTHON)
+/// reads the sharded mips cuboids writes, voxel for voxel equal to tinybrain's pyramid
+/// (tests/fixtures/check_cloudvolume_reads_sharded.py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudvolume_reads_the_sharded_mips_cuboids_writes() {
+    use cuboids::task::downsample::{downsample, DownsampleOptions};
+    let python = std::env::var("CUBOIDS_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = fixtures().join("check_cloudvolume_reads_sharded.py");
+    for layer in ["image", "segmentation"] {
+        let (_temp, dir) = fixture_copy(&format!("cloudvolume/{layer}"));
+        let opts = DownsampleOptions {
+            num_mips: 2,
+            sharded: true,
+            ..Default::default()
+        };
+        downsample(
+            Compute::Gpu(common::gpu_arc()),
+            &open_dir(&dir).await,
+            &opts,
+        )
+        .await
+        .unwrap();
+        let run = std::process::Command::new(&python)
+            .arg(&script)
+            .arg(&dir)
+            .arg(layer)
+            .output()
+            .unwrap_or_else(|e| panic!("{python} (scripts/test makes the venv): {e}"));
+        assert!(
+            run.status.success(),
+            "{layer}: CloudVolume did not read cuboids' shards as tinybrain's mips:\n{}{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let out = String::from_utf8_lossy(&run.stdout);
+        assert_eq!(out.matches("equal to tinybrain's").count(), 2, "{out}");
+    }
+}
