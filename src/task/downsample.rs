@@ -362,19 +362,12 @@ pub fn split_bounds(
     part_bytes: usize,
 ) -> Result<Vec<Bounds>, TaskError> {
     let (new_info, _) = plan_scales(info, opts)?;
-    let (region, mut align) = aligned_source(&new_info, opts)?;
-    // Sharded mips: a part holds whole shards of each (their extents in source voxels).
-    for k in 1..=opts.num_mips {
-        let scale = &new_info.scales[opts.mip + k as usize];
-        if let Some(spec) = scale.sharding.as_ref().filter(|v| !v.is_null()) {
-            let spec = ShardingSpec::parse(spec).map_err(|(field, why)| TaskError::Sharding {
-                why: format!("{field}: {why}"),
-            })?;
-            let extent = image_shard_shape(&spec, scale.size, scale.chunk_size());
-            let f = pow3(opts.factor.get(), k);
-            align = [0, 1, 2].map(|i| lcm(align[i], extent[i] * f[i]));
-        }
-    }
+    let (region, align) = aligned_source(&new_info, opts)?;
+    // Sharded mips: a part holds whole shards of each.
+    let align = match shard_block(&new_info, opts)? {
+        Some(block) => [0, 1, 2].map(|i| lcm(align[i], block[i])),
+        None => align,
+    };
     let region = align_region(region, align, new_info.scales[opts.mip].size);
     let offset = new_info.scales[opts.mip].voxel_offset;
     let absolute = |v: Vec3| [0, 1, 2].map(|i| v[i] as i64 + offset[i]);
@@ -399,7 +392,7 @@ pub async fn downsample(
     let method = opts.method.unwrap_or(default_method(vol.info.layer_type));
     let (region, align) = aligned_source(&new_info, opts)?;
     let elem = vol.info.data_type.size() * vol.info.num_channels;
-    let tiles = plan_tiles(region, align, elem, opts.tile_bytes);
+    let tiles = run_tiles_in_order(&new_info, opts, region, align, elem)?;
     let slab_limit = match &compute {
         Compute::Gpu(ctx) => opts.slab_bytes.unwrap_or(ctx.default_slab_bytes()),
         Compute::Cpu => u64::MAX,
@@ -460,6 +453,46 @@ async fn remove_new_chunks(target: &Precomputed, added: &[String], written: &[St
             }
         }
     }
+}
+
+/// The source extent that holds whole shards of every sharded new mip (the common multiple of
+/// their extents in source voxels), or `None` when no new mip is sharded.
+fn shard_block(info: &Info, opts: &DownsampleOptions) -> Result<Option<Vec3>, TaskError> {
+    let mut block: Option<Vec3> = None;
+    for k in 1..=opts.num_mips {
+        let scale = &info.scales[opts.mip + k as usize];
+        if let Some(spec) = scale.sharding.as_ref().filter(|v| !v.is_null()) {
+            let spec = ShardingSpec::parse(spec).map_err(|(field, why)| TaskError::Sharding {
+                why: format!("{field}: {why}"),
+            })?;
+            let extent = image_shard_shape(&spec, scale.size, scale.chunk_size());
+            let f = pow3(opts.factor.get(), k);
+            let here = [0, 1, 2].map(|i| extent[i] * f[i]);
+            block = Some(block.map_or(here, |b| [0, 1, 2].map(|i| lcm(b[i], here[i]))));
+        }
+    }
+    Ok(block)
+}
+
+/// Tiles of a run, block of whole shards by block when the new mips are sharded: each block's
+/// shards are complete, written and freed before the next block starts, so the open shards
+/// never hold more than about one block's output.
+fn run_tiles_in_order(
+    info: &Info,
+    opts: &DownsampleOptions,
+    region: Box3,
+    align: Vec3,
+    elem: usize,
+) -> Result<Vec<Box3>, TaskError> {
+    let Some(block) = shard_block(info, opts)? else {
+        return Ok(plan_tiles(region, align, elem, opts.tile_bytes));
+    };
+    let block = [0, 1, 2].map(|i| lcm(block[i], align[i]));
+    let blocks = crate::task::plan::split(region, block);
+    Ok(blocks
+        .into_iter()
+        .flat_map(|b| plan_tiles(b, align, elem, opts.tile_bytes))
+        .collect())
 }
 
 /// For each sharded new mip, the assembler of the shards this run writes, after checking that
