@@ -116,16 +116,8 @@ impl<'a> Work<'a> {
 
     /// A zeroed storage buffer of `words` u32s (from the pool, cleared by the GPU in order).
     fn storage(&mut self, what: &str, words: usize) -> Result<wgpu::Buffer, GpuError> {
-        let bytes = (words.max(1) * 4) as u64;
-        self.check_size(what, bytes)?;
-        let usage = wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_SRC
-            | wgpu::BufferUsages::COPY_DST;
-        let buffer = self
-            .ctx
-            .scoped(self.op, || self.ctx.buffer(what, bytes, usage))?;
+        let buffer = self.scratch(what, words)?;
         self.encoder.clear_buffer(&buffer, 0, None);
-        self.pooled.push(buffer.clone());
         Ok(buffer)
     }
 
