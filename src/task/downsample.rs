@@ -217,18 +217,15 @@ pub fn plan_scales(
     for k in 1..=opts.num_mips {
         let mut want = src.downsampled(opts.factor.get(), k);
         let mip = opts.mip + k as usize;
-        if opts.sharded {
-            want.sharding = Some(new_scale_sharding(info, opts, &want, k)?.to_json());
-        }
+        let spec = opts
+            .sharded
+            .then(|| new_scale_sharding(info, opts, &want, k))
+            .transpose()?;
+        want.sharding = spec.as_ref().map(ShardingSpec::to_json);
         match out.scales.get(mip) {
             Some(existing) if opts.sharded => {
                 // Another task of the same plan may have added it: the same sharding, or none.
-                let same = existing
-                    .sharding
-                    .as_ref()
-                    .and_then(|v| ShardingSpec::parse(v).ok())
-                    .is_some_and(|s| Some(s.to_json()) == want.sharding);
-                if !same {
+                if existing.sharding_spec().ok().flatten() != spec {
                     return Err(TaskError::Sharding {
                         why: format!(
                             "mip {mip} ({}) exists already, not sharded as this run shards it ({})",
@@ -455,21 +452,46 @@ async fn remove_new_chunks(target: &Precomputed, added: &[String], written: &[St
     }
 }
 
+/// A sharded mip a run writes: its level below the source (k), mip, spec and shard extent.
+struct ShardedMip {
+    k: u32,
+    mip: usize,
+    spec: ShardingSpec,
+    extent: Vec3,
+}
+
+/// The sharded ones among the mips a run writes (`info` with the new scales).
+fn sharded_mips(info: &Info, opts: &DownsampleOptions) -> Result<Vec<ShardedMip>, TaskError> {
+    let mut out = Vec::new();
+    for k in 1..=opts.num_mips {
+        let mip = opts.mip + k as usize;
+        let scale = &info.scales[mip];
+        let spec = scale
+            .sharding_spec()
+            .map_err(|(field, why)| TaskError::Sharding {
+                why: format!("{field}: {why}"),
+            })?;
+        if let Some(spec) = spec {
+            let extent = image_shard_shape(&spec, scale.size, scale.chunk_size());
+            out.push(ShardedMip {
+                k,
+                mip,
+                spec,
+                extent,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// The source extent that holds whole shards of every sharded new mip (the common multiple of
 /// their extents in source voxels), or `None` when no new mip is sharded.
 fn shard_block(info: &Info, opts: &DownsampleOptions) -> Result<Option<Vec3>, TaskError> {
     let mut block: Option<Vec3> = None;
-    for k in 1..=opts.num_mips {
-        let scale = &info.scales[opts.mip + k as usize];
-        if let Some(spec) = scale.sharding.as_ref().filter(|v| !v.is_null()) {
-            let spec = ShardingSpec::parse(spec).map_err(|(field, why)| TaskError::Sharding {
-                why: format!("{field}: {why}"),
-            })?;
-            let extent = image_shard_shape(&spec, scale.size, scale.chunk_size());
-            let f = pow3(opts.factor.get(), k);
-            let here = [0, 1, 2].map(|i| extent[i] * f[i]);
-            block = Some(block.map_or(here, |b| [0, 1, 2].map(|i| lcm(b[i], here[i]))));
-        }
+    for m in sharded_mips(info, opts)? {
+        let f = pow3(opts.factor.get(), m.k);
+        let here = [0, 1, 2].map(|i| m.extent[i] * f[i]);
+        block = Some(block.map_or(here, |b| [0, 1, 2].map(|i| lcm(b[i], here[i]))));
     }
     Ok(block)
 }
@@ -503,17 +525,15 @@ fn shard_assemblers(
     region: Box3,
 ) -> Result<std::collections::HashMap<usize, ShardAssembler>, TaskError> {
     let mut out = std::collections::HashMap::new();
-    for k in 1..=opts.num_mips {
-        let mip = opts.mip + k as usize;
+    for ShardedMip {
+        k,
+        mip,
+        spec,
+        extent,
+    } in sharded_mips(info, opts)?
+    {
         let scale = &info.scales[mip];
-        let Some(spec) = scale.sharding.as_ref().filter(|v| !v.is_null()) else {
-            continue;
-        };
-        let spec = ShardingSpec::parse(spec).map_err(|(field, why)| TaskError::Sharding {
-            why: format!("{field}: {why}"),
-        })?;
         let level = region.downsampled(opts.factor.get(), k);
-        let extent = image_shard_shape(&spec, scale.size, scale.chunk_size());
         for a in 0..3 {
             let whole_start = level.start[a].is_multiple_of(extent[a]);
             let whole_stop =

@@ -354,7 +354,7 @@ fn check_output(existing: &Precomputed, wanted: &Info, location: &str) -> Result
             format!("{:?} at {:?}", w.size, w.voxel_offset),
         ));
     }
-    if s.sharding.as_ref().is_some_and(|v| !v.is_null()) {
+    if s.is_sharded() {
         return Err(mismatch(
             "scales[0].sharding",
             "sharded (cuboids does not write sharded scales yet)".into(),

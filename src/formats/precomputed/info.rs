@@ -78,6 +78,20 @@ impl Scale {
         self.chunk_sizes[0]
     }
 
+    /// Whether the scale is sharded (a `sharding` object that is not `null`).
+    pub fn is_sharded(&self) -> bool {
+        self.sharding.as_ref().is_some_and(|v| !v.is_null())
+    }
+
+    /// The scale's sharding, checked, or `None` when unsharded; an error names the field of the
+    /// `sharding` object that is wrong and why.
+    pub fn sharding_spec(&self) -> Result<Option<super::sharding::ShardingSpec>, (String, String)> {
+        match &self.sharding {
+            Some(v) if !v.is_null() => super::sharding::ShardingSpec::parse(v).map(Some),
+            _ => Ok(None),
+        }
+    }
+
     pub fn block_size(&self) -> Vec3 {
         self.compressed_segmentation_block_size.unwrap_or([8, 8, 8])
     }

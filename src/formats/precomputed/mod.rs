@@ -12,7 +12,7 @@ use crate::volume::Volume;
 use compressed_segmentation::CsegError;
 use futures::{StreamExt, TryStreamExt};
 use info::{Encoding, Info, Scale};
-use sharding::{ShardReader, ShardingSpec};
+use sharding::ShardReader;
 use std::io::Read;
 use std::sync::Arc;
 use thiserror::Error;
@@ -243,16 +243,14 @@ impl Precomputed {
         let (dtype, channels) = (self.info.data_type, self.info.num_channels);
         let mut out = Volume::zeros(dtype, region.shape(), channels);
         let mut any = false;
-        let sharding = match &scale.sharding {
-            Some(v) if !v.is_null() => Some(Arc::new(ShardingSpec::parse(v).map_err(
-                |(field, message)| PrecomputedError::InvalidInfo {
-                    location: self.store.location(),
-                    field: format!("scales[{mip}] ({}).{field}", scale.key),
-                    message,
-                },
-            )?)),
-            _ => None,
-        };
+        let sharding = scale
+            .sharding_spec()
+            .map_err(|(field, message)| PrecomputedError::InvalidInfo {
+                location: self.store.location(),
+                field: format!("scales[{mip}] ({}).{field}", scale.key),
+                message,
+            })?
+            .map(Arc::new);
         let mut chunks = futures::stream::iter(self.chunks_in(mip, region))
             .map(|chunk| {
                 let (store, scale) = (self.store.clone(), scale.clone());
@@ -423,8 +421,10 @@ fn validate_info(info: &Info, location: &str) -> Result<(), PrecomputedError> {
             }
             _ => {}
         }
-        if let Some(spec) = s.sharding.as_ref().filter(|v| !v.is_null()) {
-            ShardingSpec::parse(spec).map_err(|(name, why)| bad(field(&name), why))?;
+        if s.sharding_spec()
+            .map_err(|(name, why)| bad(field(&name), why))?
+            .is_some()
+        {
             let grid = div_ceil3(s.size, s.chunk_size());
             if !sharding::morton_fits(grid) {
                 return Err(bad(
@@ -461,7 +461,7 @@ fn validate_info(info: &Info, location: &str) -> Result<(), PrecomputedError> {
 
 /// Checks that cuboids can write a scale's chunks (and read them).
 pub fn check_scale_supported(scale: &Scale) -> Result<(), PrecomputedError> {
-    if scale.sharding.as_ref().is_some_and(|s| !s.is_null()) {
+    if scale.is_sharded() {
         return Err(PrecomputedError::Sharded {
             scale: scale.key.clone(),
         });
