@@ -138,6 +138,10 @@ enum Command {
         /// its tasks in this process, checked equal to the single run, and print the time ratio.
         #[arg(long)]
         staged_task_mib: Option<usize>,
+        /// With --staged-task-mib: the staged segment plan's merge memory, MiB (below what its
+        /// merge needs, the plan agglomerates in merge rounds).
+        #[arg(long, default_value_t = DEFAULT_MERGE_MIB)]
+        staged_merge_mib: usize,
     },
     /// Make a small synthetic EM image and segmentation under DIR and downsample both.
     Demo {
@@ -382,18 +386,24 @@ enum PlanCommand {
         output: Option<String>,
     },
     /// Segment in stages past one machine: block tasks (GPU: watershed and region graph), one
-    /// merge task (agglomeration of the whole graph), relabel tasks, one finalize task. Run
-    /// each stage's tasks (in any order) before the next stage's; the output equals a
-    /// single-process run's, voxel for voxel.
+    /// merge task (agglomeration of the whole graph; past --merge-mib, fragments only, then
+    /// merge rounds over groups of 2^l blocks per axis and one resolve task), relabel tasks,
+    /// one finalize task. Run each stage's tasks (in any order) before the next stage's; the
+    /// output equals a single-process run's, voxel for voxel.
     Segment {
         #[command(flatten)]
         args: SegmentArgs,
         /// Host memory per block task, in MiB (24 bytes per block voxel).
         #[arg(long, default_value_t = 4096)]
         task_mib: usize,
-        /// Manifests are written to PREFIX{block,merge,relabel,finalize}.jsonl (a path or
-        /// s3:// prefix; end it with / for a folder), and the stages printed as JSON; default:
-        /// every task on stdout, stage after stage.
+        /// Host memory of the merge task, in MiB: a volume whose whole-graph agglomeration
+        /// needs more (64 bytes per voxel) is agglomerated in merge rounds.
+        #[arg(long, default_value_t = DEFAULT_MERGE_MIB)]
+        merge_mib: usize,
+        /// Manifests are written to PREFIX<stage>.jsonl for each stage (block, merge,
+        /// round-<level>..., resolve, relabel, finalize; a path or s3:// prefix; end it with /
+        /// for a folder), and the stages printed as JSON; default: every task on stdout, stage
+        /// after stage.
         #[arg(long)]
         manifests: Option<String>,
     },
@@ -413,6 +423,9 @@ enum PlanCommand {
         manifests: Option<String>,
     },
 }
+
+/// The default host memory of a staged segment plan's merge task (MiB): a 64 GiB machine.
+const DEFAULT_MERGE_MIB: usize = 65536;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum MethodArg {
@@ -543,6 +556,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => done(runtime.block_on(local::plan_staged(
             args.task(),
             task_mib << 20,
+            usize::MAX,
             manifests.as_deref(),
         ))),
         Command::Plan {
@@ -550,11 +564,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 PlanCommand::Segment {
                     args,
                     task_mib,
+                    merge_mib,
                     manifests,
                 },
         } => done(runtime.block_on(local::plan_staged(
             args.task(),
             task_mib << 20,
+            merge_mib.saturating_mul(1 << 20),
             manifests.as_deref(),
         ))),
         Command::RunTask { task } => runtime.block_on(local::run_task(&task)),
@@ -612,6 +628,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             python,
             chunk_size,
             staged_task_mib,
+            staged_merge_mib,
         } => done(runtime.block_on(segmentation::bench_segment(
             segmentation::SegmentBenchOptions {
                 size,
@@ -621,6 +638,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 python,
                 chunk_size,
                 staged_task_mib,
+                staged_merge_mib,
             },
         ))),
         Command::Demo { dir, size } => done(runtime.block_on(local::demo(&dir, size))),

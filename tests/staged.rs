@@ -303,65 +303,140 @@ fn staged_segment_run_task_by_task_equals_single_process() {
             .unwrap();
         });
 
-        let staged = dir.path().join("staged");
-        let args = [
-            "--affinity",
-            input.to_str().unwrap(),
-            "--output",
-            staged.to_str().unwrap(),
-            "--threshold",
-            threshold,
-        ];
-        let manifests = plan_in_blocks_of(dir.path(), "segment", &args, blocks_of);
-        assert_eq!(tasks_in(&manifests[0]), blocks, "{name}");
-        let mut outputs = Vec::new();
-        for (stage, manifest) in manifests.iter().enumerate() {
-            assert!(
-                !staged.join("info").exists(),
-                "{name}: the info exists before stage {stage} ran"
-            );
-            outputs.push(run_stage_shuffled(manifest, &mut rng));
-        }
-        let merge = &outputs[1][0];
-        eprintln!("{name}: merge {merge}");
-        if name.starts_with("tied") {
-            assert!(
-                merge["deferred"].as_u64().unwrap() > 0,
-                "tied data must leave plateaus open across blocks: {merge}"
-            );
-        }
-        assert!(merge["merges"].as_u64().unwrap() > 0, "{name}: {merge}");
         let expected = rt().block_on(read_labels(&whole));
-        let got = rt().block_on(read_labels(&staged));
         let segments: std::collections::HashSet<u64> = expected.iter().copied().collect();
         assert!(segments.len() > 2, "{name}: a trivial volume");
-        assert!(
-            got == expected,
-            "{name}: staged and single-process labels differ"
-        );
-        if name != "tied" {
-            continue;
+        let mut merges_of_one_task = 0;
+        // One merge task, then (a merge memory of 0 MiB) merge rounds.
+        for merge_mib in ["65536", "0"] {
+            let with_rounds = merge_mib == "0";
+            let run = dir.path().join(format!("merge-{merge_mib}"));
+            let staged = run.join("staged");
+            let args = [
+                "--affinity",
+                input.to_str().unwrap(),
+                "--output",
+                staged.to_str().unwrap(),
+                "--threshold",
+                threshold,
+                "--merge-mib",
+                merge_mib,
+            ];
+            let manifests = plan_in_blocks_of(&run, "segment", &args, blocks_of);
+            assert_eq!(tasks_in(&manifests[0]), blocks, "{name}");
+            let names: Vec<String> = manifests
+                .iter()
+                .map(|m| m.file_stem().unwrap().to_string_lossy().into_owned())
+                .collect();
+            let rounds = names.iter().filter(|n| n.starts_with("round-")).count();
+            if with_rounds {
+                // Groups of 1, 2, 4 (, 8) blocks per axis, the last one the whole grid.
+                let levels = if blocks == 27 { 3 } else { 2 };
+                assert_eq!(rounds, levels, "{name}: {names:?}");
+                assert_eq!(tasks_in(&manifests[2]), blocks, "{name}: level 0");
+                assert_eq!(tasks_in(&manifests[1 + levels]), 1, "{name}: top level");
+                assert_eq!(names[2 + levels], "resolve", "{name}: {names:?}");
+            } else {
+                assert_eq!(names, ["block", "merge", "relabel", "finalize"]);
+            }
+            let mut outputs = Vec::new();
+            for (stage, manifest) in manifests.iter().enumerate() {
+                assert!(
+                    !staged.join("info").exists(),
+                    "{name}: the info exists before stage {stage} ran"
+                );
+                outputs.push(run_stage_shuffled(manifest, &mut rng));
+            }
+            let merge = &outputs[1][0];
+            eprintln!("{name}, merge memory {merge_mib} MiB: merge {merge}");
+            if name.starts_with("tied") {
+                assert!(
+                    merge["deferred"].as_u64().unwrap() > 0,
+                    "tied data must leave plateaus open across blocks: {merge}"
+                );
+            }
+            let got = rt().block_on(read_labels(&staged));
+            assert!(
+                got == expected,
+                "{name}, merge memory {merge_mib} MiB: staged and single-process labels differ"
+            );
+            if !with_rounds {
+                merges_of_one_task = merge["merges"].as_u64().unwrap();
+                assert!(merges_of_one_task > 0, "{name}: {merge}");
+                if name == "tied" {
+                    check_reruns_and_damage(
+                        &staged,
+                        &manifests,
+                        &[(0, 13), (1, 0)],
+                        "block-4.graph",
+                    );
+                }
+                continue;
+            }
+            // The rounds make the merges of one merge task between them, each once.
+            let per_round: Vec<u64> = outputs[2..2 + rounds]
+                .iter()
+                .map(|docs| docs.iter().map(|d| d["merges"].as_u64().unwrap()).sum())
+                .collect();
+            eprintln!("{name}: merges per round {per_round:?} of {merges_of_one_task}");
+            assert_eq!(per_round.iter().sum::<u64>(), merges_of_one_task, "{name}");
+            assert_eq!(
+                outputs[2 + rounds][0]["merges"].as_u64(),
+                Some(merges_of_one_task),
+                "{name}: the resolve task"
+            );
+            if name == "tied, larger blocks" {
+                // Blocks of 32x32x16 hold segments whole: the first round decides some merges.
+                assert!(per_round[0] > 0, "{name}: {per_round:?}");
+            }
+            // A round and the resolve run again rewrite identical bytes; a damaged part a round
+            // left is named by the round that reads it.
+            if name != "tied" {
+                continue;
+            }
+            check_reruns_and_damage(
+                &staged,
+                &manifests,
+                &[(2, 5), (3, 1), (2 + rounds, 0)],
+                "round-0-3.left",
+            );
         }
-        // A block and the merge run again rewrite identical bytes (graphs included).
-        let before = snapshot(&staged);
-        for (manifest, i) in [(&manifests[0], 13), (&manifests[1], 0)] {
-            let o = batch(manifest, i);
-            assert!(o.status.success(), "{}", text(&o));
-        }
-        assert!(snapshot(&staged) == before, "a re-run changed bytes");
-        // A truncated graph: the merge names it, permanently.
-        let staging = std::fs::read_dir(staged.join(".cuboids-staging"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
-        let graph = staging.join("block-4.graph");
-        let bytes = std::fs::read(&graph).unwrap();
-        std::fs::write(&graph, &bytes[..bytes.len() - 3]).unwrap();
-        let o = batch(&manifests[1], 0);
+    }
+}
+
+/// Re-runs the tasks `(stage, task)` and checks that they rewrote identical bytes; then cuts 3
+/// bytes off the intermediate `damaged` and checks that the stage after the one that wrote it
+/// (the first stage listed, plus one) fails permanently, naming it.
+fn check_reruns_and_damage(
+    staged: &Path,
+    manifests: &[PathBuf],
+    tasks: &[(usize, usize)],
+    damaged: &str,
+) {
+    let before = snapshot(staged);
+    for &(stage, i) in tasks {
+        let o = batch(&manifests[stage], i.min(tasks_in(&manifests[stage]) - 1));
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    assert!(snapshot(staged) == before, "a re-run changed bytes");
+    let staging = std::fs::read_dir(staged.join(".cuboids-staging"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let object = staging.join(damaged);
+    let bytes = std::fs::read(&object).unwrap();
+    std::fs::write(&object, &bytes[..bytes.len() - 3]).unwrap();
+    let reader = &manifests[tasks[0].0 + 1];
+    let failures: Vec<Output> = (0..tasks_in(reader))
+        .map(|i| batch(reader, i))
+        .filter(|o| !o.status.success())
+        .collect();
+    assert!(!failures.is_empty(), "no task read the damaged {damaged}");
+    for o in failures {
         assert_eq!(o.status.code(), Some(65), "{}", text(&o));
-        assert!(text(&o).contains("block-4.graph"), "{}", text(&o));
+        assert!(text(&o).contains(damaged), "{}", text(&o));
     }
 }
 
@@ -456,6 +531,7 @@ fn stages_are_idempotent_and_bad_intermediates_are_named() {
         t.plan = cuboids::task::spec::ComponentsPlan::new(
             [12, 16, 8],
             t.plan.blocks,
+            0,
             t.plan.work.clone(),
         );
     }

@@ -450,6 +450,11 @@ pub struct Agglomeration {
     /// The edges between the regions that are left, sorted, with their ties: a later round that
     /// holds more of the graph goes on from exactly here.
     pub left: Vec<GraphEdge>,
+    /// Per node, whether its region ended frozen: its fate depends on edges elsewhere. The
+    /// regions that did not are final: every edge they keep has `1 - mean` at or above the
+    /// threshold, and so has any edge a later round forms from those (a weighted average), so
+    /// they never merge again.
+    pub frozen: Vec<bool>,
     pub merges: usize,
 }
 
@@ -471,14 +476,15 @@ pub fn agglomerate_rounds(
     edges: &[GraphEdge],
     frozen: &[bool],
     threshold: f64,
-) -> Agglomeration {
+    stop: &dyn Fn() -> bool,
+) -> Option<Agglomeration> {
     assert_eq!(frozen.len(), nodes, "one frozen flag per node");
     let mut sorted = edges.to_vec();
     sorted.sort_unstable_by_key(|e| e.tie);
     let mut run = Agglomerator::new(nodes, &sorted, frozen);
     drop(sorted);
-    let merges = run.merge_until(threshold);
-    run.finish(merges)
+    let merges = run.merge_until_or_stopped(threshold, stop)?;
+    Some(run.finish(merges))
 }
 
 /// Merges fragments 1..=`fragments` along `graph` until the best pair's `1 - mean` reaches
@@ -563,7 +569,7 @@ pub fn pair_key(a: u32, b: u32) -> u64 {
 
 /// Per node (index 0 = background) its segment 1..N, numbered by smallest node, given each
 /// node's smallest region member.
-fn number_by_smallest(region_of: &[u32]) -> Vec<u32> {
+pub fn number_by_smallest(region_of: &[u32]) -> Vec<u32> {
     let mut out = vec![0u32; region_of.len()];
     let mut next = 0;
     for n in 1..region_of.len() {
@@ -639,14 +645,7 @@ impl Agglomerator {
         }
     }
 
-    /// Merges best first until the best edge's `1 - mean` reaches `threshold`; returns how many
-    /// merges it made.
-    fn merge_until(&mut self, threshold: f64) -> usize {
-        self.merge_until_or_stopped(threshold, &|| false)
-            .expect("never stopped")
-    }
-
-    /// [`Self::merge_until`], asking `stop` every 2^16 queue entries; `None` once it says so.
+    /// Merges best first until the best edge's `1 - mean` reaches `threshold`, asking `stop` every 2^16 queue entries; `None` once it says so.
     fn merge_until_or_stopped(&mut self, threshold: f64, stop: &dyn Fn() -> bool) -> Option<usize> {
         let mut merges = 0;
         let mut popped = 0u32;
@@ -762,9 +761,18 @@ impl Agglomerator {
             }
         }
         left.sort_unstable_by_key(|e| (e.a, e.b));
+        let frozen = if self.frozen.is_empty() {
+            vec![false; region_of.len()]
+        } else {
+            let mut merged_into = std::mem::take(&mut self.merged_into);
+            (0..region_of.len() as u32)
+                .map(|n| self.frozen[live(&mut merged_into, n) as usize])
+                .collect()
+        };
         Agglomeration {
             region_of,
             left,
+            frozen,
             merges,
         }
     }
@@ -1020,13 +1028,20 @@ mod tests {
                                 (false, false) => {}
                             }
                         }
-                        let round = agglomerate_rounds(n, &edges, &frozen, threshold);
+                        let round =
+                            agglomerate_rounds(n, &edges, &frozen, threshold, &|| false).unwrap();
                         for r in region_of.iter_mut() {
                             if group(*r) == here {
                                 *r = round.region_of[*r as usize];
                             }
                         }
-                        next_left.extend(round.left);
+                        // Final regions never merge again: only edges between frozen
+                        // regions go on (what the merge rounds of a staged plan keep).
+                        next_left.extend(
+                            round.left.into_iter().filter(|e| {
+                                round.frozen[e.a as usize] && round.frozen[e.b as usize]
+                            }),
+                        );
                     }
                 }
             }

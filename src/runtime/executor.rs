@@ -268,8 +268,8 @@ impl Executor {
     ) -> Result<TaskOutput, TaskFailure> {
         let (input, output) = (t.plan.work.input(), t.plan.work.output());
         let context = format!(
-            "{kind} {:?} stage{} {input} -> {output}",
-            t.stage,
+            "{kind} {} stage{} {input} -> {output}",
+            t.stage_name(),
             t.block.map(|b| format!(" block {b}")).unwrap_or_default()
         );
         let (vol, out) = self.open_input_output(input, output, &context).await?;
@@ -283,6 +283,9 @@ impl Executor {
         let mut document = segmentation_output(&format!("{kind}-stage"), output, &report);
         document["stage"] = serde_json::to_value(t.stage).expect("a stage serialises");
         document["block"] = serde_json::json!(t.block);
+        if let Some(level) = t.level {
+            document["level"] = serde_json::json!(level);
+        }
         document["plan"] = serde_json::json!(t.plan.id);
         // What a Batch job definition's memory must cover (bounded by the block, not the volume).
         document["peak_rss_bytes"] = serde_json::json!(peak_rss_bytes());

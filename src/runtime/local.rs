@@ -152,11 +152,12 @@ pub async fn plan_downsample(
 pub async fn plan_staged<W: StagedWork>(
     task: W,
     task_bytes: usize,
+    merge_bytes: usize,
     manifests: Option<&str>,
 ) -> Result<()> {
     let sdk = aws_env::sdk_config().await;
     let vol = open_volume(task.input(), &sdk).await?;
-    let (plan, stages) = crate::task::staged::plan(&vol, &task, task_bytes)
+    let (plan, stages) = crate::task::staged::plan(&vol, &task, task_bytes, merge_bytes)
         .with_context(|| format!("planning stages over {}", task.input()))?;
     let Some(prefix) = manifests else {
         for t in stages.iter().flatten() {
@@ -164,9 +165,9 @@ pub async fn plan_staged<W: StagedWork>(
         }
         return Ok(());
     };
-    let names = ["block", "merge", "relabel", "finalize"];
     let mut summary = Vec::new();
-    for (name, tasks) in names.iter().zip(&stages) {
+    for tasks in &stages {
+        let name = crate::task::staged::stage_name(&tasks[0]);
         let location = format!("{prefix}{name}.jsonl");
         write_manifest(&location, tasks, &sdk).await?;
         // The array jobs that run the stage (what segment.asl.json submits).
@@ -181,8 +182,12 @@ pub async fn plan_staged<W: StagedWork>(
             "stage": name, "manifest": location, "tasks": tasks.len(), "jobs": jobs,
         }));
     }
+    let rounds = match plan.rounds {
+        0 => String::new(),
+        r => format!(", {r} merge rounds"),
+    };
     eprintln!(
-        "plan {}: {} blocks of {:?} voxels",
+        "plan {}: {} blocks of {:?} voxels{rounds}",
         plan.id, plan.blocks, plan.block_size
     );
     println!(

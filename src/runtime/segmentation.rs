@@ -15,7 +15,7 @@ use crate::store::open_store;
 use crate::task::segment::{
     connected_components, segment, ChunkOptions, ComponentsOptions, SegmentOptions, SegmentReport,
 };
-use crate::task::spec::{ChunkFields, ComponentsTask, SegmentTask, Stage, Task};
+use crate::task::spec::{ChunkFields, ComponentsTask, SegmentTask, Task};
 use crate::task::staged::{self, StagedWork};
 use crate::volume::Volume;
 use anyhow::{bail, Context, Result};
@@ -146,6 +146,8 @@ pub struct SegmentBenchOptions {
     /// Also run each pipeline as a staged plan with blocks of this much host memory (MiB),
     /// every stage's tasks one after another in this process, and compare with the single run.
     pub staged_task_mib: Option<usize>,
+    /// The staged segment plan's merge memory (MiB): below its estimate, merge rounds.
+    pub staged_merge_mib: usize,
 }
 
 /// benches/segment_compare.py: under the working directory when it is a checkout (the binary may
@@ -244,7 +246,8 @@ pub async fn bench_segment(o: SegmentBenchOptions) -> Result<()> {
                 chunks: fields.clone(),
             };
             let ctx = Some(ctx.clone());
-            let r = run_plan_in_process(&aff_vol, &task, task_mib, ctx, single).await?;
+            let r = run_plan_in_process(&aff_vol, &task, task_mib, o.staged_merge_mib, ctx, single)
+                .await?;
             compare_outputs(temp.path(), "seg1", "seg-staged").await?;
             println!("cuboids segment staged, in one process: {r}");
         }
@@ -258,7 +261,8 @@ pub async fn bench_segment(o: SegmentBenchOptions) -> Result<()> {
                 chunks: fields,
             };
             let ctx = Some(ctx.clone());
-            let r = run_plan_in_process(&prob_vol, &task, task_mib, ctx, single).await?;
+            let r =
+                run_plan_in_process(&prob_vol, &task, task_mib, usize::MAX, ctx, single).await?;
             compare_outputs(temp.path(), "cc1", "cc-staged").await?;
             println!("cuboids connected-components staged, in one process: {r}");
         }
@@ -322,27 +326,29 @@ async fn run_plan_in_process<W: StagedWork>(
     input: &Precomputed,
     task: &W,
     task_mib: usize,
+    merge_mib: usize,
     ctx: Option<std::sync::Arc<crate::gpu::GpuContext>>,
     single: std::time::Duration,
 ) -> Result<String> {
-    let (plan, stages) = staged::plan(input, task, task_mib << 20)?;
+    let merge_bytes = merge_mib.saturating_mul(1 << 20);
+    let (plan, stages) = staged::plan(input, task, task_mib << 20, merge_bytes)?;
     let output = open_store(task.output()).await?;
     let start = Instant::now();
     let mut shares = Vec::new();
     for tasks in &stages {
         let t = Instant::now();
-        let mut name = "";
+        let mut name = String::new();
         // Each pass's time summed over the stage's tasks.
         let mut passes: Vec<(&str, f64)> = Vec::new();
         let mut merges = 0;
         for stage_task in tasks {
             let report = match stage_task {
                 Task::SegmentStage(t) => {
-                    name = stage_name(t.stage);
+                    name = t.stage_name();
                     staged::run_stage(t, input, output.clone(), ctx.clone(), None).await?
                 }
                 Task::ConnectedComponentsStage(t) => {
-                    name = stage_name(t.stage);
+                    name = t.stage_name();
                     staged::run_stage(t, input, output.clone(), ctx.clone(), None).await?
                 }
                 other => bail!("not a stage task: {}", other.describe()),
@@ -379,15 +385,6 @@ async fn run_plan_in_process<W: StagedWork>(
         wall.as_secs_f64() / single.as_secs_f64(),
         shares.join(", ")
     ))
-}
-
-fn stage_name(stage: Stage) -> &'static str {
-    match stage {
-        Stage::Block => "block",
-        Stage::Merge => "merge",
-        Stage::Relabel => "relabel",
-        Stage::Finalize => "finalize",
-    }
 }
 
 /// Fails unless two outputs under `dir` hold the same labels.

@@ -45,8 +45,15 @@ pub enum Stage {
     /// plateaus and partial region graph).
     Block,
     /// Join the blocks' faces, number the components (segment: and agglomerate them), write each
-    /// block's relabel table.
+    /// block's relabel table. In a plan with merge rounds (segment), it stops after numbering
+    /// the fragments: it writes each block's fragment table and region-graph edges instead.
     Merge,
+    /// One merge round of a plan with rounds: agglomerates the part of the region graph of a
+    /// group of 2^level blocks on each axis (`block` numbers the group) that the group decides.
+    Round,
+    /// After the last round: each fragment's segment from the rounds' merges, written as each
+    /// block's relabel table.
+    Resolve,
     /// Write one block's output chunks.
     Relabel,
     /// Check that every block was relabelled, then write the output's info.
@@ -64,15 +71,25 @@ pub struct StagedPlan<W> {
     /// Block extent in voxels: whole GPU chunks (`work.chunk_size`) and output chunks.
     pub block_size: Vec3,
     pub blocks: usize,
+    /// Merge rounds (segment): 0 for one merge task that agglomerates the whole region graph;
+    /// else the levels of the hierarchy, level `l` grouping 2^l blocks on each axis, the last
+    /// one the whole block grid.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rounds: u32,
     pub work: W,
 }
 
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
 impl<W: Serialize> StagedPlan<W> {
-    pub fn new(block_size: Vec3, blocks: usize, work: W) -> StagedPlan<W> {
+    pub fn new(block_size: Vec3, blocks: usize, rounds: u32, work: W) -> StagedPlan<W> {
         let mut plan = StagedPlan {
             id: String::new(),
             block_size,
             blocks,
+            rounds,
             work,
         };
         plan.id = plan.expected_id();
@@ -82,7 +99,7 @@ impl<W: Serialize> StagedPlan<W> {
     /// The id this plan's contents give (a task whose `id` differs was edited or mixed up).
     pub fn expected_id(&self) -> String {
         use md5::{Digest, Md5};
-        let body = serde_json::to_vec(&(&self.block_size, self.blocks, &self.work))
+        let body = serde_json::to_vec(&(&self.block_size, self.blocks, self.rounds, &self.work))
             .expect("a plan serialises");
         Md5::digest(&body)
             .iter()
@@ -96,9 +113,12 @@ impl<W: Serialize> StagedPlan<W> {
 #[serde(deny_unknown_fields)]
 pub struct StageTask<W> {
     pub stage: Stage,
-    /// The block, for the block and relabel stages.
+    /// The block, for the block and relabel stages; the group of blocks, for a round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<usize>,
+    /// The round's level (round stage only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<u32>,
     pub plan: StagedPlan<W>,
 }
 
@@ -382,12 +402,29 @@ impl Task {
 }
 
 impl<W> StageTask<W> {
+    /// The stage's name, as its manifest is named: `block`, `merge`, `round-<level>`,
+    /// `resolve`, `relabel` or `finalize`.
+    pub fn stage_name(&self) -> String {
+        match self.stage {
+            Stage::Block => "block".into(),
+            Stage::Merge => "merge".into(),
+            Stage::Round => format!("round-{}", self.level.unwrap_or(0)),
+            Stage::Resolve => "resolve".into(),
+            Stage::Relabel => "relabel".into(),
+            Stage::Finalize => "finalize".into(),
+        }
+    }
+
     fn describe(&self, kind: &str, input: &str, output: &str) -> String {
+        let what = match self.stage {
+            Stage::Round => " group",
+            _ => " block",
+        };
         format!(
-            "{kind} {:?} stage{} of plan {} ({input} -> {output})",
-            self.stage,
+            "{kind} {} stage{} of plan {} ({input} -> {output})",
+            self.stage_name(),
             self.block
-                .map(|b| format!(" block {b}"))
+                .map(|b| format!("{what} {b}"))
                 .unwrap_or_default(),
             self.plan.id,
         )

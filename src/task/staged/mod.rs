@@ -74,6 +74,8 @@ use crate::task::spec::{
     ChunkFields, ComponentsTask, SegmentTask, Stage, StageTask, StagedPlan, Task,
 };
 use crate::task::stitch::{ChunkGrid, FinalLabels};
+
+mod rounds;
 use md5::{Digest, Md5};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
@@ -125,6 +127,10 @@ enum Kind {
     Remap = 3,
     Done = 4,
     Graph = 5,
+    Fragments = 6,
+    Edges = 7,
+    Merged = 8,
+    Left = 9,
 }
 
 impl Kind {
@@ -135,7 +141,17 @@ impl Kind {
             Kind::Remap => "remap",
             Kind::Done => "done",
             Kind::Graph => "graph",
+            Kind::Fragments => "fragments",
+            Kind::Edges => "edges",
+            Kind::Merged => "merged",
+            Kind::Left => "left",
         }
+    }
+
+    /// Whether objects of this kind belong to a merge round's group (indexed by
+    /// [`rounds::round_index`]) rather than to a block.
+    fn of_round(self) -> bool {
+        matches!(self, Kind::Merged | Kind::Left)
     }
 }
 
@@ -168,6 +184,14 @@ struct Staging {
 
 impl Staging {
     fn key(&self, kind: Kind, block: usize) -> String {
+        if kind.of_round() {
+            let (level, group) = (block >> 40, block & ((1 << 40) - 1));
+            return format!(
+                "{STAGING}/{}/round-{level}-{group}.{}",
+                self.plan,
+                kind.suffix()
+            );
+        }
         format!("{STAGING}/{}/block-{block}.{}", self.plan, kind.suffix())
     }
 
@@ -513,13 +537,21 @@ impl StagedWork for SegmentTask {
     }
 }
 
+/// Host bytes the merge stage of a segment plan without rounds holds per voxel of the volume,
+/// to size its region graph and agglomeration before any block has run: measured on the noisy
+/// benchmark volumes (many small fragments), which need the most.
+pub const MERGE_BYTES_PER_VOXEL: usize = 64;
+
 /// Cuts a segment or connected-components task into a staged plan: blocks of whole GPU chunks
 /// and output chunks, grown along x, then y, then z while a block's host memory stays within
-/// `task_bytes`. Returns the tasks of each stage, in stage order.
+/// `task_bytes`. A segment plan whose merge would hold more than `merge_bytes`
+/// ([`MERGE_BYTES_PER_VOXEL`]) agglomerates in merge rounds instead (see [`rounds`]). Returns
+/// the tasks of each stage, in stage order.
 pub fn plan<W: StagedWork>(
     input: &Precomputed,
     task: &W,
     task_bytes: usize,
+    merge_bytes: usize,
 ) -> Result<(StagedPlan<W>, Vec<Vec<Task>>), StagedError> {
     let scale = input.scale(0);
     let fields = task.chunk_fields();
@@ -540,30 +572,61 @@ pub fn plan<W: StagedWork>(
         }
     }
     let block = [0, 1, 2].map(|a| block[a].next_multiple_of(lcm(chunk[a], out_chunk[a])));
-    let blocks = ChunkGrid {
+    let grid = ChunkGrid {
         region: extent,
         chunk: block,
-    }
-    .len();
+    };
+    let blocks = grid.len();
+    let rounds = match task.work() {
+        Work::Segment(_) if voxels(extent).saturating_mul(MERGE_BYTES_PER_VOXEL) > merge_bytes => {
+            rounds::levels(grid.counts())
+        }
+        _ => 0,
+    };
     let mut work = task.clone();
     work.chunk_fields_mut().chunk_size = Some(chunk);
-    let plan = StagedPlan::new(block, blocks, work);
-    let stage = |stage: Stage, block: Option<usize>| {
+    let plan = StagedPlan::new(block, blocks, rounds, work);
+    let stage = |stage: Stage, block: Option<usize>, level: Option<u32>| {
         W::stage_task(StageTask {
             stage,
             block,
+            level,
             plan: plan.clone(),
         })
     };
-    let stages = vec![
-        (0..blocks).map(|b| stage(Stage::Block, Some(b))).collect(),
-        vec![stage(Stage::Merge, None)],
+    let mut stages = vec![
         (0..blocks)
-            .map(|b| stage(Stage::Relabel, Some(b)))
+            .map(|b| stage(Stage::Block, Some(b), None))
             .collect(),
-        vec![stage(Stage::Finalize, None)],
+        vec![stage(Stage::Merge, None, None)],
     ];
+    for level in 0..rounds {
+        let groups = rounds::groups(grid.counts(), level).len();
+        stages.push(
+            (0..groups)
+                .map(|g| stage(Stage::Round, Some(g), Some(level)))
+                .collect(),
+        );
+    }
+    if rounds > 0 {
+        stages.push(vec![stage(Stage::Resolve, None, None)]);
+    }
+    stages.push(
+        (0..blocks)
+            .map(|b| stage(Stage::Relabel, Some(b), None))
+            .collect(),
+    );
+    stages.push(vec![stage(Stage::Finalize, None, None)]);
     Ok((plan, stages))
+}
+
+/// The name of a stage task's stage (what its manifest is named after).
+pub fn stage_name(task: &Task) -> String {
+    match task {
+        Task::SegmentStage(t) => t.stage_name(),
+        Task::ConnectedComponentsStage(t) => t.stage_name(),
+        other => other.describe(),
+    }
 }
 
 /// Runs one task of a staged plan. Only the block stage uses the GPU (`ctx`; the other stages
@@ -619,6 +682,30 @@ pub async fn run_stage<W: StagedWork>(
             let layout = gpu_free_layout(input, &output, plan, cancel).await?;
             let blocks = check_blocks(plan, &layout)?;
             merge(plan, blocks, &staging, &layout).await?
+        }
+        Stage::Round => {
+            let group = task.block.ok_or_else(|| StagedError::BadPlan {
+                id: plan.id.clone(),
+                why: "a round task needs a group (`block`)".into(),
+            })?;
+            let level = task.level.ok_or_else(|| StagedError::BadPlan {
+                id: plan.id.clone(),
+                why: "a round task needs a `level`".into(),
+            })?;
+            let layout = gpu_free_layout(input, &output, plan, cancel).await?;
+            let blocks = check_blocks(plan, &layout)?;
+            rounds::round(plan, blocks, level, group, &staging, &layout).await?
+        }
+        Stage::Resolve => {
+            if plan.rounds == 0 {
+                return Err(StagedError::BadPlan {
+                    id: plan.id.clone(),
+                    why: "a resolve task in a plan without merge rounds".into(),
+                });
+            }
+            let layout = gpu_free_layout(input, &output, plan, cancel).await?;
+            let blocks = check_blocks(plan, &layout)?;
+            rounds::resolve(plan, blocks, &staging, &layout).await?
         }
         Stage::Relabel => {
             let b = block("relabel")?;
@@ -1110,24 +1197,48 @@ async fn merge<W: StagedWork>(
     passes.done("read");
     let work = plan.work.clone();
     let stop = layout.stop_check();
-    let mut remaps = tokio::task::spawn_blocking(move || {
+    let with_rounds = plan.rounds > 0;
+    let joined = tokio::task::spawn_blocking(move || {
         let nodes = BlockNodes::new(&summaries, blocks, &keys);
         match work.work() {
-            Work::Components(c) => join_components(&nodes, c.dust),
-            Work::Segment(s) => join_segments(&nodes, &graphs, s.threshold, &stop),
+            Work::Components(c) => join_components(&nodes, c.dust).map(Joined::Remaps),
+            Work::Segment(_) if with_rounds => {
+                rounds::fragment_graphs(&nodes, &graphs).map(Joined::ForRounds)
+            }
+            Work::Segment(s) => {
+                join_segments(&nodes, &graphs, s.threshold, &stop).map(Joined::Remaps)
+            }
         }
     })
     .await
     .map_err(SegmentError::from)??;
-    passes.passes.append(&mut remaps.report.passes);
-    passes.since = Instant::now();
     layout.check_cancel()?;
-    for (b, remap) in remaps.tables.iter().enumerate() {
-        staging.put(Kind::Remap, b, &u32s_to_bytes(remap)).await?;
-    }
+    let mut report = match joined {
+        Joined::Remaps(mut remaps) => {
+            passes.passes.append(&mut remaps.report.passes);
+            passes.since = Instant::now();
+            for (b, remap) in remaps.tables.iter().enumerate() {
+                staging.put(Kind::Remap, b, &u32s_to_bytes(remap)).await?;
+            }
+            remaps.report
+        }
+        Joined::ForRounds(mut graphs) => {
+            passes.passes.append(&mut graphs.report.passes);
+            passes.since = Instant::now();
+            rounds::write_fragment_graphs(staging, &graphs).await?;
+            graphs.report
+        }
+    };
     passes.done("write");
-    remaps.report.passes = passes.into_vec();
-    Ok(remaps.report)
+    report.passes = passes.into_vec();
+    Ok(report)
+}
+
+/// What the merge stage computed: relabel tables, or (a plan with merge rounds) fragments and
+/// their graph for the rounds.
+enum Joined {
+    Remaps(Remaps),
+    ForRounds(rounds::FragmentGraphs),
 }
 
 struct Remaps {
@@ -1275,6 +1386,40 @@ fn join_segments(
     stop: &dyn Fn() -> bool,
 ) -> Result<Remaps, StagedError> {
     let mut passes = Passes::new();
+    let (fragment, fragments, deferred) = join_fragments(nodes, graphs)?;
+    passes.done("stitch");
+    let mut pairs = Vec::with_capacity(graphs.iter().map(|g| g.edges.len()).sum());
+    for (b, g) in graphs.iter().enumerate() {
+        fragment_pairs(nodes, b, g, &fragment, &mut pairs)?;
+    }
+    let graph = sum_sorted_edges(pairs);
+    let region_edges = graph.len();
+    passes.done("region graph");
+    let (segment_of, merges) = agglomerate_sorted(fragments as u32, &graph, threshold, stop)
+        .ok_or(SegmentError::Cancelled)?;
+    passes.done("agglomerate");
+    Ok(Remaps {
+        tables: nodes.tables(|n| segment_of[fragment[n as usize] as usize]),
+        report: SegmentReport {
+            chunks: nodes.summaries.len(),
+            fragments,
+            segments: merges.segments,
+            merges: merges.merges,
+            region_edges,
+            deferred,
+            passes: passes.into_vec(),
+            ..Default::default()
+        },
+    })
+}
+
+/// Block labels joined into fragments through the halos and the open plateaus (resolved over
+/// their whole extent, as a single process resolves them) and numbered by first voxel: per
+/// node its fragment, the number of fragments, and how many plateau voxels were resolved here.
+fn join_fragments(
+    nodes: &BlockNodes,
+    graphs: &[BlockGraph],
+) -> Result<(Vec<u32>, usize, usize), StagedError> {
     let mut sets = UnionFind::new(nodes.total);
     nodes.glue_halos(&mut sets)?;
     let mut deferred = HashMap::new();
@@ -1322,44 +1467,32 @@ fn join_segments(
         sets.union(nodes.node(b, v.label), there);
     }
     let (fragment, sizes) = nodes.number(&mut sets);
-    let fragments = sizes.len() - 1;
-    passes.done("stitch");
-    let mut pairs = Vec::with_capacity(graphs.iter().map(|g| g.edges.len()).sum());
-    for (b, g) in graphs.iter().enumerate() {
-        let fragment_of = |k: u64| -> Result<u32, StagedError> {
-            let node = if k & VOXEL_KEY != 0 {
-                nodes.face_node(k & !VOXEL_KEY, b, 1)?
-            } else {
-                nodes.node(b, k as u32)
-            };
-            Ok(fragment[node as usize])
+    Ok((fragment, sizes.len() - 1, deferred.len()))
+}
+
+/// Block `b`'s partial region graph in fragment pairs ([`pair_key`]s), appended to `pairs`.
+fn fragment_pairs(
+    nodes: &BlockNodes,
+    b: usize,
+    g: &BlockGraph,
+    fragment: &[u32],
+    pairs: &mut Vec<(u64, EdgeStats)>,
+) -> Result<(), StagedError> {
+    let fragment_of = |k: u64| -> Result<u32, StagedError> {
+        let node = if k & VOXEL_KEY != 0 {
+            nodes.face_node(k & !VOXEL_KEY, b, 1)?
+        } else {
+            nodes.node(b, k as u32)
         };
-        for &(ka, kb, stats) in &g.edges {
-            let (fa, fb) = (fragment_of(ka)?, fragment_of(kb)?);
-            if fa != fb {
-                pairs.push((pair_key(fa, fb), stats));
-            }
+        Ok(fragment[node as usize])
+    };
+    for &(ka, kb, stats) in &g.edges {
+        let (fa, fb) = (fragment_of(ka)?, fragment_of(kb)?);
+        if fa != fb {
+            pairs.push((pair_key(fa, fb), stats));
         }
     }
-    let graph = sum_sorted_edges(pairs);
-    let region_edges = graph.len();
-    passes.done("region graph");
-    let (segment_of, merges) = agglomerate_sorted(fragments as u32, &graph, threshold, stop)
-        .ok_or(SegmentError::Cancelled)?;
-    passes.done("agglomerate");
-    Ok(Remaps {
-        tables: nodes.tables(|n| segment_of[fragment[n as usize] as usize]),
-        report: SegmentReport {
-            chunks: nodes.summaries.len(),
-            fragments,
-            segments: merges.segments,
-            merges: merges.merges,
-            region_edges,
-            deferred: deferred.len(),
-            passes: passes.into_vec(),
-            ..Default::default()
-        },
-    })
+    Ok(())
 }
 
 /// Relabel stage: writes the block's output chunks through its table, then its done marker.
