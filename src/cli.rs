@@ -142,6 +142,9 @@ enum Command {
         /// merge needs, the plan agglomerates in merge rounds).
         #[arg(long, default_value_t = DEFAULT_MERGE_MIB)]
         staged_merge_mib: usize,
+        /// Keep the generated volumes and outputs (the folder is printed).
+        #[arg(long)]
+        keep: bool,
     },
     /// Make a small synthetic EM image and segmentation under DIR and downsample both.
     Demo {
@@ -397,7 +400,7 @@ enum PlanCommand {
         #[arg(long, default_value_t = 4096)]
         task_mib: usize,
         /// Host memory of the merge task, in MiB: a volume whose whole-graph agglomeration
-        /// needs more (64 bytes per voxel) is agglomerated in merge rounds.
+        /// needs more (384 bytes per voxel, the worst case measured) is agglomerated in merge rounds.
         #[arg(long, default_value_t = DEFAULT_MERGE_MIB)]
         merge_mib: usize,
         /// Manifests are written to PREFIX<stage>.jsonl for each stage (block, merge,
@@ -629,6 +632,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             chunk_size,
             staged_task_mib,
             staged_merge_mib,
+            keep,
         } => done(runtime.block_on(segmentation::bench_segment(
             segmentation::SegmentBenchOptions {
                 size,
@@ -639,6 +643,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 chunk_size,
                 staged_task_mib,
                 staged_merge_mib,
+                keep,
             },
         ))),
         Command::Demo { dir, size } => done(runtime.block_on(local::demo(&dir, size))),

@@ -742,7 +742,7 @@ fn a_cancelled_relabel_stage_task_leaves_none_of_its_chunks() {
     let Task::ConnectedComponents(task) = Task::from_json(&doc.to_string()).unwrap() else {
         panic!("a connected-components task")
     };
-    let (_, stages) = plan(&input, &task, 0).unwrap();
+    let (_, stages) = plan(&input, &task, 0, usize::MAX).unwrap();
     let stage_task = |t: &Task| match t {
         Task::ConnectedComponentsStage(s) => s.clone(),
         other => panic!("{}", other.describe()),

@@ -148,6 +148,9 @@ pub struct SegmentBenchOptions {
     pub staged_task_mib: Option<usize>,
     /// The staged segment plan's merge memory (MiB): below its estimate, merge rounds.
     pub staged_merge_mib: usize,
+    /// Keep the generated volumes and outputs (their folder is printed) instead of removing
+    /// them: to run other tools, or staged plans task by task, on the same data.
+    pub keep: bool,
 }
 
 /// benches/segment_compare.py: under the working directory when it is a checkout (the binary may
@@ -312,6 +315,10 @@ pub async fn bench_segment(o: SegmentBenchOptions) -> Result<()> {
                 mvx / seconds
             );
         }
+    }
+    if o.keep {
+        let kept = temp.keep();
+        println!("data kept in {}", kept.display());
     }
     Ok(())
 }

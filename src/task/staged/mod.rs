@@ -14,6 +14,9 @@
 //!    the open plateaus, resolved over their whole extent), numbers the components 1..N by first
 //!    voxel, then drops dust (connected components) or sums the blocks' graphs into the
 //!    fragments' region graph and agglomerates it (segment); writes each block's relabel table.
+//!    A segment plan whose graph would not fit the merge task has **merge rounds** instead: the
+//!    merge writes fragments and their edges, round tasks over groups of blocks agglomerate what
+//!    each group decides, and a **resolve** task writes the relabel tables (see [`rounds`]).
 //! 3. **relabel** (one per block, no GPU): writes the block's output chunks through its table.
 //! 4. **finalize** (one task): checks that every block was relabelled, then writes the output's
 //!    info: until then the output is not a volume, so no partial output passes for a finished
@@ -27,15 +30,17 @@
 //!
 //! Intermediate objects live next to the output, under `.cuboids-staging/<plan id>/`:
 //! `block-<i>.labels`, `block-<i>.summary`, `block-<i>.graph` (segment), `block-<i>.remap` and
-//! `block-<i>.done`. Each is a 64-byte header and a gzip payload (little-endian throughout):
+//! `block-<i>.done` (with merge rounds also `block-<i>.fragments`, `block-<i>.edges`,
+//! `round-<level>-<group>.merged` and `.left`, whose payloads [`rounds`] documents). Each is a
+//! 64-byte header and a gzip payload (little-endian throughout):
 //!
 //! | bytes | field |
 //! | --- | --- |
 //! | 0..8 | magic `CUBOIDS\0` |
 //! | 8..12 | format version (1) |
-//! | 12..16 | kind: 1 labels, 2 summary, 3 remap, 4 done, 5 graph |
+//! | 12..16 | kind: 1 labels, 2 summary, 3 remap, 4 done, 5 graph, 6 fragments, 7 edges, 8 merged, 9 left |
 //! | 16..32 | plan id (the md5 in the tasks' `plan.id`) |
-//! | 32..40 | block index |
+//! | 32..40 | block index (a round's group: level << 40 \| group) |
 //! | 40..48 | payload length after gunzip |
 //! | 48..64 | md5 of the gzip payload |
 //!
@@ -538,9 +543,10 @@ impl StagedWork for SegmentTask {
 }
 
 /// Host bytes the merge stage of a segment plan without rounds holds per voxel of the volume,
-/// to size its region graph and agglomeration before any block has run: measured on the noisy
-/// benchmark volumes (many small fragments), which need the most.
-pub const MERGE_BYTES_PER_VOXEL: usize = 64;
+/// to size its region graph and agglomeration before any block has run. Measured
+/// (benches/staged_memory.py): 358 on the noisy-cells benchmark (a fragment per 4 voxels, the
+/// worst case seen), 32 on EM-like affinities; the plan assumes the worst.
+pub const MERGE_BYTES_PER_VOXEL: usize = 384;
 
 /// Cuts a segment or connected-components task into a staged plan: blocks of whole GPU chunks
 /// and output chunks, grown along x, then y, then z while a block's host memory stays within
