@@ -181,8 +181,11 @@ impl Executor {
         let report = downsample(compute, &vol, &opts)
             .await
             .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        let mut document = t.output(&report);
+        // What a Batch job definition's memory must cover.
+        document["peak_rss_bytes"] = serde_json::json!(peak_rss_bytes());
         Ok(TaskOutput {
-            document: t.output(&report),
+            document,
             report: report.describe(&format!("downsampled {}", t.location)),
             summary: format!(
                 "{}: {:.1} MVx in {:.2} s = {:.1} MVx/s, {} chunks written, {} tiles skipped (existing), {} (empty)",
