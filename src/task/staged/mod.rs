@@ -931,10 +931,21 @@ fn runs_and_face(labels: &FinalLabels, block: Box3, region: Grid) -> (Vec<u32>, 
     let mut runs: Vec<u32> = Vec::new();
     let mut face = Vec::new();
     labels.for_each_row(block, |y, z, row| {
-        for &l in row {
-            match runs.len() {
-                n if n >= 2 && runs[n - 2] == l && runs[n - 1] < u32::MAX => runs[n - 1] += 1,
-                _ => runs.extend([l, 1]),
+        // A run of equal labels at a time (rows are mostly long runs), continuing the last run
+        // across rows; a run never counts past u32::MAX.
+        for run in row.chunk_by(|a, b| a == b) {
+            let (l, mut n) = (run[0], run.len() as u64);
+            if let [.., last, count] = runs.as_mut_slice() {
+                if *last == l {
+                    let add = n.min((u32::MAX - *count) as u64);
+                    *count += add as u32;
+                    n -= add;
+                }
+            }
+            while n > 0 {
+                let take = n.min(u32::MAX as u64);
+                runs.extend([l, take as u32]);
+                n -= take;
             }
         }
         let shell_row = (y == block.start[1] && low(1))
