@@ -190,7 +190,7 @@ struct Staging {
 impl Staging {
     fn key(&self, kind: Kind, block: usize) -> String {
         if kind.of_round() {
-            let (level, group) = (block >> 40, block & ((1 << 40) - 1));
+            let (level, group) = rounds::level_and_group(block);
             return format!(
                 "{STAGING}/{}/round-{level}-{group}.{}",
                 self.plan,

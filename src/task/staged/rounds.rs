@@ -29,8 +29,8 @@
 //! - fragments: one u32 per block label.
 
 use super::{
-    bytes_to_u32s, u32s_to_bytes, BlockGraph, BlockNodes, Kind, Passes, Reader, Remaps,
-    StagedError, Staging,
+    bytes_to_u32s, u32s_to_bytes, BlockGraph, BlockNodes, Kind, Passes, Reader, StagedError,
+    Staging,
 };
 use crate::geometry::{Box3, Vec3};
 use crate::ops::agglomerate::{agglomerate_rounds, number_by_smallest, EdgeStats, GraphEdge};
@@ -59,6 +59,11 @@ pub(super) fn groups(counts: Vec3, level: u32) -> ChunkGrid {
 /// The intermediate-object index of a round's group (its level in the high bits).
 pub(super) fn round_index(level: u32, group: usize) -> usize {
     ((level as usize) << 40) | group
+}
+
+/// The level and group of a [`round_index`].
+pub(super) fn level_and_group(index: usize) -> (usize, usize) {
+    (index >> 40, index & ((1 << 40) - 1))
 }
 
 fn block_box(coords: Vec3) -> BlockBox {
@@ -211,6 +216,7 @@ pub(super) fn fragment_graphs(
     let (fragment, fragments, deferred) = super::join_fragments(nodes, graphs)?;
     passes.done("stitch");
     let counts = nodes.blocks.counts();
+    let block_grid = groups(counts, 0);
     let mut per_block = Vec::with_capacity(graphs.len());
     let mut boxes: Vec<Option<BlockBox>> = vec![None; fragments + 1];
     let mut pairs = Vec::new();
@@ -218,11 +224,7 @@ pub(super) fn fragment_graphs(
         pairs.clear();
         super::fragment_pairs(nodes, b, g, &fragment, &mut pairs)?;
         let edges = crate::ops::agglomerate::sum_sorted_edges(std::mem::take(&mut pairs));
-        let here = block_box([
-            b % counts[0],
-            (b / counts[0]) % counts[1],
-            b / (counts[0] * counts[1]),
-        ]);
+        let here = block_box(block_grid.core(b).start);
         for e in &edges {
             for end in [e.a, e.b] {
                 match &mut boxes[end as usize] {
@@ -276,18 +278,14 @@ async fn round_inputs(
     }
     let here = groups(counts, level).core(group);
     let children = groups(counts, level - 1);
-    let child_counts = children.counts();
+    // The child groups' coordinates (a group starts at a multiple of twice a child's width).
+    let step = children.chunk[0];
+    let within = |a: usize| here.start[a] / step..here.stop[a].div_ceil(step);
     let mut parts = Vec::new();
-    for z in here.start[2]..here.stop[2] {
-        for y in here.start[1]..here.stop[1] {
-            for x in here.start[0]..here.stop[0] {
-                let c = [x, y, z];
-                // One child per 2^(level-1) blocks: visit each at its first block.
-                if (0..3).any(|a| !c[a].is_multiple_of(children.chunk[a])) {
-                    continue;
-                }
-                let child = children.chunk_of(c);
-                debug_assert!(child < crate::geometry::voxels(child_counts));
+    for z in within(2) {
+        for y in within(1) {
+            for x in within(0) {
+                let child = children.chunk_of([x * step, y * step, z * step]);
                 let index = round_index(level - 1, child);
                 let bytes = staging.get(Kind::Left, index).await?;
                 let key = staging.key(Kind::Left, index);
@@ -379,17 +377,12 @@ fn agglomerate_group(
             none => *none = Some(*b),
         }
     }
-    let kept: Vec<GraphEdge> = done
+    let kept_local: Vec<&GraphEdge> = done
         .left
         .iter()
         .filter(|e| done.frozen[e.a as usize] && done.frozen[e.b as usize])
-        .map(|e| GraphEdge {
-            a: fragment_of[e.a as usize],
-            b: fragment_of[e.b as usize],
-            ..*e
-        })
         .collect();
-    let mut ends: Vec<u32> = kept.iter().flat_map(|e| [e.a, e.b]).map(local).collect();
+    let mut ends: Vec<u32> = kept_local.iter().flat_map(|e| [e.a, e.b]).collect();
     ends.sort_unstable();
     ends.dedup();
     let boxes = ends
@@ -399,13 +392,17 @@ fn agglomerate_group(
             (fragment_of[n as usize], b)
         })
         .collect();
-    let regions = (0..fragment_of.len())
-        .filter(|&n| done.region_of[n] as usize == n)
-        .count();
     let final_regions = (0..fragment_of.len())
         .filter(|&n| done.region_of[n] as usize == n && !done.frozen[n])
         .count();
-    debug_assert!(final_regions <= regions);
+    let kept = kept_local
+        .into_iter()
+        .map(|e| GraphEdge {
+            a: fragment_of[e.a as usize],
+            b: fragment_of[e.b as usize],
+            ..*e
+        })
+        .collect();
     Ok(RoundOutcome {
         report: SegmentReport {
             fragments: fragment_of.len(),
@@ -523,15 +520,9 @@ pub(super) async fn resolve<W>(
     let segments = segment.iter().max().copied().unwrap_or(0) as usize;
     passes.done("resolve");
     layout.check_cancel()?;
-    let remaps = Remaps {
-        tables: tables
-            .iter()
-            .map(|t| t.iter().map(|&f| segment[f as usize]).collect())
-            .collect(),
-        report: SegmentReport::default(),
-    };
-    for (b, remap) in remaps.tables.iter().enumerate() {
-        staging.put(Kind::Remap, b, &u32s_to_bytes(remap)).await?;
+    for (b, table) in tables.iter().enumerate() {
+        let remap: Vec<u32> = table.iter().map(|&f| segment[f as usize]).collect();
+        staging.put(Kind::Remap, b, &u32s_to_bytes(&remap)).await?;
     }
     passes.done("write");
     Ok(SegmentReport {
