@@ -34,7 +34,7 @@ use crate::ops::watershed::{Affinities, Grid, WatershedParams, DIRECTIONS, FAR};
 use crate::progress::Progress;
 use crate::store::Store;
 use crate::task::downsample::{source_region, Bounds, TaskError};
-use crate::task::stitch::{ChunkGrid, ChunkLabels, FinalLabels, Numbering, Stitcher};
+use crate::task::stitch::{ChunkGrid, ChunkLabels, FinalLabels, LabelBoxes, Numbering, Stitcher};
 use crate::volume::Volume;
 use futures::{StreamExt, TryStreamExt};
 use std::collections::{HashMap, VecDeque};
@@ -489,7 +489,7 @@ const WRITE_CONCURRENCY: usize = 32;
 /// run wrote into a new volume, and the info of a new volume is written last.
 pub(crate) async fn write_output(
     layout: &Layout,
-    labels: Arc<FinalLabels>,
+    labels: Arc<impl LabelBoxes>,
     write: WriteOptions,
     area: Box3,
     write_info: bool,

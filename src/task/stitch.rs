@@ -386,6 +386,18 @@ impl Stitcher {
     }
 }
 
+/// Output labels that the writer reads box by box (one output chunk at a time).
+pub trait LabelBoxes: Send + Sync + 'static {
+    /// The labels of a box of the region (0 where none), in Fortran order.
+    fn labels_in(&self, b: Box3) -> Vec<u32>;
+}
+
+impl LabelBoxes for FinalLabels {
+    fn labels_in(&self, b: Box3) -> Vec<u32> {
+        FinalLabels::labels_in(self, b)
+    }
+}
+
 /// The output labels of a run, box by box: each chunk's core labels and the output label of each
 /// of their nodes.
 pub struct FinalLabels {
@@ -395,23 +407,6 @@ pub struct FinalLabels {
 }
 
 impl FinalLabels {
-    /// Labels that are already final: one box's labels (region coordinates `core`), label l
-    /// written as `label_of[l - 1]`.
-    pub fn from_box(core: Box3, labels: Vec<u32>, label_of: Vec<u32>) -> FinalLabels {
-        FinalLabels {
-            chunks: vec![ChunkLabels {
-                core,
-                labels,
-                count: label_of.len() as u32,
-                first: Vec::new(),
-                sizes: Vec::new(),
-                halo: Vec::new(),
-            }],
-            offsets: vec![0],
-            label_of_node: label_of,
-        }
-    }
-
     /// The labels of a box of the region (0 where no node), row by row: every voxel of `b` lies
     /// in the core of exactly one chunk.
     pub fn labels_in(&self, b: Box3) -> Vec<u32> {

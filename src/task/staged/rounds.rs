@@ -464,10 +464,10 @@ pub(super) async fn round<W: super::StagedWork>(
     layout.check_cancel()?;
     let index = round_index(level, group);
     staging
-        .put(Kind::Merged, index, &encode_merged(&outcome.merged))
+        .put(Kind::Merged, index, encode_merged(&outcome.merged))
         .await?;
     staging
-        .put(Kind::Left, index, &outcome.left.encode())
+        .put(Kind::Left, index, outcome.left.encode())
         .await?;
     passes.done("write");
     Ok(SegmentReport {
@@ -522,7 +522,9 @@ pub(super) async fn resolve<W>(
     layout.check_cancel()?;
     for (b, table) in tables.iter().enumerate() {
         let remap: Vec<u32> = table.iter().map(|&f| segment[f as usize]).collect();
-        staging.put(Kind::Remap, b, &u32s_to_bytes(&remap)).await?;
+        staging
+            .put(Kind::Remap, b, u32s_to_bytes(&remap).into_owned())
+            .await?;
     }
     passes.done("write");
     Ok(SegmentReport {
@@ -542,9 +544,9 @@ pub(super) async fn write_fragment_graphs(
 ) -> Result<(), StagedError> {
     for (b, (table, graph)) in out.tables.iter().zip(&out.graphs).enumerate() {
         staging
-            .put(Kind::Fragments, b, &u32s_to_bytes(table))
+            .put(Kind::Fragments, b, u32s_to_bytes(table).into_owned())
             .await?;
-        staging.put(Kind::Edges, b, &graph.encode()).await?;
+        staging.put(Kind::Edges, b, graph.encode()).await?;
     }
     Ok(())
 }
