@@ -37,7 +37,7 @@
 //! | bytes | field |
 //! | --- | --- |
 //! | 0..8 | magic `CUBOIDS\0` |
-//! | 8..12 | format version (1) |
+//! | 8..12 | format version (2) |
 //! | 12..16 | kind: 1 labels, 2 summary, 3 remap, 4 done, 5 graph, 6 fragments, 7 edges, 8 merged, 9 left |
 //! | 16..32 | plan id (the md5 in the tasks' `plan.id`) |
 //! | 32..40 | block index (a round's group: level << 40 \| group) |
@@ -45,10 +45,14 @@
 //! | 48..64 | md5 of the gzip payload |
 //!
 //! Payloads (voxels as region indices, Fortran order):
-//! - labels: (u32 label, u32 run length) pairs that cover the block's voxels in Fortran order (0
-//!   background);
-//! - summary: u32 count K, K u64 first voxels, K u64 sizes, u64 H and H (u64 voxel, u32 label)
-//!   halo entries, u64 F and F (u64 voxel, u32 label) face entries (sorted by voxel);
+//! - labels: (label, run length) pairs as varints that cover the block's voxels in Fortran order
+//!   (0 background);
+//! - summary, all varints: count K, the K first voxels as increases from the one before (from
+//!   0), K sizes, H and H halo entries (voxel as a zigzag difference from the entry before,
+//!   label), F and F face entries (the same; sorted by voxel).
+//!
+//! A varint is LEB128: 7 bits a byte, low bits first, the high bit set on all bytes but the
+//! last; a zigzag difference d is stored as (d << 1) ^ (d >> 63).
 //! - graph: u64 D and D open plateau voxels (u64 voxel, u8 bidirectional directions, u8 those
 //!   toward an exit, u32 label, 6 u32 labels of its neighbours inside the block in waterz's
 //!   direction order, 0 outside it), then u64 E and E edges (u64 key, u64 key, u64 voxel-edge
@@ -161,7 +165,7 @@ impl Kind {
 }
 
 const MAGIC: &[u8; 8] = b"CUBOIDS\0";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER: usize = 64;
 /// The largest payload a header may claim (a block of 2^31 voxels' labels is 8 GiB).
 const MAX_PAYLOAD: u64 = 1 << 36;
@@ -207,11 +211,28 @@ impl Staging {
     /// Stores an intermediate: the header, then the payload gzipped on a blocking thread (a
     /// block's labels take tens of milliseconds, which would stall the async workers).
     async fn put(&self, kind: Kind, block: usize, payload: Vec<u8>) -> Result<(), StagedError> {
-        let key = self.key(kind, block);
+        let sealed = self.seal(kind, block, payload).await?;
+        self.store(kind, block, sealed).await
+    }
+
+    /// An intermediate's bytes, compressed and checksummed on a blocking thread.
+    async fn seal(
+        &self,
+        kind: Kind,
+        block: usize,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, StagedError> {
         let plan = plan_bytes(&self.plan);
-        let data = tokio::task::spawn_blocking(move || seal(kind, block, plan, &payload))
-            .await
-            .map_err(SegmentError::from)?;
+        Ok(
+            tokio::task::spawn_blocking(move || seal(kind, block, plan, &payload))
+                .await
+                .map_err(SegmentError::from)?,
+        )
+    }
+
+    /// Writes a sealed intermediate.
+    async fn store(&self, kind: Kind, block: usize, data: Vec<u8>) -> Result<(), StagedError> {
+        let key = self.key(kind, block);
         self.store
             .put(&key, data, ContentEncoding::Identity)
             .await
@@ -351,17 +372,28 @@ struct Summary {
 }
 
 impl Summary {
+    /// Varints throughout: first voxels as increases (they are sorted), face voxels as
+    /// increases, halo voxels as zigzag differences; a block's face is mostly consecutive voxels,
+    /// so its entries take two or three bytes instead of twelve.
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        out.extend_from_slice(&(self.first.len() as u32).to_le_bytes());
-        for v in self.first.iter().chain(&self.sizes) {
-            out.extend_from_slice(&v.to_le_bytes());
+        put_varint(&mut out, self.first.len() as u64);
+        let mut last = 0;
+        for &f in &self.first {
+            put_varint(&mut out, f - last);
+            last = f;
+        }
+        for &size in &self.sizes {
+            put_varint(&mut out, size);
         }
         for list in [&self.halo, &self.face] {
-            out.extend_from_slice(&(list.len() as u64).to_le_bytes());
+            put_varint(&mut out, list.len() as u64);
+            let mut last = 0u64;
             for &(voxel, label) in list {
-                out.extend_from_slice(&voxel.to_le_bytes());
-                out.extend_from_slice(&label.to_le_bytes());
+                let step = voxel.wrapping_sub(last) as i64;
+                put_varint(&mut out, ((step << 1) ^ (step >> 63)) as u64);
+                put_varint(&mut out, label as u64);
+                last = voxel;
             }
         }
         out
@@ -369,22 +401,38 @@ impl Summary {
 
     fn decode(key: &str, bytes: &[u8]) -> Result<Summary, StagedError> {
         let mut r = Reader { bytes, at: 0, key };
-        let count = r.u32()? as usize;
-        let mut s = Summary {
-            first: r.u64s(count)?,
-            sizes: r.u64s(count)?,
-            ..Default::default()
-        };
+        let count = r.varint()?;
+        // Every entry takes a byte at least: a count past the bytes left is corrupt, not a
+        // reason to allocate.
+        r.check(
+            usize::try_from(count)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(2),
+        )?;
+        let mut s = Summary::default();
+        let mut last = 0u64;
+        for _ in 0..count {
+            last = last
+                .checked_add(r.varint()?)
+                .ok_or_else(|| r.corrupt("first voxels past 2^64".into()))?;
+            s.first.push(last);
+        }
+        for _ in 0..count {
+            s.sizes.push(r.varint()?);
+        }
         for list in [&mut s.halo, &mut s.face] {
-            let n = r.u64()? as usize;
-            r.check(n.saturating_mul(12))?;
+            let n = r.varint()?;
+            r.check(usize::try_from(n).unwrap_or(usize::MAX).saturating_mul(2))?;
+            let mut last = 0u64;
             for _ in 0..n {
-                let voxel = r.u64()?;
-                let label = r.u32()?;
-                if label == 0 || label as usize > count {
+                let zigzag = r.varint()?;
+                let step = ((zigzag >> 1) as i64) ^ -((zigzag & 1) as i64);
+                last = last.wrapping_add(step as u64);
+                let label = r.varint()?;
+                if label == 0 || label > count {
                     return Err(r.corrupt(format!("label {label} of {count}")));
                 }
-                list.push((voxel, label));
+                list.push((last, label as u32));
             }
         }
         if r.at != bytes.len() {
@@ -395,6 +443,36 @@ impl Summary {
         }
         Ok(s)
     }
+}
+
+/// Appends `v` as an LEB128 varint (7 bits a byte, low first).
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// A block's labels payload: its (label, run length) pairs as varints (most labels and runs
+/// fit a byte or two, and gzip then has a third of the bytes to compress).
+fn encode_runs(runs: &[u32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(runs.len() * 2);
+    for &w in runs {
+        put_varint(&mut out, w as u64);
+    }
+    out
+}
+
+/// The (label, run length) words of a labels payload.
+fn decode_runs(key: &str, bytes: &[u8]) -> Result<Vec<u32>, StagedError> {
+    let mut r = Reader { bytes, at: 0, key };
+    let mut words = Vec::with_capacity(bytes.len() / 2);
+    while r.at < bytes.len() {
+        let w = r.varint()?;
+        words.push(u32::try_from(w).map_err(|_| r.corrupt(format!("run word {w} past 32 bits")))?);
+    }
+    Ok(words)
 }
 
 /// Reads little-endian fields, failing with the object's key where they run out.
@@ -436,9 +514,20 @@ impl Reader<'_> {
         Ok(u64::from_le_bytes(self.take()?))
     }
 
-    fn u64s(&mut self, n: usize) -> Result<Vec<u64>, StagedError> {
-        self.check(n.saturating_mul(8))?;
-        (0..n).map(|_| self.u64()).collect()
+    /// An LEB128 varint of at most 64 bits.
+    fn varint(&mut self) -> Result<u64, StagedError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let [byte] = self.take()?;
+            v |= ((byte & 0x7f) as u64) << shift;
+            if byte < 0x80 {
+                if shift == 63 && byte > 1 {
+                    break;
+                }
+                return Ok(v);
+            }
+        }
+        Err(self.corrupt(format!("a varint past 64 bits at byte {}", self.at)))
     }
 }
 
@@ -1013,7 +1102,7 @@ async fn run_block<W: StagedWork>(
         fragments: summary.first.len(),
         ..Default::default()
     };
-    let labels = staging.put(Kind::Labels, b, u32s_to_bytes(&runs).into_owned());
+    let labels = staging.put(Kind::Labels, b, encode_runs(&runs));
     let graph = async {
         if let Some(graph) = &graph {
             report.deferred = graph.open.len();
@@ -1022,8 +1111,10 @@ async fn run_block<W: StagedWork>(
         }
         Ok(())
     };
-    futures::try_join!(labels, graph)?;
-    staging.put(Kind::Summary, b, summary.encode()).await?;
+    // Sealed alongside the others, stored after them.
+    let summary = staging.seal(Kind::Summary, b, summary.encode());
+    let ((), (), summary) = futures::try_join!(labels, graph, summary)?;
+    staging.store(Kind::Summary, b, summary).await?;
     passes.done("write");
     report.passes = passes.into_vec();
     Ok(report)
@@ -1663,7 +1754,7 @@ async fn relabel<W: StagedWork>(
     let remap_key = staging.key(Kind::Remap, b);
     let remap = bytes_to_u32s(&remap_key, &remap, remap.len() / 4)?;
     let labels_key = staging.key(Kind::Labels, b);
-    let runs = bytes_to_u32s(&labels_key, &labels, labels.len() / 4)?;
+    let runs = decode_runs(&labels_key, &labels)?;
     let labels = RunLabels::new(&labels_key, block, runs, remap)?;
     passes.done("read");
     let written = write_output(
@@ -1765,5 +1856,45 @@ mod tests {
         assert!(why(vec![1, 4, 2, 0, 1, 4], 2).contains("empty run"));
         assert!(why(vec![1, 4, 3, 4], 2).contains("label 3, the block's table has 2"));
         assert!(why(vec![1, 4, 2], 2).contains("odd number"));
+    }
+
+    #[test]
+    fn summaries_and_runs_round_trip_through_varints() {
+        let summary = Summary {
+            first: vec![0, 5, 127, 128, 1 << 40, u64::MAX - 1],
+            sizes: vec![1, 0x80, 0x3fff, 0x4000, u64::MAX, 9],
+            // Halo voxels in any order, far apart and back.
+            halo: vec![(1 << 50, 6), (3, 1), (u64::MAX, 2), (0, 6)],
+            face: vec![(7, 1), (8, 1), (9, 2), (1 << 33, 3)],
+        };
+        let bytes = summary.encode();
+        assert_eq!(Summary::decode("s", &bytes).unwrap(), summary);
+        // Truncated anywhere: named, never a panic.
+        for cut in 0..bytes.len() {
+            match Summary::decode("b-1.summary", &bytes[..cut]) {
+                Err(StagedError::Corrupt { key, .. }) => assert_eq!(key, "b-1.summary"),
+                other => panic!("cut at {cut}: {other:?}"),
+            }
+        }
+        let runs = vec![0, 1, 3, 127, u32::MAX, 128, 1, 0x4000];
+        assert_eq!(decode_runs("l", &encode_runs(&runs)).unwrap(), runs);
+        let mut past = Vec::new();
+        put_varint(&mut past, 1 << 32);
+        assert!(format!("{:?}", decode_runs("l", &past).unwrap_err()).contains("past 32 bits"));
+        let too_long = [0xff; 11];
+        let mut r = Reader {
+            bytes: &too_long,
+            at: 0,
+            key: "k",
+        };
+        assert!(format!("{:?}", r.varint().unwrap_err()).contains("past 64 bits"));
+        let mut max = Vec::new();
+        put_varint(&mut max, u64::MAX);
+        let mut r = Reader {
+            bytes: &max,
+            at: 0,
+            key: "k",
+        };
+        assert_eq!(r.varint().unwrap(), u64::MAX);
     }
 }
