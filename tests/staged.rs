@@ -548,6 +548,24 @@ fn stages_are_idempotent_and_bad_intermediates_are_named() {
     let o = cuboids(&["batch", "--task", &doc.to_string()], None);
     assert_eq!(o.status.code(), Some(65), "{}", text(&o));
     assert!(text(&o).contains("edited"), "{}", text(&o));
+
+    // An output layer that exists with other parameters (a float32 image where uint64 labels
+    // go): the block task names the layer and the field, and leaves the layer as it was.
+    let taken = dir.path().join("taken");
+    rt().block_on(write_float_volume(&taken, &[&values], shape, WRITE))
+        .unwrap();
+    let before = snapshot(&taken);
+    let taken_manifests = plan(dir.path().join("t").as_path(), &input, &taken, 0, "26");
+    let o = batch(&taken_manifests[0], 0);
+    assert_eq!(o.status.code(), Some(65), "{}", text(&o));
+    assert!(
+        text(&o).contains("exists and does not match")
+            && text(&o).contains("data_type")
+            && text(&o).contains(taken.to_str().unwrap()),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(snapshot(&taken), before, "the existing layer changed");
 }
 
 /// Peak resident memory of one task, from its output document.
