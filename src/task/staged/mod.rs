@@ -49,7 +49,7 @@
 //!   (0 background);
 //! - summary, all varints: count K, the K first voxels as increases from the one before (from
 //!   0), K sizes, H and H halo entries (voxel as a zigzag difference from the entry before,
-//!   label), F and F face entries (the same; sorted by voxel).
+//!   label; sorted by voxel, then label), F and F face entries (the same; sorted by voxel).
 //!
 //! A varint is LEB128: 7 bits a byte, low bits first, the high bit set on all bytes but the
 //! last; a zigzag difference d is stored as (d << 1) ^ (d >> 63).
@@ -441,8 +441,24 @@ impl Summary {
         if !s.face.windows(2).all(|w| w[0].0 < w[1].0) {
             return Err(r.corrupt("face voxels out of order".into()));
         }
+        if !s.halo.is_sorted() {
+            return Err(r.corrupt("halo voxels out of order".into()));
+        }
         Ok(s)
     }
+}
+
+/// The index of the first entry of `face` (sorted by voxel) at or past `voxel`: galloping from
+/// the start, so a cursor that moves a little costs a little.
+fn seek(face: &[(u64, u32)], voxel: u64) -> usize {
+    let mut step = 1;
+    let mut low = 0;
+    while low + step <= face.len() && face[low + step - 1].0 < voxel {
+        low += step;
+        step *= 2;
+    }
+    let high = (low + step).min(face.len());
+    low + face[low..high].partition_point(|&(v, _)| v < voxel)
 }
 
 /// Appends `v` as an LEB128 varint (7 bits a byte, low first).
@@ -538,17 +554,21 @@ impl Reader<'_> {
     /// An LEB128 varint of at most 64 bits.
     fn varint(&mut self) -> Result<u64, StagedError> {
         let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let [byte] = self.take()?;
+        let mut shift = 0;
+        loop {
+            let Some(&byte) = self.bytes.get(self.at) else {
+                return Err(self.corrupt(format!("ends at byte {} of a summary", self.bytes.len())));
+            };
+            self.at += 1;
             v |= ((byte & 0x7f) as u64) << shift;
-            if byte < 0x80 {
-                if shift == 63 && byte > 1 {
-                    break;
-                }
+            if byte < 0x80 && (shift < 63 || byte <= 1) {
                 return Ok(v);
             }
+            shift += 7;
+            if shift > 63 {
+                return Err(self.corrupt(format!("a varint past 64 bits at byte {}", self.at)));
+            }
         }
-        Err(self.corrupt(format!("a varint past 64 bits at byte {}", self.at)))
     }
 }
 
@@ -1098,7 +1118,7 @@ async fn run_block<W: StagedWork>(
     if graph.is_some() {
         passes.done("region graph");
     }
-    let halo = outside
+    let mut halo: Vec<(u64, u32)> = outside
         .iter()
         .map(|&(p, node)| {
             (
@@ -1107,6 +1127,9 @@ async fn run_block<W: StagedWork>(
             )
         })
         .collect();
+    // Sorted here, where blocks run in parallel, so that the one merge task walks each face once
+    // instead of searching it per halo voxel.
+    halo.sort_unstable();
     let (runs, face) = runs_and_face(&stitcher.into_final(&numbering, |l| l), block, region);
     let summary = Summary {
         first: numbering.first[1..].to_vec(),
@@ -1564,11 +1587,35 @@ impl<'a> BlockNodes<'a> {
             })
     }
 
-    /// Joins each block's halo voxels to the labels their own blocks give them.
+    /// Joins each block's halo voxels to the labels their own blocks give them. A halo is sorted
+    /// by voxel, so the voxels it names on each neighbour's face come in that face's order: one
+    /// cursor per neighbour moves forward through its face.
     fn glue_halos(&self, sets: &mut UnionFind) -> Result<(), StagedError> {
+        let mut cursor = vec![0usize; self.summaries.len()];
         for (b, s) in self.summaries.iter().enumerate() {
+            cursor.fill(0);
+            // Runs of halo voxels mostly join the same two labels: one union per run.
+            let mut last = (u32::MAX, u32::MAX);
             for &(voxel, label) in &s.halo {
-                sets.union(self.node(b, label), self.face_node(voxel, b, 0)?);
+                let owner = self.owner(self.voxels.position(voxel as usize));
+                let face = self.summaries.get(owner).map_or(&[][..], |o| &o.face[..]);
+                let at = &mut cursor[owner.min(self.summaries.len() - 1)];
+                *at += seek(&face[(*at).min(face.len())..], voxel);
+                match face.get(*at) {
+                    Some(&(v, l)) if v == voxel => {
+                        let pair = (self.node(b, label), self.node(owner, l));
+                        if pair != last {
+                            sets.union(pair.0, pair.1);
+                            last = pair;
+                        }
+                    }
+                    _ => {
+                        return Err(StagedError::Corrupt {
+                            key: self.keys[b][0].clone(),
+                            why: format!("voxel {voxel} is not a face voxel of block {owner}"),
+                        })
+                    }
+                }
             }
         }
         Ok(())
@@ -1885,7 +1932,7 @@ mod tests {
             first: vec![0, 5, 127, 128, 1 << 40, u64::MAX - 1],
             sizes: vec![1, 0x80, 0x3fff, 0x4000, u64::MAX, 9],
             // Halo voxels in any order, far apart and back.
-            halo: vec![(1 << 50, 6), (3, 1), (u64::MAX, 2), (0, 6)],
+            halo: vec![(0, 6), (3, 1), (3, 2), (1 << 50, 6), (u64::MAX, 2)],
             face: vec![(7, 1), (8, 1), (9, 2), (1 << 33, 3)],
         };
         let bytes = summary.encode();
