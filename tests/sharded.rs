@@ -650,3 +650,105 @@ async fn cloudvolume_reads_the_sharded_mips_cuboids_writes() {
         assert_eq!(out.matches("equal to tinybrain's").count(), 2, "{out}");
     }
 }
+
+/// Issue 13's memory bound: a 4-mip sharded pyramid in one run holds its tiles in flight and the
+/// shards still open, not the volume. Run as the Batch job definition runs it
+/// (`MALLOC_MMAP_THRESHOLD_` set: without it glibc's rising mmap threshold makes peak RSS creep
+/// with the number of tiles, see the README). The control, the whole volume as one tile and one
+/// shard per mip, shows that the measure sees a volume-sized buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_pyramid_memory_is_bounded_by_its_tiles_not_the_volume() {
+    use cuboids::dtype::DataType;
+    use cuboids::formats::precomputed::info::LayerType;
+    use cuboids::runtime::local::{new_info, write_new_volume};
+    let temp = tempfile::tempdir().unwrap();
+    let raw = WriteOptions { gzip_level: 0 };
+    // 16 MiB and 64 MiB of uint8 in 16^3 chunks: a 4-mip tile can be 256x256x16 (1 MiB).
+    let mut volumes = Vec::new();
+    for depth in [64, 256] {
+        let shape = [512, 512, depth];
+        let data = common::random_volume(
+            &mut common::Rng::new(depth as u64),
+            DataType::Uint8,
+            shape,
+            1,
+        );
+        let info = new_info(
+            LayerType::Image,
+            DataType::Uint8,
+            shape,
+            [16, 16, 16],
+            [4.0, 4.0, 40.0],
+        );
+        let dir = temp.path().join(format!("z{depth}"));
+        write_new_volume(&dir, info, &data, raw).await.unwrap();
+        volumes.push(dir);
+    }
+    let peak = |dir: &Path, tile_mib: u64, shard_source_mib: u64| {
+        let task = serde_json::json!({
+            "kind": "downsample",
+            "location": dir.to_str().unwrap(),
+            "num_mips": 4,
+            "sharded": true,
+            "gzip_level": 0,
+            "tile_mib": tile_mib,
+            "shard_source_mib": shard_source_mib,
+        });
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_cuboids"))
+            .args(["run-task", "-"])
+            .env("CUBOIDS_LOG_FORMAT", "text")
+            .env("MALLOC_MMAP_THRESHOLD_", "1048576")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(task.to_string().as_bytes())?;
+                child.wait_with_output()
+            })
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.status.success(), "{text}");
+        let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        doc["peak_rss_bytes"]
+            .as_u64()
+            .expect("peak_rss_bytes on Linux")
+    };
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let bounded: Vec<u64> = volumes.iter().map(|d| peak(d, 1, 2)).collect();
+    for dir in &volumes {
+        // Mips 1-4 again, from scratch.
+        let info_path = dir.join("info");
+        let mut info: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&info_path).unwrap()).unwrap();
+        for scale in info["scales"].as_array().unwrap().iter().skip(1) {
+            std::fs::remove_dir_all(dir.join(scale["key"].as_str().unwrap())).unwrap();
+        }
+        info["scales"].as_array_mut().unwrap().truncate(1);
+        std::fs::write(&info_path, info.to_string()).unwrap();
+    }
+    let whole: Vec<u64> = volumes.iter().map(|d| peak(d, 1024, 4096)).collect();
+    let grew = |p: &[u64]| mib(p[1]) - mib(p[0]);
+    // 48 MiB more source: the whole-volume run must show most of it, the tiled run little.
+    assert!(
+        grew(&whole) > 32.0,
+        "control: one tile of the whole volume peaked at {:.0} then {:.0} MiB",
+        mib(whole[0]),
+        mib(whole[1])
+    );
+    assert!(
+        grew(&bounded) < 12.0,
+        "tiled sharded pyramid peaked at {:.0} MiB for 16 MiB of source and {:.0} MiB for 64 MiB",
+        mib(bounded[0]),
+        mib(bounded[1])
+    );
+}
