@@ -3,10 +3,7 @@
 
 mod common;
 
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement,
-    KeyType, Projection, ProjectionType, ScalarAttributeType,
-};
+use aws_sdk_dynamodb::types::AttributeValue;
 use cuboids::dtype::DataType;
 use cuboids::formats::boss::{decode_cuboid, encode_cuboid, morton, CuboidId, CUBOID};
 use cuboids::store::boss_index::S3Index;
@@ -131,50 +128,6 @@ async fn index_entry(
         .item
 }
 
-fn key(name: &str, kind: KeyType) -> KeySchemaElement {
-    KeySchemaElement::builder()
-        .attribute_name(name)
-        .key_type(kind)
-        .build()
-        .unwrap()
-}
-
-fn attr(name: &str, kind: ScalarAttributeType) -> AttributeDefinition {
-    AttributeDefinition::builder()
-        .attribute_name(name)
-        .attribute_type(kind)
-        .build()
-        .unwrap()
-}
-
-/// The Boss's s3index table: HASH object-key, RANGE version-node, GSI lookup-key-index.
-async fn create_s3_index(client: &aws_sdk_dynamodb::Client, table: &str) {
-    client
-        .create_table()
-        .table_name(table)
-        .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(attr("object-key", ScalarAttributeType::S))
-        .attribute_definitions(attr("version-node", ScalarAttributeType::N))
-        .attribute_definitions(attr("lookup-key", ScalarAttributeType::S))
-        .key_schema(key("object-key", KeyType::Hash))
-        .key_schema(key("version-node", KeyType::Range))
-        .global_secondary_indexes(
-            GlobalSecondaryIndex::builder()
-                .index_name("lookup-key-index")
-                .key_schema(key("lookup-key", KeyType::Hash))
-                .projection(
-                    Projection::builder()
-                        .projection_type(ProjectionType::KeysOnly)
-                        .build(),
-                )
-                .build()
-                .unwrap(),
-        )
-        .send()
-        .await
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn index_entries_are_written_like_the_boss_and_never_overwritten() {
     let server = common::S3Server::start();
@@ -185,7 +138,7 @@ async fn index_entries_are_written_like_the_boss_and_never_overwritten() {
             .build(),
     );
     let table = "s3index.test.boss";
-    create_s3_index(&client, table).await;
+    common::create_s3_index(&client, table).await;
     let index = S3Index::new(&sdk, Some(server.endpoint.clone()), table);
     let id = CuboidId {
         collection: 51,
@@ -279,7 +232,7 @@ mod step {
                 .endpoint_url(&server.endpoint)
                 .build(),
         );
-        create_s3_index(&ddb, "s3index.test.boss").await;
+        common::create_s3_index(&ddb, "s3index.test.boss").await;
         let target = BossTarget {
             store: store.clone(),
             index: S3Index::new(&sdk, Some(server.endpoint.clone()), "s3index.test.boss"),
@@ -651,7 +604,7 @@ mod step {
                 .endpoint_url(&server.endpoint)
                 .build(),
         );
-        create_s3_index(&ddb, "s3index.test.boss").await;
+        common::create_s3_index(&ddb, "s3index.test.boss").await;
         let ctx = Arc::new(cuboids::gpu::GpuContext::new().unwrap());
 
         let stepwise = channel_in(&server, "stepwise").await;

@@ -200,3 +200,130 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
+    ProjectionType, ScalarAttributeType,
+};
+
+fn key(name: &str, kind: KeyType) -> KeySchemaElement {
+    KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(kind)
+        .build()
+        .unwrap()
+}
+
+fn attr(name: &str, kind: ScalarAttributeType) -> AttributeDefinition {
+    AttributeDefinition::builder()
+        .attribute_name(name)
+        .attribute_type(kind)
+        .build()
+        .unwrap()
+}
+
+/// The Boss's s3index table: HASH object-key, RANGE version-node, GSI lookup-key-index.
+pub async fn create_s3_index(client: &aws_sdk_dynamodb::Client, table: &str) {
+    client
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attr("object-key", ScalarAttributeType::S))
+        .attribute_definitions(attr("version-node", ScalarAttributeType::N))
+        .attribute_definitions(attr("lookup-key", ScalarAttributeType::S))
+        .key_schema(key("object-key", KeyType::Hash))
+        .key_schema(key("version-node", KeyType::Range))
+        .global_secondary_indexes(
+            GlobalSecondaryIndex::builder()
+                .index_name("lookup-key-index")
+                .key_schema(key("lookup-key", KeyType::Hash))
+                .projection(
+                    Projection::builder()
+                        .projection_type(ProjectionType::KeysOnly)
+                        .build(),
+                )
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+}
+
+/// LocalStack's Step Functions (localstack-core from PyPI, in the Python that
+/// `CUBOIDS_LOCALSTACK_PYTHON` names; `scripts/test` makes that venv with Python 3.13), started
+/// on a free loopback port with its files under a temporary folder; killed when dropped.
+pub struct LocalStack {
+    child: std::process::Child,
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl LocalStack {
+    pub fn start() -> LocalStack {
+        let python = std::env::var("CUBOIDS_LOCALSTACK_PYTHON").unwrap_or_else(|_| {
+            panic!(
+                "CUBOIDS_LOCALSTACK_PYTHON is not set: a Python >= 3.12 with \
+                 localstack-core[runtime] (scripts/test makes target/localstack-venv)"
+            )
+        });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let child = std::process::Command::new(&python)
+            .args(["-m", "localstack.runtime.main"])
+            .env("RUNTIME_COMPONENTS", "aws")
+            .env("SERVICES", "stepfunctions,sts,events")
+            .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("HOME", dir.path())
+            .env("TMPDIR", &tmp)
+            .env("FILESYSTEM_ROOT", dir.path().join("fs"))
+            .env("SKIP_SSL_CERT_DOWNLOAD", "1")
+            .env("DISABLE_EVENTS", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting LocalStack with {python}: {e}"));
+        let stack = LocalStack {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let ready = std::process::Command::new("curl")
+                .args(["-sf", &format!("{}/_localstack/health", stack.endpoint)])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+                .is_some_and(|h| {
+                    matches!(
+                        h["services"]["stepfunctions"].as_str(),
+                        Some("available" | "running")
+                    )
+                });
+            if ready {
+                return stack;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "LocalStack did not come up on port {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for LocalStack {
+    fn drop(&mut self) {
+        // It may hang on SIGTERM after long polls: SIGKILL.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,326 @@
+//! The state machines of batch/statemachines/ executed for real: LocalStack's Step Functions
+//! interpreter (started here) runs the ASL with `cuboids worker`, the real binary, as its
+//! activity, on a Boss channel in moto's S3 and DynamoDB (the s3index table).
+
+mod common;
+
+use aws_sdk_sfn::types::ExecutionStatus;
+use common::{LocalStack, S3Server};
+use cuboids::dtype::DataType;
+use cuboids::formats::boss::{encode_cuboid, CuboidId, CUBOID};
+use cuboids::geometry::mul3;
+use cuboids::store::boss_index::S3Index;
+use cuboids::store::{ContentEncoding, Store};
+use cuboids::task::boss_downsample::{run_all_levels, BossTarget};
+use cuboids::volume::Volume;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Two by two by two cuboids at resolution 0: resolutions 1-3 follow.
+const SHAPE: [usize; 3] = [1024, 1024, 32];
+const RESOLUTION_MAX: u32 = 4;
+
+fn asl(name: &str) -> String {
+    std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("batch/statemachines")
+            .join(name),
+    )
+    .unwrap()
+}
+
+fn job(bucket: &str, table: &str) -> Value {
+    json!({"lookup_key": "51&134&1024", "channel_id": 1024, "msg": {
+        "lookup_key": "51&134&1024", "collection_id": 51, "experiment_id": 134, "channel_id": 1024,
+        "annotation_channel": false, "data_type": "uint8", "s3_bucket": bucket,
+        "s3_index": table, "x_start": 0, "y_start": 0, "z_start": 0,
+        "x_stop": SHAPE[0], "y_stop": SHAPE[1], "z_stop": SHAPE[2], "resolution": 0,
+        "resolution_max": RESOLUTION_MAX, "res_lt_max": true, "type": "anisotropic",
+        "iso_resolution": 0, "aws_region": "us-east-1"}})
+}
+
+/// Moto (S3, DynamoDB) and LocalStack (Step Functions), and clients on them.
+struct Services {
+    moto: S3Server,
+    sfn_stack: LocalStack,
+    sdk: aws_config::SdkConfig,
+    sfn: aws_sdk_sfn::Client,
+}
+
+impl Services {
+    async fn start() -> Services {
+        let moto = S3Server::start();
+        let sfn_stack = LocalStack::start();
+        let sdk = moto.sdk_config().await;
+        let sfn = aws_sdk_sfn::Client::from_conf(
+            aws_sdk_sfn::config::Builder::from(&sdk)
+                .endpoint_url(&sfn_stack.endpoint)
+                .build(),
+        );
+        Services {
+            moto,
+            sfn_stack,
+            sdk,
+            sfn,
+        }
+    }
+
+    /// A bucket holding the channel's resolution-0 cuboids, and its s3index table.
+    async fn channel(&self, bucket: &str, table: &str, vol: &Volume) -> BossTarget {
+        let store = self.moto.store(bucket, "").await;
+        let ddb = aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::config::Builder::from(&self.sdk)
+                .endpoint_url(&self.moto.endpoint)
+                .build(),
+        );
+        common::create_s3_index(&ddb, table).await;
+        let counts = [0, 1, 2].map(|a| SHAPE[a] / CUBOID[a]);
+        for z in 0..counts[2] {
+            for y in 0..counts[1] {
+                for x in 0..counts[0] {
+                    let id = CuboidId {
+                        collection: 51,
+                        experiment: 134,
+                        channel: 1024,
+                        resolution: 0,
+                        time: 0,
+                        index: [x, y, z],
+                        iso: false,
+                    };
+                    let frame = encode_cuboid(&vol.crop(mul3([x, y, z], CUBOID), CUBOID)).unwrap();
+                    store
+                        .put(&id.s3_key(), frame, ContentEncoding::Identity)
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+        BossTarget {
+            store: Arc::new(store),
+            index: S3Index::new(&self.sdk, Some(self.moto.endpoint.clone()), table),
+        }
+    }
+
+    /// Every object of a bucket, by key.
+    async fn objects(&self, bucket: &str) -> BTreeMap<String, Vec<u8>> {
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&self.sdk)
+                .endpoint_url(&self.moto.endpoint)
+                .force_path_style(true)
+                .build(),
+        );
+        let mut out = BTreeMap::new();
+        let mut token = None;
+        loop {
+            let page = s3
+                .list_objects_v2()
+                .bucket(bucket)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .unwrap();
+            for o in page.contents() {
+                let key = o.key().unwrap().to_string();
+                let body = s3
+                    .get_object()
+                    .bucket(bucket)
+                    .key(&key)
+                    .send()
+                    .await
+                    .unwrap();
+                out.insert(key, body.body.collect().await.unwrap().to_vec());
+            }
+            match page.next_continuation_token() {
+                Some(t) => token = Some(t.to_string()),
+                None => return out,
+            }
+        }
+    }
+
+    /// Creates the activity and the resolution-hierarchy machine on it; returns their ARNs.
+    async fn hierarchy_machine(&self, name: &str) -> (String, String) {
+        let activity = self
+            .sfn
+            .create_activity()
+            .name(name)
+            .send()
+            .await
+            .unwrap()
+            .activity_arn()
+            .to_string();
+        let definition =
+            asl("resolution-hierarchy.asl.json").replace("${DownsampleActivityArn}", &activity);
+        let machine = self
+            .sfn
+            .create_state_machine()
+            .name(name)
+            .definition(definition)
+            .role_arn("arn:aws:iam::000000000000:role/cuboids-test")
+            .send()
+            .await
+            .unwrap()
+            .state_machine_arn()
+            .to_string();
+        (activity, machine)
+    }
+
+    /// `cuboids worker` on the activity, against both services.
+    fn worker(&self, activity: &str) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_cuboids"))
+            .args([
+                "worker",
+                "--activity-arn",
+                activity,
+                "--heartbeat-seconds",
+                "2",
+            ])
+            .envs(self.moto.aws_env("AWS_ENDPOINT_URL"))
+            .env("AWS_ENDPOINT_URL_SFN", &self.sfn_stack.endpoint)
+            .env("CUBOIDS_LOG_FORMAT", "text")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Starts an execution and waits for it to end; returns its status, error and output.
+    async fn execute(&self, machine: &str, input: &Value) -> (ExecutionStatus, Value) {
+        let arn = self
+            .sfn
+            .start_execution()
+            .state_machine_arn(machine)
+            .input(input.to_string())
+            .send()
+            .await
+            .unwrap()
+            .execution_arn()
+            .to_string();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let d = self
+                .sfn
+                .describe_execution()
+                .execution_arn(&arn)
+                .send()
+                .await
+                .unwrap();
+            if *d.status() != ExecutionStatus::Running {
+                let detail = json!({
+                    "output": d.output().map(|o| serde_json::from_str::<Value>(o).unwrap()),
+                    "error": d.error(),
+                    "cause": d.cause(),
+                });
+                return (d.status().clone(), detail);
+            }
+            assert!(Instant::now() < deadline, "execution {arn} still running");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn stop(mut worker: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status();
+    let status = worker.wait().unwrap();
+    assert!(status.success(), "the worker exited {status} on SIGTERM");
+}
+
+fn channel_volume() -> Volume {
+    let data = (0..SHAPE.iter().product::<usize>())
+        .map(|i| {
+            let (x, y, z) = (
+                i % SHAPE[0],
+                i / SHAPE[0] % SHAPE[1],
+                i / SHAPE[0] / SHAPE[1],
+            );
+            ((x / 3 + y / 5 + z * 7) % 200 + (x * 7919 + y * 104729 + z * 1299709) % 13) as u8
+        })
+        .collect();
+    Volume::from_bytes(DataType::Uint8, SHAPE, 1, data).unwrap()
+}
+
+/// The hierarchy machine loops its activity step (cuboids worker) while the returned document
+/// says `res_lt_max`: the execution succeeds with every resolution written exactly as one
+/// in-process run of all levels writes it. A document the worker refuses ends the execution
+/// FAILED with the cuboids.* error name, not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resolution_hierarchy_machine_runs_the_worker_to_the_last_level() {
+    if std::env::var_os("CUBOIDS_LOCALSTACK_PYTHON").is_none() {
+        // scripts/test sets it wherever a Python >= 3.12 exists, and says so where none does.
+        eprintln!("NOT RUN: CUBOIDS_LOCALSTACK_PYTHON is not set (no LocalStack to execute ASL)");
+        return;
+    }
+    let services = Services::start().await;
+    let vol = channel_volume();
+    services
+        .channel("machine.bucket", "machine.index", &vol)
+        .await;
+    let reference = services
+        .channel("reference.bucket", "reference.index", &vol)
+        .await;
+    let (activity, machine) = services.hierarchy_machine("hierarchy").await;
+    let worker = services.worker(&activity);
+
+    let t = Instant::now();
+    let (status, detail) = services
+        .execute(&machine, &job("machine.bucket", "machine.index"))
+        .await;
+    assert_eq!(status, ExecutionStatus::Succeeded, "{detail}");
+    let seconds = t.elapsed().as_secs_f64();
+    let output = &detail["output"];
+    assert_eq!(output["msg"]["res_lt_max"], false, "{output}");
+    assert_eq!(output["msg"]["resolution"], RESOLUTION_MAX - 1, "{output}");
+
+    let ctx = Arc::new(cuboids::gpu::GpuContext::new().unwrap());
+    run_all_levels(
+        ctx,
+        &reference,
+        &job("reference.bucket", "reference.index"),
+        1 << 30,
+    )
+    .await
+    .unwrap();
+    let (got, want) = (
+        services.objects("machine.bucket").await,
+        services.objects("reference.bucket").await,
+    );
+    for resolution in 1..RESOLUTION_MAX {
+        let part = format!("&1024&{resolution}&");
+        assert!(
+            got.keys().any(|k| k.contains(&part)),
+            "no cuboid of resolution {resolution}"
+        );
+    }
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        got == want,
+        "the machine's cuboids differ from one in-process run"
+    );
+    eprintln!(
+        "hierarchy: {} cuboids over resolutions 0-{} in {seconds:.1} s",
+        got.len(),
+        RESOLUTION_MAX - 1
+    );
+
+    // A permanent failure: the execution fails with the worker's error name, at once.
+    let mut bad = job("machine.bucket", "machine.index");
+    bad["msg"]["data_type"] = json!("complex128");
+    let (status, detail) = services.execute(&machine, &bad).await;
+    assert_eq!(status, ExecutionStatus::Failed, "{detail}");
+    assert_eq!(detail["error"], "cuboids.InvalidTask", "{detail}");
+    assert!(
+        detail["cause"]
+            .as_str()
+            .unwrap_or("")
+            .contains("msg.data_type"),
+        "{detail}"
+    );
+    stop(worker);
+}
