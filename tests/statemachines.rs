@@ -4,7 +4,7 @@
 
 mod common;
 
-use aws_sdk_sfn::types::ExecutionStatus;
+use aws_sdk_sfn::types::{ExecutionStatus, HistoryEventType};
 use common::{LocalStack, S3Server};
 use cuboids::dtype::DataType;
 use cuboids::formats::boss::{encode_cuboid, CuboidId, CUBOID};
@@ -142,6 +142,15 @@ impl Services {
 
     /// Creates the activity and the resolution-hierarchy machine on it; returns their ARNs.
     async fn hierarchy_machine(&self, name: &str) -> (String, String) {
+        self.hierarchy_machine_with(name, &[]).await
+    }
+
+    /// [`Self::hierarchy_machine`] with text replacements in its ASL (shorter timings).
+    async fn hierarchy_machine_with(
+        &self,
+        name: &str,
+        replace: &[(&str, &str)],
+    ) -> (String, String) {
         let activity = self
             .sfn
             .create_activity()
@@ -151,8 +160,12 @@ impl Services {
             .unwrap()
             .activity_arn()
             .to_string();
-        let definition =
+        let mut definition =
             asl("resolution-hierarchy.asl.json").replace("${DownsampleActivityArn}", &activity);
+        for (from, to) in replace {
+            assert!(definition.contains(from), "{from} is not in the machine");
+            definition = definition.replace(from, to);
+        }
         let machine = self
             .sfn
             .create_state_machine()
@@ -169,15 +182,24 @@ impl Services {
 
     /// `cuboids worker` on the activity, against both services.
     fn worker(&self, activity: &str) -> Child {
+        self.worker_named(activity, "worker", &self.moto.endpoint)
+    }
+
+    /// A worker called `name` whose S3 and DynamoDB requests go to `storage` (a broken endpoint
+    /// makes a failing or a stuck worker).
+    fn worker_named(&self, activity: &str, name: &str, storage: &str) -> Child {
         Command::new(env!("CARGO_BIN_EXE_cuboids"))
             .args([
                 "worker",
                 "--activity-arn",
                 activity,
                 "--heartbeat-seconds",
-                "2",
+                "1",
             ])
+            .args(["--worker-name", name])
             .envs(self.moto.aws_env("AWS_ENDPOINT_URL"))
+            .env("AWS_ENDPOINT_URL", storage)
+            .env("AWS_MAX_ATTEMPTS", "1")
             .env("AWS_ENDPOINT_URL_SFN", &self.sfn_stack.endpoint)
             .env("CUBOIDS_LOG_FORMAT", "text")
             .stdout(Stdio::null())
@@ -188,8 +210,12 @@ impl Services {
 
     /// Starts an execution and waits for it to end; returns its status, error and output.
     async fn execute(&self, machine: &str, input: &Value) -> (ExecutionStatus, Value) {
-        let arn = self
-            .sfn
+        let arn = self.start_execution(machine, input).await;
+        self.finish(&arn).await
+    }
+
+    async fn start_execution(&self, machine: &str, input: &Value) -> String {
+        self.sfn
             .start_execution()
             .state_machine_arn(machine)
             .input(input.to_string())
@@ -197,13 +223,61 @@ impl Services {
             .await
             .unwrap()
             .execution_arn()
-            .to_string();
+            .to_string()
+    }
+
+    /// The execution's history events (type, and for activity events the worker or error).
+    async fn history(&self, arn: &str) -> Vec<(HistoryEventType, String)> {
+        let events = self
+            .sfn
+            .get_execution_history()
+            .execution_arn(arn)
+            .max_results(1000)
+            .send()
+            .await
+            .unwrap();
+        events
+            .events()
+            .iter()
+            .map(|e| {
+                let detail = if let Some(d) = e.activity_started_event_details() {
+                    d.worker_name().unwrap_or_default().to_string()
+                } else if let Some(d) = e.activity_failed_event_details() {
+                    d.error().unwrap_or_default().to_string()
+                } else {
+                    String::new()
+                };
+                (e.r#type().clone(), detail)
+            })
+            .collect()
+    }
+
+    /// Waits until the execution's history has an event that `wanted` accepts.
+    async fn wait_for_event(
+        &self,
+        arn: &str,
+        what: &str,
+        wanted: impl Fn(&(HistoryEventType, String)) -> bool,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !self.history(arn).await.iter().any(&wanted) {
+            assert!(
+                Instant::now() < deadline,
+                "no {what} in {:?}",
+                self.history(arn).await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits for an execution to end; returns its status, error and output.
+    async fn finish(&self, arn: &str) -> (ExecutionStatus, Value) {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let d = self
                 .sfn
                 .describe_execution()
-                .execution_arn(&arn)
+                .execution_arn(arn)
                 .send()
                 .await
                 .unwrap();
@@ -323,4 +397,90 @@ async fn the_resolution_hierarchy_machine_runs_the_worker_to_the_last_level() {
         "{detail}"
     );
     stop(worker);
+}
+
+/// The hierarchy's Retry, exercised with the real worker: an attempt that fails with a retryable
+/// error (cuboids.StorageError: a worker whose storage refuses connections) and an attempt whose
+/// worker is killed mid-task (its heartbeats stop: States.Timeout) are both retried, and another
+/// worker finishes the hierarchy, with the same cuboids as one in-process run. The machine is
+/// the shipped ASL with shorter waits (heartbeat 4 s, retry interval 1 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_and_lost_attempts_are_retried_until_a_worker_finishes() {
+    if std::env::var_os("CUBOIDS_LOCALSTACK_PYTHON").is_none() {
+        eprintln!("NOT RUN: CUBOIDS_LOCALSTACK_PYTHON is not set (no LocalStack to execute ASL)");
+        return;
+    }
+    let services = Services::start().await;
+    let vol = channel_volume();
+    services.channel("retry.bucket", "retry.index", &vol).await;
+    let reference = services
+        .channel("reference.bucket", "reference.index", &vol)
+        .await;
+    let (activity, machine) = services
+        .hierarchy_machine_with(
+            "retried",
+            &[
+                ("\"HeartbeatSeconds\": 300", "\"HeartbeatSeconds\": 4"),
+                ("\"IntervalSeconds\": 30", "\"IntervalSeconds\": 1"),
+            ],
+        )
+        .await;
+    // Storage that refuses connections: a port that was just free.
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    // Storage that accepts and never answers: the worker hangs inside its task.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stuck = format!("http://{}", silent.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming() {
+            held.push(c);
+        }
+    });
+
+    let arn = services
+        .start_execution(&machine, &job("retry.bucket", "retry.index"))
+        .await;
+    let failing = services.worker_named(&activity, "failing", &refused);
+    services
+        .wait_for_event(&arn, "a cuboids.StorageError attempt", |(t, d)| {
+            *t == HistoryEventType::ActivityFailed && d == "cuboids.StorageError"
+        })
+        .await;
+    stop(failing);
+    let mut hanging = services.worker_named(&activity, "hanging", &stuck);
+    services
+        .wait_for_event(&arn, "the hanging worker's attempt", |(t, d)| {
+            *t == HistoryEventType::ActivityStarted && d == "hanging"
+        })
+        .await;
+    hanging.kill().unwrap();
+    hanging.wait().unwrap();
+    let good = services.worker_named(&activity, "good", &services.moto.endpoint);
+    let (status, detail) = services.finish(&arn).await;
+    assert_eq!(status, ExecutionStatus::Succeeded, "{detail}");
+    let history = services.history(&arn).await;
+    assert!(
+        history
+            .iter()
+            .any(|(t, _)| *t == HistoryEventType::ActivityTimedOut),
+        "no heartbeat timeout in {history:?}"
+    );
+    stop(good);
+
+    let ctx = Arc::new(cuboids::gpu::GpuContext::new().unwrap());
+    run_all_levels(
+        ctx,
+        &reference,
+        &job("reference.bucket", "reference.index"),
+        1 << 30,
+    )
+    .await
+    .unwrap();
+    assert!(
+        services.objects("retry.bucket").await == services.objects("reference.bucket").await,
+        "the retried hierarchy's cuboids differ from one in-process run"
+    );
 }
