@@ -15,6 +15,7 @@ use cuboids::task::boss_downsample::{run_all_levels, BossTarget};
 use cuboids::volume::Volume;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -482,5 +483,131 @@ async fn failed_and_lost_attempts_are_retried_until_a_worker_finishes() {
     assert!(
         services.objects("retry.bucket").await == services.objects("reference.bucket").await,
         "the retried hierarchy's cuboids differ from one in-process run"
+    );
+}
+
+/// The segmentation machine's activity runner: `"runner": "activity"` hands every task of each
+/// stage of a staged connected-components plan to `cuboids worker` as a manifest reference, stage
+/// after stage, and the output equals the single-process run's; the Batch runner stays the
+/// default (its states are checked in tests/infra.rs; LocalStack does not emulate Batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
+    use cuboids::runtime::segmentation::write_float_volume;
+    if std::env::var_os("CUBOIDS_LOCALSTACK_PYTHON").is_none() {
+        eprintln!("NOT RUN: CUBOIDS_LOCALSTACK_PYTHON is not set (no LocalStack to execute ASL)");
+        return;
+    }
+    let services = Services::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let shape = [64, 48, 24];
+    let mut rng = common::Rng::new(17);
+    let values: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|_| rng.below(1000) as f32 / 1000.0)
+        .collect();
+    let input = dir.path().join("prob");
+    write_float_volume(
+        &input,
+        &[&values],
+        shape,
+        cuboids::formats::precomputed::WriteOptions { gzip_level: 0 },
+    )
+    .await
+    .unwrap();
+    let cli = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_cuboids"))
+            .args(args)
+            .env("CUBOIDS_LOG_FORMAT", "text")
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o.stdout
+    };
+    let (single, staged) = (dir.path().join("single"), dir.path().join("staged"));
+    let common_args = |output: &Path| {
+        vec![
+            "--input".to_string(),
+            input.to_str().unwrap().to_string(),
+            "--output".to_string(),
+            output.to_str().unwrap().to_string(),
+            "--threshold".to_string(),
+            "0.5".to_string(),
+            "--dust".to_string(),
+            "3".to_string(),
+            "--chunk-size".to_string(),
+            "16,16,8".to_string(),
+            "--output-chunk-size".to_string(),
+            "8,8,4".to_string(),
+        ]
+    };
+    let mut args = vec!["connected-components".to_string()];
+    args.extend(common_args(&single));
+    cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let manifests = format!("{}/", dir.path().join("plan").display());
+    let mut args = vec!["plan".to_string(), "connected-components".to_string()];
+    args.extend(common_args(&staged));
+    args.extend(["--task-mib", "0", "--manifests", &manifests].map(String::from));
+    let plan: Value =
+        serde_json::from_slice(&cli(&args.iter().map(String::as_str).collect::<Vec<_>>())).unwrap();
+    let blocks = plan["stages"][0]["tasks"].as_u64().unwrap();
+    assert!(blocks >= 8, "{plan}");
+
+    let activity = services
+        .sfn
+        .create_activity()
+        .name("segmentation")
+        .send()
+        .await
+        .unwrap()
+        .activity_arn()
+        .to_string();
+    let definition = asl("segment.asl.json")
+        .replace("${DownsampleActivityArn}", &activity)
+        .replace(
+            "${JobQueueArn}",
+            "arn:aws:batch:us-east-1:000000000000:job-queue/unused",
+        )
+        .replace(
+            "${JobDefinitionArn}",
+            "arn:aws:batch:us-east-1:000000000000:job-definition/unused",
+        );
+    let machine = services
+        .sfn
+        .create_state_machine()
+        .name("segmentation")
+        .definition(definition)
+        .role_arn("arn:aws:iam::000000000000:role/cuboids-test")
+        .send()
+        .await
+        .unwrap()
+        .state_machine_arn()
+        .to_string();
+    // Two workers, as a fleet would poll.
+    let workers = [
+        services.worker_named(&activity, "one", &services.moto.endpoint),
+        services.worker_named(&activity, "two", &services.moto.endpoint),
+    ];
+    let mut input = plan.clone();
+    input["job_name"] = json!("cc");
+    input["runner"] = json!("activity");
+    let t = Instant::now();
+    let (status, detail) = services.execute(&machine, &input).await;
+    assert_eq!(status, ExecutionStatus::Succeeded, "{detail}");
+    eprintln!(
+        "segmentation machine: {} stages, {blocks} blocks, {:.1} s",
+        plan["stages"].as_array().unwrap().len(),
+        t.elapsed().as_secs_f64()
+    );
+    for w in workers {
+        stop(w);
+    }
+    assert!(staged.join("info").exists(), "finalize wrote no info");
+    assert_eq!(
+        common::read_labels(&staged).await,
+        common::read_labels(&single).await,
+        "the plan run by the machine differs from the single process"
     );
 }

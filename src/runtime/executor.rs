@@ -100,6 +100,32 @@ impl Executor {
         &self.sdk
     }
 
+    /// Runs line `index` of a manifest (which must not itself be a manifest reference).
+    async fn manifest_task(
+        &self,
+        t: &crate::task::spec::ManifestTask,
+        cancel: &CancellationToken,
+    ) -> Result<TaskOutput, TaskFailure> {
+        let context = format!("task {} of manifest {}", t.index, t.manifest);
+        let mut tasks = crate::runtime::batch::read_manifest(&t.manifest, &self.sdk)
+            .await
+            .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        if t.index >= tasks.len() {
+            return Err(TaskFailure::new(
+                FailureKind::InvalidTask,
+                format!("{context}: the manifest has {} tasks", tasks.len()),
+            ));
+        }
+        let task = tasks.swap_remove(t.index);
+        if let Task::ManifestTask(_) = task {
+            return Err(TaskFailure::new(
+                FailureKind::InvalidTask,
+                format!("{context}: names another manifest task, not a task"),
+            ));
+        }
+        Box::pin(self.run(&task, cancel)).await
+    }
+
     /// The GPU context, opened by the first task that needs it.
     pub async fn gpu(&self) -> Result<Arc<GpuContext>, TaskFailure> {
         self.gpu
@@ -140,6 +166,7 @@ impl Executor {
                     self.stage_task("connected-components", t, cancel).await
                 }
                 Task::SegmentStage(t) => self.stage_task("segment", t, cancel).await,
+                Task::ManifestTask(t) => self.manifest_task(t, cancel).await,
                 Task::BossDownsample(t) => tokio::select! {
                     r = self.boss_downsample(t) => r,
                     _ = cancel.cancelled() => Err(TaskFailure::new(

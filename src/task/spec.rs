@@ -35,6 +35,19 @@ pub enum Task {
     ConnectedComponentsStage(ComponentsStageTask),
     /// One task of a staged segment plan (`cuboids plan segment`).
     SegmentStage(SegmentStageTask),
+    /// Task `index` (from 0) of a manifest: how a state machine hands a plan's stage tasks to
+    /// activity workers one by one, as Batch hands them to array children by index.
+    ManifestTask(ManifestTask),
+}
+
+/// A reference to one line of a manifest (`cuboids plan ... --manifests` writes them).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestTask {
+    /// The manifest: a JSON-lines file or `s3://` object.
+    pub manifest: String,
+    /// The task's line among the manifest's tasks, from 0.
+    pub index: usize,
 }
 
 /// The stages of a staged plan, run in this order; tasks within a stage in any order.
@@ -397,6 +410,7 @@ impl Task {
             Task::SegmentStage(t) => {
                 t.describe("segment", &t.plan.work.affinity, &t.plan.work.output)
             }
+            Task::ManifestTask(t) => format!("task {} of manifest {}", t.index, t.manifest),
         }
     }
 }
