@@ -394,7 +394,7 @@ async fn the_resolution_hierarchy_machine_runs_the_worker_to_the_last_level() {
         detail["cause"]
             .as_str()
             .unwrap_or("")
-            .contains("msg.data_type"),
+            .contains("msg.data_type is \"complex128\""),
         "{detail}"
     );
     stop(worker);

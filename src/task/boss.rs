@@ -10,8 +10,13 @@ use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq)]
 pub enum JobError {
-    #[error("job document: missing or invalid field {0} (expected {1})")]
-    Field(String, &'static str),
+    #[error("job document: field {field} is {found}; expected {expected}")]
+    Field {
+        field: String,
+        expected: &'static str,
+        /// What the document holds there (JSON), or "missing".
+        found: String,
+    },
     #[error("job document: msg.type is {0:?}; expected \"isotropic\" or \"anisotropic\"")]
     Type(String),
 }
@@ -38,22 +43,32 @@ pub struct Pass {
     pub cuboids: (Vec3, Vec3),
 }
 
+/// The error for field `name` of `msg`, naming what it holds.
+fn bad(msg: &Map<String, Value>, name: &str, expected: &'static str) -> JobError {
+    JobError::Field {
+        field: format!("msg.{name}"),
+        expected,
+        found: msg
+            .get(name)
+            .map_or_else(|| "missing".to_string(), Value::to_string),
+    }
+}
+
 fn field<'a>(msg: &'a Map<String, Value>, name: &str) -> Result<&'a Value, JobError> {
-    msg.get(name)
-        .ok_or_else(|| JobError::Field(format!("msg.{name}"), "present"))
+    msg.get(name).ok_or_else(|| bad(msg, name, "present"))
 }
 
 fn uint(msg: &Map<String, Value>, name: &str) -> Result<u64, JobError> {
     field(msg, name)?
         .as_u64()
-        .ok_or_else(|| JobError::Field(format!("msg.{name}"), "a non-negative integer"))
+        .ok_or_else(|| bad(msg, name, "a non-negative integer"))
 }
 
 fn text(msg: &Map<String, Value>, name: &str) -> Result<String, JobError> {
     field(msg, name)?
         .as_str()
         .map(str::to_string)
-        .ok_or_else(|| JobError::Field(format!("msg.{name}"), "a string"))
+        .ok_or_else(|| bad(msg, name, "a string"))
 }
 
 fn frame(msg: &Map<String, Value>, prefix: &str) -> Result<(Vec3, Vec3), JobError> {
@@ -68,7 +83,13 @@ fn frame(msg: &Map<String, Value>, prefix: &str) -> Result<(Vec3, Vec3), JobErro
 fn msg_of(doc: &Value) -> Result<&Map<String, Value>, JobError> {
     doc.get("msg")
         .and_then(Value::as_object)
-        .ok_or_else(|| JobError::Field("msg".into(), "an object"))
+        .ok_or_else(|| JobError::Field {
+            field: "msg".into(),
+            expected: "an object",
+            found: doc
+                .get("msg")
+                .map_or_else(|| "missing".into(), Value::to_string),
+        })
 }
 
 /// The channel a job document names, and where its cuboids and index live.
@@ -88,12 +109,7 @@ pub fn channel_of(doc: &Value) -> Result<Channel, JobError> {
     let msg = msg_of(doc)?;
     let dtype = match DataType::parse(&text(msg, "data_type")?) {
         Some(d @ (DataType::Uint8 | DataType::Uint16 | DataType::Uint64)) => d,
-        _ => {
-            return Err(JobError::Field(
-                "msg.data_type".into(),
-                "uint8, uint16 or uint64",
-            ))
-        }
+        _ => return Err(bad(msg, "data_type", "uint8, uint16 or uint64")),
     };
     Ok(Channel {
         collection: uint(msg, "collection_id")?,
@@ -102,7 +118,7 @@ pub fn channel_of(doc: &Value) -> Result<Channel, JobError> {
         dtype,
         annotation: field(msg, "annotation_channel")?
             .as_bool()
-            .ok_or_else(|| JobError::Field("msg.annotation_channel".into(), "a boolean"))?,
+            .ok_or_else(|| bad(msg, "annotation_channel", "a boolean"))?,
         bucket: text(msg, "s3_bucket")?,
         index_table: text(msg, "s3_index")?,
     })
@@ -321,8 +337,20 @@ mod tests {
         doc["msg"].as_object_mut().unwrap().remove("z_stop");
         assert_eq!(
             next_document(&doc).unwrap_err().to_string(),
-            "job document: missing or invalid field msg.z_stop (expected present)"
+            "job document: field msg.z_stop is missing; expected present"
         );
+        let mut doc = example();
+        doc["msg"]["data_type"] = json!("complex128");
+        assert_eq!(
+            channel_of(&doc).unwrap_err().to_string(),
+            "job document: field msg.data_type is \"complex128\"; expected uint8, uint16 or uint64"
+        );
+        let mut doc = example();
+        doc["msg"]["x_stop"] = json!(-3);
+        assert!(next_document(&doc)
+            .unwrap_err()
+            .to_string()
+            .contains("field msg.x_stop is -3; expected a non-negative integer"));
         let mut doc = example();
         doc["msg"]["type"] = json!("slice");
         assert!(next_document(&doc)
