@@ -182,13 +182,13 @@ impl Services {
     }
 
     /// `cuboids worker` on the activity, against both services.
-    fn worker(&self, activity: &str) -> Child {
+    fn worker(&self, activity: &str) -> Worker {
         self.worker_named(activity, "worker", &self.moto.endpoint)
     }
 
     /// A worker called `name` whose S3 and DynamoDB requests go to `storage` (a broken endpoint
     /// makes a failing or a stuck worker).
-    fn worker_named(&self, activity: &str, name: &str, storage: &str) -> Child {
+    fn worker_named(&self, activity: &str, name: &str, storage: &str) -> Worker {
         Command::new(env!("CARGO_BIN_EXE_cuboids"))
             .args([
                 "worker",
@@ -206,6 +206,7 @@ impl Services {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
+            .map(Worker)
             .unwrap()
     }
 
@@ -296,11 +297,22 @@ impl Services {
     }
 }
 
-fn stop(mut worker: Child) {
+/// A worker process, killed if a failing test drops it before [`stop`].
+struct Worker(Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Stops a worker as ECS or a shutdown would (SIGTERM); it must exit 0.
+fn stop(mut worker: Worker) {
     let _ = Command::new("kill")
-        .args(["-TERM", &worker.id().to_string()])
+        .args(["-TERM", &worker.0.id().to_string()])
         .status();
-    let status = worker.wait().unwrap();
+    let status = worker.0.wait().unwrap();
     assert!(status.success(), "the worker exited {status} on SIGTERM");
 }
 
@@ -457,8 +469,8 @@ async fn failed_and_lost_attempts_are_retried_until_a_worker_finishes() {
             *t == HistoryEventType::ActivityStarted && d == "hanging"
         })
         .await;
-    hanging.kill().unwrap();
-    hanging.wait().unwrap();
+    hanging.0.kill().unwrap();
+    hanging.0.wait().unwrap();
     let good = services.worker_named(&activity, "good", &services.moto.endpoint);
     let (status, detail) = services.finish(&arn).await;
     assert_eq!(status, ExecutionStatus::Succeeded, "{detail}");
