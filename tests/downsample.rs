@@ -348,3 +348,29 @@ async fn volumes_in_s3_downsample_like_local_ones() {
     let from_mip1 = downsample_cpu(&expected[0], Method::Average, Factor::ANISOTROPIC, 1).unwrap();
     assert!(mip2 == from_mip1[0], "mip 2 written by the CLI differs");
 }
+
+/// The report's codec accounting: gzipped source chunks cost decode time and gzipped outputs
+/// encode time (CPU time of the threads that did it), and the codec limit is their sum over the
+/// cores, which the printed report states.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_give_the_codecs_core_seconds_and_the_codec_limit() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("vol");
+    let input = random_volume(&mut Rng::new(4), DataType::Uint8, [256, 256, 32], 1);
+    let vol = make(&dir, LayerType::Image, &input, [64, 64, 16], [0; 3], 6).await;
+    let opts = DownsampleOptions {
+        num_mips: 2,
+        write: WriteOptions { gzip_level: 6 },
+        ..Default::default()
+    };
+    let report = downsample(gpu_compute(), &vol, &opts).await.unwrap();
+    assert!(report.decode_cpu > std::time::Duration::ZERO, "{report:?}");
+    assert!(report.encode_cpu > std::time::Duration::ZERO, "{report:?}");
+    assert!(report.cores >= 1);
+    assert_eq!(
+        report.codec_limit(),
+        (report.decode_cpu + report.encode_cpu) / report.cores as u32
+    );
+    let text = report.describe("vol").join("\n");
+    assert!(text.contains("codec limit"), "{text}");
+}

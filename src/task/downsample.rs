@@ -12,8 +12,8 @@ use crate::formats::precomputed::sharding::{
     ShardingSpec,
 };
 use crate::formats::precomputed::{
-    check_scale_readable, check_scale_supported, chunk_grid, chunk_key, encode_chunk, Precomputed,
-    PrecomputedError, WriteOptions,
+    check_scale_readable, check_scale_supported, chunk_grid, chunk_key, codec_cpu_time,
+    encode_chunk, Precomputed, PrecomputedError, WriteOptions,
 };
 use crate::geometry::{pow3, voxels, Box3, Vec3};
 use crate::gpu::downsample::{submit_channel_gpu, PendingSlab};
@@ -151,12 +151,23 @@ pub struct DownsampleReport {
     pub read: Duration,
     pub compute: Duration,
     pub write: Duration,
+    /// CPU time spent decoding source chunks and encoding output chunks (summed over threads).
+    pub decode_cpu: Duration,
+    pub encode_cpu: Duration,
+    /// The cores this process may use.
+    pub cores: usize,
 }
 
 impl DownsampleReport {
     /// Source voxels per second, in millions: the throughput figure igneous users compare.
     pub fn mvx_per_s(&self) -> f64 {
         self.input_voxels as f64 / 1e6 / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    /// The shortest wall time the codecs allow on this machine: their CPU time spread over every
+    /// core, as if reading, pooling and writing cost nothing else.
+    pub fn codec_limit(&self) -> Duration {
+        (self.decode_cpu + self.encode_cpu) / self.cores.max(1) as u32
     }
 
     /// The report for people: throughput and counts, then each stage's busy time.
@@ -183,6 +194,14 @@ impl DownsampleReport {
                 } else {
                     format!("; new scales {}", self.new_scales.join(", "))
                 }
+            ),
+            format!(
+                "  codecs: decode {:.2} + encode {:.2} core-s on {} cores: codec limit {:.2} s, this run {:.2}x it",
+                self.decode_cpu.as_secs_f64(),
+                self.encode_cpu.as_secs_f64(),
+                self.cores,
+                self.codec_limit().as_secs_f64(),
+                self.wall.as_secs_f64() / self.codec_limit().as_secs_f64().max(1e-9),
             ),
         ]
     }
@@ -418,6 +437,7 @@ pub async fn downsample(
         slab_limit,
         written: written.clone(),
     };
+    let (decode_before, encode_before) = codec_cpu_time();
     let result = job.run(tiles).await;
     match result {
         Ok(mut report) => {
@@ -426,6 +446,10 @@ pub async fn downsample(
             }
             report.new_scales = added;
             report.wall = started.elapsed();
+            let (decode, encode) = codec_cpu_time();
+            report.decode_cpu = decode.saturating_sub(decode_before);
+            report.encode_cpu = encode.saturating_sub(encode_before);
+            report.cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             Ok(report)
         }
         Err(e) => {

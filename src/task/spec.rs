@@ -504,6 +504,9 @@ impl DownsampleTask {
             "new_scales": r.new_scales,
             "seconds": r.wall.as_secs_f64(),
             "mvx_per_s": r.mvx_per_s(),
+            "decode_core_seconds": r.decode_cpu.as_secs_f64(),
+            "encode_core_seconds": r.encode_cpu.as_secs_f64(),
+            "codec_limit_seconds": r.codec_limit().as_secs_f64(),
         })
     }
 }

@@ -14,7 +14,9 @@ use futures::{StreamExt, TryStreamExt};
 use info::{Encoding, Info, Scale};
 use sharding::ShardReader;
 use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use thiserror::Error;
 
 pub use info::LayerType;
@@ -577,8 +579,61 @@ pub fn gzip(data: &[u8], level: u32) -> Vec<u8> {
     out
 }
 
+/// CPU time (nanoseconds, summed over threads) this process has spent decoding and encoding
+/// chunks: gunzip/gzip and compressed_segmentation. A run's share, divided by the cores, is its
+/// codec limit: no faster pipeline can beat it.
+static DECODE_NANOS: AtomicU64 = AtomicU64::new(0);
+static ENCODE_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// (decode, encode) CPU time so far in this process; a run reports the difference over its span
+/// (tasks that run at once in one process share the counters).
+pub fn codec_cpu_time() -> (Duration, Duration) {
+    (
+        Duration::from_nanos(DECODE_NANOS.load(Ordering::Relaxed)),
+        Duration::from_nanos(ENCODE_NANOS.load(Ordering::Relaxed)),
+    )
+}
+
+/// This thread's CPU time (Linux and other Unix), in nanoseconds; elsewhere 0.
+fn thread_cpu_nanos() -> u64 {
+    #[cfg(unix)]
+    {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec, which `t` is.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } == 0 {
+            return t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64;
+        }
+    }
+    0
+}
+
+/// Runs `f`, adding the CPU time it took on this thread to `counter`.
+fn timed_on_cpu<T>(counter: &AtomicU64, f: impl FnOnce() -> T) -> T {
+    let start = thread_cpu_nanos();
+    let out = f();
+    counter.fetch_add(thread_cpu_nanos().saturating_sub(start), Ordering::Relaxed);
+    out
+}
+
 /// Decodes one stored chunk into voxels of `shape`.
 pub fn decode_chunk(
+    key: &str,
+    data: Vec<u8>,
+    encoding: ContentEncoding,
+    scale: &Scale,
+    dtype: DataType,
+    channels: usize,
+    shape: Vec3,
+) -> Result<Volume, PrecomputedError> {
+    timed_on_cpu(&DECODE_NANOS, || {
+        decode_chunk_untimed(key, data, encoding, scale, dtype, channels, shape)
+    })
+}
+
+fn decode_chunk_untimed(
     key: &str,
     data: Vec<u8>,
     encoding: ContentEncoding,
@@ -624,6 +679,14 @@ pub fn decode_chunk(
 
 /// Encodes voxels as a stored chunk: the scale's encoding, then gzip unless the level is 0.
 pub fn encode_chunk(
+    vol: &Volume,
+    scale: &Scale,
+    opts: WriteOptions,
+) -> Result<(Vec<u8>, ContentEncoding), PrecomputedError> {
+    timed_on_cpu(&ENCODE_NANOS, || encode_chunk_untimed(vol, scale, opts))
+}
+
+fn encode_chunk_untimed(
     vol: &Volume,
     scale: &Scale,
     opts: WriteOptions,
