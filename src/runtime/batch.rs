@@ -39,11 +39,13 @@ pub enum BatchError {
         #[source]
         source: SpecError,
     },
-    #[error("manifest {location} has {count} tasks; task {index} (AWS_BATCH_JOB_ARRAY_INDEX + offset) does not exist")]
+    #[error("manifest {location} has {count} tasks; task {index} ({from}) does not exist")]
     NoSuchTask {
         location: String,
         count: usize,
         index: usize,
+        /// Where the index came from, for the reader.
+        from: &'static str,
     },
     #[error("manifest {location} has {count} tasks but AWS_BATCH_JOB_ARRAY_INDEX is not set: submit it as an array job")]
     NotAnArrayJob { location: String, count: usize },
@@ -127,6 +129,25 @@ pub enum TaskSource {
     Task(String),
 }
 
+/// Task `index` (from 0) of a manifest; `from` says where the index came from, for the error.
+pub async fn manifest_task(
+    location: &str,
+    index: usize,
+    from: &'static str,
+    sdk: &aws_config::SdkConfig,
+) -> Result<Task, BatchError> {
+    let mut tasks = read_manifest(location, sdk).await?;
+    if index >= tasks.len() {
+        return Err(BatchError::NoSuchTask {
+            location: location.to_string(),
+            count: tasks.len(),
+            index,
+            from,
+        });
+    }
+    Ok(tasks.swap_remove(index))
+}
+
 /// Picks this job's task: array index + offset in a manifest, or the one given.
 pub async fn job_task(
     source: &TaskSource,
@@ -134,38 +155,29 @@ pub async fn job_task(
     sdk: &aws_config::SdkConfig,
 ) -> Result<Task, BatchError> {
     match source {
-        TaskSource::Manifest { location, offset } => {
-            let mut tasks = read_manifest(location, sdk).await?;
-            let count = tasks.len();
-            let index = match array_index {
-                Some(i) => {
-                    i.trim()
-                        .parse::<usize>()
-                        .map_err(|_| BatchError::BadIndex(i))?
-                        + offset
-                }
-                None if count == 1 => 0,
-                None if count == 0 => {
-                    return Err(BatchError::EmptyManifest {
+        TaskSource::Manifest { location, offset } => match array_index {
+            Some(i) => {
+                let index = i
+                    .trim()
+                    .parse::<usize>()
+                    .map_err(|_| BatchError::BadIndex(i))?
+                    + offset;
+                manifest_task(location, index, "AWS_BATCH_JOB_ARRAY_INDEX + offset", sdk).await
+            }
+            None => {
+                let mut tasks = read_manifest(location, sdk).await?;
+                match tasks.len() {
+                    1 => Ok(tasks.remove(0)),
+                    0 => Err(BatchError::EmptyManifest {
                         location: location.clone(),
-                    })
-                }
-                None => {
-                    return Err(BatchError::NotAnArrayJob {
+                    }),
+                    count => Err(BatchError::NotAnArrayJob {
                         location: location.clone(),
                         count,
-                    })
+                    }),
                 }
-            };
-            if index >= count {
-                return Err(BatchError::NoSuchTask {
-                    location: location.clone(),
-                    count,
-                    index,
-                });
             }
-            Ok(tasks.swap_remove(index))
-        }
+        },
         TaskSource::Task(text) if text.trim_start().starts_with('{') => Task::from_json(text)
             .map_err(|source| BatchError::Task {
                 location: "--task".into(),

@@ -106,21 +106,21 @@ impl Executor {
         t: &crate::task::spec::ManifestTask,
         cancel: &CancellationToken,
     ) -> Result<TaskOutput, TaskFailure> {
-        let context = format!("task {} of manifest {}", t.index, t.manifest);
-        let mut tasks = crate::runtime::batch::read_manifest(&t.manifest, &self.sdk)
-            .await
-            .map_err(|e| TaskFailure::from_error(&context, &e))?;
-        if t.index >= tasks.len() {
-            return Err(TaskFailure::new(
-                FailureKind::InvalidTask,
-                format!("{context}: the manifest has {} tasks", tasks.len()),
-            ));
-        }
-        let task = tasks.swap_remove(t.index);
+        let task = crate::runtime::batch::manifest_task(
+            &t.manifest,
+            t.index,
+            "the manifest-task's index",
+            &self.sdk,
+        )
+        .await
+        .map_err(|e| TaskFailure::from_error("manifest-task", &e))?;
         if let Task::ManifestTask(_) = task {
             return Err(TaskFailure::new(
                 FailureKind::InvalidTask,
-                format!("{context}: names another manifest task, not a task"),
+                format!(
+                    "manifest-task: task {} of manifest {} is another manifest task, not a task",
+                    t.index, t.manifest
+                ),
             ));
         }
         Box::pin(self.run(&task, cancel)).await

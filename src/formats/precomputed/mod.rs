@@ -610,12 +610,27 @@ fn thread_cpu_nanos() -> u64 {
     0
 }
 
-/// Runs `f`, adding the CPU time it took on this thread to `counter`.
-fn timed_on_cpu<T>(counter: &AtomicU64, f: impl FnOnce() -> T) -> T {
-    let start = thread_cpu_nanos();
-    let out = f();
-    counter.fetch_add(thread_cpu_nanos().saturating_sub(start), Ordering::Relaxed);
-    out
+/// Adds this thread's CPU time from its start to its drop to a counter, so that every return
+/// of the function holding it (errors included) counts.
+struct CpuTimer {
+    counter: &'static AtomicU64,
+    start: u64,
+}
+
+impl CpuTimer {
+    fn start(counter: &'static AtomicU64) -> CpuTimer {
+        CpuTimer {
+            counter,
+            start: thread_cpu_nanos(),
+        }
+    }
+}
+
+impl Drop for CpuTimer {
+    fn drop(&mut self) {
+        let spent = thread_cpu_nanos().saturating_sub(self.start);
+        self.counter.fetch_add(spent, Ordering::Relaxed);
+    }
 }
 
 /// Decodes one stored chunk into voxels of `shape`.
@@ -628,20 +643,7 @@ pub fn decode_chunk(
     channels: usize,
     shape: Vec3,
 ) -> Result<Volume, PrecomputedError> {
-    timed_on_cpu(&DECODE_NANOS, || {
-        decode_chunk_untimed(key, data, encoding, scale, dtype, channels, shape)
-    })
-}
-
-fn decode_chunk_untimed(
-    key: &str,
-    data: Vec<u8>,
-    encoding: ContentEncoding,
-    scale: &Scale,
-    dtype: DataType,
-    channels: usize,
-    shape: Vec3,
-) -> Result<Volume, PrecomputedError> {
+    let _timer = CpuTimer::start(&DECODE_NANOS);
     let data = match encoding {
         ContentEncoding::Identity => data,
         ContentEncoding::Gzip => {
@@ -683,14 +685,7 @@ pub fn encode_chunk(
     scale: &Scale,
     opts: WriteOptions,
 ) -> Result<(Vec<u8>, ContentEncoding), PrecomputedError> {
-    timed_on_cpu(&ENCODE_NANOS, || encode_chunk_untimed(vol, scale, opts))
-}
-
-fn encode_chunk_untimed(
-    vol: &Volume,
-    scale: &Scale,
-    opts: WriteOptions,
-) -> Result<(Vec<u8>, ContentEncoding), PrecomputedError> {
+    let _timer = CpuTimer::start(&ENCODE_NANOS);
     let data = match scale.encoding {
         Encoding::CompressedSegmentation => compressed_segmentation::encode(
             &vol.data,

@@ -401,14 +401,8 @@ impl Summary {
 
     fn decode(key: &str, bytes: &[u8]) -> Result<Summary, StagedError> {
         let mut r = Reader { bytes, at: 0, key };
-        let count = r.varint()?;
-        // Every entry takes a byte at least: a count past the bytes left is corrupt, not a
-        // reason to allocate.
-        r.check(
-            usize::try_from(count)
-                .unwrap_or(usize::MAX)
-                .saturating_mul(2),
-        )?;
+        // Per label a first voxel and a size.
+        let count = r.count_of_pairs()?;
         let mut s = Summary::default();
         let mut last = 0u64;
         for _ in 0..count {
@@ -421,8 +415,7 @@ impl Summary {
             s.sizes.push(r.varint()?);
         }
         for list in [&mut s.halo, &mut s.face] {
-            let n = r.varint()?;
-            r.check(usize::try_from(n).unwrap_or(usize::MAX).saturating_mul(2))?;
+            let n = r.count_of_pairs()?;
             let mut last = 0u64;
             for _ in 0..n {
                 let zigzag = r.varint()?;
@@ -549,6 +542,14 @@ impl Reader<'_> {
 
     fn u64(&mut self) -> Result<u64, StagedError> {
         Ok(u64::from_le_bytes(self.take()?))
+    }
+
+    /// A count of entries of two varints each. Every varint takes a byte at least, so a count
+    /// past what the bytes left can hold is corrupt, not a reason to allocate.
+    fn count_of_pairs(&mut self) -> Result<u64, StagedError> {
+        let n = self.varint()?;
+        self.check(usize::try_from(n).unwrap_or(usize::MAX).saturating_mul(2))?;
+        Ok(n)
     }
 
     /// An LEB128 varint of at most 64 bits.
@@ -1581,10 +1582,16 @@ impl<'a> BlockNodes<'a> {
         let face = self.summaries.get(owner).map_or(&[][..], |o| &o.face[..]);
         face.binary_search_by_key(&voxel, |&(v, _)| v)
             .map(|at| self.node(owner, face[at].1))
-            .map_err(|_| StagedError::Corrupt {
-                key: self.keys[asker][object].clone(),
-                why: format!("voxel {voxel} is not a face voxel of block {owner}"),
-            })
+            .map_err(|_| self.not_on_face(voxel, owner, asker, object))
+    }
+
+    /// The error for an object of block `asker` that names `voxel` as a face voxel of `owner`
+    /// when that block's face lacks it.
+    fn not_on_face(&self, voxel: u64, owner: usize, asker: usize, object: usize) -> StagedError {
+        StagedError::Corrupt {
+            key: self.keys[asker][object].clone(),
+            why: format!("voxel {voxel} is not a face voxel of block {owner}"),
+        }
     }
 
     /// Joins each block's halo voxels to the labels their own blocks give them. A halo is sorted
@@ -1598,23 +1605,19 @@ impl<'a> BlockNodes<'a> {
             let mut last = (u32::MAX, u32::MAX);
             for &(voxel, label) in &s.halo {
                 let owner = self.owner(self.voxels.position(voxel as usize));
-                let face = self.summaries.get(owner).map_or(&[][..], |o| &o.face[..]);
-                let at = &mut cursor[owner.min(self.summaries.len() - 1)];
-                *at += seek(&face[(*at).min(face.len())..], voxel);
-                match face.get(*at) {
-                    Some(&(v, l)) if v == voxel => {
-                        let pair = (self.node(b, label), self.node(owner, l));
-                        if pair != last {
-                            sets.union(pair.0, pair.1);
-                            last = pair;
-                        }
-                    }
-                    _ => {
-                        return Err(StagedError::Corrupt {
-                            key: self.keys[b][0].clone(),
-                            why: format!("voxel {voxel} is not a face voxel of block {owner}"),
-                        })
-                    }
+                // A voxel past the grid has no owner, so no face and no cursor.
+                let found = cursor.get_mut(owner).and_then(|at| {
+                    let face = &self.summaries[owner].face;
+                    *at += seek(&face[*at..], voxel);
+                    face.get(*at).filter(|&&(v, _)| v == voxel)
+                });
+                let Some(&(_, l)) = found else {
+                    return Err(self.not_on_face(voxel, owner, b, 0));
+                };
+                let pair = (self.node(b, label), self.node(owner, l));
+                if pair != last {
+                    sets.union(pair.0, pair.1);
+                    last = pair;
                 }
             }
         }
