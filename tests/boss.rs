@@ -246,38 +246,20 @@ mod step {
     }
 
     fn channel_volume() -> Volume {
-        let mut data = Vec::with_capacity(SHAPE.iter().product());
-        for z in 0..SHAPE[2] {
-            for y in 0..SHAPE[1] {
-                for x in 0..SHAPE[0] {
-                    let h = (x * 7919 + y * 104729 + z * 1299709) % 13;
-                    data.push(((x / 3 + y / 5 + z * 7) % 200 + h) as u8);
-                }
-            }
-        }
-        Volume::from_bytes(DataType::Uint8, SHAPE, 1, data).unwrap()
+        common::boss_channel_volume(SHAPE)
     }
 
     fn id(resolution: u32, index: [usize; 3], iso: bool) -> CuboidId {
-        CuboidId {
-            collection: 51,
-            experiment: 134,
-            channel: 1024,
-            resolution,
-            time: 0,
-            index,
-            iso,
-        }
+        common::boss_cuboid_id(resolution, index, iso)
     }
 
     fn job(resolution: u32) -> serde_json::Value {
-        json!({"lookup_key": "51&134&1024", "channel_id": 1024, "msg": {
-            "lookup_key": "51&134&1024", "collection_id": 51, "experiment_id": 134, "channel_id": 1024,
-            "annotation_channel": false, "data_type": "uint8", "s3_bucket": "cuboids.test.boss",
-            "s3_index": "s3index.test.boss", "x_start": 0, "y_start": 0, "z_start": 0,
-            "x_stop": SHAPE[0], "y_stop": SHAPE[1], "z_stop": SHAPE[2], "resolution": resolution,
-            "resolution_max": 4, "res_lt_max": true, "type": "anisotropic", "iso_resolution": 0,
-            "aws_region": "us-east-1"}})
+        common::boss_job(SHAPE, resolution, "cuboids.test.boss", "s3index.test.boss")
+    }
+
+    /// The test channel's cuboids (x=2, z=1) are missing.
+    fn missing([x, _, z]: [usize; 3]) -> bool {
+        x == 2 && z == 1
     }
 
     /// The Boss reads missing cuboids as zeros: the reference pads the volume to whole blocks.
@@ -296,31 +278,15 @@ mod step {
         let mut vol = channel_volume();
         // Cuboids (2, y, 1) are missing: they read as zeros, and the (2,2,1) output over them
         // has no input at all, so it is not written.
-        for z in 0..2 {
-            for y in 0..2 {
-                for x in 0..3 {
-                    let origin = mul3([x, y, z], CUBOID);
-                    if x == 2 && z == 1 {
-                        vol.paste(
-                            origin,
-                            &Volume::zeros(DataType::Uint8, CUBOID, 1),
-                            [0; 3],
-                            CUBOID,
-                        );
-                        continue;
-                    }
-                    let frame = encode_cuboid(&vol.crop(origin, CUBOID)).unwrap();
-                    store
-                        .put(
-                            &id(0, [x, y, z], false).s3_key(),
-                            frame,
-                            ContentEncoding::Identity,
-                        )
-                        .await
-                        .unwrap();
-                }
-            }
+        for y in 0..2 {
+            vol.paste(
+                mul3([2, y, 1], CUBOID),
+                &Volume::zeros(DataType::Uint8, CUBOID, 1),
+                [0; 3],
+                CUBOID,
+            );
         }
+        common::put_boss_cuboids(&*store, &vol, missing).await;
         let ctx = Arc::new(cuboids::gpu::GpuContext::new().unwrap());
         let (next, report) = run_step(ctx, &env.target, &job(0)).await.unwrap();
         assert_eq!((report.written, report.skipped_empty), (5, 1));
@@ -536,63 +502,11 @@ mod step {
     async fn channel_in(server: &common::S3Server, bucket: &str) -> BossTarget {
         let sdk = server.sdk_config().await;
         let store: Arc<dyn Store> = Arc::new(server.store(bucket, "").await);
-        let vol = channel_volume();
-        for z in 0..2 {
-            for y in 0..2 {
-                for x in 0..3 {
-                    if x == 2 && z == 1 {
-                        continue;
-                    }
-                    let frame = encode_cuboid(&vol.crop(mul3([x, y, z], CUBOID), CUBOID)).unwrap();
-                    store
-                        .put(
-                            &id(0, [x, y, z], false).s3_key(),
-                            frame,
-                            ContentEncoding::Identity,
-                        )
-                        .await
-                        .unwrap();
-                }
-            }
-        }
+        common::put_boss_cuboids(&*store, &channel_volume(), missing).await;
         BossTarget {
             store,
             index: S3Index::new(&sdk, Some(server.endpoint.clone()), "s3index.test.boss"),
         }
-    }
-
-    async fn objects(server: &common::S3Server, bucket: &str) -> Vec<(String, Vec<u8>)> {
-        let sdk = server.sdk_config().await;
-        let client = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&sdk)
-                .endpoint_url(&server.endpoint)
-                .force_path_style(true)
-                .build(),
-        );
-        let listing = client
-            .list_objects_v2()
-            .bucket(bucket)
-            .send()
-            .await
-            .unwrap();
-        let mut out = Vec::new();
-        for o in listing.contents() {
-            let key = o.key().unwrap().to_string();
-            let body = client
-                .get_object()
-                .bucket(bucket)
-                .key(&key)
-                .send()
-                .await
-                .unwrap()
-                .body
-                .collect()
-                .await
-                .unwrap();
-            out.push((key, body.into_bytes().to_vec()));
-        }
-        out.sort();
-        out
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -628,8 +542,8 @@ mod step {
                 .unwrap();
         assert_eq!(last, doc, "the same final document");
         let (a, b) = (
-            objects(&server, "stepwise").await,
-            objects(&server, "together").await,
+            server.objects("stepwise").await,
+            server.objects("together").await,
         );
         assert!(
             a.len() > 12 && a == b,

@@ -694,23 +694,13 @@ async fn sharded_pyramid_memory_is_bounded_by_its_tiles_not_the_volume() {
             "tile_mib": tile_mib,
             "shard_source_mib": shard_source_mib,
         });
+        let task_file = temp.path().join("task.json");
+        std::fs::write(&task_file, task.to_string()).unwrap();
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_cuboids"))
-            .args(["run-task", "-"])
+            .args(["run-task", task_file.to_str().unwrap()])
             .env("CUBOIDS_LOG_FORMAT", "text")
             .env("MALLOC_MMAP_THRESHOLD_", "1048576")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut child| {
-                use std::io::Write;
-                child
-                    .stdin
-                    .take()
-                    .unwrap()
-                    .write_all(task.to_string().as_bytes())?;
-                child.wait_with_output()
-            })
+            .output()
             .unwrap();
         let text = format!(
             "{}{}",

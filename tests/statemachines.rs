@@ -6,11 +6,7 @@ mod common;
 
 use aws_sdk_sfn::types::{ExecutionStatus, HistoryEventType};
 use common::{LocalStack, S3Server};
-use cuboids::dtype::DataType;
-use cuboids::formats::boss::{encode_cuboid, CuboidId, CUBOID};
-use cuboids::geometry::mul3;
 use cuboids::store::boss_index::S3Index;
-use cuboids::store::{ContentEncoding, Store};
 use cuboids::task::boss_downsample::{run_all_levels, BossTarget};
 use cuboids::volume::Volume;
 use serde_json::{json, Value};
@@ -22,6 +18,7 @@ use std::time::{Duration, Instant};
 
 /// Two by two by two cuboids at resolution 0: resolutions 1-3 follow.
 const SHAPE: [usize; 3] = [1024, 1024, 32];
+/// The documents' `resolution_max` (`common::boss_job`).
 const RESOLUTION_MAX: u32 = 4;
 
 fn asl(name: &str) -> String {
@@ -33,14 +30,19 @@ fn asl(name: &str) -> String {
     .unwrap()
 }
 
+/// The first step's document (resolution 0, up to `RESOLUTION_MAX`).
 fn job(bucket: &str, table: &str) -> Value {
-    json!({"lookup_key": "51&134&1024", "channel_id": 1024, "msg": {
-        "lookup_key": "51&134&1024", "collection_id": 51, "experiment_id": 134, "channel_id": 1024,
-        "annotation_channel": false, "data_type": "uint8", "s3_bucket": bucket,
-        "s3_index": table, "x_start": 0, "y_start": 0, "z_start": 0,
-        "x_stop": SHAPE[0], "y_stop": SHAPE[1], "z_stop": SHAPE[2], "resolution": 0,
-        "resolution_max": RESOLUTION_MAX, "res_lt_max": true, "type": "anisotropic",
-        "iso_resolution": 0, "aws_region": "us-east-1"}})
+    common::boss_job(SHAPE, 0, bucket, table)
+}
+
+/// True (saying so) where no LocalStack can be started: `scripts/test` sets
+/// `CUBOIDS_LOCALSTACK_PYTHON` wherever a Python >= 3.12 exists, and says so where none does.
+fn localstack_missing() -> bool {
+    let missing = std::env::var_os("CUBOIDS_LOCALSTACK_PYTHON").is_none();
+    if missing {
+        eprintln!("NOT RUN: CUBOIDS_LOCALSTACK_PYTHON is not set (no LocalStack to execute ASL)");
+    }
+    missing
 }
 
 /// Moto (S3, DynamoDB) and LocalStack (Step Functions), and clients on them.
@@ -78,67 +80,58 @@ impl Services {
                 .build(),
         );
         common::create_s3_index(&ddb, table).await;
-        let counts = [0, 1, 2].map(|a| SHAPE[a] / CUBOID[a]);
-        for z in 0..counts[2] {
-            for y in 0..counts[1] {
-                for x in 0..counts[0] {
-                    let id = CuboidId {
-                        collection: 51,
-                        experiment: 134,
-                        channel: 1024,
-                        resolution: 0,
-                        time: 0,
-                        index: [x, y, z],
-                        iso: false,
-                    };
-                    let frame = encode_cuboid(&vol.crop(mul3([x, y, z], CUBOID), CUBOID)).unwrap();
-                    store
-                        .put(&id.s3_key(), frame, ContentEncoding::Identity)
-                        .await
-                        .unwrap();
-                }
-            }
-        }
+        common::put_boss_cuboids(&store, vol, |_| false).await;
         BossTarget {
             store: Arc::new(store),
             index: S3Index::new(&self.sdk, Some(self.moto.endpoint.clone()), table),
         }
     }
 
-    /// Every object of a bucket, by key.
-    async fn objects(&self, bucket: &str) -> BTreeMap<String, Vec<u8>> {
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&self.sdk)
-                .endpoint_url(&self.moto.endpoint)
-                .force_path_style(true)
-                .build(),
-        );
-        let mut out = BTreeMap::new();
-        let mut token = None;
-        loop {
-            let page = s3
-                .list_objects_v2()
-                .bucket(bucket)
-                .set_continuation_token(token)
-                .send()
-                .await
-                .unwrap();
-            for o in page.contents() {
-                let key = o.key().unwrap().to_string();
-                let body = s3
-                    .get_object()
-                    .bucket(bucket)
-                    .key(&key)
-                    .send()
-                    .await
-                    .unwrap();
-                out.insert(key, body.body.collect().await.unwrap().to_vec());
-            }
-            match page.next_continuation_token() {
-                Some(t) => token = Some(t.to_string()),
-                None => return out,
-            }
-        }
+    /// The cuboids one in-process run of all levels writes for `vol` (in a bucket of its own).
+    async fn in_process_hierarchy(&self, vol: &Volume) -> BTreeMap<String, Vec<u8>> {
+        let target = self
+            .channel("reference.bucket", "reference.index", vol)
+            .await;
+        let ctx = Arc::new(cuboids::gpu::GpuContext::new().unwrap());
+        run_all_levels(
+            ctx,
+            &target,
+            &job("reference.bucket", "reference.index"),
+            1 << 30,
+        )
+        .await
+        .unwrap();
+        self.moto.objects("reference.bucket").await
+    }
+
+    /// Creates an activity called `name` and a state machine of `definition(activity ARN)`;
+    /// returns both ARNs.
+    async fn machine(
+        &self,
+        name: &str,
+        definition: impl FnOnce(&str) -> String,
+    ) -> (String, String) {
+        let activity = self
+            .sfn
+            .create_activity()
+            .name(name)
+            .send()
+            .await
+            .unwrap()
+            .activity_arn()
+            .to_string();
+        let machine = self
+            .sfn
+            .create_state_machine()
+            .name(name)
+            .definition(definition(&activity))
+            .role_arn("arn:aws:iam::000000000000:role/cuboids-test")
+            .send()
+            .await
+            .unwrap()
+            .state_machine_arn()
+            .to_string();
+        (activity, machine)
     }
 
     /// Creates the activity and the resolution-hierarchy machine on it; returns their ARNs.
@@ -152,33 +145,16 @@ impl Services {
         name: &str,
         replace: &[(&str, &str)],
     ) -> (String, String) {
-        let activity = self
-            .sfn
-            .create_activity()
-            .name(name)
-            .send()
-            .await
-            .unwrap()
-            .activity_arn()
-            .to_string();
-        let mut definition =
-            asl("resolution-hierarchy.asl.json").replace("${DownsampleActivityArn}", &activity);
-        for (from, to) in replace {
-            assert!(definition.contains(from), "{from} is not in the machine");
-            definition = definition.replace(from, to);
-        }
-        let machine = self
-            .sfn
-            .create_state_machine()
-            .name(name)
-            .definition(definition)
-            .role_arn("arn:aws:iam::000000000000:role/cuboids-test")
-            .send()
-            .await
-            .unwrap()
-            .state_machine_arn()
-            .to_string();
-        (activity, machine)
+        self.machine(name, |activity| {
+            let mut definition =
+                asl("resolution-hierarchy.asl.json").replace("${DownsampleActivityArn}", activity);
+            for (from, to) in replace {
+                assert!(definition.contains(from), "{from} is not in the machine");
+                definition = definition.replace(from, to);
+            }
+            definition
+        })
+        .await
     }
 
     /// `cuboids worker` on the activity, against both services.
@@ -317,17 +293,7 @@ fn stop(mut worker: Worker) {
 }
 
 fn channel_volume() -> Volume {
-    let data = (0..SHAPE.iter().product::<usize>())
-        .map(|i| {
-            let (x, y, z) = (
-                i % SHAPE[0],
-                i / SHAPE[0] % SHAPE[1],
-                i / SHAPE[0] / SHAPE[1],
-            );
-            ((x / 3 + y / 5 + z * 7) % 200 + (x * 7919 + y * 104729 + z * 1299709) % 13) as u8
-        })
-        .collect();
-    Volume::from_bytes(DataType::Uint8, SHAPE, 1, data).unwrap()
+    common::boss_channel_volume(SHAPE)
 }
 
 /// The hierarchy machine loops its activity step (cuboids worker) while the returned document
@@ -336,18 +302,13 @@ fn channel_volume() -> Volume {
 /// FAILED with the cuboids.* error name, not retried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_resolution_hierarchy_machine_runs_the_worker_to_the_last_level() {
-    if std::env::var_os("CUBOIDS_LOCALSTACK_PYTHON").is_none() {
-        // scripts/test sets it wherever a Python >= 3.12 exists, and says so where none does.
-        eprintln!("NOT RUN: CUBOIDS_LOCALSTACK_PYTHON is not set (no LocalStack to execute ASL)");
+    if localstack_missing() {
         return;
     }
     let services = Services::start().await;
     let vol = channel_volume();
     services
         .channel("machine.bucket", "machine.index", &vol)
-        .await;
-    let reference = services
-        .channel("reference.bucket", "reference.index", &vol)
         .await;
     let (activity, machine) = services.hierarchy_machine("hierarchy").await;
     let worker = services.worker(&activity);
@@ -362,18 +323,9 @@ async fn the_resolution_hierarchy_machine_runs_the_worker_to_the_last_level() {
     assert_eq!(output["msg"]["res_lt_max"], false, "{output}");
     assert_eq!(output["msg"]["resolution"], RESOLUTION_MAX - 1, "{output}");
 
-    let ctx = Arc::new(cuboids::gpu::GpuContext::new().unwrap());
-    run_all_levels(
-        ctx,
-        &reference,
-        &job("reference.bucket", "reference.index"),
-        1 << 30,
-    )
-    .await
-    .unwrap();
     let (got, want) = (
-        services.objects("machine.bucket").await,
-        services.objects("reference.bucket").await,
+        services.moto.objects("machine.bucket").await,
+        services.in_process_hierarchy(&vol).await,
     );
     for resolution in 1..RESOLUTION_MAX {
         let part = format!("&1024&{resolution}&");
@@ -419,16 +371,12 @@ async fn the_resolution_hierarchy_machine_runs_the_worker_to_the_last_level() {
 /// the shipped ASL with shorter waits (heartbeat 4 s, retry interval 1 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_and_lost_attempts_are_retried_until_a_worker_finishes() {
-    if std::env::var_os("CUBOIDS_LOCALSTACK_PYTHON").is_none() {
-        eprintln!("NOT RUN: CUBOIDS_LOCALSTACK_PYTHON is not set (no LocalStack to execute ASL)");
+    if localstack_missing() {
         return;
     }
     let services = Services::start().await;
     let vol = channel_volume();
     services.channel("retry.bucket", "retry.index", &vol).await;
-    let reference = services
-        .channel("reference.bucket", "reference.index", &vol)
-        .await;
     let (activity, machine) = services
         .hierarchy_machine_with(
             "retried",
@@ -483,17 +431,8 @@ async fn failed_and_lost_attempts_are_retried_until_a_worker_finishes() {
     );
     stop(good);
 
-    let ctx = Arc::new(cuboids::gpu::GpuContext::new().unwrap());
-    run_all_levels(
-        ctx,
-        &reference,
-        &job("reference.bucket", "reference.index"),
-        1 << 30,
-    )
-    .await
-    .unwrap();
     assert!(
-        services.objects("retry.bucket").await == services.objects("reference.bucket").await,
+        services.moto.objects("retry.bucket").await == services.in_process_hierarchy(&vol).await,
         "the retried hierarchy's cuboids differ from one in-process run"
     );
 }
@@ -505,8 +444,7 @@ async fn failed_and_lost_attempts_are_retried_until_a_worker_finishes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
     use cuboids::runtime::segmentation::write_float_volume;
-    if std::env::var_os("CUBOIDS_LOCALSTACK_PYTHON").is_none() {
-        eprintln!("NOT RUN: CUBOIDS_LOCALSTACK_PYTHON is not set (no LocalStack to execute ASL)");
+    if localstack_missing() {
         return;
     }
     let services = Services::start().await;
@@ -567,36 +505,20 @@ async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
     let blocks = plan["stages"][0]["tasks"].as_u64().unwrap();
     assert!(blocks >= 8, "{plan}");
 
-    let activity = services
-        .sfn
-        .create_activity()
-        .name("segmentation")
-        .send()
-        .await
-        .unwrap()
-        .activity_arn()
-        .to_string();
-    let definition = asl("segment.asl.json")
-        .replace("${DownsampleActivityArn}", &activity)
-        .replace(
-            "${JobQueueArn}",
-            "arn:aws:batch:us-east-1:000000000000:job-queue/unused",
-        )
-        .replace(
-            "${JobDefinitionArn}",
-            "arn:aws:batch:us-east-1:000000000000:job-definition/unused",
-        );
-    let machine = services
-        .sfn
-        .create_state_machine()
-        .name("segmentation")
-        .definition(definition)
-        .role_arn("arn:aws:iam::000000000000:role/cuboids-test")
-        .send()
-        .await
-        .unwrap()
-        .state_machine_arn()
-        .to_string();
+    let (activity, machine) = services
+        .machine("segmentation", |activity| {
+            asl("segment.asl.json")
+                .replace("${DownsampleActivityArn}", activity)
+                .replace(
+                    "${JobQueueArn}",
+                    "arn:aws:batch:us-east-1:000000000000:job-queue/unused",
+                )
+                .replace(
+                    "${JobDefinitionArn}",
+                    "arn:aws:batch:us-east-1:000000000000:job-definition/unused",
+                )
+        })
+        .await;
     // Two workers, as a fleet would poll.
     let workers = [
         services.worker_named(&activity, "one", &services.moto.endpoint),

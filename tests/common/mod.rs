@@ -327,3 +327,116 @@ impl Drop for LocalStack {
         let _ = self.child.wait();
     }
 }
+
+/// Every object of a bucket of the test server, by key (all pages of the listing).
+impl S3Server {
+    pub async fn objects(&self, bucket: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+        let sdk = self.sdk_config().await;
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&sdk)
+                .endpoint_url(&self.endpoint)
+                .force_path_style(true)
+                .build(),
+        );
+        let mut out = std::collections::BTreeMap::new();
+        let mut token = None;
+        loop {
+            let page = s3
+                .list_objects_v2()
+                .bucket(bucket)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .unwrap();
+            for o in page.contents() {
+                let key = o.key().unwrap().to_string();
+                let body = s3
+                    .get_object()
+                    .bucket(bucket)
+                    .key(&key)
+                    .send()
+                    .await
+                    .unwrap();
+                out.insert(key, body.body.collect().await.unwrap().to_vec());
+            }
+            match page.next_continuation_token() {
+                Some(t) => token = Some(t.to_string()),
+                None => return out,
+            }
+        }
+    }
+}
+
+/// The Boss test channel: collection 51, experiment 134, channel 1024.
+pub fn boss_cuboid_id(
+    resolution: u32,
+    index: [usize; 3],
+    iso: bool,
+) -> cuboids::formats::boss::CuboidId {
+    cuboids::formats::boss::CuboidId {
+        collection: 51,
+        experiment: 134,
+        channel: 1024,
+        resolution,
+        time: 0,
+        index,
+        iso,
+    }
+}
+
+/// A uint8 channel of `shape` with gradients and a little hashed noise (ties and carries for
+/// the average pooling).
+pub fn boss_channel_volume(shape: Vec3) -> Volume {
+    let mut data = Vec::with_capacity(shape.iter().product());
+    for z in 0..shape[2] {
+        for y in 0..shape[1] {
+            for x in 0..shape[0] {
+                let h = (x * 7919 + y * 104729 + z * 1299709) % 13;
+                data.push(((x / 3 + y / 5 + z * 7) % 200 + h) as u8);
+            }
+        }
+    }
+    Volume::from_bytes(DataType::Uint8, shape, 1, data).unwrap()
+}
+
+/// A DownsampleChannel document for the test channel of `shape` (uint8, anisotropic, up to
+/// resolution 4) at `resolution`, its cuboids in `bucket` and their index in `table`.
+pub fn boss_job(shape: Vec3, resolution: u32, bucket: &str, table: &str) -> serde_json::Value {
+    serde_json::json!({"lookup_key": "51&134&1024", "channel_id": 1024, "msg": {
+        "lookup_key": "51&134&1024", "collection_id": 51, "experiment_id": 134, "channel_id": 1024,
+        "annotation_channel": false, "data_type": "uint8", "s3_bucket": bucket,
+        "s3_index": table, "x_start": 0, "y_start": 0, "z_start": 0,
+        "x_stop": shape[0], "y_stop": shape[1], "z_stop": shape[2], "resolution": resolution,
+        "resolution_max": 4, "res_lt_max": true, "type": "anisotropic", "iso_resolution": 0,
+        "aws_region": "us-east-1"}})
+}
+
+/// Writes the resolution-0 cuboids of `vol` (whole cuboids) into `store`, but those at
+/// the indices `missing` accepts.
+pub async fn put_boss_cuboids(
+    store: &dyn cuboids::store::Store,
+    vol: &Volume,
+    missing: impl Fn([usize; 3]) -> bool,
+) {
+    use cuboids::formats::boss::{encode_cuboid, CUBOID};
+    let counts = [0, 1, 2].map(|a| vol.shape[a].div_ceil(CUBOID[a]));
+    for z in 0..counts[2] {
+        for y in 0..counts[1] {
+            for x in 0..counts[0] {
+                if missing([x, y, z]) {
+                    continue;
+                }
+                let origin = cuboids::geometry::mul3([x, y, z], CUBOID);
+                let frame = encode_cuboid(&vol.crop(origin, CUBOID)).unwrap();
+                store
+                    .put(
+                        &boss_cuboid_id(0, [x, y, z], false).s3_key(),
+                        frame,
+                        cuboids::store::ContentEncoding::Identity,
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
