@@ -6,7 +6,10 @@ use crate::runtime::activity::WorkerOptions;
 use crate::runtime::batch::{SubmitOptions, TaskSource};
 use crate::runtime::{local, segmentation};
 use crate::task::downsample::Bounds;
-use crate::task::spec::{ChunkFields, ComponentsTask, DownsampleTask, SegmentTask, Task};
+use crate::task::spec::{
+    ChunkFields, ComponentsTask, DownsampleTask, SegmentTask, Task, DEFAULT_MERGE_MIB,
+    DEFAULT_TASK_MIB,
+};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -62,6 +65,11 @@ enum Command {
         /// Name reported to GetActivityTask (default: host name and process id).
         #[arg(long)]
         worker_name: Option<String>,
+        /// Exit (status 0) once no task has run for this many seconds: how a fleet scales in
+        /// without stopping a running task (the instance then leaves its Auto Scaling group).
+        /// Default: poll until stopped.
+        #[arg(long)]
+        idle_exit_seconds: Option<f64>,
     },
     /// The AWS Batch entrypoint: runs task AWS_BATCH_JOB_ARRAY_INDEX + offset of a manifest, or
     /// the task given. Exit codes: 0 done, 75 retryable failure, 65 permanent failure.
@@ -397,7 +405,7 @@ enum PlanCommand {
         #[command(flatten)]
         args: SegmentArgs,
         /// Host memory per block task, in MiB (24 bytes per block voxel).
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = DEFAULT_TASK_MIB)]
         task_mib: usize,
         /// Host memory of the merge task, in MiB: a volume whose whole-graph agglomeration
         /// needs more (384 bytes per voxel, the worst case measured) is agglomerated in merge rounds.
@@ -417,7 +425,7 @@ enum PlanCommand {
         #[command(flatten)]
         args: ComponentsArgs,
         /// Host memory per block task, in MiB (16 bytes per block voxel).
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = DEFAULT_TASK_MIB)]
         task_mib: usize,
         /// Manifests are written to PREFIX{block,merge,relabel,finalize}.jsonl (a path or
         /// s3:// prefix; end it with / for a folder), and the stages printed as JSON; default:
@@ -427,8 +435,6 @@ enum PlanCommand {
     },
 }
 
-/// The default host memory of a staged segment plan's merge task (MiB): a 64 GiB machine.
-const DEFAULT_MERGE_MIB: usize = 65536;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum MethodArg {
@@ -583,6 +589,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             heartbeat_seconds,
             grace_seconds,
             worker_name,
+            idle_exit_seconds,
         } => {
             let opts = WorkerOptions {
                 activity_arn,
@@ -591,6 +598,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 heartbeat: Duration::try_from_secs_f64(heartbeat_seconds)
                     .context("--heartbeat-seconds")?,
                 grace: Duration::try_from_secs_f64(grace_seconds).context("--grace-seconds")?,
+                idle_exit: idle_exit_seconds
+                    .map(Duration::try_from_secs_f64)
+                    .transpose()
+                    .context("--idle-exit-seconds")?,
             };
             done(runtime.block_on(local::worker(opts)))
         }

@@ -752,3 +752,105 @@ fn segment_block_task_memory_is_bounded_by_the_block_not_the_volume() {
         large.0 >> 20
     );
 }
+
+/// The `plan` task (how the segmentation machine plans a POST /segment request on a worker)
+/// writes the same manifests as `cuboids plan --manifests`, merge rounds included, and returns
+/// the same stages; work that is not staged, and a missing input, are refused by name.
+#[test]
+fn a_plan_task_writes_what_the_plan_command_writes() {
+    let shape = [40, 36, 20];
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("aff");
+    let channels = tied_affinities(shape, 5);
+    let refs: Vec<&[f32]> = channels.iter().map(Vec::as_slice).collect();
+    rt().block_on(write_float_volume(&input, &refs, shape, WRITE))
+        .unwrap();
+    let output = dir.path().join("seg");
+    let (input, output) = (input.to_str().unwrap(), output.to_str().unwrap());
+    let by_cli = format!("{}/", dir.path().join("cli").display());
+    let o = cuboids(
+        &[
+            "plan",
+            "segment",
+            "--affinity",
+            input,
+            "--output",
+            output,
+            "--threshold",
+            "0.5",
+            "--chunk-size",
+            "16,16,8",
+            "--output-chunk-size",
+            "8,8,4",
+            "--gzip-level",
+            "0",
+            "--task-mib",
+            "0",
+            "--merge-mib",
+            "0",
+            "--manifests",
+            &by_cli,
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let cli_stages: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+
+    let by_task = format!("{}/", dir.path().join("task").display());
+    let work = serde_json::json!({
+        "kind": "segment", "affinity": input, "output": output, "threshold": 0.5,
+        "chunk_size": [16, 16, 8], "output_chunk_size": [8, 8, 4], "gzip_level": 0,
+        // The CLI writes its --cache-mib default into the tasks; the plan id covers it.
+        "cache_mib": 1024,
+    });
+    let run_plan = |work: &serde_json::Value| {
+        let task = dir.path().join("plan-task.json");
+        let doc = serde_json::json!({
+            "kind": "plan", "work": work, "manifests": by_task, "task_mib": 0, "merge_mib": 0,
+        });
+        std::fs::write(&task, doc.to_string()).unwrap();
+        cuboids(&["run-task", task.to_str().unwrap()], None)
+    };
+    let o = run_plan(&work);
+    assert!(o.status.success(), "{}", text(&o));
+    let task_stages: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(task_stages["kind"], "plan");
+    assert_eq!(task_stages["plan"], cli_stages["plan"]);
+    assert_eq!(task_stages["blocks"], cli_stages["blocks"]);
+    let names: Vec<&str> = cli_stages["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"round-0"), "merge rounds planned: {names:?}");
+    for (cli, task) in cli_stages["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(task_stages["stages"].as_array().unwrap())
+    {
+        assert_eq!(cli["stage"], task["stage"]);
+        assert_eq!(cli["tasks"], task["tasks"]);
+        assert_eq!(cli["jobs"], task["jobs"]);
+        let name = format!("{}.jsonl", cli["stage"].as_str().unwrap());
+        assert_eq!(task["manifest"].as_str().unwrap(), format!("{by_task}{name}"));
+        assert_eq!(
+            std::fs::read(dir.path().join("cli").join(&name)).unwrap(),
+            std::fs::read(dir.path().join("task").join(&name)).unwrap(),
+            "{name}"
+        );
+    }
+    assert_eq!(task_stages["stages"].as_array().unwrap().len(), names.len());
+
+    // Refused, with exit code 65 (permanent) and the field or volume named.
+    let downsample = serde_json::json!({"kind": "downsample", "location": input});
+    let o = run_plan(&downsample);
+    assert_eq!(o.status.code(), Some(65), "{}", text(&o));
+    assert!(text(&o).contains("field work is a downsample task"), "{}", text(&o));
+    let mut missing = work.clone();
+    missing["affinity"] = serde_json::json!(dir.path().join("nowhere").to_str().unwrap());
+    let o = run_plan(&missing);
+    assert_eq!(o.status.code(), Some(65), "{}", text(&o));
+    assert!(text(&o).contains("nowhere"), "{}", text(&o));
+}

@@ -437,10 +437,11 @@ async fn failed_and_lost_attempts_are_retried_until_a_worker_finishes() {
     );
 }
 
-/// The segmentation machine's activity runner: `"runner": "activity"` hands every task of each
-/// stage of a staged connected-components plan to `cuboids worker` as a manifest reference, stage
-/// after stage, and the output equals the single-process run's; the Batch runner stays the
-/// default (its states are checked in tests/infra.rs; LocalStack does not emulate Batch).
+/// The segmentation machine as POST /segment starts it: a request, planned by its Plan step on
+/// `cuboids worker` (the same plan as the CLI's), then, with `"runner": "activity"`, every task of
+/// each stage handed to the workers as a manifest reference, stage after stage; the output equals
+/// the single-process run's. The Batch runner stays the default (its states are checked in
+/// tests/infra.rs; LocalStack does not emulate Batch).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
     use cuboids::runtime::segmentation::write_float_volume;
@@ -496,10 +497,11 @@ async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
     let mut args = vec!["connected-components".to_string()];
     args.extend(common_args(&single));
     cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let manifests = format!("{}/", dir.path().join("plan").display());
+    // The plan the CLI makes, to compare with the one the machine's Plan step makes.
+    let cli_manifests = format!("{}/", dir.path().join("cli-plan").display());
     let mut args = vec!["plan".to_string(), "connected-components".to_string()];
     args.extend(common_args(&staged));
-    args.extend(["--task-mib", "0", "--manifests", &manifests].map(String::from));
+    args.extend(["--task-mib", "0", "--manifests", &cli_manifests].map(String::from));
     let plan: Value =
         serde_json::from_slice(&cli(&args.iter().map(String::as_str).collect::<Vec<_>>())).unwrap();
     let blocks = plan["stages"][0]["tasks"].as_u64().unwrap();
@@ -524,12 +526,44 @@ async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
         services.worker_named(&activity, "one", &services.moto.endpoint),
         services.worker_named(&activity, "two", &services.moto.endpoint),
     ];
-    let mut input = plan.clone();
-    input["job_name"] = json!("cc");
-    input["runner"] = json!("activity");
+    // What POST /segment starts: a request, which the machine's Plan step plans on a worker.
+    let manifests = format!("{}/", dir.path().join("plan").display());
+    let work = json!({
+        "kind": "connected-components",
+        "input": input.to_str().unwrap(),
+        "output": staged.to_str().unwrap(),
+        "threshold": 0.5,
+        "dust": 3,
+        "chunk_size": [16, 16, 8],
+        "output_chunk_size": [8, 8, 4],
+        // The CLI writes its --cache-mib default into the tasks; the plan id covers it.
+        "cache_mib": 1024,
+    });
+    let request = json!({
+        "job_name": "cc",
+        "runner": "activity",
+        "request": {"kind": "plan", "work": work, "manifests": manifests, "task_mib": 0},
+    });
     let t = Instant::now();
-    let (status, detail) = services.execute(&machine, &input).await;
+    let (status, detail) = services.execute(&machine, &request).await;
     assert_eq!(status, ExecutionStatus::Succeeded, "{detail}");
+    let planned = &detail["output"]["planned"];
+    assert_eq!(planned["plan"], plan["plan"], "{detail}");
+    assert_eq!(planned["blocks"], plan["blocks"], "{detail}");
+    let stages = |p: &Value| -> Vec<(Value, Value)> {
+        p["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["stage"].clone(), s["tasks"].clone()))
+            .collect()
+    };
+    assert_eq!(stages(planned), stages(&plan));
+    assert_eq!(
+        std::fs::read(dir.path().join("plan/block.jsonl")).unwrap(),
+        std::fs::read(dir.path().join("cli-plan/block.jsonl")).unwrap(),
+        "the Plan step's block manifest differs from the CLI's"
+    );
     eprintln!(
         "segmentation machine: {} stages, {blocks} blocks, {:.1} s",
         plan["stages"].as_array().unwrap().len(),

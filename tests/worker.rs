@@ -421,3 +421,43 @@ async fn list_keys(s3: &S3Server, bucket: &str, prefix: &str) -> Vec<String> {
     keys.sort();
     keys
 }
+
+/// `--idle-exit-seconds`: the worker exits by itself (status 0) once no task has run for that
+/// long, but never while a task runs, even one that takes far longer than the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_exits_but_not_mid_task() {
+    let s3 = S3Server::start();
+    s3_volume(&s3, "vols", "big", [1024, 1024, 64]).await;
+    let sfn = FakeSfn::start(Duration::from_millis(100)).await;
+    sfn.enqueue("slow", &slow_task("s3://vols/big"));
+    // Two slots: the worker keeps polling while the task runs, so the idle check is made then.
+    let mut worker = start_worker(
+        &sfn,
+        &s3,
+        &["--idle-exit-seconds", "0.3", "--concurrency", "2"],
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the idle worker did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let ran = started.elapsed();
+    let mut log = String::new();
+    std::io::Read::read_to_string(worker.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("no task for the idle limit"), "{log}");
+    let s = sfn.state.lock().unwrap();
+    assert!(s.succeeded.contains_key("slow"), "the task ran to its end: {log}");
+    assert!(
+        !log.contains("waiting for running tasks"),
+        "it left while the task ran: {log}"
+    );
+    assert!(s.polls >= 2, "it polled again after the task before leaving");
+    eprintln!("the worker ran the task and left after {ran:?}");
+}

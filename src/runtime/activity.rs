@@ -16,7 +16,7 @@ use crate::task::spec::Task;
 use aws_sdk_sfn::config::timeout::TimeoutConfig;
 use aws_sdk_sfn::error::{DisplayErrorContext, ProvideErrorMetadata};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -46,6 +46,8 @@ pub struct WorkerOptions {
     pub heartbeat: Duration,
     /// How long running tasks may take to finish after a shutdown signal.
     pub grace: Duration,
+    /// Stop once no task has run for this long (a fleet's scale-in); `None`: poll until stopped.
+    pub idle_exit: Option<Duration>,
 }
 
 /// What a worker did before it stopped.
@@ -111,9 +113,17 @@ pub async fn run_worker(
     let mut report = WorkerReport::default();
     let mut backoff = Duration::from_millis(500);
     info!(activity = %opts.activity_arn, concurrency = opts.concurrency, "worker started");
+    let mut idle_since = Instant::now();
     let result = loop {
         while let Some(done) = running.try_join_next() {
             report.count(done);
+            idle_since = Instant::now();
+        }
+        if !running.is_empty() {
+            idle_since = Instant::now();
+        } else if opts.idle_exit.is_some_and(|limit| idle_since.elapsed() >= limit) {
+            info!(idle = ?idle_since.elapsed(), "no task for the idle limit: stopping");
+            break Ok(());
         }
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("never closed"),

@@ -121,6 +121,35 @@ pub async fn write_manifest(
         .map_err(store_error)
 }
 
+/// Writes a staged plan's stages as manifests, `PREFIX<stage>.jsonl`, and returns the stages
+/// document that `batch/statemachines/segment.asl.json` runs: the plan's id, its blocks and each
+/// stage's manifest, task count and array jobs (of at most [`MAX_ARRAY_SIZE`] tasks).
+pub async fn write_stage_manifests(
+    plan_id: &str,
+    blocks: usize,
+    stages: &[Vec<Task>],
+    prefix: &str,
+    sdk: &aws_config::SdkConfig,
+) -> Result<serde_json::Value, BatchError> {
+    let mut summary = Vec::new();
+    for tasks in stages {
+        let name = crate::task::staged::stage_name(&tasks[0]);
+        let location = format!("{prefix}{name}.jsonl");
+        write_manifest(&location, tasks, sdk).await?;
+        let jobs: Vec<serde_json::Value> = (0..tasks.len())
+            .step_by(MAX_ARRAY_SIZE)
+            .map(|offset| {
+                let size = (tasks.len() - offset).min(MAX_ARRAY_SIZE);
+                serde_json::json!({"offset": offset, "size": size})
+            })
+            .collect();
+        summary.push(serde_json::json!({
+            "stage": name, "manifest": location, "tasks": tasks.len(), "jobs": jobs,
+        }));
+    }
+    Ok(serde_json::json!({"plan": plan_id, "blocks": blocks, "stages": summary}))
+}
+
 /// Where a Batch job's task comes from.
 pub enum TaskSource {
     /// Task `AWS_BATCH_JOB_ARRAY_INDEX + offset` of a manifest (or its only task).

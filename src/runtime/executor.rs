@@ -12,7 +12,7 @@ use crate::task::downsample::{downsample, Compute};
 use crate::task::failure::{Classify, FailureKind};
 use crate::task::segment::{connected_components, segment};
 use crate::task::spec::{
-    segmentation_output, BossDownsampleTask, DownsampleTask, Stage, StageTask, Task,
+    segmentation_output, BossDownsampleTask, DownsampleTask, PlanTask, Stage, StageTask, Task,
 };
 use crate::task::staged::{run_stage, StagedWork};
 use serde_json::Value;
@@ -167,6 +167,7 @@ impl Executor {
                 }
                 Task::SegmentStage(t) => self.stage_task("segment", t, cancel).await,
                 Task::ManifestTask(t) => self.manifest_task(t, cancel).await,
+                Task::Plan(t) => self.plan(t).await,
                 Task::BossDownsample(t) => tokio::select! {
                     r = self.boss_downsample(t) => r,
                     _ = cancel.cancelled() => Err(TaskFailure::new(
@@ -287,6 +288,75 @@ impl Executor {
                 report.segments
             ),
         })
+    }
+
+    /// Plans a segment or connected-components task in stages and writes a manifest per stage;
+    /// the output document is the stages, which the segmentation machine then runs.
+    async fn plan(&self, t: &PlanTask) -> Result<TaskOutput, TaskFailure> {
+        let context = format!("planning {} into {}", t.work.describe(), t.manifests);
+        let task_bytes = t.task_mib.saturating_mul(1 << 20);
+        let (plan, blocks, rounds, stages) = match t.work.as_ref() {
+            Task::Segment(w) => {
+                let merge_bytes = t.merge_mib.saturating_mul(1 << 20);
+                self.plan_stages(w, task_bytes, merge_bytes, &context)
+                    .await?
+            }
+            Task::ConnectedComponents(w) => {
+                self.plan_stages(w, task_bytes, usize::MAX, &context)
+                    .await?
+            }
+            other => {
+                return Err(TaskFailure::new(
+                    FailureKind::InvalidTask,
+                    format!(
+                        "plan: field work is a {} task; only segment and connected-components tasks are planned in stages",
+                        other.describe().split(' ').next().unwrap_or("other")
+                    ),
+                ))
+            }
+        };
+        let mut document = crate::runtime::batch::write_stage_manifests(
+            &plan,
+            blocks,
+            &stages,
+            &t.manifests,
+            &self.sdk,
+        )
+        .await
+        .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        document["kind"] = serde_json::json!("plan");
+        let tasks: usize = stages.iter().map(Vec::len).sum();
+        let summary = format!(
+            "{context}: plan {plan}, {blocks} blocks, {} stages, {tasks} tasks{}",
+            stages.len(),
+            match rounds {
+                0 => String::new(),
+                r => format!(", {r} merge rounds"),
+            }
+        );
+        Ok(TaskOutput {
+            document,
+            report: vec![summary.clone()],
+            summary,
+        })
+    }
+
+    /// The id, blocks, merge rounds and stage tasks of a staged plan of `work`.
+    async fn plan_stages<W: StagedWork>(
+        &self,
+        work: &W,
+        task_bytes: usize,
+        merge_bytes: usize,
+        context: &str,
+    ) -> Result<(String, usize, u32, Vec<Vec<Task>>), TaskFailure> {
+        let store = open_store_with(work.input(), &self.sdk)
+            .map_err(|e| TaskFailure::from_error(context, &e))?;
+        let vol = Precomputed::open(store)
+            .await
+            .map_err(|e| TaskFailure::from_error(context, &e))?;
+        let (plan, stages) = crate::task::staged::plan(&vol, work, task_bytes, merge_bytes)
+            .map_err(|e| TaskFailure::from_error(context, &e))?;
+        Ok((plan.id, plan.blocks, plan.rounds, stages))
     }
 
     /// One task of a staged plan (`kind` of work); only the block stage opens the GPU.

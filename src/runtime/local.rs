@@ -165,23 +165,14 @@ pub async fn plan_staged<W: StagedWork>(
         }
         return Ok(());
     };
-    let mut summary = Vec::new();
-    for tasks in &stages {
-        let name = crate::task::staged::stage_name(&tasks[0]);
-        let location = format!("{prefix}{name}.jsonl");
-        write_manifest(&location, tasks, &sdk).await?;
-        // The array jobs that run the stage (what segment.asl.json submits).
-        let jobs: Vec<serde_json::Value> = (0..tasks.len())
-            .step_by(crate::runtime::batch::MAX_ARRAY_SIZE)
-            .map(|offset| {
-                let size = (tasks.len() - offset).min(crate::runtime::batch::MAX_ARRAY_SIZE);
-                serde_json::json!({"offset": offset, "size": size})
-            })
-            .collect();
-        summary.push(serde_json::json!({
-            "stage": name, "manifest": location, "tasks": tasks.len(), "jobs": jobs,
-        }));
-    }
+    let document = crate::runtime::batch::write_stage_manifests(
+        &plan.id,
+        plan.blocks,
+        &stages,
+        prefix,
+        &sdk,
+    )
+    .await?;
     let rounds = match plan.rounds {
         0 => String::new(),
         r => format!(", {r} merge rounds"),
@@ -190,10 +181,7 @@ pub async fn plan_staged<W: StagedWork>(
         "plan {}: {} blocks of {:?} voxels{rounds}",
         plan.id, plan.blocks, plan.block_size
     );
-    println!(
-        "{}",
-        serde_json::json!({"plan": plan.id, "blocks": plan.blocks, "stages": summary})
-    );
+    println!("{document}");
     Ok(())
 }
 

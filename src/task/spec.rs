@@ -16,7 +16,7 @@ use thiserror::Error;
 pub enum SpecError {
     #[error("invalid task document")]
     Invalid(#[source] serde_json::Error),
-    #[error("not a task document: a task has a \"kind\" (downsample, boss-downsample, segment, connected-components), a Boss DownsampleChannel document a \"msg\" object")]
+    #[error("not a task document: a task has a \"kind\" (downsample, boss-downsample, segment, connected-components, plan), a Boss DownsampleChannel document a \"msg\" object")]
     Unrecognised,
 }
 
@@ -38,6 +38,41 @@ pub enum Task {
     /// Task `index` (from 0) of a manifest: how a state machine hands a plan's stage tasks to
     /// activity workers one by one, as Batch hands them to array children by index.
     ManifestTask(ManifestTask),
+    /// Plans a segment or connected-components task in stages: writes one manifest per stage
+    /// and returns the stages (what `cuboids plan ... --manifests` prints). The segmentation
+    /// machine runs it first when it is handed a task rather than a plan (POST /segment).
+    Plan(PlanTask),
+}
+
+/// The default host memory of a staged segment plan's merge task (MiB): a 64 GiB machine.
+pub const DEFAULT_MERGE_MIB: usize = 65536;
+
+/// The default host memory per block task of a staged plan (MiB).
+pub const DEFAULT_TASK_MIB: usize = 4096;
+
+/// A staged plan to make: `cuboids plan segment|connected-components --manifests` as a task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanTask {
+    /// The work to plan: a `segment` or `connected-components` task document.
+    pub work: Box<Task>,
+    /// Manifests go to PREFIX<stage>.jsonl (a path or `s3://` prefix; end it with / for a
+    /// folder).
+    pub manifests: String,
+    /// Host memory per block task, in MiB.
+    #[serde(default = "default_task_mib")]
+    pub task_mib: usize,
+    /// Host memory of the merge task, in MiB (segment: past it, merge rounds).
+    #[serde(default = "default_merge_mib")]
+    pub merge_mib: usize,
+}
+
+fn default_task_mib() -> usize {
+    DEFAULT_TASK_MIB
+}
+
+fn default_merge_mib() -> usize {
+    DEFAULT_MERGE_MIB
 }
 
 /// A reference to one line of a manifest (`cuboids plan ... --manifests` writes them).
@@ -411,6 +446,7 @@ impl Task {
                 t.describe("segment", &t.plan.work.affinity, &t.plan.work.output)
             }
             Task::ManifestTask(t) => format!("task {} of manifest {}", t.index, t.manifest),
+            Task::Plan(t) => format!("plan of {} into {}", t.work.describe(), t.manifests),
         }
     }
 }
