@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""Validates the infrastructure: the CloudFormation template with cfn-lint, and every state
-machine (ASL) with the Amazon States Language schema that cfn-lint ships (the one it checks
-inline definitions with), plus the structure the schema cannot express: every transition names
-a state, every state is reachable, every non-terminal state goes on, task heartbeats are shorter
-than their timeouts, and the ${...} placeholders match the template's DefinitionSubstitutions.
+"""Validates the deployment that the CDK app synthesises: every template with cfn-lint, and every
+state machine (ASL) with the Amazon States Language schema that cfn-lint ships (the one it checks
+inline definitions with), plus the structure the schema cannot express: every transition names a
+state, every state is reachable, every non-terminal state goes on, task heartbeats are shorter
+than their timeouts, and the ${...} placeholders match the machine's DefinitionSubstitutions.
+Each machine's definition must be one of batch/statemachines/*.asl.json, as it is, and each of
+those files must be deployed.
 
-Usage: batch/validate.py [TEMPLATE]  (needs cfn-lint: pip install cfn-lint)"""
+Usage: batch/validate.py CLOUD_ASSEMBLY  (the directory `cdk synth` or `CDK_OUTDIR=... python3
+app.py` writes; needs cfn-lint: pip install cfn-lint)"""
 
 import json
 import pathlib
@@ -15,29 +18,9 @@ import sys
 
 import cfnlint.data.schemas.other.step_functions as sfn_schemas
 import jsonschema
-import yaml
 
 HERE = pathlib.Path(__file__).resolve().parent
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
-
-
-def cfn_loader():
-    """A YAML loader that accepts CloudFormation's short-form tags (!Ref, !Sub...)."""
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    def tag(loader, suffix, node):
-        if isinstance(node, yaml.ScalarNode):
-            value = loader.construct_scalar(node)
-        elif isinstance(node, yaml.SequenceNode):
-            value = loader.construct_sequence(node, deep=True)
-        else:
-            value = loader.construct_mapping(node, deep=True)
-        return {suffix: value}
-
-    Loader.add_multi_constructor("!", tag)
-    return Loader
 
 
 def transitions(state):
@@ -79,53 +62,62 @@ def check_states(machine, where, errors):
             check_states(branch, f"{here}.Branches[{i}]", errors)
 
 
-def main():
-    template_path = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "cuboids.yaml"
-    lint = subprocess.run(
-        [sys.executable, "-c", "import sys, cfnlint.runner; sys.exit(cfnlint.runner.main())", str(template_path)]
-    )
-    errors = [] if lint.returncode == 0 else [f"cfn-lint found problems in {template_path}"]
+# CDK gives a resource an explicit DependsOn on a role's policy that a GetAtt already implies.
+IGNORED_CHECKS = ["W3005"]
 
-    template = yaml.load(template_path.read_text(), Loader=cfn_loader())
+
+def main():
+    if len(sys.argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    assembly = pathlib.Path(sys.argv[1])
+    templates = sorted(assembly.glob("*.template.json"))
+    if not templates:
+        print(f"error: no *.template.json in {assembly}", file=sys.stderr)
+        return 1
+    lint = subprocess.run(
+        [sys.executable, "-c", "import sys, cfnlint.runner; sys.exit(cfnlint.runner.main())",
+         "--ignore-checks", *IGNORED_CHECKS, "--", *map(str, templates)]
+    )
+    errors = [] if lint.returncode == 0 else ["cfn-lint found problems (above)"]
+
     schema = json.loads(
         pathlib.Path(sfn_schemas.__file__).with_name("statemachine.json").read_text()
     )
-    machines = {
-        name: res["Properties"]
-        for name, res in template["Resources"].items()
-        if res["Type"] == "AWS::StepFunctions::StateMachine"
-    }
-    checked = set()
-    for name, props in machines.items():
-        key = props["DefinitionS3Location"]["Key"]
-        key = key.get("Sub", key) if isinstance(key, dict) else key
-        path = HERE / "statemachines" / key.rsplit("}", 1)[-1]
-        checked.add(path.name)
-        if not path.exists():
-            errors.append(f"{name}: {path} does not exist")
-            continue
-        text = path.read_text()
-        used = set(PLACEHOLDER.findall(text))
-        given = set(props.get("DefinitionSubstitutions", {}))
-        if used != given:
-            errors.append(
-                f"{path.name}: placeholders {sorted(used)} but {name} substitutes {sorted(given)}"
+    files = {p.read_text(): p.name for p in (HERE / "statemachines").glob("*.asl.json")}
+    machines, deployed = 0, set()
+    for template_path in templates:
+        template = json.loads(template_path.read_text())
+        for name, res in template.get("Resources", {}).items():
+            if res["Type"] != "AWS::StepFunctions::StateMachine":
+                continue
+            machines += 1
+            props = res["Properties"]
+            where = f"{template_path.name} {name}"
+            text = props.get("DefinitionString")
+            if not isinstance(text, str) or text not in files:
+                errors.append(f"{where}: its definition is not one of batch/statemachines/*.asl.json")
+                continue
+            deployed.add(files[text])
+            where = f"{where} ({files[text]})"
+            used = set(PLACEHOLDER.findall(text))
+            given = set(props.get("DefinitionSubstitutions", {}))
+            if used != given:
+                errors.append(f"{where}: placeholders {sorted(used)} but substitutions {sorted(given)}")
+            definition = json.loads(
+                PLACEHOLDER.sub(lambda m: f"arn:aws:states:us-east-1:123456789012:activity:{m[1]}", text)
             )
-        definition = json.loads(
-            PLACEHOLDER.sub(lambda m: f"arn:aws:states:us-east-1:123456789012:activity:{m[1]}", text)
-        )
-        # Draft 2020-12: the schema puts keywords beside "$ref", which Draft 7 would ignore.
-        found = list(jsonschema.Draft202012Validator(schema).iter_errors(definition))
-        for e in found:
-            errors.append(f"{path.name}: {'/'.join(map(str, e.path))}: {e.message}")
-        if not found:
-            check_states(definition, path.name, errors)
-    for path in (HERE / "statemachines").glob("*.asl.json"):
-        if path.name not in checked:
-            errors.append(f"{path.name}: no state machine in {template_path.name} uses it")
+            # Draft 2020-12: the schema puts keywords beside "$ref", which Draft 7 would ignore.
+            found = list(jsonschema.Draft202012Validator(schema).iter_errors(definition))
+            for e in found:
+                errors.append(f"{where}: {'/'.join(map(str, e.path))}: {e.message}")
+            if not found:
+                check_states(definition, files[text], errors)
+    for name in sorted(set(files.values()) - deployed):
+        errors.append(f"{name}: no state machine of the app deploys it")
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
-    print(f"{template_path.name}: {len(machines)} state machines checked, {len(errors)} problems")
+    print(f"{len(templates)} templates linted, {machines} state machines checked, {len(errors)} problems")
     return 1 if errors else 0
 
 

@@ -435,7 +435,6 @@ enum PlanCommand {
     },
 }
 
-
 #[derive(Clone, Copy, ValueEnum)]
 enum MethodArg {
     Average,

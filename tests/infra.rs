@@ -1,7 +1,11 @@
-//! The deployment files: the CloudFormation template and the state machines pass cfn-lint and
-//! the Amazon States Language schema (batch/validate.py), and agree with the binary on the
-//! things they share: which error names are retryable, the Batch exit code for a retry, the
-//! heartbeat, and what a GPU container needs for Vulkan.
+//! The deployment: the CDK app (batch/app.py) synthesises offline, and its templates and state
+//! machines pass cfn-lint and the Amazon States Language schema (batch/validate.py); the stacks
+//! agree with the binary on the things they share (which error names are retryable, the Batch
+//! exit code for a retry, the heartbeat, the commands the job definition and the worker fleet
+//! run, what a GPU container needs for Vulkan); the REST API starts and describes executions of
+//! the right machines with IAM; and bad settings are named.
+
+mod common;
 
 use cuboids::task::failure::{FailureKind, EXIT_RETRYABLE};
 use serde_json::Value;
@@ -26,15 +30,41 @@ fn python() -> PathBuf {
     }
 }
 
+fn assembly() -> &'static Path {
+    common::cdk_assembly()
+}
+
+fn template(stack: &str) -> Value {
+    let path = assembly().join(format!("Cuboids{stack}.template.json"));
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+/// The resources of a template of type `kind`, by logical id.
+fn resources<'a>(template: &'a Value, kind: &str) -> Vec<(&'a String, &'a Value)> {
+    template["Resources"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, r)| r["Type"] == kind)
+        .collect()
+}
+
+fn only<'a>(template: &'a Value, kind: &str) -> &'a Value {
+    let found = resources(template, kind);
+    assert_eq!(found.len(), 1, "one {kind}");
+    &found[0].1["Properties"]
+}
+
 fn asl(name: &str) -> Value {
     let path = repo().join("batch/statemachines").join(name);
     serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
 }
 
 #[test]
-fn template_and_state_machines_validate() {
+fn the_app_synthesises_and_its_templates_and_state_machines_validate() {
     let out = Command::new(python())
         .arg(repo().join("batch/validate.py"))
+        .arg(assembly())
         .output()
         .expect("running batch/validate.py (scripts/test makes the venv with cfn-lint)");
     assert!(
@@ -43,7 +73,42 @@ fn template_and_state_machines_validate() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("3 state machines checked, 0 problems"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("4 templates linted, 3 state machines checked, 0 problems"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// A setting that cannot be deployed stops the app before anything is synthesised, naming it.
+#[test]
+fn bad_settings_are_named() {
+    for (context, named) in [
+        (r#"{"image_uri": "i"}"#, "context 'data_bucket' is required"),
+        (
+            r#"{"image_uri": "i", "data_bucket": "b-1", "provisioning": "CHEAP"}"#,
+            "context 'provisioning' is 'CHEAP'; expected SPOT or EC2",
+        ),
+        (
+            r#"{"image_uri": "i", "data_bucket": "b-1", "max_vcpus": "lots"}"#,
+            "context 'max_vcpus' is 'lots'; expected a whole number",
+        ),
+        (
+            r#"{"image_uri": "i", "data_bucket": "b-1", "subnet_ids": "subnet-1"}"#,
+            "context 'subnet_ids' and 'security_group_ids' go together",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let o = common::run_cdk_app(context, dir.path());
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{context}: {stderr}");
+        assert!(stderr.contains(named), "{context}: {stderr}");
+        assert!(
+            !dir.path().join("manifest.json").exists(),
+            "{context}: nothing is synthesised"
+        );
+    }
 }
 
 #[test]
@@ -82,12 +147,50 @@ fn the_hierarchy_retries_exactly_the_retryable_errors() {
 
 #[test]
 fn batch_retries_on_the_retryable_exit_code_and_lost_hosts() {
-    let template = std::fs::read_to_string(repo().join("batch/cuboids.yaml")).unwrap();
-    assert!(template.contains(&format!(
-        "{{OnExitCode: \"{EXIT_RETRYABLE}\", Action: RETRY}}"
-    )));
-    assert!(template.contains("{OnStatusReason: \"Host EC2*\", Action: RETRY}"));
-    assert!(template.contains("Command: [batch, --manifest, Ref::manifest, --offset, Ref::offset]"));
+    let compute = template("Compute");
+    let job = only(&compute, "AWS::Batch::JobDefinition");
+    let on_exit = &job["RetryStrategy"]["EvaluateOnExit"];
+    assert!(
+        on_exit.as_array().unwrap().contains(
+            &serde_json::json!({"OnExitCode": EXIT_RETRYABLE.to_string(), "Action": "RETRY"})
+        ),
+        "{on_exit}"
+    );
+    assert_eq!(
+        on_exit[0],
+        serde_json::json!({"OnStatusReason": "Host EC2*", "Action": "RETRY"})
+    );
+    assert_eq!(
+        on_exit.as_array().unwrap().last().unwrap(),
+        &serde_json::json!({"OnReason": "*", "Action": "EXIT"})
+    );
+    let container = &job["ContainerProperties"];
+    let command: Vec<&str> = container["Command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        command,
+        [
+            "batch",
+            "--manifest",
+            "Ref::manifest",
+            "--offset",
+            "Ref::offset"
+        ]
+    );
+    assert!(container["Environment"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!({"Name": "MALLOC_MMAP_THRESHOLD_", "Value": "1048576"})));
+    let environment = only(&compute, "AWS::Batch::ComputeEnvironment");
+    assert_eq!(environment["ComputeResources"]["MinvCpus"], 0);
+    assert_eq!(
+        environment["ComputeResources"]["Ec2Configuration"][0]["ImageType"],
+        "ECS_AL2_NVIDIA"
+    );
     // The command the job definition runs parses (with its parameters substituted).
     let out = Command::new(env!("CARGO_BIN_EXE_cuboids"))
         .args([
@@ -105,6 +208,162 @@ fn batch_retries_on_the_retryable_exit_code_and_lost_hosts() {
     let text = plan.to_string();
     assert!(text.contains("arn:aws:states:::batch:submitJob.sync"));
     assert!(text.contains("\"offset.$\":\"States.Format('{}', $.offset)\""));
+}
+
+/// The fleet's instances run `cuboids worker` on the stack's activity, leaving when idle; the
+/// group starts empty and grows on the activity's backlog; an instance may remove only itself
+/// from its own group.
+#[test]
+fn the_worker_fleet_serves_the_activity_and_scales_to_zero() {
+    let workers = template("Workers");
+    let group = only(&workers, "AWS::AutoScaling::AutoScalingGroup");
+    assert_eq!(group["MinSize"], "0");
+    assert!(
+        group.get("DesiredCapacity").is_none(),
+        "updates must not reset the fleet's size"
+    );
+    let tag = &group["Tags"][0];
+    let launch = only(&workers, "AWS::EC2::LaunchTemplate");
+    let script = launch["LaunchTemplateData"]["UserData"]["Fn::Base64"].to_string();
+    for needed in [
+        "worker --activity-arn",
+        "--idle-exit-seconds 900",
+        "--gpus all",
+        "terminate-instance-in-auto-scaling-group",
+        "--should-decrement-desired-capacity",
+        "MALLOC_MMAP_THRESHOLD_=1048576",
+    ] {
+        assert!(
+            script.contains(needed),
+            "user data lacks {needed:?}: {script}"
+        );
+    }
+    let activity = resources(&workers, "AWS::StepFunctions::Activity")[0].0;
+    assert!(
+        script.contains(&format!("{{\"Ref\":\"{activity}\"}}")),
+        "the worker polls the stack's activity: {script}"
+    );
+    // The worker's command line, as the user data gives it, parses.
+    let out = Command::new(env!("CARGO_BIN_EXE_cuboids"))
+        .args([
+            "worker",
+            "--activity-arn",
+            "arn:aws:states:us-east-1:1:activity:a",
+            "--concurrency",
+            "1",
+            "--idle-exit-seconds",
+            "900",
+            "--worker-name",
+            "i-1",
+            "--help",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // Scale-out: the backlog alarm triggers the step policy on this group.
+    let policy = resources(&workers, "AWS::AutoScaling::ScalingPolicy");
+    let alarm = only(&workers, "AWS::CloudWatch::Alarm");
+    assert_eq!(
+        alarm["AlarmActions"][0],
+        serde_json::json!({"Fn::GetAtt": [policy[0].0, "Arn"]})
+    );
+    let metrics = alarm["Metrics"].to_string();
+    assert!(metrics.contains("ActivitiesScheduled") && metrics.contains("ActivitiesStarted"));
+    // Scale-in: an instance may terminate only members of the group it is tagged with.
+    let policies = resources(&workers, "AWS::IAM::Policy");
+    let statements: Vec<&Value> = policies
+        .iter()
+        .flat_map(|(_, p)| {
+            p["Properties"]["PolicyDocument"]["Statement"]
+                .as_array()
+                .unwrap()
+        })
+        .collect();
+    let terminate = statements
+        .iter()
+        .find(|s| s["Action"] == "autoscaling:TerminateInstanceInAutoScalingGroup")
+        .expect("the instances may leave the group");
+    assert_eq!(
+        terminate["Condition"]["StringEquals"]
+            [format!("autoscaling:ResourceTag/{}", tag["Key"].as_str().unwrap())],
+        tag["Value"]
+    );
+}
+
+/// POST /downsample and POST /segment start the hierarchy and segmentation machines (a direct
+/// Step Functions integration), GET /executions/{id} describes an execution; every method needs
+/// IAM, and the API's role may start and describe executions of those two machines only.
+#[test]
+fn the_api_starts_and_describes_executions_with_iam() {
+    let api = template("Api");
+    let machines = template("StateMachines");
+    let machine_id = |file: &str| -> String {
+        let text = std::fs::read_to_string(repo().join("batch/statemachines").join(file)).unwrap();
+        resources(&machines, "AWS::StepFunctions::StateMachine")
+            .into_iter()
+            .find(|(_, r)| r["Properties"]["DefinitionString"] == text.as_str())
+            .unwrap()
+            .0
+            .clone()
+    };
+    let paths: std::collections::HashMap<String, String> =
+        resources(&api, "AWS::ApiGateway::Resource")
+            .into_iter()
+            .map(|(id, r)| {
+                (
+                    id.clone(),
+                    r["Properties"]["PathPart"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+    let mut routes = BTreeSet::new();
+    for (_, method) in resources(&api, "AWS::ApiGateway::Method") {
+        let m = &method["Properties"];
+        let path = paths[m["ResourceId"]["Ref"].as_str().unwrap()].clone();
+        let verb = m["HttpMethod"].as_str().unwrap();
+        assert_eq!(m["AuthorizationType"], "AWS_IAM", "{verb} {path}");
+        let integration = &m["Integration"];
+        assert_eq!(integration["Type"], "AWS", "{verb} {path}");
+        let uri = integration["Uri"].to_string();
+        let template = integration["RequestTemplates"]["application/json"].to_string();
+        match (verb, path.as_str()) {
+            ("POST", "downsample") | ("POST", "segment") => {
+                assert!(uri.contains("states:action/StartExecution"), "{uri}");
+                let file = if path == "segment" {
+                    "segment.asl.json"
+                } else {
+                    "resolution-hierarchy.asl.json"
+                };
+                // The machine's ARN, imported from the StateMachines stack.
+                assert!(
+                    template.contains(&machine_id(file)),
+                    "{verb} {path}: {template}"
+                );
+                assert!(
+                    m["RequestValidatorId"].is_object(),
+                    "{verb} {path} checks its body"
+                );
+            }
+            ("GET", "{id}") => {
+                assert!(uri.contains("states:action/DescribeExecution"), "{uri}");
+                assert!(template.contains("input.params('id')"), "{template}");
+            }
+            other => panic!("unexpected method {other:?}"),
+        }
+        routes.insert(format!("{verb} {path}"));
+    }
+    assert_eq!(routes.len(), 3, "{routes:?}");
+    let policy = only(&api, "AWS::IAM::Policy");
+    let statements = policy["PolicyDocument"]["Statement"].as_array().unwrap();
+    let start = statements
+        .iter()
+        .filter(|s| s["Action"] == "states:StartExecution")
+        .count();
+    assert_eq!(start, 2, "{statements:?}");
+    assert!(
+        !policy.to_string().contains("\"Resource\":\"*\""),
+        "no wildcard resources"
+    );
 }
 
 #[test]

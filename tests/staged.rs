@@ -823,7 +823,10 @@ fn a_plan_task_writes_what_the_plan_command_writes() {
         .iter()
         .map(|s| s["stage"].as_str().unwrap())
         .collect();
-    assert!(names.contains(&"round-0"), "merge rounds planned: {names:?}");
+    assert!(
+        names.contains(&"round-0"),
+        "merge rounds planned: {names:?}"
+    );
     for (cli, task) in cli_stages["stages"]
         .as_array()
         .unwrap()
@@ -834,7 +837,10 @@ fn a_plan_task_writes_what_the_plan_command_writes() {
         assert_eq!(cli["tasks"], task["tasks"]);
         assert_eq!(cli["jobs"], task["jobs"]);
         let name = format!("{}.jsonl", cli["stage"].as_str().unwrap());
-        assert_eq!(task["manifest"].as_str().unwrap(), format!("{by_task}{name}"));
+        assert_eq!(
+            task["manifest"].as_str().unwrap(),
+            format!("{by_task}{name}")
+        );
         assert_eq!(
             std::fs::read(dir.path().join("cli").join(&name)).unwrap(),
             std::fs::read(dir.path().join("task").join(&name)).unwrap(),
@@ -847,7 +853,11 @@ fn a_plan_task_writes_what_the_plan_command_writes() {
     let downsample = serde_json::json!({"kind": "downsample", "location": input});
     let o = run_plan(&downsample);
     assert_eq!(o.status.code(), Some(65), "{}", text(&o));
-    assert!(text(&o).contains("field work is a downsample task"), "{}", text(&o));
+    assert!(
+        text(&o).contains("field work is a downsample task"),
+        "{}",
+        text(&o)
+    );
     let mut missing = work.clone();
     missing["affinity"] = serde_json::json!(dir.path().join("nowhere").to_str().unwrap());
     let o = run_plan(&missing);

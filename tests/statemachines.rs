@@ -509,7 +509,13 @@ async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
 
     let (activity, machine) = services
         .machine("segmentation", |activity| {
+            // Shorter waits than shipped (heartbeat 4 s, retry interval 1 s): LocalStack now and
+            // then hands a task to a poll whose answer never reaches a worker (the history shows
+            // ActivityStarted, and no worker runs it). The heartbeat timeout and Retry recover
+            // it, as they recover a lost connection on AWS; at 300 s that outlasts the test.
             asl("segment.asl.json")
+                .replace("\"HeartbeatSeconds\": 300", "\"HeartbeatSeconds\": 4")
+                .replace("\"IntervalSeconds\": 30", "\"IntervalSeconds\": 1")
                 .replace("${DownsampleActivityArn}", activity)
                 .replace(
                     "${JobQueueArn}",
@@ -577,5 +583,184 @@ async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
         common::read_labels(&staged).await,
         common::read_labels(&single).await,
         "the plan run by the machine differs from the single process"
+    );
+}
+
+/// Runs `curl` against the API: the HTTP status and the parsed body.
+fn call(url: &str, body: Option<&Value>) -> (u16, Value) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-w", "\n%{http_code}", url]);
+    if let Some(body) = body {
+        cmd.args([
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body.to_string(),
+        ]);
+    }
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    let parsed = serde_json::from_str(body).unwrap_or_else(|_| json!({"raw": body}));
+    (code.trim().parse().unwrap(), parsed)
+}
+
+/// The REST API as the CDK app synthesises it (its methods, models, validators and mapping
+/// templates, created on LocalStack's API Gateway by tests/common/rest_api.py): POST /segment
+/// starts the segmentation machine with the request body as its input, GET /executions/{id}
+/// reports it running and then SUCCEEDED with its output; a body the model refuses, an unknown
+/// execution and POST /downsample's start of the hierarchy are answered as documented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_api_starts_and_reports_executions() {
+    use cuboids::runtime::segmentation::write_float_volume;
+    if localstack_missing() {
+        return;
+    }
+    let assembly = common::cdk_assembly();
+    let services = Services::start().await;
+    let (activity, segment) = services
+        .machine("segmentation", |activity| {
+            // Shorter waits than shipped, as in the test above.
+            asl("segment.asl.json")
+                .replace("\"HeartbeatSeconds\": 300", "\"HeartbeatSeconds\": 4")
+                .replace("\"IntervalSeconds\": 30", "\"IntervalSeconds\": 1")
+                .replace("${DownsampleActivityArn}", activity)
+                .replace(
+                    "${JobQueueArn}",
+                    "arn:aws:batch:us-east-1:000000000000:job-queue/unused",
+                )
+                .replace(
+                    "${JobDefinitionArn}",
+                    "arn:aws:batch:us-east-1:000000000000:job-definition/unused",
+                )
+        })
+        .await;
+    let (_, hierarchy) = services.hierarchy_machine("hierarchy").await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/rest_api.py");
+    let out = Command::new(std::env::var("CUBOIDS_LOCALSTACK_PYTHON").unwrap())
+        .arg(script)
+        .arg(&services.sfn_stack.endpoint)
+        .arg(assembly.join("CuboidsApi.template.json"))
+        .arg(format!("Segment={segment}"))
+        .arg(format!("ResolutionHierarchy={hierarchy}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let api_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let base = format!(
+        "{}/restapis/{api_id}/v1/_user_request_",
+        services.sfn_stack.endpoint
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let shape = [32, 32, 16];
+    let mut rng = common::Rng::new(5);
+    let values: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|_| rng.below(1000) as f32 / 1000.0)
+        .collect();
+    let input = dir.path().join("prob");
+    write_float_volume(
+        &input,
+        &[&values],
+        shape,
+        cuboids::formats::precomputed::WriteOptions { gzip_level: 0 },
+    )
+    .await
+    .unwrap();
+    let output = dir.path().join("cc");
+    let request = json!({
+        "job_name": "cc-api",
+        "runner": "activity",
+        "request": {
+            "kind": "plan",
+            "work": {
+                "kind": "connected-components",
+                "input": input.to_str().unwrap(),
+                "output": output.to_str().unwrap(),
+                "threshold": 0.5,
+                "chunk_size": [16, 16, 8],
+                "output_chunk_size": [8, 8, 4],
+            },
+            "manifests": format!("{}/", dir.path().join("plan").display()),
+            "task_mib": 0,
+        },
+    });
+    // Refused by the model before any execution starts.
+    let (status, body) = call(&format!("{base}/segment"), Some(&json!({"request": {}})));
+    assert_eq!(status, 400, "{body}");
+
+    let worker = services.worker(&activity);
+    let (status, started) = call(&format!("{base}/segment"), Some(&request));
+    assert_eq!(status, 200, "{started}");
+    let id = started["id"].as_str().unwrap().to_string();
+    assert!(
+        id.starts_with(&segment.replace(":stateMachine:", ":execution:")),
+        "{id}"
+    );
+    assert!(started["started"].is_number(), "{started}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let described = loop {
+        let (status, described) = call(&format!("{base}/executions/{id}"), None);
+        assert_eq!(status, 200, "{described}");
+        assert_eq!(described["id"], id.as_str());
+        if described["status"] != "RUNNING" {
+            break described;
+        }
+        assert!(Instant::now() < deadline, "{described}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    stop(worker);
+    assert_eq!(described["status"], "SUCCEEDED", "{described}");
+    assert!(described["stopped"].is_number(), "{described}");
+    // The output is the execution's document, as JSON: the request it ran and the plan made.
+    assert_eq!(described["output"]["job_name"], "cc-api", "{described}");
+    assert_eq!(
+        described["output"]["planned"]["kind"], "plan",
+        "{described}"
+    );
+    assert!(
+        output.join("info").exists(),
+        "the segmentation ran to its end"
+    );
+
+    let unknown = segment.replace(":stateMachine:", ":execution:") + ":no-such-execution";
+    let (status, body) = call(&format!("{base}/executions/{unknown}"), None);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ExecutionDoesNotExist"),
+        "{body}"
+    );
+
+    // POST /downsample starts the hierarchy with the document as its input.
+    let document = job("no.bucket", "no.index");
+    let (status, started) = call(&format!("{base}/downsample"), Some(&document));
+    assert_eq!(status, 200, "{started}");
+    let id = started["id"].as_str().unwrap();
+    assert!(
+        id.starts_with(&hierarchy.replace(":stateMachine:", ":execution:")),
+        "{id}"
+    );
+    let input: Value = serde_json::from_str(
+        services
+            .sfn
+            .describe_execution()
+            .execution_arn(id)
+            .send()
+            .await
+            .unwrap()
+            .input()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        input, document,
+        "the body is the execution's input, as it is"
     );
 }

@@ -453,11 +453,17 @@ async fn an_idle_worker_exits_but_not_mid_task() {
     assert!(status.success(), "{log}");
     assert!(log.contains("no task for the idle limit"), "{log}");
     let s = sfn.state.lock().unwrap();
-    assert!(s.succeeded.contains_key("slow"), "the task ran to its end: {log}");
+    assert!(
+        s.succeeded.contains_key("slow"),
+        "the task ran to its end: {log}"
+    );
     assert!(
         !log.contains("waiting for running tasks"),
         "it left while the task ran: {log}"
     );
-    assert!(s.polls >= 2, "it polled again after the task before leaving");
+    assert!(
+        s.polls >= 2,
+        "it polled again after the task before leaving"
+    );
     eprintln!("the worker ran the task and left after {ran:?}");
 }

@@ -121,7 +121,10 @@ pub async fn run_worker(
         }
         if !running.is_empty() {
             idle_since = Instant::now();
-        } else if opts.idle_exit.is_some_and(|limit| idle_since.elapsed() >= limit) {
+        } else if opts
+            .idle_exit
+            .is_some_and(|limit| idle_since.elapsed() >= limit)
+        {
             info!(idle = ?idle_since.elapsed(), "no task for the idle limit: stopping");
             break Ok(());
         }

@@ -165,14 +165,9 @@ pub async fn plan_staged<W: StagedWork>(
         }
         return Ok(());
     };
-    let document = crate::runtime::batch::write_stage_manifests(
-        &plan.id,
-        plan.blocks,
-        &stages,
-        prefix,
-        &sdk,
-    )
-    .await?;
+    let document =
+        crate::runtime::batch::write_stage_manifests(&plan.id, plan.blocks, &stages, prefix, &sdk)
+            .await?;
     let rounds = match plan.rounds {
         0 => String::new(),
         r => format!(", {r} merge rounds"),

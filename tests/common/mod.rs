@@ -278,7 +278,7 @@ impl LocalStack {
         let child = std::process::Command::new(&python)
             .args(["-m", "localstack.runtime.main"])
             .env("RUNTIME_COMPONENTS", "aws")
-            .env("SERVICES", "stepfunctions,sts,events")
+            .env("SERVICES", "stepfunctions,sts,events,apigateway")
             .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
             .env("HOME", dir.path())
             .env("TMPDIR", &tmp)
@@ -439,4 +439,47 @@ pub async fn put_boss_cuboids(
             }
         }
     }
+}
+
+/// The Python with aws-cdk-lib: CUBOIDS_CDK_PYTHON, or the venv scripts/test makes.
+pub fn cdk_python() -> std::path::PathBuf {
+    std::env::var("CUBOIDS_CDK_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/cdk-venv/bin/python")
+        })
+}
+
+/// The context a lab gives the CDK app: an image and a data bucket (and a Boss index table),
+/// every other setting its default.
+pub const CDK_CONTEXT: &str = r#"{"image_uri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/cuboids:gpu", "data_bucket": "my-volumes", "boss_index_table": "s3index.example.boss"}"#;
+
+/// Runs the CDK app (batch/app.py) with `context` into `out`: no AWS credentials, no network.
+pub fn run_cdk_app(context: &str, out: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(cdk_python())
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("batch/app.py"))
+        .env("CDK_CONTEXT_JSON", context)
+        .env("CDK_OUTDIR", out)
+        .env_remove("AWS_PROFILE")
+        .output()
+        .expect("running batch/app.py (scripts/test makes target/cdk-venv)")
+}
+
+/// The cloud assembly of the app with [`CDK_CONTEXT`], synthesised once per test binary, under
+/// target/tmp and replaced on each run (no temporary directory is left behind).
+pub fn cdk_assembly() -> &'static std::path::Path {
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("cdk-assembly-{}", env!("CARGO_CRATE_NAME")));
+        let _ = std::fs::remove_dir_all(&dir);
+        let o = run_cdk_app(CDK_CONTEXT, &dir);
+        assert!(
+            o.status.success(),
+            "batch/app.py: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        dir
+    })
 }
