@@ -81,6 +81,55 @@ fn the_app_synthesises_and_its_templates_and_state_machines_validate() {
     );
 }
 
+/// With existing subnets and security groups, no VPC is made and both the Batch instances and
+/// the worker fleet use the ones given; the templates still lint.
+#[test]
+fn existing_subnets_are_used_as_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let context = r#"{"image_uri": "i:gpu", "data_bucket": "my-volumes", "subnet_ids": "subnet-0123456789abcdef0,subnet-0123456789abcdef1", "security_group_ids": "sg-0123456789abcdef0", "provisioning": "EC2", "instance_types": "g6.xlarge"}"#;
+    let o = common::run_cdk_app(context, dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |stack: &str| -> Value {
+        serde_json::from_slice(
+            &std::fs::read(dir.path().join(format!("Cuboids{stack}.template.json"))).unwrap(),
+        )
+        .unwrap()
+    };
+    let compute = read("Compute");
+    assert!(resources(&compute, "AWS::EC2::VPC").is_empty());
+    let resources_of = &only(&compute, "AWS::Batch::ComputeEnvironment")["ComputeResources"];
+    assert_eq!(
+        resources_of["Subnets"],
+        serde_json::json!(["subnet-0123456789abcdef0", "subnet-0123456789abcdef1"])
+    );
+    assert_eq!(
+        resources_of["SecurityGroupIds"],
+        serde_json::json!(["sg-0123456789abcdef0"])
+    );
+    assert_eq!(resources_of["Type"], "EC2");
+    assert_eq!(
+        resources_of["InstanceTypes"],
+        serde_json::json!(["g6.xlarge"])
+    );
+    let workers = read("Workers");
+    let group = only(&workers, "AWS::AutoScaling::AutoScalingGroup");
+    assert_eq!(
+        group["VPCZoneIdentifier"],
+        serde_json::json!(["subnet-0123456789abcdef0", "subnet-0123456789abcdef1"])
+    );
+    let out = Command::new(python())
+        .arg(repo().join("batch/validate.py"))
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A setting that cannot be deployed stops the app before anything is synthesised, naming it.
 #[test]
 fn bad_settings_are_named() {
@@ -97,6 +146,10 @@ fn bad_settings_are_named() {
         (
             r#"{"image_uri": "i", "data_bucket": "b-1", "subnet_ids": "subnet-1"}"#,
             "context 'subnet_ids' and 'security_group_ids' go together",
+        ),
+        (
+            r#"{"image_uri": "i", "data_bucket": "b-1", "subnet_ids": "subnet-1", "security_group_ids": "sg-0123456789abcdef0"}"#,
+            "context 'subnet_ids' has 'subnet-1', which is not a subnet id",
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();

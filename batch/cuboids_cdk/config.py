@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 import re
 
 INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
+SUBNET_ID = re.compile(r"^subnet-([0-9a-f]{8}|[0-9a-f]{17})$")
+SECURITY_GROUP_ID = re.compile(r"^sg-([0-9a-f]{8}|[0-9a-f]{17})$")
 S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
@@ -118,5 +120,12 @@ class Config:
                 "context 'subnet_ids' and 'security_group_ids' go together: give both, or neither "
                 "(then a VPC is made)"
             )
+        for key, ids, pattern, what in (
+            ("subnet_ids", self.subnet_ids, SUBNET_ID, "a subnet id"),
+            ("security_group_ids", self.security_group_ids, SECURITY_GROUP_ID, "a security group id"),
+        ):
+            for i in ids:
+                if not pattern.match(i):
+                    raise ConfigError(f"context {key!r} has {i!r}, which is not {what}")
         if not re.match(r"^[A-Za-z][A-Za-z0-9]*$", self.prefix):
             raise ConfigError(f"context 'prefix' is {self.prefix!r}; expected letters and digits")
