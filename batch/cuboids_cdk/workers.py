@@ -37,6 +37,7 @@ def user_data(config: Config, activity_arn: str, log_group: str, region: str) ->
 # cuboids worker fleet instance (batch/cuboids_cdk/workers.py)
 set -u
 systemctl stop ecs || true   # the ECS agent is not used: one worker container per instance
+command -v aws >/dev/null || yum install -y -q awscli   # for ECR login and leaving the group
 region={region}
 image={config.image_uri}
 token=$(curl -sX PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 300')

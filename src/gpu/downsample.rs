@@ -167,6 +167,19 @@ impl PendingSlab {
         out
     }
 
+    /// As [`Self::wait`], handing each level `k` (from 0) to `take(k, bytes, shape, row pitch in
+    /// voxels)` straight from its mapped read-back buffer instead of returning copies.
+    pub fn wait_with(
+        self,
+        ctx: &GpuContext,
+        take: impl FnMut(usize, &[u8], Vec3, usize),
+    ) -> Result<(), GpuError> {
+        let out = read_back_with(ctx, self.submission, self.readbacks, take);
+        ctx.recycle(self.retired);
+        ctx.recycle(self.kept);
+        out
+    }
+
     /// As [`Self::wait`], and also returns the last level's GPU buffer.
     fn wait_keeping(mut self, ctx: &GpuContext) -> Result<(Vec<Vec<u8>>, wgpu::Buffer), GpuError> {
         let kept = self.kept.take().expect("submitted with keep_last");
@@ -516,23 +529,36 @@ fn read_back(
     readbacks: Vec<(wgpu::Buffer, Vec3, usize)>,
     elem: usize,
 ) -> Result<Vec<Vec<u8>>, GpuError> {
+    let mut levels = Vec::with_capacity(readbacks.len());
+    read_back_with(ctx, submission, readbacks, |_, view, shape, pitch| {
+        let rows = shape[1] * shape[2];
+        levels.push(if pitch == shape[0] {
+            view[..voxels(shape) * elem].to_vec()
+        } else {
+            repitch(view, shape[0], rows, pitch, elem, false)
+        });
+    })?;
+    Ok(levels)
+}
+
+/// Waits for `submission` and hands each read-back buffer's mapped bytes to `take(index, bytes,
+/// shape, row pitch in voxels)`, then returns the buffer to the pool: the caller copies the
+/// voxels where they go, with no copy of their own in between.
+fn read_back_with(
+    ctx: &GpuContext,
+    submission: wgpu::SubmissionIndex,
+    readbacks: Vec<(wgpu::Buffer, Vec3, usize)>,
+    mut take: impl FnMut(usize, &[u8], Vec3, usize),
+) -> Result<(), GpuError> {
     let buffers: Vec<&wgpu::Buffer> = readbacks.iter().map(|(b, _, _)| b).collect();
     ctx.map_for_reading(submission, &buffers, "downsampling")?;
-    Ok(readbacks
-        .into_iter()
-        .map(|(buffer, shape, pitch)| {
-            let rows = shape[1] * shape[2];
-            let bytes = {
-                let view = buffer.get_mapped_range(..).expect("mapped above");
-                if pitch == shape[0] {
-                    view[..voxels(shape) * elem].to_vec()
-                } else {
-                    repitch(&view, shape[0], rows, pitch, elem, false)
-                }
-            };
-            buffer.unmap();
-            ctx.recycle([buffer]);
-            bytes
-        })
-        .collect())
+    for (k, (buffer, shape, pitch)) in readbacks.into_iter().enumerate() {
+        {
+            let view = buffer.get_mapped_range(..).expect("mapped above");
+            take(k, &view, shape, pitch);
+        }
+        buffer.unmap();
+        ctx.recycle([buffer]);
+    }
+    Ok(())
 }

@@ -351,9 +351,10 @@ async fn downsample_cuboid(
                     block.paste(*at, &host, [0; 3], CUBOID);
                 }
                 let slab_limit = ctx.default_slab_bytes();
-                let cuboid = downsample_volume_gpu(&ctx, &block, method, factor, 1, slab_limit)?
-                    .pop()
-                    .expect("one level");
+                let cuboid =
+                    downsample_volume_gpu(&ctx, &block, method, factor, 1, slab_limit, None)?
+                        .pop()
+                        .expect("one level");
                 (cuboid, None)
             };
             debug_assert_eq!(cuboid.shape, CUBOID);

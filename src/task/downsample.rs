@@ -13,7 +13,7 @@ use crate::formats::precomputed::sharding::{
 };
 use crate::formats::precomputed::{
     check_scale_readable, check_scale_supported, chunk_grid, chunk_key, codec_cpu_time,
-    encode_chunk, Precomputed, PrecomputedError, WriteOptions,
+    encode_chunk, on_codec_pool, Precomputed, PrecomputedError, WriteOptions,
 };
 use crate::geometry::{pow3, voxels, Box3, Vec3};
 use crate::gpu::downsample::{submit_channel_gpu, PendingSlab};
@@ -21,7 +21,7 @@ use crate::gpu::{GpuContext, GpuError};
 use crate::ops::downsample::{check_supported, downsample_cpu, DownsampleError, Factor, Method};
 use crate::progress::Progress;
 use crate::task::plan::{align_region, lcm, plan_slabs, plan_tiles};
-use crate::volume::Volume;
+use crate::volume::{BufferPool, Volume};
 use futures::{StreamExt, TryStreamExt};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -436,6 +436,7 @@ pub async fn downsample(
         method,
         slab_limit,
         written: written.clone(),
+        buffers: BufferPool::new(KEPT_BUFFERS),
     };
     let (decode_before, encode_before) = codec_cpu_time();
     let result = job.run(tiles).await;
@@ -589,7 +590,13 @@ struct Job {
     method: Method,
     slab_limit: u64,
     written: Arc<Mutex<Vec<String>>>,
+    /// Tile and level buffers, reused from tile to tile.
+    buffers: BufferPool,
 }
+
+/// Buffers a downsample keeps: the tiles read ahead and being pooled, and the levels of the tiles
+/// being written.
+const KEPT_BUFFERS: usize = 16;
 
 /// Tiles being written at once behind the GPU.
 const WRITES_IN_FLIGHT: usize = 2;
@@ -627,7 +634,13 @@ impl Job {
                 }
                 let r = job
                     .source
-                    .read_region(job.opts.mip, tile, job.opts.fill_missing)
+                    .read_region_into(
+                        job.opts.mip,
+                        tile,
+                        job.opts.fill_missing,
+                        None,
+                        Some(&job.buffers),
+                    )
                     .await;
                 r.map(|(v, any)| Some((v, any, t.elapsed())))
             })
@@ -658,9 +671,13 @@ impl Job {
             let t = Instant::now();
             let levels = {
                 let job = job.clone();
-                tokio::task::spawn_blocking(move || job.downsample_tile(&input))
-                    .instrument(info_span!("tile", i))
-                    .await??
+                tokio::task::spawn_blocking(move || {
+                    let levels = job.downsample_tile(&input);
+                    job.buffers.give(input.data);
+                    levels
+                })
+                .instrument(info_span!("tile", i))
+                .await??
             };
             report.compute += t.elapsed();
             while writes.len() >= WRITES_IN_FLIGHT {
@@ -720,7 +737,15 @@ impl Job {
             Compute::Cpu => return Ok(downsample_cpu(input, self.method, factor, mips)?),
             Compute::Gpu(ctx) => ctx,
         };
-        downsample_volume_gpu(ctx, input, self.method, factor, mips, self.slab_limit)
+        downsample_volume_gpu(
+            ctx,
+            input,
+            self.method,
+            factor,
+            mips,
+            self.slab_limit,
+            Some(&self.buffers),
+        )
     }
 
     /// Cuts a tile's levels into output chunks and writes them; returns (chunks, voxels, busy time).
@@ -764,6 +789,11 @@ impl Job {
             .buffer_unordered(WRITE_CONCURRENCY)
             .try_collect::<()>()
             .await?;
+        for level in levels {
+            if let Ok(level) = Arc::try_unwrap(level) {
+                self.buffers.give(level.data);
+            }
+        }
         Ok((count, voxels_out, t.elapsed()))
     }
 }
@@ -779,10 +809,9 @@ impl Job {
         } else {
             0
         };
-        let (data, _) = tokio::task::spawn_blocking(move || {
-            encode_chunk(&vol, &scale, WriteOptions { gzip_level })
-        })
-        .await??;
+        let (data, _) =
+            on_codec_pool(move || encode_chunk(&vol, &scale, WriteOptions { gzip_level }))
+                .await??;
         if let Some(shard) = self.shards[&mip].add(id, data) {
             self.write_shard(mip, shard).await?;
         }
@@ -830,15 +859,16 @@ pub fn downsample_volume_gpu(
     factor: Factor,
     mips: u32,
     slab_limit: u64,
+    pool: Option<&BufferPool>,
 ) -> Result<Vec<Volume>, TaskError> {
     let whole = Box3::from_shape(input.shape);
     let mut levels: Vec<Volume> = (1..=mips)
         .map(|k| {
-            Volume::zeros(
-                input.dtype,
-                whole.downsampled(factor.get(), k).shape(),
-                input.channels,
-            )
+            let shape = whole.downsampled(factor.get(), k).shape();
+            match pool {
+                Some(pool) => Volume::zeros_in(pool, input.dtype, shape, input.channels),
+                None => Volume::zeros(input.dtype, shape, input.channels),
+            }
         })
         .collect();
     let align = pow3(factor.get(), mips);
@@ -883,9 +913,10 @@ fn paste_slab(
     ctx: &GpuContext,
     (c, slab, pending): (usize, Box3, PendingSlab),
 ) -> Result<(), TaskError> {
-    for (k, out) in pending.wait(ctx)?.into_iter().enumerate() {
+    pending.wait_with(ctx, |k, bytes, shape, pitch| {
         let part = slab.downsampled(factor.get(), k as u32 + 1);
-        levels[k].paste_channel(c, part.start, &out, part.shape());
-    }
+        debug_assert_eq!(shape, part.shape());
+        levels[k].paste_channel_pitched(c, part.start, bytes, shape, pitch);
+    })?;
     Ok(())
 }
