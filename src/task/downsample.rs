@@ -13,7 +13,7 @@ use crate::formats::precomputed::sharding::{
 };
 use crate::formats::precomputed::{
     check_scale_readable, check_scale_supported, chunk_grid, chunk_key, codec_cpu_time,
-    encode_chunk, on_codec_pool, Precomputed, PrecomputedError, WriteOptions,
+    encode_chunk, Precomputed, PrecomputedError, WriteOptions,
 };
 use crate::geometry::{pow3, voxels, Box3, Vec3};
 use crate::gpu::downsample::{submit_channel_gpu, PendingSlab};
@@ -809,9 +809,10 @@ impl Job {
         } else {
             0
         };
-        let (data, _) =
-            on_codec_pool(move || encode_chunk(&vol, &scale, WriteOptions { gzip_level }))
-                .await??;
+        let (data, _) = tokio::task::spawn_blocking(move || {
+            encode_chunk(&vol, &scale, WriteOptions { gzip_level })
+        })
+        .await??;
         if let Some(shard) = self.shards[&mip].add(id, data) {
             self.write_shard(mip, shard).await?;
         }

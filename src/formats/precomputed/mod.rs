@@ -299,7 +299,7 @@ impl Precomputed {
                         Some(object) => {
                             let key = key.clone();
                             Some(Arc::new(
-                                on_codec_pool(move || {
+                                tokio::task::spawn_blocking(move || {
                                     decode_chunk(
                                         &key,
                                         object.data,
@@ -370,7 +370,8 @@ impl Precomputed {
         // Chunk files next to shard files would be invisible to every reader of the scale.
         check_scale_supported(&scale)?;
         let key = chunk_key(&scale, chunk);
-        let (data, encoding) = on_codec_pool(move || encode_chunk(&vol, &scale, opts)).await??;
+        let (data, encoding) =
+            tokio::task::spawn_blocking(move || encode_chunk(&vol, &scale, opts)).await??;
         self.store.put(&key, data, encoding).await?;
         Ok(key)
     }
@@ -594,24 +595,6 @@ pub fn gzip(data: &[u8], level: u32) -> Vec<u8> {
     out
 }
 
-/// Runs a chunk codec job (decode or encode) on tokio's blocking pool, at most one per core at a
-/// time: reads and writes share these slots. Without a bound a 2-core machine ran dozens of codec
-/// threads at once (16 chunk fetches and 16 chunk writes per tile in flight), which only added
-/// context switches and, with a malloc arena per thread, memory that no other thread reuses.
-pub async fn on_codec_pool<T: Send + 'static>(
-    job: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, tokio::task::JoinError> {
-    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-    let slots = SLOTS.get_or_init(|| {
-        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
-    });
-    let _slot = slots
-        .acquire()
-        .await
-        .expect("the codec slots are never closed");
-    tokio::task::spawn_blocking(job).await
-}
-
 /// CPU time (nanoseconds, summed over threads) this process has spent decoding and encoding
 /// chunks: gunzip/gzip and compressed_segmentation. A run's share, divided by the cores, is its
 /// codec limit: no faster pipeline can beat it.
@@ -738,39 +721,4 @@ pub fn encode_chunk(
     } else {
         (gzip(&data, opts.gzip_level), ContentEncoding::Gzip)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::AtomicUsize;
-
-    /// Codec jobs share one slot per core: many at once never run more than that together, and
-    /// every one runs.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn codec_jobs_run_at_most_one_per_core_at_a_time() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let running = Arc::new(AtomicUsize::new(0));
-        let most = Arc::new(AtomicUsize::new(0));
-        let jobs: Vec<_> = (0..4 * cores + 3)
-            .map(|i| {
-                let (running, most) = (running.clone(), most.clone());
-                tokio::spawn(on_codec_pool(move || {
-                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                    most.fetch_max(now, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(5));
-                    running.fetch_sub(1, Ordering::SeqCst);
-                    i
-                }))
-            })
-            .collect();
-        let mut done = Vec::new();
-        for job in jobs {
-            done.push(job.await.unwrap().unwrap());
-        }
-        assert_eq!(done, (0..4 * cores + 3).collect::<Vec<_>>());
-        let most = most.load(Ordering::SeqCst);
-        assert!(most <= cores, "{most} codec jobs at once on {cores} cores");
-        assert!(most >= 1);
-    }
 }
