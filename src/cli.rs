@@ -362,9 +362,10 @@ struct ChunkArgs {
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
     gzip_level: u32,
     /// Memory for decoded input chunks, in MiB: chunk margins and the second pass over the
-    /// affinities read from it instead of fetching chunks again.
-    #[arg(long, default_value_t = 1024)]
-    cache_mib: usize,
+    /// affinities read from it instead of fetching chunks again [default: 1024]. Left out of the
+    /// task when not given, so that the CLI and a task document plan the same work alike.
+    #[arg(long)]
+    cache_mib: Option<usize>,
 }
 
 impl ChunkArgs {
@@ -376,7 +377,7 @@ impl ChunkArgs {
             output_chunk_size: self.output_chunk_size,
             fill_missing: self.fill_missing,
             gzip_level: self.gzip_level,
-            cache_mib: Some(self.cache_mib),
+            cache_mib: self.cache_mib,
         }
     }
 }

@@ -800,8 +800,6 @@ fn a_plan_task_writes_what_the_plan_command_writes() {
     let work = serde_json::json!({
         "kind": "segment", "affinity": input, "output": output, "threshold": 0.5,
         "chunk_size": [16, 16, 8], "output_chunk_size": [8, 8, 4], "gzip_level": 0,
-        // The CLI writes its --cache-mib default into the tasks; the plan id covers it.
-        "cache_mib": 1024,
     });
     let run_plan = |work: &serde_json::Value| {
         let task = dir.path().join("plan-task.json");

@@ -542,8 +542,6 @@ async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
         "dust": 3,
         "chunk_size": [16, 16, 8],
         "output_chunk_size": [8, 8, 4],
-        // The CLI writes its --cache-mib default into the tasks; the plan id covers it.
-        "cache_mib": 1024,
     });
     let request = json!({
         "job_name": "cc",
