@@ -161,25 +161,12 @@ impl Volume {
 
     /// Copies one channel's worth of voxels (`extent`, x fastest) into channel `c` at `origin`.
     pub fn paste_channel(&mut self, c: usize, origin: Vec3, data: &[u8], extent: Vec3) {
-        let elem = self.dtype.size();
         assert_eq!(
             data.len(),
-            voxels(extent) * elem,
+            voxels(extent) * self.dtype.size(),
             "voxels for a {extent:?} box"
         );
-        let shape = self.shape;
-        let from = At {
-            shape: extent,
-            origin: [0; 3],
-        };
-        copy_box(
-            data,
-            from,
-            self.channel_mut(c),
-            At { shape, origin },
-            extent,
-            elem,
-        );
+        self.paste_channel_pitched(c, origin, data, extent, extent[0]);
     }
 
     /// As [`Self::paste_channel`], from rows of `pitch` voxels (at least `extent[0]`; the rest

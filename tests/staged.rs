@@ -68,6 +68,17 @@ fn plan_of(dir: &Path, kind: &str, args: &[&str]) -> Vec<PathBuf> {
 
 /// [`plan_of`] with blocks of one GPU chunk of `chunk` voxels.
 fn plan_in_blocks_of(dir: &Path, kind: &str, args: &[&str], chunk: &str) -> Vec<PathBuf> {
+    plan_stages(dir, kind, args, chunk)["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| PathBuf::from(s["manifest"].as_str().unwrap()))
+        .collect()
+}
+
+/// [`plan_in_blocks_of`], returning the stages document the plan command prints (manifests under
+/// `dir/plan/`).
+fn plan_stages(dir: &Path, kind: &str, args: &[&str], chunk: &str) -> serde_json::Value {
     let prefix = format!("{}/", dir.join("plan").display());
     let mut all = vec!["plan", kind];
     all.extend_from_slice(args);
@@ -92,12 +103,7 @@ fn plan_in_blocks_of(dir: &Path, kind: &str, args: &[&str], chunk: &str) -> Vec<
         assert_eq!(s["jobs"][0]["offset"], 0, "{s}");
         assert_eq!(s["jobs"][0]["size"].as_u64(), Some(tasks), "{s}");
     }
-    stages["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| PathBuf::from(s["manifest"].as_str().unwrap()))
-        .collect()
+    stages
 }
 
 fn tasks_in(manifest: &Path) -> usize {
@@ -767,34 +773,22 @@ fn a_plan_task_writes_what_the_plan_command_writes() {
         .unwrap();
     let output = dir.path().join("seg");
     let (input, output) = (input.to_str().unwrap(), output.to_str().unwrap());
-    let by_cli = format!("{}/", dir.path().join("cli").display());
-    let o = cuboids(
+    // The CLI's manifests go to dir/plan/ (chunks 16,16,8 and 8,8,4, gzip 0, task-mib 0).
+    let cli_stages = plan_stages(
+        dir.path(),
+        "segment",
         &[
-            "plan",
-            "segment",
             "--affinity",
             input,
             "--output",
             output,
             "--threshold",
             "0.5",
-            "--chunk-size",
-            "16,16,8",
-            "--output-chunk-size",
-            "8,8,4",
-            "--gzip-level",
-            "0",
-            "--task-mib",
-            "0",
             "--merge-mib",
             "0",
-            "--manifests",
-            &by_cli,
         ],
-        None,
+        "16,16,8",
     );
-    assert!(o.status.success(), "{}", text(&o));
-    let cli_stages: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
 
     let by_task = format!("{}/", dir.path().join("task").display());
     let work = serde_json::json!({
@@ -840,7 +834,7 @@ fn a_plan_task_writes_what_the_plan_command_writes() {
             format!("{by_task}{name}")
         );
         assert_eq!(
-            std::fs::read(dir.path().join("cli").join(&name)).unwrap(),
+            std::fs::read(dir.path().join("plan").join(&name)).unwrap(),
             std::fs::read(dir.path().join("task").join(&name)).unwrap(),
             "{name}"
         );

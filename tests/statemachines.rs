@@ -157,6 +157,29 @@ impl Services {
         .await
     }
 
+    /// Creates the activity and the segmentation machine on it; returns their ARNs. Shorter
+    /// waits than shipped (heartbeat 4 s, retry interval 1 s): LocalStack now and then hands a
+    /// task to a poll whose answer never reaches a worker (the history shows ActivityStarted, and
+    /// no worker runs it). The heartbeat timeout and Retry recover it, as they recover a lost
+    /// connection on AWS; at 300 s that outlasts a test. Its Batch states are never entered.
+    async fn segmentation_machine(&self, name: &str) -> (String, String) {
+        self.machine(name, |activity| {
+            asl("segment.asl.json")
+                .replace("\"HeartbeatSeconds\": 300", "\"HeartbeatSeconds\": 4")
+                .replace("\"IntervalSeconds\": 30", "\"IntervalSeconds\": 1")
+                .replace("${DownsampleActivityArn}", activity)
+                .replace(
+                    "${JobQueueArn}",
+                    "arn:aws:batch:us-east-1:000000000000:job-queue/unused",
+                )
+                .replace(
+                    "${JobDefinitionArn}",
+                    "arn:aws:batch:us-east-1:000000000000:job-definition/unused",
+                )
+        })
+        .await
+    }
+
     /// `cuboids worker` on the activity, against both services.
     fn worker(&self, activity: &str) -> Worker {
         self.worker_named(activity, "worker", &self.moto.endpoint)
@@ -437,26 +460,15 @@ async fn failed_and_lost_attempts_are_retried_until_a_worker_finishes() {
     );
 }
 
-/// The segmentation machine as POST /segment starts it: a request, planned by its Plan step on
-/// `cuboids worker` (the same plan as the CLI's), then, with `"runner": "activity"`, every task of
-/// each stage handed to the workers as a manifest reference, stage after stage; the output equals
-/// the single-process run's. The Batch runner stays the default (its states are checked in
-/// tests/infra.rs; LocalStack does not emulate Batch).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
-    use cuboids::runtime::segmentation::write_float_volume;
-    if localstack_missing() {
-        return;
-    }
-    let services = Services::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let shape = [64, 48, 24];
-    let mut rng = common::Rng::new(17);
+/// A float32 volume of `shape` under `dir` (`prob`, uncompressed) of seeded random values in
+/// [0, 1): many small components at a threshold of 0.5.
+async fn random_probabilities(dir: &Path, shape: [usize; 3], seed: u64) -> std::path::PathBuf {
+    let mut rng = common::Rng::new(seed);
     let values: Vec<f32> = (0..shape.iter().product::<usize>())
         .map(|_| rng.below(1000) as f32 / 1000.0)
         .collect();
-    let input = dir.path().join("prob");
-    write_float_volume(
+    let input = dir.join("prob");
+    cuboids::runtime::segmentation::write_float_volume(
         &input,
         &[&values],
         shape,
@@ -464,6 +476,22 @@ async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
     )
     .await
     .unwrap();
+    input
+}
+
+/// The segmentation machine as POST /segment starts it: a request, planned by its Plan step on
+/// `cuboids worker` (the same plan as the CLI's), then, with `"runner": "activity"`, every task of
+/// each stage handed to the workers as a manifest reference, stage after stage; the output equals
+/// the single-process run's. The Batch runner stays the default (its states are checked in
+/// tests/infra.rs; LocalStack does not emulate Batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
+    if localstack_missing() {
+        return;
+    }
+    let services = Services::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = random_probabilities(dir.path(), [64, 48, 24], 17).await;
     let cli = |args: &[&str]| {
         let o = Command::new(env!("CARGO_BIN_EXE_cuboids"))
             .args(args)
@@ -507,26 +535,7 @@ async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
     let blocks = plan["stages"][0]["tasks"].as_u64().unwrap();
     assert!(blocks >= 8, "{plan}");
 
-    let (activity, machine) = services
-        .machine("segmentation", |activity| {
-            // Shorter waits than shipped (heartbeat 4 s, retry interval 1 s): LocalStack now and
-            // then hands a task to a poll whose answer never reaches a worker (the history shows
-            // ActivityStarted, and no worker runs it). The heartbeat timeout and Retry recover
-            // it, as they recover a lost connection on AWS; at 300 s that outlasts the test.
-            asl("segment.asl.json")
-                .replace("\"HeartbeatSeconds\": 300", "\"HeartbeatSeconds\": 4")
-                .replace("\"IntervalSeconds\": 30", "\"IntervalSeconds\": 1")
-                .replace("${DownsampleActivityArn}", activity)
-                .replace(
-                    "${JobQueueArn}",
-                    "arn:aws:batch:us-east-1:000000000000:job-queue/unused",
-                )
-                .replace(
-                    "${JobDefinitionArn}",
-                    "arn:aws:batch:us-east-1:000000000000:job-definition/unused",
-                )
-        })
-        .await;
+    let (activity, machine) = services.segmentation_machine("segmentation").await;
     // Two workers, as a fleet would poll.
     let workers = [
         services.worker_named(&activity, "one", &services.moto.endpoint),
@@ -610,29 +619,12 @@ fn call(url: &str, body: Option<&Value>) -> (u16, Value) {
 /// execution and POST /downsample's start of the hierarchy are answered as documented.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rest_api_starts_and_reports_executions() {
-    use cuboids::runtime::segmentation::write_float_volume;
     if localstack_missing() {
         return;
     }
     let assembly = common::cdk_assembly();
     let services = Services::start().await;
-    let (activity, segment) = services
-        .machine("segmentation", |activity| {
-            // Shorter waits than shipped, as in the test above.
-            asl("segment.asl.json")
-                .replace("\"HeartbeatSeconds\": 300", "\"HeartbeatSeconds\": 4")
-                .replace("\"IntervalSeconds\": 30", "\"IntervalSeconds\": 1")
-                .replace("${DownsampleActivityArn}", activity)
-                .replace(
-                    "${JobQueueArn}",
-                    "arn:aws:batch:us-east-1:000000000000:job-queue/unused",
-                )
-                .replace(
-                    "${JobDefinitionArn}",
-                    "arn:aws:batch:us-east-1:000000000000:job-definition/unused",
-                )
-        })
-        .await;
+    let (activity, segment) = services.segmentation_machine("segmentation").await;
     let (_, hierarchy) = services.hierarchy_machine("hierarchy").await;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/rest_api.py");
     let out = Command::new(std::env::var("CUBOIDS_LOCALSTACK_PYTHON").unwrap())
@@ -655,20 +647,7 @@ async fn the_rest_api_starts_and_reports_executions() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let shape = [32, 32, 16];
-    let mut rng = common::Rng::new(5);
-    let values: Vec<f32> = (0..shape.iter().product::<usize>())
-        .map(|_| rng.below(1000) as f32 / 1000.0)
-        .collect();
-    let input = dir.path().join("prob");
-    write_float_volume(
-        &input,
-        &[&values],
-        shape,
-        cuboids::formats::precomputed::WriteOptions { gzip_level: 0 },
-    )
-    .await
-    .unwrap();
+    let input = random_probabilities(dir.path(), [32, 32, 16], 5).await;
     let output = dir.path().join("cc");
     let request = json!({
         "job_name": "cc-api",
