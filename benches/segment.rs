@@ -43,7 +43,7 @@ fn segmentation(c: &mut Criterion) {
     group.throughput(Throughput::Elements(voxels(shape) as u64));
     let whole = Box3::from_shape(shape);
     group.bench_function("watershed_gpu", |b| {
-        b.iter(|| watershed_box(&ctx, &aff, whole, params, false).unwrap())
+        b.iter(|| watershed_box(&ctx, aff.view(), whole, params, false).unwrap())
     });
     group.bench_function("watershed_cpu", |b| b.iter(|| watershed_cpu(&aff, params)));
     group.bench_function("cc26_gpu", |b| {

@@ -98,7 +98,7 @@ fn watershed_matches_cpu_on_random_tied_and_em_like_affinities() {
     cases.push(("em-like".into(), affinities_like([64, 64, 16])));
     for (name, aff) in cases {
         let shape = aff.shape;
-        let out = watershed_box(gpu(), &aff, Box3::from_shape(shape), params, true).unwrap();
+        let out = watershed_box(gpu(), aff.view(), Box3::from_shape(shape), params, true).unwrap();
         assert!(
             out.deferred.is_empty(),
             "{name}: a whole volume defers nothing"

@@ -10,7 +10,7 @@ use crate::gpu::context::{GpuContext, GpuError};
 use crate::gpu::kernels::KernelId;
 use crate::ops::agglomerate::EdgeStats;
 use crate::ops::connected_components::Connectivity;
-use crate::ops::watershed::{Affinities, WatershedParams};
+use crate::ops::watershed::{Affinities, AffinityView, WatershedParams};
 use bytemuck::{Pod, Zeroable};
 use tracing::debug_span;
 use wgpu::util::DeviceExt;
@@ -597,7 +597,7 @@ const RELAX_PER_CHECK: usize = 8;
 /// accumulated from the GPU-resident roots before anything is read back.
 pub fn watershed_box(
     ctx: &GpuContext,
-    aff: &Affinities,
+    aff: AffinityView,
     core: Box3,
     params: WatershedParams,
     region_graph: bool,
@@ -613,7 +613,7 @@ pub fn watershed_box(
     );
     let uniform = work.uniform(&block);
     let [ax, ay, az] =
-        [0, 1, 2].map(|c| work.upload("affinities", bytemuck::cast_slice(&aff.channels[c])));
+        [0, 1, 2].map(|c| work.upload("affinities", bytemuck::cast_slice(aff.channels[c])));
     let (ax, ay, az) = (ax?, ay?, az?);
     // Candidate bits first, each voxel's key (root + 1) at the end.
     let keys = work.storage("candidates", n)?;

@@ -367,6 +367,31 @@ impl MergeQueue {
         }
     }
 
+    /// A queue holding `candidates` (a function, called twice, that yields them): the buckets
+    /// are sized exactly before they are filled, so that millions of initial entries neither
+    /// grow vectors by doubling (copies and fresh pages) nor all wait in one bucket for the
+    /// first pop to move them.
+    fn from_candidates<I: Iterator<Item = Candidate>>(candidates: impl Fn() -> I) -> MergeQueue {
+        let mut queue = MergeQueue::new();
+        let Some(last) = candidates().map(|c| Self::key(&c)).min() else {
+            return queue;
+        };
+        queue.last = last;
+        let mut sizes = [0usize; 65];
+        for c in candidates() {
+            sizes[queue.bucket(Self::key(&c))] += 1;
+        }
+        for (bucket, &size) in queue.buckets.iter_mut().zip(&sizes) {
+            bucket.reserve_exact(size);
+        }
+        for c in candidates() {
+            let b = queue.bucket(Self::key(&c));
+            queue.buckets[b].push(c);
+        }
+        queue.buckets[0].sort_unstable();
+        queue
+    }
+
     /// Smaller keys pop first: the highest mean (means are non-negative, whose f64 bit patterns
     /// order like their values).
     fn key(c: &Candidate) -> u64 {
@@ -618,17 +643,18 @@ impl Agglomerator {
             .into_iter()
             .map(|d| Aligned(Adjacency::with_capacity(d)))
             .collect();
-        let mut queue = MergeQueue::new();
         for (id, e) in edges.iter().enumerate() {
             adjacency[e.a as usize].insert(e.b, id as u32);
             adjacency[e.b as usize].insert(e.a, id as u32);
-            queue.push(Candidate {
+        }
+        let queue = MergeQueue::from_candidates(|| {
+            edges.iter().enumerate().map(|(id, e)| Candidate {
                 stats: e.stats,
                 edge: id as u32,
                 version: 0,
                 ends: (e.a, e.b),
-            });
-        }
+            })
+        });
         Agglomerator {
             merged_into: (0..nodes as u32).collect(),
             frozen: if frozen.contains(&true) {
@@ -1123,6 +1149,17 @@ mod tests {
 
     #[test]
     fn the_merge_queue_pops_in_binary_heap_order() {
+        merge_queue_pops_in_binary_heap_order(false);
+    }
+
+    #[test]
+    fn a_merge_queue_built_at_once_pops_in_binary_heap_order() {
+        merge_queue_pops_in_binary_heap_order(true);
+    }
+
+    /// Pops against a binary heap of the same entries; the initial ones pushed one by one, or
+    /// given at once (`MergeQueue::from_candidates`).
+    fn merge_queue_pops_in_binary_heap_order(at_once: bool) {
         use std::collections::BinaryHeap;
         // Means from a few levels (many ties) and edges; pushes never exceed the last pop.
         let mut state = 12345u64;
@@ -1145,11 +1182,16 @@ mod tests {
             version,
             ends: (0, 0),
         };
-        for i in 0..2000 {
-            let (units, count, r) = (next() % 193, next() % 3 + 1, next());
-            queue.push(candidate(units, count, r, i));
-            heap.push(candidate(units, count, r, i));
+        let initial: Vec<_> = (0..2000)
+            .map(|i| (next() % 193, next() % 3 + 1, next(), i))
+            .collect();
+        let initial_candidates = || initial.iter().map(|&(u, c, r, i)| candidate(u, c, r, i));
+        if at_once {
+            queue = MergeQueue::from_candidates(initial_candidates);
+        } else {
+            initial_candidates().for_each(|c| queue.push(c));
         }
+        heap.extend(initial_candidates());
         // Entries `current` rejects (as stale ones are) are dropped on the way, or pop to be
         // skipped by the caller (those pushed straight to the bucket being popped); the others
         // pop in order.

@@ -33,6 +33,21 @@ impl Affinities {
     pub fn voxels(&self) -> usize {
         self.shape[0] * self.shape[1] * self.shape[2]
     }
+
+    pub fn view(&self) -> AffinityView<'_> {
+        AffinityView {
+            shape: self.shape,
+            channels: [0, 1, 2].map(|c| self.channels[c].as_slice()),
+        }
+    }
+}
+
+/// Borrowed [`Affinities`]: what the GPU watershed uploads, so that a float32 box read from a
+/// volume goes up from the volume's own bytes, without a copy.
+#[derive(Clone, Copy, Debug)]
+pub struct AffinityView<'a> {
+    pub shape: Vec3,
+    pub channels: [&'a [f32]; 3],
 }
 
 /// The watershed thresholds (chunkflow's defaults: low 0.001, high 0.9999).

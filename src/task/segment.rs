@@ -30,7 +30,7 @@ use crate::ops::agglomerate::{
     agglomerate_sorted, pair_key, sum_sorted_runs, EdgeStats, GraphEdge,
 };
 use crate::ops::connected_components::Connectivity;
-use crate::ops::watershed::{Affinities, Grid, WatershedParams, DIRECTIONS, FAR};
+use crate::ops::watershed::{Affinities, AffinityView, Grid, WatershedParams, DIRECTIONS, FAR};
 use crate::progress::Progress;
 use crate::store::Store;
 use crate::task::downsample::{source_region, Bounds, TaskError};
@@ -364,8 +364,14 @@ fn check_output(existing: &Precomputed, wanted: &Info, location: &str) -> Result
     Ok(())
 }
 
-/// Float channels of a volume: float32 as is, uint8 scaled by 1/255 (affinities stored as bytes).
-fn affinities_of(vol: &Volume, location: &str) -> Result<Affinities, SegmentError> {
+/// Float channels of a volume: float32 as is (borrowed from the volume's bytes where they are
+/// aligned, which they are as allocated; else copied), uint8 scaled by 1/255 (affinities stored
+/// as bytes, converted into `converted`).
+fn affinities_of<'a>(
+    vol: &'a Volume,
+    location: &str,
+    converted: &'a mut Option<Affinities>,
+) -> Result<AffinityView<'a>, SegmentError> {
     if vol.channels != 3 {
         return Err(SegmentError::Input {
             location: location.into(),
@@ -373,22 +379,40 @@ fn affinities_of(vol: &Volume, location: &str) -> Result<Affinities, SegmentErro
             message: format!("is {}; an affinity map has 3 (x, y, z)", vol.channels),
         });
     }
-    let channel = |c: usize| -> Result<Vec<f32>, SegmentError> {
+    let borrowed = || -> Option<[&[f32]; 3]> {
+        let [x, y, z] = [0, 1, 2].map(|c| bytemuck::try_cast_slice::<u8, f32>(vol.channel(c)));
+        Some([x.ok()?, y.ok()?, z.ok()?])
+    };
+    let channel = |c: usize| -> Vec<f32> {
         let bytes = vol.channel(c);
         match vol.dtype {
-            DataType::Float32 => Ok(bytemuck::pod_collect_to_vec(bytes)),
-            DataType::Uint8 => Ok(bytes.iter().map(|&b| b as f32 / 255.0).collect()),
-            other => Err(SegmentError::Input {
+            DataType::Uint8 => bytes.iter().map(|&b| b as f32 / 255.0).collect(),
+            _ => bytemuck::pod_collect_to_vec(bytes),
+        }
+    };
+    match vol.dtype {
+        DataType::Float32 => {
+            if let Some(channels) = borrowed() {
+                return Ok(AffinityView {
+                    shape: vol.shape,
+                    channels,
+                });
+            }
+        }
+        DataType::Uint8 => {}
+        other => {
+            return Err(SegmentError::Input {
                 location: location.into(),
                 field: "data_type",
                 message: format!("is {other}; affinities must be float32 or uint8"),
-            }),
+            })
         }
-    };
-    Ok(Affinities {
+    }
+    let owned = converted.insert(Affinities {
         shape: vol.shape,
-        channels: [channel(0)?, channel(1)?, channel(2)?],
-    })
+        channels: [channel(0), channel(1), channel(2)],
+    });
+    Ok(owned.view())
 }
 
 /// The foreground (`value > threshold`) of a one-channel volume as block masks, compared in the
@@ -436,20 +460,46 @@ fn foreground_masks(
     })
 }
 
+/// How [`label_chunks`] reads and labels the chunks of one pass.
+pub(crate) struct ChunkPass {
+    /// The pass's name in progress output.
+    pub name: &'static str,
+    /// Voxels read around each chunk's core.
+    pub margin: usize,
+    pub fill_missing: bool,
+    /// Chunks labelled at once ([`labels_in_flight`]).
+    pub in_flight: usize,
+}
+
+impl ChunkPass {
+    pub fn new(name: &'static str, margin: usize, fill_missing: bool, ctx: &GpuContext) -> Self {
+        ChunkPass {
+            name,
+            margin,
+            fill_missing,
+            in_flight: labels_in_flight(ctx),
+        }
+    }
+}
+
 /// Pass 1 for both commands: labels every chunk on the GPU, reading the next chunk while the
-/// current one computes. `label` gets (box, core within the box, the box's volume).
+/// current ones compute. `label` gets (box, core within the box, the box's volume).
 pub(crate) async fn label_chunks<F>(
-    pass: &'static str,
+    pass: ChunkPass,
     input: &Precomputed,
     layout: &Layout,
-    margin: usize,
-    fill_missing: bool,
     chunks: &[usize],
     label: F,
 ) -> Result<Stitcher, SegmentError>
 where
     F: Fn(Box3, Box3, Volume) -> Result<ChunkLabels, SegmentError> + Send + Sync + 'static,
 {
+    let ChunkPass {
+        name,
+        margin,
+        fill_missing,
+        in_flight,
+    } = pass;
     let label = Arc::new(label);
     let grid = layout.grid;
     let mut stitcher = Stitcher::new(grid);
@@ -464,22 +514,60 @@ where
         .iter()
         .map(|&c| voxels(grid.core(c).shape()) as u64)
         .sum();
-    let progress = Progress::new(pass, total);
+    let progress = Progress::new(name, total);
+    // Chunks being labelled, oldest first; their labels join the stitcher in chunk order.
+    let mut labelling = VecDeque::with_capacity(in_flight);
     for (k, &c) in chunks.iter().enumerate() {
         layout.check_cancel()?;
         let vol = next.take().expect("read ahead").await??;
         if let Some(&after) = chunks.get(k + 1) {
             next = Some(read(after));
         }
+        if labelling.len() >= in_flight.max(1) {
+            let (done, labels) = finish_labelling(&mut labelling).await?;
+            stitcher.insert(done, labels);
+            progress.add(voxels(grid.core(done).shape()) as u64);
+        }
         let (b, core) = (boxed(c), grid.core(c));
         let local_core = core.relative_to(b.start);
         let label = label.clone();
-        let labels = tokio::task::spawn_blocking(move || label(b, local_core, vol)).await??;
-        stitcher.insert(c, labels);
-        progress.add(voxels(core.shape()) as u64);
+        labelling.push_back((
+            c,
+            tokio::task::spawn_blocking(move || label(b, local_core, vol)),
+        ));
+    }
+    while !labelling.is_empty() {
+        let (done, labels) = finish_labelling(&mut labelling).await?;
+        stitcher.insert(done, labels);
+        progress.add(voxels(grid.core(done).shape()) as u64);
     }
     progress.finish();
     Ok(stitcher)
+}
+
+/// Chunks labelled at once: while one chunk's labels are read back and numbered on the host, the
+/// next one's kernels run (on lavapipe the host work would otherwise leave the cores idle between
+/// submissions; on a GPU the device would wait for the host).
+const LABELS_IN_FLIGHT: usize = 2;
+
+/// How many chunks [`label_chunks`] labels at once on `ctx`: one while kernels are being timed
+/// (each kernel's time must be its own).
+pub(crate) fn labels_in_flight(ctx: &GpuContext) -> usize {
+    if ctx.profile_kernels {
+        1
+    } else {
+        LABELS_IN_FLIGHT
+    }
+}
+
+type Labelling = tokio::task::JoinHandle<Result<ChunkLabels, SegmentError>>;
+
+/// Waits for the oldest chunk being labelled.
+async fn finish_labelling(
+    labelling: &mut VecDeque<(usize, Labelling)>,
+) -> Result<(usize, ChunkLabels), SegmentError> {
+    let (chunk, handle) = labelling.pop_front().expect("a chunk in flight");
+    Ok((chunk, handle.await??))
 }
 
 /// Output chunks written at once.
@@ -596,12 +684,11 @@ pub async fn connected_components(
     let (threshold, connectivity) = (opts.threshold, opts.connectivity);
     let t = Instant::now();
     let all: Vec<usize> = (0..layout.grid.len()).collect();
+    let pass = ChunkPass::new("label", COMPONENTS_MARGIN, opts.chunks.fill_missing, &ctx);
     let mut stitcher = label_chunks(
-        "label",
+        pass,
         input,
         &layout,
-        COMPONENTS_MARGIN,
-        opts.chunks.fill_missing,
         &all,
         components_labeler(ctx, threshold, connectivity, location),
     )
@@ -647,8 +734,9 @@ pub(crate) fn watershed_labeler(
     leftovers: Arc<std::sync::Mutex<WatershedLeftovers>>,
 ) -> impl Fn(Box3, Box3, Volume) -> Result<ChunkLabels, SegmentError> + Send + Sync + 'static {
     move |b, core, vol| {
-        let aff = affinities_of(&vol, &location)?;
-        let out = watershed_box(&ctx, &aff, core, params, true)?;
+        let mut converted = None;
+        let aff = affinities_of(&vol, &location, &mut converted)?;
+        let out = watershed_box(&ctx, aff, core, params, true)?;
         let grid = Grid { shape: aff.shape };
         let mut left = leftovers.lock().expect("no panics while held");
         for v in out.deferred {
@@ -692,12 +780,16 @@ pub async fn segment(
     let leftovers: Arc<std::sync::Mutex<WatershedLeftovers>> = Default::default();
     let t = Instant::now();
     let all: Vec<usize> = (0..layout.grid.len()).collect();
-    let mut stitcher = label_chunks(
+    let pass = ChunkPass::new(
         "watershed",
-        input,
-        &layout,
         WATERSHED_MARGIN,
         opts.chunks.fill_missing,
+        &ctx,
+    );
+    let mut stitcher = label_chunks(
+        pass,
+        input,
+        &layout,
         &all,
         watershed_labeler(
             ctx.clone(),

@@ -76,8 +76,8 @@ use crate::task::downsample::source_region;
 use crate::task::plan::lcm;
 use crate::task::segment::{
     components_labeler, label_chunks, layout, resolve_plateaus, watershed_labeler, write_output,
-    Layout, PartialGraph, SegmentError, SegmentReport, WatershedLeftovers, COMPONENTS_MARGIN,
-    DEFAULT_CHUNK, WATERSHED_MARGIN,
+    ChunkPass, Layout, PartialGraph, SegmentError, SegmentReport, WatershedLeftovers,
+    COMPONENTS_MARGIN, DEFAULT_CHUNK, WATERSHED_MARGIN,
 };
 use crate::task::spec::{
     ChunkFields, ComponentsTask, SegmentTask, Stage, StageTask, StagedPlan, Task,
@@ -1071,23 +1071,16 @@ async fn run_block<W: StagedWork>(
     let (mut stitcher, leftovers) = match plan.work.work() {
         Work::Components(c) => {
             let label = components_labeler(ctx.clone(), c.threshold, c.connectivity, location);
-            let stitcher =
-                label_chunks("label", input, layout, margin, fill_missing, &chunks, label);
+            let pass = ChunkPass::new("label", margin, fill_missing, ctx);
+            let stitcher = label_chunks(pass, input, layout, &chunks, label);
             (stitcher.await?, None)
         }
         Work::Segment(s) => {
             let left: Arc<std::sync::Mutex<WatershedLeftovers>> = Default::default();
             let params = s.options().watershed;
             let label = watershed_labeler(ctx.clone(), params, location, left.clone());
-            let stitcher = label_chunks(
-                "watershed",
-                input,
-                layout,
-                margin,
-                fill_missing,
-                &chunks,
-                label,
-            );
+            let pass = ChunkPass::new("watershed", margin, fill_missing, ctx);
+            let stitcher = label_chunks(pass, input, layout, &chunks, label);
             let stitcher = stitcher.await?;
             let left = std::mem::take(&mut *left.lock().expect("no panics while held"));
             (stitcher, Some(left))
