@@ -58,6 +58,7 @@ pub struct GpuContext {
     pub(crate) queue: wgpu::Queue,
     kernels: KernelCache,
     pool: BufferPool,
+    uploads: UploadPool,
     /// How large a region-graph table the next box is first given (a guess; never the result).
     pub(crate) pair_density: crate::gpu::labeling::PairDensity,
 }
@@ -72,6 +73,16 @@ struct BufferPool {
 
 /// Buffers of one kind kept at most: enough for the levels of two slabs in flight.
 const POOL_PER_KIND: usize = 8;
+
+/// Upload staging buffers (MAP_WRITE | COPY_SRC) by size, each mapped and ready to write into:
+/// an upload copies into one and records a copy to its destination, and once the submission is
+/// done the buffer is mapped again and comes back here. `queue.write_buffer` and
+/// `create_buffer_init` instead allocate, zero and fault in a fresh staging buffer per call
+/// (per chunk, three 17 MB affinity channels).
+#[derive(Clone, Default)]
+struct UploadPool {
+    free: Arc<Mutex<HashMap<u64, Vec<wgpu::Buffer>>>>,
+}
 
 impl GpuContext {
     /// Opens the best Vulkan adapter: a discrete GPU if there is one, else integrated, virtual,
@@ -115,6 +126,7 @@ impl GpuContext {
             queue,
             kernels: KernelCache::default(),
             pool: BufferPool::default(),
+            uploads: UploadPool::default(),
             pair_density: Default::default(),
         })
     }
@@ -173,6 +185,88 @@ impl GpuContext {
             usage,
             mapped_at_creation: false,
         })
+    }
+
+    /// Records in `encoder` an upload of `data` into `dst` (from its start; the last word padded
+    /// with zeros) through a mapped staging buffer of the pool. The returned staging buffer goes
+    /// to [`Self::reuse_uploads`] once the encoder is submitted.
+    pub(crate) fn stage_upload(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        dst: &wgpu::Buffer,
+        data: &[u8],
+    ) -> wgpu::Buffer {
+        self.stage_upload_with(encoder, dst, data.len(), |view| {
+            view.slice(..data.len()).copy_from_slice(data)
+        })
+    }
+
+    /// [`Self::stage_upload`] of `len` bytes that `write` puts into the staging buffer itself
+    /// (it must write each of them; the padding after them is zeroed here): a caller that
+    /// rearranges its data on the way writes it once, not into a vector first.
+    pub(crate) fn stage_upload_with(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        dst: &wgpu::Buffer,
+        len: usize,
+        write: impl FnOnce(&mut wgpu::WriteOnly<'_, [u8]>),
+    ) -> wgpu::Buffer {
+        let staging = self.filled_staging(len, write);
+        encoder.copy_buffer_to_buffer(&staging, 0, dst, 0, staging.size());
+        staging
+    }
+
+    /// An upload staging buffer from the pool (unmapped, COPY_SRC) holding the `len` bytes that
+    /// `write` puts there, then zeros up to a whole word: a copy source for the caller's
+    /// encoder; it goes to [`Self::reuse_uploads`] once that is submitted.
+    pub(crate) fn filled_staging(
+        &self,
+        len: usize,
+        write: impl FnOnce(&mut wgpu::WriteOnly<'_, [u8]>),
+    ) -> wgpu::Buffer {
+        let size = (len as u64).next_multiple_of(4).max(4);
+        let kept = self
+            .uploads
+            .free
+            .lock()
+            .unwrap()
+            .get_mut(&size)
+            .and_then(Vec::pop);
+        let staging = kept.unwrap_or_else(|| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("upload"),
+                size,
+                usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: true,
+            })
+        });
+        {
+            let mut view = staging
+                .get_mapped_range_mut(..)
+                .expect("pooled upload buffers are mapped");
+            view.slice(len..).fill(0);
+            write(&mut view.slice(..len));
+        }
+        staging.unmap();
+        staging
+    }
+
+    /// Maps submitted upload staging buffers for writing again; each returns to the pool when
+    /// the GPU is done with it (seen at a later poll). One that fails to map is dropped.
+    pub(crate) fn reuse_uploads(&self, staging: impl IntoIterator<Item = wgpu::Buffer>) {
+        for buffer in staging {
+            let pool = self.uploads.clone();
+            let kept = buffer.clone();
+            buffer.map_async(wgpu::MapMode::Write, .., move |mapped| {
+                if mapped.is_ok() {
+                    let mut free = pool.free.lock().unwrap();
+                    let list = free.entry(kept.size()).or_default();
+                    if list.len() < POOL_PER_KIND {
+                        list.push(kept);
+                    }
+                }
+            });
+        }
     }
 
     /// Returns buffers to the pool once the GPU is done with them (they must be unmapped).

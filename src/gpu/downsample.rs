@@ -133,6 +133,16 @@ fn repitch(
     out
 }
 
+/// Writes rows of `row` bytes from `data` into `out` every `pitch` bytes, zeros between them.
+fn write_pitched(out: &mut wgpu::WriteOnly<'_, [u8]>, data: &[u8], row: usize, pitch: usize) {
+    let pad = [0u8; 4];
+    for (r, src) in data.chunks_exact(row).enumerate() {
+        out.slice(r * pitch..r * pitch + row).copy_from_slice(src);
+        out.slice(r * pitch + row..(r + 1) * pitch)
+            .copy_from_slice(&pad[..pitch - row]);
+    }
+}
+
 /// Downsamples one channel of a slab (`input`: Fortran-order voxels of `shape`) and returns the
 /// bytes of levels 1..=mips. The slab must fit the adapter's binding limit (the planner sizes it).
 pub fn downsample_channel_gpu(
@@ -251,7 +261,7 @@ pub fn downsample_block_resident(
     assert!(block_fits(ctx, dtype, shape), "callers check block_fits");
     let bytes = (voxels(shape) * elem) as u64;
     let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
-    let (block, uploads) = ctx.scoped("assembling a block", || {
+    let block = ctx.scoped("assembling a block", || {
         let block = ctx.buffer("block", bytes, usage);
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
         encoder.clear_buffer(&block, 0, None);
@@ -260,22 +270,19 @@ pub fn downsample_block_resident(
             let (source, part_shape) = match part {
                 BlockPart::Gpu(v) => (&v.buffer, v.shape),
                 BlockPart::Host(data, part_shape) => {
-                    let b = ctx.buffer(
-                        "block part",
-                        data.len().max(4) as u64,
-                        wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-                    );
-                    write_padded(ctx, &b, data);
-                    uploads.push(b);
+                    let staging = ctx.filled_staging(data.len(), |view| {
+                        view.copy_from_slice(data);
+                    });
+                    uploads.push(staging);
                     (uploads.last().expect("pushed"), *part_shape)
                 }
             };
             copy_rows(&mut encoder, source, part_shape, &block, shape, *at, elem);
         }
         ctx.queue.submit([encoder.finish()]);
-        (block, uploads)
+        ctx.reuse_uploads(uploads);
+        block
     })?;
-    ctx.recycle(uploads);
     let pending = submit_levels(ctx, block, shape[0], dtype, shape, method, factor, 1, true)?;
     let (mut levels, kept) = pending.wait_keeping(ctx)?;
     Ok((
@@ -342,15 +349,17 @@ pub fn submit_channel_gpu(
             input_bytes,
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
         );
-        if in_pitch == shape[0] {
-            write_padded(ctx, &buffer, input);
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        let staging = if in_pitch == shape[0] {
+            ctx.stage_upload(&mut encoder, &buffer, input)
         } else {
-            write_padded(
-                ctx,
-                &buffer,
-                &repitch(input, shape[0], rows, in_pitch, elem, true),
-            );
-        }
+            let len = in_pitch * rows * elem;
+            ctx.stage_upload_with(&mut encoder, &buffer, len, |view| {
+                write_pitched(view, input, shape[0] * elem, in_pitch * elem)
+            })
+        };
+        ctx.queue.submit([encoder.finish()]);
+        ctx.reuse_uploads([staging]);
         buffer
     })?;
     submit_levels(
@@ -508,19 +517,6 @@ fn submit_levels(
         kept,
         elem,
     })
-}
-
-/// `queue.write_buffer` needs a multiple of 4 bytes: the tail word is padded with zeros.
-fn write_padded(ctx: &GpuContext, buffer: &wgpu::Buffer, data: &[u8]) {
-    let whole = data.len() / 4 * 4;
-    if whole > 0 {
-        ctx.queue.write_buffer(buffer, 0, &data[..whole]);
-    }
-    if whole < data.len() {
-        let mut tail = [0u8; 4];
-        tail[..data.len() - whole].copy_from_slice(&data[whole..]);
-        ctx.queue.write_buffer(buffer, whole as u64, &tail);
-    }
 }
 
 fn read_back(

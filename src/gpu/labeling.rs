@@ -58,6 +58,8 @@ struct Work<'a> {
     /// chunks of one run have the same few sizes, and fresh buffers cost page faults on every
     /// chunk (on lavapipe their memory is the host's).
     pooled: Vec<wgpu::Buffer>,
+    /// Upload staging buffers recorded since the last submission.
+    uploads: Vec<wgpu::Buffer>,
 }
 
 impl Drop for Work<'_> {
@@ -73,6 +75,7 @@ impl<'a> Work<'a> {
             encoder: ctx.device.create_command_encoder(&Default::default()),
             op,
             pooled: Vec::new(),
+            uploads: Vec::new(),
         }
     }
 
@@ -89,19 +92,25 @@ impl<'a> Work<'a> {
         Ok(())
     }
 
-    fn upload(&self, what: &str, data: &[u8]) -> Result<wgpu::Buffer, GpuError> {
-        self.check_size(what, data.len() as u64)?;
-        self.ctx.scoped(self.op, || {
-            self.ctx
-                .device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some(what),
-                    contents: data,
-                    usage: wgpu::BufferUsages::STORAGE
-                        | wgpu::BufferUsages::COPY_SRC
-                        | wgpu::BufferUsages::COPY_DST,
-                })
-        })
+    /// A storage buffer (from the pool) holding `data`, uploaded through a pooled staging
+    /// buffer in this work's next submission.
+    fn upload(&mut self, what: &str, data: &[u8]) -> Result<wgpu::Buffer, GpuError> {
+        let buffer = self.scratch(what, data.len().div_ceil(4))?;
+        let staging = self.ctx.stage_upload(&mut self.encoder, &buffer, data);
+        self.uploads.push(staging);
+        Ok(buffer)
+    }
+
+    /// Submits what was recorded; upload staging buffers go back to their pool after it.
+    fn submit(&mut self) -> Result<wgpu::SubmissionIndex, GpuError> {
+        let ctx = self.ctx;
+        let encoder = std::mem::replace(
+            &mut self.encoder,
+            ctx.device.create_command_encoder(&Default::default()),
+        );
+        let submission = ctx.scoped(self.op, || ctx.queue.submit([encoder.finish()]))?;
+        ctx.reuse_uploads(self.uploads.drain(..));
+        Ok(submission)
     }
 
     fn uniform(&self, params: &BoxParams) -> wgpu::Buffer {
@@ -222,11 +231,7 @@ impl<'a> Work<'a> {
     fn time_kernel(&mut self, kernel: &str, groups: [u32; 3]) -> Result<(), GpuError> {
         let ctx = self.ctx;
         let start = std::time::Instant::now();
-        let encoder = std::mem::replace(
-            &mut self.encoder,
-            ctx.device.create_command_encoder(&Default::default()),
-        );
-        ctx.scoped(self.op, || ctx.queue.submit([encoder.finish()]))?;
+        self.submit()?;
         ctx.device.poll(wgpu::PollType::wait_indefinitely())?;
         tracing::info!(
             kernel,
@@ -258,11 +263,7 @@ impl<'a> Work<'a> {
                 s
             })
             .collect();
-        let encoder = std::mem::replace(
-            &mut self.encoder,
-            ctx.device.create_command_encoder(&Default::default()),
-        );
-        let submission = ctx.scoped(self.op, || ctx.queue.submit([encoder.finish()]))?;
+        let submission = self.submit()?;
         ctx.map_for_reading(submission, &staging.iter().collect::<Vec<_>>(), self.op)?;
         let words = staging
             .iter()
@@ -612,9 +613,9 @@ pub fn watershed_box(
         [n as u32, params.low.to_bits(), params.high.to_bits()],
     );
     let uniform = work.uniform(&block);
-    let [ax, ay, az] =
-        [0, 1, 2].map(|c| work.upload("affinities", bytemuck::cast_slice(aff.channels[c])));
-    let (ax, ay, az) = (ax?, ay?, az?);
+    let ax = work.upload("affinities", bytemuck::cast_slice(aff.channels[0]))?;
+    let ay = work.upload("affinities", bytemuck::cast_slice(aff.channels[1]))?;
+    let az = work.upload("affinities", bytemuck::cast_slice(aff.channels[2]))?;
     // Candidate bits first, each voxel's key (root + 1) at the end.
     let keys = work.storage("candidates", n)?;
     let info = work.storage("voxel info", n)?;
@@ -767,9 +768,9 @@ pub fn region_graph_box(
     assert_eq!(fragments.len(), n);
     let mut work = Work::new(ctx, "the region graph");
     let frags = work.upload("fragments", bytemuck::cast_slice(fragments))?;
-    let [ax, ay, az] =
-        [0, 1, 2].map(|c| work.upload("affinities", bytemuck::cast_slice(&aff.channels[c])));
-    let (ax, ay, az) = (ax?, ay?, az?);
+    let ax = work.upload("affinities", bytemuck::cast_slice(&aff.channels[0]))?;
+    let ay = work.upload("affinities", bytemuck::cast_slice(&aff.channels[1]))?;
+    let az = work.upload("affinities", bytemuck::cast_slice(&aff.channels[2]))?;
     let inputs = RegionGraphInputs {
         labels: &frags,
         affinities: [&ax, &ay, &az],
