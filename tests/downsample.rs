@@ -371,6 +371,16 @@ async fn reports_give_the_codecs_core_seconds_and_the_codec_limit() {
         report.codec_limit(),
         (report.decode_cpu + report.encode_cpu) / report.cores as u32
     );
+    // The whole process's CPU time holds the codecs' and more (the pooling, the copies).
+    assert!(
+        report.process_cpu > report.decode_cpu + report.encode_cpu,
+        "{report:?}"
+    );
+    assert_eq!(
+        report.other_cpu(),
+        report.process_cpu - report.decode_cpu - report.encode_cpu
+    );
     let text = report.describe("vol").join("\n");
     assert!(text.contains("codec limit"), "{text}");
+    assert!(text.contains("core-s: "), "{text}");
 }

@@ -13,7 +13,7 @@ use crate::formats::precomputed::sharding::{
 };
 use crate::formats::precomputed::{
     check_scale_readable, check_scale_supported, chunk_grid, chunk_key, codec_cpu_time,
-    encode_chunk, Precomputed, PrecomputedError, WriteOptions,
+    encode_chunk, process_cpu_time, Precomputed, PrecomputedError, WriteOptions,
 };
 use crate::geometry::{pow3, voxels, Box3, Vec3};
 use crate::gpu::downsample::{submit_channel_gpu, PendingSlab};
@@ -154,6 +154,9 @@ pub struct DownsampleReport {
     /// CPU time spent decoding source chunks and encoding output chunks (summed over threads).
     pub decode_cpu: Duration,
     pub encode_cpu: Duration,
+    /// CPU time of the whole process over the run (every thread: codecs, copies, file I/O, and
+    /// on lavapipe the pooling kernels themselves).
+    pub process_cpu: Duration,
     /// The cores this process may use.
     pub cores: usize,
 }
@@ -168,6 +171,13 @@ impl DownsampleReport {
     /// core, as if reading, pooling and writing cost nothing else.
     pub fn codec_limit(&self) -> Duration {
         (self.decode_cpu + self.encode_cpu) / self.cores.max(1) as u32
+    }
+
+    /// Core-seconds that were neither decoding nor encoding: pooling (on lavapipe), copies,
+    /// file and network I/O, planning.
+    pub fn other_cpu(&self) -> Duration {
+        self.process_cpu
+            .saturating_sub(self.decode_cpu + self.encode_cpu)
     }
 
     /// The report for people: throughput and counts, then each stage's busy time.
@@ -202,6 +212,17 @@ impl DownsampleReport {
                 self.cores,
                 self.codec_limit().as_secs_f64(),
                 self.wall.as_secs_f64() / self.codec_limit().as_secs_f64().max(1e-9),
+            ),
+            format!(
+                "  core-s: {:.2} in all ({:.0}% of {} cores for {:.2} s): decode {:.2}, encode {:.2}, the rest {:.2} (pooling on a CPU adapter, copies, I/O)",
+                self.process_cpu.as_secs_f64(),
+                100.0 * self.process_cpu.as_secs_f64()
+                    / (self.wall.as_secs_f64() * self.cores.max(1) as f64).max(1e-9),
+                self.cores,
+                self.wall.as_secs_f64(),
+                self.decode_cpu.as_secs_f64(),
+                self.encode_cpu.as_secs_f64(),
+                self.other_cpu().as_secs_f64(),
             ),
         ]
     }
@@ -439,6 +460,7 @@ pub async fn downsample(
         buffers: BufferPool::new(KEPT_BUFFERS),
     };
     let (decode_before, encode_before) = codec_cpu_time();
+    let process_before = process_cpu_time();
     let result = job.run(tiles).await;
     match result {
         Ok(mut report) => {
@@ -450,6 +472,7 @@ pub async fn downsample(
             let (decode, encode) = codec_cpu_time();
             report.decode_cpu = decode.saturating_sub(decode_before);
             report.encode_cpu = encode.saturating_sub(encode_before);
+            report.process_cpu = process_cpu_time().saturating_sub(process_before);
             report.cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             Ok(report)
         }

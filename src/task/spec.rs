@@ -542,6 +542,7 @@ impl DownsampleTask {
             "mvx_per_s": r.mvx_per_s(),
             "decode_core_seconds": r.decode_cpu.as_secs_f64(),
             "encode_core_seconds": r.encode_cpu.as_secs_f64(),
+            "core_seconds": r.process_cpu.as_secs_f64(),
             "codec_limit_seconds": r.codec_limit().as_secs_f64(),
         })
     }
