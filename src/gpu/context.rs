@@ -74,11 +74,15 @@ struct BufferPool {
 /// Buffers of one kind kept at most: enough for the levels of two slabs in flight.
 const POOL_PER_KIND: usize = 8;
 
+/// Bytes of upload staging kept mapped at most (host memory on every adapter).
+const UPLOAD_POOL_BYTES: u64 = 1 << 30;
+
 /// Upload staging buffers (MAP_WRITE | COPY_SRC) by size, each mapped and ready to write into:
 /// an upload copies into one and records a copy to its destination, and once the submission is
 /// done the buffer is mapped again and comes back here. `queue.write_buffer` and
 /// `create_buffer_init` instead allocate, zero and fault in a fresh staging buffer per call
-/// (per chunk, three 17 MB affinity channels).
+/// (per chunk, three 17 MB affinity channels). At most [`UPLOAD_POOL_BYTES`] are kept, so that a
+/// long-running worker that meets many sizes does not hold a set of each.
 #[derive(Clone, Default)]
 struct UploadPool {
     free: Arc<Mutex<HashMap<u64, Vec<wgpu::Buffer>>>>,
@@ -260,8 +264,9 @@ impl GpuContext {
             buffer.map_async(wgpu::MapMode::Write, .., move |mapped| {
                 if mapped.is_ok() {
                     let mut free = pool.free.lock().unwrap();
+                    let held: u64 = free.iter().map(|(size, l)| size * l.len() as u64).sum();
                     let list = free.entry(kept.size()).or_default();
-                    if list.len() < POOL_PER_KIND {
+                    if list.len() < POOL_PER_KIND && held + kept.size() <= UPLOAD_POOL_BYTES {
                         list.push(kept);
                     }
                 }
