@@ -77,6 +77,45 @@ const POOL_PER_KIND: usize = 8;
 /// Bytes of upload staging kept mapped at most (host memory on every adapter).
 const UPLOAD_POOL_BYTES: u64 = 1 << 30;
 
+/// Bytes of storage and read-back buffers kept at most: a job's steady state (two slabs or
+/// chunks in flight) fits, and a long-running worker that meets many sizes does not keep a set
+/// of each until the device runs out of memory.
+const POOL_BYTES: u64 = 4 << 30;
+
+/// Keeps `value` (a buffer of kind `kind`, whose bytes `bytes` gives) in `free`: at most
+/// [`POOL_PER_KIND`] of a kind, and at most `cap` bytes in all, making room by dropping
+/// buffers of other kinds (the sizes a job used before), or else not keeping it.
+fn keep_within<K, V>(
+    free: &mut HashMap<K, Vec<V>>,
+    kind: K,
+    value: V,
+    bytes: impl Fn(&K) -> u64,
+    cap: u64,
+) where
+    K: std::hash::Hash + Eq + Copy,
+{
+    let size = bytes(&kind);
+    if free.get(&kind).is_some_and(|l| l.len() >= POOL_PER_KIND) || size > cap {
+        return;
+    }
+    let mut held: u64 = free.iter().map(|(k, l)| bytes(k) * l.len() as u64).sum();
+    while held + size > cap {
+        let Some(other) = free
+            .iter_mut()
+            .find(|(k, l)| **k != kind && !l.is_empty())
+            .map(|(k, l)| {
+                l.pop();
+                *k
+            })
+        else {
+            return;
+        };
+        held -= bytes(&other);
+    }
+    free.retain(|_, l| !l.is_empty());
+    free.entry(kind).or_default().push(value);
+}
+
 /// Upload staging buffers (MAP_WRITE | COPY_SRC) by size, each mapped and ready to write into:
 /// an upload copies into one and records a copy to its destination, and once the submission is
 /// done the buffer is mapped again and comes back here. `queue.write_buffer` and
@@ -264,11 +303,8 @@ impl GpuContext {
             buffer.map_async(wgpu::MapMode::Write, .., move |mapped| {
                 if mapped.is_ok() {
                     let mut free = pool.free.lock().unwrap();
-                    let held: u64 = free.iter().map(|(size, l)| size * l.len() as u64).sum();
-                    let list = free.entry(kept.size()).or_default();
-                    if list.len() < POOL_PER_KIND && held + kept.size() <= UPLOAD_POOL_BYTES {
-                        list.push(kept);
-                    }
+                    let size = kept.size();
+                    keep_within(&mut free, size, kept, |&size| size, UPLOAD_POOL_BYTES);
                 }
             });
         }
@@ -278,10 +314,8 @@ impl GpuContext {
     pub(crate) fn recycle(&self, buffers: impl IntoIterator<Item = wgpu::Buffer>) {
         let mut free = self.pool.free.lock().unwrap();
         for b in buffers {
-            let list = free.entry((b.size(), b.usage())).or_default();
-            if list.len() < POOL_PER_KIND {
-                list.push(b);
-            }
+            let kind = (b.size(), b.usage());
+            keep_within(&mut free, kind, b, |&(size, _)| size, POOL_BYTES);
         }
     }
 
@@ -428,5 +462,42 @@ fn restrict_to_owner(dir: &std::path::Path) -> bool {
     {
         let _ = dir;
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(free: &HashMap<u64, Vec<u32>>) -> u64 {
+        free.iter().map(|(size, l)| size * l.len() as u64).sum()
+    }
+
+    #[test]
+    fn pools_keep_at_most_their_bytes_and_make_room_from_other_sizes() {
+        let mut free: HashMap<u64, Vec<u32>> = HashMap::new();
+        let keep = |free: &mut HashMap<u64, Vec<u32>>, size: u64, id: u32| {
+            keep_within(free, size, id, |&s| s, 100)
+        };
+        // A kind holds at most POOL_PER_KIND buffers.
+        for id in 0..(POOL_PER_KIND as u32 + 3) {
+            keep(&mut free, 10, id);
+        }
+        assert_eq!(free[&10].len(), POOL_PER_KIND);
+        assert_eq!(held(&free), 80);
+        // A new size makes room by dropping buffers of the old one.
+        keep(&mut free, 40, 100);
+        keep(&mut free, 40, 101);
+        assert_eq!(free[&40], vec![100, 101]);
+        assert_eq!(free[&10].len(), 2);
+        assert_eq!(held(&free), 100);
+        // A buffer over the cap, or one that only its own kind could make room for, is not kept.
+        keep(&mut free, 200, 7);
+        assert!(!free.contains_key(&200));
+        let mut only: HashMap<u64, Vec<u32>> = HashMap::new();
+        for id in 0..3 {
+            keep(&mut only, 40, id);
+        }
+        assert_eq!(only[&40], vec![0, 1]);
     }
 }
