@@ -239,9 +239,7 @@ impl GpuContext {
         dst: &wgpu::Buffer,
         data: &[u8],
     ) -> wgpu::Buffer {
-        self.stage_upload_with(encoder, dst, data.len(), |view| {
-            view.slice(..data.len()).copy_from_slice(data)
-        })
+        self.stage_upload_with(encoder, dst, data.len(), |view| view.copy_from_slice(data))
     }
 
     /// [`Self::stage_upload`] of `len` bytes that `write` puts into the staging buffer itself

@@ -113,22 +113,13 @@ fn pitch(x: usize, elem: usize) -> usize {
     }
 }
 
-/// Copies Fortran-ordered rows of `x` voxels into rows of `pitch` voxels (or back, `to_pitched`
-/// false). A no-op copy is skipped by the callers when the pitch equals the width.
-fn repitch(
-    data: &[u8],
-    x: usize,
-    rows: usize,
-    pitch: usize,
-    elem: usize,
-    to_pitched: bool,
-) -> Vec<u8> {
-    let (from, to) = if to_pitched { (x, pitch) } else { (pitch, x) };
-    let mut out = vec![0u8; to * rows * elem];
+/// Packs Fortran-ordered rows of `pitch` voxels into rows of `x` voxels (what a level read back
+/// from the GPU holds when the pitch exceeds the width; [`write_pitched`] goes the other way).
+fn unpitch(data: &[u8], x: usize, rows: usize, pitch: usize, elem: usize) -> Vec<u8> {
+    let n = x * elem;
+    let mut out = vec![0u8; n * rows];
     for r in 0..rows {
-        let n = x * elem;
-        out[r * to * elem..r * to * elem + n]
-            .copy_from_slice(&data[r * from * elem..r * from * elem + n]);
+        out[r * n..(r + 1) * n].copy_from_slice(&data[r * pitch * elem..r * pitch * elem + n]);
     }
     out
 }
@@ -531,7 +522,7 @@ fn read_back(
         levels.push(if pitch == shape[0] {
             view[..voxels(shape) * elem].to_vec()
         } else {
-            repitch(view, shape[0], rows, pitch, elem, false)
+            unpitch(view, shape[0], rows, pitch, elem)
         });
     })?;
     Ok(levels)
