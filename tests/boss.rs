@@ -336,11 +336,7 @@ mod step {
             .envs(env.server.aws_env("AWS_ENDPOINT_URL"))
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::assert_success(&out);
         let after: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(after["msg"]["resolution"], 2);
         assert_eq!(after["msg"]["res_lt_max"], true, "2 < resolution_max 4 - 1");
@@ -360,11 +356,7 @@ mod step {
         )
         .unwrap();
         let again = child.wait_with_output().unwrap();
-        assert!(
-            again.status.success(),
-            "{}",
-            String::from_utf8_lossy(&again.stderr)
-        );
+        common::assert_success(&again);
         let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
         assert_eq!(
             again, after,

@@ -1,5 +1,6 @@
 //! The binary as a user runs it.
 
+mod common;
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 
@@ -18,11 +19,7 @@ fn demo_writes_and_downsamples_both_volumes() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     assert!(
         text.contains("MVx/s") && text.matches("downsampled").count() == 2,
         "{text}"
@@ -181,11 +178,7 @@ fn small_demo() -> (tempfile::TempDir, std::path::PathBuf) {
         ])
         .output()
         .unwrap();
-    assert!(
-        demo.status.success(),
-        "{}",
-        String::from_utf8_lossy(&demo.stderr)
-    );
+    common::assert_success(&demo);
     (temp, dir)
 }
 
@@ -262,11 +255,7 @@ fn view_serves_volumes_with_cors_and_a_neuroglancer_link() {
             .args(args)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::assert_success(&out);
         out.stdout
     };
     // The info, as JSON, and a chunk byte for byte (curl inflates gzip as a browser does).

@@ -334,11 +334,7 @@ async fn volumes_in_s3_downsample_like_local_ones() {
         .envs(server.aws_env("AWS_ENDPOINT_URL_S3"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let vol = Precomputed::open(store).await.unwrap();
     let (mip2, _) = vol
         .read_region(2, Box3::from_shape(vol.scale(2).size), false)

@@ -233,11 +233,7 @@ fn cli_info_reports_the_adapter_limits() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     assert!(
         text.contains("adapter: ") && text.contains("max storage buffer binding: "),
         "{text}"

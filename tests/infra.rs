@@ -92,7 +92,7 @@ fn existing_subnets_are_used_as_given() {
     let dir = tempfile::tempdir().unwrap();
     let context = r#"{"image_uri": "i:gpu", "data_bucket": "my-volumes", "subnet_ids": "subnet-0123456789abcdef0,subnet-0123456789abcdef1", "security_group_ids": "sg-0123456789abcdef0", "provisioning": "EC2", "instance_types": "g6.xlarge"}"#;
     let o = common::run_cdk_app(context, dir.path());
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::assert_success(&o);
     let read = |stack: &str| -> Value {
         serde_json::from_slice(
             &std::fs::read(dir.path().join(format!("Cuboids{stack}.template.json"))).unwrap(),

@@ -270,11 +270,7 @@ fn segmentation_tasks_run_through_run_task() {
         "output_chunk_size": [8, 8, 4],
         "gzip_level": 0
     }));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["kind"], "connected-components");
     let cpu = connected_components_cpu(&values, shape, 0.55, Connectivity::Six);
@@ -288,11 +284,7 @@ fn segmentation_tasks_run_through_run_task() {
         "output": dir.path().join("seg"),
         "output_chunk_size": [8, 8, 4],
     }));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let got = rt().block_on(read_labels(&dir.path().join("seg")));
     assert_eq!(got, segment_reference(&aff, 0.7));
 
@@ -335,11 +327,7 @@ async fn segment_reads_and_writes_s3_through_the_cli() {
         .env("CUBOIDS_LOG_FORMAT", "text")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("MVx/s"));
     let seg_store = Arc::new(
         cuboids::store::S3Store::with_config(

@@ -272,18 +272,10 @@ fn connected_components_read_sharded_inputs_and_refuse_sharded_outputs() {
     let temp = tempfile::tempdir().unwrap();
     let (from_sharded, from_plain) = (temp.path().join("a"), temp.path().join("b"));
     let run = connected_components(&sharded("image"), &from_sharded);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    common::assert_success(&run);
     let plain = fixtures().join("cloudvolume/image");
     let run = connected_components(&plain, &from_plain);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    common::assert_success(&run);
     assert!(files(&from_sharded) == files(&from_plain));
     assert!(files(&from_plain).len() > 30, "a real output");
 

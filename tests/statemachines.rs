@@ -635,11 +635,7 @@ async fn the_rest_api_starts_and_reports_executions() {
         .arg(format!("ResolutionHierarchy={hierarchy}"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let api_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let base = format!(
         "{}/restapis/{api_id}/v1/_user_request_",

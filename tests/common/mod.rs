@@ -7,6 +7,15 @@ use cuboids::gpu::GpuContext;
 use cuboids::volume::Volume;
 use std::sync::OnceLock;
 
+/// Fails the test, showing the process's stderr, unless it exited successfully.
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// One GPU context per test binary, like the program itself. Tests need a Vulkan driver
 /// (lavapipe in CI) and fail, naming how to install one, when there is none.
 pub fn gpu() -> &'static GpuContext {
