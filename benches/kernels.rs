@@ -53,6 +53,42 @@ fn kernels(c: &mut Criterion) {
     group.finish();
 }
 
+/// compressed_segmentation encoding of the EM-like labels in 64^3 chunks (8^3 blocks): the CPU
+/// encoder, one chunk after another on one core, against the GPU encoder doing every chunk.
+fn compressed_segmentation(c: &mut Criterion) {
+    use cuboids::formats::precomputed::compressed_segmentation::encode;
+    use cuboids::geometry::Box3;
+    use cuboids::gpu::compressed_segmentation::encode_chunks_gpu;
+    let ctx = GpuContext::new().expect("a Vulkan adapter (lavapipe or a GPU)");
+    let shape = [256, 256, 64];
+    let (_, labels) = em_like(shape);
+    let chunk = [64, 64, 64];
+    let chunks: Vec<Box3> = (0..16)
+        .map(|k| {
+            let start = [64 * (k % 4), 64 * (k / 4), 0];
+            Box3::new(start, [0, 1, 2].map(|i| start[i] + chunk[i]))
+        })
+        .collect();
+    let mut group = c.benchmark_group("compressed_segmentation");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(voxels(shape) as u64));
+    group.bench_function("gpu/uint64_8x8x8", |b| {
+        b.iter(|| encode_chunks_gpu(&ctx, &labels, &chunks, [8, 8, 8]).unwrap())
+    });
+    group.bench_function("cpu/uint64_8x8x8", |b| {
+        b.iter(|| {
+            chunks
+                .iter()
+                .map(|c| {
+                    let crop = labels.crop(c.start, c.shape());
+                    encode(&crop.data, crop.shape, 1, 2, [8, 8, 8]).unwrap()
+                })
+                .collect::<Vec<_>>()
+        })
+    });
+    group.finish();
+}
+
 fn end_to_end(c: &mut Criterion) {
     let ctx = Arc::new(GpuContext::new().expect("a Vulkan adapter"));
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -91,5 +127,5 @@ fn end_to_end(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, kernels, end_to_end);
+criterion_group!(benches, kernels, compressed_segmentation, end_to_end);
 criterion_main!(benches);

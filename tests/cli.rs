@@ -164,6 +164,48 @@ fn long_passes_log_progress_lines_off_a_terminal() {
     }
 }
 
+/// `CUBOIDS_GPU_ENCODING=1` encodes a segmentation's new mips on the GPU (the report says so)
+/// into the same bytes as the CPU encoder (`=0`) writes.
+#[test]
+fn gpu_encoding_is_switched_by_its_variable_and_changes_no_byte() {
+    let (temp, dir) = small_demo();
+    let mut outputs = Vec::new();
+    for setting in ["1", "0"] {
+        let copy = temp.path().join(format!("segmentation-{setting}"));
+        cuboids::runtime::local::copy_tree(&dir.join("segmentation"), &copy).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_cuboids"))
+            .arg("downsample")
+            .arg(&copy)
+            .args(["--mip", "2", "--num-mips", "2"])
+            .env("CUBOIDS_GPU_ENCODING", setting)
+            .output()
+            .unwrap();
+        common::assert_success(&out);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text.contains("compressed_segmentation encoded on the GPU"),
+            setting == "1",
+            "CUBOIDS_GPU_ENCODING={setting}: {text}"
+        );
+        let mut files: Vec<(std::path::PathBuf, Vec<u8>)> = walk(&copy)
+            .into_iter()
+            .map(|p| {
+                (
+                    p.strip_prefix(&copy).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                )
+            })
+            .collect();
+        files.sort();
+        outputs.push(files);
+    }
+    assert!(outputs[0].len() > 4);
+    assert!(
+        outputs[0] == outputs[1],
+        "the two encoders wrote different files"
+    );
+}
+
 /// The demo's volumes at 128x96x16 in a temporary directory (kept alive by the first value).
 fn small_demo() -> (tempfile::TempDir, std::path::PathBuf) {
     let temp = tempfile::tempdir().unwrap();

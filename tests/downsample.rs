@@ -7,7 +7,7 @@ use common::{files_under, gpu, random_volume, Rng};
 use cuboids::dtype::DataType;
 use cuboids::formats::precomputed::info::{Encoding, LayerType};
 use cuboids::formats::precomputed::{Precomputed, WriteOptions};
-use cuboids::geometry::{Box3, Vec3};
+use cuboids::geometry::{voxels, Box3, Vec3};
 use cuboids::gpu::GpuContext;
 use cuboids::ops::downsample::{downsample_cpu, Factor, Method};
 use cuboids::runtime::local::{new_info, write_new_volume};
@@ -379,4 +379,75 @@ async fn reports_give_the_codecs_core_seconds_and_the_codec_limit() {
     let text = report.describe("vol").join("\n");
     assert!(text.contains("codec limit"), "{text}");
     assert!(text.contains("core-s: "), "{text}");
+}
+
+/// With `gpu_encoding`, compressed_segmentation chunks are encoded on the GPU: chunk files and
+/// shard files byte-identical to the CPU encoder's, for blocks the GPU takes (8x8x8, 4x4x2) and
+/// one it leaves to the CPU (16x16x4, over its 512 voxels).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_encoded_on_the_gpu_are_the_cpu_encoders_bytes() {
+    let mut encoding_gpu = GpuContext::new().unwrap();
+    encoding_gpu.gpu_encoding = true;
+    let encoding_gpu = Compute::Gpu(Arc::new(encoding_gpu));
+    let mut rng = Rng::new(31);
+    let cases = [
+        (DataType::Uint64, [70, 45, 17], [8, 8, 8], false),
+        (DataType::Uint32, [64, 64, 20], [4, 4, 2], true),
+        (DataType::Uint64, [40, 40, 9], [16, 16, 4], false),
+    ];
+    for (dtype, shape, block, sharded) in cases {
+        let input = common::segmentation_like(&mut rng, dtype, shape, 1);
+        let snapshots =
+            [("CPU", gpu_compute()), ("GPU", encoding_gpu.clone())].map(|(name, compute)| {
+                let input = &input;
+                async move {
+                    let temp = tempfile::tempdir().unwrap();
+                    let dir = temp.path().join("vol");
+                    let mut info =
+                        new_info(LayerType::Segmentation, dtype, shape, [16, 16, 8], [4.0; 3]);
+                    info.scales[0].compressed_segmentation_block_size = Some(block);
+                    let vol = write_new_volume(&dir, info, input, WriteOptions { gzip_level: 1 })
+                        .await
+                        .unwrap();
+                    let opts = DownsampleOptions {
+                        num_mips: 2,
+                        sharded,
+                        tile_bytes: 1,
+                        ..Default::default()
+                    };
+                    let report = downsample(compute, &vol, &opts).await.unwrap();
+                    assert!(report.tiles > 1, "{name}: one tile");
+                    let gpu_takes = voxels(block) <= 512;
+                    let expected = if name == "GPU" && gpu_takes {
+                        report.chunks_written
+                    } else {
+                        0
+                    };
+                    assert_eq!(report.chunks_encoded_on_gpu, expected, "{name} {block:?}");
+                    let files: Vec<(String, Vec<u8>)> = files_under(&dir)
+                        .into_iter()
+                        .filter(|p| !p.ends_with("info"))
+                        .map(|p| {
+                            (
+                                p.strip_prefix(dir.to_str().unwrap()).unwrap().to_string(),
+                                std::fs::read(&p).unwrap(),
+                            )
+                        })
+                        .collect();
+                    files
+                }
+            });
+        let [cpu, gpu_encoded] = futures::future::join_all(snapshots)
+            .await
+            .try_into()
+            .unwrap();
+        assert!(cpu.len() > 10, "{shape:?}: {} files", cpu.len());
+        assert_eq!(
+            cpu.iter().map(|f| &f.0).collect::<Vec<_>>(),
+            gpu_encoded.iter().map(|f| &f.0).collect::<Vec<_>>()
+        );
+        for ((name, c), (_, g)) in cpu.iter().zip(&gpu_encoded) {
+            assert!(c == g, "{dtype} {shape:?} blocks {block:?}: {name} differs");
+        }
+    }
 }

@@ -109,7 +109,9 @@ fn downsampling_matches_tinybrain_byte_for_byte() {
 
 #[test]
 fn compressed_segmentation_matches_the_reference_codec() {
+    use cuboids::gpu::compressed_segmentation::{encode_chunks_gpu, gpu_encodes};
     let m = manifest("cseg");
+    let mut gpu_checked = 0;
     for case in m["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let words = if case["dtype"] == "uint64" { 2 } else { 1 };
@@ -125,7 +127,23 @@ fn compressed_segmentation_matches_the_reference_codec() {
             cseg::encode(&raw, shape, 1, words, block).unwrap() == golden,
             "{name}: encode is not byte-identical"
         );
+        let dtype = if words == 2 {
+            DataType::Uint64
+        } else {
+            DataType::Uint32
+        };
+        if gpu_encodes(dtype, block) {
+            let vol = Volume::from_bytes(dtype, shape, 1, raw).unwrap();
+            let whole = [Box3::from_shape(shape)];
+            let on_gpu = encode_chunks_gpu(gpu(), &vol, &whole, block).unwrap();
+            assert!(
+                on_gpu[0].as_ref().unwrap() == &golden,
+                "{name}: the GPU encoding is not byte-identical"
+            );
+            gpu_checked += 1;
+        }
     }
+    assert!(gpu_checked == 10, "{gpu_checked} cases checked on the GPU");
 }
 
 async fn open(path: &Path) -> Precomputed {

@@ -2,9 +2,9 @@
 
 mod common;
 
-use common::{gpu, random_volume, Rng};
+use common::{gpu, random_volume, segmentation_like, Rng};
 use cuboids::dtype::DataType;
-use cuboids::geometry::Vec3;
+use cuboids::geometry::{voxels, Box3, Vec3};
 use cuboids::gpu::downsample::downsample_channel_gpu;
 use cuboids::ops::downsample::{downsample_cpu, Factor, Method};
 
@@ -142,4 +142,87 @@ fn resident_blocks_match_cpu() {
         let cpu = downsample_cpu(&host_block, method, factor, 1).unwrap();
         assert_eq!(level, cpu[0].data, "{dtype}: assembled block");
     }
+}
+
+/// The chunks of a volume cut by `chunk`, edge chunks partial, x fastest.
+fn chunk_boxes(shape: Vec3, chunk: Vec3) -> Vec<Box3> {
+    let grid = cuboids::geometry::div_ceil3(shape, chunk);
+    let mut boxes = Vec::new();
+    for z in 0..grid[2] {
+        for y in 0..grid[1] {
+            for x in 0..grid[0] {
+                let start = [x * chunk[0], y * chunk[1], z * chunk[2]];
+                let stop = [0, 1, 2].map(|i| (start[i] + chunk[i]).min(shape[i]));
+                boxes.push(Box3::new(start, stop));
+            }
+        }
+    }
+    boxes
+}
+
+/// compressed_segmentation encoded on the GPU equals the CPU encoder (which the package's goldens
+/// pin) byte for byte: uint32 and uint64, several channels, blocks of several shapes, chunks
+/// that are not multiples of the block, and bindings small enough to split the chunks into
+/// groups.
+#[test]
+fn compressed_segmentation_on_the_gpu_matches_the_cpu_encoder() {
+    use cuboids::formats::precomputed::compressed_segmentation::encode;
+    use cuboids::gpu::compressed_segmentation::{encode_chunks_gpu, gpu_encodes};
+    let mut small = cuboids::gpu::GpuContext::new().unwrap();
+    small.limit_bindings(256 << 10);
+    let cases: [(DataType, Vec3, Vec3, Vec3, usize); 6] = [
+        (DataType::Uint64, [64, 48, 20], [32, 32, 16], [8, 8, 8], 1),
+        (DataType::Uint32, [64, 48, 20], [32, 32, 16], [8, 8, 8], 1),
+        (DataType::Uint64, [37, 29, 11], [20, 13, 11], [8, 8, 8], 2),
+        (DataType::Uint32, [30, 30, 9], [30, 30, 9], [4, 4, 4], 1),
+        (DataType::Uint64, [25, 19, 7], [12, 19, 5], [3, 5, 2], 1),
+        (DataType::Uint64, [16, 16, 16], [16, 16, 16], [16, 32, 1], 1),
+    ];
+    let mut rng = Rng::new(12);
+    let mut widths = std::collections::BTreeSet::new();
+    for (dtype, shape, chunk, block, channels) in cases {
+        assert!(gpu_encodes(dtype, block));
+        let vol = segmentation_like(&mut rng, dtype, shape, channels);
+        let chunks = chunk_boxes(shape, chunk);
+        let words = dtype.size() / 4;
+        let cpu: Vec<Vec<u8>> = chunks
+            .iter()
+            .map(|c| {
+                let crop = vol.crop(c.start, c.shape());
+                encode(&crop.data, crop.shape, channels, words, block).unwrap()
+            })
+            .collect();
+        let distinct_bits: std::collections::BTreeSet<u32> = cpu
+            .iter()
+            .flat_map(|bytes| {
+                let w: &[u32] = bytemuck::cast_slice(bytes);
+                // The first channel's headers: the bit widths its blocks use.
+                let blocks = voxels(cuboids::geometry::div_ceil3(chunk, block));
+                (0..blocks.min((w.len() - channels) / 2))
+                    .map(move |b| w[channels + 2 * b] >> 24)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (name, ctx) in [("adapter limits", gpu()), ("256 KiB bindings", &small)] {
+            let gpu_chunks = encode_chunks_gpu(ctx, &vol, &chunks, block).unwrap();
+            for (k, (g, c)) in gpu_chunks.iter().zip(&cpu).enumerate() {
+                let g = g.as_ref().unwrap();
+                assert!(
+                    g == c,
+                    "{dtype} {shape:?} chunk {:?} blocks {block:?} ({name}): {} bytes against the CPU's {}, first difference at byte {:?}",
+                    chunks[k],
+                    g.len(),
+                    c.len(),
+                    g.iter().zip(c).position(|(a, b)| a != b)
+                );
+            }
+        }
+        assert!(
+            distinct_bits.len() >= 2,
+            "{shape:?}: bit widths {distinct_bits:?}"
+        );
+        widths.extend(distinct_bits);
+    }
+    // The volumes exercise one-label blocks and wide tables alike.
+    assert!(widths.contains(&0) && widths.contains(&16), "{widths:?}");
 }

@@ -67,6 +67,9 @@ fn segment_reference(aff: &Affinities, threshold: f64) -> Vec<u64> {
 fn segment_chunked_equals_whole_equals_cpu_reference() {
     let dir = tempfile::tempdir().unwrap();
     let shape = [40, 36, 20];
+    let mut encoding_gpu = cuboids::gpu::GpuContext::new().unwrap();
+    encoding_gpu.gpu_encoding = true;
+    let encoding_gpu = Arc::new(encoding_gpu);
     // The em-like volume is smaller than one synthetic cell: a low threshold keeps it in pieces.
     for (name, aff, threshold) in [
         ("em-like", affinities_like(shape), 0.05),
@@ -106,6 +109,23 @@ fn segment_chunked_equals_whole_equals_cpu_reference() {
                 }
                 assert_eq!(report.segments as u64, segments, "{name} {run}");
             }
+            // Output chunks encoded on the GPU are the CPU encoder's bytes.
+            let out = dir.path().join(format!("{name}-gpu-encoded"));
+            let opts = SegmentOptions {
+                chunks: chunks(Some([16, 8, 8])),
+                watershed: WatershedParams::default(),
+                threshold,
+            };
+            segment(
+                encoding_gpu.clone(),
+                &input,
+                Arc::new(LocalStore::new(&out)),
+                &opts,
+            )
+            .await
+            .unwrap();
+            let cpu_encoded = dir.path().join(format!("{name}-chunked"));
+            assert_same_files(&cpu_encoded, &out);
             assert_eq!(deferred[0], 0, "{name}: one chunk defers nothing");
             if name == "tied" {
                 assert!(
@@ -627,6 +647,28 @@ fn float_volume(
 }
 
 /// Every file under `dir` (chunks, info, temporary files).
+/// The two directories hold the same files with the same bytes.
+fn assert_same_files(a: &std::path::Path, b: &std::path::Path) {
+    let names = |d: &std::path::Path| -> Vec<std::path::PathBuf> {
+        files_under(d)
+            .into_iter()
+            .map(|p| p.strip_prefix(d).unwrap().to_path_buf())
+            .collect()
+    };
+    let files = names(a);
+    assert!(files.len() > 2, "{}: {files:?}", a.display());
+    assert_eq!(files, names(b));
+    for f in files {
+        assert!(
+            std::fs::read(a.join(&f)).unwrap() == std::fs::read(b.join(&f)).unwrap(),
+            "{} differs between {} and {}",
+            f.display(),
+            a.display(),
+            b.display()
+        );
+    }
+}
+
 fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir) {

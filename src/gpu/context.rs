@@ -54,6 +54,10 @@ pub struct GpuContext {
     /// Times each labelling kernel on its own and logs it (`CUBOIDS_PROFILE_KERNELS=1`): for
     /// tuning kernels, since it waits for the GPU after every dispatch.
     pub profile_kernels: bool,
+    /// Encodes compressed_segmentation chunks on this adapter. By default only on a hardware
+    /// GPU: on a CPU adapter (lavapipe) the CPU encoder does the same work about 30x faster
+    /// (benches/RESULTS.md). `CUBOIDS_GPU_ENCODING=1` (or `0`) says otherwise.
+    pub gpu_encoding: bool,
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
     kernels: KernelCache,
@@ -161,10 +165,15 @@ impl GpuContext {
             warn!("uncaptured GPU error: {e}")
         }));
         info!(adapter = %adapter_info.name, backend = ?adapter_info.backend, "GPU ready");
+        let gpu_encoding = match std::env::var_os("CUBOIDS_GPU_ENCODING") {
+            Some(v) => v != "0",
+            None => adapter_info.device_type != wgpu::DeviceType::Cpu,
+        };
         Ok(GpuContext {
             adapter_info,
             limits,
             profile_kernels: std::env::var_os("CUBOIDS_PROFILE_KERNELS").is_some_and(|v| v != "0"),
+            gpu_encoding,
             device,
             queue,
             kernels: KernelCache::default(),

@@ -16,7 +16,8 @@ const KERNEL_CHECKS: wgpu::ShaderRuntimeChecks = wgpu::ShaderRuntimeChecks {
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 /// Every shader, as the (name, source) pairs the device compiles: WGSL has no includes, so the
-/// downsampling kernels get `common.wgsl` prepended; the labelling shaders stand alone.
+/// downsampling kernels get `common.wgsl` prepended; the labelling and encoding shaders stand
+/// alone.
 /// The naga validation test walks this list.
 pub fn shader_sources() -> Vec<(&'static str, String)> {
     let labelling = [
@@ -31,6 +32,10 @@ pub fn shader_sources() -> Vec<(&'static str, String)> {
         (
             "connected_components",
             include_str!("../../shaders/connected_components.wgsl").to_string(),
+        ),
+        (
+            "compressed_segmentation",
+            include_str!("../../shaders/compressed_segmentation.wgsl").to_string(),
         ),
     ];
     let downsampling = [

@@ -6,16 +6,18 @@
 //! info only after every chunk was written; on failure the chunks already written to new scales
 //! are removed, so nothing half-written is left claimed.
 
-use crate::formats::precomputed::info::{Info, LayerType, Scale};
+use crate::formats::precomputed::info::{Encoding, Info, LayerType, Scale};
 use crate::formats::precomputed::sharding::{
     chunk_id, encode_shard, igneous_image_spec, image_shard_shape, ShardAssembler, ShardChunks,
     ShardingSpec,
 };
 use crate::formats::precomputed::{
     check_scale_readable, check_scale_supported, chunk_grid, chunk_key, codec_cpu_time,
-    encode_chunk, process_cpu_time, Precomputed, PrecomputedError, WriteOptions,
+    count_as_encoding, encode_chunk_data, process_cpu_time, ChunkData, Precomputed,
+    PrecomputedError, WriteOptions,
 };
 use crate::geometry::{pow3, voxels, Box3, Vec3};
+use crate::gpu::compressed_segmentation::{encode_chunks_gpu, gpu_encodes};
 use crate::gpu::downsample::{submit_channel_gpu, PendingSlab};
 use crate::gpu::{GpuContext, GpuError};
 use crate::ops::downsample::{check_supported, downsample_cpu, DownsampleError, Factor, Method};
@@ -159,6 +161,9 @@ pub struct DownsampleReport {
     pub process_cpu: Duration,
     /// The cores this process may use.
     pub cores: usize,
+    /// Output chunks encoded on the GPU (compressed_segmentation): `encode_cpu` is only the
+    /// host's part of their encoding (laying out headers and tables) and their gzip.
+    pub chunks_encoded_on_gpu: usize,
 }
 
 impl DownsampleReport {
@@ -206,12 +211,20 @@ impl DownsampleReport {
                 }
             ),
             format!(
-                "  codecs: decode {:.2} + encode {:.2} core-s on {} cores: codec limit {:.2} s, this run {:.2}x it",
+                "  codecs: decode {:.2} + encode {:.2} core-s on {} cores: codec limit {:.2} s, this run {:.2}x it{}",
                 self.decode_cpu.as_secs_f64(),
                 self.encode_cpu.as_secs_f64(),
                 self.cores,
                 self.codec_limit().as_secs_f64(),
                 self.wall.as_secs_f64() / self.codec_limit().as_secs_f64().max(1e-9),
+                if self.chunks_encoded_on_gpu > 0 {
+                    format!(
+                        "; {} chunks' compressed_segmentation encoded on the GPU",
+                        self.chunks_encoded_on_gpu
+                    )
+                } else {
+                    String::new()
+                },
             ),
             format!(
                 "  core-s: {:.2} in all ({:.0}% of {} cores for {:.2} s): decode {:.2}, encode {:.2}, the rest {:.2} (pooling on a CPU adapter, copies, I/O)",
@@ -621,6 +634,9 @@ struct Job {
 /// being written.
 const KEPT_BUFFERS: usize = 16;
 
+/// What writing a tile did: chunks written, of which encoded on the GPU; voxels; busy time.
+type TileWritten = (usize, usize, u64, Duration);
+
 /// Tiles being written at once behind the GPU.
 const WRITES_IN_FLIGHT: usize = 2;
 /// Chunks encoded and stored at once per tile.
@@ -628,7 +644,7 @@ const WRITE_CONCURRENCY: usize = 16;
 
 impl Job {
     async fn run(self, tiles: Vec<Box3>) -> Result<DownsampleReport, TaskError> {
-        let mut writes: JoinSet<Result<(usize, u64, Duration), TaskError>> = JoinSet::new();
+        let mut writes: JoinSet<Result<TileWritten, TaskError>> = JoinSet::new();
         let result = Arc::new(self).run_tiles(tiles, &mut writes).await;
         if result.is_err() {
             // Let writes already under way finish before anyone cleans up after this run, so no
@@ -641,7 +657,7 @@ impl Job {
     async fn run_tiles(
         self: Arc<Self>,
         tiles: Vec<Box3>,
-        writes: &mut JoinSet<Result<(usize, u64, Duration), TaskError>>,
+        writes: &mut JoinSet<Result<TileWritten, TaskError>>,
     ) -> Result<DownsampleReport, TaskError> {
         let job = self;
         let mut report = DownsampleReport {
@@ -771,39 +787,48 @@ impl Job {
         )
     }
 
-    /// Cuts a tile's levels into output chunks and writes them; returns (chunks, voxels, busy time).
+    /// Cuts a tile's levels into output chunks and writes them.
     async fn write_tile(
         self: Arc<Self>,
         tile: Box3,
         levels: Vec<Volume>,
-    ) -> Result<(usize, u64, Duration), TaskError> {
+    ) -> Result<TileWritten, TaskError> {
         let t = Instant::now();
         let level_boxes: Vec<Box3> = (1..=levels.len() as u32)
             .map(|k| tile.downsampled(self.opts.factor.get(), k))
             .collect();
         let voxels_out = level_boxes.iter().map(|b| voxels(b.shape()) as u64).sum();
         let levels: Vec<Arc<Volume>> = levels.into_iter().map(Arc::new).collect();
-        let jobs: Vec<_> = self
-            .output_chunks(tile)
+        let chunks = self.output_chunks(tile);
+        let count = chunks.len();
+        let mut encoded = self
+            .clone()
+            .encode_on_gpu(&chunks, &levels, &level_boxes)
+            .await?;
+        let on_gpu = encoded.iter().filter(|e| e.is_some()).count();
+        let jobs: Vec<_> = chunks
             .into_iter()
-            .map(|(mip, chunk)| {
+            .enumerate()
+            .map(|(i, (mip, chunk))| {
                 let k = mip - self.opts.mip - 1;
-                (mip, chunk, levels[k].clone(), level_boxes[k].start)
+                let data = encoded[i].take();
+                (mip, chunk, levels[k].clone(), level_boxes[k].start, data)
             })
             .collect();
-        let count = jobs.len();
         futures::stream::iter(jobs)
-            .map(|(mip, chunk, level, origin)| {
+            .map(|(mip, chunk, level, origin, encoded)| {
                 let job = self.clone();
                 async move {
-                    let local = [0, 1, 2].map(|i| chunk.start[i] - origin[i]);
-                    let vol = level.crop(local, chunk.shape());
+                    let data = encoded.unwrap_or_else(|| {
+                        let local = [0, 1, 2].map(|i| chunk.start[i] - origin[i]);
+                        ChunkData::Voxels(level.crop(local, chunk.shape()))
+                    });
                     if job.shards.contains_key(&mip) {
-                        return job.add_to_shard(mip, chunk, vol).await;
+                        return job.add_to_shard(mip, chunk, data).await;
                     }
                     let key = job
                         .target
-                        .write_chunk(mip, chunk, vol, job.opts.write)
+                        .write_chunk(mip, chunk, data, job.opts.write)
                         .await?;
                     job.written.lock().unwrap().push(key);
                     Ok::<_, TaskError>(())
@@ -817,14 +842,69 @@ impl Job {
                 self.buffers.give(level.data);
             }
         }
-        Ok((count, voxels_out, t.elapsed()))
+        Ok((count, on_gpu, voxels_out, t.elapsed()))
+    }
+
+    /// The GPU that encodes `mip`'s chunks, when it does: a compressed_segmentation scale whose
+    /// labels and block size the GPU encoder takes, on a context that encodes
+    /// ([`GpuContext::gpu_encoding`]).
+    fn gpu_encoder(&self, mip: usize) -> Option<Arc<GpuContext>> {
+        let Compute::Gpu(ctx) = &self.compute else {
+            return None;
+        };
+        let scale = self.target.scale(mip);
+        let takes = scale.encoding == Encoding::CompressedSegmentation
+            && gpu_encodes(self.target.info.data_type, scale.block_size());
+        (ctx.gpu_encoding && takes).then(|| ctx.clone())
+    }
+
+    /// `chunks` (mip, box) whose scale the GPU encodes, encoded there, a level at a time; `None`
+    /// for the others, which are encoded on the CPU as they are written.
+    async fn encode_on_gpu(
+        self: Arc<Self>,
+        chunks: &[(usize, Box3)],
+        levels: &[Arc<Volume>],
+        level_boxes: &[Box3],
+    ) -> Result<Vec<Option<ChunkData>>, TaskError> {
+        let mut encoded: Vec<Option<ChunkData>> = chunks.iter().map(|_| None).collect();
+        for (k, (level, level_box)) in levels.iter().zip(level_boxes).enumerate() {
+            let mip = self.opts.mip + k + 1;
+            let Some(ctx) = self.gpu_encoder(mip) else {
+                continue;
+            };
+            let (indices, boxes): (Vec<usize>, Vec<Box3>) = chunks
+                .iter()
+                .enumerate()
+                .filter(|(_, (m, _))| *m == mip)
+                .map(|(i, (_, chunk))| (i, chunk.relative_to(level_box.start)))
+                .unzip();
+            let scale = self.target.scale(mip).clone();
+            let level = level.clone();
+            let results = tokio::task::spawn_blocking(move || {
+                count_as_encoding(|| encode_chunks_gpu(&ctx, &level, &boxes, scale.block_size()))
+            })
+            .await??;
+            for (i, result) in indices.into_iter().zip(results) {
+                let bytes = result.map_err(|source| PrecomputedError::CompressedSegmentation {
+                    key: self.target.scale(mip).key.clone(),
+                    source,
+                })?;
+                encoded[i] = Some(ChunkData::Encoded(bytes));
+            }
+        }
+        Ok(encoded)
     }
 }
 
 impl Job {
     /// Encodes a chunk of a sharded mip (the scale's encoding, gzipped where the spec says, on
     /// the blocking pool like any chunk) and writes its shard once the shard is complete.
-    async fn add_to_shard(&self, mip: usize, chunk: Box3, vol: Volume) -> Result<(), TaskError> {
+    async fn add_to_shard(
+        &self,
+        mip: usize,
+        chunk: Box3,
+        data: ChunkData,
+    ) -> Result<(), TaskError> {
         let scale = self.target.scale(mip).clone();
         let id = chunk_id(chunk, scale.chunk_size(), scale.size);
         let gzip_level = if self.shards[&mip].spec().gzip_data {
@@ -833,7 +913,7 @@ impl Job {
             0
         };
         let (data, _) = tokio::task::spawn_blocking(move || {
-            encode_chunk(&vol, &scale, WriteOptions { gzip_level })
+            encode_chunk_data(data, &scale, WriteOptions { gzip_level })
         })
         .await??;
         if let Some(shard) = self.shards[&mip].add(id, data) {
@@ -867,8 +947,9 @@ impl Job {
 }
 
 impl DownsampleReport {
-    fn absorb(&mut self, (chunks, voxels_out, busy): (usize, u64, Duration)) {
+    fn absorb(&mut self, (chunks, on_gpu, voxels_out, busy): TileWritten) {
         self.chunks_written += chunks;
+        self.chunks_encoded_on_gpu += on_gpu;
         self.output_voxels += voxels_out;
         self.write += busy;
     }

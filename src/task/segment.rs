@@ -18,9 +18,11 @@
 use crate::dtype::DataType;
 use crate::formats::precomputed::info::{Encoding, Info, LayerType, Scale};
 use crate::formats::precomputed::{
-    chunk_grid, chunk_key, ChunkCache, Precomputed, PrecomputedError, WriteOptions,
+    chunk_grid, chunk_key, count_as_encoding, ChunkCache, ChunkData, Precomputed, PrecomputedError,
+    WriteOptions,
 };
 use crate::geometry::{voxels, Box3, Vec3};
+use crate::gpu::compressed_segmentation::{encode_chunks_gpu, gpu_encodes};
 use crate::gpu::labeling::{
     connected_components_box, watershed_box, BlockMasks, DeferredVoxel, RegionEdge,
 };
@@ -581,9 +583,15 @@ pub(crate) async fn write_output(
     write: WriteOptions,
     area: Box3,
     write_info: bool,
+    gpu: Option<Arc<GpuContext>>,
 ) -> Result<usize, SegmentError> {
     let out = &layout.output;
     let scale = out.scale(0).clone();
+    let encoder = gpu.filter(|ctx| {
+        ctx.gpu_encoding
+            && scale.encoding == Encoding::CompressedSegmentation
+            && gpu_encodes(DataType::Uint64, scale.block_size())
+    });
     let chunks = chunk_grid(&scale, area.offset_by(layout.region.start));
     let written: Vec<String> = chunks.iter().map(|&c| chunk_key(&scale, c)).collect();
     let progress = Progress::new("write", voxels(area.shape()) as u64);
@@ -598,12 +606,19 @@ pub(crate) async fn write_output(
                 let labels = labels.clone();
                 let progress = &progress;
                 let in_region = chunk.relative_to(layout.region.start);
+                let (encoder, scale) = (encoder.clone(), &scale);
                 async move {
-                    let vol = tokio::task::spawn_blocking(move || {
-                        uint64_volume(chunk.shape(), &labels.labels_in(in_region))
+                    let key = scale.key.clone();
+                    let block = scale.block_size();
+                    let data = tokio::task::spawn_blocking(move || {
+                        let vol = uint64_volume(chunk.shape(), &labels.labels_in(in_region));
+                        match encoder {
+                            Some(ctx) => encode_on_gpu(&ctx, &vol, block, key),
+                            None => Ok(ChunkData::Voxels(vol)),
+                        }
                     })
-                    .await?;
-                    out.write_chunk(0, chunk, vol, write).await?;
+                    .await??;
+                    out.write_chunk(0, chunk, data, write).await?;
                     progress.add(voxels(chunk.shape()) as u64);
                     Ok::<_, SegmentError>(())
                 }
@@ -630,6 +645,23 @@ pub(crate) async fn write_output(
         return Err(e);
     }
     Ok(written.len())
+}
+
+/// One output chunk encoded as compressed_segmentation on the GPU (`key`: its scale's, for
+/// errors).
+fn encode_on_gpu(
+    ctx: &GpuContext,
+    vol: &Volume,
+    block: Vec3,
+    key: String,
+) -> Result<ChunkData, SegmentError> {
+    let whole = [Box3::from_shape(vol.shape)];
+    let mut encoded = count_as_encoding(|| encode_chunks_gpu(ctx, vol, &whole, block))?;
+    let bytes = encoded
+        .pop()
+        .expect("one chunk")
+        .map_err(|source| PrecomputedError::CompressedSegmentation { key, source })?;
+    Ok(ChunkData::Encoded(bytes))
 }
 
 /// Labels as a uint64 volume (little-endian, high words 0).
@@ -690,7 +722,7 @@ pub async fn connected_components(
         input,
         &layout,
         &all,
-        components_labeler(ctx, threshold, connectivity, location),
+        components_labeler(ctx.clone(), threshold, connectivity, location),
     )
     .await?;
     report.passes.push(("label", t.elapsed()));
@@ -710,7 +742,7 @@ pub async fn connected_components(
     report.fragments = numbering.sizes.len() - 1;
     report.passes.push(("stitch", t.elapsed()));
     let labels = stitcher.into_final(&numbering, |l| keep[l as usize]);
-    finish(&layout, labels, opts.chunks.write, report, start).await
+    finish(&layout, labels, opts.chunks.write, report, start, ctx).await
 }
 
 /// Affinity margin around a watershed chunk core (see src/gpu/labeling.rs).
@@ -832,7 +864,7 @@ pub async fn segment(
     report.passes.push(("agglomerate", t.elapsed()));
 
     let labels = stitcher.into_final(&numbering, |f| segment_of[f as usize]);
-    finish(&layout, labels, opts.chunks.write, report, start).await
+    finish(&layout, labels, opts.chunks.write, report, start, ctx).await
 }
 
 /// The last pass of both commands: writes the output and completes the report.
@@ -842,11 +874,13 @@ async fn finish(
     write: WriteOptions,
     mut report: SegmentReport,
     start: Instant,
+    gpu: Arc<GpuContext>,
 ) -> Result<SegmentReport, SegmentError> {
     layout.check_cancel()?;
     let t = Instant::now();
     let whole = Box3::from_shape(layout.region.shape());
-    report.chunks_written = write_output(layout, Arc::new(labels), write, whole, true).await?;
+    let labels = Arc::new(labels);
+    report.chunks_written = write_output(layout, labels, write, whole, true, Some(gpu)).await?;
     report.passes.push(("write", t.elapsed()));
     layout.count_reads(&mut report);
     report.wall = start.elapsed();

@@ -543,6 +543,7 @@ impl DownsampleTask {
             "decode_core_seconds": r.decode_cpu.as_secs_f64(),
             "encode_core_seconds": r.encode_cpu.as_secs_f64(),
             "core_seconds": r.process_cpu.as_secs_f64(),
+            "chunks_encoded_on_gpu": r.chunks_encoded_on_gpu,
             "codec_limit_seconds": r.codec_limit().as_secs_f64(),
         })
     }

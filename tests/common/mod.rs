@@ -88,6 +88,44 @@ pub fn random_volume(rng: &mut Rng, dtype: DataType, shape: Vec3, channels: usiz
     Volume::from_bytes(dtype, shape, channels, data).unwrap()
 }
 
+/// Segmentation-like labels: cells of a coarse grid (so many blocks hold one label and many hold
+/// a few, with tables repeated across blocks), with stray labels in every other slab of 8 planes, a noisy corner
+/// where a block may hold up to 512 labels, and labels whose high word or every bit is set.
+pub fn segmentation_like(rng: &mut Rng, dtype: DataType, shape: Vec3, channels: usize) -> Volume {
+    let cell = [
+        8 + rng.below(16) as usize,
+        8 + rng.below(16) as usize,
+        4 + rng.below(8) as usize,
+    ];
+    let mut labels = Vec::with_capacity(voxels(shape) * channels);
+    for c in 0..channels {
+        for z in 0..shape[2] {
+            for y in 0..shape[1] {
+                for x in 0..shape[0] {
+                    let cell_id = (x / cell[0] + 7 * (y / cell[1]) + 31 * (z / cell[2]) + c) as u64;
+                    // Strays only in odd slabs of 8 planes: the even ones keep one-label blocks.
+                    let stray = (z / 8) % 2 == 1;
+                    let label = match rng.below(40) {
+                        _ if x < 8 && y < 8 && z < 8 => rng.next(),
+                        0 if stray => u64::MAX,
+                        1 if stray => rng.below(3) << 32 | 5,
+                        _ => cell_id * 0x1_0000_0001,
+                    };
+                    labels.push(label);
+                }
+            }
+        }
+    }
+    let data = match dtype {
+        DataType::Uint32 => labels
+            .iter()
+            .flat_map(|&l| (l as u32).to_le_bytes())
+            .collect(),
+        _ => labels.iter().flat_map(|&l| l.to_le_bytes()).collect(),
+    };
+    Volume::from_bytes(dtype, shape, channels, data).unwrap()
+}
+
 /// Every file below `dir` (none if it does not exist), sorted.
 /// The uint64 labels of scale 0 of the segmentation layer at `dir`, Fortran order.
 pub async fn read_labels(dir: &std::path::Path) -> Vec<u64> {

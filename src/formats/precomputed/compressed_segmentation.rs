@@ -62,7 +62,9 @@ fn grid(shape: Vec3, block: Vec3) -> Vec3 {
     crate::geometry::div_ceil3(shape, block)
 }
 
-fn bits_for(distinct: usize) -> u32 {
+/// The bit width of a block's indices: 0 for one label, else the smallest power of two of bits
+/// that indexes them all.
+pub(crate) fn bits_for(distinct: usize) -> u32 {
     if distinct <= 1 {
         return 0;
     }

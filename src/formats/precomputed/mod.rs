@@ -363,15 +363,16 @@ impl Precomputed {
         &self,
         mip: usize,
         chunk: Box3,
-        vol: Volume,
+        data: impl Into<ChunkData>,
         opts: WriteOptions,
     ) -> Result<String, PrecomputedError> {
+        let data = data.into();
         let scale = self.scale(mip).clone();
         // Chunk files next to shard files would be invisible to every reader of the scale.
         check_scale_supported(&scale)?;
         let key = chunk_key(&scale, chunk);
         let (data, encoding) =
-            tokio::task::spawn_blocking(move || encode_chunk(&vol, &scale, opts)).await??;
+            tokio::task::spawn_blocking(move || encode_chunk_data(data, &scale, opts)).await??;
         self.store.put(&key, data, encoding).await?;
         Ok(key)
     }
@@ -715,6 +716,41 @@ pub fn decode_chunk(
     })
 }
 
+/// A chunk to store: its voxels, or its bytes already in the scale's encoding (as the GPU
+/// encodes compressed_segmentation chunks).
+pub enum ChunkData {
+    Voxels(Volume),
+    Encoded(Vec<u8>),
+}
+
+impl From<Volume> for ChunkData {
+    fn from(vol: Volume) -> ChunkData {
+        ChunkData::Voxels(vol)
+    }
+}
+
+/// [`encode_chunk`] of either kind of chunk: bytes already encoded are only compressed.
+pub fn encode_chunk_data(
+    data: ChunkData,
+    scale: &Scale,
+    opts: WriteOptions,
+) -> Result<(Vec<u8>, ContentEncoding), PrecomputedError> {
+    match data {
+        ChunkData::Voxels(vol) => encode_chunk(&vol, scale, opts),
+        ChunkData::Encoded(bytes) => {
+            let _timer = CpuTimer::start(&ENCODE_NANOS);
+            Ok(compress(bytes, opts))
+        }
+    }
+}
+
+/// Runs `encode` (chunk encoding done elsewhere, e.g. the host's part of the GPU encoder) and
+/// counts this thread's CPU time in it as encoding time ([`codec_cpu_time`]).
+pub fn count_as_encoding<T>(encode: impl FnOnce() -> T) -> T {
+    let _timer = CpuTimer::start(&ENCODE_NANOS);
+    encode()
+}
+
 /// Encodes voxels as a stored chunk: the scale's encoding, then gzip unless the level is 0.
 pub fn encode_chunk(
     vol: &Volume,
@@ -736,9 +772,14 @@ pub fn encode_chunk(
         })?,
         _ => vol.data.clone(),
     };
-    Ok(if opts.gzip_level == 0 {
+    Ok(compress(data, opts))
+}
+
+/// gzip at the level asked for, or the bytes as they are at level 0.
+fn compress(data: Vec<u8>, opts: WriteOptions) -> (Vec<u8>, ContentEncoding) {
+    if opts.gzip_level == 0 {
         (data, ContentEncoding::Identity)
     } else {
         (gzip(&data, opts.gzip_level), ContentEncoding::Gzip)
-    })
+    }
 }

@@ -978,7 +978,7 @@ pub async fn run_stage<W: StagedWork>(
             let b = block("relabel")?;
             let layout = gpu_free_layout(input, &output, plan, cancel).await?;
             let blocks = check_blocks(plan, &layout)?;
-            relabel(plan, &layout, blocks, b, &staging).await?
+            relabel(plan, &layout, blocks, b, &staging, ctx).await?
         }
         Stage::Finalize => {
             let layout = gpu_free_layout(input, &output, plan, cancel).await?;
@@ -1810,6 +1810,7 @@ async fn relabel<W: StagedWork>(
     blocks: ChunkGrid,
     b: usize,
     staging: &Staging,
+    gpu: Option<Arc<GpuContext>>,
 ) -> Result<SegmentReport, StagedError> {
     let block = blocks.core(b);
     let mut passes = Passes::new();
@@ -1827,6 +1828,7 @@ async fn relabel<W: StagedWork>(
         plan.work.chunk_fields().options().write,
         block,
         false,
+        gpu,
     )
     .await?;
     staging.put(Kind::Done, b, Vec::new()).await?;
