@@ -63,6 +63,11 @@ pub struct GpuContext {
     kernels: KernelCache,
     pool: BufferPool,
     uploads: UploadPool,
+    /// Every buffer is host memory (a CPU adapter, with mappable storage buffers): kernels read
+    /// uploads where the host wrote them, since a staging buffer would only add a copy. (Mapping
+    /// the kernels' outputs for reading in place was measured slower on lavapipe than copying
+    /// them to a read-back buffer: benches/RESULTS.md.)
+    host_memory: bool,
     /// How large a region-graph table the next box is first given (a guess; never the result).
     pub(crate) pair_density: crate::gpu::labeling::PairDensity,
 }
@@ -72,7 +77,7 @@ pub struct GpuContext {
 /// buffer of 32 MiB or more is a fresh mmap that faults on every page).
 #[derive(Default)]
 struct BufferPool {
-    free: Mutex<HashMap<(u64, wgpu::BufferUsages), Vec<wgpu::Buffer>>>,
+    free: Mutex<FreeBuffers>,
 }
 
 /// Buffers of one kind kept at most: enough for the levels of two slabs in flight.
@@ -120,16 +125,20 @@ fn keep_within<K, V>(
     free.entry(kind).or_default().push(value);
 }
 
-/// Upload staging buffers (MAP_WRITE | COPY_SRC) by size, each mapped and ready to write into:
-/// an upload copies into one and records a copy to its destination, and once the submission is
-/// done the buffer is mapped again and comes back here. `queue.write_buffer` and
+/// Upload buffers by size and usage, each mapped and ready to write into: staging buffers
+/// (MAP_WRITE | COPY_SRC), from which an upload records a copy to its destination, and on a CPU
+/// adapter storage buffers that kernels read as written ([`GpuContext::upload_storage`]). Once
+/// the GPU is done with one, it is mapped again and comes back here. `queue.write_buffer` and
 /// `create_buffer_init` instead allocate, zero and fault in a fresh staging buffer per call
 /// (per chunk, three 17 MB affinity channels). At most [`UPLOAD_POOL_BYTES`] are kept, so that a
 /// long-running worker that meets many sizes does not hold a set of each.
 #[derive(Clone, Default)]
 struct UploadPool {
-    free: Arc<Mutex<HashMap<u64, Vec<wgpu::Buffer>>>>,
+    free: Arc<Mutex<FreeBuffers>>,
 }
+
+/// Free buffers by kind: size and usage.
+type FreeBuffers = HashMap<(u64, wgpu::BufferUsages), Vec<wgpu::Buffer>>;
 
 impl GpuContext {
     /// Opens the best Vulkan adapter: a discrete GPU if there is one, else integrated, virtual,
@@ -148,10 +157,18 @@ impl GpuContext {
         let adapter_info = adapter.get_info();
         // Ask for the adapter's real limits: lavapipe binds 128 MiB, NVIDIA far more.
         let limits = adapter.limits();
+        let host_memory = adapter_info.device_type == wgpu::DeviceType::Cpu
+            && adapter
+                .features()
+                .contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("cuboids"),
-                required_features: wgpu::Features::empty(),
+                required_features: if host_memory {
+                    wgpu::Features::MAPPABLE_PRIMARY_BUFFERS
+                } else {
+                    wgpu::Features::empty()
+                },
                 required_limits: limits.clone(),
                 ..Default::default()
             })
@@ -179,6 +196,7 @@ impl GpuContext {
             kernels: KernelCache::default(),
             pool: BufferPool::default(),
             uploads: UploadPool::default(),
+            host_memory,
             pair_density: Default::default(),
         })
     }
@@ -239,21 +257,10 @@ impl GpuContext {
         })
     }
 
-    /// Records in `encoder` an upload of `data` into `dst` (from its start; the last word padded
-    /// with zeros) through a mapped staging buffer of the pool. The returned staging buffer goes
-    /// to [`Self::reuse_uploads`] once the encoder is submitted.
-    pub(crate) fn stage_upload(
-        &self,
-        encoder: &mut wgpu::CommandEncoder,
-        dst: &wgpu::Buffer,
-        data: &[u8],
-    ) -> wgpu::Buffer {
-        self.stage_upload_with(encoder, dst, data.len(), |view| view.copy_from_slice(data))
-    }
-
-    /// [`Self::stage_upload`] of `len` bytes that `write` puts into the staging buffer itself
-    /// (it must write each of them; the padding after them is zeroed here): a caller that
-    /// rearranges its data on the way writes it once, not into a vector first.
+    /// Records in `encoder` an upload of `len` bytes, which `write` puts into a mapped staging
+    /// buffer of the pool (it must write each of them; the padding to a word is zeroed here),
+    /// into `dst` from its start. The returned staging buffer goes to [`Self::reuse_uploads`]
+    /// once the encoder is submitted.
     pub(crate) fn stage_upload_with(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -274,31 +281,69 @@ impl GpuContext {
         len: usize,
         write: impl FnOnce(&mut wgpu::WriteOnly<'_, [u8]>),
     ) -> wgpu::Buffer {
+        let usage = wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC;
+        self.filled_upload("upload", usage, len, write)
+    }
+
+    /// A buffer of `usage` (MAP_WRITE among them) from the upload pool, or a new one, holding
+    /// the `len` bytes `write` puts there and zeros up to a whole word; unmapped.
+    fn filled_upload(
+        &self,
+        label: &str,
+        usage: wgpu::BufferUsages,
+        len: usize,
+        write: impl FnOnce(&mut wgpu::WriteOnly<'_, [u8]>),
+    ) -> wgpu::Buffer {
         let size = (len as u64).next_multiple_of(4).max(4);
         let kept = self
             .uploads
             .free
             .lock()
             .unwrap()
-            .get_mut(&size)
+            .get_mut(&(size, usage))
             .and_then(Vec::pop);
-        let staging = kept.unwrap_or_else(|| {
+        let buffer = kept.unwrap_or_else(|| {
             self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("upload"),
+                label: Some(label),
                 size,
-                usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+                usage,
                 mapped_at_creation: true,
             })
         });
         {
-            let mut view = staging
+            let mut view = buffer
                 .get_mapped_range_mut(..)
                 .expect("pooled upload buffers are mapped");
             view.slice(len..).fill(0);
             write(&mut view.slice(..len));
         }
-        staging.unmap();
-        staging
+        buffer.unmap();
+        buffer
+    }
+
+    /// A storage buffer (STORAGE, COPY_SRC and COPY_DST) holding the `len` bytes `write` puts
+    /// there, zero-padded to a word, for kernels recorded after this in `encoder`. On a CPU
+    /// adapter the host writes it in place; elsewhere through a staging buffer whose copy is
+    /// recorded in `encoder`, returned second for [`Self::reuse_uploads`] once that is
+    /// submitted. The storage buffer goes to [`Self::recycle`] when its user is done with it.
+    pub(crate) fn upload_storage(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        label: &str,
+        len: usize,
+        write: impl FnOnce(&mut wgpu::WriteOnly<'_, [u8]>),
+    ) -> (wgpu::Buffer, Option<wgpu::Buffer>) {
+        let usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST;
+        if self.host_memory {
+            let usage = usage | wgpu::BufferUsages::MAP_WRITE;
+            return (self.filled_upload(label, usage, len, write), None);
+        }
+        let size = (len as u64).next_multiple_of(4).max(4);
+        let buffer = self.buffer(label, size, usage);
+        let staging = self.stage_upload_with(encoder, &buffer, len, write);
+        (buffer, Some(staging))
     }
 
     /// Maps submitted upload staging buffers for writing again; each returns to the pool when
@@ -310,17 +355,22 @@ impl GpuContext {
             buffer.map_async(wgpu::MapMode::Write, .., move |mapped| {
                 if mapped.is_ok() {
                     let mut free = pool.free.lock().unwrap();
-                    let size = kept.size();
-                    keep_within(&mut free, size, kept, |&size| size, UPLOAD_POOL_BYTES);
+                    let kind = (kept.size(), kept.usage());
+                    keep_within(&mut free, kind, kept, |&(size, _)| size, UPLOAD_POOL_BYTES);
                 }
             });
         }
     }
 
-    /// Returns buffers to the pool once the GPU is done with them (they must be unmapped).
+    /// Returns buffers to the pool once the GPU is done with them (they must be unmapped);
+    /// storage buffers written in place ([`Self::upload_storage`]) go back to the upload pool.
     pub(crate) fn recycle(&self, buffers: impl IntoIterator<Item = wgpu::Buffer>) {
+        let (uploads, storage): (Vec<_>, Vec<_>) = buffers
+            .into_iter()
+            .partition(|b| b.usage().contains(wgpu::BufferUsages::MAP_WRITE));
+        self.reuse_uploads(uploads);
         let mut free = self.pool.free.lock().unwrap();
-        for b in buffers {
+        for b in storage {
             let kind = (b.size(), b.usage());
             keep_within(&mut free, kind, b, |&(size, _)| size, POOL_BYTES);
         }

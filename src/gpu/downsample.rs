@@ -335,22 +335,19 @@ pub fn submit_channel_gpu(
         });
     }
     let input_buffer = ctx.scoped("uploading the slab", || {
-        let buffer = ctx.buffer(
-            "slab",
-            input_bytes,
-            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-        );
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
-        let staging = if in_pitch == shape[0] {
-            ctx.stage_upload(&mut encoder, &buffer, input)
-        } else {
-            let len = in_pitch * rows * elem;
-            ctx.stage_upload_with(&mut encoder, &buffer, len, |view| {
+        let len = in_pitch * rows * elem;
+        let (buffer, staging) = ctx.upload_storage(&mut encoder, "slab", len, |view| {
+            if in_pitch == shape[0] {
+                view.copy_from_slice(input)
+            } else {
                 write_pitched(view, input, shape[0] * elem, in_pitch * elem)
-            })
-        };
-        ctx.queue.submit([encoder.finish()]);
-        ctx.reuse_uploads([staging]);
+            }
+        });
+        if let Some(staging) = staging {
+            ctx.queue.submit([encoder.finish()]);
+            ctx.reuse_uploads([staging]);
+        }
         buffer
     })?;
     submit_levels(

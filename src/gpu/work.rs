@@ -57,28 +57,28 @@ impl<'a> Work<'a> {
         Ok(())
     }
 
-    /// A storage buffer (from the pool) holding `data`, uploaded through a pooled staging
-    /// buffer in this work's next submission.
+    /// A storage buffer (from the pool) holding `data` for this work's kernels
+    /// ([`GpuContext::upload_storage`]: written in place on a CPU adapter, else through a pooled
+    /// staging buffer in this work's next submission).
     pub(crate) fn upload(&mut self, what: &str, data: &[u8]) -> Result<wgpu::Buffer, GpuError> {
-        let buffer = self.scratch(what, data.len().div_ceil(4))?;
-        let staging = self.ctx.stage_upload(&mut self.encoder, &buffer, data);
-        self.uploads.push(staging);
-        Ok(buffer)
+        self.upload_with(what, data.len(), |view| view.copy_from_slice(data))
     }
 
-    /// A storage buffer (from the pool) of `len` bytes that `write` puts into its upload staging
-    /// buffer: for data rearranged on the way, written once.
+    /// [`Self::upload`] of `len` bytes that `write` puts there: for data rearranged on the way,
+    /// written once.
     pub(crate) fn upload_with(
         &mut self,
         what: &str,
         len: usize,
         write: impl FnOnce(&mut wgpu::WriteOnly<'_, [u8]>),
     ) -> Result<wgpu::Buffer, GpuError> {
-        let buffer = self.scratch(what, len.div_ceil(4))?;
-        let staging = self
-            .ctx
-            .stage_upload_with(&mut self.encoder, &buffer, len, write);
-        self.uploads.push(staging);
+        self.check_size(what, (len.div_ceil(4).max(1) * 4) as u64)?;
+        let ctx = self.ctx;
+        let (buffer, staging) = ctx.scoped(self.op, || {
+            ctx.upload_storage(&mut self.encoder, what, len, write)
+        })?;
+        self.pooled.push(buffer.clone());
+        self.uploads.extend(staging);
         Ok(buffer)
     }
 
