@@ -27,9 +27,19 @@ struct Params {
     pad2: u32,
 }
 
-const SLOT: u32 = 5u;
+// Words per slot, 16 bytes, so that no slot straddles two cache lines: low id + 1, high id,
+// count, sum low word. The sums' high words (carries, rare) sit after the slots, one per slot.
+const SLOT: u32 = 4u;
+// Words per pair `compact` writes: a slot's words, then its sum's high word.
+const PACKED_SLOT: u32 = 5u;
+
+// The word after the slots that holds slot `slot`'s carries.
+fn carry_word(slot: u32) -> u32 {
+    return P.capacity * SLOT + slot;
+}
+
 // The slots-filled counter, a cache line away from the overflow flag that every edge reads.
-const FILLED: u32 = 16u; // low id + 1, high id, count, sum low word, sum high word
+const FILLED: u32 = 16u;
 // Slots `compact` has packed so far.
 const PACKED: u32 = 2u;
 
@@ -117,7 +127,7 @@ fn add_edge(a: u32, b: u32, affinity: f32) {
             let q = quantize(affinity);
             let old = atomicAdd(&table[k + 3u], q);
             if old > 0xffffffffu - q {
-                atomicAdd(&table[k + 4u], 1u);
+                atomicAdd(&table[carry_word(slot)], 1u);
             }
             return;
         }
@@ -226,20 +236,21 @@ fn compact(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     if filled == 0u {
         return;
     }
-    var at = atomicAdd(&flags[PACKED], filled) * SLOT;
+    var at = atomicAdd(&flags[PACKED], filled) * PACKED_SLOT;
     for (var s = first; s < last; s++) {
         let k = s * SLOT;
         let lo = atomicLoad(&table[k]);
         if lo == 0u {
             continue;
         }
-        if at + SLOT > arrayLength(&compacted) {
+        if at + PACKED_SLOT > arrayLength(&compacted) {
             return; // an overflowed table, which the host discards
         }
         compacted[at] = lo;
         for (var w = 1u; w < SLOT; w++) {
             compacted[at + w] = atomicLoad(&table[k + w]);
         }
-        at += SLOT;
+        compacted[at + SLOT] = atomicLoad(&table[carry_word(s)]);
+        at += PACKED_SLOT;
     }
 }

@@ -510,7 +510,9 @@ fn deferred_voxels(info: &[u32], taint: &[u32], shape: Vec3, core: Box3) -> Vec<
 /// A fragment pair (low id, high id) and its edge statistics.
 pub type RegionEdge = ((u32, u32), EdgeStats);
 
-/// u32 words per region-graph table slot: low id + 1, high id, count, 64-bit sum.
+/// u32 words per pair of a region-graph table: low id + 1, high id, count, 64-bit sum. A table
+/// keeps the first four in a 16-byte slot and the sums' high words after all the slots;
+/// `compact` packs the five together.
 const SLOT_WORDS: u64 = 5;
 /// The word of the region-graph flags that counts packed slots (`PACKED` in the shader).
 const PACKED_WORD: usize = 2;

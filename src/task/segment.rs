@@ -576,7 +576,8 @@ async fn finish_labelling(
 const WRITE_CONCURRENCY: usize = 32;
 
 /// Writes the final labels, output chunk by output chunk; on failure removes the chunks this
-/// run wrote into a new volume, and the info of a new volume is written last.
+/// run wrote into a new volume, and the info of a new volume is written last. `gpu`, where it
+/// encodes ([`GpuContext::gpu_encoding`]), encodes compressed_segmentation chunks.
 pub(crate) async fn write_output(
     layout: &Layout,
     labels: Arc<impl LabelBoxes>,
