@@ -59,7 +59,8 @@ var<workgroup> index_at: array<u32, MAX_BLOCK>;
 var<workgroup> partial: array<u32, THREADS>;
 var<workgroup> differs: atomic<u32>;
 var<workgroup> mixed: u32;
-var<workgroup> distinct: u32;
+// The total of the last `exclusive_scan`.
+var<workgroup> scan_total: u32;
 
 struct Block {
     origin: vec3<u32>,
@@ -144,6 +145,11 @@ fn encoded_words(count: u32) -> u32 {
     return (bits_for(count) * p.block_len + 31u) / 32u;
 }
 
+// Words a block of `count` labels takes in the output: its packed indices, then its table.
+fn block_words(count: u32) -> u32 {
+    return encoded_words(count) + count * p.words;
+}
+
 fn write_table_entry(id: u32, rank: u32, value: vec2<u32>) {
     let at = id * p.block_len * p.words + rank * p.words;
     tables[at] = value.x;
@@ -215,17 +221,17 @@ fn starts_label(i: u32) -> bool {
     return i == 0u || any(keys[i] != keys[i - 1u]);
 }
 
-// Numbers the distinct labels of the sorted block: writes the table and each position's index;
-// returns how many there are.
-fn number_labels(id: u32, t: u32) -> u32 {
-    let run = (p.sort_len + THREADS - 1u) / THREADS;
-    let start = min(t * run, p.sort_len);
-    let stop = min(start + run, p.sort_len);
-    var starts = 0u;
-    for (var i = start; i < stop; i++) {
-        starts += select(0u, 1u, starts_label(i));
-    }
-    partial[t] = starts;
+// Thread t's share of `n` items: a run of consecutive ones, as [start, stop).
+fn run_of(t: u32, n: u32) -> vec2<u32> {
+    let run = (n + THREADS - 1u) / THREADS;
+    let start = min(t * run, n);
+    return vec2<u32>(start, min(start + run, n));
+}
+
+// Every thread's `mine` summed over the threads before it (an exclusive scan); the sum over all
+// threads goes to `scan_total`. Every thread of the workgroup calls it.
+fn exclusive_scan(t: u32, mine: u32) -> u32 {
+    partial[t] = mine;
     workgroupBarrier();
     if (t == 0u) {
         var sum = 0u;
@@ -234,11 +240,22 @@ fn number_labels(id: u32, t: u32) -> u32 {
             partial[r] = sum;
             sum += n;
         }
-        distinct = sum;
+        scan_total = sum;
     }
     workgroupBarrier();
-    var rank = partial[t];
-    for (var i = start; i < stop; i++) {
+    return partial[t];
+}
+
+// Numbers the distinct labels of the sorted block: writes the table and each position's index;
+// returns how many there are.
+fn number_labels(id: u32, t: u32) -> u32 {
+    let run = run_of(t, p.sort_len);
+    var starts = 0u;
+    for (var i = run.x; i < run.y; i++) {
+        starts += select(0u, 1u, starts_label(i));
+    }
+    var rank = exclusive_scan(t, starts);
+    for (var i = run.x; i < run.y; i++) {
         if (starts_label(i)) {
             write_table_entry(id, rank, keys[i]);
             rank += 1u;
@@ -247,7 +264,7 @@ fn number_labels(id: u32, t: u32) -> u32 {
             index_at[origin_of[i]] = rank - 1u;
         }
     }
-    return workgroupUniformLoad(&distinct);
+    return workgroupUniformLoad(&scan_total);
 }
 
 fn pack_indices(id: u32, t: u32, count: u32) {
@@ -296,29 +313,18 @@ fn block_tables(
 // One workgroup: an exclusive scan of the blocks' output sizes, then the total.
 @compute @workgroup_size(64)
 fn block_offsets(@builtin(local_invocation_index) t: u32) {
-    let run = (p.blocks + THREADS - 1u) / THREADS;
-    let start = min(t * run, p.blocks);
-    let stop = min(start + run, p.blocks);
+    let run = run_of(t, p.blocks);
     var sum = 0u;
-    for (var b = start; b < stop; b++) {
-        sum += encoded_words(counts[b]) + counts[b] * p.words;
+    for (var b = run.x; b < run.y; b++) {
+        sum += block_words(counts[b]);
     }
-    partial[t] = sum;
-    workgroupBarrier();
+    var at = exclusive_scan(t, sum);
     if (t == 0u) {
-        var total = 0u;
-        for (var r = 0u; r < THREADS; r++) {
-            let n = partial[r];
-            partial[r] = total;
-            total += n;
-        }
-        offsets[p.blocks] = total;
+        offsets[p.blocks] = scan_total;
     }
-    workgroupBarrier();
-    var at = partial[t];
-    for (var b = start; b < stop; b++) {
+    for (var b = run.x; b < run.y; b++) {
         offsets[b] = at;
-        at += encoded_words(counts[b]) + counts[b] * p.words;
+        at += block_words(counts[b]);
     }
 }
 

@@ -187,23 +187,10 @@ fn gpu_encoding_is_switched_by_its_variable_and_changes_no_byte() {
             setting == "1",
             "CUBOIDS_GPU_ENCODING={setting}: {text}"
         );
-        let mut files: Vec<(std::path::PathBuf, Vec<u8>)> = walk(&copy)
-            .into_iter()
-            .map(|p| {
-                (
-                    p.strip_prefix(&copy).unwrap().to_path_buf(),
-                    std::fs::read(&p).unwrap(),
-                )
-            })
-            .collect();
-        files.sort();
-        outputs.push(files);
+        outputs.push(common::tree_contents(&copy));
     }
     assert!(outputs[0].len() > 4);
-    assert!(
-        outputs[0] == outputs[1],
-        "the two encoders wrote different files"
-    );
+    common::assert_same_contents(&outputs[0], &outputs[1], "the GPU and CPU encoders");
 }
 
 /// The demo's volumes at 128x96x16 in a temporary directory (kept alive by the first value).

@@ -166,14 +166,7 @@ async fn rerunning_rewrites_identical_bytes_and_keeps_the_info() {
         ..Default::default()
     };
     downsample(gpu_compute(), &vol, &opts).await.unwrap();
-    let snapshot = |d: &Path| -> Vec<(String, Vec<u8>)> {
-        let mut files: Vec<_> = files_under(d)
-            .into_iter()
-            .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
-            .collect();
-        files.sort();
-        files
-    };
+    let snapshot = common::tree_contents;
     let first = snapshot(&dir);
     let vol = Precomputed::open(Arc::new(LocalStore::new(&dir)))
         .await
@@ -424,16 +417,8 @@ async fn chunks_encoded_on_the_gpu_are_the_cpu_encoders_bytes() {
                         0
                     };
                     assert_eq!(report.chunks_encoded_on_gpu, expected, "{name} {block:?}");
-                    let files: Vec<(String, Vec<u8>)> = files_under(&dir)
-                        .into_iter()
-                        .filter(|p| !p.ends_with("info"))
-                        .map(|p| {
-                            (
-                                p.strip_prefix(dir.to_str().unwrap()).unwrap().to_string(),
-                                std::fs::read(&p).unwrap(),
-                            )
-                        })
-                        .collect();
+                    let mut files = common::tree_contents(&dir);
+                    files.retain(|(name, _)| !name.ends_with("info"));
                     files
                 }
             });
@@ -442,12 +427,7 @@ async fn chunks_encoded_on_the_gpu_are_the_cpu_encoders_bytes() {
             .try_into()
             .unwrap();
         assert!(cpu.len() > 10, "{shape:?}: {} files", cpu.len());
-        assert_eq!(
-            cpu.iter().map(|f| &f.0).collect::<Vec<_>>(),
-            gpu_encoded.iter().map(|f| &f.0).collect::<Vec<_>>()
-        );
-        for ((name, c), (_, g)) in cpu.iter().zip(&gpu_encoded) {
-            assert!(c == g, "{dtype} {shape:?} blocks {block:?}: {name} differs");
-        }
+        let what = format!("{dtype} {shape:?} blocks {block:?}");
+        common::assert_same_contents(&cpu, &gpu_encoded, &what);
     }
 }

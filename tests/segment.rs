@@ -649,24 +649,10 @@ fn float_volume(
 /// Every file under `dir` (chunks, info, temporary files).
 /// The two directories hold the same files with the same bytes.
 fn assert_same_files(a: &std::path::Path, b: &std::path::Path) {
-    let names = |d: &std::path::Path| -> Vec<std::path::PathBuf> {
-        files_under(d)
-            .into_iter()
-            .map(|p| p.strip_prefix(d).unwrap().to_path_buf())
-            .collect()
-    };
-    let files = names(a);
-    assert!(files.len() > 2, "{}: {files:?}", a.display());
-    assert_eq!(files, names(b));
-    for f in files {
-        assert!(
-            std::fs::read(a.join(&f)).unwrap() == std::fs::read(b.join(&f)).unwrap(),
-            "{} differs between {} and {}",
-            f.display(),
-            a.display(),
-            b.display()
-        );
-    }
+    let files = common::tree_contents(a);
+    assert!(files.len() > 2, "{}: {} files", a.display(), files.len());
+    let what = format!("{} against {}", a.display(), b.display());
+    common::assert_same_contents(&files, &common::tree_contents(b), &what);
 }
 
 fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -9,7 +9,8 @@
 //! Chunks are encoded many at a time, in groups whose buffers fit the adapter's binding limit.
 
 use crate::dtype::DataType;
-use crate::formats::precomputed::compressed_segmentation::CsegError;
+use crate::formats::precomputed::compressed_segmentation::{bits_for, block_header, CsegError};
+use crate::formats::precomputed::info::{Encoding, Scale};
 use crate::geometry::{div_ceil3, voxels, Box3, Vec3};
 use crate::gpu::context::{GpuContext, GpuError};
 use crate::gpu::work::{Work, GROUP};
@@ -42,6 +43,15 @@ struct Params {
 pub fn gpu_encodes(dtype: DataType, block: Vec3) -> bool {
     matches!(dtype, DataType::Uint32 | DataType::Uint64)
         && (1..=MAX_GPU_BLOCK).contains(&voxels(block))
+}
+
+/// Whether `ctx` encodes the chunks of `scale`, of labels of `dtype`: a compressed_segmentation
+/// scale whose labels and block size [`encode_chunks_gpu`] takes, on a context that encodes
+/// ([`GpuContext::gpu_encoding`]).
+pub fn encodes_scale(ctx: &GpuContext, scale: &Scale, dtype: DataType) -> bool {
+    ctx.gpu_encoding
+        && scale.encoding == Encoding::CompressedSegmentation
+        && gpu_encodes(dtype, scale.block_size())
 }
 
 /// Encodes each of `chunks` (boxes inside `volume`, every channel) as `compressed_segmentation`
@@ -271,11 +281,6 @@ fn write_box(view: &mut wgpu::WriteOnly<'_, [u8]>, volume: &Volume, c: usize, bo
     }
 }
 
-/// The reference encoder's bit width for a table of `count` labels.
-fn bits_for(count: usize) -> usize {
-    crate::formats::precomputed::compressed_segmentation::bits_for(count) as usize
-}
-
 impl EncodedBlocks {
     /// Appends chunk `k`'s channel (of `shape`) to `out`, whose current end is the channel's
     /// start: headers, then per block its packed indices and its table unless an identical one
@@ -294,7 +299,7 @@ impl EncodedBlocks {
         for b in 0..blocks {
             let id = self.first_block[k] + b;
             let count = self.counts[id] as usize;
-            let bits = bits_for(count);
+            let bits = bits_for(count) as usize;
             let encoded_words = (bits * layout.len).div_ceil(32);
             let at = self.offsets[id] as usize;
             let packed = &self.words[at..at + encoded_words];
@@ -302,16 +307,13 @@ impl EncodedBlocks {
             let encoded_offset = out.len() - base;
             let cached = tables.get(table).copied();
             let table_offset = cached.map_or(encoded_offset + encoded_words, |o| o as usize);
-            if table_offset >= 1 << 24 {
-                return Err(CsegError::TableOffsetOverflow);
-            }
+            let header = block_header(table_offset, bits, encoded_offset)?;
             out.extend_from_slice(packed);
             if cached.is_none() {
                 out.extend_from_slice(table);
                 tables.insert(table, table_offset as u32);
             }
-            out[base + 2 * b] = table_offset as u32 | ((bits as u32) << 24);
-            out[base + 2 * b + 1] = encoded_offset as u32;
+            out[base + 2 * b..base + 2 * b + 2].copy_from_slice(&header);
         }
         Ok(())
     }

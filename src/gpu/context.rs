@@ -261,7 +261,7 @@ impl GpuContext {
     /// buffer of the pool (it must write each of them; the padding to a word is zeroed here),
     /// into `dst` from its start. The returned staging buffer goes to [`Self::reuse_uploads`]
     /// once the encoder is submitted.
-    pub(crate) fn stage_upload_with(
+    fn stage_upload_with(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         dst: &wgpu::Buffer,

@@ -6,7 +6,7 @@
 //! info only after every chunk was written; on failure the chunks already written to new scales
 //! are removed, so nothing half-written is left claimed.
 
-use crate::formats::precomputed::info::{Encoding, Info, LayerType, Scale};
+use crate::formats::precomputed::info::{Info, LayerType, Scale};
 use crate::formats::precomputed::sharding::{
     chunk_id, encode_shard, igneous_image_spec, image_shard_shape, ShardAssembler, ShardChunks,
     ShardingSpec,
@@ -17,7 +17,7 @@ use crate::formats::precomputed::{
     PrecomputedError, WriteOptions,
 };
 use crate::geometry::{pow3, voxels, Box3, Vec3};
-use crate::gpu::compressed_segmentation::{encode_chunks_gpu, gpu_encodes};
+use crate::gpu::compressed_segmentation::{encode_chunks_gpu, encodes_scale};
 use crate::gpu::downsample::{submit_channel_gpu, PendingSlab};
 use crate::gpu::{GpuContext, GpuError};
 use crate::ops::downsample::{check_supported, downsample_cpu, DownsampleError, Factor, Method};
@@ -852,10 +852,8 @@ impl Job {
         let Compute::Gpu(ctx) = &self.compute else {
             return None;
         };
-        let scale = self.target.scale(mip);
-        let takes = scale.encoding == Encoding::CompressedSegmentation
-            && gpu_encodes(self.target.info.data_type, scale.block_size());
-        (ctx.gpu_encoding && takes).then(|| ctx.clone())
+        let takes = encodes_scale(ctx, self.target.scale(mip), self.target.info.data_type);
+        takes.then(|| ctx.clone())
     }
 
     /// `chunks` (mip, box) whose scale the GPU encodes, encoded there, a level at a time; `None`

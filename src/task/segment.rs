@@ -22,7 +22,7 @@ use crate::formats::precomputed::{
     WriteOptions,
 };
 use crate::geometry::{voxels, Box3, Vec3};
-use crate::gpu::compressed_segmentation::{encode_chunks_gpu, gpu_encodes};
+use crate::gpu::compressed_segmentation::{encode_chunks_gpu, encodes_scale};
 use crate::gpu::labeling::{
     connected_components_box, watershed_box, BlockMasks, DeferredVoxel, RegionEdge,
 };
@@ -588,11 +588,7 @@ pub(crate) async fn write_output(
 ) -> Result<usize, SegmentError> {
     let out = &layout.output;
     let scale = out.scale(0).clone();
-    let encoder = gpu.filter(|ctx| {
-        ctx.gpu_encoding
-            && scale.encoding == Encoding::CompressedSegmentation
-            && gpu_encodes(DataType::Uint64, scale.block_size())
-    });
+    let encoder = gpu.filter(|ctx| encodes_scale(ctx, &scale, DataType::Uint64));
     let chunks = chunk_grid(&scale, area.offset_by(layout.region.start));
     let written: Vec<String> = chunks.iter().map(|&c| chunk_key(&scale, c)).collect();
     let progress = Progress::new("write", voxels(area.shape()) as u64);

@@ -126,6 +126,27 @@ pub fn segmentation_like(rng: &mut Rng, dtype: DataType, shape: Vec3, channels: 
     Volume::from_bytes(dtype, shape, channels, data).unwrap()
 }
 
+/// Every file below `dir` with its bytes, by its path relative to `dir`, sorted.
+pub fn tree_contents(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let prefix = dir.display().to_string();
+    files_under(dir)
+        .into_iter()
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p.strip_prefix(&prefix).unwrap().to_string(), bytes)
+        })
+        .collect()
+}
+
+/// Two [`tree_contents`] hold the same files with the same bytes (`what` names the comparison).
+pub fn assert_same_contents(a: &[(String, Vec<u8>)], b: &[(String, Vec<u8>)], what: &str) {
+    let names = |t: &[(String, Vec<u8>)]| t.iter().map(|f| f.0.clone()).collect::<Vec<_>>();
+    assert_eq!(names(a), names(b), "{what}: the files");
+    for ((name, x), (_, y)) in a.iter().zip(b) {
+        assert!(x == y, "{what}: {name} differs");
+    }
+}
+
 /// Every file below `dir` (none if it does not exist), sorted.
 /// The uint64 labels of scale 0 of the segmentation layer at `dir`, Fortran order.
 pub async fn read_labels(dir: &std::path::Path) -> Vec<u64> {

@@ -118,9 +118,7 @@ fn encode_channel(
                 let cached = tables.get(&table).copied();
                 let table_offset =
                     cached.map_or(encoded_offset + encoded_words, |off| off as usize);
-                if table_offset >= 1 << 24 {
-                    return Err(CsegError::TableOffsetOverflow);
-                }
+                let header_words = block_header(table_offset, bits, encoded_offset)?;
                 out.resize(out.len() + encoded_words, 0);
                 if bits > 0 {
                     // The table is sorted: a value's index is its position.
@@ -146,12 +144,27 @@ fn encode_channel(
                     tables.insert(table.clone(), table_offset as u32);
                 }
                 let header = base + 2 * (bx + g[0] * (by + g[1] * bz));
-                out[header] = table_offset as u32 | ((bits as u32) << 24);
-                out[header + 1] = encoded_offset as u32;
+                out[header..header + 2].copy_from_slice(&header_words);
             }
         }
     }
     Ok(())
+}
+
+/// A block's two header words: its table's offset (24 bits) with its bit width above it, then
+/// its encoded values' offset, both in words from the channel start.
+pub(crate) fn block_header(
+    table_offset: usize,
+    bits: usize,
+    encoded_offset: usize,
+) -> Result<[u32; 2], CsegError> {
+    if table_offset >= 1 << 24 {
+        return Err(CsegError::TableOffsetOverflow);
+    }
+    Ok([
+        table_offset as u32 | ((bits as u32) << 24),
+        encoded_offset as u32,
+    ])
 }
 
 /// Decodes into Fortran-order little-endian label bytes of `shape` x `channels`.
