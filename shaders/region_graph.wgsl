@@ -38,8 +38,6 @@ fn carry_word(slot: u32) -> u32 {
     return P.capacity * SLOT + slot;
 }
 
-// The slots-filled counter, a cache line away from the overflow flag that every edge reads.
-const FILLED: u32 = 16u;
 // Slots `compact` has packed so far.
 const PACKED: u32 = 2u;
 
@@ -49,13 +47,17 @@ const PACKED: u32 = 2u;
 @group(0) @binding(3) var<storage, read> aff_y: array<f32>;
 @group(0) @binding(4) var<storage, read> aff_z: array<f32>;
 @group(0) @binding(5) var<storage, read_write> table: array<atomic<u32>>;
-// [0]: 1 when the table overflowed, i.e. became more than 3/4 full (the host retries with
-// more partitions); [1]: voxel edges between different fragments (from `count`); [FILLED]:
-// slots filled.
+// [0]: 1 when the table overflowed, i.e. a pair found no slot within MAX_PROBES (the host
+// retries with more room; it also counts a table more than 3/4 full as overflowed); [1]: voxel
+// edges between different fragments (from `count`); [PACKED]: slots `compact` packed.
 @group(0) @binding(6) var<storage, read_write> flags: array<atomic<u32>>;
 // The filled slots, packed by `compact`: what the host reads back instead of the whole table
 // (a few times smaller: the table is sized for the bound on pairs and kept at most 3/4 full).
 @group(0) @binding(7) var<storage, read_write> compacted: array<u32>;
+// The table's slots as plain words (the same buffer as `table`), for the one load that tells
+// whether a slot is the pair's: its key words are written once, so a plain load sees either 0
+// (then the compare-exchange decides) or their final value.
+@group(0) @binding(8) var<storage, read_write> slots: array<vec4<u32>>;
 
 fn hash(a: u32, b: u32) -> u32 {
     var h = a * 0x9e3779b1u ^ (b + 0x7f4a7c15u + (a << 6u) + (a >> 2u));
@@ -74,66 +76,66 @@ fn partition_of(a: u32, b: u32) -> u32 {
     return h % P.parts;
 }
 
-// Claims word k for `value` if it is empty; returns the value it holds afterwards. A plain
-// atomic load first: most edges find their pair's slot already claimed, and a compare-exchange
-// costs far more than a load.
+// Probes one pair may make before its dispatch counts as overflowed: far more than a table at
+// most 3/4 full needs (the host checks that bound after `compact`), so only a table that filled
+// up stops here, and its dispatch is run again with more room.
+const MAX_PROBES: u32 = 1024u;
+
+// The value word k holds after trying to claim it for `value` (0 after a spurious failure of the
+// weak exchange, which the caller retries).
 fn claim(k: u32, value: u32) -> u32 {
-    let seen = atomicLoad(&table[k]);
-    if seen != 0u {
-        return seen;
-    }
-    loop {
-        let r = atomicCompareExchangeWeak(&table[k], 0u, value);
-        if r.exchanged {
-            if (k % SLOT) == 0u {
-                // A new pair: stop early when the table is fuller than the host allowed for.
-                let filled = atomicAdd(&flags[FILLED], 1u) + 1u;
-                if filled > P.capacity - P.capacity / 4u {
-                    atomicStore(&flags[0], 1u);
-                }
-            }
-            return value;
-        }
-        if r.old_value != 0u {
-            return r.old_value;
-        }
-        // A spurious failure of the weak exchange: try again.
-    }
-    return 0u;
+    let r = atomicCompareExchangeWeak(&table[k], 0u, value);
+    return select(r.old_value, value, r.exchanged);
 }
 
 fn quantize(a: f32) -> u32 {
     return u32(round(clamp(a, 0.0, 1.0) * 16777216.0));
 }
 
-// Adds one voxel edge of pair (a, b), when the pair is in this dispatch's partition. (Summing
-// runs of voxel edges along a boundary first, to insert once per run, was measured slower on
-// lavapipe: the divergent run loops cost more than the atomics they save.)
-fn add_edge(a: u32, b: u32, affinity: f32) {
-    let lo = min(a, b);
-    let hi = max(a, b);
-    if P.parts > 1u && partition_of(lo, hi) != P.part {
-        return;
-    }
-    if atomicLoad(&flags[0]) != 0u {
-        return; // overflowed: the host runs this again with more room
-    }
+// The slot of pair (lo, hi), claimed if new; 0xffffffff when MAX_PROBES ran out (overflow). One
+// plain load per probe: most edges find their pair's slot already claimed, and atomics cost far
+// more than a load.
+fn slot_of(lo: u32, hi: u32) -> u32 {
     let mask = P.capacity - 1u;
     var slot = hash(lo, hi) & mask;
-    for (var probe = 0u; probe < P.capacity; probe++) {
-        let k = slot * SLOT;
-        if claim(k, lo + 1u) == lo + 1u && claim(k + 1u, hi) == hi {
-            atomicAdd(&table[k + 2u], 1u);
-            let q = quantize(affinity);
-            let old = atomicAdd(&table[k + 3u], q);
-            if old > 0xffffffffu - q {
-                atomicAdd(&table[carry_word(slot)], 1u);
+    for (var probe = 0u; probe < MAX_PROBES; probe++) {
+        let seen = slots[slot];
+        var low = seen.x;
+        if low == 0u {
+            low = claim(slot * SLOT, lo + 1u);
+        }
+        if low == lo + 1u {
+            var high = seen.y;
+            if high == 0u {
+                high = claim(slot * SLOT + 1u, hi);
             }
-            return;
+            if high == hi {
+                return slot;
+            }
+            if high == 0u {
+                continue; // a spurious failure: this slot again
+            }
+        } else if low == 0u {
+            continue;
         }
         slot = (slot + 1u) & mask;
     }
-    atomicStore(&flags[0], 1u);
+    return 0xffffffffu;
+}
+
+// Adds one voxel edge of pair (a, b) with quantized affinity q.
+fn add_edge(a: u32, b: u32, q: u32) {
+    let slot = slot_of(min(a, b), max(a, b));
+    if slot == 0xffffffffu {
+        atomicStore(&flags[0], 1u);
+        return;
+    }
+    let k = slot * SLOT;
+    atomicAdd(&table[k + 2u], 1u);
+    let old = atomicAdd(&table[k + 3u], q);
+    if old > 0xffffffffu - q {
+        atomicAdd(&table[carry_word(slot)], 1u);
+    }
 }
 
 // The core voxel of this invocation and its index, or false past the core.
@@ -189,6 +191,11 @@ fn count(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocatio
     }
 }
 
+// The three edges of a voxel are added by one loop over the ones that join two fragments, not
+// by three copies of `add_edge`: lavapipe runs every branch of a shader for every group of eight
+// invocations (masked), so code size is time there, and a loop runs only as often as its busiest
+// invocation needs. (Summing runs of voxel edges along a boundary first, to insert once per run,
+// was measured slower on lavapipe: the divergent run loops cost more than the atomics they save.)
 @compute @workgroup_size(16, 16, 1)
 fn accumulate(@builtin(global_invocation_id) gid: vec3<u32>) {
     let v = core_voxel(gid);
@@ -200,8 +207,8 @@ fn accumulate(@builtin(global_invocation_id) gid: vec3<u32>) {
     if a == 0u {
         return;
     }
-    // Every load first, unconditionally (lavapipe runs eight invocations in lockstep: loads
-    // under divergent branches cost it far more than loads all of them make).
+    // Every load first, unconditionally (loads under divergent branches cost lavapipe more than
+    // loads all invocations make).
     let n = backward(v.xyz, i);
     let none = 0xffffffffu;
     let b = vec3<u32>(
@@ -211,9 +218,26 @@ fn accumulate(@builtin(global_invocation_id) gid: vec3<u32>) {
     );
     let affinity = vec3<f32>(aff_x[i], aff_y[i], aff_z[i]);
     let edge = b != vec3<u32>(0u) & b != vec3<u32>(a);
-    if edge.x { add_edge(a, b.x, affinity.x); }
-    if edge.y { add_edge(a, b.y, affinity.y); }
-    if edge.z { add_edge(a, b.z, affinity.z); }
+    var pending = select(0u, 1u, edge.x) | select(0u, 2u, edge.y) | select(0u, 4u, edge.z);
+    if P.parts > 1u {
+        for (var d = 0u; d < 3u; d++) {
+            if partition_of(min(a, b[d]), max(a, b[d])) != P.part {
+                pending &= ~(1u << d);
+            }
+        }
+    }
+    if pending == 0u || atomicLoad(&flags[0]) != 0u {
+        return; // nothing to add, or overflowed: the host runs this again with more room
+    }
+    loop {
+        let d = firstTrailingBit(pending);
+        pending &= pending - 1u;
+        add_edge(a, select(select(b.z, b.y, d == 1u), b.x, d == 0u),
+            quantize(select(select(affinity.z, affinity.y, d == 1u), affinity.x, d == 0u)));
+        if pending == 0u {
+            break;
+        }
+    }
 }
 
 // Table slots each `compact` invocation packs: one counter update per run of slots, not per

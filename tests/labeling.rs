@@ -178,3 +178,46 @@ fn assert_same_graph(gpu_edges: Vec<RegionEdge>, cpu: &RegionGraph, what: &str) 
         assert_eq!(cpu.get(&pair), Some(&stats), "{what}: edge {pair:?}");
     }
 }
+
+/// Saturated plateaus (edges at or above `high`) are joined along every such edge that touches
+/// the core of a box, including the edges from the core to its halo, on either side: the
+/// stitching of chunks relies on it. Five levels make such plateaus common and large, with
+/// squares of saturated edges that the kernel joins through their other three sides.
+#[test]
+fn saturated_edges_touching_the_core_join_their_voxels() {
+    let mut rng = Rng::new(23);
+    let params = WatershedParams::default();
+    let shape = [20, 40, 24];
+    let core = Box3 {
+        start: [3, 2, 1],
+        stop: [17, 37, 22],
+    };
+    let inside = |p: [usize; 3]| (0..3).all(|a| p[a] >= core.start[a] && p[a] < core.stop[a]);
+    let index = |p: [usize; 3]| p[0] + shape[0] * (p[1] + shape[1] * p[2]);
+    for round in 0..6 {
+        let aff = random_affinities(&mut rng, shape, 5);
+        let out = watershed_box(gpu(), aff.view(), core, params, false).unwrap();
+        let mut joined = 0;
+        for z in 0..shape[2] {
+            for y in 0..shape[1] {
+                for x in 0..shape[0] {
+                    let p = [x, y, z];
+                    for c in 0..3 {
+                        if p[c] == 0 || aff.channels[c][index(p)] < params.high {
+                            continue;
+                        }
+                        let mut q = p;
+                        q[c] -= 1;
+                        if !inside(p) && !inside(q) {
+                            continue;
+                        }
+                        let (a, b) = (out.roots[index(p)], out.roots[index(q)]);
+                        assert_eq!(a, b, "round {round}: saturated edge {p:?} - {q:?}");
+                        joined += 1;
+                    }
+                }
+            }
+        }
+        assert!(joined > 500, "round {round}: {joined} saturated edges");
+    }
+}

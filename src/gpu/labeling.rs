@@ -563,8 +563,8 @@ fn accumulate_region_graph(
     inputs: &RegionGraphInputs,
 ) -> Result<Vec<RegionEdge>, GpuError> {
     let core_voxels = voxels(inputs.core.shape()) as u64;
-    // Words 0 to 2, and the fill counter at word 16 (its own cache line).
-    let flags = work.storage("flags", 17)?;
+    // Overflow, voxel edges counted, slots packed.
+    let flags = work.storage("flags", 3)?;
     // Power-of-two slots, at most one binding; a table counts as overflowed past 3/4 full.
     let max_slots = prev_power_of_two(work.ctx.max_binding_bytes() / (SLOT_WORDS * 4));
     let slots_for = |pairs: u64| {
@@ -667,17 +667,20 @@ fn accumulate_in_parts(
             (4, az),
             (5, &table),
             (6, flags),
+            (8, &table),
         ];
         work.dispatch_box(S, "accumulate", &bound, inputs.core.shape())?;
         let packing = [(0, &uniform), (5, &table), (6, flags), (7, &compacted)];
         let runs = capacity.div_ceil(COMPACT_RUN) as usize;
         work.dispatch(S, "compact", &packing, runs)?;
         let flags_now = work.finish(&[flags])?.remove(0);
-        if flags_now[0] != 0 {
+        // A pair that found no slot, or a table fuller than the probes were sized for.
+        let filled = flags_now[PACKED_WORD] as u64;
+        if flags_now[0] != 0 || filled > capacity - capacity / 4 {
             return Ok(None);
         }
         // Only the packed slots come back.
-        let packed = flags_now[PACKED_WORD] as u64 * SLOT_WORDS * 4;
+        let packed = filled * SLOT_WORDS * 4;
         let out = work.finish_prefixes(&[(&compacted, packed.max(4))])?;
         edges.extend(table_edges(&out[0][..(packed / 4) as usize]));
     }
