@@ -6,8 +6,8 @@
 //   relax:    (repeated until nothing changes) steps to the nearest exit over plateau voxels of
 //             the core, and taint: whether the plateau reaches a plateau voxel outside the core,
 //             whose distance this box cannot know;
-//   point:    plateau voxels point one step nearer their exit; tainted voxels are left to the
-//             host, which resolves such plateaus across chunks; plateaus without an exit join
+//   point:    plateau voxels point one step nearer their exit; tainted voxels are listed for
+//             the host, which resolves such plateaus across chunks; plateaus without an exit join
 //             along all their edges (union-find);
 //   unite_saturated: saturated plateaus join along all their edges too;
 //   descend:  every voxel follows its pointers to their end (path halving) and writes its root
@@ -68,6 +68,10 @@ const PLATEAUS: u32 = 16u;
 @group(0) @binding(9) var<storage, read_write> plateau_list: array<u32>;
 // The pointers as plain words, for `descend` (the same buffer as `parent`).
 @group(0) @binding(10) var<storage, read_write> pointer: array<u32>;
+// The tainted voxels `point` leaves to the host, flags[1] of them, two words each: the voxel's
+// index, then its bidirectional directions | those that lead to an exit << 8. The host reads
+// these instead of the whole box's info and taint.
+@group(0) @binding(11) var<storage, read_write> deferred: array<u32>;
 
 
 fn index_of(p: vec3<u32>) -> u32 {
@@ -276,7 +280,15 @@ fn point(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     let i = plateau_list[k];
     let bidir = (info[i] >> BIDIR_SHIFT) & 0x3fu;
     if relax_state[P.voxels + i] != 0u {
-        atomicAdd(&flags[1], 1u);
+        var to_exit = 0u;
+        for (var d = 0u; d < 6u; d++) {
+            if (bidir & (1u << d)) != 0u && (info[step(i, d)] & EXIT) != 0u {
+                to_exit |= 1u << d;
+            }
+        }
+        let at = 2u * atomicAdd(&flags[1], 1u);
+        deferred[at] = i;
+        deferred[at + 1u] = bidir | (to_exit << 8u);
         return;
     }
     let here = relax_state[i];

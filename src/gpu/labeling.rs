@@ -7,7 +7,7 @@
 
 use crate::geometry::{voxels, Box3, Vec3};
 use crate::gpu::context::{GpuContext, GpuError};
-use crate::gpu::work::Work;
+use crate::gpu::work::{size_class, Work};
 use crate::ops::agglomerate::EdgeStats;
 use crate::ops::connected_components::Connectivity;
 use crate::ops::watershed::{Affinities, AffinityView, WatershedParams};
@@ -426,8 +426,15 @@ pub fn watershed_box(
         batch = (2 * batch).min(RELAX_PER_CHECK);
         converged = work.finish(&[&flags])?[0][0] == 0;
     }
+    // Two words per tainted plateau voxel, at most every plateau voxel.
+    let list_words = size_class(8 * plateau_voxels as u64) / 4;
+    let deferred_list = work.scratch("deferred plateau voxels", list_words as usize)?;
     if plateau_voxels > 0 {
-        let bindings: Vec<_> = plateau.iter().copied().chain([(1, &pointers)]).collect();
+        let bindings: Vec<_> = plateau
+            .iter()
+            .copied()
+            .chain([(1, &pointers), (11, &deferred_list)])
+            .collect();
         work.dispatch(S, "point", &bindings, plateau_voxels)?;
     }
     if saturated > 0 {
@@ -463,10 +470,8 @@ pub fn watershed_box(
     let deferred = if deferred_count == 0 {
         Vec::new()
     } else {
-        let mut words = work.finish(&[&info, &relax])?;
-        let relax = words.pop().expect("two buffers");
-        let info = words.pop().expect("two buffers");
-        deferred_voxels(&info, &relax[n..], shape, core)
+        let bytes = deferred_count as u64 * 8;
+        deferred_voxels(&work.finish_prefixes(&[(&deferred_list, bytes)])?[0])
     };
     Ok(WatershedBox {
         roots,
@@ -476,34 +481,18 @@ pub fn watershed_box(
     })
 }
 
-/// The tainted plateau voxels of the core, with what the host needs to finish their plateaus.
-fn deferred_voxels(info: &[u32], taint: &[u32], shape: Vec3, core: Box3) -> Vec<DeferredVoxel> {
-    use crate::ops::watershed::{bidirectional, is_plateau, Grid};
-    let grid = Grid { shape };
-    let mut out = Vec::new();
-    for z in core.start[2]..core.stop[2] {
-        for y in core.start[1]..core.stop[1] {
-            for x in core.start[0]..core.stop[0] {
-                let i = grid.index([x, y, z]);
-                if taint[i] == 0 || !is_plateau(info[i]) {
-                    continue;
-                }
-                let bidir = bidirectional(info[i]);
-                let to_exit = (0..6)
-                    .filter(|&d| bidir & (1 << d) != 0)
-                    .filter(|&d| {
-                        let j = grid.neighbour(i, d).expect("bidirectional edges exist");
-                        info[j] & crate::ops::watershed::bits::EXIT != 0
-                    })
-                    .fold(0u8, |acc, d| acc | 1 << d);
-                out.push(DeferredVoxel {
-                    index: i as u32,
-                    bidirectional: bidir as u8,
-                    to_exit,
-                });
-            }
-        }
-    }
+/// The tainted plateau voxels of the core, with what the host needs to finish their plateaus,
+/// from the list `point` wrote (index, then bidirectional | to-exit << 8), in index order.
+fn deferred_voxels(list: &[u32]) -> Vec<DeferredVoxel> {
+    let mut out: Vec<DeferredVoxel> = list
+        .chunks_exact(2)
+        .map(|w| DeferredVoxel {
+            index: w[0],
+            bidirectional: w[1] as u8,
+            to_exit: (w[1] >> 8) as u8,
+        })
+        .collect();
+    out.sort_unstable_by_key(|v| v.index);
     out
 }
 

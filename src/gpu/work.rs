@@ -239,7 +239,7 @@ impl<'a> Work<'a> {
             .iter()
             .map(|&(b, bytes)| {
                 let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
-                let s = ctx.buffer("readback", bytes, usage);
+                let s = ctx.buffer("readback", size_class(bytes), usage);
                 self.encoder.copy_buffer_to_buffer(b, 0, &s, 0, bytes);
                 s
             })
@@ -248,15 +248,57 @@ impl<'a> Work<'a> {
         ctx.map_for_reading(submission, &staging.iter().collect::<Vec<_>>(), self.op)?;
         let words = staging
             .iter()
-            .map(|s| {
-                let words =
-                    bytemuck::cast_slice::<u8, u32>(&s.get_mapped_range(..).expect("mapped"))
-                        .to_vec();
+            .zip(buffers)
+            .map(|(s, &(_, bytes))| {
+                let mapped = s.get_mapped_range(..bytes).expect("mapped");
+                let words = bytemuck::cast_slice::<u8, u32>(&mapped).to_vec();
+                drop(mapped);
                 s.unmap();
                 words
             })
             .collect();
         ctx.recycle(staging);
         Ok(words)
+    }
+}
+
+/// `bytes` rounded up to one of a few sizes per power of two (at most 1/8 more): the size of a
+/// pooled buffer whose length changes from chunk to chunk (read-backs of packed region graphs,
+/// lists of deferred voxels), so that the pool serves it instead of a fresh allocation each
+/// time, whose pages a CPU adapter pays for in page faults.
+pub(crate) fn size_class(bytes: u64) -> u64 {
+    if bytes <= 1 << 16 {
+        return bytes.next_power_of_two().max(4);
+    }
+    let step = 1u64 << (63 - bytes.leading_zeros() - 3);
+    bytes.next_multiple_of(step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_round_up_by_at_most_an_eighth() {
+        for bytes in [
+            4u64,
+            12,
+            4096,
+            65_536,
+            65_540,
+            1 << 20,
+            (1 << 20) + 4,
+            10_000_004,
+            1 << 33,
+        ] {
+            let class = size_class(bytes);
+            assert!(class >= bytes && class % 4 == 0, "{bytes} -> {class}");
+            assert!(
+                bytes <= 1 << 16 || class - bytes <= bytes / 8,
+                "{bytes} -> {class}"
+            );
+        }
+        // Lengths a little apart share a size.
+        assert_eq!(size_class(9_000_000), size_class(9_400_000));
     }
 }
