@@ -62,13 +62,17 @@ fn level(gid: vec3<u32>, packed: bool) {
         return;
     }
     var s: vec4<u32>;
-    if (packed && (x0 + per_word) * 2u <= p.in_x) {
+    let whole_word = packed && (x0 + per_word) * 2u <= p.in_x;
+    if (whole_word) {
         s = word_sums_packed(w, gid.y, gid.z);
-    } else {
-        for (var k = 0u; k < per_word; k++) {
-            if (x0 + k < p.out_x) {
-                s[k] = block_sum(x0 + k, gid.y, gid.z, packed);
-            }
+    }
+    // Voxel by voxel where the fast path does not apply: a loop that only invocations at an odd
+    // edge run, not an unrolled branch, since lavapipe runs every branch (masked) for every
+    // group of eight invocations; a loop runs as often as its busiest invocation needs.
+    let slow = select(per_word, 0u, whole_word);
+    for (var k = 0u; k < slow; k++) {
+        if (x0 + k < p.out_x) {
+            s[k] = block_sum(x0 + k, gid.y, gid.z, packed);
         }
     }
     let mask = select(0xffffu, 0xffu, BYTES == 1u);

@@ -2,6 +2,9 @@
 // tinybrain's 2x2x2 rule for (2,2,2). Labels are uint32 (WORDS = 1) or uint64 as word pairs.
 
 override WORDS: u32 = 1u;
+// The factor in z: 1 for (2,2,1), 2 for (2,2,2). An override, so that each pipeline holds one
+// rule: lavapipe runs both sides of a branch (masked) even when the condition is uniform.
+override FZ: u32 = 1u;
 
 @group(0) @binding(3) var<storage, read_write> dst: array<u32>;
 
@@ -77,7 +80,7 @@ fn level(@builtin(global_invocation_id) o: vec3<u32>) {
     }
     let i = out_index(o.x, o.y, o.z);
     var m: vec2<u32>;
-    if (p.fz == 1u) {
+    if (FZ == 1u) {
         m = countless(o.x * 2u, o.y * 2u, o.z);
     } else {
         m = mode_2x2x2(o.x * 2u, o.y * 2u, o.z * 2u);

@@ -47,7 +47,7 @@ struct LevelPlan {
     voxels_per_thread: usize,
 }
 
-fn level_plan(dtype: DataType, method: Method, level: u32) -> LevelPlan {
+fn level_plan(dtype: DataType, method: Method, factor: Factor, level: u32) -> LevelPlan {
     let first = level == 1;
     let previous = if first {
         Source::Input
@@ -91,6 +91,7 @@ fn level_plan(dtype: DataType, method: Method, level: u32) -> LevelPlan {
         (Method::Mode, _) => LevelPlan {
             kernel: KernelId::Mode {
                 words: dtype.size() as u32 / 4,
+                fz: factor.z() as u32,
             },
             source: previous,
             uses_sums: false,
@@ -391,7 +392,7 @@ fn submit_levels(
     let mut in_pitch = in_pitch;
     let max_groups = ctx.limits.max_compute_workgroups_per_dimension as usize;
     for level in 1..=mips {
-        let plan = level_plan(dtype, method, level);
+        let plan = level_plan(dtype, method, factor, level);
         let out_shape = factor.level_shape(in_shape);
         let out_pitch = pitch(out_shape[0], elem);
         let out_n = out_pitch * out_shape[1] * out_shape[2];

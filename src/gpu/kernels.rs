@@ -71,9 +71,13 @@ pub enum KernelId {
     },
     AverageF32,
     AverageU32,
-    /// Mode pooling; `words` = 1 for uint32 labels, 2 for uint64.
+    /// Mode pooling; `words` = 1 for uint32 labels, 2 for uint64; `fz` = 1 for (2,2,1) (countless),
+    /// 2 for (2,2,2). A constant of the pipeline, not a uniform: lavapipe runs both sides of a
+    /// branch on a uniform for every group of eight invocations, and the (2,2,2) rule's 64
+    /// comparisons cost the (2,2,1) level a third of its time.
     Mode {
         words: u32,
+        fz: u32,
     },
     /// An entry point of a labelling shader (no overridable constants).
     Entry {
@@ -109,7 +113,7 @@ impl KernelId {
             KernelId::AverageIntFromPacked { bytes } | KernelId::AverageIntFromSums { bytes } => {
                 vec![("BYTES", bytes as f64)]
             }
-            KernelId::Mode { words } => vec![("WORDS", words as f64)],
+            KernelId::Mode { words, fz } => vec![("WORDS", words as f64), ("FZ", fz as f64)],
             _ => vec![],
         }
     }

@@ -292,7 +292,10 @@ mod tests {
             1 << 33,
         ] {
             let class = size_class(bytes);
-            assert!(class >= bytes && class.is_multiple_of(4), "{bytes} -> {class}");
+            assert!(
+                class >= bytes && class.is_multiple_of(4),
+                "{bytes} -> {class}"
+            );
             assert!(
                 bytes <= 1 << 16 || class - bytes <= bytes / 8,
                 "{bytes} -> {class}"
