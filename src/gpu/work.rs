@@ -262,7 +262,8 @@ impl<'a> Work<'a> {
     }
 }
 
-/// `bytes` rounded up to one of a few sizes per power of two (at most 1/8 more): the size of a
+/// `bytes` rounded up to one of a few sizes per power of two (at most 1/8 more; up to 64 KiB, to
+/// a power of two): the size of a
 /// pooled buffer whose length changes from chunk to chunk (read-backs of packed region graphs,
 /// lists of deferred voxels), so that the pool serves it instead of a fresh allocation each
 /// time, whose pages a CPU adapter pays for in page faults.
