@@ -191,13 +191,25 @@ fn count(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocatio
     }
 }
 
+// One key-space partition (the usual case) and several: two entry points, so that the
+// partition test is compiled only into the second (lavapipe would run it, masked, on every
+// voxel).
+@compute @workgroup_size(16, 16, 1)
+fn accumulate(@builtin(global_invocation_id) gid: vec3<u32>) {
+    accumulate_voxel(gid, false);
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn accumulate_partition(@builtin(global_invocation_id) gid: vec3<u32>) {
+    accumulate_voxel(gid, true);
+}
+
 // The three edges of a voxel are added by one loop over the ones that join two fragments, not
 // by three copies of `add_edge`: lavapipe runs every branch of a shader for every group of eight
 // invocations (masked), so code size is time there, and a loop runs only as often as its busiest
 // invocation needs. (Summing runs of voxel edges along a boundary first, to insert once per run,
 // was measured slower on lavapipe: the divergent run loops cost more than the atomics they save.)
-@compute @workgroup_size(16, 16, 1)
-fn accumulate(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn accumulate_voxel(gid: vec3<u32>, partitioned: bool) {
     let v = core_voxel(gid);
     if v.w == 0xffffffffu {
         return;
@@ -219,7 +231,7 @@ fn accumulate(@builtin(global_invocation_id) gid: vec3<u32>) {
     let affinity = vec3<f32>(aff_x[i], aff_y[i], aff_z[i]);
     let edge = b != vec3<u32>(0u) & b != vec3<u32>(a);
     var pending = select(0u, 1u, edge.x) | select(0u, 2u, edge.y) | select(0u, 4u, edge.z);
-    if P.parts > 1u {
+    if partitioned {
         for (var d = 0u; d < 3u; d++) {
             if partition_of(min(a, b[d]), max(a, b[d])) != P.part {
                 pending &= ~(1u << d);

@@ -658,7 +658,12 @@ fn accumulate_in_parts(
             (6, flags),
             (8, &table),
         ];
-        work.dispatch_box(S, "accumulate", &bound, inputs.core.shape())?;
+        let entry = if parts > 1 {
+            "accumulate_partition"
+        } else {
+            "accumulate"
+        };
+        work.dispatch_box(S, entry, &bound, inputs.core.shape())?;
         let packing = [(0, &uniform), (5, &table), (6, flags), (7, &compacted)];
         let runs = capacity.div_ceil(COMPACT_RUN) as usize;
         work.dispatch(S, "compact", &packing, runs)?;
