@@ -1814,8 +1814,10 @@ async fn relabel<W: StagedWork>(
 ) -> Result<SegmentReport, StagedError> {
     let block = blocks.core(b);
     let mut passes = Passes::new();
-    let (remap, labels) =
-        futures::try_join!(staging.get(Kind::Remap, b), staging.get(Kind::Labels, b))?;
+    // Both read at once; when both are missing, the remap (the stage before's output) is the
+    // one named, whichever read fails first.
+    let (remap, labels) = futures::join!(staging.get(Kind::Remap, b), staging.get(Kind::Labels, b));
+    let (remap, labels) = (remap?, labels?);
     let remap_key = staging.key(Kind::Remap, b);
     let remap = bytes_to_u32s(&remap_key, &remap, remap.len() / 4)?;
     let labels_key = staging.key(Kind::Labels, b);
