@@ -37,7 +37,7 @@ use crate::progress::Progress;
 use crate::store::Store;
 use crate::task::downsample::{source_region, Bounds, TaskError};
 use crate::task::stitch::{ChunkGrid, ChunkLabels, FinalLabels, LabelBoxes, Numbering, Stitcher};
-use crate::volume::Volume;
+use crate::volume::{BufferPool, Volume};
 use futures::{StreamExt, TryStreamExt};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -199,6 +199,9 @@ pub(crate) struct Layout {
     pub(crate) output: Precomputed,
     pub(crate) output_is_new: bool,
     cache: Arc<ChunkCache>,
+    /// Buffers of the boxes a pass reads (a 256x256x64 affinity box with its margin is 58 MB):
+    /// reused from chunk to chunk, since fresh ones cost a page fault per 4 KiB.
+    boxes: Arc<BufferPool>,
     cancel: Option<CancellationToken>,
 }
 
@@ -231,7 +234,7 @@ impl Layout {
     ) -> Result<Volume, SegmentError> {
         let rel = b.offset_by(self.region.start);
         Ok(input
-            .read_region_cached(0, rel, fill_missing, Some(&self.cache))
+            .read_region_into(0, rel, fill_missing, Some(&self.cache), Some(&self.boxes))
             .await?
             .0)
     }
@@ -242,6 +245,9 @@ impl Layout {
 }
 
 pub(crate) const DEFAULT_CHUNK: Vec3 = [256, 256, 64];
+
+/// Box buffers kept for reuse: the boxes being labelled and the one read ahead, and a spare.
+const BOXES_KEPT: usize = LABELS_IN_FLIGHT + 2;
 
 /// u32 words per box voxel in the largest buffer the watershed binds (the plateau distances and
 /// taint): the default chunk shrinks until that buffer fits one binding of the adapter.
@@ -307,6 +313,7 @@ pub(crate) async fn layout(
         output,
         output_is_new,
         cache: Arc::new(ChunkCache::new(opts.cache_bytes)),
+        boxes: Arc::new(BufferPool::new(BOXES_KEPT)),
         cancel: opts.cancel.clone(),
     })
 }
@@ -494,7 +501,7 @@ pub(crate) async fn label_chunks<F>(
     label: F,
 ) -> Result<Stitcher, SegmentError>
 where
-    F: Fn(Box3, Box3, Volume) -> Result<ChunkLabels, SegmentError> + Send + Sync + 'static,
+    F: Fn(Box3, Box3, &Volume) -> Result<ChunkLabels, SegmentError> + Send + Sync + 'static,
 {
     let ChunkPass {
         name,
@@ -532,10 +539,14 @@ where
         }
         let (b, core) = (boxed(c), grid.core(c));
         let local_core = core.relative_to(b.start);
-        let label = label.clone();
+        let (label, boxes) = (label.clone(), layout.boxes.clone());
         labelling.push_back((
             c,
-            tokio::task::spawn_blocking(move || label(b, local_core, vol)),
+            tokio::task::spawn_blocking(move || {
+                let labels = label(b, local_core, &vol);
+                boxes.give(vol.data);
+                labels
+            }),
         ));
     }
     while !labelling.is_empty() {
@@ -679,9 +690,9 @@ pub(crate) fn components_labeler(
     threshold: f64,
     connectivity: Connectivity,
     location: String,
-) -> impl Fn(Box3, Box3, Volume) -> Result<ChunkLabels, SegmentError> + Send + Sync + 'static {
+) -> impl Fn(Box3, Box3, &Volume) -> Result<ChunkLabels, SegmentError> + Send + Sync + 'static {
     move |b, core, vol| {
-        let masks = foreground_masks(&vol, threshold, &location)?;
+        let masks = foreground_masks(vol, threshold, &location)?;
         let components = connected_components_box(&ctx, masks, connectivity)?;
         let core_in_region = core.offset_by(b.start);
         Ok(ChunkLabels::from_box_roots(&components, b, core_in_region))
@@ -761,10 +772,10 @@ pub(crate) fn watershed_labeler(
     params: WatershedParams,
     location: String,
     leftovers: Arc<std::sync::Mutex<WatershedLeftovers>>,
-) -> impl Fn(Box3, Box3, Volume) -> Result<ChunkLabels, SegmentError> + Send + Sync + 'static {
+) -> impl Fn(Box3, Box3, &Volume) -> Result<ChunkLabels, SegmentError> + Send + Sync + 'static {
     move |b, core, vol| {
         let mut converted = None;
-        let aff = affinities_of(&vol, &location, &mut converted)?;
+        let aff = affinities_of(vol, &location, &mut converted)?;
         let out = watershed_box(&ctx, aff, core, params, true)?;
         let grid = Grid { shape: aff.shape };
         let mut left = leftovers.lock().expect("no panics while held");
