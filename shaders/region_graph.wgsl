@@ -77,9 +77,12 @@ fn partition_of(a: u32, b: u32) -> u32 {
 }
 
 // Probes one pair may make before its dispatch counts as overflowed: far more than a table at
-// most 3/4 full needs (the host checks that bound after `compact`), so only a table that filled
-// up stops here, and its dispatch is run again with more room.
-const MAX_PROBES: u32 = 1024u;
+// most 3/4 full needs (the host checks that bound after `compact`; linear probing's longest run
+// there grows with the log of the table, to some hundreds of slots in the largest tables a
+// binding holds), so only a table that filled up stops here, and its dispatch is run again with
+// more room. What a full table costs before the flag stops it is bounded by this times the
+// invocations in flight.
+const MAX_PROBES: u32 = 4096u;
 
 // The value word k holds after trying to claim it for `value` (0 after a spurious failure of the
 // weak exchange, which the caller retries).
@@ -92,13 +95,14 @@ fn quantize(a: f32) -> u32 {
     return u32(round(clamp(a, 0.0, 1.0) * 16777216.0));
 }
 
-// The slot of pair (lo, hi), claimed if new; 0xffffffff when MAX_PROBES ran out (overflow). One
-// plain load per probe: most edges find their pair's slot already claimed, and atomics cost far
-// more than a load.
+// The slot of pair (lo, hi), claimed if new; 0xffffffff when the probes ran out (overflow: past
+// MAX_PROBES, or once around a small table). One plain load per probe: most edges find their
+// pair's slot already claimed, and atomics cost far more than a load.
 fn slot_of(lo: u32, hi: u32) -> u32 {
     let mask = P.capacity - 1u;
     var slot = hash(lo, hi) & mask;
-    for (var probe = 0u; probe < MAX_PROBES; probe++) {
+    let probes = min(MAX_PROBES, P.capacity);
+    for (var probe = 0u; probe < probes; probe++) {
         let seen = slots[slot];
         var low = seen.x;
         if low == 0u {
