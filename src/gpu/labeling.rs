@@ -544,7 +544,7 @@ struct RegionGraphInputs<'a> {
 }
 
 /// Counts the core's voxel edges between different labels, sizes the hash table from that count
-/// (at most half full), and accumulates the pairs into it, split into as many key-space
+/// (at most 3/4 full), and accumulates the pairs into it, split into as many key-space
 /// partitions as it takes for one table to fit a binding of this adapter. So the pass holds any
 /// number of pairs a box can have, on any adapter.
 fn accumulate_region_graph(
