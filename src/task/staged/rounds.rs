@@ -28,10 +28,10 @@
 //! - merged: u64 M, M pairs (u32 region, u32 smaller region it joined) sorted by region;
 //! - fragments: one u32 per block label.
 
-use super::{
-    bytes_to_u32s, u32s_to_bytes, BlockGraph, BlockNodes, Kind, Passes, Reader, StagedError,
-    Staging,
-};
+use super::block::BlockGraph;
+use super::format::{bytes_to_u32s, u32s_to_bytes, Kind, Reader, Staging};
+use super::merge::BlockNodes;
+use super::{Passes, StagedError};
 use crate::geometry::{Box3, Vec3};
 use crate::ops::agglomerate::{agglomerate_rounds, number_by_smallest, EdgeStats, GraphEdge};
 use crate::task::segment::{Layout, SegmentError, SegmentReport};
@@ -213,7 +213,7 @@ pub(super) fn fragment_graphs(
     graphs: &[BlockGraph],
 ) -> Result<FragmentGraphs, StagedError> {
     let mut passes = Passes::new();
-    let (fragment, fragments, deferred) = super::join_fragments(nodes, graphs)?;
+    let (fragment, fragments, deferred) = super::merge::join_fragments(nodes, graphs)?;
     passes.done("stitch");
     let counts = nodes.blocks.counts();
     let block_grid = groups(counts, 0);
@@ -222,7 +222,7 @@ pub(super) fn fragment_graphs(
     let mut pairs = Vec::new();
     for (b, g) in graphs.iter().enumerate() {
         pairs.clear();
-        super::fragment_pairs(nodes, b, g, &fragment, &mut pairs)?;
+        super::merge::fragment_pairs(nodes, b, g, &fragment, &mut pairs)?;
         let edges = crate::ops::agglomerate::sum_sorted_edges(std::mem::take(&mut pairs));
         let here = block_box(block_grid.core(b).start);
         for e in &edges {

@@ -1,0 +1,404 @@
+//! The intermediate objects' container and encodings: the 64-byte header, the gzip payload, the
+//! store wrapper that reads and checks them ([`Staging`]), varints and the checked [`Reader`].
+
+use super::{rounds, StagedError, STAGING};
+use crate::formats::precomputed::{gunzip, gzip};
+use crate::store::{ContentEncoding, Store};
+use crate::task::segment::SegmentError;
+use md5::{Digest, Md5};
+use std::sync::Arc;
+
+/// The kinds of intermediate object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    Labels = 1,
+    Summary = 2,
+    Remap = 3,
+    Done = 4,
+    Graph = 5,
+    Fragments = 6,
+    Edges = 7,
+    Merged = 8,
+    Left = 9,
+}
+
+impl Kind {
+    pub(super) fn suffix(self) -> &'static str {
+        match self {
+            Kind::Labels => "labels",
+            Kind::Summary => "summary",
+            Kind::Remap => "remap",
+            Kind::Done => "done",
+            Kind::Graph => "graph",
+            Kind::Fragments => "fragments",
+            Kind::Edges => "edges",
+            Kind::Merged => "merged",
+            Kind::Left => "left",
+        }
+    }
+
+    /// Whether objects of this kind belong to a merge round's group (indexed by
+    /// [`rounds::round_index`]) rather than to a block.
+    pub(super) fn of_round(self) -> bool {
+        matches!(self, Kind::Merged | Kind::Left)
+    }
+}
+
+pub(super) const MAGIC: &[u8; 8] = b"CUBOIDS\0";
+pub(super) const VERSION: u32 = 2;
+pub(super) const HEADER: usize = 64;
+/// The largest payload a header may claim (a block of 2^31 voxels' labels is 8 GiB).
+pub(super) const MAX_PAYLOAD: u64 = 1 << 36;
+
+pub(super) fn plan_bytes(id: &str) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = id
+            .get(2 * i..2 * i + 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
+    }
+    out
+}
+
+pub(super) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Intermediates a merge fetches at once: enough to hide S3 round trips, few enough that the
+/// objects held while waiting for the slowest stay small.
+pub(super) const READ_CONCURRENCY: usize = 4;
+
+/// The intermediates of one plan in the output store.
+pub(super) struct Staging {
+    pub(super) store: Arc<dyn Store>,
+    pub(super) plan: String,
+}
+
+impl Staging {
+    pub(super) fn key(&self, kind: Kind, block: usize) -> String {
+        if kind.of_round() {
+            let (level, group) = rounds::level_and_group(block);
+            return format!(
+                "{STAGING}/{}/round-{level}-{group}.{}",
+                self.plan,
+                kind.suffix()
+            );
+        }
+        format!("{STAGING}/{}/block-{block}.{}", self.plan, kind.suffix())
+    }
+
+    /// Stores an intermediate: the header, then the payload gzipped on a blocking thread (a
+    /// block's labels take tens of milliseconds, which would stall the async workers).
+    pub(super) async fn put(
+        &self,
+        kind: Kind,
+        block: usize,
+        payload: Vec<u8>,
+    ) -> Result<(), StagedError> {
+        let sealed = self.seal(kind, block, payload).await?;
+        self.store(kind, block, sealed).await
+    }
+
+    /// An intermediate's bytes, compressed and checksummed on a blocking thread.
+    pub(super) async fn seal(
+        &self,
+        kind: Kind,
+        block: usize,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, StagedError> {
+        let plan = plan_bytes(&self.plan);
+        Ok(
+            tokio::task::spawn_blocking(move || seal(kind, block, plan, &payload))
+                .await
+                .map_err(SegmentError::from)?,
+        )
+    }
+
+    /// Writes a sealed intermediate.
+    pub(super) async fn store(
+        &self,
+        kind: Kind,
+        block: usize,
+        data: Vec<u8>,
+    ) -> Result<(), StagedError> {
+        let key = self.key(kind, block);
+        self.store
+            .put(&key, data, ContentEncoding::Identity)
+            .await
+            .map_err(|source| StagedError::Store {
+                key,
+                source: Box::new(source),
+            })
+    }
+
+    /// Reads an intermediate and checks it (on a blocking thread: checksum and gunzip).
+    pub(super) async fn get(&self, kind: Kind, block: usize) -> Result<Vec<u8>, StagedError> {
+        let key = self.key(kind, block);
+        let object = self
+            .store
+            .get(&key)
+            .await
+            .map_err(|source| StagedError::Store {
+                key: key.clone(),
+                source: Box::new(source),
+            })?
+            .ok_or_else(|| StagedError::Missing { key: key.clone() })?;
+        let plan = self.plan.clone();
+        tokio::task::spawn_blocking(move || decode(&key, &object.data, kind, block, &plan))
+            .await
+            .map_err(SegmentError::from)?
+    }
+}
+
+impl Staging {
+    /// Gets the `kind` objects of blocks 0..n, a few at a time (on S3 each get is a round
+    /// trip), and decodes each as `decode(block, key, payload)`.
+    pub(super) async fn get_each<T>(
+        &self,
+        kind: Kind,
+        n: usize,
+        decode: impl Fn(usize, &str, Vec<u8>) -> Result<T, StagedError>,
+    ) -> Result<Vec<T>, StagedError> {
+        let mut out = Vec::with_capacity(n);
+        let blocks: Vec<usize> = (0..n).collect();
+        for some in blocks.chunks(READ_CONCURRENCY) {
+            let payloads =
+                futures::future::try_join_all(some.iter().map(|&b| self.get(kind, b))).await?;
+            for (&b, payload) in some.iter().zip(payloads) {
+                out.push(decode(b, &self.key(kind, b), payload)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// An intermediate's bytes: header (magic, version, kind, plan, block, payload length, MD5 of
+/// the body), then the body, the payload gzipped.
+pub(super) fn seal(kind: Kind, block: usize, plan: [u8; 16], payload: &[u8]) -> Vec<u8> {
+    // Level 1: labels compress well at any level, and the stages should not wait on it.
+    let body = gzip(payload, 1);
+    let mut data = Vec::with_capacity(HEADER + body.len());
+    data.extend_from_slice(MAGIC);
+    data.extend_from_slice(&VERSION.to_le_bytes());
+    data.extend_from_slice(&(kind as u32).to_le_bytes());
+    data.extend_from_slice(&plan);
+    data.extend_from_slice(&(block as u64).to_le_bytes());
+    data.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    data.extend_from_slice(&Md5::digest(&body));
+    data.extend_from_slice(&body);
+    data
+}
+
+/// Checks an intermediate's header and returns its payload.
+pub(super) fn decode(
+    key: &str,
+    data: &[u8],
+    kind: Kind,
+    block: usize,
+    plan: &str,
+) -> Result<Vec<u8>, StagedError> {
+    let corrupt = |why: String| StagedError::Corrupt {
+        key: key.to_string(),
+        why,
+    };
+    if data.len() < HEADER || &data[..8] != MAGIC {
+        return Err(corrupt(format!(
+            "{} bytes without a cuboids header",
+            data.len()
+        )));
+    }
+    let word = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes"));
+    let long = |at: usize| u64::from_le_bytes(data[at..at + 8].try_into().expect("8 bytes"));
+    if word(8) != VERSION {
+        return Err(corrupt(format!(
+            "format version {} (expected {VERSION})",
+            word(8)
+        )));
+    }
+    if word(12) != kind as u32 {
+        return Err(corrupt(format!(
+            "kind {} (expected {})",
+            word(12),
+            kind as u32
+        )));
+    }
+    if data[16..32] != plan_bytes(plan) {
+        return Err(StagedError::OtherPlan {
+            key: key.to_string(),
+            found: hex(&data[16..32]),
+            expected: plan.to_string(),
+        });
+    }
+    if long(32) != block as u64 {
+        return Err(corrupt(format!("block {} (expected {block})", long(32))));
+    }
+    let length = long(40);
+    if length > MAX_PAYLOAD {
+        return Err(corrupt(format!("claims a payload of {length} bytes")));
+    }
+    let body = &data[HEADER..];
+    if Md5::digest(body)[..] != data[48..64] {
+        return Err(corrupt("checksum mismatch (truncated or altered)".into()));
+    }
+    let payload = gunzip(body, length as usize).map_err(|e| corrupt(format!("gzip: {e}")))?;
+    if payload.len() as u64 != length {
+        return Err(corrupt(format!(
+            "payload of {} bytes, header says {length}",
+            payload.len()
+        )));
+    }
+    Ok(payload)
+}
+
+/// Appends `v` as an LEB128 varint (7 bits a byte, low first).
+pub(super) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// A block's labels payload: its (label, run length) pairs as varints (most labels and runs
+/// fit a byte or two, and gzip then has a third of the bytes to compress).
+pub(super) fn encode_runs(runs: &[u32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(runs.len() * 2);
+    for &w in runs {
+        put_varint(&mut out, w as u64);
+    }
+    out
+}
+
+/// The (label, run length) words of a labels payload. A tight loop rather than the checked
+/// [`Reader`]: a segment block has millions of runs.
+pub(super) fn decode_runs(key: &str, bytes: &[u8]) -> Result<Vec<u32>, StagedError> {
+    let corrupt = |why: String| StagedError::Corrupt {
+        key: key.to_string(),
+        why,
+    };
+    let mut words = Vec::with_capacity(bytes.len() / 2);
+    let mut word = 0u64;
+    let mut shift = 0;
+    for &byte in bytes {
+        word |= ((byte & 0x7f) as u64) << shift;
+        if byte < 0x80 {
+            words.push(
+                u32::try_from(word)
+                    .map_err(|_| corrupt(format!("run word {word} past 32 bits")))?,
+            );
+            word = 0;
+            shift = 0;
+        } else {
+            shift += 7;
+            if shift > 28 {
+                return Err(corrupt("a run word past 32 bits".into()));
+            }
+        }
+    }
+    if shift != 0 {
+        return Err(corrupt("the last run word is cut off".into()));
+    }
+    Ok(words)
+}
+
+/// Reads little-endian fields, failing with the object's key where they run out.
+pub(super) struct Reader<'a> {
+    pub(super) bytes: &'a [u8],
+    pub(super) at: usize,
+    pub(super) key: &'a str,
+}
+
+impl Reader<'_> {
+    pub(super) fn corrupt(&self, why: String) -> StagedError {
+        StagedError::Corrupt {
+            key: self.key.to_string(),
+            why,
+        }
+    }
+
+    pub(super) fn check(&self, n: usize) -> Result<(), StagedError> {
+        if self.bytes.len() - self.at < n {
+            return Err(self.corrupt(format!("ends at byte {} of a summary", self.bytes.len())));
+        }
+        Ok(())
+    }
+
+    pub(super) fn take<const N: usize>(&mut self) -> Result<[u8; N], StagedError> {
+        self.check(N)?;
+        let out = self.bytes[self.at..self.at + N]
+            .try_into()
+            .expect("N bytes");
+        self.at += N;
+        Ok(out)
+    }
+
+    pub(super) fn u32(&mut self) -> Result<u32, StagedError> {
+        Ok(u32::from_le_bytes(self.take()?))
+    }
+
+    pub(super) fn u64(&mut self) -> Result<u64, StagedError> {
+        Ok(u64::from_le_bytes(self.take()?))
+    }
+
+    /// A count of entries of two varints each. Every varint takes a byte at least, so a count
+    /// past what the bytes left can hold is corrupt, not a reason to allocate.
+    pub(super) fn count_of_pairs(&mut self) -> Result<u64, StagedError> {
+        let n = self.varint()?;
+        self.check(usize::try_from(n).unwrap_or(usize::MAX).saturating_mul(2))?;
+        Ok(n)
+    }
+
+    /// An LEB128 varint of at most 64 bits.
+    pub(super) fn varint(&mut self) -> Result<u64, StagedError> {
+        let mut v = 0u64;
+        let mut shift = 0;
+        loop {
+            let Some(&byte) = self.bytes.get(self.at) else {
+                return Err(self.corrupt(format!("ends at byte {} of a summary", self.bytes.len())));
+            };
+            self.at += 1;
+            v |= ((byte & 0x7f) as u64) << shift;
+            if byte < 0x80 && (shift < 63 || byte <= 1) {
+                return Ok(v);
+            }
+            shift += 7;
+            if shift > 63 {
+                return Err(self.corrupt(format!("a varint past 64 bits at byte {}", self.at)));
+            }
+        }
+    }
+}
+
+/// Words as little-endian bytes: borrowed as they are on little-endian machines.
+pub(super) fn u32s_to_bytes(words: &[u32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice(words).into()
+    } else {
+        words
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into()
+    }
+}
+
+pub(super) fn bytes_to_u32s(
+    key: &str,
+    bytes: &[u8],
+    expected: usize,
+) -> Result<Vec<u32>, StagedError> {
+    if bytes.len() != expected * 4 {
+        return Err(StagedError::Corrupt {
+            key: key.to_string(),
+            why: format!("{} bytes, expected {}", bytes.len(), expected * 4),
+        });
+    }
+    if cfg!(target_endian = "little") {
+        return Ok(bytemuck::pod_collect_to_vec(bytes));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect())
+}
