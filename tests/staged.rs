@@ -209,7 +209,20 @@ fn staged_plan_run_task_by_task_equals_single_process() {
 
         let staged = dir.path().join("staged");
         let manifests = plan(dir.path(), &input, &staged, dust, connectivity);
-        assert_eq!(manifests.len(), 4);
+        let names: Vec<String> = manifests
+            .iter()
+            .map(|m| m.file_stem().unwrap().to_string_lossy().into_owned())
+            .collect();
+        // No merge task: 3 blocks a side make union levels 1 and 2, and scans of fan-in 2
+        // (the least --task-mib gives) two levels along each axis.
+        assert_eq!(
+            names,
+            [
+                "block", "link", "union-1", "union-2", "down-1", "down-0", "scan-x-0", "scan-x-1",
+                "scan-y-0", "scan-y-1", "scan-z-0", "scan-z-1", "rank", "relabel", "finalize"
+            ],
+            "{name}"
+        );
         // 40x36x20 in blocks of 16x16x8: 3 x 3 x 3.
         assert_eq!(tasks_in(&manifests[0]), 27, "{name}");
         for (stage, manifest) in manifests.iter().enumerate() {
@@ -474,19 +487,30 @@ fn stages_are_idempotent_and_bad_intermediates_are_named() {
         .unwrap();
     let staged = dir.path().join("staged");
     let manifests = plan(dir.path(), &input, &staged, 0, "26");
+    let stage = |name: &str| {
+        manifests
+            .iter()
+            .find(|m| m.file_stem().unwrap() == name)
+            .unwrap_or_else(|| panic!("no stage {name} in {manifests:?}"))
+            .clone()
+    };
 
     // A stage run before its inputs exist: the missing object is named, permanently.
-    let o = batch(&manifests[2], 1);
+    let o = batch(&stage("relabel"), 1);
     assert_eq!(o.status.code(), Some(65), "{}", text(&o));
-    assert!(text(&o).contains("block-1.remap"), "{}", text(&o));
+    assert!(text(&o).contains("block-1.summary"), "{}", text(&o));
+    let o = batch(&stage("down-0"), 1);
+    assert_eq!(o.status.code(), Some(65), "{}", text(&o));
+    assert!(text(&o).contains("does not exist"), "{}", text(&o));
 
     let mut rng = Rng::new(9);
-    run_stage_shuffled(&manifests[0], &mut rng);
-    run_stage_shuffled(&manifests[1], &mut rng);
+    for m in &manifests[..manifests.len() - 2] {
+        run_stage_shuffled(m, &mut rng);
+    }
     let before = snapshot(&staged);
-    // Re-running a block and the merge rewrites identical bytes.
-    for (manifest, i) in [(&manifests[0], 3), (&manifests[1], 0)] {
-        let o = batch(manifest, i);
+    // Re-running tasks of every stage so far rewrites identical bytes.
+    for m in &manifests[..manifests.len() - 2] {
+        let o = batch(m, 3.min(tasks_in(m) - 1));
         assert!(o.status.success(), "{}", text(&o));
     }
     assert_eq!(snapshot(&staged), before);
@@ -497,18 +521,28 @@ fn stages_are_idempotent_and_bad_intermediates_are_named() {
         .unwrap()
         .unwrap()
         .path();
-    // A truncated summary: the merge names it.
-    let summary = staging.join("block-2.summary");
-    let bytes = std::fs::read(&summary).unwrap();
-    std::fs::write(&summary, &bytes[..bytes.len() - 5]).unwrap();
-    let o = batch(&manifests[1], 0);
-    assert_eq!(o.status.code(), Some(65), "{}", text(&o));
-    assert!(
-        text(&o).contains("block-2.summary") && text(&o).contains("corrupt"),
-        "{}",
-        text(&o)
-    );
-    std::fs::write(&summary, &bytes).unwrap();
+    // Truncated intermediates: the stage that reads each names it.
+    for (object, reader, task) in [
+        ("block-2.summary", "link", 2),
+        ("block-2.border", "link", 3),
+        ("block-5.links", "union-1", 0),
+        ("union-0-5.final", "down-0", 5),
+        ("block-5.rows", "scan-x-0", 2),
+        ("block-0.ranks", "relabel", 6),
+    ] {
+        let path = staging.join(object);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
+        let o = batch(&stage(reader), task);
+        assert_eq!(o.status.code(), Some(65), "{object}: {}", text(&o));
+        assert!(
+            text(&o).contains(object) && text(&o).contains("corrupt"),
+            "{object}: {}",
+            text(&o)
+        );
+        std::fs::write(&path, &bytes).unwrap();
+    }
+    let summary = staging.join("block-0.summary");
 
     // An intermediate of another plan (another threshold) in this plan's place.
     let other = dir.path().join("other");
@@ -521,16 +555,13 @@ fn stages_are_idempotent_and_bad_intermediates_are_named() {
         .unwrap()
         .unwrap()
         .path();
-    std::fs::copy(
-        other_staging.join("block-0.summary"),
-        staging.join("block-0.summary"),
-    )
-    .unwrap();
-    let o = batch(&manifests[1], 0);
+    std::fs::copy(other_staging.join("block-0.summary"), &summary).unwrap();
+    let o = batch(&stage("link"), 0);
     assert_eq!(o.status.code(), Some(65), "{}", text(&o));
     assert!(text(&o).contains("another plan"), "{}", text(&o));
 
-    let line = std::fs::read_to_string(&manifests[1]).unwrap();
+    let manifest = std::fs::read_to_string(stage("link")).unwrap();
+    let line = manifest.lines().next().unwrap();
     // A plan (with a consistent id) whose blocks do not tile the volume in whole GPU chunks.
     let mut task: cuboids::task::spec::Task = serde_json::from_str(line.trim()).unwrap();
     if let cuboids::task::spec::Task::ConnectedComponentsStage(t) = &mut task {
@@ -539,7 +570,8 @@ fn stages_are_idempotent_and_bad_intermediates_are_named() {
             t.plan.blocks,
             0,
             t.plan.work.clone(),
-        );
+        )
+        .with_fan_in([2, 2, 2]);
     }
     let o = cuboids(
         &["batch", "--task", &serde_json::to_string(&task).unwrap()],

@@ -102,6 +102,22 @@ pub enum Stage {
     /// After the last round: each fragment's segment from the rounds' merges, written as each
     /// block's relabel table.
     Resolve,
+    /// Which labels of one block continue in its neighbours (connected components).
+    Link,
+    /// One level of the union hierarchy: joins the components that cross the inner faces of a
+    /// group of 2^level blocks on each axis (`block` numbers the group).
+    Union,
+    /// One level of the way down: hands a group's children the components of their open labels
+    /// (level 0: a block's labels, and what it owns per row).
+    Down,
+    /// Prefix sums of owned components along x (`level` of the hierarchy, `block` the task).
+    ScanX,
+    /// Prefix sums along y.
+    ScanY,
+    /// Prefix sums along z.
+    ScanZ,
+    /// The numbers of the components one block owns.
+    Rank,
     /// Write one block's output chunks.
     Relabel,
     /// Check that every block was relabelled, then write the output's info.
@@ -124,6 +140,10 @@ pub struct StagedPlan<W> {
     /// one the whole block grid.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub rounds: u32,
+    /// Fan-in of the numbering's prefix sums along x, y and z (plans numbered without a merge
+    /// task: connected components).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fan_in: Option<Vec3>,
     pub work: W,
 }
 
@@ -138,17 +158,30 @@ impl<W: Serialize> StagedPlan<W> {
             block_size,
             blocks,
             rounds,
+            fan_in: None,
             work,
         };
         plan.id = plan.expected_id();
         plan
     }
 
+    /// The plan numbered by prefix sums of fan-in `fan_in` (its id changes with it).
+    pub fn with_fan_in(mut self, fan_in: Vec3) -> StagedPlan<W> {
+        self.fan_in = Some(fan_in);
+        self.id = self.expected_id();
+        self
+    }
+
     /// The id this plan's contents give (a task whose `id` differs was edited or mixed up).
     pub fn expected_id(&self) -> String {
         use md5::{Digest, Md5};
-        let body = serde_json::to_vec(&(&self.block_size, self.blocks, self.rounds, &self.work))
-            .expect("a plan serialises");
+        let body = match self.fan_in {
+            None => serde_json::to_vec(&(&self.block_size, self.blocks, self.rounds, &self.work)),
+            Some(f) => {
+                serde_json::to_vec(&(&self.block_size, self.blocks, self.rounds, f, &self.work))
+            }
+        }
+        .expect("a plan serialises");
         Md5::digest(&body)
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -460,6 +493,13 @@ impl<W> StageTask<W> {
             Stage::Merge => "merge".into(),
             Stage::Round => format!("round-{}", self.level.unwrap_or(0)),
             Stage::Resolve => "resolve".into(),
+            Stage::Link => "link".into(),
+            Stage::Union => format!("union-{}", self.level.unwrap_or(0)),
+            Stage::Down => format!("down-{}", self.level.unwrap_or(0)),
+            Stage::ScanX => format!("scan-x-{}", self.level.unwrap_or(0)),
+            Stage::ScanY => format!("scan-y-{}", self.level.unwrap_or(0)),
+            Stage::ScanZ => format!("scan-z-{}", self.level.unwrap_or(0)),
+            Stage::Rank => "rank".into(),
             Stage::Relabel => "relabel".into(),
             Stage::Finalize => "finalize".into(),
         }

@@ -19,8 +19,9 @@ use crate::task::stitch::{ChunkGrid, FinalLabels};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-/// What a block tells the merge: its labels' first voxels and sizes, its face voxels and the
-/// halo voxels (in other blocks) its labels reach.
+/// What a block tells the later stages: its labels' first voxels and sizes (the `summary`
+/// object), its face voxels and the halo voxels (in other blocks) its labels reach (the
+/// `border` object, which the link stage reads for each neighbour).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(super) struct Summary {
     pub(super) first: Vec<u64>,
@@ -30,72 +31,160 @@ pub(super) struct Summary {
 }
 
 impl Summary {
-    /// Varints throughout: first voxels as increases (they are sorted), face voxels as
-    /// increases, halo voxels as zigzag differences; a block's face is mostly consecutive voxels,
-    /// so its entries take two or three bytes instead of twelve.
-    pub(super) fn encode(&self) -> Vec<u8> {
+    /// The `summary` object: count K, the K first voxels as increases (they are sorted), K
+    /// sizes, all varints.
+    pub(super) fn encode_counts(&self) -> Vec<u8> {
         let mut out = Vec::new();
         put_varint(&mut out, self.first.len() as u64);
-        let mut last = 0;
-        for &f in &self.first {
-            put_varint(&mut out, f - last);
-            last = f;
-        }
+        put_increases(&mut out, self.first.iter().copied());
         for &size in &self.sizes {
             put_varint(&mut out, size);
-        }
-        for list in [&self.halo, &self.face] {
-            put_varint(&mut out, list.len() as u64);
-            let mut last = 0u64;
-            for &(voxel, label) in list {
-                let step = voxel.wrapping_sub(last) as i64;
-                put_varint(&mut out, ((step << 1) ^ (step >> 63)) as u64);
-                put_varint(&mut out, label as u64);
-                last = voxel;
-            }
         }
         out
     }
 
-    pub(super) fn decode(key: &str, bytes: &[u8]) -> Result<Summary, StagedError> {
+    /// A `summary` object's first voxels and sizes (halo and face empty).
+    pub(super) fn decode_counts(key: &str, bytes: &[u8]) -> Result<Summary, StagedError> {
         let mut r = Reader { bytes, at: 0, key };
         // Per label a first voxel and a size.
         let count = r.count_of_pairs()?;
-        let mut s = Summary::default();
-        let mut last = 0u64;
-        for _ in 0..count {
-            last = last
-                .checked_add(r.varint()?)
-                .ok_or_else(|| r.corrupt("first voxels past 2^64".into()))?;
-            s.first.push(last);
-        }
+        let mut s = Summary {
+            first: r.increases(count)?,
+            ..Default::default()
+        };
         for _ in 0..count {
             s.sizes.push(r.varint()?);
         }
-        for list in [&mut s.halo, &mut s.face] {
+        r.finish("summary")?;
+        Ok(s)
+    }
+
+    /// This block's border: its halo and face, with the first voxel of every label they name.
+    pub(super) fn border(&self) -> Border {
+        let mut named: Vec<u32> = self.halo.iter().chain(&self.face).map(|e| e.1).collect();
+        named.sort_unstable();
+        named.dedup();
+        Border {
+            ids: named
+                .into_iter()
+                .map(|l| (l, self.first[l as usize - 1]))
+                .collect(),
+            halo: self.halo.clone(),
+            face: self.face.clone(),
+        }
+    }
+
+    /// Adds a block's border to its counts (for the merge stage), checking that the border
+    /// names only the summary's labels, with their first voxels.
+    pub(super) fn with_border(mut self, key: &str, border: Border) -> Result<Summary, StagedError> {
+        for &(label, id) in &border.ids {
+            if self.first.get((label as usize).wrapping_sub(1)) != Some(&id) {
+                return Err(StagedError::Corrupt {
+                    key: key.to_string(),
+                    why: format!(
+                        "label {label} with first voxel {id}; the summary has {} labels",
+                        self.first.len()
+                    ),
+                });
+            }
+        }
+        self.halo = border.halo;
+        self.face = border.face;
+        Ok(self)
+    }
+}
+
+/// A block's border: the labelled voxels on its faces that other blocks share and the halo
+/// voxels (in other blocks) its labels reach, each with its block label, and the first voxel of
+/// every label they name (a label's name in the whole volume).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct Border {
+    /// (voxel, label), sorted by voxel, then label.
+    pub(super) halo: Vec<(u64, u32)>,
+    /// (voxel, label), sorted by voxel.
+    pub(super) face: Vec<(u64, u32)>,
+    /// (label, first voxel), sorted by label.
+    pub(super) ids: Vec<(u32, u64)>,
+}
+
+impl Border {
+    /// Varints throughout: H and H halo entries (voxel as a zigzag difference from the entry
+    /// before, label), F and F face entries (the same), N and N (label increase, first voxel)
+    /// pairs. A block's face is mostly consecutive voxels, so its entries take two or three
+    /// bytes instead of twelve.
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for list in [&self.halo, &self.face] {
+            put_varint(&mut out, list.len() as u64);
+            let mut last = 0u64;
+            for &(voxel, label) in list {
+                put_zigzag(&mut out, voxel.wrapping_sub(last) as i64);
+                put_varint(&mut out, label as u64);
+                last = voxel;
+            }
+        }
+        put_varint(&mut out, self.ids.len() as u64);
+        let mut last = 0;
+        for &(label, id) in &self.ids {
+            put_varint(&mut out, (label - last) as u64);
+            put_varint(&mut out, id);
+            last = label;
+        }
+        out
+    }
+
+    pub(super) fn decode(key: &str, bytes: &[u8]) -> Result<Border, StagedError> {
+        let mut r = Reader { bytes, at: 0, key };
+        let mut b = Border::default();
+        for list in [&mut b.halo, &mut b.face] {
             let n = r.count_of_pairs()?;
             let mut last = 0u64;
             for _ in 0..n {
-                let zigzag = r.varint()?;
-                let step = ((zigzag >> 1) as i64) ^ -((zigzag & 1) as i64);
-                last = last.wrapping_add(step as u64);
+                last = last.wrapping_add(r.zigzag()? as u64);
                 let label = r.varint()?;
-                if label == 0 || label > count {
-                    return Err(r.corrupt(format!("label {label} of {count}")));
+                if label == 0 || label > u32::MAX as u64 {
+                    return Err(r.corrupt(format!("label {label}")));
                 }
                 list.push((last, label as u32));
             }
         }
-        if r.at != bytes.len() {
-            return Err(r.corrupt(format!("{} bytes after the summary", bytes.len() - r.at)));
+        let n = r.count_of_pairs()?;
+        let mut last = 0u64;
+        for _ in 0..n {
+            let label = last + r.varint()?;
+            if (label == last && last != 0) || label == 0 || label > u32::MAX as u64 {
+                return Err(r.corrupt(format!("label {label} after {last}")));
+            }
+            b.ids.push((label as u32, r.varint()?));
+            last = label;
         }
-        if !s.face.windows(2).all(|w| w[0].0 < w[1].0) {
+        r.finish("border")?;
+        if !b.face.windows(2).all(|w| w[0].0 < w[1].0) {
             return Err(r.corrupt("face voxels out of order".into()));
         }
-        if !s.halo.is_sorted() {
+        if !b.halo.is_sorted() {
             return Err(r.corrupt("halo voxels out of order".into()));
         }
-        Ok(s)
+        if let Some(&(_, l)) = b.halo.iter().chain(&b.face).find(|e| b.id(e.1).is_none()) {
+            return Err(r.corrupt(format!("label {l} has no first voxel")));
+        }
+        Ok(b)
+    }
+
+    /// The first voxel of a label the border names.
+    pub(super) fn id(&self, label: u32) -> Option<u64> {
+        self.ids
+            .binary_search_by_key(&label, |e| e.0)
+            .ok()
+            .map(|at| self.ids[at].1)
+    }
+
+    /// The label of the face voxel `voxel`, if the face has it.
+    pub(super) fn face_label(&self, voxel: u64) -> Option<u32> {
+        self.face
+            .binary_search_by_key(&voxel, |e| e.0)
+            .ok()
+            .map(|at| self.face[at].1)
     }
 }
 
@@ -183,8 +272,7 @@ pub(super) async fn run_block<W: StagedWork>(
         face,
     };
     passes.done("block labels");
-    // The summary last: the merge reads only summaries and graphs, and a summary means that the
-    // block's other objects are there.
+    // The summary last: a summary means that the block's other objects are there.
     let mut report = SegmentReport {
         voxels: voxels(block.shape()) as u64,
         chunks: chunks.len(),
@@ -200,10 +288,11 @@ pub(super) async fn run_block<W: StagedWork>(
         }
         Ok(())
     };
+    let border = staging.put(Kind::Border, b, summary.border().encode());
     // Sealed alongside the others, stored after them.
-    let summary = staging.seal(Kind::Summary, b, summary.encode());
-    let ((), (), summary) = futures::try_join!(labels, graph, summary)?;
-    staging.store(Kind::Summary, b, summary).await?;
+    let counts = staging.seal(Kind::Summary, b, summary.encode_counts());
+    let ((), (), (), counts) = futures::try_join!(labels, graph, border, counts)?;
+    staging.store(Kind::Summary, b, counts).await?;
     passes.done("write");
     report.passes = passes.into_vec();
     Ok(report)
@@ -490,15 +579,35 @@ mod tests {
             halo: vec![(0, 6), (3, 1), (3, 2), (1 << 50, 6), (u64::MAX, 2)],
             face: vec![(7, 1), (8, 1), (9, 2), (1 << 33, 3)],
         };
-        let bytes = summary.encode();
-        assert_eq!(Summary::decode("s", &bytes).unwrap(), summary);
+        let counts = summary.encode_counts();
+        let border = summary.border();
+        assert_eq!(
+            border.ids,
+            vec![(1, 0), (2, 5), (3, 127), (6, u64::MAX - 1)]
+        );
+        let round_trip = Summary::decode_counts("s", &counts)
+            .unwrap()
+            .with_border("b", Border::decode("b", &border.encode()).unwrap())
+            .unwrap();
+        assert_eq!(round_trip, summary);
         // Truncated anywhere: named, never a panic.
-        for cut in 0..bytes.len() {
-            match Summary::decode("b-1.summary", &bytes[..cut]) {
-                Err(StagedError::Corrupt { key, .. }) => assert_eq!(key, "b-1.summary"),
-                other => panic!("cut at {cut}: {other:?}"),
+        for (bytes, key) in [(counts, "b-1.summary"), (border.encode(), "b-1.border")] {
+            for cut in 0..bytes.len() {
+                let got = match key.ends_with("summary") {
+                    true => Summary::decode_counts(key, &bytes[..cut]).map(|_| ()),
+                    false => Border::decode(key, &bytes[..cut]).map(|_| ()),
+                };
+                match got {
+                    Err(StagedError::Corrupt { key: named, .. }) => assert_eq!(named, key),
+                    other => panic!("{key} cut at {cut}: {other:?}"),
+                }
             }
         }
+        // A border that names a label the summary lacks, or with another first voxel.
+        let mut wrong = summary.border();
+        wrong.ids[0].1 = 1;
+        let counts = Summary::decode_counts("s", &summary.encode_counts()).unwrap();
+        assert!(counts.with_border("b", wrong).is_err());
         let runs = vec![0, 1, 3, 127, u32::MAX, 128, 1, 0x4000];
         assert_eq!(decode_runs("l", &encode_runs(&runs)).unwrap(), runs);
         let mut past = Vec::new();

@@ -20,6 +20,16 @@ pub(super) enum Kind {
     Edges = 7,
     Merged = 8,
     Left = 9,
+    Border = 10,
+    Links = 11,
+    Up = 12,
+    Map = 13,
+    Final = 14,
+    Components = 15,
+    Rows = 16,
+    Prefix = 17,
+    Total = 18,
+    Ranks = 19,
 }
 
 impl Kind {
@@ -34,18 +44,60 @@ impl Kind {
             Kind::Edges => "edges",
             Kind::Merged => "merged",
             Kind::Left => "left",
+            Kind::Border => "border",
+            Kind::Links => "links",
+            Kind::Up => "up",
+            Kind::Map => "map",
+            Kind::Final => "final",
+            Kind::Components => "components",
+            Kind::Rows => "rows",
+            Kind::Prefix => "prefix",
+            Kind::Total => "total",
+            Kind::Ranks => "ranks",
         }
     }
 
-    /// Whether objects of this kind belong to a merge round's group (indexed by
-    /// [`rounds::round_index`]) rather than to a block.
-    pub(super) fn of_round(self) -> bool {
-        matches!(self, Kind::Merged | Kind::Left)
+    /// The object's name before its suffix, from its index: a block's (`block-<i>`), a merge
+    /// round's group (`round-<level>-<group>`, indexed by [`rounds::round_index`]), a union
+    /// level's group (`union-<level>-<group>`, the same index), or a numbering scan's
+    /// (`scan-<axis>-<level>-<line>-<part>`, indexed by [`scan_index`]).
+    fn stem(self, index: usize) -> String {
+        match self {
+            Kind::Merged | Kind::Left => {
+                let (level, group) = rounds::level_and_group(index);
+                format!("round-{level}-{group}")
+            }
+            Kind::Up | Kind::Map | Kind::Final => {
+                let (level, group) = rounds::level_and_group(index);
+                format!("union-{level}-{group}")
+            }
+            Kind::Prefix | Kind::Total => {
+                let (axis, level, line, part) = scan_parts(index);
+                format!("scan-{}-{level}-{line}-{part}", ["x", "y", "z"][axis])
+            }
+            _ => format!("block-{index}"),
+        }
     }
 }
 
+/// The index of a numbering scan's object: its axis (0, 1, 2), level, line and part (the child
+/// a prefix belongs to, or the segment a total sums), packed into 64 bits.
+pub(super) fn scan_index(axis: usize, level: u32, line: usize, part: usize) -> usize {
+    assert!(axis < 3 && level < 64 && line < 1 << 30 && part < 1 << 26);
+    (axis << 62) | ((level as usize) << 56) | (line << 26) | part
+}
+
+fn scan_parts(index: usize) -> (usize, usize, usize, usize) {
+    (
+        index >> 62,
+        (index >> 56) & 63,
+        (index >> 26) & ((1 << 30) - 1),
+        index & ((1 << 26) - 1),
+    )
+}
+
 pub(super) const MAGIC: &[u8; 8] = b"CUBOIDS\0";
-pub(super) const VERSION: u32 = 2;
+pub(super) const VERSION: u32 = 3;
 pub(super) const HEADER: usize = 64;
 /// The largest payload a header may claim (a block of 2^31 voxels' labels is 8 GiB).
 pub(super) const MAX_PAYLOAD: u64 = 1 << 36;
@@ -76,16 +128,13 @@ pub(super) struct Staging {
 }
 
 impl Staging {
-    pub(super) fn key(&self, kind: Kind, block: usize) -> String {
-        if kind.of_round() {
-            let (level, group) = rounds::level_and_group(block);
-            return format!(
-                "{STAGING}/{}/round-{level}-{group}.{}",
-                self.plan,
-                kind.suffix()
-            );
-        }
-        format!("{STAGING}/{}/block-{block}.{}", self.plan, kind.suffix())
+    pub(super) fn key(&self, kind: Kind, index: usize) -> String {
+        format!(
+            "{STAGING}/{}/{}.{}",
+            self.plan,
+            kind.stem(index),
+            kind.suffix()
+        )
     }
 
     /// Stores an intermediate: the header, then the payload gzipped on a blocking thread (a
@@ -231,7 +280,10 @@ pub(super) fn decode(
         });
     }
     if long(32) != block as u64 {
-        return Err(corrupt(format!("block {} (expected {block})", long(32))));
+        return Err(corrupt(format!(
+            "written as object {} (expected {block}): another object's bytes",
+            long(32)
+        )));
     }
     let length = long(40);
     if length > MAX_PAYLOAD {
@@ -249,6 +301,20 @@ pub(super) fn decode(
         )));
     }
     Ok(payload)
+}
+
+/// Appends `v` as a zigzag varint: (v << 1) ^ (v >> 63), small for small values of either sign.
+pub(super) fn put_zigzag(out: &mut Vec<u8>, v: i64) {
+    put_varint(out, ((v << 1) ^ (v >> 63)) as u64);
+}
+
+/// Appends sorted values as varint increases from 0.
+pub(super) fn put_increases(out: &mut Vec<u8>, values: impl Iterator<Item = u64>) {
+    let mut last = 0;
+    for v in values {
+        put_varint(out, v - last);
+        last = v;
+    }
 }
 
 /// Appends `v` as an LEB128 varint (7 bits a byte, low first).
@@ -347,6 +413,36 @@ impl Reader<'_> {
         let n = self.varint()?;
         self.check(usize::try_from(n).unwrap_or(usize::MAX).saturating_mul(2))?;
         Ok(n)
+    }
+
+    /// A zigzag varint ([`put_zigzag`]).
+    pub(super) fn zigzag(&mut self) -> Result<i64, StagedError> {
+        let z = self.varint()?;
+        Ok(((z >> 1) as i64) ^ -((z & 1) as i64))
+    }
+
+    /// `n` values stored as increases ([`put_increases`]).
+    pub(super) fn increases(&mut self, n: u64) -> Result<Vec<u64>, StagedError> {
+        let mut out = Vec::with_capacity(n.min(self.bytes.len() as u64) as usize);
+        let mut last = 0u64;
+        for _ in 0..n {
+            last = last
+                .checked_add(self.varint()?)
+                .ok_or_else(|| self.corrupt("values past 2^64".into()))?;
+            out.push(last);
+        }
+        Ok(out)
+    }
+
+    /// Fails unless every byte was read (`what`: the payload's name, for the message).
+    pub(super) fn finish(&self, what: &str) -> Result<(), StagedError> {
+        if self.at != self.bytes.len() {
+            return Err(self.corrupt(format!(
+                "{} bytes after the {what}",
+                self.bytes.len() - self.at
+            )));
+        }
+        Ok(())
     }
 
     /// An LEB128 varint of at most 64 bits.

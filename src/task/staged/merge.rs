@@ -1,7 +1,7 @@
 //! The merge stage (one task): joins the blocks through their faces, numbers the components,
 //! and drops dust (connected components) or agglomerates the region graph (segment).
 
-use super::block::{step, BlockGraph, OpenVoxel, Summary, VOXEL_KEY};
+use super::block::{step, BlockGraph, Border, OpenVoxel, Summary, VOXEL_KEY};
 use super::format::*;
 use super::{rounds, Passes, StagedError, StagedWork, Work};
 use crate::geometry::Vec3;
@@ -38,11 +38,22 @@ pub(super) async fn merge<W: StagedWork>(
     layout: &Layout,
 ) -> Result<SegmentReport, StagedError> {
     let mut passes = Passes::new();
-    let summaries = staging
+    let counts = staging
         .get_each(Kind::Summary, plan.blocks, |_, key, bytes| {
-            Summary::decode(key, &bytes)
+            Summary::decode_counts(key, &bytes)
         })
         .await?;
+    let borders = staging
+        .get_each(Kind::Border, plan.blocks, |_, key, bytes| {
+            Border::decode(key, &bytes)
+        })
+        .await?;
+    let summaries = counts
+        .into_iter()
+        .zip(borders)
+        .enumerate()
+        .map(|(b, (c, border))| c.with_border(&staging.key(Kind::Border, b), border))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut graphs = Vec::new();
     if let Work::Segment(_) = plan.work.work() {
         graphs = staging
@@ -52,7 +63,7 @@ pub(super) async fn merge<W: StagedWork>(
             .await?;
     }
     let keys: Vec<[String; 2]> = (0..plan.blocks)
-        .map(|b| [Kind::Summary, Kind::Graph].map(|k| staging.key(k, b)))
+        .map(|b| [Kind::Border, Kind::Graph].map(|k| staging.key(k, b)))
         .collect();
     passes.done("read");
     let work = plan.work.clone();

@@ -70,11 +70,13 @@
 mod block;
 mod format;
 mod merge;
+mod number;
 mod relabel;
 mod rounds;
+mod union;
 
 use crate::formats::precomputed::Precomputed;
-use crate::geometry::voxels;
+use crate::geometry::{voxels, Vec3};
 use crate::gpu::GpuContext;
 use crate::store::{Store, StoreError};
 use crate::task::downsample::source_region;
@@ -262,7 +264,10 @@ pub fn plan<W: StagedWork>(
     };
     let mut work = task.clone();
     work.chunk_fields_mut().chunk_size = Some(chunk);
-    let plan = StagedPlan::new(block, blocks, rounds, work);
+    let mut plan = StagedPlan::new(block, blocks, rounds, work);
+    if let Work::Components(_) = task.work() {
+        plan = plan.with_fan_in(scan_fan_in(block, task_bytes));
+    }
     let stage = |stage: Stage, block: Option<usize>, level: Option<u32>| {
         W::stage_task(StageTask {
             stage,
@@ -271,30 +276,60 @@ pub fn plan<W: StagedWork>(
             plan: plan.clone(),
         })
     };
-    let mut stages = vec![
-        (0..blocks)
-            .map(|b| stage(Stage::Block, Some(b), None))
-            .collect(),
-        vec![stage(Stage::Merge, None, None)],
-    ];
-    for level in 0..rounds {
-        let groups = rounds::groups(grid.counts(), level).len();
-        stages.push(
-            (0..groups)
-                .map(|g| stage(Stage::Round, Some(g), Some(level)))
-                .collect(),
-        );
+    let each = |stage_of: Stage, n: usize, level: Option<u32>| -> Vec<Task> {
+        (0..n).map(|i| stage(stage_of, Some(i), level)).collect()
+    };
+    let mut stages = vec![each(Stage::Block, blocks, None)];
+    let counts = grid.counts();
+    if let Some(fan_in) = plan.fan_in {
+        // Numbered without a merge task: link, union up the levels, down again, the scans.
+        let top = rounds::levels(counts) - 1;
+        stages.push(each(Stage::Link, blocks, None));
+        for level in 1..=top {
+            stages.push(each(
+                Stage::Union,
+                rounds::groups(counts, level).len(),
+                Some(level),
+            ));
+        }
+        for level in (0..top).rev() {
+            stages.push(each(
+                Stage::Down,
+                rounds::groups(counts, level).len(),
+                Some(level),
+            ));
+        }
+        let scans = number::Scans { counts, fan_in };
+        for (axis, stage_of) in [Stage::ScanX, Stage::ScanY, Stage::ScanZ]
+            .into_iter()
+            .enumerate()
+        {
+            for level in 0..scans.levels(axis) {
+                stages.push(each(stage_of, scans.tasks(axis, level), Some(level)));
+            }
+        }
+        stages.push(each(Stage::Rank, blocks, None));
+    } else {
+        stages.push(vec![stage(Stage::Merge, None, None)]);
+        for level in 0..rounds {
+            let groups = rounds::groups(counts, level).len();
+            stages.push(each(Stage::Round, groups, Some(level)));
+        }
+        if rounds > 0 {
+            stages.push(vec![stage(Stage::Resolve, None, None)]);
+        }
     }
-    if rounds > 0 {
-        stages.push(vec![stage(Stage::Resolve, None, None)]);
-    }
-    stages.push(
-        (0..blocks)
-            .map(|b| stage(Stage::Relabel, Some(b), None))
-            .collect(),
-    );
+    stages.push(each(Stage::Relabel, blocks, None));
     stages.push(vec![stage(Stage::Finalize, None, None)]);
     Ok((plan, stages))
+}
+
+/// Fan-in of the numbering's prefix sums along x, y and z for blocks of `block` voxels: a scan
+/// task holds its fan-in's vectors twice over (inputs and prefixes), of a block's rows (x), of
+/// its planes (y) or of one count (z), 8 bytes a count, within `task_bytes`.
+fn scan_fan_in(block: Vec3, task_bytes: usize) -> Vec3 {
+    let fits = |len: usize| (task_bytes / (16 * len)).max(2);
+    [fits(block[1] * block[2]), fits(block[2]), fits(1)]
 }
 
 /// The name of a stage task's stage (what its manifest is named after).
@@ -384,18 +419,110 @@ pub async fn run_stage<W: StagedWork>(
             let blocks = check_blocks(plan, &layout)?;
             rounds::resolve(plan, blocks, &staging, &layout).await?
         }
+        Stage::Link | Stage::Union | Stage::Down | Stage::Rank => {
+            let layout = gpu_free_layout(input, &output, plan, cancel).await?;
+            let blocks = check_blocks(plan, &layout)?;
+            let scans = numbered(plan, &blocks)?;
+            let top = rounds::levels(blocks.counts()) - 1;
+            let level = task.level.unwrap_or(0);
+            let group = |level: u32| {
+                let groups = rounds::groups(blocks.counts(), level).len();
+                task.block
+                    .filter(|&g| g < groups && level <= top)
+                    .ok_or_else(|| StagedError::BadPlan {
+                        id: plan.id.clone(),
+                        why: format!(
+                            "a {} task needs a group below {groups} of a level up to {top} (got {:?} of level {level})",
+                            task.stage_name(),
+                            task.block
+                        ),
+                    })
+            };
+            match task.stage {
+                Stage::Link => union::link(blocks, block("link")?, &staging).await?,
+                Stage::Union if level >= 1 => {
+                    let g = group(level)?;
+                    union::union(blocks, level, g, level == top, &staging, &layout).await?
+                }
+                Stage::Down if level == 0 && top == 0 || level < top => {
+                    let g = group(level)?;
+                    match level {
+                        0 => {
+                            let dust = match plan.work.work() {
+                                Work::Components(c) => c.dust,
+                                Work::Segment(_) => 0,
+                            };
+                            number::components(blocks, top, g, dust, &staging).await?
+                        }
+                        _ => union::down(blocks, level, g, &staging).await?,
+                    }
+                }
+                Stage::Rank => number::rank(blocks, scans, block("rank")?, &staging).await?,
+                _ => {
+                    return Err(StagedError::BadPlan {
+                        id: plan.id.clone(),
+                        why: format!(
+                            "no {} stage at level {level} in a plan of {} levels",
+                            task.stage_name(),
+                            top + 1
+                        ),
+                    })
+                }
+            }
+        }
+        Stage::ScanX | Stage::ScanY | Stage::ScanZ => {
+            let layout = gpu_free_layout(input, &output, plan, cancel).await?;
+            let blocks = check_blocks(plan, &layout)?;
+            let scans = numbered(plan, &blocks)?;
+            let axis = match task.stage {
+                Stage::ScanX => 0,
+                Stage::ScanY => 1,
+                _ => 2,
+            };
+            let level = task.level.unwrap_or(0);
+            let levels = scans.levels(axis);
+            let tasks = if level < levels {
+                scans.tasks(axis, level)
+            } else {
+                0
+            };
+            let t = task
+                .block
+                .filter(|&t| t < tasks)
+                .ok_or_else(|| StagedError::BadPlan {
+                    id: plan.id.clone(),
+                    why: format!(
+                        "a {} task needs a task below {tasks} of a level below {levels} (got {:?})",
+                        task.stage_name(),
+                        task.block
+                    ),
+                })?;
+            number::scan(blocks, scans, axis, level, t, &staging).await?
+        }
         Stage::Relabel => {
             let b = block("relabel")?;
             let layout = gpu_free_layout(input, &output, plan, cancel).await?;
             let blocks = check_blocks(plan, &layout)?;
-            relabel::relabel(plan, &layout, blocks, b, &staging, ctx).await?
+            match plan.fan_in {
+                Some(_) => {
+                    relabel::relabel_numbered(plan, &layout, blocks, b, &staging, ctx).await?
+                }
+                None => relabel::relabel(plan, &layout, b, &staging, ctx).await?,
+            }
         }
         Stage::Finalize => {
             let layout = gpu_free_layout(input, &output, plan, cancel).await?;
-            check_blocks(plan, &layout)?;
+            let blocks = check_blocks(plan, &layout)?;
             for b in 0..plan.blocks {
                 staging.get(Kind::Done, b).await?;
             }
+            let segments = match plan.fan_in {
+                Some(_) => {
+                    let scans = numbered(plan, &blocks)?;
+                    number::total(&staging, &blocks, &scans).await? as usize
+                }
+                None => 0,
+            };
             if layout.output_is_new {
                 layout
                     .output
@@ -406,12 +533,30 @@ pub async fn run_stage<W: StagedWork>(
             SegmentReport {
                 voxels: voxels(layout.region.shape()) as u64,
                 chunks: plan.blocks,
+                segments,
                 ..Default::default()
             }
         }
     };
     report.wall = start.elapsed();
     Ok(report)
+}
+
+/// The numbering scans of a plan numbered without a merge task.
+fn numbered<W>(plan: &StagedPlan<W>, blocks: &ChunkGrid) -> Result<number::Scans, StagedError> {
+    match plan.fan_in {
+        Some(fan_in) if fan_in.iter().all(|&f| f >= 2) => Ok(number::Scans {
+            counts: blocks.counts(),
+            fan_in,
+        }),
+        _ => Err(StagedError::BadPlan {
+            id: plan.id.clone(),
+            why: format!(
+                "a {} stage task in a plan without numbering scans (fan-in {:?}; at least 2)",
+                "numbering", plan.fan_in
+            ),
+        }),
+    }
 }
 
 /// The layout of the stages that need no GPU (merge, relabel, finalize): the plan fixes the

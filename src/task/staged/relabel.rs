@@ -1,12 +1,15 @@
 //! The relabel stage: writes a block's output chunks through its relabel table.
 
 use super::format::*;
+use super::number::{self, decode_ranks, Components};
+use super::union::block_of;
 use super::{Passes, StagedError, StagedWork};
 use crate::geometry::{voxels, Box3};
 use crate::gpu::GpuContext;
 use crate::task::segment::{write_output, Layout, SegmentReport};
 use crate::task::spec::StagedPlan;
 use crate::task::stitch::{ChunkGrid, LabelBoxes};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A block's labels kept as the (label, run length) pairs its block task stored, read row by row
@@ -129,12 +132,10 @@ impl LabelBoxes for RunLabels {
 pub(super) async fn relabel<W: StagedWork>(
     plan: &StagedPlan<W>,
     layout: &Layout,
-    blocks: ChunkGrid,
     b: usize,
     staging: &Staging,
     gpu: Option<Arc<GpuContext>>,
 ) -> Result<SegmentReport, StagedError> {
-    let block = blocks.core(b);
     let mut passes = Passes::new();
     // Both read at once; when both are missing, the remap (the stage before's output) is the
     // one named, whichever read fails first.
@@ -142,10 +143,30 @@ pub(super) async fn relabel<W: StagedWork>(
     let (remap, labels) = (remap?, labels?);
     let remap_key = staging.key(Kind::Remap, b);
     let remap = bytes_to_u32s(&remap_key, &remap, remap.len() / 4)?;
+    passes.done("read");
+    write_block(plan, layout, b, (labels, remap), staging, gpu, passes).await
+}
+
+/// Writes block `b`'s output chunks from its labels (the labels object's payload) through
+/// `table` (label l -> `table[l - 1]`), then its done marker.
+async fn write_block<W: StagedWork>(
+    plan: &StagedPlan<W>,
+    layout: &Layout,
+    b: usize,
+    (labels, table): (Vec<u8>, Vec<u32>),
+    staging: &Staging,
+    gpu: Option<Arc<GpuContext>>,
+    mut passes: Passes,
+) -> Result<SegmentReport, StagedError> {
+    let block = ChunkGrid {
+        region: layout.grid.region,
+        chunk: plan.block_size,
+    }
+    .core(b);
     let labels_key = staging.key(Kind::Labels, b);
     let runs = decode_runs(&labels_key, &labels)?;
-    let labels = RunLabels::new(&labels_key, block, runs, remap)?;
-    passes.done("read");
+    let labels = RunLabels::new(&labels_key, block, runs, table)?;
+    passes.done("labels");
     let written = write_output(
         layout,
         Arc::new(labels),
@@ -163,6 +184,71 @@ pub(super) async fn relabel<W: StagedWork>(
         passes: passes.into_vec(),
         ..Default::default()
     })
+}
+
+/// Relabel stage of a plan numbered without a merge task: each label's component (the down
+/// stage's table) numbered from the ranks of the block that owns it, one read per owner.
+pub(super) async fn relabel_numbered<W: StagedWork>(
+    plan: &StagedPlan<W>,
+    layout: &Layout,
+    blocks: ChunkGrid,
+    b: usize,
+    staging: &Staging,
+    gpu: Option<Arc<GpuContext>>,
+) -> Result<SegmentReport, StagedError> {
+    let mut passes = Passes::new();
+    let summary = number::summary(staging, b).await?;
+    let key = staging.key(Kind::Components, b);
+    let table = Components::decode(
+        &key,
+        &staging.get(Kind::Components, b).await?,
+        &summary.first,
+    )?;
+    drop(summary);
+    // Owners in order, each read once; what each names for this block's components.
+    let mut wanted: Vec<(usize, u64)> = table
+        .component
+        .iter()
+        .zip(&table.stays)
+        .filter(|e| *e.1)
+        .map(|(&c, _)| (block_of(&blocks, c), c))
+        .collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let mut number_of: HashMap<u64, u32> = HashMap::with_capacity(wanted.len());
+    let owners: Vec<usize> = wanted.chunk_by(|a, b| a.0 == b.0).map(|w| w[0].0).collect();
+    for some in owners.chunks(READ_CONCURRENCY) {
+        let got = futures::future::try_join_all(some.iter().map(|&o| staging.get(Kind::Ranks, o)))
+            .await?;
+        for (&owner, bytes) in some.iter().zip(got) {
+            let key = staging.key(Kind::Ranks, owner);
+            let ranks = decode_ranks(&key, &bytes)?;
+            let from = wanted.partition_point(|w| w.0 < owner);
+            for &(_, c) in wanted[from..].iter().take_while(|w| w.0 == owner) {
+                let at =
+                    ranks
+                        .binary_search_by_key(&c, |r| r.0)
+                        .map_err(|_| StagedError::Corrupt {
+                            key: key.clone(),
+                            why: format!("component {c} of block {b} has no number"),
+                        })?;
+                let number = u32::try_from(ranks[at].1).map_err(|_| StagedError::Corrupt {
+                    key: key.clone(),
+                    why: format!("component {c} numbered {} (past 2^32)", ranks[at].1),
+                })?;
+                number_of.insert(c, number);
+            }
+        }
+    }
+    let remap: Vec<u32> = table
+        .component
+        .iter()
+        .zip(&table.stays)
+        .map(|(c, &stays)| if stays { number_of[c] } else { 0 })
+        .collect();
+    let labels = staging.get(Kind::Labels, b).await?;
+    passes.done("read");
+    write_block(plan, layout, b, (labels, remap), staging, gpu, passes).await
 }
 
 #[cfg(test)]
