@@ -7,8 +7,7 @@ use crate::runtime::batch::{SubmitOptions, TaskSource};
 use crate::runtime::{local, segmentation};
 use crate::task::downsample::Bounds;
 use crate::task::spec::{
-    ChunkFields, ComponentsTask, DownsampleTask, SegmentTask, Task, DEFAULT_MERGE_MIB,
-    DEFAULT_TASK_MIB,
+    ChunkFields, ComponentsTask, DownsampleTask, SegmentTask, Task, DEFAULT_TASK_MIB,
 };
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -146,10 +145,6 @@ enum Command {
         /// its tasks in this process, checked equal to the single run, and print the time ratio.
         #[arg(long)]
         staged_task_mib: Option<usize>,
-        /// With --staged-task-mib: the staged segment plan's merge memory, MiB (below what its
-        /// merge needs, the plan agglomerates in merge rounds).
-        #[arg(long, default_value_t = DEFAULT_MERGE_MIB)]
-        staged_merge_mib: usize,
         /// Keep the generated volumes and outputs (the folder is printed).
         #[arg(long)]
         keep: bool,
@@ -397,30 +392,29 @@ enum PlanCommand {
         #[arg(long)]
         output: Option<String>,
     },
-    /// Segment in stages past one machine: block tasks (GPU: watershed and region graph), one
-    /// merge task (agglomeration of the whole graph; past --merge-mib, fragments only, then
-    /// merge rounds over groups of 2^l blocks per axis and one resolve task), relabel tasks,
-    /// one finalize task. Run each stage's tasks (in any order) before the next stage's; the
-    /// output equals a single-process run's, voxel for voxel.
+    /// Segment in stages past one machine, no task holding more than its block or its part of
+    /// the block grid: block tasks (GPU: watershed and region graph), link, union and down
+    /// levels (fragments across blocks), round and resolve levels (agglomeration over groups of
+    /// 2^l blocks per axis), numbering scans, rank, relabel, finalize. Run each stage's tasks
+    /// (in any order) before the next stage's; the output equals a single-process run's, voxel
+    /// for voxel.
     Segment {
         #[command(flatten)]
         args: SegmentArgs,
         /// Host memory per block task, in MiB (24 bytes per block voxel).
         #[arg(long, default_value_t = DEFAULT_TASK_MIB)]
         task_mib: usize,
-        /// Host memory of the merge task, in MiB: a volume whose whole-graph agglomeration
-        /// needs more (384 bytes per voxel, the worst case measured) is agglomerated in merge rounds.
-        #[arg(long, default_value_t = DEFAULT_MERGE_MIB)]
-        merge_mib: usize,
-        /// Manifests are written to PREFIX<stage>.jsonl for each stage (block, merge,
-        /// round-<level>..., resolve, relabel, finalize; a path or s3:// prefix; end it with /
-        /// for a folder), and the stages printed as JSON; default: every task on stdout, stage
+        /// Manifests are written to PREFIX<stage>.jsonl for each stage (block, link,
+        /// union-<level>..., down-<level>..., round-<level>..., resolve-<level>...,
+        /// scan-<axis>-<level>..., rank, relabel, finalize; a path or s3:// prefix; end it with
+        /// / for a folder), and the stages printed as JSON; default: every task on stdout, stage
         /// after stage.
         #[arg(long)]
         manifests: Option<String>,
     },
-    /// Connected components in stages past one machine: block tasks (GPU), one merge task,
-    /// relabel tasks, one finalize task. Run each stage's tasks (in any order) before the next
+    /// Connected components in stages past one machine, no task holding more than its block or
+    /// its part of the block grid: block tasks (GPU), link, union and down levels, numbering
+    /// scans, rank, relabel, finalize. Run each stage's tasks (in any order) before the next
     /// stage's; the output equals a single-process run's, voxel for voxel.
     ConnectedComponents {
         #[command(flatten)]
@@ -428,9 +422,10 @@ enum PlanCommand {
         /// Host memory per block task, in MiB (16 bytes per block voxel).
         #[arg(long, default_value_t = DEFAULT_TASK_MIB)]
         task_mib: usize,
-        /// Manifests are written to PREFIX{block,merge,relabel,finalize}.jsonl (a path or
-        /// s3:// prefix; end it with / for a folder), and the stages printed as JSON; default:
-        /// every task on stdout, stage after stage.
+        /// Manifests are written to PREFIX<stage>.jsonl for each stage (block, link,
+        /// union-<level>..., down-<level>..., scan-<axis>-<level>..., rank, relabel, finalize; a
+        /// path or s3:// prefix; end it with / for a folder), and the stages printed as JSON;
+        /// default: every task on stdout, stage after stage.
         #[arg(long)]
         manifests: Option<String>,
     },
@@ -565,7 +560,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => done(runtime.block_on(local::plan_staged(
             args.task(),
             task_mib << 20,
-            usize::MAX,
             manifests.as_deref(),
         ))),
         Command::Plan {
@@ -573,13 +567,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 PlanCommand::Segment {
                     args,
                     task_mib,
-                    merge_mib,
                     manifests,
                 },
         } => done(runtime.block_on(local::plan_staged(
             args.task(),
             task_mib << 20,
-            merge_mib.saturating_mul(1 << 20),
             manifests.as_deref(),
         ))),
         Command::RunTask { task } => runtime.block_on(local::run_task(&task)),
@@ -642,7 +634,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             python,
             chunk_size,
             staged_task_mib,
-            staged_merge_mib,
             keep,
         } => done(runtime.block_on(segmentation::bench_segment(
             segmentation::SegmentBenchOptions {
@@ -653,7 +644,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 python,
                 chunk_size,
                 staged_task_mib,
-                staged_merge_mib,
                 keep,
             },
         ))),

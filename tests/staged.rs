@@ -297,7 +297,7 @@ fn staged_segment_run_task_by_task_equals_single_process() {
         rt().block_on(write_float_volume(&input, &refs, shape, WRITE))
             .unwrap();
         let whole = dir.path().join("whole");
-        rt().block_on(async {
+        let single = rt().block_on(async {
             let input =
                 cuboids::formats::precomputed::Precomputed::open(Arc::new(LocalStore::new(&input)))
                     .await
@@ -319,104 +319,137 @@ fn staged_segment_run_task_by_task_equals_single_process() {
                 &opts,
             )
             .await
-            .unwrap();
+            .unwrap()
         });
 
         let expected = rt().block_on(read_labels(&whole));
         let segments: std::collections::HashSet<u64> = expected.iter().copied().collect();
         assert!(segments.len() > 2, "{name}: a trivial volume");
-        let mut merges_of_one_task = 0;
-        // One merge task, then (a merge memory of 0 MiB) merge rounds.
-        for merge_mib in ["65536", "0"] {
-            let with_rounds = merge_mib == "0";
-            let run = dir.path().join(format!("merge-{merge_mib}"));
-            let staged = run.join("staged");
-            let args = [
-                "--affinity",
-                input.to_str().unwrap(),
-                "--output",
-                staged.to_str().unwrap(),
-                "--threshold",
-                threshold,
-                "--merge-mib",
-                merge_mib,
-            ];
-            let manifests = plan_in_blocks_of(&run, "segment", &args, blocks_of);
-            assert_eq!(tasks_in(&manifests[0]), blocks, "{name}");
-            let names: Vec<String> = manifests
-                .iter()
-                .map(|m| m.file_stem().unwrap().to_string_lossy().into_owned())
-                .collect();
-            let rounds = names.iter().filter(|n| n.starts_with("round-")).count();
-            if with_rounds {
-                // Groups of 1, 2, 4 (, 8) blocks per axis, the last one the whole grid.
-                let levels = if blocks == 27 { 3 } else { 2 };
-                assert_eq!(rounds, levels, "{name}: {names:?}");
-                assert_eq!(tasks_in(&manifests[2]), blocks, "{name}: level 0");
-                assert_eq!(tasks_in(&manifests[1 + levels]), 1, "{name}: top level");
-                assert_eq!(names[2 + levels], "resolve", "{name}: {names:?}");
-            } else {
-                assert_eq!(names, ["block", "merge", "relabel", "finalize"]);
-            }
-            let mut outputs = Vec::new();
-            for (stage, manifest) in manifests.iter().enumerate() {
-                assert!(
-                    !staged.join("info").exists(),
-                    "{name}: the info exists before stage {stage} ran"
-                );
-                outputs.push(run_stage_shuffled(manifest, &mut rng));
-            }
-            let merge = &outputs[1][0];
-            eprintln!("{name}, merge memory {merge_mib} MiB: merge {merge}");
-            if name.starts_with("tied") {
-                assert!(
-                    merge["deferred"].as_u64().unwrap() > 0,
-                    "tied data must leave plateaus open across blocks: {merge}"
-                );
-            }
-            let got = rt().block_on(read_labels(&staged));
+        let staged = dir.path().join("staged");
+        let args = [
+            "--affinity",
+            input.to_str().unwrap(),
+            "--output",
+            staged.to_str().unwrap(),
+            "--threshold",
+            threshold,
+        ];
+        let manifests = plan_in_blocks_of(dir.path(), "segment", &args, blocks_of);
+        assert_eq!(tasks_in(&manifests[0]), blocks, "{name}");
+        let names: Vec<String> = manifests
+            .iter()
+            .map(|m| m.file_stem().unwrap().to_string_lossy().into_owned())
+            .collect();
+        // Groups of 1, 2, 4 blocks per axis for 27 blocks, of 1 and 2 for 8; scans of fan-in
+        // 2 (the least --task-mib gives) two levels deep along 3 blocks, one along 2.
+        let expected_names: Vec<&str> = match blocks {
+            27 => vec![
+                "block",
+                "link",
+                "union-1",
+                "union-2",
+                "down-1",
+                "down-0",
+                "round-0",
+                "round-1",
+                "round-2",
+                "resolve-1",
+                "resolve-0",
+                "scan-x-0",
+                "scan-x-1",
+                "scan-y-0",
+                "scan-y-1",
+                "scan-z-0",
+                "scan-z-1",
+                "rank",
+                "relabel",
+                "finalize",
+            ],
+            _ => vec![
+                "block",
+                "link",
+                "union-1",
+                "down-0",
+                "round-0",
+                "round-1",
+                "resolve-0",
+                "scan-x-0",
+                "scan-y-0",
+                "scan-z-0",
+                "rank",
+                "relabel",
+                "finalize",
+            ],
+        };
+        assert_eq!(names, expected_names, "{name}");
+        let stage = |n: &str| names.iter().position(|m| m == n).unwrap();
+        let mut outputs = Vec::new();
+        for (i, manifest) in manifests.iter().enumerate() {
             assert!(
-                got == expected,
-                "{name}, merge memory {merge_mib} MiB: staged and single-process labels differ"
+                !staged.join("info").exists(),
+                "{name}: the info exists before stage {} ran",
+                names[i]
             );
-            if !with_rounds {
-                merges_of_one_task = merge["merges"].as_u64().unwrap();
-                assert!(merges_of_one_task > 0, "{name}: {merge}");
-                if name == "tied" {
-                    check_reruns_and_damage(
-                        &staged,
-                        &manifests,
-                        &[(0, 13), (1, 0)],
-                        "block-4.graph",
-                    );
-                }
-                continue;
-            }
-            // The rounds make the merges of one merge task between them, each once.
-            let per_round: Vec<u64> = outputs[2..2 + rounds]
+            outputs.push(run_stage_shuffled(manifest, &mut rng));
+        }
+        let sum = |stage: usize, field: &str| -> u64 {
+            outputs[stage]
                 .iter()
-                .map(|docs| docs.iter().map(|d| d["merges"].as_u64().unwrap()).sum())
-                .collect();
-            eprintln!("{name}: merges per round {per_round:?} of {merges_of_one_task}");
-            assert_eq!(per_round.iter().sum::<u64>(), merges_of_one_task, "{name}");
-            assert_eq!(
-                outputs[2 + rounds][0]["merges"].as_u64(),
-                Some(merges_of_one_task),
-                "{name}: the resolve task"
+                .map(|d| d[field].as_u64().unwrap())
+                .sum()
+        };
+        if name.starts_with("tied") {
+            assert!(
+                sum(stage("link"), "deferred") > 0,
+                "{name}: tied data must leave plateaus open across blocks"
             );
-            if name == "tied, larger blocks" {
-                // Blocks of 32x32x16 hold segments whole: the first round decides some merges.
-                assert!(per_round[0] > 0, "{name}: {per_round:?}");
-            }
-            // A round and the resolve run again rewrite identical bytes; a damaged part a round
-            // left is named by the round that reads it.
-            if name != "tied" {
-                continue;
-            }
+        }
+        let got = rt().block_on(read_labels(&staged));
+        assert!(
+            got == expected,
+            "{name}: staged and single-process labels differ"
+        );
+        // The rounds make the single process's merges between them, each once.
+        let per_round: Vec<u64> = names
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.starts_with("round-"))
+            .map(|(i, _)| sum(i, "merges"))
+            .collect();
+        eprintln!(
+            "{name}: merges per round {per_round:?} of {}",
+            single.merges
+        );
+        assert!(single.merges > 0, "{name}");
+        assert_eq!(
+            per_round.iter().sum::<u64>(),
+            single.merges as u64,
+            "{name}"
+        );
+        assert_eq!(
+            outputs[stage("finalize")][0]["segments"].as_u64(),
+            Some(segments.len() as u64 - segments.contains(&0) as u64),
+            "{name}: the segments finalize counts"
+        );
+        if name == "tied, larger blocks" {
+            // Blocks of 32x32x16 hold segments whole: the first round decides some merges.
+            assert!(per_round[0] > 0, "{name}: {per_round:?}");
+        }
+        // Tasks of several stages run again rewrite identical bytes; a damaged part a round
+        // left is named by the round that reads it.
+        if name == "tied" {
             check_reruns_and_damage(
                 &staged,
                 &manifests,
-                &[(2, 5), (3, 1), (2 + rounds, 0)],
+                &[
+                    (stage("round-0"), 5),
+                    (stage("link"), 13),
+                    (stage("union-2"), 0),
+                    (stage("down-0"), 4),
+                    (stage("round-1"), 1),
+                    (stage("resolve-0"), 7),
+                    (stage("rank"), 3),
+                ],
                 "round-0-3.left",
             );
         }
@@ -568,10 +601,9 @@ fn stages_are_idempotent_and_bad_intermediates_are_named() {
         t.plan = cuboids::task::spec::ComponentsPlan::new(
             [12, 16, 8],
             t.plan.blocks,
-            0,
+            [2, 2, 2],
             t.plan.work.clone(),
-        )
-        .with_fan_in([2, 2, 2]);
+        );
     }
     let o = cuboids(
         &["batch", "--task", &serde_json::to_string(&task).unwrap()],
@@ -816,8 +848,6 @@ fn a_plan_task_writes_what_the_plan_command_writes() {
             output,
             "--threshold",
             "0.5",
-            "--merge-mib",
-            "0",
         ],
         "16,16,8",
     );
@@ -830,7 +860,7 @@ fn a_plan_task_writes_what_the_plan_command_writes() {
     let run_plan = |work: &serde_json::Value| {
         let task = dir.path().join("plan-task.json");
         let doc = serde_json::json!({
-            "kind": "plan", "work": work, "manifests": by_task, "task_mib": 0, "merge_mib": 0,
+            "kind": "plan", "work": work, "manifests": by_task, "task_mib": 0,
         });
         std::fs::write(&task, doc.to_string()).unwrap();
         cuboids(&["run-task", task.to_str().unwrap()], None)
@@ -847,10 +877,7 @@ fn a_plan_task_writes_what_the_plan_command_writes() {
         .iter()
         .map(|s| s["stage"].as_str().unwrap())
         .collect();
-    assert!(
-        names.contains(&"round-0"),
-        "merge rounds planned: {names:?}"
-    );
+    assert!(names.contains(&"round-0"), "rounds planned: {names:?}");
     for (cli, task) in cli_stages["stages"]
         .as_array()
         .unwrap()

@@ -295,16 +295,9 @@ impl Executor {
     async fn plan(&self, t: &PlanTask) -> Result<TaskOutput, TaskFailure> {
         let context = format!("planning {} into {}", t.work.describe(), t.manifests);
         let task_bytes = t.task_mib.saturating_mul(1 << 20);
-        let (plan, blocks, rounds, stages) = match t.work.as_ref() {
-            Task::Segment(w) => {
-                let merge_bytes = t.merge_mib.saturating_mul(1 << 20);
-                self.plan_stages(w, task_bytes, merge_bytes, &context)
-                    .await?
-            }
-            Task::ConnectedComponents(w) => {
-                self.plan_stages(w, task_bytes, usize::MAX, &context)
-                    .await?
-            }
+        let (plan, blocks, stages) = match t.work.as_ref() {
+            Task::Segment(w) => self.plan_stages(w, task_bytes, &context).await?,
+            Task::ConnectedComponents(w) => self.plan_stages(w, task_bytes, &context).await?,
             other => {
                 return Err(TaskFailure::new(
                     FailureKind::InvalidTask,
@@ -327,12 +320,8 @@ impl Executor {
         document["kind"] = serde_json::json!("plan");
         let tasks: usize = stages.iter().map(Vec::len).sum();
         let summary = format!(
-            "{context}: plan {plan}, {blocks} blocks, {} stages, {tasks} tasks{}",
-            stages.len(),
-            match rounds {
-                0 => String::new(),
-                r => format!(", {r} merge rounds"),
-            }
+            "{context}: plan {plan}, {blocks} blocks, {} stages, {tasks} tasks",
+            stages.len()
         );
         Ok(TaskOutput {
             document,
@@ -341,22 +330,21 @@ impl Executor {
         })
     }
 
-    /// The id, blocks, merge rounds and stage tasks of a staged plan of `work`.
+    /// The id, blocks and stage tasks of a staged plan of `work`.
     async fn plan_stages<W: StagedWork>(
         &self,
         work: &W,
         task_bytes: usize,
-        merge_bytes: usize,
         context: &str,
-    ) -> Result<(String, usize, u32, Vec<Vec<Task>>), TaskFailure> {
+    ) -> Result<(String, usize, Vec<Vec<Task>>), TaskFailure> {
         let store = open_store_with(work.input(), &self.sdk)
             .map_err(|e| TaskFailure::from_error(context, &e))?;
         let vol = Precomputed::open(store)
             .await
             .map_err(|e| TaskFailure::from_error(context, &e))?;
-        let (plan, stages) = crate::task::staged::plan(&vol, work, task_bytes, merge_bytes)
+        let (plan, stages) = crate::task::staged::plan(&vol, work, task_bytes)
             .map_err(|e| TaskFailure::from_error(context, &e))?;
-        Ok((plan.id, plan.blocks, plan.rounds, stages))
+        Ok((plan.id, plan.blocks, stages))
     }
 
     /// One task of a staged plan (`kind` of work); only the block stage opens the GPU.

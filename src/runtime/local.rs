@@ -152,12 +152,11 @@ pub async fn plan_downsample(
 pub async fn plan_staged<W: StagedWork>(
     task: W,
     task_bytes: usize,
-    merge_bytes: usize,
     manifests: Option<&str>,
 ) -> Result<()> {
     let sdk = aws_env::sdk_config().await;
     let vol = open_volume(task.input(), &sdk).await?;
-    let (plan, stages) = crate::task::staged::plan(&vol, &task, task_bytes, merge_bytes)
+    let (plan, stages) = crate::task::staged::plan(&vol, &task, task_bytes)
         .with_context(|| format!("planning stages over {}", task.input()))?;
     let Some(prefix) = manifests else {
         for t in stages.iter().flatten() {
@@ -168,13 +167,12 @@ pub async fn plan_staged<W: StagedWork>(
     let document =
         crate::runtime::batch::write_stage_manifests(&plan.id, plan.blocks, &stages, prefix, &sdk)
             .await?;
-    let rounds = match plan.rounds {
-        0 => String::new(),
-        r => format!(", {r} merge rounds"),
-    };
     eprintln!(
-        "plan {}: {} blocks of {:?} voxels{rounds}",
-        plan.id, plan.blocks, plan.block_size
+        "plan {}: {} blocks of {:?} voxels, {} stages",
+        plan.id,
+        plan.blocks,
+        plan.block_size,
+        stages.len()
     );
     println!("{document}");
     Ok(())

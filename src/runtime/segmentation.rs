@@ -146,8 +146,6 @@ pub struct SegmentBenchOptions {
     /// Also run each pipeline as a staged plan with blocks of this much host memory (MiB),
     /// every stage's tasks one after another in this process, and compare with the single run.
     pub staged_task_mib: Option<usize>,
-    /// The staged segment plan's merge memory (MiB): below its estimate, merge rounds.
-    pub staged_merge_mib: usize,
     /// Keep the generated volumes and outputs (their folder is printed) instead of removing
     /// them: to run other tools, or staged plans task by task, on the same data.
     pub keep: bool,
@@ -249,8 +247,7 @@ pub async fn bench_segment(o: SegmentBenchOptions) -> Result<()> {
                 chunks: fields.clone(),
             };
             let ctx = Some(ctx.clone());
-            let r = run_plan_in_process(&aff_vol, &task, task_mib, o.staged_merge_mib, ctx, single)
-                .await?;
+            let r = run_plan_in_process(&aff_vol, &task, task_mib, ctx, single).await?;
             compare_outputs(temp.path(), "seg1", "seg-staged").await?;
             println!("cuboids segment staged, in one process: {r}");
         }
@@ -264,8 +261,7 @@ pub async fn bench_segment(o: SegmentBenchOptions) -> Result<()> {
                 chunks: fields,
             };
             let ctx = Some(ctx.clone());
-            let r =
-                run_plan_in_process(&prob_vol, &task, task_mib, usize::MAX, ctx, single).await?;
+            let r = run_plan_in_process(&prob_vol, &task, task_mib, ctx, single).await?;
             compare_outputs(temp.path(), "cc1", "cc-staged").await?;
             println!("cuboids connected-components staged, in one process: {r}");
         }
@@ -333,12 +329,10 @@ async fn run_plan_in_process<W: StagedWork>(
     input: &Precomputed,
     task: &W,
     task_mib: usize,
-    merge_mib: usize,
     ctx: Option<std::sync::Arc<crate::gpu::GpuContext>>,
     single: std::time::Duration,
 ) -> Result<String> {
-    let merge_bytes = merge_mib.saturating_mul(1 << 20);
-    let (plan, stages) = staged::plan(input, task, task_mib << 20, merge_bytes)?;
+    let (plan, stages) = staged::plan(input, task, task_mib << 20)?;
     let output = open_store(task.output()).await?;
     let start = Instant::now();
     let mut shares = Vec::new();

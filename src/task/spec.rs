@@ -44,9 +44,6 @@ pub enum Task {
     Plan(PlanTask),
 }
 
-/// The default host memory of a staged segment plan's merge task (MiB): a 64 GiB machine.
-pub const DEFAULT_MERGE_MIB: usize = 65536;
-
 /// The default host memory per block task of a staged plan (MiB).
 pub const DEFAULT_TASK_MIB: usize = 4096;
 
@@ -62,17 +59,10 @@ pub struct PlanTask {
     /// Host memory per block task, in MiB.
     #[serde(default = "default_task_mib")]
     pub task_mib: usize,
-    /// Host memory of the merge task, in MiB (segment: past it, merge rounds).
-    #[serde(default = "default_merge_mib")]
-    pub merge_mib: usize,
 }
 
 fn default_task_mib() -> usize {
     DEFAULT_TASK_MIB
-}
-
-fn default_merge_mib() -> usize {
-    DEFAULT_MERGE_MIB
 }
 
 /// A reference to one line of a manifest (`cuboids plan ... --manifests` writes them).
@@ -92,17 +82,13 @@ pub enum Stage {
     /// Label one block (GPU), write its labels and face summary (and for segment its open
     /// plateaus and partial region graph).
     Block,
-    /// Join the blocks' faces, number the components (segment: and agglomerate them), write each
-    /// block's relabel table. In a plan with merge rounds (segment), it stops after numbering
-    /// the fragments: it writes each block's fragment table and region-graph edges instead.
-    Merge,
-    /// One merge round of a plan with rounds: agglomerates the part of the region graph of a
-    /// group of 2^level blocks on each axis (`block` numbers the group) that the group decides.
+    /// One level of segment's agglomeration: the part of the region graph a group of 2^level
+    /// blocks on each axis (`block` numbers the group) decides.
     Round,
-    /// After the last round: each fragment's segment from the rounds' merges, written as each
-    /// block's relabel table.
+    /// One level of the way down from the rounds: each region's segment (level 0: each block
+    /// label's, and what the block owns per row).
     Resolve,
-    /// Which labels of one block continue in its neighbours (connected components).
+    /// Which labels of one block continue in its neighbours.
     Link,
     /// One level of the union hierarchy: joins the components that cross the inner faces of a
     /// group of 2^level blocks on each axis (`block` numbers the group).
@@ -135,53 +121,29 @@ pub struct StagedPlan<W> {
     /// Block extent in voxels: whole GPU chunks (`work.chunk_size`) and output chunks.
     pub block_size: Vec3,
     pub blocks: usize,
-    /// Merge rounds (segment): 0 for one merge task that agglomerates the whole region graph;
-    /// else the levels of the hierarchy, level `l` grouping 2^l blocks on each axis, the last
-    /// one the whole block grid.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub rounds: u32,
-    /// Fan-in of the numbering's prefix sums along x, y and z (plans numbered without a merge
-    /// task: connected components).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fan_in: Option<Vec3>,
+    /// Fan-in of the numbering's prefix sums along x, y and z.
+    pub fan_in: Vec3,
     pub work: W,
 }
 
-fn is_zero(v: &u32) -> bool {
-    *v == 0
-}
-
 impl<W: Serialize> StagedPlan<W> {
-    pub fn new(block_size: Vec3, blocks: usize, rounds: u32, work: W) -> StagedPlan<W> {
+    pub fn new(block_size: Vec3, blocks: usize, fan_in: Vec3, work: W) -> StagedPlan<W> {
         let mut plan = StagedPlan {
             id: String::new(),
             block_size,
             blocks,
-            rounds,
-            fan_in: None,
+            fan_in,
             work,
         };
         plan.id = plan.expected_id();
         plan
     }
 
-    /// The plan numbered by prefix sums of fan-in `fan_in` (its id changes with it).
-    pub fn with_fan_in(mut self, fan_in: Vec3) -> StagedPlan<W> {
-        self.fan_in = Some(fan_in);
-        self.id = self.expected_id();
-        self
-    }
-
     /// The id this plan's contents give (a task whose `id` differs was edited or mixed up).
     pub fn expected_id(&self) -> String {
         use md5::{Digest, Md5};
-        let body = match self.fan_in {
-            None => serde_json::to_vec(&(&self.block_size, self.blocks, self.rounds, &self.work)),
-            Some(f) => {
-                serde_json::to_vec(&(&self.block_size, self.blocks, self.rounds, f, &self.work))
-            }
-        }
-        .expect("a plan serialises");
+        let body = serde_json::to_vec(&(&self.block_size, self.blocks, self.fan_in, &self.work))
+            .expect("a plan serialises");
         Md5::digest(&body)
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -490,9 +452,8 @@ impl<W> StageTask<W> {
     pub fn stage_name(&self) -> String {
         match self.stage {
             Stage::Block => "block".into(),
-            Stage::Merge => "merge".into(),
             Stage::Round => format!("round-{}", self.level.unwrap_or(0)),
-            Stage::Resolve => "resolve".into(),
+            Stage::Resolve => format!("resolve-{}", self.level.unwrap_or(0)),
             Stage::Link => "link".into(),
             Stage::Union => format!("union-{}", self.level.unwrap_or(0)),
             Stage::Down => format!("down-{}", self.level.unwrap_or(0)),
@@ -507,8 +468,10 @@ impl<W> StageTask<W> {
 
     fn describe(&self, kind: &str, input: &str, output: &str) -> String {
         let what = match self.stage {
-            Stage::Round => " group",
-            _ => " block",
+            Stage::Block | Stage::Link | Stage::Rank | Stage::Relabel => " block",
+            Stage::Round | Stage::Resolve | Stage::Union | Stage::Down => " group",
+            Stage::ScanX | Stage::ScanY | Stage::ScanZ => " task",
+            Stage::Finalize => "",
         };
         format!(
             "{kind} {} stage{} of plan {} ({input} -> {output})",

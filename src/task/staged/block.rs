@@ -73,25 +73,6 @@ impl Summary {
             face: self.face.clone(),
         }
     }
-
-    /// Adds a block's border to its counts (for the merge stage), checking that the border
-    /// names only the summary's labels, with their first voxels.
-    pub(super) fn with_border(mut self, key: &str, border: Border) -> Result<Summary, StagedError> {
-        for &(label, id) in &border.ids {
-            if self.first.get((label as usize).wrapping_sub(1)) != Some(&id) {
-                return Err(StagedError::Corrupt {
-                    key: key.to_string(),
-                    why: format!(
-                        "label {label} with first voxel {id}; the summary has {} labels",
-                        self.first.len()
-                    ),
-                });
-            }
-        }
-        self.halo = border.halo;
-        self.face = border.face;
-        Ok(self)
-    }
 }
 
 /// A block's border: the labelled voxels on its faces that other blocks share and the halo
@@ -284,7 +265,8 @@ pub(super) async fn run_block<W: StagedWork>(
         if let Some(graph) = &graph {
             report.deferred = graph.open.len();
             report.region_edges = graph.edges.len();
-            staging.put(Kind::Graph, b, graph.encode()).await?;
+            staging.put(Kind::Plateaus, b, graph.encode_open()).await?;
+            staging.put(Kind::Edges, b, graph.encode_edges()).await?;
         }
         Ok(())
     };
@@ -497,10 +479,10 @@ impl BlockGraph {
     const OPEN_BYTES: usize = 8 + 2 + 4 + 24;
     const EDGE_BYTES: usize = 32;
 
-    pub(super) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(
-            16 + self.open.len() * Self::OPEN_BYTES + self.edges.len() * Self::EDGE_BYTES,
-        );
+    /// The `plateaus` object: u64 D and D open voxels (u64 voxel, u8 bidirectional directions,
+    /// u8 those toward an exit, u32 label, 6 u32 labels of its neighbours inside the block).
+    pub(super) fn encode_open(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.open.len() * Self::OPEN_BYTES);
         out.extend_from_slice(&(self.open.len() as u64).to_le_bytes());
         for v in &self.open {
             out.extend_from_slice(&v.voxel.to_le_bytes());
@@ -509,6 +491,13 @@ impl BlockGraph {
                 out.extend_from_slice(&l.to_le_bytes());
             }
         }
+        out
+    }
+
+    /// The `edges` object: u64 E and E edges (u64 key, u64 key, u64 voxel-edge count, u64
+    /// fixed-point sum), sorted by keys.
+    pub(super) fn encode_edges(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.edges.len() * Self::EDGE_BYTES);
         out.extend_from_slice(&(self.edges.len() as u64).to_le_bytes());
         for (a, b, s) in &self.edges {
             for w in [*a, *b, s.count, s.sum] {
@@ -518,13 +507,17 @@ impl BlockGraph {
         out
     }
 
-    /// Decodes a block's graph whose labels must be below `count` + 1.
-    pub(super) fn decode(key: &str, bytes: &[u8], count: usize) -> Result<BlockGraph, StagedError> {
+    /// Decodes a block's open plateau voxels, whose labels must be below `count` + 1.
+    pub(super) fn decode_open(
+        key: &str,
+        bytes: &[u8],
+        count: usize,
+    ) -> Result<Vec<OpenVoxel>, StagedError> {
         let mut r = Reader { bytes, at: 0, key };
         let label_ok = |l: u32, zero_ok: bool| (zero_ok || l != 0) && l as usize <= count;
         let n = r.u64()? as usize;
         r.check(n.saturating_mul(Self::OPEN_BYTES))?;
-        let mut g = BlockGraph::default();
+        let mut open = Vec::with_capacity(n);
         for _ in 0..n {
             let voxel = r.u64()?;
             let [bidirectional, to_exit] = r.take()?;
@@ -536,7 +529,7 @@ impl BlockGraph {
             if !label_ok(label, false) || !neighbours.iter().all(|&l| label_ok(l, true)) {
                 return Err(r.corrupt(format!("an open voxel's label outside 1..={count}")));
             }
-            g.open.push(OpenVoxel {
+            open.push(OpenVoxel {
                 voxel,
                 bidirectional,
                 to_exit,
@@ -544,8 +537,20 @@ impl BlockGraph {
                 neighbours,
             });
         }
+        r.finish("plateaus")?;
+        Ok(open)
+    }
+
+    /// Decodes a block's edges, whose labels must be below `count` + 1.
+    pub(super) fn decode_edges(
+        key: &str,
+        bytes: &[u8],
+        count: usize,
+    ) -> Result<Vec<(u64, u64, EdgeStats)>, StagedError> {
+        let mut r = Reader { bytes, at: 0, key };
         let n = r.u64()? as usize;
         r.check(n.saturating_mul(Self::EDGE_BYTES))?;
+        let mut edges = Vec::with_capacity(n);
         for _ in 0..n {
             let (a, b) = (r.u64()?, r.u64()?);
             let stats = EdgeStats {
@@ -553,16 +558,14 @@ impl BlockGraph {
                 sum: r.u64()?,
             };
             for k in [a, b] {
-                if k & VOXEL_KEY == 0 && !label_ok(k.try_into().unwrap_or(u32::MAX), false) {
+                if k & VOXEL_KEY == 0 && (k == 0 || k > count as u64) {
                     return Err(r.corrupt(format!("an edge's label {k} outside 1..={count}")));
                 }
             }
-            g.edges.push((a, b, stats));
+            edges.push((a, b, stats));
         }
-        if r.at != bytes.len() {
-            return Err(r.corrupt(format!("{} bytes after the graph", bytes.len() - r.at)));
-        }
-        Ok(g)
+        r.finish("edges")?;
+        Ok(edges)
     }
 }
 
@@ -585,11 +588,12 @@ mod tests {
             border.ids,
             vec![(1, 0), (2, 5), (3, 127), (6, u64::MAX - 1)]
         );
-        let round_trip = Summary::decode_counts("s", &counts)
-            .unwrap()
-            .with_border("b", Border::decode("b", &border.encode()).unwrap())
-            .unwrap();
-        assert_eq!(round_trip, summary);
+        let counts_back = Summary::decode_counts("s", &counts).unwrap();
+        assert_eq!(
+            (counts_back.first, counts_back.sizes),
+            (summary.first.clone(), summary.sizes.clone())
+        );
+        assert_eq!(Border::decode("b", &border.encode()).unwrap(), border);
         // Truncated anywhere: named, never a panic.
         for (bytes, key) in [(counts, "b-1.summary"), (border.encode(), "b-1.border")] {
             for cut in 0..bytes.len() {
@@ -603,11 +607,10 @@ mod tests {
                 }
             }
         }
-        // A border that names a label the summary lacks, or with another first voxel.
-        let mut wrong = summary.border();
-        wrong.ids[0].1 = 1;
-        let counts = Summary::decode_counts("s", &summary.encode_counts()).unwrap();
-        assert!(counts.with_border("b", wrong).is_err());
+        // A border whose halo or face names a label without a first voxel.
+        let mut unnamed = summary.border();
+        unnamed.ids.remove(0);
+        assert!(Border::decode("b", &unnamed.encode()).is_err());
         let runs = vec![0, 1, 3, 127, u32::MAX, 128, 1, 0x4000];
         assert_eq!(decode_runs("l", &encode_runs(&runs)).unwrap(), runs);
         let mut past = Vec::new();

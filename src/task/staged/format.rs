@@ -13,12 +13,9 @@ use std::sync::Arc;
 pub(super) enum Kind {
     Labels = 1,
     Summary = 2,
-    Remap = 3,
     Done = 4,
-    Graph = 5,
     Fragments = 6,
     Edges = 7,
-    Merged = 8,
     Left = 9,
     Border = 10,
     Links = 11,
@@ -30,6 +27,10 @@ pub(super) enum Kind {
     Prefix = 17,
     Total = 18,
     Ranks = 19,
+    Plateaus = 20,
+    Finals = 21,
+    FaceFragments = 22,
+    RoundMap = 23,
 }
 
 impl Kind {
@@ -37,12 +38,9 @@ impl Kind {
         match self {
             Kind::Labels => "labels",
             Kind::Summary => "summary",
-            Kind::Remap => "remap",
             Kind::Done => "done",
-            Kind::Graph => "graph",
             Kind::Fragments => "fragments",
             Kind::Edges => "edges",
-            Kind::Merged => "merged",
             Kind::Left => "left",
             Kind::Border => "border",
             Kind::Links => "links",
@@ -54,6 +52,10 @@ impl Kind {
             Kind::Prefix => "prefix",
             Kind::Total => "total",
             Kind::Ranks => "ranks",
+            Kind::Plateaus => "plateaus",
+            Kind::Finals => "finals",
+            Kind::FaceFragments => "face-fragments",
+            Kind::RoundMap => "map",
         }
     }
 
@@ -63,7 +65,7 @@ impl Kind {
     /// (`scan-<axis>-<level>-<line>-<part>`, indexed by [`scan_index`]).
     fn stem(self, index: usize) -> String {
         match self {
-            Kind::Merged | Kind::Left => {
+            Kind::Left | Kind::Finals | Kind::RoundMap => {
                 let (level, group) = rounds::level_and_group(index);
                 format!("round-{level}-{group}")
             }
@@ -197,28 +199,6 @@ impl Staging {
         tokio::task::spawn_blocking(move || decode(&key, &object.data, kind, block, &plan))
             .await
             .map_err(SegmentError::from)?
-    }
-}
-
-impl Staging {
-    /// Gets the `kind` objects of blocks 0..n, a few at a time (on S3 each get is a round
-    /// trip), and decodes each as `decode(block, key, payload)`.
-    pub(super) async fn get_each<T>(
-        &self,
-        kind: Kind,
-        n: usize,
-        decode: impl Fn(usize, &str, Vec<u8>) -> Result<T, StagedError>,
-    ) -> Result<Vec<T>, StagedError> {
-        let mut out = Vec::with_capacity(n);
-        let blocks: Vec<usize> = (0..n).collect();
-        for some in blocks.chunks(READ_CONCURRENCY) {
-            let payloads =
-                futures::future::try_join_all(some.iter().map(|&b| self.get(kind, b))).await?;
-            for (&b, payload) in some.iter().zip(payloads) {
-                out.push(decode(b, &self.key(kind, b), payload)?);
-            }
-        }
-        Ok(out)
     }
 }
 
@@ -410,8 +390,17 @@ impl Reader<'_> {
     /// A count of entries of two varints each. Every varint takes a byte at least, so a count
     /// past what the bytes left can hold is corrupt, not a reason to allocate.
     pub(super) fn count_of_pairs(&mut self) -> Result<u64, StagedError> {
+        self.count_of(2)
+    }
+
+    /// A count of entries of `varints` varints each (see [`Reader::count_of_pairs`]).
+    pub(super) fn count_of(&mut self, varints: usize) -> Result<u64, StagedError> {
         let n = self.varint()?;
-        self.check(usize::try_from(n).unwrap_or(usize::MAX).saturating_mul(2))?;
+        self.check(
+            usize::try_from(n)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(varints),
+        )?;
         Ok(n)
     }
 
@@ -464,37 +453,4 @@ impl Reader<'_> {
             }
         }
     }
-}
-
-/// Words as little-endian bytes: borrowed as they are on little-endian machines.
-pub(super) fn u32s_to_bytes(words: &[u32]) -> std::borrow::Cow<'_, [u8]> {
-    if cfg!(target_endian = "little") {
-        bytemuck::cast_slice(words).into()
-    } else {
-        words
-            .iter()
-            .flat_map(|w| w.to_le_bytes())
-            .collect::<Vec<u8>>()
-            .into()
-    }
-}
-
-pub(super) fn bytes_to_u32s(
-    key: &str,
-    bytes: &[u8],
-    expected: usize,
-) -> Result<Vec<u32>, StagedError> {
-    if bytes.len() != expected * 4 {
-        return Err(StagedError::Corrupt {
-            key: key.to_string(),
-            why: format!("{} bytes, expected {}", bytes.len(), expected * 4),
-        });
-    }
-    if cfg!(target_endian = "little") {
-        return Ok(bytemuck::pod_collect_to_vec(bytes));
-    }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-        .collect())
 }

@@ -69,7 +69,6 @@
 
 mod block;
 mod format;
-mod merge;
 mod number;
 mod relabel;
 mod rounds;
@@ -215,22 +214,13 @@ impl StagedWork for SegmentTask {
     }
 }
 
-/// Host bytes the merge stage of a segment plan without rounds holds per voxel of the volume,
-/// to size its region graph and agglomeration before any block has run. Measured
-/// (benches/staged_memory.py): 358 on the noisy-cells benchmark (a fragment per 4 voxels, the
-/// worst case seen), 32 on EM-like affinities; the plan assumes the worst.
-pub const MERGE_BYTES_PER_VOXEL: usize = 384;
-
 /// Cuts a segment or connected-components task into a staged plan: blocks of whole GPU chunks
 /// and output chunks, grown along x, then y, then z while a block's host memory stays within
-/// `task_bytes`. A segment plan whose merge would hold more than `merge_bytes`
-/// ([`MERGE_BYTES_PER_VOXEL`]) agglomerates in merge rounds instead (see [`rounds`]). Returns
-/// the tasks of each stage, in stage order.
+/// `task_bytes`. Returns the tasks of each stage, in stage order.
 pub fn plan<W: StagedWork>(
     input: &Precomputed,
     task: &W,
     task_bytes: usize,
-    merge_bytes: usize,
 ) -> Result<(StagedPlan<W>, Vec<Vec<Task>>), StagedError> {
     let scale = input.scale(0);
     let fields = task.chunk_fields();
@@ -256,72 +246,71 @@ pub fn plan<W: StagedWork>(
         chunk: block,
     };
     let blocks = grid.len();
-    let rounds = match task.work() {
-        Work::Segment(_) if voxels(extent).saturating_mul(MERGE_BYTES_PER_VOXEL) > merge_bytes => {
-            rounds::levels(grid.counts())
-        }
-        _ => 0,
-    };
     let mut work = task.clone();
     work.chunk_fields_mut().chunk_size = Some(chunk);
-    let mut plan = StagedPlan::new(block, blocks, rounds, work);
-    if let Work::Components(_) = task.work() {
-        plan = plan.with_fan_in(scan_fan_in(block, task_bytes));
-    }
-    let stage = |stage: Stage, block: Option<usize>, level: Option<u32>| {
-        W::stage_task(StageTask {
-            stage,
-            block,
-            level,
-            plan: plan.clone(),
-        })
-    };
-    let each = |stage_of: Stage, n: usize, level: Option<u32>| -> Vec<Task> {
-        (0..n).map(|i| stage(stage_of, Some(i), level)).collect()
-    };
-    let mut stages = vec![each(Stage::Block, blocks, None)];
-    let counts = grid.counts();
-    if let Some(fan_in) = plan.fan_in {
-        // Numbered without a merge task: link, union up the levels, down again, the scans.
-        let top = rounds::levels(counts) - 1;
-        stages.push(each(Stage::Link, blocks, None));
-        for level in 1..=top {
-            stages.push(each(
-                Stage::Union,
-                rounds::groups(counts, level).len(),
-                Some(level),
-            ));
-        }
-        for level in (0..top).rev() {
-            stages.push(each(
-                Stage::Down,
-                rounds::groups(counts, level).len(),
-                Some(level),
-            ));
-        }
-        let scans = number::Scans { counts, fan_in };
-        for (axis, stage_of) in [Stage::ScanX, Stage::ScanY, Stage::ScanZ]
-            .into_iter()
-            .enumerate()
-        {
-            for level in 0..scans.levels(axis) {
-                stages.push(each(stage_of, scans.tasks(axis, level), Some(level)));
-            }
-        }
-        stages.push(each(Stage::Rank, blocks, None));
-    } else {
-        stages.push(vec![stage(Stage::Merge, None, None)]);
-        for level in 0..rounds {
-            let groups = rounds::groups(counts, level).len();
-            stages.push(each(Stage::Round, groups, Some(level)));
-        }
-        if rounds > 0 {
-            stages.push(vec![stage(Stage::Resolve, None, None)]);
-        }
-    }
-    stages.push(each(Stage::Relabel, blocks, None));
-    stages.push(vec![stage(Stage::Finalize, None, None)]);
+    let plan = StagedPlan::new(block, blocks, scan_fan_in(block, task_bytes), work);
+    let stages = stages(&plan, grid.counts(), task.work());
     Ok((plan, stages))
+}
+
+/// The stages of a plan over a grid of `counts` blocks, each a list of its tasks.
+fn stages<W: StagedWork>(plan: &StagedPlan<W>, counts: Vec3, work: Work) -> Vec<Vec<Task>> {
+    let each = |stage: Stage, n: usize, level: Option<u32>| -> Vec<Task> {
+        (0..n)
+            .map(|i| {
+                W::stage_task(StageTask {
+                    stage,
+                    block: Some(i),
+                    level,
+                    plan: plan.clone(),
+                })
+            })
+            .collect()
+    };
+    let groups = |level: u32| rounds::groups(counts, level).len();
+    let top = rounds::levels(counts) - 1;
+    let mut stages = vec![
+        each(Stage::Block, plan.blocks, None),
+        each(Stage::Link, plan.blocks, None),
+    ];
+    for level in 1..=top {
+        stages.push(each(Stage::Union, groups(level), Some(level)));
+    }
+    for level in (0..top).rev() {
+        stages.push(each(Stage::Down, groups(level), Some(level)));
+    }
+    if top == 0 {
+        stages.push(each(Stage::Down, plan.blocks, Some(0)));
+    }
+    if let Work::Segment(_) = work {
+        for level in 0..=top {
+            stages.push(each(Stage::Round, groups(level), Some(level)));
+        }
+        for level in (0..top.max(1)).rev() {
+            stages.push(each(Stage::Resolve, groups(level), Some(level)));
+        }
+    }
+    let scans = number::Scans {
+        counts,
+        fan_in: plan.fan_in,
+    };
+    for (axis, stage) in [Stage::ScanX, Stage::ScanY, Stage::ScanZ]
+        .into_iter()
+        .enumerate()
+    {
+        for level in 0..scans.levels(axis) {
+            stages.push(each(stage, scans.tasks(axis, level), Some(level)));
+        }
+    }
+    stages.push(each(Stage::Rank, plan.blocks, None));
+    stages.push(each(Stage::Relabel, plan.blocks, None));
+    stages.push(vec![W::stage_task(StageTask {
+        stage: Stage::Finalize,
+        block: None,
+        level: None,
+        plan: plan.clone(),
+    })]);
+    stages
 }
 
 /// Fan-in of the numbering's prefix sums along x, y and z for blocks of `block` voxels: a scan
@@ -361,168 +350,99 @@ pub async fn run_stage<W: StagedWork>(
             ),
         });
     }
-    let block = |what: &str| {
-        task.block
-            .filter(|&b| b < plan.blocks)
-            .ok_or_else(|| StagedError::BadPlan {
-                id: plan.id.clone(),
-                why: format!(
-                    "a {what} task needs a block below {} (got {:?})",
-                    plan.blocks, task.block
-                ),
-            })
-    };
     let staging = Staging {
         store: output.clone(),
         plan: plan.id.clone(),
     };
+    if task.stage == Stage::Block {
+        let b = task_index(task, plan.blocks)?;
+        let ctx = ctx.ok_or_else(|| StagedError::BadPlan {
+            id: plan.id.clone(),
+            why: "the block stage needs a GPU".into(),
+        })?;
+        let mut opts = plan.work.chunk_fields().options();
+        opts.cancel = cancel;
+        let binding = ctx.max_binding_bytes();
+        let layout = layout(binding, input, output, &opts, plan.work.margin()).await?;
+        let blocks = check_blocks(plan, &layout)?;
+        let mut report = block::run_block(&ctx, plan, input, &layout, blocks, b, &staging).await?;
+        report.wall = start.elapsed();
+        return Ok(report);
+    }
+    let layout = gpu_free_layout(input, &output, plan, cancel).await?;
+    let blocks = check_blocks(plan, &layout)?;
+    let counts = blocks.counts();
+    let top = rounds::levels(counts) - 1;
+    let scans = scans(plan, &blocks)?;
+    let level = task.level.unwrap_or(0);
+    let groups = rounds::groups(counts, level).len();
+    let (segment, threshold, dust) = match plan.work.work() {
+        Work::Segment(s) => (true, s.threshold, 0),
+        Work::Components(c) => (false, 0.0, c.dust),
+    };
+    let no_such = || StagedError::BadPlan {
+        id: plan.id.clone(),
+        why: format!(
+            "no {} stage in this plan of {} levels{}",
+            task.stage_name(),
+            top + 1,
+            if segment {
+                ""
+            } else {
+                " (connected components)"
+            }
+        ),
+    };
     let mut report = match task.stage {
-        Stage::Block => {
-            let b = block("block")?;
-            let ctx = ctx.ok_or_else(|| StagedError::BadPlan {
-                id: plan.id.clone(),
-                why: "the block stage needs a GPU".into(),
-            })?;
-            let mut opts = plan.work.chunk_fields().options();
-            opts.cancel = cancel;
-            let binding = ctx.max_binding_bytes();
-            let layout = layout(binding, input, output, &opts, plan.work.margin()).await?;
-            let blocks = check_blocks(plan, &layout)?;
-            block::run_block(&ctx, plan, input, &layout, blocks, b, &staging).await?
+        Stage::Block => unreachable!("handled above"),
+        Stage::Link => {
+            union::link(blocks, task_index(task, plan.blocks)?, segment, &staging).await?
         }
-        Stage::Merge => {
-            let layout = gpu_free_layout(input, &output, plan, cancel).await?;
-            let blocks = check_blocks(plan, &layout)?;
-            merge::merge(plan, blocks, &staging, &layout).await?
+        Stage::Union if level >= 1 && level <= top => {
+            let g = task_index(task, groups)?;
+            union::union(blocks, level, g, level == top, &staging, &layout).await?
         }
-        Stage::Round => {
-            let group = task.block.ok_or_else(|| StagedError::BadPlan {
-                id: plan.id.clone(),
-                why: "a round task needs a group (`block`)".into(),
-            })?;
-            let level = task.level.ok_or_else(|| StagedError::BadPlan {
-                id: plan.id.clone(),
-                why: "a round task needs a `level`".into(),
-            })?;
-            let layout = gpu_free_layout(input, &output, plan, cancel).await?;
-            let blocks = check_blocks(plan, &layout)?;
-            rounds::round(plan, blocks, level, group, &staging, &layout).await?
-        }
-        Stage::Resolve => {
-            if plan.rounds == 0 {
-                return Err(StagedError::BadPlan {
-                    id: plan.id.clone(),
-                    why: "a resolve task in a plan without merge rounds".into(),
-                });
+        Stage::Down if level == 0 => {
+            let b = task_index(task, plan.blocks)?;
+            match segment {
+                true => rounds::fragments(blocks, top, b, &staging).await?,
+                false => number::components(blocks, top, b, dust, &staging).await?,
             }
-            let layout = gpu_free_layout(input, &output, plan, cancel).await?;
-            let blocks = check_blocks(plan, &layout)?;
-            rounds::resolve(plan, blocks, &staging, &layout).await?
         }
-        Stage::Link | Stage::Union | Stage::Down | Stage::Rank => {
-            let layout = gpu_free_layout(input, &output, plan, cancel).await?;
-            let blocks = check_blocks(plan, &layout)?;
-            let scans = numbered(plan, &blocks)?;
-            let top = rounds::levels(blocks.counts()) - 1;
-            let level = task.level.unwrap_or(0);
-            let group = |level: u32| {
-                let groups = rounds::groups(blocks.counts(), level).len();
-                task.block
-                    .filter(|&g| g < groups && level <= top)
-                    .ok_or_else(|| StagedError::BadPlan {
-                        id: plan.id.clone(),
-                        why: format!(
-                            "a {} task needs a group below {groups} of a level up to {top} (got {:?} of level {level})",
-                            task.stage_name(),
-                            task.block
-                        ),
-                    })
-            };
-            match task.stage {
-                Stage::Link => union::link(blocks, block("link")?, &staging).await?,
-                Stage::Union if level >= 1 => {
-                    let g = group(level)?;
-                    union::union(blocks, level, g, level == top, &staging, &layout).await?
-                }
-                Stage::Down if level == 0 && top == 0 || level < top => {
-                    let g = group(level)?;
-                    match level {
-                        0 => {
-                            let dust = match plan.work.work() {
-                                Work::Components(c) => c.dust,
-                                Work::Segment(_) => 0,
-                            };
-                            number::components(blocks, top, g, dust, &staging).await?
-                        }
-                        _ => union::down(blocks, level, g, &staging).await?,
-                    }
-                }
-                Stage::Rank => number::rank(blocks, scans, block("rank")?, &staging).await?,
-                _ => {
-                    return Err(StagedError::BadPlan {
-                        id: plan.id.clone(),
-                        why: format!(
-                            "no {} stage at level {level} in a plan of {} levels",
-                            task.stage_name(),
-                            top + 1
-                        ),
-                    })
-                }
-            }
+        Stage::Down if level < top => {
+            union::down(blocks, level, task_index(task, groups)?, &staging).await?
+        }
+        Stage::Round if segment && level <= top => {
+            let g = task_index(task, groups)?;
+            rounds::round(blocks, (level, top), g, threshold, &staging, &layout).await?
+        }
+        Stage::Resolve if segment && (level < top || level == 0) => {
+            rounds::resolve(blocks, (level, top), task_index(task, groups)?, &staging).await?
         }
         Stage::ScanX | Stage::ScanY | Stage::ScanZ => {
-            let layout = gpu_free_layout(input, &output, plan, cancel).await?;
-            let blocks = check_blocks(plan, &layout)?;
-            let scans = numbered(plan, &blocks)?;
             let axis = match task.stage {
                 Stage::ScanX => 0,
                 Stage::ScanY => 1,
                 _ => 2,
             };
-            let level = task.level.unwrap_or(0);
-            let levels = scans.levels(axis);
-            let tasks = if level < levels {
-                scans.tasks(axis, level)
-            } else {
-                0
-            };
-            let t = task
-                .block
-                .filter(|&t| t < tasks)
-                .ok_or_else(|| StagedError::BadPlan {
-                    id: plan.id.clone(),
-                    why: format!(
-                        "a {} task needs a task below {tasks} of a level below {levels} (got {:?})",
-                        task.stage_name(),
-                        task.block
-                    ),
-                })?;
+            if level >= scans.levels(axis) {
+                return Err(no_such());
+            }
+            let t = task_index(task, scans.tasks(axis, level))?;
             number::scan(blocks, scans, axis, level, t, &staging).await?
         }
+        Stage::Rank => {
+            number::rank(blocks, scans, task_index(task, plan.blocks)?, &staging).await?
+        }
         Stage::Relabel => {
-            let b = block("relabel")?;
-            let layout = gpu_free_layout(input, &output, plan, cancel).await?;
-            let blocks = check_blocks(plan, &layout)?;
-            match plan.fan_in {
-                Some(_) => {
-                    relabel::relabel_numbered(plan, &layout, blocks, b, &staging, ctx).await?
-                }
-                None => relabel::relabel(plan, &layout, b, &staging, ctx).await?,
-            }
+            let b = task_index(task, plan.blocks)?;
+            relabel::relabel(plan, &layout, blocks, b, &staging, ctx).await?
         }
         Stage::Finalize => {
-            let layout = gpu_free_layout(input, &output, plan, cancel).await?;
-            let blocks = check_blocks(plan, &layout)?;
             for b in 0..plan.blocks {
                 staging.get(Kind::Done, b).await?;
             }
-            let segments = match plan.fan_in {
-                Some(_) => {
-                    let scans = numbered(plan, &blocks)?;
-                    number::total(&staging, &blocks, &scans).await? as usize
-                }
-                None => 0,
-            };
+            let segments = number::total(&staging, &blocks, &scans).await? as usize;
             if layout.output_is_new {
                 layout
                     .output
@@ -537,26 +457,38 @@ pub async fn run_stage<W: StagedWork>(
                 ..Default::default()
             }
         }
+        _ => return Err(no_such()),
     };
     report.wall = start.elapsed();
     Ok(report)
 }
 
-/// The numbering scans of a plan numbered without a merge task.
-fn numbered<W>(plan: &StagedPlan<W>, blocks: &ChunkGrid) -> Result<number::Scans, StagedError> {
-    match plan.fan_in {
-        Some(fan_in) if fan_in.iter().all(|&f| f >= 2) => Ok(number::Scans {
-            counts: blocks.counts(),
-            fan_in,
-        }),
-        _ => Err(StagedError::BadPlan {
-            id: plan.id.clone(),
+/// The task's `block` (a block, group or scan task), which must be below `n`.
+fn task_index<W>(task: &StageTask<W>, n: usize) -> Result<usize, StagedError> {
+    task.block
+        .filter(|&b| b < n)
+        .ok_or_else(|| StagedError::BadPlan {
+            id: task.plan.id.clone(),
             why: format!(
-                "a {} stage task in a plan without numbering scans (fan-in {:?}; at least 2)",
-                "numbering", plan.fan_in
+                "a {} task needs a `block` below {n} (got {:?})",
+                task.stage_name(),
+                task.block
             ),
-        }),
+        })
+}
+
+/// The numbering scans of a plan.
+fn scans<W>(plan: &StagedPlan<W>, blocks: &ChunkGrid) -> Result<number::Scans, StagedError> {
+    if plan.fan_in.iter().any(|&f| f < 2) {
+        return Err(StagedError::BadPlan {
+            id: plan.id.clone(),
+            why: format!("numbering fan-in {:?} (at least 2)", plan.fan_in),
+        });
     }
+    Ok(number::Scans {
+        counts: blocks.counts(),
+        fan_in: plan.fan_in,
+    })
 }
 
 /// The layout of the stages that need no GPU (merge, relabel, finalize): the plan fixes the

@@ -35,7 +35,7 @@
 
 use super::block::Summary;
 use super::format::*;
-use super::rounds::round_index;
+use super::rounds::{check_finals, round_index};
 use super::union::{block_coords, FinalRecord, UpRecord};
 use super::{Passes, StagedError};
 use crate::geometry::{voxels, Vec3};
@@ -98,7 +98,7 @@ pub(super) struct Components {
 }
 
 impl Components {
-    fn encode(&self, first: &[u64]) -> Vec<u8> {
+    pub(super) fn encode(&self, first: &[u64]) -> Vec<u8> {
         let mut out = Vec::with_capacity(first.len());
         for ((&own, &c), &stays) in first.iter().zip(&self.component).zip(&self.stays) {
             put_varint(&mut out, ((own - c) << 1) | stays as u64);
@@ -164,9 +164,31 @@ pub(super) async fn summary(staging: &Staging, b: usize) -> Result<Summary, Stag
     Summary::decode_counts(&staging.key(Kind::Summary, b), &bytes)
 }
 
-/// The down-0 task of block `b`: each label's component, whether it stays, and the staying
-/// components the block owns per row. `top` is the union hierarchy's top level (0: the grid is
-/// one block, and no label leaves it); `dust`: components under it do not stay.
+/// Block `b`'s first voxels and sizes, and the components the union stages handed it for its
+/// open labels (none when `top`, the union hierarchy's top level, is 0: the grid is one block).
+pub(super) async fn summary_and_finals(
+    blocks: &ChunkGrid,
+    top: u32,
+    b: usize,
+    staging: &Staging,
+) -> Result<(Summary, FinalRecord), StagedError> {
+    let counts = blocks.counts();
+    let summary = summary(staging, b).await?;
+    let links_key = staging.key(Kind::Links, b);
+    let links = UpRecord::decode(&links_key, &staging.get(Kind::Links, b).await?, counts)?;
+    let index = round_index(0, b);
+    let key = staging.key(Kind::Final, index);
+    let finals = match top {
+        0 => FinalRecord::default(),
+        _ => FinalRecord::decode(&key, &staging.get(Kind::Final, index).await?, counts)?,
+    };
+    check_finals(&links_key, &links, &key, &finals)?;
+    Ok((summary, finals))
+}
+
+/// The down-0 task of a connected-components plan's block `b`: each label's component,
+/// whether it stays (`dust`: components under it do not), and the staying components the block
+/// owns per row.
 pub(super) async fn components(
     blocks: ChunkGrid,
     top: u32,
@@ -175,55 +197,15 @@ pub(super) async fn components(
     staging: &Staging,
 ) -> Result<SegmentReport, StagedError> {
     let mut passes = Passes::new();
-    let counts = blocks.counts();
-    let summary = summary(staging, b).await?;
-    let links_key = staging.key(Kind::Links, b);
-    let links = UpRecord::decode(&links_key, &staging.get(Kind::Links, b).await?, counts)?;
-    let finals = match top {
-        0 => FinalRecord::default(),
-        _ => {
-            let index = round_index(0, b);
-            let key = staging.key(Kind::Final, index);
-            FinalRecord::decode(&key, &staging.get(Kind::Final, index).await?, counts)?
-        }
-    };
-    let open: Vec<u64> = links.roots.iter().map(|r| r.id).collect();
-    let handed: Vec<u64> = finals.finals.iter().map(|f| f.0).collect();
-    if open != handed {
-        return Err(StagedError::Corrupt {
-            key: staging.key(Kind::Final, round_index(0, b)),
-            why: format!(
-                "components for {} labels; {links_key} has {} open labels",
-                handed.len(),
-                open.len()
-            ),
-        });
-    }
+    let (summary, finals) = summary_and_finals(&blocks, top, b, staging).await?;
     passes.done("read");
     let mut table = Components::default();
-    let core = blocks.core(b);
-    let shape = core.shape();
-    let region = Grid {
-        shape: blocks.region,
-    };
-    let mut rows = vec![0u64; shape[1] * shape[2]];
-    let mut owned = 0;
     for (&own, &size) in summary.first.iter().zip(&summary.sizes) {
         let (c, size) = finals.get(own).map_or((own, size), |r| (r.id, r.size));
-        let stays = size >= dust;
         table.component.push(c);
-        table.stays.push(stays);
-        if stays && c == own {
-            let p = region.position(own as usize);
-            rows[(p[1] - core.start[1]) + shape[1] * (p[2] - core.start[2])] += 1;
-            owned += 1;
-        }
+        table.stays.push(size >= dust);
     }
-    passes.done("components");
-    staging
-        .put(Kind::Components, b, table.encode(&summary.first))
-        .await?;
-    staging.put(Kind::Rows, b, encode_counts(&rows)).await?;
+    let owned = write_components(&blocks, b, &summary.first, &table, staging).await?;
     passes.done("write");
     Ok(SegmentReport {
         fragments: summary.first.len(),
@@ -231,6 +213,37 @@ pub(super) async fn components(
         passes: passes.into_vec(),
         ..Default::default()
     })
+}
+
+/// Writes block `b`'s components (labels with first voxels `first`) and, per row of the block,
+/// how many staying components it owns (their first voxel, a label's own, is in the row).
+/// Returns how many it owns.
+pub(super) async fn write_components(
+    blocks: &ChunkGrid,
+    b: usize,
+    first: &[u64],
+    table: &Components,
+    staging: &Staging,
+) -> Result<usize, StagedError> {
+    let core = blocks.core(b);
+    let shape = core.shape();
+    let region = Grid {
+        shape: blocks.region,
+    };
+    let mut rows = vec![0u64; shape[1] * shape[2]];
+    let mut owned = 0;
+    for ((&own, &c), &stays) in first.iter().zip(&table.component).zip(&table.stays) {
+        if stays && c == own {
+            let p = region.position(own as usize);
+            rows[(p[1] - core.start[1]) + shape[1] * (p[2] - core.start[2])] += 1;
+            owned += 1;
+        }
+    }
+    staging
+        .put(Kind::Components, b, table.encode(first))
+        .await?;
+    staging.put(Kind::Rows, b, encode_counts(&rows)).await?;
+    Ok(owned)
 }
 
 /// The shape of block row vectors along x line `line` (blocks (.., y, z)): the rows of its

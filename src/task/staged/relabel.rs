@@ -128,25 +128,6 @@ impl LabelBoxes for RunLabels {
     }
 }
 
-/// Relabel stage: writes the block's output chunks through its table, then its done marker.
-pub(super) async fn relabel<W: StagedWork>(
-    plan: &StagedPlan<W>,
-    layout: &Layout,
-    b: usize,
-    staging: &Staging,
-    gpu: Option<Arc<GpuContext>>,
-) -> Result<SegmentReport, StagedError> {
-    let mut passes = Passes::new();
-    // Both read at once; when both are missing, the remap (the stage before's output) is the
-    // one named, whichever read fails first.
-    let (remap, labels) = futures::join!(staging.get(Kind::Remap, b), staging.get(Kind::Labels, b));
-    let (remap, labels) = (remap?, labels?);
-    let remap_key = staging.key(Kind::Remap, b);
-    let remap = bytes_to_u32s(&remap_key, &remap, remap.len() / 4)?;
-    passes.done("read");
-    write_block(plan, layout, b, (labels, remap), staging, gpu, passes).await
-}
-
 /// Writes block `b`'s output chunks from its labels (the labels object's payload) through
 /// `table` (label l -> `table[l - 1]`), then its done marker.
 async fn write_block<W: StagedWork>(
@@ -186,9 +167,10 @@ async fn write_block<W: StagedWork>(
     })
 }
 
-/// Relabel stage of a plan numbered without a merge task: each label's component (the down
-/// stage's table) numbered from the ranks of the block that owns it, one read per owner.
-pub(super) async fn relabel_numbered<W: StagedWork>(
+/// Relabel stage: each block label's component (what the down-0 or resolve-0 stage wrote)
+/// numbered from the ranks of the block that owns it (one read per owner), the block's output
+/// chunks written through that table, then its done marker.
+pub(super) async fn relabel<W: StagedWork>(
     plan: &StagedPlan<W>,
     layout: &Layout,
     blocks: ChunkGrid,

@@ -39,14 +39,15 @@
 //! - final: N, N (open root as an increase, open root minus component, component size,
 //!   component block box).
 
-use super::block::{Border, Summary};
+use super::block::{step, BlockGraph, Border, Summary};
 use super::format::*;
-use super::rounds::{groups, round_index, BlockBox};
+use super::rounds::{groups, round_index, widen, BlockBox};
 use super::{Passes, StagedError};
 use crate::geometry::{Box3, Vec3};
+use crate::gpu::labeling::DeferredVoxel;
 use crate::ops::union_find::UnionFind;
-use crate::ops::watershed::Grid;
-use crate::task::segment::{Layout, SegmentError, SegmentReport};
+use crate::ops::watershed::{Grid, DIRECTIONS};
+use crate::task::segment::{resolve_plateaus, Layout, SegmentError, SegmentReport};
 use crate::task::stitch::ChunkGrid;
 use std::collections::HashMap;
 
@@ -68,12 +69,47 @@ pub(super) struct Pending {
     pub(super) root: u64,
 }
 
-/// What a block (link stage) or a group (union stage) hands up: its open roots and the pairs
-/// that leave it.
+/// A voxel of a plateau that crosses block faces (segment), waiting for the group that holds
+/// all of it: the plateau's pointers depend on its whole extent (see src/ops/watershed.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct PlateauVoxel {
+    pub(super) voxel: u64,
+    /// Bidirectional candidate directions (waterz order).
+    pub(super) bidirectional: u8,
+    /// Which of those lead to an exit.
+    pub(super) to_exit: u8,
+    /// The voxel's label.
+    pub(super) label: u64,
+    /// Per bidirectional direction, the label of the neighbour there (0 elsewhere).
+    pub(super) targets: [u64; 6],
+}
+
+/// A label that an unresolved plateau voxel may join (its own, or a bidirectional neighbour's):
+/// its root stays open, and findable by label, until the plateau is resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Hold {
+    pub(super) label: u64,
+    pub(super) voxel: u64,
+    pub(super) root: u64,
+}
+
+/// What a block (link stage) or a group (union stage) hands up: its open roots, the pairs
+/// that leave it, and (segment) the voxels of plateaus that leave it, with the holds on the
+/// labels they may join.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(super) struct UpRecord {
     pub(super) roots: Vec<Root>,
     pub(super) pairs: Vec<Pending>,
+    pub(super) plateau: Vec<PlateauVoxel>,
+    pub(super) holds: Vec<Hold>,
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(z: u64) -> i64 {
+    ((z >> 1) as i64) ^ -((z & 1) as i64)
 }
 
 fn put_root(out: &mut Vec<u8>, last: &mut u64, r: &Root) {
@@ -150,6 +186,29 @@ impl UpRecord {
             put_varint(&mut out, p.near - p.root);
             last = p.near;
         }
+        put_varint(&mut out, self.plateau.len() as u64);
+        let mut last = 0;
+        for v in &self.plateau {
+            put_varint(&mut out, v.voxel - last);
+            put_varint(&mut out, v.bidirectional as u64);
+            put_varint(&mut out, v.to_exit as u64);
+            put_zigzag(&mut out, v.label.wrapping_sub(v.voxel) as i64);
+            for t in v.targets {
+                match t {
+                    0 => put_varint(&mut out, 0),
+                    t => put_varint(&mut out, zigzag(t.wrapping_sub(v.voxel) as i64) + 1),
+                }
+            }
+            last = v.voxel;
+        }
+        put_varint(&mut out, self.holds.len() as u64);
+        let mut last = 0;
+        for h in &self.holds {
+            put_varint(&mut out, h.label - last);
+            put_zigzag(&mut out, h.voxel.wrapping_sub(h.label) as i64);
+            put_varint(&mut out, h.label - h.root);
+            last = h.label;
+        }
         out
     }
 
@@ -179,8 +238,70 @@ impl UpRecord {
             pairs.push(pair);
             last = near;
         }
+        let n = r.count_of_pairs()?;
+        let mut plateau: Vec<PlateauVoxel> = Vec::with_capacity(n as usize);
+        let mut last = 0u64;
+        for _ in 0..n {
+            let voxel = last
+                .checked_add(r.varint()?)
+                .ok_or_else(|| r.corrupt("a voxel past 2^64".into()))?;
+            let bits = [r.varint()?, r.varint()?];
+            if bits.iter().any(|&b| b > 63) || bits[1] & !bits[0] != 0 {
+                return Err(r.corrupt(format!("plateau voxel {voxel}'s directions {bits:?}")));
+            }
+            let label = voxel.wrapping_add(r.zigzag()? as u64);
+            let mut targets = [0u64; 6];
+            for t in &mut targets {
+                *t = match r.varint()? {
+                    0 => 0,
+                    z => voxel.wrapping_add(unzigzag(z - 1) as u64),
+                };
+            }
+            if plateau.last().is_some_and(|l| l.voxel >= voxel) {
+                return Err(r.corrupt(format!("plateau voxel {voxel} out of order")));
+            }
+            plateau.push(PlateauVoxel {
+                voxel,
+                bidirectional: bits[0] as u8,
+                to_exit: bits[1] as u8,
+                label,
+                targets,
+            });
+            last = voxel;
+        }
+        let n = r.count_of_pairs()?;
+        let mut holds: Vec<Hold> = Vec::with_capacity(n as usize);
+        let mut last = 0u64;
+        for _ in 0..n {
+            let label = last
+                .checked_add(r.varint()?)
+                .ok_or_else(|| r.corrupt("a label past 2^64".into()))?;
+            let voxel = label.wrapping_add(r.zigzag()? as u64);
+            let root = label
+                .checked_sub(r.varint()?)
+                .ok_or_else(|| r.corrupt(format!("label {label}'s root below 0")))?;
+            let hold = Hold { label, voxel, root };
+            if holds
+                .last()
+                .is_some_and(|l| (l.label, l.voxel) >= (label, voxel))
+            {
+                return Err(r.corrupt(format!("hold ({label}, {voxel}) out of order")));
+            }
+            if find_root(&roots, root).is_none() {
+                return Err(r.corrupt(format!(
+                    "hold ({label}, {voxel}) has root {root}, not a root"
+                )));
+            }
+            holds.push(hold);
+            last = label;
+        }
         r.finish("up record")?;
-        Ok(UpRecord { roots, pairs })
+        Ok(UpRecord {
+            roots,
+            pairs,
+            plateau,
+            holds,
+        })
     }
 }
 
@@ -308,17 +429,11 @@ pub(super) fn block_of(blocks: &ChunkGrid, id: u64) -> usize {
     blocks.chunk_of(region.position(id as usize))
 }
 
-fn widen(into: &mut BlockBox, other: &BlockBox) {
-    for a in 0..3 {
-        into[a] = into[a].min(other[a]);
-        into[a + 3] = into[a + 3].max(other[a + 3]);
-    }
-}
-
 /// The link stage: block `b`'s up record from its border and its neighbours'.
 pub(super) async fn link(
     blocks: ChunkGrid,
     b: usize,
+    segment: bool,
     staging: &Staging,
 ) -> Result<SegmentReport, StagedError> {
     let mut passes = Passes::new();
@@ -369,12 +484,29 @@ pub(super) async fn link(
     }
     pairs.sort_unstable();
     pairs.dedup();
-    let sides = face_sides(&mine, blocks, b);
-    let mut roots: Vec<Root> = Vec::new();
-    for &(near, _) in &pairs {
-        if roots.last().is_some_and(|r| r.id == near) {
-            continue;
+    let (plateau, holds) = match segment {
+        true => {
+            let borders = Borders {
+                blocks: &blocks,
+                b,
+                mine: &mine,
+                theirs: &theirs,
+            };
+            plateaus(staging, &borders, &summary, &neighbours).await?
         }
+        false => (Vec::new(), Vec::new()),
+    };
+    // The open labels: those with pairs or holds.
+    let mut open: Vec<u64> = pairs
+        .iter()
+        .map(|p| p.0)
+        .chain(holds.iter().map(|h| h.label))
+        .collect();
+    open.sort_unstable();
+    open.dedup();
+    let sides = face_sides(&mine, blocks, b);
+    let mut roots: Vec<Root> = Vec::with_capacity(open.len());
+    for near in open {
         let label = summary
             .first
             .binary_search(&near)
@@ -398,11 +530,14 @@ pub(super) async fn link(
                 root: near,
             })
             .collect(),
+        plateau,
+        holds,
     };
     passes.done("link");
     let report = SegmentReport {
         fragments: record.roots.len(),
         region_edges: record.pairs.len(),
+        deferred: record.plateau.len(),
         ..Default::default()
     };
     staging.put(Kind::Links, b, record.encode()).await?;
@@ -411,6 +546,110 @@ pub(super) async fn link(
         passes: passes.into_vec(),
         ..report
     })
+}
+
+/// A block's border and its neighbours', as the link stage reads them.
+struct Borders<'a> {
+    blocks: &'a ChunkGrid,
+    b: usize,
+    mine: &'a Border,
+    theirs: &'a [(usize, Border)],
+}
+
+impl Borders<'_> {
+    /// The name of the label at a face voxel of a neighbour, if it is one.
+    fn neighbour_label(&self, voxel: u64) -> Option<u64> {
+        let owner = block_of(self.blocks, voxel);
+        let (_, there) = self.theirs.iter().find(|t| t.0 == owner)?;
+        there.face_label(voxel).and_then(|l| there.id(l))
+    }
+}
+
+/// The block's plateau voxels whose plateaus leave it, named in the whole volume (their labels
+/// and their bidirectional neighbours' labels), and the holds on the block's labels that they
+/// or the neighbours' open plateau voxels may join.
+async fn plateaus(
+    staging: &Staging,
+    borders: &Borders<'_>,
+    summary: &Summary,
+    neighbours: &[usize],
+) -> Result<(Vec<PlateauVoxel>, Vec<Hold>), StagedError> {
+    let (blocks, b) = (borders.blocks, borders.b);
+    let region = Grid {
+        shape: blocks.region,
+    };
+    let count = summary.first.len();
+    let name = |l: u32| match l {
+        0 => 0,
+        l => summary.first[l as usize - 1],
+    };
+    let key = staging.key(Kind::Plateaus, b);
+    let own = BlockGraph::decode_open(&key, &staging.get(Kind::Plateaus, b).await?, count)?;
+    let mut plateau = Vec::with_capacity(own.len());
+    let mut holds: Vec<(u64, u64)> = Vec::new();
+    for v in &own {
+        let p = region.position(v.voxel as usize);
+        let mut targets = [0u64; 6];
+        for d in (0..6).filter(|d| v.bidirectional & (1 << d) != 0) {
+            let Some(q) = step(p, d).filter(|q| (0..3).all(|a| q[a] < region.shape[a])) else {
+                continue;
+            };
+            targets[d] = if blocks.chunk_of(q) == b {
+                let t = name(v.neighbours[d]);
+                if t != 0 {
+                    holds.push((t, v.voxel));
+                }
+                t
+            } else {
+                borders.neighbour_label(region.index(q) as u64).unwrap_or(0)
+            };
+        }
+        holds.push((name(v.label), v.voxel));
+        plateau.push(PlateauVoxel {
+            voxel: v.voxel,
+            bidirectional: v.bidirectional,
+            to_exit: v.to_exit,
+            label: name(v.label),
+            targets,
+        });
+    }
+    // The neighbours' open voxels next to this block hold the labels there.
+    for &n in neighbours {
+        let key = staging.key(Kind::Plateaus, n);
+        let bytes = staging.get(Kind::Plateaus, n).await?;
+        for v in BlockGraph::decode_open(&key, &bytes, u32::MAX as usize)? {
+            let p = region.position(v.voxel as usize);
+            for d in (0..6).filter(|d| v.bidirectional & (1 << d) != 0) {
+                let Some(q) = step(p, d).filter(|q| (0..3).all(|a| q[a] < region.shape[a])) else {
+                    continue;
+                };
+                if blocks.chunk_of(q) != b {
+                    continue;
+                }
+                if let Some(t) = borders
+                    .mine
+                    .face_label(region.index(q) as u64)
+                    .and_then(|l| borders.mine.id(l))
+                {
+                    holds.push((t, v.voxel));
+                }
+            }
+        }
+    }
+    plateau.sort_unstable_by_key(|v| v.voxel);
+    holds.sort_unstable();
+    holds.dedup();
+    Ok((
+        plateau,
+        holds
+            .into_iter()
+            .map(|(label, voxel)| Hold {
+                label,
+                voxel,
+                root: label,
+            })
+            .collect(),
+    ))
 }
 
 /// The blocks around block coordinates `here` (up to 26), in Fortran order.
@@ -433,7 +672,7 @@ fn neighbours_of(counts: Vec3, here: Vec3) -> Vec<usize> {
 
 /// Per label on block `b`'s shared faces, the faces it touches: bit 2a for the low face on
 /// axis a, 2a + 1 for the high one.
-fn face_sides(border: &Border, blocks: ChunkGrid, b: usize) -> HashMap<u32, u8> {
+pub(super) fn face_sides(border: &Border, blocks: ChunkGrid, b: usize) -> HashMap<u32, u8> {
     let core = blocks.core(b);
     let region = Grid {
         shape: blocks.region,
@@ -507,8 +746,9 @@ struct Joined {
     finals: Vec<FinalRecord>,
 }
 
-/// Joins the children's open roots through the pairs between them (see the module doc).
-/// `group` is in block coordinates; `top` says that nothing may leave it.
+/// Joins the children's open roots through the pairs between them and the plateaus the group
+/// holds whole (see the module doc). `group` is in block coordinates; `top` says that nothing
+/// may leave it.
 fn join(
     parts: Vec<(String, UpRecord)>,
     blocks: &ChunkGrid,
@@ -516,6 +756,10 @@ fn join(
     top: bool,
 ) -> Result<Joined, StagedError> {
     let counts = blocks.counts();
+    let corrupt = |c: usize, why: String| StagedError::Corrupt {
+        key: parts[c].0.clone(),
+        why,
+    };
     // Every child's roots, in name order (local index order is name order, so the union-find's
     // smallest index is the smallest name).
     let mut nodes: Vec<(Root, usize)> = Vec::new();
@@ -524,21 +768,25 @@ fn join(
     }
     nodes.sort_unstable_by_key(|n| n.0.id);
     if let Some(w) = nodes.windows(2).find(|w| w[0].0.id == w[1].0.id) {
-        return Err(StagedError::Corrupt {
-            key: parts[w[1].1].0.clone(),
-            why: format!("root {} is also a root of another child", w[1].0.id),
-        });
+        return Err(corrupt(
+            w[1].1,
+            format!("root {} is also a root of another child", w[1].0.id),
+        ));
     }
     let local = |id: u64| {
         nodes
             .binary_search_by_key(&id, |n| n.0.id)
-            .expect("a pair's root is a root") as u32
+            .expect("a pair's or hold's root is a root") as u32
     };
     let mut sets = UnionFind::new(nodes.len());
-    let inside = |id: u64| {
-        let c = block_coords(counts, block_of(blocks, id));
+    let region = Grid {
+        shape: blocks.region,
+    };
+    let in_group = |p: Vec3| {
+        let c = block_coords(counts, blocks.chunk_of(p));
         (0..3).all(|a| c[a] >= group.start[a] && c[a] < group.stop[a])
     };
+    let inside = |id: u64| in_group(region.position(id as usize));
     let mut waiting: HashMap<(u64, u64), (u32, usize)> = HashMap::new();
     let mut leaving: Vec<(Pending, u32)> = Vec::new();
     for (c, (_, part)) in parts.iter().enumerate() {
@@ -560,17 +808,24 @@ fn join(
         }
     }
     if let Some((&(a, b), &(_, c))) = waiting.iter().min_by_key(|e| e.0) {
-        return Err(StagedError::Corrupt {
-            key: parts[c].0.clone(),
-            why: format!("pair ({a}, {b}) inside the group has no mirror from the other side"),
-        });
+        return Err(corrupt(
+            c,
+            format!("pair ({a}, {b}) inside the group has no mirror from the other side"),
+        ));
     }
+    let resolved = resolve_closed_plateaus(&parts, region, &in_group, &local, &mut sets)?;
     if top {
         if let Some((p, _)) = leaving.first() {
-            return Err(StagedError::Corrupt {
-                key: parts[0].0.clone(),
-                why: format!("pair ({}, {}) leaves the grid", p.near, p.far),
-            });
+            return Err(corrupt(
+                0,
+                format!("pair ({}, {}) leaves the grid", p.near, p.far),
+            ));
+        }
+        if let Some(v) = resolved.plateau.first() {
+            return Err(corrupt(
+                0,
+                format!("plateau voxel {} is unresolved at the top", v.voxel),
+            ));
         }
     }
     let mut total: Vec<Option<Root>> = vec![None; nodes.len()];
@@ -590,18 +845,28 @@ fn join(
         }
     }
     let mut open = vec![false; nodes.len()];
+    let mut rooted = |node: u32| {
+        let root = sets.find(node) as usize;
+        open[root] = true;
+        nodes[root].0.id
+    };
     let mut pairs: Vec<Pending> = leaving
         .into_iter()
-        .map(|(p, node)| {
-            let root = sets.find(node) as usize;
-            open[root] = true;
-            Pending {
-                root: nodes[root].0.id,
-                ..p
-            }
+        .map(|(p, node)| Pending {
+            root: rooted(node),
+            ..p
         })
         .collect();
     pairs.sort_unstable();
+    let mut holds: Vec<Hold> = resolved
+        .holds
+        .into_iter()
+        .map(|(h, node)| Hold {
+            root: rooted(node),
+            ..h
+        })
+        .collect();
+    holds.sort_unstable();
     let roots: Vec<Root> = (0..nodes.len())
         .filter(|&i| open[i])
         .map(|i| total[i].expect("a root has a total"))
@@ -622,9 +887,139 @@ fn join(
         }
     }
     Ok(Joined {
-        up: UpRecord { roots, pairs },
+        up: UpRecord {
+            roots,
+            pairs,
+            plateau: resolved.plateau,
+            holds,
+        },
         map: MapRecord { to, closed },
         finals,
+    })
+}
+
+/// What is left of the children's plateaus once those the group holds whole are resolved: the
+/// voxels of the others, and the holds still needed (with their nodes).
+struct Unresolved {
+    plateau: Vec<PlateauVoxel>,
+    holds: Vec<(Hold, u32)>,
+}
+
+/// Resolves the plateaus that lie wholly in the group (every bidirectional neighbour of every
+/// voxel in it, or outside the region), exactly as one process resolves them, and joins the
+/// labels their pointers connect; releases their holds.
+fn resolve_closed_plateaus(
+    parts: &[(String, UpRecord)],
+    region: Grid,
+    in_group: &dyn Fn(Vec3) -> bool,
+    local: &dyn Fn(u64) -> u32,
+    sets: &mut UnionFind,
+) -> Result<Unresolved, StagedError> {
+    let corrupt = |c: usize, why: String| StagedError::Corrupt {
+        key: parts[c].0.clone(),
+        why,
+    };
+    let mut held: HashMap<(u64, u64), (Hold, u32)> = HashMap::new();
+    let mut voxels: HashMap<Vec3, (PlateauVoxel, usize)> = HashMap::new();
+    for (c, (_, part)) in parts.iter().enumerate() {
+        for h in &part.holds {
+            if held
+                .insert((h.label, h.voxel), (*h, local(h.root)))
+                .is_some()
+            {
+                return Err(corrupt(c, format!("hold ({}, {}) twice", h.label, h.voxel)));
+            }
+        }
+        for v in &part.plateau {
+            voxels.insert(region.position(v.voxel as usize), (*v, c));
+        }
+    }
+    if voxels.is_empty() {
+        return Ok(Unresolved {
+            plateau: Vec::new(),
+            holds: held.into_values().collect(),
+        });
+    }
+    // A neighbour blocks a plateau's resolution when it lies in the region but outside the
+    // group.
+    let neighbour = |p: Vec3, d: usize| -> Option<Vec3> {
+        let q = [0, 1, 2].map(|a| p[a] as i64 + DIRECTIONS[d][a]);
+        (0..3)
+            .all(|a| q[a] >= 0 && (q[a] as usize) < region.shape[a])
+            .then(|| q.map(|v| v as usize))
+    };
+    let mut starts: Vec<Vec3> = voxels.keys().copied().collect();
+    starts.sort_unstable_by_key(|p| (p[2], p[1], p[0]));
+    let mut seen: std::collections::HashSet<Vec3> = Default::default();
+    let mut closed: HashMap<Vec3, DeferredVoxel> = HashMap::new();
+    let mut open: Vec<PlateauVoxel> = Vec::new();
+    for start in starts {
+        if !seen.insert(start) {
+            continue;
+        }
+        let mut plateau = vec![start];
+        let mut whole = true;
+        let mut at = 0;
+        while at < plateau.len() {
+            let p = plateau[at];
+            at += 1;
+            let v = voxels[&p].0;
+            for d in (0..6).filter(|d| v.bidirectional & (1 << d) != 0) {
+                let Some(q) = neighbour(p, d) else { continue };
+                if !in_group(q) {
+                    whole = false;
+                } else if voxels.contains_key(&q) && seen.insert(q) {
+                    plateau.push(q);
+                }
+            }
+        }
+        for p in plateau {
+            let v = voxels[&p].0;
+            if whole {
+                closed.insert(
+                    p,
+                    DeferredVoxel {
+                        index: 0,
+                        bidirectional: v.bidirectional,
+                        to_exit: v.to_exit,
+                    },
+                );
+            } else {
+                open.push(v);
+            }
+        }
+    }
+    for (p, q) in resolve_plateaus(&closed) {
+        let (v, c) = voxels[&p];
+        let d = (0..6)
+            .find(|&d| neighbour(p, d) == Some(q))
+            .expect("a plateau pointer is one step");
+        let target = v.targets[d];
+        let node = |label: u64| {
+            held.get(&(label, v.voxel)).map(|h| h.1).ok_or_else(|| {
+                corrupt(
+                    c,
+                    format!("no hold on label {label} for plateau voxel {}", v.voxel),
+                )
+            })
+        };
+        if target == 0 {
+            return Err(corrupt(
+                c,
+                format!("plateau voxel {} has no label toward {d}", v.voxel),
+            ));
+        }
+        sets.union(node(v.label)?, node(target)?);
+    }
+    let released: std::collections::HashSet<u64> =
+        closed.keys().map(|&p| region.index(p) as u64).collect();
+    open.sort_unstable_by_key(|v| v.voxel);
+    Ok(Unresolved {
+        plateau: open,
+        holds: held
+            .into_values()
+            .filter(|(h, _)| !released.contains(&h.voxel))
+            .collect(),
     })
 }
 
@@ -763,6 +1158,34 @@ mod tests {
                     root: 1 << 40,
                 },
             ],
+            plateau: vec![
+                PlateauVoxel {
+                    voxel: 7,
+                    bidirectional: 0b100101,
+                    to_exit: 0b100,
+                    label: 4,
+                    targets: [9, 0, 3, 0, 0, 8],
+                },
+                PlateauVoxel {
+                    voxel: 1 << 41,
+                    bidirectional: 1,
+                    to_exit: 0,
+                    label: 1 << 40,
+                    targets: [(1 << 41) - 1, 0, 0, 0, 0, 0],
+                },
+            ],
+            holds: vec![
+                Hold {
+                    label: 4,
+                    voxel: 7,
+                    root: 4,
+                },
+                Hold {
+                    label: 9,
+                    voxel: 7,
+                    root: 4,
+                },
+            ],
         };
         let bytes = up.encode();
         assert_eq!(UpRecord::decode("k", &bytes, counts).unwrap(), up);
@@ -780,6 +1203,12 @@ mod tests {
         let mut unordered = up.clone();
         unordered.pairs.swap(0, 1);
         assert!(UpRecord::decode("k", &unordered.encode(), counts).is_err());
+        let mut unheld = up.clone();
+        unheld.holds[1].root = 9;
+        assert!(UpRecord::decode("k", &unheld.encode(), counts).is_err());
+        let mut exits = up.clone();
+        exits.plateau[0].to_exit = 0b10;
+        assert!(UpRecord::decode("k", &exits.encode(), counts).is_err());
 
         let map = MapRecord {
             to: vec![(3, 3), (7, 3), (1 << 33, 7)],
