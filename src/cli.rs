@@ -401,9 +401,8 @@ enum PlanCommand {
     Segment {
         #[command(flatten)]
         args: SegmentArgs,
-        /// Host memory per block task, in MiB (24 bytes per block voxel).
-        #[arg(long, default_value_t = DEFAULT_TASK_MIB)]
-        task_mib: usize,
+        #[command(flatten)]
+        staged: StagedArgs,
         /// Manifests are written to PREFIX<stage>.jsonl for each stage (block, link,
         /// union-<level>..., down-<level>..., round-<level>..., resolve-<level>...,
         /// scan-<axis>-<level>..., rank, relabel, finalize; a path or s3:// prefix; end it with
@@ -419,9 +418,8 @@ enum PlanCommand {
     ConnectedComponents {
         #[command(flatten)]
         args: ComponentsArgs,
-        /// Host memory per block task, in MiB (16 bytes per block voxel).
-        #[arg(long, default_value_t = DEFAULT_TASK_MIB)]
-        task_mib: usize,
+        #[command(flatten)]
+        staged: StagedArgs,
         /// Manifests are written to PREFIX<stage>.jsonl for each stage (block, link,
         /// union-<level>..., down-<level>..., scan-<axis>-<level>..., rank, relabel, finalize; a
         /// path or s3:// prefix; end it with / for a folder), and the stages printed as JSON;
@@ -429,6 +427,43 @@ enum PlanCommand {
         #[arg(long)]
         manifests: Option<String>,
     },
+}
+
+/// How a staged plan is sized, and whether only to estimate it.
+#[derive(clap::Args)]
+struct StagedArgs {
+    /// Host memory per task, in MiB, on top of the fixed part of the process (about 20 MiB, and
+    /// 130 MiB for block tasks on lavapipe): the GPU chunk, the input cache and the blocks are
+    /// chosen so that every per-block task stays within it, and the plan fails, naming the
+    /// budget that would do, where a task could not.
+    #[arg(long, default_value_t = DEFAULT_TASK_MIB)]
+    task_mib: usize,
+    /// Blocks of x,y,z voxels (whole GPU chunks and output chunks) instead of the largest
+    /// near-cubic ones within --task-mib (which still must hold them).
+    #[arg(long, value_parser = parse_vec3)]
+    block_size: Option<[usize; 3]>,
+    /// Fan-in of the numbering's prefix sums (default: what --task-mib allows).
+    #[arg(long)]
+    scan_fan_in: Option<usize>,
+    /// Print, per stage, the task count and the memory and time of the largest task, and
+    /// write nothing.
+    #[arg(long)]
+    estimate: bool,
+    /// With --estimate: a hypothetical region of x,y,z voxels in place of the input's (same
+    /// chunks, data type and resolution).
+    #[arg(long, value_parser = parse_vec3, requires = "estimate")]
+    shape: Option<[usize; 3]>,
+}
+
+impl StagedArgs {
+    fn budget(&self) -> crate::task::staged::Budget {
+        crate::task::staged::Budget {
+            task_bytes: self.task_mib.saturating_mul(1 << 20),
+            block: self.block_size,
+            fan_in: self.scan_fan_in,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -554,25 +589,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             what:
                 PlanCommand::ConnectedComponents {
                     args,
-                    task_mib,
+                    staged,
                     manifests,
                 },
         } => done(runtime.block_on(local::plan_staged(
             args.task(),
-            task_mib << 20,
+            staged.budget(),
             manifests.as_deref(),
+            staged.estimate.then_some(staged.shape),
         ))),
         Command::Plan {
             what:
                 PlanCommand::Segment {
                     args,
-                    task_mib,
+                    staged,
                     manifests,
                 },
         } => done(runtime.block_on(local::plan_staged(
             args.task(),
-            task_mib << 20,
+            staged.budget(),
             manifests.as_deref(),
+            staged.estimate.then_some(staged.shape),
         ))),
         Command::RunTask { task } => runtime.block_on(local::run_task(&task)),
         Command::Worker {

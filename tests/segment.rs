@@ -758,7 +758,13 @@ fn a_cancelled_relabel_stage_task_leaves_none_of_its_chunks() {
     let Task::ConnectedComponents(task) = Task::from_json(&doc.to_string()).unwrap() else {
         panic!("a connected-components task")
     };
-    let (_, stages) = plan(&input, &task, 0).unwrap();
+    // Blocks of 16x16x8 (one GPU chunk).
+    let budget = cuboids::task::staged::Budget {
+        task_bytes: 64 << 20,
+        block: Some([16, 16, 8]),
+        ..Default::default()
+    };
+    let (_, stages) = plan(&input, &task, &budget).unwrap();
     let stage_task = |t: &Task| match t {
         Task::ConnectedComponentsStage(s) => s.clone(),
         other => panic!("{}", other.describe()),

@@ -60,8 +60,8 @@ fn plan(dir: &Path, input: &Path, output: &Path, dust: u64, connectivity: &str) 
     plan_of(dir, "connected-components", &args)
 }
 
-/// Plans `kind` with `args` in blocks of one 16x16x8 GPU chunk (as small as they come), output
-/// chunks of 8x8x4, manifests under `dir`; returns their paths, stage by stage.
+/// Plans `kind` with `args` in blocks of one 16x16x8 GPU chunk, output chunks of 8x8x4,
+/// manifests under `dir`; returns their paths, stage by stage.
 fn plan_of(dir: &Path, kind: &str, args: &[&str]) -> Vec<PathBuf> {
     plan_in_blocks_of(dir, kind, args, "16,16,8")
 }
@@ -82,15 +82,21 @@ fn plan_stages(dir: &Path, kind: &str, args: &[&str], chunk: &str) -> serde_json
     let prefix = format!("{}/", dir.join("plan").display());
     let mut all = vec!["plan", kind];
     all.extend_from_slice(args);
+    // Blocks of one GPU chunk, scans of fan-in 2: the most stages and levels a small volume
+    // can have.
     all.extend([
         "--chunk-size",
         chunk,
+        "--block-size",
+        chunk,
+        "--scan-fan-in",
+        "2",
         "--output-chunk-size",
         "8,8,4",
         "--gzip-level",
         "0",
         "--task-mib",
-        "0",
+        "64",
         "--manifests",
         &prefix,
     ]);
@@ -213,8 +219,8 @@ fn staged_plan_run_task_by_task_equals_single_process() {
             .iter()
             .map(|m| m.file_stem().unwrap().to_string_lossy().into_owned())
             .collect();
-        // No merge task: 3 blocks a side make union levels 1 and 2, and scans of fan-in 2
-        // (the least --task-mib gives) two levels along each axis.
+        // No merge task: 3 blocks a side make union levels 1 and 2, and scans of fan-in 2 two
+        // levels along each axis.
         assert_eq!(
             names,
             [
@@ -341,7 +347,7 @@ fn staged_segment_run_task_by_task_equals_single_process() {
             .map(|m| m.file_stem().unwrap().to_string_lossy().into_owned())
             .collect();
         // Groups of 1, 2, 4 blocks per axis for 27 blocks, of 1 and 2 for 8; scans of fan-in
-        // 2 (the least --task-mib gives) two levels deep along 3 blocks, one along 2.
+        // 2 two levels deep along 3 blocks, one along 2.
         let expected_names: Vec<&str> = match blocks {
             27 => vec![
                 "block",
@@ -647,180 +653,137 @@ fn peak_rss(o: &Output) -> u64 {
         .expect("peak_rss_bytes on Linux")
 }
 
-#[test]
-fn block_task_memory_is_bounded_by_the_block_not_the_volume() {
-    // Volumes of 8 and 16 M voxels (32 and 64 MB of float32), blocks of 1 M voxels.
-    let mut rss = Vec::new();
-    for x in [256, 512] {
-        let shape = [x, 256, 128];
+/// Peak RSS of the largest task of each stage of a plan, every task run as a Batch child.
+fn stage_peaks(manifests: &[PathBuf]) -> Vec<(String, u64)> {
+    manifests
+        .iter()
+        .map(|m| {
+            let peak = (0..tasks_in(m))
+                .map(|i| peak_rss(&batch(m, i)))
+                .max()
+                .unwrap();
+            (m.file_stem().unwrap().to_string_lossy().into_owned(), peak)
+        })
+        .collect()
+}
+
+/// A single-process run of a task document; returns its peak RSS.
+fn single_peak(dir: &Path, doc: serde_json::Value) -> u64 {
+    let task = dir.join("whole.json");
+    std::fs::write(&task, doc.to_string()).unwrap();
+    peak_rss(&cuboids(&["run-task", task.to_str().unwrap()], None))
+}
+
+/// Every task of a plan stays within --task-mib plus the fixed part, on volumes of two sizes
+/// 4x apart; the per-block stages do not grow with the volume, where a single-process run does.
+fn check_budget_and_flatness(kind: &str, task_mib: u64, shapes: [Vec3; 2]) {
+    let mut peaks = Vec::new();
+    let mut singles = Vec::new();
+    for shape in shapes {
         let dir = tempfile::tempdir().unwrap();
-        let input = dir.path().join("prob");
-        let values: Vec<f32> = probability_like(shape).iter().map(|v| 1.0 - v).collect();
-        rt().block_on(write_float_volume(
-            &input,
-            &values_ref(&values),
-            shape,
-            WRITE,
-        ))
-        .unwrap();
-        drop(values);
-        let args = |output: &Path| -> Vec<String> {
-            [
-                "--input",
-                input.to_str().unwrap(),
-                "--output",
-                output.to_str().unwrap(),
-                "--threshold",
-                "0.55",
-                "--chunk-size",
-                "128,128,64",
-                "--output-chunk-size",
-                "64,64,64",
-            ]
-            .map(String::from)
-            .to_vec()
+        let input = dir.path().join("in");
+        let (flag, doc_input, threshold) = if kind == "segment" {
+            let aff = cuboids::runtime::synthetic::affinities_like(shape);
+            let channels: Vec<&[f32]> = aff.channels.iter().map(Vec::as_slice).collect();
+            rt().block_on(write_float_volume(&input, &channels, shape, WRITE))
+                .unwrap();
+            ("--affinity", "affinity", "0.7")
+        } else {
+            let values: Vec<f32> = probability_like(shape).iter().map(|v| 1.0 - v).collect();
+            rt().block_on(write_float_volume(&input, &[&values], shape, WRITE))
+                .unwrap();
+            ("--input", "input", "0.55")
         };
         let staged = dir.path().join("staged");
-        let mut plan_args = vec!["plan".to_string(), "connected-components".to_string()];
-        plan_args.extend(args(&staged));
-        plan_args.extend(["--task-mib".to_string(), "16".to_string()]);
-        plan_args.extend([
-            "--manifests".to_string(),
-            format!("{}/", dir.path().join("plan").display()),
-        ]);
+        let prefix = format!("{}/", dir.path().join("plan").display());
         let o = cuboids(
-            &plan_args.iter().map(String::as_str).collect::<Vec<_>>(),
+            &[
+                "plan",
+                kind,
+                flag,
+                input.to_str().unwrap(),
+                "--output",
+                staged.to_str().unwrap(),
+                "--threshold",
+                threshold,
+                "--output-chunk-size",
+                "32,32,32",
+                "--task-mib",
+                &task_mib.to_string(),
+                "--manifests",
+                &prefix,
+            ],
             None,
         );
         assert!(o.status.success(), "{}", text(&o));
-        let block_manifest = dir.path().join("plan").join("block.jsonl");
-        assert_eq!(
-            tasks_in(&block_manifest),
-            x / 256 * 8,
-            "blocks of 128x128x64"
-        );
-        let block = peak_rss(&batch(&block_manifest, 0));
-        // The control: a single-process run holds the whole volume's labels.
-        let mut whole_args = vec!["run-task".to_string()];
-        let doc = serde_json::json!({
-            "kind": "connected-components",
-            "input": input,
-            "output": dir.path().join("whole"),
-            "threshold": 0.55,
-            "chunk_size": [128, 128, 64],
-            "output_chunk_size": [64, 64, 64],
+        let stages: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let manifests: Vec<PathBuf> = stages["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| PathBuf::from(s["manifest"].as_str().unwrap()))
+            .collect();
+        peaks.push(stage_peaks(&manifests));
+        let mut doc = serde_json::json!({
+            "kind": kind, "output": dir.path().join("whole"), "threshold": threshold.parse::<f64>().unwrap(),
+            "output_chunk_size": [32, 32, 32],
         });
-        let task = dir.path().join("whole.json");
-        std::fs::write(&task, doc.to_string()).unwrap();
-        whole_args.push(task.to_str().unwrap().to_string());
-        let whole = peak_rss(&cuboids(
-            &whole_args.iter().map(String::as_str).collect::<Vec<_>>(),
-            None,
-        ));
-        eprintln!(
-            "{shape:?}: block task {} MiB, single process {} MiB",
-            block >> 20,
-            whole >> 20
-        );
-        rss.push((block, whole));
+        doc[doc_input] = serde_json::json!(input);
+        singles.push(single_peak(dir.path(), doc));
     }
-    let (small, large) = (rss[0], rss[1]);
-    // The single process grows with the volume (32 MB more labels at least), which shows the
-    // measurement sees such growth; the block task does not.
-    assert!(
-        large.1 > small.1 + (24 << 20),
-        "single process: {} -> {} MiB",
-        small.1 >> 20,
-        large.1 >> 20
+    eprintln!("{kind}: single process {singles:?}, stages {peaks:?}");
+    let budget = task_mib << 20;
+    let (fixed, fixed_gpu) = (
+        (cuboids::task::staged::budget::FIXED_MIB as u64) << 20,
+        (cuboids::task::staged::budget::FIXED_GPU_MIB as u64) << 20,
     );
+    for (stage, peak) in peaks.iter().flatten() {
+        let limit = budget + if stage == "block" { fixed_gpu } else { fixed };
+        assert!(
+            *peak <= limit,
+            "{kind} {stage}: {} MiB, over --task-mib {task_mib} and the fixed part",
+            peak >> 20
+        );
+    }
+    // The control grows with the volume (so the measurement sees growth) ...
     assert!(
-        large.0 < small.0 + (8 << 20),
-        "block task: {} -> {} MiB",
-        small.0 >> 20,
-        large.0 >> 20
+        singles[1] > singles[0] + (48 << 20),
+        "{kind} single process: {} -> {} MiB",
+        singles[0] >> 20,
+        singles[1] >> 20
     );
-}
-
-fn values_ref(v: &[f32]) -> [&[f32]; 1] {
-    [v]
+    // ... and a per-block stage's largest task does not.
+    let per_block = [
+        "block",
+        "link",
+        "down-0",
+        "round-0",
+        "resolve-0",
+        "rank",
+        "relabel",
+    ];
+    for (stage, small) in &peaks[0] {
+        if !per_block.contains(&stage.as_str()) {
+            continue;
+        }
+        let large = peaks[1].iter().find(|p| &p.0 == stage).unwrap().1;
+        assert!(
+            large * 4 <= small * 5,
+            "{kind} {stage}: {} -> {} MiB",
+            small >> 20,
+            large >> 20
+        );
+    }
 }
 
 #[test]
-fn segment_block_task_memory_is_bounded_by_the_block_not_the_volume() {
-    // Affinity maps of 4 and 8 M voxels, blocks of 1 M voxels (24 MiB at 24 bytes per voxel).
-    let mut rss = Vec::new();
-    for x in [256, 512] {
-        let shape = [x, 256, 64];
-        let dir = tempfile::tempdir().unwrap();
-        let input = dir.path().join("aff");
-        let aff = cuboids::runtime::synthetic::affinities_like(shape);
-        let channels: Vec<&[f32]> = aff.channels.iter().map(Vec::as_slice).collect();
-        rt().block_on(write_float_volume(&input, &channels, shape, WRITE))
-            .unwrap();
-        drop(aff);
-        let common = |output: &Path| -> Vec<String> {
-            [
-                "--affinity",
-                input.to_str().unwrap(),
-                "--output",
-                output.to_str().unwrap(),
-                "--chunk-size",
-                "128,128,64",
-                "--output-chunk-size",
-                "64,64,64",
-            ]
-            .map(String::from)
-            .to_vec()
-        };
-        let mut plan_args = vec!["plan".to_string(), "segment".to_string()];
-        plan_args.extend(common(&dir.path().join("staged")));
-        plan_args.extend(["--task-mib", "24", "--manifests"].map(String::from));
-        plan_args.push(format!("{}/", dir.path().join("plan").display()));
-        let o = cuboids(
-            &plan_args.iter().map(String::as_str).collect::<Vec<_>>(),
-            None,
-        );
-        assert!(o.status.success(), "{}", text(&o));
-        let block_manifest = dir.path().join("plan").join("block.jsonl");
-        assert_eq!(
-            tasks_in(&block_manifest),
-            x / 128 * 2,
-            "blocks of 128x128x64"
-        );
-        let block = peak_rss(&batch(&block_manifest, 0));
-        // The control: a single-process run holds the whole volume's fragments and graph.
-        let doc = serde_json::json!({
-            "kind": "segment",
-            "affinity": input,
-            "output": dir.path().join("whole"),
-            "chunk_size": [128, 128, 64],
-            "output_chunk_size": [64, 64, 64],
-        });
-        let task = dir.path().join("whole.json");
-        std::fs::write(&task, doc.to_string()).unwrap();
-        let whole = peak_rss(&cuboids(&["run-task", task.to_str().unwrap()], None));
-        eprintln!(
-            "{shape:?}: segment block task {} MiB, single process {} MiB",
-            block >> 20,
-            whole >> 20
-        );
-        rss.push((block, whole));
-    }
-    let (small, large) = (rss[0], rss[1]);
-    // The single process grows with the volume (16 MB more labels at least); the block task
-    // does not.
-    assert!(
-        large.1 > small.1 + (12 << 20),
-        "single process: {} -> {} MiB",
-        small.1 >> 20,
-        large.1 >> 20
-    );
-    assert!(
-        large.0 < small.0 + (8 << 20),
-        "segment block task: {} -> {} MiB",
-        small.0 >> 20,
-        large.0 >> 20
-    );
+fn connected_components_tasks_stay_within_the_budget_and_per_block_stages_do_not_grow() {
+    check_budget_and_flatness("connected-components", 24, [[256, 256, 64], [512, 512, 64]]);
+}
+
+#[test]
+fn segment_tasks_stay_within_the_budget_and_per_block_stages_do_not_grow() {
+    check_budget_and_flatness("segment", 160, [[128, 128, 64], [256, 256, 64]]);
 }
 
 /// The `plan` task (how the segmentation machine plans a POST /segment request on a worker)
@@ -837,7 +800,8 @@ fn a_plan_task_writes_what_the_plan_command_writes() {
         .unwrap();
     let output = dir.path().join("seg");
     let (input, output) = (input.to_str().unwrap(), output.to_str().unwrap());
-    // The CLI's manifests go to dir/plan/ (chunks 16,16,8 and 8,8,4, gzip 0, task-mib 0).
+    // The CLI's manifests go to dir/plan/ (chunks and blocks 16,16,8, output chunks 8,8,4,
+    // gzip 0, task-mib 64, fan-in 2).
     let cli_stages = plan_stages(
         dir.path(),
         "segment",
@@ -860,7 +824,8 @@ fn a_plan_task_writes_what_the_plan_command_writes() {
     let run_plan = |work: &serde_json::Value| {
         let task = dir.path().join("plan-task.json");
         let doc = serde_json::json!({
-            "kind": "plan", "work": work, "manifests": by_task, "task_mib": 0,
+            "kind": "plan", "work": work, "manifests": by_task, "task_mib": 64,
+            "block_size": [16, 16, 8], "scan_fan_in": 2,
         });
         std::fs::write(&task, doc.to_string()).unwrap();
         cuboids(&["run-task", task.to_str().unwrap()], None)

@@ -529,7 +529,17 @@ async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
     let cli_manifests = format!("{}/", dir.path().join("cli-plan").display());
     let mut args = vec!["plan".to_string(), "connected-components".to_string()];
     args.extend(common_args(&staged));
-    args.extend(["--task-mib", "0", "--manifests", &cli_manifests].map(String::from));
+    args.extend(
+        [
+            "--task-mib",
+            "64",
+            "--block-size",
+            "16,16,8",
+            "--manifests",
+            &cli_manifests,
+        ]
+        .map(String::from),
+    );
     let plan: Value =
         serde_json::from_slice(&cli(&args.iter().map(String::as_str).collect::<Vec<_>>())).unwrap();
     let blocks = plan["stages"][0]["tasks"].as_u64().unwrap();
@@ -555,7 +565,10 @@ async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
     let request = json!({
         "job_name": "cc",
         "runner": "activity",
-        "request": {"kind": "plan", "work": work, "manifests": manifests, "task_mib": 0},
+        "request": {
+            "kind": "plan", "work": work, "manifests": manifests, "task_mib": 64,
+            "block_size": [16, 16, 8],
+        },
     });
     let t = Instant::now();
     let (status, detail) = services.execute(&machine, &request).await;
@@ -659,7 +672,8 @@ async fn the_rest_api_starts_and_reports_executions() {
                 "output_chunk_size": [8, 8, 4],
             },
             "manifests": format!("{}/", dir.path().join("plan").display()),
-            "task_mib": 0,
+            "task_mib": 64,
+            "block_size": [16, 16, 8],
         },
     });
     // Refused by the model before any execution starts.

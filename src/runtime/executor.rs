@@ -294,10 +294,15 @@ impl Executor {
     /// the output document is the stages, which the segmentation machine then runs.
     async fn plan(&self, t: &PlanTask) -> Result<TaskOutput, TaskFailure> {
         let context = format!("planning {} into {}", t.work.describe(), t.manifests);
-        let task_bytes = t.task_mib.saturating_mul(1 << 20);
+        let budget = crate::task::staged::Budget {
+            task_bytes: t.task_mib.saturating_mul(1 << 20),
+            block: t.block_size,
+            fan_in: t.scan_fan_in,
+            ..Default::default()
+        };
         let (plan, blocks, stages) = match t.work.as_ref() {
-            Task::Segment(w) => self.plan_stages(w, task_bytes, &context).await?,
-            Task::ConnectedComponents(w) => self.plan_stages(w, task_bytes, &context).await?,
+            Task::Segment(w) => self.plan_stages(w, budget, &context).await?,
+            Task::ConnectedComponents(w) => self.plan_stages(w, budget, &context).await?,
             other => {
                 return Err(TaskFailure::new(
                     FailureKind::InvalidTask,
@@ -334,7 +339,7 @@ impl Executor {
     async fn plan_stages<W: StagedWork>(
         &self,
         work: &W,
-        task_bytes: usize,
+        budget: crate::task::staged::Budget,
         context: &str,
     ) -> Result<(String, usize, Vec<Vec<Task>>), TaskFailure> {
         let store = open_store_with(work.input(), &self.sdk)
@@ -342,7 +347,7 @@ impl Executor {
         let vol = Precomputed::open(store)
             .await
             .map_err(|e| TaskFailure::from_error(context, &e))?;
-        let (plan, stages) = crate::task::staged::plan(&vol, work, task_bytes)
+        let (plan, stages) = crate::task::staged::plan(&vol, work, &budget)
             .map_err(|e| TaskFailure::from_error(context, &e))?;
         Ok((plan.id, plan.blocks, stages))
     }

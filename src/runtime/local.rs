@@ -151,12 +151,22 @@ pub async fn plan_downsample(
 /// stages as JSON), or every task to stdout.
 pub async fn plan_staged<W: StagedWork>(
     task: W,
-    task_bytes: usize,
+    budget: crate::task::staged::Budget,
     manifests: Option<&str>,
+    estimate: Option<Option<Vec3>>,
 ) -> Result<()> {
     let sdk = aws_env::sdk_config().await;
     let vol = open_volume(task.input(), &sdk).await?;
-    let (plan, stages) = crate::task::staged::plan(&vol, &task, task_bytes)
+    if let Some(shape) = estimate {
+        let (sizing, stages) = crate::task::staged::estimate(&vol, &task, &budget, shape)
+            .with_context(|| format!("estimating stages over {}", task.input()))?;
+        print!(
+            "{}",
+            crate::task::staged::budget::describe(&sizing, &stages)
+        );
+        return Ok(());
+    }
+    let (plan, stages) = crate::task::staged::plan(&vol, &task, &budget)
         .with_context(|| format!("planning stages over {}", task.input()))?;
     let Some(prefix) = manifests else {
         for t in stages.iter().flatten() {

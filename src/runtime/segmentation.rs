@@ -332,7 +332,11 @@ async fn run_plan_in_process<W: StagedWork>(
     ctx: Option<std::sync::Arc<crate::gpu::GpuContext>>,
     single: std::time::Duration,
 ) -> Result<String> {
-    let (plan, stages) = staged::plan(input, task, task_mib << 20)?;
+    let budget = staged::Budget {
+        task_bytes: task_mib << 20,
+        ..Default::default()
+    };
+    let (plan, stages) = staged::plan(input, task, &budget)?;
     let output = open_store(task.output()).await?;
     let start = Instant::now();
     let mut shares = Vec::new();

@@ -168,7 +168,7 @@ impl Classify for crate::task::staged::StagedError {
             // A stage run before its inputs exist, or over damaged ones: running it again
             // changes nothing until someone runs the stage before (or the plan) again.
             E::Missing { .. } | E::Corrupt { .. } => FailureKind::InvalidData,
-            E::OtherPlan { .. } | E::BadPlan { .. } => FailureKind::InvalidTask,
+            E::OtherPlan { .. } | E::BadPlan { .. } | E::Budget { .. } => FailureKind::InvalidTask,
         }
     }
 }

@@ -56,9 +56,15 @@ pub struct PlanTask {
     /// Manifests go to PREFIX<stage>.jsonl (a path or `s3://` prefix; end it with / for a
     /// folder).
     pub manifests: String,
-    /// Host memory per block task, in MiB.
+    /// Host memory per task, in MiB (see `cuboids plan segment --help`).
     #[serde(default = "default_task_mib")]
     pub task_mib: usize,
+    /// Blocks of these voxels instead of the largest within `task_mib`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<Vec3>,
+    /// Fan-in of the numbering's prefix sums (default: what `task_mib` allows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan_fan_in: Option<usize>,
 }
 
 fn default_task_mib() -> usize {

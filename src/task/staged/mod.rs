@@ -68,6 +68,7 @@
 //! header, the store wrapper and the encodings every stage shares); planning and dispatch here.
 
 mod block;
+pub mod budget;
 mod format;
 mod number;
 mod relabel;
@@ -79,7 +80,6 @@ use crate::geometry::{voxels, Vec3};
 use crate::gpu::GpuContext;
 use crate::store::{Store, StoreError};
 use crate::task::downsample::source_region;
-use crate::task::plan::lcm;
 use crate::task::segment::{
     layout, Layout, SegmentError, SegmentReport, COMPONENTS_MARGIN, DEFAULT_CHUNK, WATERSHED_MARGIN,
 };
@@ -87,6 +87,7 @@ use crate::task::spec::{
     ChunkFields, ComponentsTask, SegmentTask, Stage, StageTask, StagedPlan, Task,
 };
 use crate::task::stitch::ChunkGrid;
+pub use budget::{Budget, Sizing, StageEstimate};
 use format::{Kind, Staging};
 use serde::Serialize;
 use std::sync::Arc;
@@ -121,6 +122,14 @@ pub enum StagedError {
     },
     #[error("task of plan {id}: {why}")]
     BadPlan { id: String, why: String },
+    #[error(
+        "--task-mib {task_mib} is too small for {what}: it needs --task-mib {needed_mib} at least"
+    )]
+    Budget {
+        task_mib: usize,
+        needed_mib: usize,
+        what: String,
+    },
 }
 
 impl From<SegmentError> for StagedError {
@@ -138,8 +147,8 @@ pub trait StagedWork: Serialize + Clone + Send + Sync + 'static {
     fn chunk_fields_mut(&mut self) -> &mut ChunkFields;
     /// Input voxels read around each GPU chunk core.
     fn margin(&self) -> usize;
-    /// Host bytes a block task holds per block voxel: what sizes the blocks.
-    fn block_bytes_per_voxel(&self) -> usize;
+    /// What its tasks cost per voxel (what sizes the chunks and blocks).
+    fn costs(&self) -> budget::Costs;
     fn work(&self) -> Work<'_>;
     /// One of its stage tasks as a task document.
     fn stage_task(task: StageTask<Self>) -> Task;
@@ -150,15 +159,6 @@ pub enum Work<'a> {
     Components(&'a ComponentsTask),
     Segment(&'a SegmentTask),
 }
-
-/// Host bytes a connected-components block task holds per block voxel: the chunk labels, the
-/// block labels, and the float input of the chunk in flight (with its share of the cache).
-pub const COMPONENTS_BYTES_PER_VOXEL: usize = 16;
-
-/// Host bytes a segment block task holds per block voxel: as connected components, plus the
-/// chunks' partial region graphs (a few edges per fragment) and three affinity channels in
-/// flight.
-pub const SEGMENT_BYTES_PER_VOXEL: usize = 24;
 
 impl StagedWork for ComponentsTask {
     fn input(&self) -> &str {
@@ -176,8 +176,8 @@ impl StagedWork for ComponentsTask {
     fn margin(&self) -> usize {
         COMPONENTS_MARGIN
     }
-    fn block_bytes_per_voxel(&self) -> usize {
-        COMPONENTS_BYTES_PER_VOXEL
+    fn costs(&self) -> budget::Costs {
+        budget::COMPONENTS_COSTS
     }
     fn work(&self) -> Work<'_> {
         Work::Components(self)
@@ -203,8 +203,8 @@ impl StagedWork for SegmentTask {
     fn margin(&self) -> usize {
         WATERSHED_MARGIN
     }
-    fn block_bytes_per_voxel(&self) -> usize {
-        SEGMENT_BYTES_PER_VOXEL
+    fn costs(&self) -> budget::Costs {
+        budget::SEGMENT_COSTS
     }
     fn work(&self) -> Work<'_> {
         Work::Segment(self)
@@ -214,43 +214,116 @@ impl StagedWork for SegmentTask {
     }
 }
 
-/// Cuts a segment or connected-components task into a staged plan: blocks of whole GPU chunks
-/// and output chunks, grown along x, then y, then z while a block's host memory stays within
-/// `task_bytes`. Returns the tasks of each stage, in stage order.
+/// Cuts a segment or connected-components task into a staged plan within `budget` (see
+/// [`budget`]): the GPU chunk, the input cache and near-cubic blocks of whole GPU chunks and
+/// output chunks such that every per-block task stays within `budget.task_bytes`. Fails, naming
+/// the smallest budget that would do, when even the least block does not fit or a stage above
+/// the blocks (a union or down level) would not. Returns the tasks of each stage, in stage
+/// order.
 pub fn plan<W: StagedWork>(
     input: &Precomputed,
     task: &W,
-    task_bytes: usize,
+    budget: &Budget,
 ) -> Result<(StagedPlan<W>, Vec<Vec<Task>>), StagedError> {
+    let (sizing, extent) = sizing(input, task, budget, None)?;
+    let grid = ChunkGrid {
+        region: extent,
+        chunk: sizing.block,
+    };
+    let mut work = task.clone();
+    let fields = work.chunk_fields_mut();
+    fields.chunk_size = Some(sizing.chunk);
+    fields.cache_mib = Some(sizing.cache_bytes >> 20);
+    let fan_in = budget::scan_fan_in(sizing.block, budget);
+    check_levels(task, &sizing, extent, fan_in, budget)?;
+    let plan = StagedPlan::new(sizing.block, grid.len(), fan_in, work);
+    let stages = stages(&plan, grid.counts(), task.work());
+    Ok((plan, stages))
+}
+
+/// What a plan of `task` within `budget` would be, stage by stage, over the input's region or a
+/// hypothetical one of `shape` voxels (same chunks and resolution), without making its tasks.
+pub fn estimate<W: StagedWork>(
+    input: &Precomputed,
+    task: &W,
+    budget: &Budget,
+    shape: Option<Vec3>,
+) -> Result<(Sizing, Vec<StageEstimate>), StagedError> {
+    let (sizing, extent) = sizing(input, task, budget, shape)?;
+    let fan_in = budget::scan_fan_in(sizing.block, budget);
+    let rounds = matches!(task.work(), Work::Segment(_));
+    let stages = budget::estimate(
+        &task.costs(),
+        &sizing,
+        extent,
+        (task.margin(), fan_in, rounds),
+    );
+    Ok((sizing, stages))
+}
+
+/// The chunk, cache and block of a plan, and the extent of its region (`shape` in place of the
+/// input's region, for estimates).
+fn sizing<W: StagedWork>(
+    input: &Precomputed,
+    task: &W,
+    budget: &Budget,
+    shape: Option<Vec3>,
+) -> Result<(Sizing, Vec3), StagedError> {
     let scale = input.scale(0);
     let fields = task.chunk_fields();
     let region = source_region(scale, fields.bounds).map_err(SegmentError::from)?;
+    let extent = shape.unwrap_or(region.shape());
     let out_chunk = fields.output_chunk_size.unwrap_or(scale.chunk_size());
-    let chunk = fields.chunk_size.unwrap_or(DEFAULT_CHUNK).map(|v| v.max(1));
-    let chunk = [0, 1, 2].map(|a| chunk[a].next_multiple_of(out_chunk[a]));
-    let extent = region.shape();
-    let mut block = [0, 1, 2].map(|a| chunk[a].min(extent[a].next_multiple_of(chunk[a])));
-    for a in 0..3 {
-        while block[a] < extent[a] {
-            let mut bigger = block;
-            bigger[a] = (block[a] * 2).min(extent[a].next_multiple_of(chunk[a]));
-            if voxels(bigger) * task.block_bytes_per_voxel() > task_bytes {
-                break;
-            }
-            block = bigger;
-        }
-    }
-    let block = [0, 1, 2].map(|a| block[a].next_multiple_of(lcm(chunk[a], out_chunk[a])));
-    let grid = ChunkGrid {
-        region: extent,
-        chunk: block,
+    let resolution = scale.resolution.map(|r| r.0);
+    let fixed = Budget {
+        chunk: budget.chunk.or(fields.chunk_size),
+        cache_bytes: budget.cache_bytes.or(fields.cache_mib.map(|m| m << 20)),
+        ..*budget
     };
-    let blocks = grid.len();
-    let mut work = task.clone();
-    work.chunk_fields_mut().chunk_size = Some(chunk);
-    let plan = StagedPlan::new(block, blocks, scan_fan_in(block, task_bytes), work);
-    let stages = stages(&plan, grid.counts(), task.work());
-    Ok((plan, stages))
+    let sizing = budget::size(
+        &task.costs(),
+        &fixed,
+        (extent, out_chunk, resolution),
+        (DEFAULT_CHUNK, task.margin()),
+    )
+    .map_err(|e| StagedError::Budget {
+        task_mib: budget.task_bytes >> 20,
+        needed_mib: e.needed_mib,
+        what: format!("a block of {:?} voxels", e.block),
+    })?;
+    Ok((sizing, extent))
+}
+
+/// Fails when a stage above the blocks whose tasks the budget bounds (union and down levels,
+/// scans) would need more than `budget`, naming the budget that would do. Round levels are
+/// bounded by the data, not by the plan (see [`budget`]).
+fn check_levels<W: StagedWork>(
+    task: &W,
+    sizing: &Sizing,
+    extent: Vec3,
+    fan_in: Vec3,
+    budget: &Budget,
+) -> Result<(), StagedError> {
+    let rounds = matches!(task.work(), Work::Segment(_));
+    let stages = budget::estimate(
+        &task.costs(),
+        sizing,
+        extent,
+        (task.margin(), fan_in, rounds),
+    );
+    let limit = (budget.task_bytes >> 20) as u64 + budget::FIXED_GPU_MIB as u64;
+    match stages
+        .iter()
+        .filter(|s| s.grows_with == "faces")
+        .max_by_key(|s| s.mib)
+    {
+        Some(worst) if worst.mib > limit => Err(StagedError::Budget {
+            task_mib: budget.task_bytes >> 20,
+            needed_mib: worst.mib as usize - budget::FIXED_MIB,
+            what: format!("its {} task", worst.stage),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The stages of a plan over a grid of `counts` blocks, each a list of its tasks.
@@ -311,14 +384,6 @@ fn stages<W: StagedWork>(plan: &StagedPlan<W>, counts: Vec3, work: Work) -> Vec<
         plan: plan.clone(),
     })]);
     stages
-}
-
-/// Fan-in of the numbering's prefix sums along x, y and z for blocks of `block` voxels: a scan
-/// task holds its fan-in's vectors twice over (inputs and prefixes), of a block's rows (x), of
-/// its planes (y) or of one count (z), 8 bytes a count, within `task_bytes`.
-fn scan_fan_in(block: Vec3, task_bytes: usize) -> Vec3 {
-    let fits = |len: usize| (task_bytes / (16 * len)).max(2);
-    [fits(block[1] * block[2]), fits(block[2]), fits(1)]
 }
 
 /// The name of a stage task's stage (what its manifest is named after).
