@@ -109,9 +109,17 @@ pub async fn write_manifest(
         location: location.to_string(),
         source: Box::new(source),
     };
-    let mut text = String::new();
-    for task in tasks {
-        text.push_str(&serde_json::to_string(task).expect("tasks serialise"));
+    // Every line padded to the longest (JSON allows trailing spaces): task i is then bytes
+    // i * width .. (i + 1) * width, which a Batch child reads alone, however long the manifest.
+    let lines: Vec<String> = tasks
+        .iter()
+        .map(|t| serde_json::to_string(t).expect("tasks serialise"))
+        .collect();
+    let width = lines.iter().map(String::len).max().unwrap_or(0);
+    let mut text = String::with_capacity(lines.len() * (width + 1));
+    for line in lines {
+        text.push_str(&line);
+        text.extend(std::iter::repeat_n(' ', width - line.len()));
         text.push('\n');
     }
     let (store, key) = open_object(location, sdk).map_err(store_error)?;
@@ -158,13 +166,86 @@ pub enum TaskSource {
     Task(String),
 }
 
+/// The most bytes read to find a manifest's line width.
+const FIRST_LINE_BYTES: u64 = 1 << 20;
+
+/// Task `index` of a long manifest whose lines all have one width (as [`write_manifest`] writes
+/// them), read alone: the first megabyte gives the width, then one ranged read takes the line
+/// with the newlines around it. `None` when the manifest is short or not like that (or the
+/// index is past its end), for the caller to read it whole.
+async fn fixed_width_task(
+    location: &str,
+    index: usize,
+    sdk: &aws_config::SdkConfig,
+) -> Result<Option<Task>, BatchError> {
+    let store_error = |source| BatchError::Store {
+        location: location.to_string(),
+        source: Box::new(source),
+    };
+    let (store, key) = open_object(location, sdk).map_err(store_error)?;
+    let Some(head) = store
+        .get_range(&key, 0, FIRST_LINE_BYTES)
+        .await
+        .map_err(store_error)?
+    else {
+        return Err(BatchError::MissingManifest {
+            location: location.to_string(),
+        });
+    };
+    // A manifest that fits the first read is read whole; a longer one must show one width
+    // all through that read (what this writer makes, and no hand-made one of varying lines).
+    if (head.len() as u64) < FIRST_LINE_BYTES {
+        return Ok(None);
+    }
+    let Some(newline) = head.iter().position(|&b| b == b'\n') else {
+        return Ok(None);
+    };
+    let width = newline as u64 + 1;
+    let uniform = head
+        .chunks(width as usize)
+        .filter(|line| line.len() as u64 == width)
+        .all(|line| line.last() == Some(&b'\n') && !line[..line.len() - 1].contains(&b'\n'));
+    if !uniform {
+        return Ok(None);
+    }
+    // The line and the newline before it (none before the first).
+    let start = (index as u64 * width).saturating_sub(1);
+    let len = if index == 0 { width } else { width + 1 };
+    let Some(bytes) = store
+        .get_range(&key, start, len)
+        .await
+        .map_err(store_error)?
+    else {
+        return Ok(None);
+    };
+    let framed = bytes.len() as u64 == len
+        && bytes.last() == Some(&b'\n')
+        && (index == 0 || bytes[0] == b'\n')
+        && !bytes[1..bytes.len() - 1].contains(&b'\n');
+    if !framed {
+        return Ok(None);
+    }
+    let line = String::from_utf8_lossy(&bytes[(index > 0) as usize..]);
+    Task::from_json(line.trim())
+        .map(Some)
+        .map_err(|source| BatchError::Task {
+            location: location.to_string(),
+            line: index + 1,
+            source,
+        })
+}
+
 /// Task `index` (from 0) of a manifest; `from` says where the index came from, for the error.
+/// Reads only that task's line where the manifest's lines have one width.
 pub async fn manifest_task(
     location: &str,
     index: usize,
     from: &'static str,
     sdk: &aws_config::SdkConfig,
 ) -> Result<Task, BatchError> {
+    if let Some(task) = fixed_width_task(location, index, sdk).await? {
+        return Ok(task);
+    }
     let mut tasks = read_manifest(location, sdk).await?;
     if index >= tasks.len() {
         return Err(BatchError::NoSuchTask {
@@ -320,4 +401,59 @@ pub async fn submit_manifest(
         });
     }
     Ok(jobs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::spec::DownsampleTask;
+
+    /// Tasks whose documents differ in length.
+    fn tasks(n: usize) -> Vec<Task> {
+        (0..n)
+            .map(|i| {
+                let name = format!("vol-{i}-{}", "x".repeat(i % 7));
+                Task::Downsample(DownsampleTask::new(name, 1 + i as u32 % 3))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_task_of_a_long_manifest_is_read_alone_and_odd_manifests_whole() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let sdk = aws_config::SdkConfig::builder().build();
+        let dir = tempfile::tempdir().unwrap();
+        // Long enough (> 1 MiB) for the ranged reads; short; and hand-made lines of varying
+        // widths, which must not be read by offset.
+        for (name, n, padded) in [
+            ("long", 12_000, true),
+            ("short", 30, true),
+            ("odd", 12_000, false),
+        ] {
+            let location = dir.path().join(format!("{name}.jsonl"));
+            let location = location.to_str().unwrap();
+            let all = tasks(n);
+            rt.block_on(async {
+                if padded {
+                    write_manifest(location, &all, &sdk).await.unwrap();
+                } else {
+                    let text: String = all
+                        .iter()
+                        .map(|t| serde_json::to_string(t).unwrap() + "\n")
+                        .collect();
+                    std::fs::write(location, text).unwrap();
+                }
+                let direct = fixed_width_task(location, 7, &sdk).await.unwrap();
+                assert_eq!(direct.is_some(), name == "long", "{name}");
+                for i in [0, 1, 7, n / 2, n - 1] {
+                    let got = manifest_task(location, i, "test", &sdk).await.unwrap();
+                    assert_eq!(got, all[i], "{name} task {i}");
+                }
+                let past = manifest_task(location, n, "test", &sdk).await.unwrap_err();
+                assert!(matches!(past, BatchError::NoSuchTask { count, .. } if count == n));
+                // Padded lines are still one task each for whole readers.
+                assert_eq!(read_manifest(location, &sdk).await.unwrap(), all);
+            });
+        }
+    }
 }

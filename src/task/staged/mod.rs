@@ -1,71 +1,61 @@
 //! Segment and connected components past one machine: a plan cuts the region into blocks, and
-//! four stages of tasks (Batch array children or activity tasks, each in any order within its
-//! stage) give exactly the labels of a single-process run.
+//! stages of tasks (Batch array children or activity tasks, each in any order within its stage)
+//! give exactly the labels of a single-process run, no task holding the whole volume: each holds
+//! a block, a scan's fan-in of a block's rows, or the label-level records of the components that
+//! cross a group's faces (see [`budget`] for what each needs and what grows).
 //!
-//! 1. **block** (GPU, one per block): labels the block's GPU chunks (connected components, or
-//!    segment's watershed fragments with each chunk's region graph), glued inside the block,
-//!    then numbered by first voxel within the block. Writes the block's labels and a summary:
-//!    per label its first voxel (region order) and size, the voxels on the block's faces that
-//!    other blocks share with their labels, and the halo voxels outside the block that its
-//!    labels reach. A segment block resolves the plateaus (see src/ops/watershed.rs) that stay
-//!    inside it and also writes its graph: the plateau voxels whose plateau leaves the block,
-//!    and its region graph keyed by block labels or by voxels of other blocks' faces.
-//! 2. **merge** (one task, no GPU): joins the blocks through their halos and faces (segment: and
-//!    the open plateaus, resolved over their whole extent), numbers the components 1..N by first
-//!    voxel, then drops dust (connected components) or sums the blocks' graphs into the
-//!    fragments' region graph and agglomerates it (segment); writes each block's relabel table.
-//!    A segment plan whose graph would not fit the merge task has **merge rounds** instead: the
-//!    merge writes fragments and their edges, round tasks over groups of blocks agglomerate what
-//!    each group decides, and a **resolve** task writes the relabel tables (see [`rounds`]).
-//! 3. **relabel** (one per block, no GPU): writes the block's output chunks through its table.
-//! 4. **finalize** (one task): checks that every block was relabelled, then writes the output's
-//!    info: until then the output is not a volume, so no partial output passes for a finished
-//!    one.
+//! | stage | tasks | what it does | where |
+//! | --- | --- | --- | --- |
+//! | block | one per block (GPU) | labels the block (connected components, or segment's watershed fragments and region graph), numbered by first voxel within it; writes its labels, summary, border, and (segment) open plateau voxels and edges | [`block`] |
+//! | link | one per block | the pairs of labels across its faces, from its border and its neighbours' | [`union`] |
+//! | union-l | one per group of 2^l blocks a side | joins the components that cross its children's faces; what still leaves it goes up | [`union`] |
+//! | down-l | one per group, top-down | hands its children their open labels' components; down-0 writes each label's component (connected components) or fragment (segment) | [`union`], [`number`], [`rounds`] |
+//! | round-l | one per group (segment) | agglomerates what the group decides (ABISS's rounds); frozen regions go up | [`rounds`] |
+//! | resolve-l | one per group, top-down (segment) | each region's segment; resolve-0 writes each label's segment | [`rounds`] |
+//! | scan-x/y/z-k | lines of blocks, fan-in F | prefix sums of the components each block owns, per row, plane and slab | [`number`] |
+//! | rank | one per block | the numbers of the components it owns | [`number`] |
+//! | relabel | one per block | its output chunks, each label numbered from its component's owner's ranks | [`relabel`] |
+//! | finalize | one | checks every block was relabelled, then writes the output's info | here |
 //!
-//! Why the result equals a single process's: fragments and components are numbered by first
-//! voxel, so the numbering does not depend on the blocking; a plateau's pointers depend on that
-//! plateau's voxels only, so resolving a closed plateau in its block gives what resolving all of
-//! them together gives; region-graph sums are exact integers, so summing per block and then
-//! across blocks gives the same graph; agglomeration then runs on the same graph.
+//! Why the result equals a single process's: labels, fragments, components and segments are
+//! named by their first voxel and numbered 1..N in that order, so no name depends on the
+//! blocking; the union levels join exactly the pairs one process's stitching joins; a plateau's
+//! pointers depend on that plateau's voxels only, so resolving it in the lowest group that
+//! holds it whole gives what resolving all plateaus together gives; region-graph sums are exact
+//! integers; and a round merges only what its part of the graph decides (see [`rounds`]).
 //!
 //! Intermediate objects live next to the output, under `.cuboids-staging/<plan id>/`:
-//! `block-<i>.labels`, `block-<i>.summary`, `block-<i>.graph` (segment), `block-<i>.remap` and
-//! `block-<i>.done` (with merge rounds also `block-<i>.fragments`, `block-<i>.edges`,
-//! `round-<level>-<group>.merged` and `.left`, whose payloads [`rounds`] documents). Each is a
-//! 64-byte header and a gzip payload (little-endian throughout):
+//! `block-<i>.<kind>`, `union-<level>-<group>.<kind>`, `round-<level>-<group>.<kind>` and
+//! `scan-<axis>-<level>-<line>-<part>.<kind>`, each documented by the module that writes it.
+//! Each is a 64-byte header and a gzip payload (little-endian throughout):
 //!
 //! | bytes | field |
 //! | --- | --- |
 //! | 0..8 | magic `CUBOIDS\0` |
-//! | 8..12 | format version (2) |
-//! | 12..16 | kind: 1 labels, 2 summary, 3 remap, 4 done, 5 graph, 6 fragments, 7 edges, 8 merged, 9 left |
+//! | 8..12 | format version (3) |
+//! | 12..16 | kind ([`format::Kind`]'s number) |
 //! | 16..32 | plan id (the md5 in the tasks' `plan.id`) |
-//! | 32..40 | block index (a round's group: level << 40 \| group) |
+//! | 32..40 | the object's index (a block; a group: level << 40 \| group; a scan part) |
 //! | 40..48 | payload length after gunzip |
 //! | 48..64 | md5 of the gzip payload |
 //!
-//! Payloads (voxels as region indices, Fortran order):
+//! The block stage's payloads (voxels as region indices, Fortran order; most fields varints:
+//! LEB128, 7 bits a byte, low bits first; a zigzag difference d stored as (d << 1) ^ (d >> 63)):
 //! - labels: (label, run length) pairs as varints that cover the block's voxels in Fortran order
 //!   (0 background);
-//! - summary, all varints: count K, the K first voxels as increases from the one before (from
-//!   0), K sizes, H and H halo entries (voxel as a zigzag difference from the entry before,
-//!   label; sorted by voxel, then label), F and F face entries (the same; sorted by voxel).
-//!
-//! A varint is LEB128: 7 bits a byte, low bits first, the high bit set on all bytes but the
-//! last; a zigzag difference d is stored as (d << 1) ^ (d >> 63).
-//! - graph: u64 D and D open plateau voxels (u64 voxel, u8 bidirectional directions, u8 those
-//!   toward an exit, u32 label, 6 u32 labels of its neighbours inside the block in waterz's
-//!   direction order, 0 outside it), then u64 E and E edges (u64 key, u64 key, u64 voxel-edge
-//!   count, u64 fixed-point affinity sum) sorted by keys; a key is a block label, or 2^63 + the
-//!   voxel of another block's face;
-//! - remap: one u32 output label per block label;
-//! - done: empty.
+//! - summary: count K, the K first voxels as increases from the one before (from 0), K sizes;
+//! - border: H and H halo entries (voxel as a zigzag difference from the entry before, label;
+//!   sorted by voxel, then label), F and F face entries (the same; sorted by voxel), N and N
+//!   (label increase, first voxel) for the labels they name;
+//! - plateaus (segment): u64 D and D open plateau voxels (u64 voxel, u8 bidirectional
+//!   directions, u8 those toward an exit, u32 label, 6 u32 labels of its neighbours inside the
+//!   block in waterz's direction order, 0 outside it);
+//! - edges (segment): u64 E and E edges (u64 key, u64 key, u64 voxel-edge count, u64
+//!   fixed-point affinity sum) sorted by keys; a key is a block label, or 2^63 + the voxel of
+//!   another block's face;
+//! - done (relabel): empty.
 //!
 //! Every stage rewrites identical bytes when run again.
-//!
-//! Where each stage lives: [`block`] (block stage), [`merge`] (merge stage), [`rounds`] (merge
-//! rounds and resolve), [`relabel`] (relabel stage and the block labels it reads), [`format`] (the
-//! header, the store wrapper and the encodings every stage shares); planning and dispatch here.
 
 mod block;
 pub mod budget;
