@@ -48,6 +48,7 @@ use super::number::{self, Components};
 use super::union::{block_coords, block_of, children, touch_box, FinalRecord, UpRecord};
 use super::{Passes, StagedError};
 use crate::geometry::{Box3, Vec3};
+use crate::hash::IdBuildHasher;
 use crate::ops::agglomerate::{agglomerate_rounds, EdgeStats, GraphEdge};
 use crate::task::segment::{Layout, SegmentError, SegmentReport};
 use crate::task::stitch::ChunkGrid;
@@ -456,35 +457,35 @@ async fn block_graph(
         let face = decode_face_fragments(&key, &bytes, &border, counts)?;
         faces.insert(n, (border, face));
     }
-    let mut regions: Vec<(u64, BlockBox)> = own.of_label.clone();
-    let fragment_of = |k: u64| -> Result<(u64, BlockBox), StagedError> {
+    let mut foreign: HashMap<u64, BlockBox, IdBuildHasher> = HashMap::default();
+    let mut fragment_of = |k: u64| -> Result<u64, StagedError> {
         if k & VOXEL_KEY == 0 {
-            return Ok(own.of_label[k as usize - 1]);
+            return Ok(own.of_label[k as usize - 1].0);
         }
         let voxel = k & !VOXEL_KEY;
         let n = block_of(blocks, voxel);
         let (border, face) = &faces[&n];
-        border
+        let (f, bx) = border
             .face_label(voxel)
             .and_then(|l| face.get(&l).copied())
             .ok_or_else(|| StagedError::Corrupt {
                 key: edges_key.clone(),
                 why: format!("voxel {voxel} is not a face voxel of block {n} with a fragment"),
-            })
+            })?;
+        foreign.insert(f, bx);
+        Ok(f)
     };
-    let mut sums: HashMap<(u64, u64), EdgeStats> = HashMap::new();
+    let mut sums: HashMap<(u64, u64), EdgeStats, IdBuildHasher> =
+        HashMap::with_capacity_and_hasher(edges.len(), Default::default());
     for &(ka, kb, stats) in &edges {
-        let (fa, ba) = fragment_of(ka)?;
-        let (fb, bb) = fragment_of(kb)?;
-        for (k, f, bx) in [(ka, fa, ba), (kb, fb, bb)] {
-            if k & VOXEL_KEY != 0 {
-                regions.push((f, bx));
-            }
-        }
+        let (fa, fb) = (fragment_of(ka)?, fragment_of(kb)?);
         if fa != fb {
             sums.entry((fa.min(fb), fa.max(fb))).or_default().add(stats);
         }
     }
+    drop(edges);
+    let mut regions: Vec<(u64, BlockBox)> = own.of_label;
+    regions.extend(foreign);
     let mut edges: Vec<Edge> = sums
         .into_iter()
         .map(|((a, b), stats)| Edge {

@@ -45,6 +45,7 @@ use super::rounds::{groups, round_index, widen, BlockBox};
 use super::{Passes, StagedError};
 use crate::geometry::{Box3, Vec3};
 use crate::gpu::labeling::DeferredVoxel;
+use crate::hash::IdBuildHasher;
 use crate::ops::union_find::UnionFind;
 use crate::ops::watershed::{Grid, DIRECTIONS};
 use crate::task::segment::{resolve_plateaus, Layout, SegmentError, SegmentReport};
@@ -787,7 +788,7 @@ fn join(
         (0..3).all(|a| c[a] >= group.start[a] && c[a] < group.stop[a])
     };
     let inside = |id: u64| in_group(region.position(id as usize));
-    let mut waiting: HashMap<(u64, u64), (u32, usize)> = HashMap::new();
+    let mut waiting: HashMap<(u64, u64), (u32, usize), IdBuildHasher> = HashMap::default();
     let mut leaving: Vec<(Pending, u32)> = Vec::new();
     for (c, (_, part)) in parts.iter().enumerate() {
         for p in &part.pairs {
