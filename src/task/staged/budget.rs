@@ -41,10 +41,16 @@ pub struct Costs {
     /// Bytes per voxel of a GPU chunk's box (core and margins): the input in flight, the
     /// kernels' buffers (host memory on lavapipe), the labels in flight.
     pub chunk_box: usize,
-    /// Bytes per block voxel of the most a per-block stage holds (segment: round 0, the
-    /// block's region graph and its agglomeration, 420-540 measured on noisy cells, the block
-    /// stage 320-370; connected components: the block stage).
-    pub block_voxel: usize,
+    /// Bytes per block voxel of the block stage, besides its chunk and cache (labels, the
+    /// chunks' partial region graphs, the block's summary and border).
+    pub block_stage: usize,
+    /// Bytes per block voxel of round 0 (segment: the block's region graph and its
+    /// agglomeration, 420-540 measured on noisy cells; 0 without rounds).
+    pub round_zero: usize,
+    /// Bytes per block voxel of down-0 and resolve-0 (a label's component or fragment each).
+    pub down_zero: usize,
+    /// Bytes per block voxel of relabel (the block's runs, tables, output chunks in flight).
+    pub relabel: usize,
     /// Bytes per voxel of a union or down task's faces (the planes between its children and its
     /// own faces): label-level records of the components that cross them, 5 measured on noisy
     /// cells.
@@ -62,7 +68,10 @@ pub struct Costs {
 /// Segment's costs (noisy cells).
 pub const SEGMENT_COSTS: Costs = Costs {
     chunk_box: 150,
-    block_voxel: 560,
+    block_stage: 330,
+    round_zero: 560,
+    down_zero: 28,
+    relabel: 48,
     face_voxel: 16,
     round_face_voxel: 1800,
     block_rate: 0.5e6,
@@ -71,7 +80,10 @@ pub const SEGMENT_COSTS: Costs = Costs {
 /// Connected components' costs.
 pub const COMPONENTS_COSTS: Costs = Costs {
     chunk_box: 12,
-    block_voxel: 40,
+    block_stage: 40,
+    round_zero: 0,
+    down_zero: 12,
+    relabel: 24,
     face_voxel: 16,
     round_face_voxel: 0,
     block_rate: 5e6,
@@ -120,10 +132,23 @@ fn default_chunk(default: Vec3, fits: impl Fn(Vec3) -> bool) -> Vec3 {
     c
 }
 
-/// The variable bytes of a block task: its GPU chunk, its cache and its block.
-fn block_task_bytes(costs: &Costs, s: &Sizing, margin: usize) -> usize {
+impl Costs {
+    /// Bytes per block voxel of the per-block stage without a GPU that holds the most.
+    fn per_block_voxel(&self) -> usize {
+        self.round_zero.max(self.down_zero).max(self.relabel)
+    }
+}
+
+/// The variable bytes of the block stage: its GPU chunk, its cache and its block.
+fn block_stage_bytes(costs: &Costs, s: &Sizing, margin: usize) -> usize {
     let chunk_box = voxels(s.chunk.map(|v| v + 2 * margin));
-    chunk_box * costs.chunk_box + s.cache_bytes + voxels(s.block) * costs.block_voxel
+    chunk_box * costs.chunk_box + s.cache_bytes + voxels(s.block) * costs.block_stage
+}
+
+/// The variable bytes of the per-block task that needs the most: the block stage, or one
+/// without a GPU.
+fn block_task_bytes(costs: &Costs, s: &Sizing, margin: usize) -> usize {
+    block_stage_bytes(costs, s, margin).max(voxels(s.block) * costs.per_block_voxel())
 }
 
 /// Chooses the GPU chunk, the cache and the block of a plan over a region of `extent` voxels
@@ -246,7 +271,6 @@ pub fn estimate(
     let top = levels - 1;
     let mib = |bytes: usize, fixed: usize| (bytes.div_ceil(1 << 20) + fixed) as u64;
     let block_voxels = voxels(block);
-    let per_block = block_voxels * costs.block_voxel;
     let block_seconds = block_voxels as f64 / costs.block_rate;
     let mut out = Vec::new();
     let mut push = |stage: String, tasks: u64, mib: u64, seconds: f64, grows: &'static str| {
@@ -261,7 +285,7 @@ pub fn estimate(
     push(
         "block".into(),
         blocks,
-        mib(block_task_bytes(costs, sizing, margin), FIXED_GPU_MIB),
+        mib(block_stage_bytes(costs, sizing, margin), FIXED_GPU_MIB),
         block_seconds,
         "block",
     );
@@ -305,18 +329,13 @@ pub fn estimate(
             "faces",
         );
     }
-    push(
-        "down-0".into(),
-        blocks,
-        mib(per_block / 8, FIXED_MIB),
-        0.0,
-        "block",
-    );
+    let down_zero = mib(block_voxels * costs.down_zero, FIXED_MIB);
+    push("down-0".into(), blocks, down_zero, 0.0, "block");
     if rounds {
         push(
             "round-0".into(),
             blocks,
-            mib(per_block, FIXED_MIB),
+            mib(block_voxels * costs.round_zero, FIXED_MIB),
             block_seconds,
             "block",
         );
@@ -324,7 +343,7 @@ pub fn estimate(
         // takes as long.
         let graph = |level: u32| child_faces(level) * costs.round_face_voxel;
         for level in 1..=top {
-            let seconds = graph(level) as f64 / costs.block_voxel as f64 / costs.block_rate;
+            let seconds = graph(level) as f64 / costs.round_zero as f64 / costs.block_rate;
             push(
                 format!("round-{level}"),
                 groups(level),
@@ -344,13 +363,7 @@ pub fn estimate(
                 "data",
             );
         }
-        push(
-            "resolve-0".into(),
-            blocks,
-            mib(per_block / 8, FIXED_MIB),
-            0.0,
-            "block",
-        );
+        push("resolve-0".into(), blocks, down_zero, 0.0, "block");
     }
     let scans = super::number::Scans {
         counts: counts.map(|c| c as usize),
@@ -370,17 +383,11 @@ pub fn estimate(
             );
         }
     }
-    push(
-        "rank".into(),
-        blocks,
-        mib(per_block / 8, FIXED_MIB),
-        0.0,
-        "block",
-    );
+    push("rank".into(), blocks, down_zero, 0.0, "block");
     push(
         "relabel".into(),
         blocks,
-        mib(per_block / 8, FIXED_MIB),
+        mib(block_voxels * costs.relabel, FIXED_MIB),
         block_seconds / 10.0,
         "block",
     );
