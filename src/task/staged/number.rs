@@ -186,6 +186,18 @@ pub(super) async fn summary_and_finals(
     Ok((summary, finals))
 }
 
+/// Block `b`'s summary and components (what down-0 or resolve-0 wrote).
+pub(super) async fn read_components(
+    staging: &Staging,
+    b: usize,
+) -> Result<(Summary, Components), StagedError> {
+    let summary = summary(staging, b).await?;
+    let key = staging.key(Kind::Components, b);
+    let bytes = staging.get(Kind::Components, b).await?;
+    let table = Components::decode(&key, &bytes, &summary.first)?;
+    Ok((summary, table))
+}
+
 /// The down-0 task of a connected-components plan's block `b`: each label's component,
 /// whether it stays (`dust`: components under it do not), and the staying components the block
 /// owns per row.
@@ -395,13 +407,7 @@ pub(super) async fn rank(
     let before_y = prefix_of(staging, &blocks, &scans, (1, bz, by)).await?;
     let slab = line_total(staging, &blocks, &scans, 1, bz).await?;
     let before_z = prefix_of(staging, &blocks, &scans, (2, 0, bz)).await?[0];
-    let summary = summary(staging, b).await?;
-    let key = staging.key(Kind::Components, b);
-    let table = Components::decode(
-        &key,
-        &staging.get(Kind::Components, b).await?,
-        &summary.first,
-    )?;
+    let (summary, table) = read_components(staging, b).await?;
     passes.done("read");
     let core = blocks.core(b);
     let rows = core.shape()[1];

@@ -1,7 +1,7 @@
 //! The relabel stage: writes a block's output chunks through its relabel table.
 
 use super::format::*;
-use super::number::{self, decode_ranks, Components};
+use super::number::{self, decode_ranks};
 use super::union::block_of;
 use super::{Passes, StagedError, StagedWork};
 use crate::geometry::{voxels, Box3};
@@ -179,14 +179,7 @@ pub(super) async fn relabel<W: StagedWork>(
     gpu: Option<Arc<GpuContext>>,
 ) -> Result<SegmentReport, StagedError> {
     let mut passes = Passes::new();
-    let summary = number::summary(staging, b).await?;
-    let key = staging.key(Kind::Components, b);
-    let table = Components::decode(
-        &key,
-        &staging.get(Kind::Components, b).await?,
-        &summary.first,
-    )?;
-    drop(summary);
+    let (_, table) = number::read_components(staging, b).await?;
     // Owners in order, each read once; what each names for this block's components.
     let mut wanted: Vec<(usize, u64)> = table
         .component

@@ -305,6 +305,19 @@ impl Fragments {
     }
 }
 
+/// Block `b`'s summary and fragment table.
+async fn read_fragments(
+    blocks: &ChunkGrid,
+    b: usize,
+    staging: &Staging,
+) -> Result<(super::block::Summary, Fragments), StagedError> {
+    let summary = number::summary(staging, b).await?;
+    let key = staging.key(Kind::Fragments, b);
+    let bytes = staging.get(Kind::Fragments, b).await?;
+    let fragments = Fragments::decode(&key, &bytes, &summary.first, blocks.counts())?;
+    Ok((summary, fragments))
+}
+
 /// The fragments of the labels a block's border names: (label, fragment, box), by label.
 pub(super) fn encode_face_fragments(entries: &[(u32, u64, u64, BlockBox)]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -418,14 +431,7 @@ async fn block_graph(
     staging: &Staging,
 ) -> Result<RoundGraph, StagedError> {
     let counts = blocks.counts();
-    let summary = number::summary(staging, b).await?;
-    let key = staging.key(Kind::Fragments, b);
-    let own = Fragments::decode(
-        &key,
-        &staging.get(Kind::Fragments, b).await?,
-        &summary.first,
-        counts,
-    )?;
+    let (summary, own) = read_fragments(blocks, b, staging).await?;
     let edges_key = staging.key(Kind::Edges, b);
     let edges = BlockGraph::decode_edges(
         &edges_key,
@@ -780,14 +786,8 @@ pub(super) async fn resolve(
         });
     }
     let b = group;
-    let summary = number::summary(staging, b).await?;
+    let (summary, fragments) = read_fragments(&blocks, b, staging).await?;
     let key = staging.key(Kind::Fragments, b);
-    let fragments = Fragments::decode(
-        &key,
-        &staging.get(Kind::Fragments, b).await?,
-        &summary.first,
-        blocks.counts(),
-    )?;
     let mut table = Components::default();
     for &(f, _) in &fragments.of_label {
         let segment = lookup(&finals, f).ok_or_else(|| StagedError::Corrupt {
