@@ -380,17 +380,35 @@ impl ChunkArgs {
 #[derive(Subcommand)]
 enum PlanCommand {
     /// Downsample tasks that together cover the volume (or --bounds), each writing whole output
-    /// chunks no other task writes.
+    /// chunks no other task writes; a pyramid deeper than a task within --task-mib reaches is
+    /// planned in stages (mips 1-4, then 5-8 from mip 4, ...), each from the last mip written.
     Downsample {
         location: String,
         #[command(flatten)]
         args: DownsampleArgs,
-        /// Source data per task, in MiB (default: half the 24 GiB of a g5/g6 instance's GPU).
-        #[arg(long, default_value_t = 12288)]
+        /// Host memory per task, in MiB, on top of the fixed part (about 230 MiB on lavapipe):
+        /// it sets the tiles (a third of it, at most) and so how many mips a stage can add;
+        /// also the most source a task covers.
+        #[arg(long, default_value_t = DEFAULT_TASK_MIB)]
         task_mib: usize,
-        /// Where to write the manifest (a file or s3:// object); default: stdout.
+        /// The longest a task should take, in seconds (at 50 MB of source a second): bounds
+        /// the source a task covers, e.g. 600 for Lambda's 15 minutes.
         #[arg(long)]
+        task_seconds: Option<f64>,
+        /// Where to write the manifest of a plan of one stage (a file or s3:// object); default:
+        /// stdout.
+        #[arg(long, conflicts_with = "manifests")]
         output: Option<String>,
+        /// Write a manifest per stage to PREFIX<stage>.jsonl (`mips-1-4`, ...) and print the
+        /// stages as JSON (what batch/statemachines/segment.asl.json runs in order).
+        #[arg(long)]
+        manifests: Option<String>,
+        /// Print each stage's tasks and the memory and time of its largest task; write nothing.
+        #[arg(long)]
+        estimate: bool,
+        /// With --estimate: a hypothetical size x,y,z of the source mip.
+        #[arg(long, value_parser = parse_vec3, requires = "estimate")]
+        shape: Option<[usize; 3]>,
     },
     /// Segment in stages past one machine, no task holding more than its block or its part of
     /// the block grid: block tasks (GPU: watershed and region graph), link, union and down
@@ -578,12 +596,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     location,
                     args,
                     task_mib,
+                    task_seconds,
                     output,
+                    manifests,
+                    estimate,
+                    shape,
                 },
         } => done(runtime.block_on(local::plan_downsample(
             args.task(location),
-            task_mib << 20,
+            crate::task::pyramid::PyramidBudget {
+                task_bytes: task_mib.saturating_mul(1 << 20),
+                seconds: task_seconds,
+            },
             output.as_deref(),
+            manifests.as_deref(),
+            estimate.then_some(shape),
         ))),
         Command::Plan {
             what:

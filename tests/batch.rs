@@ -68,7 +68,10 @@ async fn array_tasks_of_a_planned_manifest_equal_one_whole_run() {
         "--num-mips",
         "2",
         "--task-mib",
-        "4",
+        "16",
+        // 4.2 MB of source a task at 50 MB/s: tasks of one 4 MiB tile each.
+        "--task-seconds",
+        "0.084",
         "--output",
         manifest,
     ];
@@ -79,6 +82,7 @@ async fn array_tasks_of_a_planned_manifest_equal_one_whole_run() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(tasks.len(), 4, "4 MiB tasks of a 16 MiB volume");
+    assert!(tasks.iter().all(|t| t["tile_mib"] == 4), "{tasks:?}");
     assert!(tasks.iter().all(|t| t["kind"] == "downsample"));
 
     for (i, task) in tasks.iter().enumerate() {

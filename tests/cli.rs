@@ -478,3 +478,97 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         })
         .collect()
 }
+
+/// `plan downsample --manifests` writes one manifest per stage of a pyramid too deep for one
+/// task within --task-mib; running the stages in order, each task as a Batch child, writes what
+/// one `downsample` writes. `--output` refuses such a plan, naming its stages; `--estimate`
+/// prints them.
+#[test]
+fn a_pyramid_planned_in_stages_runs_as_batch_children_and_equals_one_run() {
+    use cuboids::dtype::DataType;
+    use cuboids::formats::precomputed::info::LayerType;
+    use cuboids::formats::precomputed::WriteOptions;
+    use cuboids::runtime::local::{new_info, write_new_volume};
+    let cuboids = |args: &[&str], index: Option<usize>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cuboids"));
+        cmd.args(args).env("CUBOIDS_LOG_FORMAT", "text");
+        if let Some(i) = index {
+            cmd.env("AWS_BATCH_JOB_ARRAY_INDEX", i.to_string());
+        }
+        cmd.output().unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // 8 mips of (2,2,1) over 16³ chunks need whole 512x512x16 tiles (4 MiB), 4 mips 1 MiB.
+    let shape = [512, 512, 16];
+    let data = common::random_volume(&mut common::Rng::new(7), DataType::Uint8, shape, 1);
+    let info = new_info(
+        LayerType::Image,
+        DataType::Uint8,
+        shape,
+        [16, 16, 16],
+        [8.0, 8.0, 40.0],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for name in ["one", "staged"] {
+        rt.block_on(write_new_volume(
+            &dir.path().join(name),
+            info.clone(),
+            &data,
+            WriteOptions::default(),
+        ))
+        .unwrap();
+    }
+    let (one, staged) = (dir.path().join("one"), dir.path().join("staged"));
+    common::assert_success(&cuboids(
+        &["downsample", one.to_str().unwrap(), "--num-mips", "8"],
+        None,
+    ));
+    let plan_args = |extra: &[&str]| {
+        let mut a = vec![
+            "plan",
+            "downsample",
+            staged.to_str().unwrap(),
+            "--num-mips",
+            "8",
+            "--task-mib",
+            "4",
+        ];
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |extra: &[&str]| {
+        let args = plan_args(extra);
+        cuboids(&args.iter().map(String::as_str).collect::<Vec<_>>(), None)
+    };
+    let refused = run(&["--output", dir.path().join("m.jsonl").to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(
+        !refused.status.success() && text.contains("mips-1-4, mips-5-8"),
+        "{text}"
+    );
+    let estimate = run(&["--estimate"]);
+    common::assert_success(&estimate);
+    let printed = String::from_utf8_lossy(&estimate.stdout).into_owned();
+    assert!(
+        printed.contains("mips-1-4") && printed.contains("mips-5-8"),
+        "{printed}"
+    );
+
+    let prefix = format!("{}/", dir.path().join("plan").display());
+    let planned = run(&["--manifests", &prefix]);
+    common::assert_success(&planned);
+    let doc: serde_json::Value = serde_json::from_slice(&planned.stdout).unwrap();
+    let stages = doc["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 2, "{doc}");
+    for s in stages {
+        let manifest = s["manifest"].as_str().unwrap();
+        for i in 0..s["tasks"].as_u64().unwrap() as usize {
+            common::assert_success(&cuboids(&["batch", "--manifest", manifest], Some(i)));
+        }
+    }
+    common::assert_same_contents(
+        &common::tree_contents(&one),
+        &common::tree_contents(&staged),
+        "the staged pyramid",
+    );
+}

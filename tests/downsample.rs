@@ -431,3 +431,97 @@ async fn chunks_encoded_on_the_gpu_are_the_cpu_encoders_bytes() {
         common::assert_same_contents(&cpu, &gpu_encoded, &what);
     }
 }
+
+/// A pyramid planned in stages (each from the last mip the one before wrote, its tasks in
+/// shuffled order) writes exactly what one run adding every mip from one read writes, for every
+/// averaging dtype and mode pooling, on odd sizes, with stages that end only where that run
+/// restarts (every 4 mips for uint8/uint16 (2,2,1), never a stage of one float32 mip).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pyramid_planned_in_stages_equals_one_run() {
+    use cuboids::task::pyramid::{plan, PyramidBudget};
+    let shape = [250, 190, 9];
+    let mips = 8;
+    for (dtype, layer, seed, stages) in [
+        (DataType::Uint8, LayerType::Image, 11, vec![4, 4]),
+        (DataType::Uint16, LayerType::Image, 12, vec![4, 4]),
+        (DataType::Float32, LayerType::Image, 13, vec![3, 5]),
+        (DataType::Uint64, LayerType::Segmentation, 14, vec![3, 5]),
+    ] {
+        let temp = tempfile::tempdir().unwrap();
+        let mut rng = Rng::new(seed);
+        let input = match layer {
+            LayerType::Image => random_volume(&mut rng, dtype, shape, 1),
+            LayerType::Segmentation => common::segmentation_like(&mut rng, dtype, shape, 1),
+        };
+        let (one, staged) = (temp.path().join("one"), temp.path().join("staged"));
+        let vol = make(&one, layer, &input, [8, 8, 8], [0, 0, 0], 1).await;
+        make(&staged, layer, &input, [8, 8, 8], [0, 0, 0], 1).await;
+        let opts = DownsampleOptions {
+            num_mips: mips,
+            ..Default::default()
+        };
+        downsample(gpu_compute(), &vol, &opts).await.unwrap();
+
+        // A megabyte per task: tiles of 0.3 MB, too small for all 8 mips at once.
+        let budget = PyramidBudget {
+            task_bytes: 1 << 20,
+            seconds: None,
+        };
+        let source = Precomputed::open(Arc::new(LocalStore::new(&staged)))
+            .await
+            .unwrap();
+        let planned = plan(&source.info, &opts, &budget).unwrap();
+        let sizes: Vec<u32> = planned.iter().map(|s| s.num_mips).collect();
+        assert_eq!(sizes, stages, "{dtype}");
+        for stage in &planned {
+            let mut tasks = stage.tasks.clone();
+            // Shuffled, as Batch children run.
+            for i in (1..tasks.len()).rev() {
+                tasks.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            for bounds in tasks {
+                let vol = Precomputed::open(Arc::new(LocalStore::new(&staged)))
+                    .await
+                    .unwrap();
+                let o = DownsampleOptions {
+                    mip: stage.mip,
+                    num_mips: stage.num_mips,
+                    bounds: Some(bounds),
+                    tile_bytes: stage.tile_bytes,
+                    ..Default::default()
+                };
+                downsample(gpu_compute(), &vol, &o).await.unwrap();
+            }
+        }
+        common::assert_same_contents(
+            &common::tree_contents(&one),
+            &common::tree_contents(&staged),
+            &format!("{dtype}: staged pyramid"),
+        );
+    }
+    // A budget whose least stage cannot fit is refused with the budget that would do.
+    let temp = tempfile::tempdir().unwrap();
+    let input = random_volume(&mut Rng::new(3), DataType::Uint8, shape, 1);
+    let vol = make(
+        &temp.path().join("v"),
+        LayerType::Image,
+        &input,
+        [8, 8, 8],
+        [0, 0, 0],
+        1,
+    )
+    .await;
+    let tiny = PyramidBudget {
+        task_bytes: 64 << 10,
+        seconds: None,
+    };
+    let opts = DownsampleOptions {
+        num_mips: mips,
+        ..Default::default()
+    };
+    let err = plan(&vol.info, &opts, &tiny).unwrap_err().to_string();
+    assert!(
+        err.contains("mips 1..=4") && err.contains("needs --task-mib 1"),
+        "{err}"
+    );
+}

@@ -151,6 +151,12 @@ impl SumSchedule {
         }
     }
 
+    /// Mips between the floorings of the sums: a run that restarts from a stored mip at a
+    /// multiple of it writes what one run does.
+    pub fn period(&self) -> u32 {
+        self.period
+    }
+
     /// Right shift that renders the sums of `level` (1-based) as output voxels.
     pub fn render_shift(&self, level: u32) -> u32 {
         self.bits * (((level - 1) % self.period) + 1)

@@ -15,9 +15,7 @@ use crate::runtime::batch::{
 use crate::runtime::executor::{Executor, TaskFailure, TaskOutput};
 use crate::runtime::synthetic::em_like;
 use crate::store::{aws_env, open_store_with, LocalStore};
-use crate::task::downsample::{
-    downsample, split_bounds, Compute, DownsampleOptions, DownsampleReport,
-};
+use crate::task::downsample::{downsample, Compute, DownsampleOptions, DownsampleReport};
 use crate::task::plan::plan_slabs;
 use crate::task::spec::{BossDownsampleTask, DownsampleTask, Task};
 use crate::task::staged::StagedWork;
@@ -107,31 +105,106 @@ async fn open_volume(location: &str, sdk: &aws_config::SdkConfig) -> Result<Prec
         .with_context(|| format!("opening {location}"))
 }
 
-/// Splits a downsample into tasks of at most `task_bytes` of source and writes them as a
-/// manifest (JSON lines) to `output`, or stdout.
+/// `cuboids plan downsample`: the pyramid in stages within `budget` (see
+/// `task::pyramid`). With `output`, one manifest (a plan of one stage); with `manifests`, one
+/// per stage under that prefix and the stages printed as JSON (the segmentation machine runs
+/// them in order); with `estimate` (and a hypothetical `shape` of the source mip), each stage's
+/// tasks, memory and time; else every task on stdout.
 pub async fn plan_downsample(
     task: DownsampleTask,
-    task_bytes: usize,
+    budget: crate::task::pyramid::PyramidBudget,
     output: Option<&str>,
+    manifests: Option<&str>,
+    estimate: Option<Option<Vec3>>,
 ) -> Result<()> {
+    use crate::task::pyramid;
     let sdk = aws_env::sdk_config().await;
     let vol = open_volume(&task.location, &sdk).await?;
     // Sharded: each shard covers at most a task's source, and tasks hold whole shards.
     let task = DownsampleTask {
-        shard_source_mib: task.sharded.then_some((task_bytes >> 20).max(1) as u64),
+        shard_source_mib: task
+            .sharded
+            .then_some((budget.task_bytes >> 20).max(1) as u64),
         ..task
     };
-    let parts = split_bounds(&vol.info, &task.options(), task_bytes)
+    let mut info = vol.info.clone();
+    if let Some(Some(shape)) = estimate {
+        info.scales.truncate(task.mip + 1);
+        if let Some(s) = info.scales.get_mut(task.mip) {
+            s.size = shape;
+        }
+    }
+    let stages = pyramid::plan(&info, &task.options(), &budget)
         .with_context(|| format!("planning {}", task.location))?;
-    let tasks: Vec<Task> = parts
-        .into_iter()
-        .map(|bounds| {
-            Task::Downsample(DownsampleTask {
-                bounds: Some(bounds),
-                ..task.clone()
+    if estimate.is_some() {
+        let elem = info.data_type.size() * info.num_channels;
+        println!(
+            "{:<12} {:>10} {:>10} {:>10}",
+            "stage", "tasks", "MiB/task", "s/task"
+        );
+        for e in pyramid::estimate(&stages, &budget, elem) {
+            println!(
+                "{:<12} {:>10} {:>10} {:>10.1}",
+                e.stage, e.tasks, e.mib, e.seconds
+            );
+        }
+        return Ok(());
+    }
+    let tasks_of = |s: &pyramid::Stage| -> Vec<Task> {
+        s.tasks
+            .iter()
+            .map(|&bounds| {
+                Task::Downsample(DownsampleTask {
+                    mip: s.mip,
+                    num_mips: s.num_mips,
+                    bounds: Some(bounds),
+                    tile_mib: Some(s.tile_bytes >> 20),
+                    ..task.clone()
+                })
             })
-        })
-        .collect();
+            .collect()
+    };
+    if let Some(prefix) = manifests {
+        let all: Vec<Vec<Task>> = stages.iter().map(tasks_of).collect();
+        let id = {
+            use md5::{Digest, Md5};
+            let body = serde_json::to_vec(&all)?;
+            Md5::digest(&body)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        let document = crate::runtime::batch::write_stage_manifests(
+            &id,
+            all.first().map_or(0, Vec::len),
+            &all,
+            prefix,
+            &sdk,
+        )
+        .await?;
+        eprintln!(
+            "pyramid in {} stages: {}",
+            stages.len(),
+            stages
+                .iter()
+                .map(|s| format!("{} ({} tasks)", s.name(), s.tasks.len()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!("{document}");
+        return Ok(());
+    }
+    if stages.len() > 1 {
+        anyhow::bail!(
+            "{} mips from mip {} need {} stages within --task-mib {} ({}): plan them with --manifests PREFIX and run the stages in order",
+            task.num_mips,
+            task.mip,
+            stages.len(),
+            budget.task_bytes >> 20,
+            stages.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    let tasks = tasks_of(&stages[0]);
     match output {
         Some(location) => {
             write_manifest(location, &tasks, &sdk).await?;

@@ -403,6 +403,19 @@ fn aligned_source(info: &Info, opts: &DownsampleOptions) -> Result<(Box3, Vec3),
     Ok((region, align))
 }
 
+/// The source bytes of the least part a run can be split into: one tile alignment unit (whole
+/// output chunks of every new mip, whole shards where they are sharded), within the region.
+pub fn least_part_bytes(info: &Info, opts: &DownsampleOptions) -> Result<usize, TaskError> {
+    let (new_info, _) = plan_scales(info, opts)?;
+    let (region, align) = aligned_source(&new_info, opts)?;
+    let align = match shard_block(&new_info, opts)? {
+        Some(block) => [0, 1, 2].map(|i| lcm(align[i], block[i])),
+        None => align,
+    };
+    let unit = [0, 1, 2].map(|i| align[i].min(region.shape()[i]));
+    Ok(voxels(unit) * info.data_type.size() * info.num_channels)
+}
+
 /// Splits a run into independent parts of at most `part_bytes` of source each, as absolute
 /// bounds aligned so that every output chunk belongs to exactly one part: the tasks of a
 /// distributed run. Together they cover what the whole run would.

@@ -6,6 +6,7 @@ pub mod boss_downsample;
 pub mod downsample;
 pub mod failure;
 pub mod plan;
+pub mod pyramid;
 pub mod segment;
 pub mod spec;
 pub mod staged;

@@ -381,6 +381,7 @@ pub fn stage_name(task: &Task) -> String {
     match task {
         Task::SegmentStage(t) => t.stage_name(),
         Task::ConnectedComponentsStage(t) => t.stage_name(),
+        Task::Downsample(t) => format!("mips-{}-{}", t.mip + 1, t.mip + t.num_mips as usize),
         other => other.describe(),
     }
 }
