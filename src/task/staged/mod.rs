@@ -85,6 +85,9 @@ use std::time::Instant;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
+/// Done markers the finalize task reads at once.
+const DONE_CHECKS_IN_FLIGHT: usize = 64;
+
 /// Where a plan's intermediate objects live in the output store.
 pub const STAGING: &str = ".cuboids-staging";
 
@@ -495,8 +498,14 @@ pub async fn run_stage<W: StagedWork>(
             relabel::relabel(plan, &layout, blocks, b, &staging, ctx).await?
         }
         Stage::Finalize => {
-            for b in 0..plan.blocks {
-                staging.get(Kind::Done, b).await?;
+            // Every block's done marker, many in flight (each a round trip on S3, and a
+            // teravoxel plan has hundreds of thousands); the first missing one is named.
+            use futures::StreamExt;
+            let mut checks = futures::stream::iter(0..plan.blocks)
+                .map(|b| staging.get(Kind::Done, b))
+                .buffered(DONE_CHECKS_IN_FLIGHT);
+            while let Some(done) = checks.next().await {
+                done?;
             }
             let segments = number::total(&staging, &blocks, &scans).await? as usize;
             if layout.output_is_new {
