@@ -764,15 +764,18 @@ fn a_cancelled_relabel_stage_task_leaves_none_of_its_chunks() {
         block: Some([16, 16, 8]),
         ..Default::default()
     };
-    let (_, stages) = plan(&input, &task, &budget).unwrap();
-    let stage_task = |t: &Task| match t {
-        Task::ConnectedComponentsStage(s) => s.clone(),
+    let (plan, stages) = plan(&input, &task, &budget).unwrap();
+    let stage_task = |t: Task| match t {
+        Task::ConnectedComponentsStage(s) => s,
         other => panic!("{}", other.describe()),
     };
     let store = || Arc::new(LocalStore::new(&output));
     // Every stage before the relabel stage (the second to last).
     let relabel_stage = stages.len() - 2;
-    for t in stages[..relabel_stage].iter().flatten() {
+    let earlier = stages[..relabel_stage]
+        .iter()
+        .flat_map(|spec| (0..spec.tasks).map(|i| spec.task(&plan, i)));
+    for t in earlier {
         rt.block_on(run_stage(
             &stage_task(t),
             &input,
@@ -790,7 +793,7 @@ fn a_cancelled_relabel_stage_task_leaves_none_of_its_chunks() {
     };
     assert!(chunks().is_empty(), "{:?}", chunks());
     // Block 0's relabel (16x16x8: 8 output chunks), cancelled after its 3rd chunk write.
-    let relabel = stage_task(&stages[relabel_stage][0]);
+    let relabel = stage_task(stages[relabel_stage].task(&plan, 0));
     assert_eq!(relabel.stage_name(), "relabel");
     let cancel = tokio_util::sync::CancellationToken::new();
     let cancelling = Arc::new(CancelAfterWrites {

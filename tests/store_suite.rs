@@ -109,6 +109,35 @@ async fn suite(store: Arc<dyn Store>) {
     let same = store.get("same").await.unwrap().unwrap().data;
     assert_eq!(same.len(), 100_000);
     assert!(same.iter().all(|&b| b == same[0]));
+
+    // A large object written part by part (past S3's multipart threshold): nothing at its key
+    // until it finishes, then every byte; a small one; one dropped unfinished leaves nothing.
+    let big: Vec<u8> = (0..20_000_000u32).map(|i| (i % 251) as u8).collect();
+    let mut writer = store.writer("big/object").await.unwrap();
+    for part in big.chunks(3_000_001) {
+        writer.write(part).await.unwrap();
+        assert!(
+            !store.exists("big/object").await.unwrap(),
+            "visible before it finished"
+        );
+    }
+    writer.finish().await.unwrap();
+    assert!(store.get("big/object").await.unwrap().unwrap().data == big);
+    let mut small = store.writer("small").await.unwrap();
+    small.write(b"a few").await.unwrap();
+    small.write(b" bytes").await.unwrap();
+    small.finish().await.unwrap();
+    assert_eq!(
+        store.get("small").await.unwrap().unwrap().data,
+        b"a few bytes"
+    );
+    let mut dropped = store.writer("dropped").await.unwrap();
+    dropped.write(&big[..9_000_000]).await.unwrap();
+    drop(dropped);
+    assert!(!store.exists("dropped").await.unwrap());
+    for key in ["big/object", "small"] {
+        store.delete(key).await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@
 //! `Host EC2*` status reasons are retried by the job definition too.
 
 use crate::runtime::executor::{Executor, TaskFailure, TaskOutput};
-use crate::store::{aws_env, open_object, ContentEncoding, StoreError};
+use crate::store::{aws_env, open_object, StoreError};
 use crate::task::failure::{Classify, FailureKind};
 use crate::task::spec::{SpecError, Task};
 use aws_sdk_batch::error::DisplayErrorContext;
@@ -99,60 +99,97 @@ pub async fn read_manifest(
         .collect()
 }
 
-/// Writes tasks as a manifest, one JSON document per line, in one whole-object write.
+/// Writes tasks as a manifest, one JSON document per line.
 pub async fn write_manifest(
     location: &str,
     tasks: &[Task],
+    sdk: &aws_config::SdkConfig,
+) -> Result<(), BatchError> {
+    write_manifest_of(location, tasks.len(), &|i| tasks[i].clone(), sdk).await
+}
+
+/// Lines of a manifest gathered before each write to the store.
+const LINES_PER_WRITE: usize = 4096;
+
+/// Writes `count` tasks, `task(i)` each, as a manifest, one JSON document per line, every line
+/// padded with spaces to the longest (JSON allows trailing spaces): task i is then bytes
+/// i * width .. (i + 1) * width, which a Batch child reads alone, however long the manifest.
+/// Streamed through the store's writer, so that a manifest of millions of tasks never is in
+/// memory at once; the tasks are made twice (once to measure the lines).
+pub async fn write_manifest_of(
+    location: &str,
+    count: usize,
+    task: &(dyn Fn(usize) -> Task + Sync),
     sdk: &aws_config::SdkConfig,
 ) -> Result<(), BatchError> {
     let store_error = |source| BatchError::Store {
         location: location.to_string(),
         source: Box::new(source),
     };
-    // Every line padded to the longest (JSON allows trailing spaces): task i is then bytes
-    // i * width .. (i + 1) * width, which a Batch child reads alone, however long the manifest.
-    let lines: Vec<String> = tasks
-        .iter()
-        .map(|t| serde_json::to_string(t).expect("tasks serialise"))
-        .collect();
-    let width = lines.iter().map(String::len).max().unwrap_or(0);
-    let mut text = String::with_capacity(lines.len() * (width + 1));
-    for line in lines {
-        text.push_str(&line);
-        text.extend(std::iter::repeat_n(' ', width - line.len()));
-        text.push('\n');
-    }
+    let line = |i: usize| serde_json::to_string(&task(i)).expect("tasks serialise");
+    let width = (0..count).map(|i| line(i).len()).max().unwrap_or(0);
     let (store, key) = open_object(location, sdk).map_err(store_error)?;
-    store
-        .put(&key, text.into_bytes(), ContentEncoding::Identity)
-        .await
-        .map_err(store_error)
+    let mut writer = store.writer(&key).await.map_err(store_error)?;
+    let mut text = String::with_capacity(LINES_PER_WRITE * (width + 1));
+    for i in 0..count {
+        let l = line(i);
+        text.push_str(&l);
+        text.extend(std::iter::repeat_n(' ', width - l.len()));
+        text.push('\n');
+        if (i + 1) % LINES_PER_WRITE == 0 {
+            writer.write(text.as_bytes()).await.map_err(store_error)?;
+            text.clear();
+        }
+    }
+    writer.write(text.as_bytes()).await.map_err(store_error)?;
+    writer.finish().await.map_err(store_error)
 }
 
-/// Writes a staged plan's stages as manifests, `PREFIX<stage>.jsonl`, and returns the stages
-/// document that `batch/statemachines/segment.asl.json` runs: the plan's id, its blocks and each
-/// stage's manifest, task count and array jobs (of at most [`MAX_ARRAY_SIZE`] tasks).
+/// A stage of a plan as its manifest is written: its name, and its tasks made one at a time.
+pub struct StageTasks<'a> {
+    pub name: String,
+    pub count: usize,
+    pub task: Box<dyn Fn(usize) -> Task + Send + Sync + 'a>,
+}
+
+/// The stages of a staged segment or connected-components plan, their tasks made on demand.
+pub fn staged_stage_tasks<'a, W: crate::task::staged::StagedWork>(
+    plan: &'a crate::task::spec::StagedPlan<W>,
+    stages: &[crate::task::staged::StageSpec],
+) -> Vec<StageTasks<'a>> {
+    stages
+        .iter()
+        .map(|&spec| StageTasks {
+            name: spec.name(),
+            count: spec.tasks,
+            task: Box::new(move |i| spec.task(plan, i)),
+        })
+        .collect()
+}
+
+/// Writes a plan's stages as manifests, `PREFIX<stage>.jsonl`, and returns the stages document
+/// that `batch/statemachines/segment.asl.json` runs: the plan's id, its blocks and each stage's
+/// manifest, task count and array jobs (of at most [`MAX_ARRAY_SIZE`] tasks).
 pub async fn write_stage_manifests(
     plan_id: &str,
     blocks: usize,
-    stages: &[Vec<Task>],
+    stages: &[StageTasks<'_>],
     prefix: &str,
     sdk: &aws_config::SdkConfig,
 ) -> Result<serde_json::Value, BatchError> {
     let mut summary = Vec::new();
-    for tasks in stages {
-        let name = crate::task::staged::stage_name(&tasks[0]);
-        let location = format!("{prefix}{name}.jsonl");
-        write_manifest(&location, tasks, sdk).await?;
-        let jobs: Vec<serde_json::Value> = (0..tasks.len())
+    for stage in stages {
+        let location = format!("{prefix}{}.jsonl", stage.name);
+        write_manifest_of(&location, stage.count, &*stage.task, sdk).await?;
+        let jobs: Vec<serde_json::Value> = (0..stage.count)
             .step_by(MAX_ARRAY_SIZE)
             .map(|offset| {
-                let size = (tasks.len() - offset).min(MAX_ARRAY_SIZE);
+                let size = (stage.count - offset).min(MAX_ARRAY_SIZE);
                 serde_json::json!({"offset": offset, "size": size})
             })
             .collect();
         summary.push(serde_json::json!({
-            "stage": name, "manifest": location, "tasks": tasks.len(), "jobs": jobs,
+            "stage": stage.name, "manifest": location, "tasks": stage.count, "jobs": jobs,
         }));
     }
     Ok(serde_json::json!({"plan": plan_id, "blocks": blocks, "stages": summary}))

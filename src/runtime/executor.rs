@@ -300,9 +300,9 @@ impl Executor {
             fan_in: t.scan_fan_in,
             ..Default::default()
         };
-        let (plan, blocks, stages) = match t.work.as_ref() {
-            Task::Segment(w) => self.plan_stages(w, budget, &context).await?,
-            Task::ConnectedComponents(w) => self.plan_stages(w, budget, &context).await?,
+        let mut document = match t.work.as_ref() {
+            Task::Segment(w) => self.plan_stages(w, budget, t, &context).await?,
+            Task::ConnectedComponents(w) => self.plan_stages(w, budget, t, &context).await?,
             other => {
                 return Err(TaskFailure::new(
                     FailureKind::InvalidTask,
@@ -313,20 +313,15 @@ impl Executor {
                 ))
             }
         };
-        let mut document = crate::runtime::batch::write_stage_manifests(
-            &plan,
-            blocks,
-            &stages,
-            &t.manifests,
-            &self.sdk,
-        )
-        .await
-        .map_err(|e| TaskFailure::from_error(&context, &e))?;
         document["kind"] = serde_json::json!("plan");
-        let tasks: usize = stages.iter().map(Vec::len).sum();
+        let stages = document["stages"].as_array().map_or(0, Vec::len);
+        let tasks: u64 = document["stages"]
+            .as_array()
+            .map_or(0, |s| s.iter().filter_map(|s| s["tasks"].as_u64()).sum());
         let summary = format!(
-            "{context}: plan {plan}, {blocks} blocks, {} stages, {tasks} tasks",
-            stages.len()
+            "{context}: plan {}, {} blocks, {stages} stages, {tasks} tasks",
+            document["plan"].as_str().unwrap_or_default(),
+            document["blocks"]
         );
         Ok(TaskOutput {
             document,
@@ -335,13 +330,14 @@ impl Executor {
         })
     }
 
-    /// The id, blocks and stage tasks of a staged plan of `work`.
+    /// Plans `work` in stages and writes their manifests; returns the stages document.
     async fn plan_stages<W: StagedWork>(
         &self,
         work: &W,
         budget: crate::task::staged::Budget,
+        t: &PlanTask,
         context: &str,
-    ) -> Result<(String, usize, Vec<Vec<Task>>), TaskFailure> {
+    ) -> Result<serde_json::Value, TaskFailure> {
         let store = open_store_with(work.input(), &self.sdk)
             .map_err(|e| TaskFailure::from_error(context, &e))?;
         let vol = Precomputed::open(store)
@@ -349,7 +345,17 @@ impl Executor {
             .map_err(|e| TaskFailure::from_error(context, &e))?;
         let (plan, stages) = crate::task::staged::plan(&vol, work, &budget)
             .map_err(|e| TaskFailure::from_error(context, &e))?;
-        Ok((plan.id, plan.blocks, stages))
+        let stage_tasks = crate::runtime::batch::staged_stage_tasks(&plan, &stages);
+        let document = crate::runtime::batch::write_stage_manifests(
+            &plan.id,
+            plan.blocks,
+            &stage_tasks,
+            &t.manifests,
+            &self.sdk,
+        )
+        .await
+        .map_err(|e| TaskFailure::from_error(context, &e))?;
+        Ok(document)
     }
 
     /// One task of a staged plan (`kind` of work); only the block stage opens the GPU.

@@ -174,10 +174,19 @@ pub async fn plan_downsample(
                 .map(|b| format!("{b:02x}"))
                 .collect::<String>()
         };
+        let stage_tasks: Vec<crate::runtime::batch::StageTasks> = stages
+            .iter()
+            .zip(&all)
+            .map(|(s, tasks)| crate::runtime::batch::StageTasks {
+                name: s.name(),
+                count: tasks.len(),
+                task: Box::new(move |i| tasks[i].clone()),
+            })
+            .collect();
         let document = crate::runtime::batch::write_stage_manifests(
             &id,
             all.first().map_or(0, Vec::len),
-            &all,
+            &stage_tasks,
             prefix,
             &sdk,
         )
@@ -242,14 +251,21 @@ pub async fn plan_staged<W: StagedWork>(
     let (plan, stages) = crate::task::staged::plan(&vol, &task, &budget)
         .with_context(|| format!("planning stages over {}", task.input()))?;
     let Some(prefix) = manifests else {
-        for t in stages.iter().flatten() {
-            println!("{}", serde_json::to_string(t)?);
+        for spec in &stages {
+            for i in 0..spec.tasks {
+                println!("{}", serde_json::to_string(&spec.task(&plan, i))?);
+            }
         }
         return Ok(());
     };
-    let document =
-        crate::runtime::batch::write_stage_manifests(&plan.id, plan.blocks, &stages, prefix, &sdk)
-            .await?;
+    let document = crate::runtime::batch::write_stage_manifests(
+        &plan.id,
+        plan.blocks,
+        &crate::runtime::batch::staged_stage_tasks(&plan, &stages),
+        prefix,
+        &sdk,
+    )
+    .await?;
     eprintln!(
         "plan {}: {} blocks of {:?} voxels, {} stages",
         plan.id,

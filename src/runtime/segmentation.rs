@@ -340,21 +340,21 @@ async fn run_plan_in_process<W: StagedWork>(
     let output = open_store(task.output()).await?;
     let start = Instant::now();
     let mut shares = Vec::new();
-    for tasks in &stages {
+    for spec in &stages {
         let t = Instant::now();
         let mut name = String::new();
         // Each pass's time summed over the stage's tasks.
         let mut passes: Vec<(&str, f64)> = Vec::new();
         let mut merges = 0;
-        for stage_task in tasks {
-            let report = match stage_task {
+        for i in 0..spec.tasks {
+            let report = match spec.task(&plan, i) {
                 Task::SegmentStage(t) => {
                     name = t.stage_name();
-                    staged::run_stage(t, input, output.clone(), ctx.clone(), None).await?
+                    staged::run_stage(&t, input, output.clone(), ctx.clone(), None).await?
                 }
                 Task::ConnectedComponentsStage(t) => {
                     name = t.stage_name();
-                    staged::run_stage(t, input, output.clone(), ctx.clone(), None).await?
+                    staged::run_stage(&t, input, output.clone(), ctx.clone(), None).await?
                 }
                 other => bail!("not a stage task: {}", other.describe()),
             };

@@ -33,6 +33,49 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
+/// A file written under a temporary name, renamed to the object's when finished (removed if
+/// it never is).
+struct FileWriter {
+    file: tokio::io::BufWriter<tokio::fs::File>,
+    temp: PathBuf,
+    path: PathBuf,
+    /// The gzip form of the same key, removed when this one is in place.
+    other: PathBuf,
+}
+
+#[async_trait]
+impl super::ObjectWriter for FileWriter {
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        use tokio::io::AsyncWriteExt;
+        self.file
+            .write_all(bytes)
+            .await
+            .map_err(io_error(&self.temp))
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<(), StoreError> {
+        use tokio::io::AsyncWriteExt;
+        self.file.flush().await.map_err(io_error(&self.temp))?;
+        self.file
+            .get_mut()
+            .sync_all()
+            .await
+            .map_err(io_error(&self.temp))?;
+        tokio::fs::rename(&self.temp, &self.path)
+            .await
+            .map_err(io_error(&self.path))?;
+        let other = std::mem::take(&mut self.other);
+        remove_if_exists(&other).await
+    }
+}
+
+impl Drop for FileWriter {
+    /// A writer dropped before it finished leaves no temporary file behind.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.temp);
+    }
+}
+
 async fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
     match tokio::fs::read(path).await {
         Ok(data) => Ok(Some(data)),
@@ -119,6 +162,34 @@ impl Store for LocalStore {
             ContentEncoding::Gzip => ContentEncoding::Identity,
         };
         remove_if_exists(&self.path(key, other)?).await
+    }
+
+    /// A temporary file beside the object, renamed into place when finished.
+    async fn writer<'a>(
+        &'a self,
+        key: &str,
+    ) -> Result<Box<dyn super::ObjectWriter + 'a>, StoreError> {
+        let path = self.path(key, ContentEncoding::Identity)?;
+        let dir = path.parent().expect("keys are relative to the root");
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(io_error(dir))?;
+        let name = path.file_name().expect("checked key").to_string_lossy();
+        let temp = dir.join(format!(
+            ".{name}.tmp-{}-{}",
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = tokio::fs::File::create(&temp)
+            .await
+            .map_err(io_error(&temp))?;
+        let other = self.path(key, ContentEncoding::Gzip)?;
+        Ok(Box::new(FileWriter {
+            file: tokio::io::BufWriter::new(file),
+            temp,
+            path,
+            other,
+        }))
     }
 
     /// Looks at metadata only: the chunk's bytes are not read. A directory is not an object.

@@ -167,11 +167,54 @@ pub trait Store: Send + Sync {
         }))
     }
 
+    /// A writer of a large identity-encoded object (a manifest of a million tasks), part by
+    /// part, that holds about one part at a time; readers see nothing at `key` until it
+    /// finishes, then the whole object. The default keeps the parts and puts them at the end;
+    /// backends override it (a file renamed into place, an S3 multipart upload).
+    async fn writer<'a>(&'a self, key: &str) -> Result<Box<dyn ObjectWriter + 'a>, StoreError> {
+        check_key(key)?;
+        Ok(Box::new(Buffered {
+            store: self,
+            key: key.to_string(),
+            data: Vec::new(),
+        }))
+    }
+
     /// Removes the object in every encoding; removing a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
 
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         Ok(self.get(key).await?.is_some())
+    }
+}
+
+/// An object being written part by part ([`Store::writer`]).
+#[async_trait]
+pub trait ObjectWriter: Send {
+    /// Appends bytes.
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError>;
+    /// Makes the object whole and visible.
+    async fn finish(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+/// [`Store::writer`]'s default: the parts kept, put whole at the end.
+struct Buffered<'a, S: Store + ?Sized> {
+    store: &'a S,
+    key: String,
+    data: Vec<u8>,
+}
+
+#[async_trait]
+impl<S: Store + ?Sized> ObjectWriter for Buffered<'_, S> {
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.data.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    async fn finish(self: Box<Self>) -> Result<(), StoreError> {
+        self.store
+            .put(&self.key, self.data, ContentEncoding::Identity)
+            .await
     }
 }
 

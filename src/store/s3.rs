@@ -14,6 +14,9 @@ use tokio::sync::Semaphore;
 /// Requests in flight per store.
 const MAX_IN_FLIGHT: usize = 64;
 
+/// The size of a multipart upload's parts (S3's least is 5 MiB, but for the last).
+const PART_BYTES: usize = 8 << 20;
+
 pub struct S3Store {
     client: aws_sdk_s3::Client,
     bucket: String,
@@ -197,6 +200,21 @@ impl Store for S3Store {
         Ok(())
     }
 
+    /// A multipart upload of parts of [`PART_BYTES`] (one PutObject for a smaller object),
+    /// completed when finished and aborted when dropped before.
+    async fn writer<'a>(
+        &'a self,
+        key: &str,
+    ) -> Result<Box<dyn super::ObjectWriter + 'a>, StoreError> {
+        Ok(Box::new(MultipartWriter {
+            store: self,
+            key: self.object_key(key)?,
+            buffer: Vec::new(),
+            upload: None,
+            parts: Vec::new(),
+        }))
+    }
+
     /// A HEAD request: the object's bytes are not fetched.
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         let key = self.object_key(key)?;
@@ -226,5 +244,122 @@ impl Store for S3Store {
             .await
             .map_err(|e| self.error("DeleteObject", &key, e))?;
         Ok(())
+    }
+}
+
+/// An object written as a multipart upload ([`Store::writer`]).
+struct MultipartWriter<'a> {
+    store: &'a S3Store,
+    key: String,
+    buffer: Vec<u8>,
+    /// The upload's id, once the first part is sent.
+    upload: Option<String>,
+    parts: Vec<aws_sdk_s3::types::CompletedPart>,
+}
+
+impl MultipartWriter<'_> {
+    /// Sends the buffer as the next part, starting the upload before the first.
+    async fn send_part(&mut self) -> Result<(), StoreError> {
+        let (store, key) = (self.store, self.key.clone());
+        if self.upload.is_none() {
+            let _permit = store.permits.acquire().await.expect("never closed");
+            let out = store
+                .client
+                .create_multipart_upload()
+                .bucket(&store.bucket)
+                .key(&key)
+                .content_type("application/octet-stream")
+                .send()
+                .await
+                .map_err(|e| store.error("CreateMultipartUpload", &key, e))?;
+            self.upload = out.upload_id().map(str::to_string);
+        }
+        let number = self.parts.len() as i32 + 1;
+        let _permit = store.permits.acquire().await.expect("never closed");
+        let out = store
+            .client
+            .upload_part()
+            .bucket(&store.bucket)
+            .key(&key)
+            .upload_id(self.upload.clone().unwrap_or_default())
+            .part_number(number)
+            .body(ByteStream::from(std::mem::take(&mut self.buffer)))
+            .send()
+            .await
+            .map_err(|e| store.error("UploadPart", &key, e))?;
+        self.parts.push(
+            aws_sdk_s3::types::CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(out.e_tag().map(str::to_string))
+                .build(),
+        );
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl super::ObjectWriter for MultipartWriter<'_> {
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.buffer.extend_from_slice(bytes);
+        if self.buffer.len() >= PART_BYTES {
+            self.send_part().await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<(), StoreError> {
+        let (store, key) = (self.store, self.key.clone());
+        if self.upload.is_none() {
+            let _permit = store.permits.acquire().await.expect("never closed");
+            store
+                .client
+                .put_object()
+                .bucket(&store.bucket)
+                .key(&key)
+                .content_type("application/octet-stream")
+                .body(ByteStream::from(std::mem::take(&mut self.buffer)))
+                .send()
+                .await
+                .map_err(|e| store.error("PutObject", &key, e))?;
+            return Ok(());
+        }
+        if !self.buffer.is_empty() {
+            self.send_part().await?;
+        }
+        let _permit = store.permits.acquire().await.expect("never closed");
+        let parts = aws_sdk_s3::types::CompletedMultipartUpload::builder()
+            .set_parts(Some(std::mem::take(&mut self.parts)))
+            .build();
+        store
+            .client
+            .complete_multipart_upload()
+            .bucket(&store.bucket)
+            .key(&key)
+            .upload_id(self.upload.take().unwrap_or_default())
+            .multipart_upload(parts)
+            .send()
+            .await
+            .map_err(|e| store.error("CompleteMultipartUpload", &key, e))?;
+        Ok(())
+    }
+}
+
+impl Drop for MultipartWriter<'_> {
+    /// An upload dropped before it finished is aborted, so that its parts do not linger.
+    fn drop(&mut self) {
+        if let Some(upload) = self.upload.take() {
+            let request = self
+                .store
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.store.bucket)
+                .key(&self.key)
+                .upload_id(upload);
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = request.send().await;
+                });
+            }
+        }
     }
 }

@@ -116,6 +116,29 @@ pub enum Stage {
     Finalize,
 }
 
+impl Stage {
+    /// The name of the stage at `level`, as its manifest is named: `block`, `link`,
+    /// `union-<level>`, `down-<level>`, `round-<level>`, `resolve-<level>`,
+    /// `scan-<axis>-<level>`, `rank`, `relabel` or `finalize`.
+    pub fn name(self, level: Option<u32>) -> String {
+        let level = level.unwrap_or(0);
+        match self {
+            Stage::Block => "block".into(),
+            Stage::Link => "link".into(),
+            Stage::Union => format!("union-{level}"),
+            Stage::Down => format!("down-{level}"),
+            Stage::Round => format!("round-{level}"),
+            Stage::Resolve => format!("resolve-{level}"),
+            Stage::ScanX => format!("scan-x-{level}"),
+            Stage::ScanY => format!("scan-y-{level}"),
+            Stage::ScanZ => format!("scan-z-{level}"),
+            Stage::Rank => "rank".into(),
+            Stage::Relabel => "relabel".into(),
+            Stage::Finalize => "finalize".into(),
+        }
+    }
+}
+
 /// A staged plan (`cuboids plan segment|connected-components`): what every task of it shares.
 /// `W` is the work it cuts into blocks: a [`SegmentTask`] or a [`ComponentsTask`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -453,23 +476,9 @@ impl Task {
 }
 
 impl<W> StageTask<W> {
-    /// The stage's name, as its manifest is named: `block`, `merge`, `round-<level>`,
-    /// `resolve`, `relabel` or `finalize`.
+    /// The stage's name, as its manifest is named (see [`Stage::name`]).
     pub fn stage_name(&self) -> String {
-        match self.stage {
-            Stage::Block => "block".into(),
-            Stage::Round => format!("round-{}", self.level.unwrap_or(0)),
-            Stage::Resolve => format!("resolve-{}", self.level.unwrap_or(0)),
-            Stage::Link => "link".into(),
-            Stage::Union => format!("union-{}", self.level.unwrap_or(0)),
-            Stage::Down => format!("down-{}", self.level.unwrap_or(0)),
-            Stage::ScanX => format!("scan-x-{}", self.level.unwrap_or(0)),
-            Stage::ScanY => format!("scan-y-{}", self.level.unwrap_or(0)),
-            Stage::ScanZ => format!("scan-z-{}", self.level.unwrap_or(0)),
-            Stage::Rank => "rank".into(),
-            Stage::Relabel => "relabel".into(),
-            Stage::Finalize => "finalize".into(),
-        }
+        self.stage.name(self.level)
     }
 
     fn describe(&self, kind: &str, input: &str, output: &str) -> String {

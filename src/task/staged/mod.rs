@@ -211,13 +211,12 @@ impl StagedWork for SegmentTask {
 /// [`budget`]): the GPU chunk, the input cache and near-cubic blocks of whole GPU chunks and
 /// output chunks such that every per-block task stays within `budget.task_bytes`. Fails, naming
 /// the smallest budget that would do, when even the least block does not fit or a stage above
-/// the blocks (a union or down level) would not. Returns the tasks of each stage, in stage
-/// order.
+/// the blocks (a union or down level) would not. Returns the plan and its stages, in order.
 pub fn plan<W: StagedWork>(
     input: &Precomputed,
     task: &W,
     budget: &Budget,
-) -> Result<(StagedPlan<W>, Vec<Vec<Task>>), StagedError> {
+) -> Result<(StagedPlan<W>, Vec<StageSpec>), StagedError> {
     let (sizing, extent) = sizing(input, task, budget, None)?;
     let grid = ChunkGrid {
         region: extent,
@@ -319,19 +318,38 @@ fn check_levels<W: StagedWork>(
     }
 }
 
-/// The stages of a plan over a grid of `counts` blocks, each a list of its tasks.
-fn stages<W: StagedWork>(plan: &StagedPlan<W>, counts: Vec3, work: Work) -> Vec<Vec<Task>> {
-    let each = |stage: Stage, n: usize, level: Option<u32>| -> Vec<Task> {
-        (0..n)
-            .map(|i| {
-                W::stage_task(StageTask {
-                    stage,
-                    block: Some(i),
-                    level,
-                    plan: plan.clone(),
-                })
-            })
-            .collect()
+/// One stage of a plan: its kind, its level and how many tasks it has, without the tasks (a
+/// teravoxel plan has millions: [`StageSpec::task`] makes any one of them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StageSpec {
+    pub stage: Stage,
+    pub level: Option<u32>,
+    pub tasks: usize,
+}
+
+impl StageSpec {
+    /// Task `i` of the stage.
+    pub fn task<W: StagedWork>(&self, plan: &StagedPlan<W>, i: usize) -> Task {
+        W::stage_task(StageTask {
+            stage: self.stage,
+            block: (self.stage != Stage::Finalize).then_some(i),
+            level: self.level,
+            plan: plan.clone(),
+        })
+    }
+
+    /// The stage's name, as its manifest is named.
+    pub fn name(&self) -> String {
+        self.stage.name(self.level)
+    }
+}
+
+/// The stages of a plan over a grid of `counts` blocks.
+fn stages<W: StagedWork>(plan: &StagedPlan<W>, counts: Vec3, work: Work) -> Vec<StageSpec> {
+    let each = |stage: Stage, tasks: usize, level: Option<u32>| StageSpec {
+        stage,
+        level,
+        tasks,
     };
     let groups = |level: u32| rounds::groups(counts, level).len();
     let top = rounds::levels(counts) - 1;
@@ -370,12 +388,7 @@ fn stages<W: StagedWork>(plan: &StagedPlan<W>, counts: Vec3, work: Work) -> Vec<
     }
     stages.push(each(Stage::Rank, plan.blocks, None));
     stages.push(each(Stage::Relabel, plan.blocks, None));
-    stages.push(vec![W::stage_task(StageTask {
-        stage: Stage::Finalize,
-        block: None,
-        level: None,
-        plan: plan.clone(),
-    })]);
+    stages.push(each(Stage::Finalize, 1, None));
     stages
 }
 
