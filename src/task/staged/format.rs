@@ -99,7 +99,7 @@ fn scan_parts(index: usize) -> (usize, usize, usize, usize) {
 }
 
 pub(super) const MAGIC: &[u8; 8] = b"CUBOIDS\0";
-pub(super) const VERSION: u32 = 3;
+pub(super) const VERSION: u32 = 4;
 pub(super) const HEADER: usize = 64;
 /// The largest payload a header may claim (a block of 2^31 voxels' labels is 8 GiB).
 pub(super) const MAX_PAYLOAD: u64 = 1 << 36;

@@ -32,7 +32,7 @@
 //! | bytes | field |
 //! | --- | --- |
 //! | 0..8 | magic `CUBOIDS\0` |
-//! | 8..12 | format version (3) |
+//! | 8..12 | format version (4) |
 //! | 12..16 | kind ([`format::Kind`]'s number) |
 //! | 16..32 | plan id (the md5 in the tasks' `plan.id`) |
 //! | 32..40 | the object's index (a block; a group: level << 40 \| group; a scan part) |
@@ -50,9 +50,9 @@
 //! - plateaus (segment): u64 D and D open plateau voxels (u64 voxel, u8 bidirectional
 //!   directions, u8 those toward an exit, u32 label, 6 u32 labels of its neighbours inside the
 //!   block in waterz's direction order, 0 outside it);
-//! - edges (segment): u64 E and E edges (u64 key, u64 key, u64 voxel-edge count, u64
-//!   fixed-point affinity sum) sorted by keys; a key is a block label, or 2^63 + the voxel of
-//!   another block's face;
+//! - edges (segment), varints: E and E edges sorted by keys, a < b (a as an increase from the
+//!   edge before, b - a, the voxel-edge count, the fixed-point affinity sum); a key is a block
+//!   label, or 2^63 + the voxel of another block's face;
 //! - done (relabel): empty.
 //!
 //! Every stage rewrites identical bytes when run again.

@@ -481,27 +481,30 @@ async fn block_graph(
         foreign.insert(f, bx);
         Ok(f)
     };
-    let mut sums: HashMap<(u64, u64), EdgeStats, IdBuildHasher> =
-        HashMap::with_capacity_and_hasher(edges.len(), Default::default());
+    // Fragment pairs sorted and summed (a sort of the block's edges beats a map of them).
+    let mut pairs: Vec<(u64, u64, EdgeStats)> = Vec::with_capacity(edges.len());
     for &(ka, kb, stats) in &edges {
         let (fa, fb) = (fragment_of(ka)?, fragment_of(kb)?);
         if fa != fb {
-            sums.entry((fa.min(fb), fa.max(fb))).or_default().add(stats);
+            pairs.push((fa.min(fb), fa.max(fb), stats));
         }
     }
     drop(edges);
+    pairs.sort_unstable_by_key(|p| (p.0, p.1));
+    let mut edges: Vec<Edge> = Vec::with_capacity(pairs.len());
+    for (a, b, stats) in pairs {
+        match edges.last_mut() {
+            Some(last) if (last.a, last.b) == (a, b) => last.stats.add(stats),
+            _ => edges.push(Edge {
+                a,
+                b,
+                stats,
+                tie: (a, b),
+            }),
+        }
+    }
     let mut regions: Vec<(u64, BlockBox)> = own.of_label;
     regions.extend(foreign);
-    let mut edges: Vec<Edge> = sums
-        .into_iter()
-        .map(|((a, b), stats)| Edge {
-            a,
-            b,
-            stats,
-            tie: (a, b),
-        })
-        .collect();
-    edges.sort_unstable_by_key(|e| (e.a, e.b));
     Ok(RoundGraph {
         edges,
         regions: merge_regions(regions),
@@ -522,8 +525,11 @@ fn merge_regions(mut regions: Vec<(u64, BlockBox)>) -> Vec<(u64, BlockBox)> {
 }
 
 /// The parts summed into one graph: parallel edges added, keeping the smaller tie; a region's
-/// boxes from several parts widened into one.
-fn sum_parts(parts: Vec<RoundGraph>) -> RoundGraph {
+/// boxes from several parts widened into one (a single part, round 0's, is already).
+fn sum_parts(mut parts: Vec<RoundGraph>) -> RoundGraph {
+    if parts.len() == 1 {
+        return parts.pop().expect("one part");
+    }
     let mut edges: Vec<Edge> = Vec::with_capacity(parts.iter().map(|p| p.edges.len()).sum());
     let mut regions: Vec<(u64, BlockBox)> = Vec::new();
     for p in parts {
