@@ -11,6 +11,7 @@ pub mod formats;
 pub mod geometry;
 pub mod gpu;
 pub mod hash;
+pub mod infer;
 pub mod ops;
 pub mod progress;
 pub mod runtime;

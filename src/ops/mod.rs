@@ -4,5 +4,6 @@
 pub mod agglomerate;
 pub mod connected_components;
 pub mod downsample;
+pub mod nn;
 pub mod union_find;
 pub mod watershed;

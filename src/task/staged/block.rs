@@ -670,7 +670,10 @@ mod tests {
             ],
         };
         let bytes = graph.encode_edges();
-        assert_eq!(BlockGraph::decode_edges("e", &bytes, 4).unwrap(), graph.edges);
+        assert_eq!(
+            BlockGraph::decode_edges("e", &bytes, 4).unwrap(),
+            graph.edges
+        );
         // A label past the block's count, and every truncation, are named.
         let err = BlockGraph::decode_edges("b-3.edges", &bytes, 3).unwrap_err();
         assert!(format!("{err}").contains("b-3.edges"), "{err}");
