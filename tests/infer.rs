@@ -125,3 +125,90 @@ fn an_input_of_the_wrong_shape_is_named_before_running() {
         "{err}"
     );
 }
+
+/// The chunkflow fixture: its parameters, image and chunkflow's output.
+fn chunkflow_case() -> (Value, Vec<u8>, Vec<f32>) {
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("chunkflow.json")).unwrap(),
+    )
+    .unwrap();
+    let image = std::fs::read(fixtures().join("chunkflow_image.u8")).unwrap();
+    let shape = shape(&doc["volume"]);
+    let n: usize = shape.iter().product::<usize>() * doc["channels"].as_u64().unwrap() as usize;
+    let want = read_f32(&fixtures().join("chunkflow_rsunet.f32"), &[n]).data;
+    (doc, image, want)
+}
+
+fn vec3(v: &Value) -> [usize; 3] {
+    let s = shape(v);
+    [s[0], s[1], s[2]]
+}
+
+#[test]
+fn blended_volume_equals_chunkflow_and_any_split_gives_the_same_bytes() {
+    use cuboids::dtype::DataType;
+    use cuboids::geometry::Box3;
+    use cuboids::infer::blend::{patch_mask, Bump, PatchGrid};
+    use cuboids::infer::region::{infer_region, input_box, normalised, CpuExecutor};
+    use cuboids::volume::Volume;
+
+    let (doc, bytes, want) = chunkflow_case();
+    let volume = vec3(&doc["volume"]);
+    let (patch, overlap) = (vec3(&doc["patch"]), vec3(&doc["overlap"]));
+    let channels = doc["channels"].as_u64().unwrap() as usize;
+    let model = Model::open(&fixtures().join(doc["model"].as_str().unwrap())).unwrap();
+    let executor = CpuExecutor { model };
+    let image = Volume {
+        dtype: DataType::Uint8,
+        shape: volume,
+        channels: 1,
+        data: bytes,
+    };
+    let image = normalised(&image);
+    let grid = PatchGrid::new(volume, patch, patch, overlap).unwrap();
+    let mask = patch_mask(Bump::Wu, patch, overlap);
+    let whole = Box3::from_shape(volume);
+    let (got, report) =
+        infer_region(&executor, &grid, &mask, &image, whole, 1, whole, channels).unwrap();
+    assert_eq!((report.patches, report.skipped), (grid.len(), 0));
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= 1e-4, "largest difference from chunkflow: {worst}");
+
+    // Regions that cut patches anywhere: each reads only its patches' inputs, and the bytes
+    // equal the whole run's.
+    let cuts: [&[usize]; 3] = [&[0, 11, 30], &[0, 7, 19, 37], &[0, 4, 5, 9]];
+    let n: usize = volume.iter().product();
+    for z in cuts[2].windows(2) {
+        for y in cuts[1].windows(2) {
+            for x in cuts[0].windows(2) {
+                let region = Box3::new([x[0], y[0], z[0]], [x[1], y[1], z[1]]);
+                let inputs = input_box(&grid, region).unwrap();
+                let part: Vec<f32> = (0..inputs.shape().iter().product::<usize>())
+                    .map(|i| {
+                        let s = inputs.shape();
+                        let p = [i % s[0], (i / s[0]) % s[1], i / (s[0] * s[1])];
+                        let g = [0, 1, 2].map(|a| p[a] + inputs.start[a]);
+                        image[(g[2] * volume[1] + g[1]) * volume[0] + g[0]]
+                    })
+                    .collect();
+                let (out, _) =
+                    infer_region(&executor, &grid, &mask, &part, inputs, 1, region, channels)
+                        .unwrap();
+                let rs = region.shape();
+                let region_voxels: usize = rs.iter().product();
+                for c in 0..channels {
+                    for (i, v) in out[c * region_voxels..][..region_voxels].iter().enumerate() {
+                        let p = [i % rs[0], (i / rs[0]) % rs[1], i / (rs[0] * rs[1])];
+                        let g = [0, 1, 2].map(|a| p[a] + region.start[a]);
+                        let whole_at = c * n + (g[2] * volume[1] + g[1]) * volume[0] + g[0];
+                        assert_eq!(v.to_bits(), got[whole_at].to_bits(), "{region:?} {g:?}");
+                    }
+                }
+            }
+        }
+    }
+}

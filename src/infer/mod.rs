@@ -7,8 +7,10 @@
 //! - [`cpu`]: the model run on the CPU by the reference operators in [`crate::ops::nn`], the
 //!   oracle for the GPU executor and what the tests compare with onnxruntime.
 
+pub mod blend;
 pub mod cpu;
 pub mod model;
 pub mod onnx;
+pub mod region;
 
 pub use model::{InferError, Model};
