@@ -81,10 +81,8 @@ pub fn input_box(grid: &PatchGrid, region: Box3) -> Option<Box3> {
     let first = *patches.first()?;
     let mut b = Box3::new(first, first);
     for p in patches {
-        for a in 0..3 {
-            b.start[a] = b.start[a].min(p[a]);
-            b.stop[a] = b.stop[a].max(p[a] + grid.input_patch[a]);
-        }
+        b.start = [0, 1, 2].map(|a| b.start[a].min(p[a]));
+        b.stop = [0, 1, 2].map(|a| b.stop[a].max(p[a] + grid.input_patch[a]));
     }
     Some(b)
 }
