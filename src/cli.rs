@@ -116,6 +116,14 @@ enum Command {
         #[command(flatten)]
         args: SegmentArgs,
     },
+    /// ConvNet inference (chunkflow's Inferencer): an image layer through an ONNX model,
+    /// patch by patch on one global grid with 'wu' or 'zung' blending, into a new float32
+    /// layer of the model's output channels (affinities x, y, z for `segment`). Runs the CPU
+    /// reference operators for now.
+    Infer {
+        #[command(flatten)]
+        args: InferArgs,
+    },
     /// Thresholded connected components (cc3d semantics: value > threshold) into a uint64
     /// compressed_segmentation layer, labels 1..N by first voxel.
     ConnectedComponents {
@@ -300,6 +308,60 @@ impl SegmentArgs {
             aff_low: self.aff_low,
             aff_high: self.aff_high,
             chunks: self.chunks.fields(),
+        }
+    }
+}
+
+/// `infer`'s options.
+#[derive(clap::Args)]
+struct InferArgs {
+    /// The image layer (precomputed, local or s3://); integers are divided by their type's
+    /// largest value (uint8 / 255), floats used as they are.
+    #[arg(long)]
+    image: String,
+    /// The ONNX model (a file or s3:// object); its input is N, C, z, y, x.
+    #[arg(long)]
+    model: String,
+    /// The new float32 layer (must not exist).
+    #[arg(long)]
+    output: String,
+    #[arg(long, default_value_t = 0)]
+    mip: usize,
+    /// Input patch x,y,z (default: the model's static input shape).
+    #[arg(long, value_parser = parse_vec3)]
+    patch: Option<[usize; 3]>,
+    /// Overlap of neighbouring output patches, x,y,z.
+    #[arg(long, default_value = "64,64,4", value_parser = parse_vec3)]
+    overlap: [usize; 3],
+    /// Output patch x,y,z: default the model's output for the input patch (smaller for
+    /// valid-padding nets); smaller still crops it around its centre.
+    #[arg(long, value_parser = parse_vec3)]
+    output_patch: Option<[usize; 3]>,
+    /// The bump that weighs each patch's voxels: wu (chunkflow) or zung (DeepEM).
+    #[arg(long, value_enum, default_value_t = crate::infer::blend::Bump::Wu)]
+    blend: crate::infer::blend::Bump,
+    /// Keep the model's first N output channels (default all).
+    #[arg(long)]
+    channels: Option<usize>,
+    /// Missing image chunks are zeros instead of an error.
+    #[arg(long)]
+    fill_missing: bool,
+}
+
+impl InferArgs {
+    fn task(self) -> crate::task::spec::InferTask {
+        crate::task::spec::InferTask {
+            image: self.image,
+            model: self.model,
+            output: self.output,
+            mip: self.mip,
+            patch: self.patch,
+            overlap: self.overlap,
+            output_patch: self.output_patch,
+            blend: self.blend,
+            channels: self.channels,
+            fill_missing: self.fill_missing,
+            gzip_level: 6,
         }
     }
 }
@@ -690,6 +752,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::ConnectedComponents { args } => {
             runtime.block_on(local::run_command(Task::ConnectedComponents(args.task())))
         }
+        Command::Infer { args } => runtime.block_on(local::run_command(Task::Infer(args.task()))),
         Command::BenchSegment {
             size,
             affinities,

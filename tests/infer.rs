@@ -128,10 +128,9 @@ fn an_input_of_the_wrong_shape_is_named_before_running() {
 
 /// The chunkflow fixture: its parameters, image and chunkflow's output.
 fn chunkflow_case() -> (Value, Vec<u8>, Vec<f32>) {
-    let doc: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("chunkflow.json")).unwrap(),
-    )
-    .unwrap();
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("chunkflow.json")).unwrap())
+            .unwrap();
     let image = std::fs::read(fixtures().join("chunkflow_image.u8")).unwrap();
     let shape = shape(&doc["volume"]);
     let n: usize = shape.iter().product::<usize>() * doc["channels"].as_u64().unwrap() as usize;
@@ -211,4 +210,286 @@ fn blended_volume_equals_chunkflow_and_any_split_gives_the_same_bytes() {
             }
         }
     }
+}
+
+/// The chunkflow fixture's image as a precomputed uint8 layer (chunks that do not divide it).
+async fn write_image_layer(dir: &Path, channels: usize) {
+    use cuboids::dtype::DataType;
+    use cuboids::formats::precomputed::info::Info;
+    use cuboids::formats::precomputed::{Precomputed, WriteOptions};
+    use cuboids::store::local::LocalStore;
+    use cuboids::volume::Volume;
+    let (doc, bytes, _) = chunkflow_case();
+    let volume = vec3(&doc["volume"]);
+    let info: Info = serde_json::from_value(serde_json::json!({
+        "type": "image", "data_type": "uint8", "num_channels": channels,
+        "scales": [{"key": "8_8_40", "size": volume, "resolution": [8, 8, 40],
+                    "voxel_offset": [100, 200, 3], "chunk_sizes": [[16, 16, 4]],
+                    "encoding": "raw"}]
+    }))
+    .unwrap();
+    let store = std::sync::Arc::new(LocalStore::new(dir.to_path_buf()));
+    let layer = Precomputed::create(store, info).await.unwrap();
+    let data = bytes.repeat(channels);
+    let image = Volume::from_bytes(DataType::Uint8, volume, channels, data).unwrap();
+    layer
+        .write_region(0, [0; 3], &image, WriteOptions::default())
+        .await
+        .unwrap();
+}
+
+fn cuboids(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cuboids"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn cuboids_infer_writes_chunkflows_output_as_a_float32_layer() {
+    use cuboids::formats::precomputed::Precomputed;
+    use cuboids::geometry::Box3;
+    use cuboids::store::local::LocalStore;
+    let tmp = tempfile::tempdir().unwrap();
+    let (image, out) = (tmp.path().join("image"), tmp.path().join("aff"));
+    write_image_layer(&image, 1).await;
+    let model = fixtures().join("net_rsunet.onnx");
+    let args = |output: &Path| -> Vec<String> {
+        [
+            "infer",
+            "--image",
+            image.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--overlap",
+            "4,4,1",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let run = |a: Vec<String>| cuboids(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let done = run(args(&out));
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let layer = Precomputed::open(std::sync::Arc::new(LocalStore::new(out.clone())))
+        .await
+        .unwrap();
+    let (doc, _, want) = chunkflow_case();
+    let volume = vec3(&doc["volume"]);
+    assert_eq!(layer.info.num_channels, 3);
+    assert_eq!(format!("{}", layer.info.data_type), "float32");
+    assert_eq!(layer.scale(0).voxel_offset, [100, 200, 3]);
+    let (vol, _) = layer
+        .read_region(0, Box3::from_shape(volume), false)
+        .await
+        .unwrap();
+    let got: Vec<f32> = vol
+        .data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= 1e-4, "largest difference from chunkflow: {worst}");
+
+    // The same output again: refused, the layer untouched.
+    let again = run(args(&out));
+    assert_eq!(again.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already has a layer"));
+
+    // A model inference cannot run, a missing model, an image with the wrong channel count:
+    // each named, and nothing written at the output.
+    let bad = tmp.path().join("bad");
+    let mut with_bad_model = args(&bad);
+    with_bad_model[4] = fixtures().join("bad_operator.onnx").display().to_string();
+    let failed = run(with_bad_model);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(65), "{stderr}");
+    assert!(
+        stderr.contains("node 'head' uses operator Gelu"),
+        "{stderr}"
+    );
+    let mut missing_model = args(&bad);
+    missing_model[4] = tmp.path().join("nets/none.onnx").display().to_string();
+    let failed = run(missing_model);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("nets/none.onnx"), "{stderr}");
+    let two = tmp.path().join("two-channels");
+    write_image_layer(&two, 2).await;
+    let mut two_channels = args(&bad);
+    two_channels[2] = two.display().to_string();
+    let failed = run(two_channels);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains("num_channels: 2, but the model")
+            && stderr.contains("takes 1 input channel"),
+        "{stderr}"
+    );
+    assert!(!bad.exists() || std::fs::read_dir(&bad).unwrap().next().is_none());
+}
+
+/// A random uint8 image layer of `shape` (one channel) at `dir`; returns its bytes.
+async fn random_image_layer(dir: &Path, shape: [usize; 3], seed: u64) -> Vec<u8> {
+    use cuboids::dtype::DataType;
+    use cuboids::formats::precomputed::info::Info;
+    use cuboids::formats::precomputed::{Precomputed, WriteOptions};
+    use cuboids::store::local::LocalStore;
+    use cuboids::volume::Volume;
+    let mut state = seed;
+    let bytes: Vec<u8> = (0..shape.iter().product::<usize>())
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            1 + (state >> 56) as u8 % 255
+        })
+        .collect();
+    let info: Info = serde_json::from_value(serde_json::json!({
+        "type": "image", "data_type": "uint8", "num_channels": 1,
+        "scales": [{"key": "4_4_40", "size": shape, "resolution": [4, 4, 40],
+                    "voxel_offset": [0, 0, 0], "chunk_sizes": [[8, 8, 4]], "encoding": "raw"}]
+    }))
+    .unwrap();
+    let layer = Precomputed::create(
+        std::sync::Arc::new(LocalStore::new(dir.to_path_buf())),
+        info,
+    )
+    .await
+    .unwrap();
+    let image = Volume::from_bytes(DataType::Uint8, shape, 1, bytes.clone()).unwrap();
+    layer
+        .write_region(0, [0; 3], &image, WriteOptions::default())
+        .await
+        .unwrap();
+    bytes
+}
+
+async fn read_f32_layer(dir: &Path) -> (Vec<usize>, Vec<f32>) {
+    use cuboids::formats::precomputed::Precomputed;
+    use cuboids::geometry::Box3;
+    use cuboids::store::local::LocalStore;
+    let layer = Precomputed::open(std::sync::Arc::new(LocalStore::new(dir.to_path_buf())))
+        .await
+        .unwrap();
+    let size = layer.scale(0).size;
+    let (vol, _) = layer
+        .read_region(0, Box3::from_shape(size), false)
+        .await
+        .unwrap();
+    let values = vol
+        .data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    (
+        vec![layer.info.num_channels, size[2], size[1], size[0]],
+        values,
+    )
+}
+
+async fn run_infer(
+    image: &Path,
+    model: &str,
+    out: &Path,
+    edit: impl FnOnce(&mut cuboids::task::infer::InferOptions),
+) -> cuboids::task::infer::InferReport {
+    use cuboids::formats::precomputed::Precomputed;
+    use cuboids::infer::region::CpuExecutor;
+    use cuboids::store::local::LocalStore;
+    let model = Model::open(&fixtures().join(model)).unwrap();
+    let layer = Precomputed::open(std::sync::Arc::new(LocalStore::new(image.to_path_buf())))
+        .await
+        .unwrap();
+    let mut opts = cuboids::task::infer::InferOptions::default();
+    edit(&mut opts);
+    let executor = std::sync::Arc::new(CpuExecutor {
+        model: model.clone(),
+    });
+    let output = std::sync::Arc::new(LocalStore::new(out.to_path_buf()));
+    cuboids::task::infer::infer(executor, &model, &layer, output, &opts)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn cropped_and_valid_outputs_are_the_nets_own_and_tiles_do_not_change_a_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("image");
+    let shape = [40, 40, 8];
+    let bytes = random_image_layer(&image, shape, 3).await;
+
+    // RSUNet (16x16x4 in and out) cropped to 12x12x2 with no overlap: each output voxel away
+    // from the volume's border is one patch's centre, the net's own output there.
+    let crop = tmp.path().join("crop");
+    let report = run_infer(&image, "net_rsunet.onnx", &crop, |o| {
+        o.output_patch = Some([12, 12, 2]);
+        o.overlap = [0, 0, 0];
+    })
+    .await;
+    assert_eq!((report.patches, report.channels), (3 * 3 * 3, 3));
+    let (dims, got) = read_f32_layer(&crop).await;
+    let model = Model::open(&fixtures().join("net_rsunet.onnx")).unwrap();
+    let start = [12usize, 24, 2]; // a patch's input start (x, y, z)
+    let patch: Vec<f32> = (0..4)
+        .flat_map(|z| (0..16).map(move |y| (y, z)))
+        .flat_map(|(y, z)| {
+            let row = ((start[2] + z) * shape[1] + start[1] + y) * shape[0] + start[0];
+            bytes[row..row + 16]
+                .iter()
+                .map(|&v| v as f32 / 255.0)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let net = cpu::run(&model, Tensor::new(vec![1, 1, 4, 16, 16], patch)).unwrap();
+    for c in 0..3 {
+        for (z, y, x) in [(0, 0, 0), (1, 5, 7), (1, 11, 11)] {
+            let want = net.data[((c * 4 + z + 1) * 16 + y + 2) * 16 + x + 2];
+            let g = [start[0] + 2 + x, start[1] + 2 + y, start[2] + 1 + z];
+            let at = ((c * dims[1] + g[2]) * dims[2] + g[1]) * dims[3] + g[0];
+            assert!(
+                (got[at] - want).abs() <= 1e-6,
+                "channel {c} at {g:?}: {} vs {want}",
+                got[at]
+            );
+        }
+    }
+    // No patch reaches the volume's outer 2 x/y voxels and 1 z voxel: zeros there.
+    assert_eq!(got[0], 0.0);
+
+    // The valid-padding U-Net (12x12x10 -> 4x4x2), in tiles of one 8x8x4 chunk and in one
+    // tile: the same bytes.
+    let image = tmp.path().join("image2");
+    random_image_layer(&image, [26, 21, 14], 5).await;
+    let (small, whole) = (tmp.path().join("small"), tmp.path().join("whole"));
+    let tiny = run_infer(&image, "net_valid_unet.onnx", &small, |o| {
+        o.overlap = [1, 1, 0];
+        o.tile_voxels = 1;
+    })
+    .await;
+    let one = run_infer(&image, "net_valid_unet.onnx", &whole, |o| {
+        o.overlap = [1, 1, 0]
+    })
+    .await;
+    assert!(
+        tiny.tiles > 1 && one.tiles == 1,
+        "{} {}",
+        tiny.tiles,
+        one.tiles
+    );
+    let (a, b) = (read_f32_layer(&small).await, read_f32_layer(&whole).await);
+    assert_eq!(a.0, b.0);
+    assert!(a
+        .1
+        .iter()
+        .zip(&b.1)
+        .all(|(x, y)| x.to_bits() == y.to_bits()));
+    assert!(a.1.iter().any(|&v| v != 0.0));
 }

@@ -30,7 +30,17 @@ pub enum BlendError {
 }
 
 /// The bump that weighs a patch's voxels: high in the middle, near zero at the faces.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Bump {
     /// chunkflow's default (Jingpeng Wu).

@@ -162,6 +162,7 @@ impl Executor {
                 Task::Segment(_) | Task::ConnectedComponents(_) => {
                     self.segmentation(task, cancel).await
                 }
+                Task::Infer(t) => self.infer(t, cancel).await,
                 Task::ConnectedComponentsStage(t) => {
                     self.stage_task("connected-components", t, cancel).await
                 }
@@ -224,6 +225,66 @@ impl Executor {
                 report.chunks_written,
                 report.tiles_skipped_existing,
                 report.tiles_skipped_empty
+            ),
+        })
+    }
+
+    /// ConvNet inference: the model is read and checked before the image is opened, so a
+    /// model inference cannot run fails before anything is read or written.
+    async fn infer(
+        &self,
+        t: &crate::task::spec::InferTask,
+        cancel: &CancellationToken,
+    ) -> Result<TaskOutput, TaskFailure> {
+        use crate::infer::region::CpuExecutor;
+        let context = format!("infer {} with {} -> {}", t.image, t.model, t.output);
+        let (store, key) = crate::store::open_object(&t.model, &self.sdk)
+            .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        let object = store
+            .get(&key)
+            .await
+            .map_err(|e| TaskFailure::from_error(&context, &e))?
+            .ok_or_else(|| {
+                TaskFailure::new(
+                    FailureKind::InvalidTask,
+                    format!("{context}: the model {} does not exist", t.model),
+                )
+            })?;
+        let model = crate::infer::Model::from_bytes(&object.data, &t.model)
+            .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        let (image, out) = self
+            .open_input_output(&t.image, &t.output, &context)
+            .await?;
+        let executor = Arc::new(CpuExecutor {
+            model: model.clone(),
+        });
+        let mut opts = t.options();
+        opts.cancel = Some(cancel.clone());
+        let report = crate::task::infer::infer(executor, &model, &image, out, &opts)
+            .await
+            .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        let document = serde_json::json!({
+            "kind": "infer",
+            "output": t.output,
+            "voxels": report.voxels,
+            "channels": report.channels,
+            "patches": report.patches,
+            "skipped_patches": report.skipped,
+            "chunks_written": report.chunks_written,
+            "engine": report.engine,
+            "seconds": report.wall.as_secs_f64(),
+            "peak_rss_bytes": peak_rss_bytes(),
+        });
+        Ok(TaskOutput {
+            document,
+            report: report.describe(&context),
+            summary: format!(
+                "{context}: {:.1} MVx in {:.2} s = {:.2} MVx/s, {} patches ({} engine)",
+                report.voxels as f64 / 1e6,
+                report.wall.as_secs_f64(),
+                report.mvx_per_s(),
+                report.patches,
+                report.engine
             ),
         })
     }

@@ -198,3 +198,25 @@ impl Classify for JobError {
         FailureKind::InvalidTask
     }
 }
+
+impl Classify for crate::infer::InferError {
+    /// Every model error is the task's to fix: a model file that is missing, unreadable, not
+    /// ONNX, or asks for an operator or shape inference does not run.
+    fn failure_kind(&self) -> FailureKind {
+        FailureKind::InvalidTask
+    }
+}
+
+impl Classify for crate::task::infer::InferTaskError {
+    fn failure_kind(&self) -> FailureKind {
+        use crate::task::infer::InferTaskError as E;
+        match self {
+            E::Model(e) => e.failure_kind(),
+            E::Grid { .. } | E::Input { .. } | E::OutputExists { .. } => FailureKind::InvalidTask,
+            E::Precomputed(e) => e.failure_kind(),
+            E::Store(e) => e.failure_kind(),
+            E::Join(_) => FailureKind::Internal,
+            E::Cancelled => FailureKind::Interrupted,
+        }
+    }
+}

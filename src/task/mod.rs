@@ -5,6 +5,7 @@ pub mod boss;
 pub mod boss_downsample;
 pub mod downsample;
 pub mod failure;
+pub mod infer;
 pub mod plan;
 pub mod pyramid;
 pub mod segment;

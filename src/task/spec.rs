@@ -31,6 +31,8 @@ pub enum Task {
     Segment(SegmentTask),
     /// Thresholded connected components into a new segmentation layer.
     ConnectedComponents(ComponentsTask),
+    /// ConvNet inference of an image layer with an ONNX model into a float32 layer.
+    Infer(InferTask),
     /// One task of a staged connected-components plan (`cuboids plan connected-components`).
     ConnectedComponentsStage(ComponentsStageTask),
     /// One task of a staged segment plan (`cuboids plan segment`).
@@ -282,6 +284,60 @@ pub struct SegmentTask {
     pub chunks: ChunkFields,
 }
 
+/// `cuboids infer` as a document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferTask {
+    /// The image layer (a path or `s3://`).
+    pub image: String,
+    /// The ONNX model file (a path or `s3://` object).
+    pub model: String,
+    /// The new float32 layer.
+    pub output: String,
+    #[serde(default)]
+    pub mip: usize,
+    /// Input patch x, y, z (default: the model's static input shape).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<Vec3>,
+    /// Output patch overlap x, y, z (default chunkflow's 64, 64, 4).
+    #[serde(default = "overlap_default")]
+    pub overlap: Vec3,
+    /// Output patch x, y, z (default: the model's output for the input patch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_patch: Option<Vec3>,
+    #[serde(default)]
+    pub blend: crate::infer::blend::Bump,
+    /// The model's first N output channels (default all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<usize>,
+    #[serde(default)]
+    pub fill_missing: bool,
+    #[serde(default = "gzip_default")]
+    pub gzip_level: u32,
+}
+
+fn overlap_default() -> Vec3 {
+    crate::task::infer::DEFAULT_OVERLAP
+}
+
+impl InferTask {
+    pub fn options(&self) -> crate::task::infer::InferOptions {
+        crate::task::infer::InferOptions {
+            mip: self.mip,
+            patch: self.patch,
+            overlap: self.overlap,
+            output_patch: self.output_patch,
+            bump: self.blend,
+            channels: self.channels,
+            fill_missing: self.fill_missing,
+            write: crate::formats::precomputed::WriteOptions {
+                gzip_level: self.gzip_level,
+            },
+            ..Default::default()
+        }
+    }
+}
+
 /// `cuboids connected-components` as a document.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -461,6 +517,7 @@ impl Task {
             Task::ConnectedComponents(t) => {
                 format!("connected-components {} -> {}", t.input, t.output)
             }
+            Task::Infer(t) => format!("infer {} with {} -> {}", t.image, t.model, t.output),
             Task::ConnectedComponentsStage(t) => t.describe(
                 "connected-components",
                 &t.plan.work.input,
