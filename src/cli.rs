@@ -118,8 +118,8 @@ enum Command {
     },
     /// ConvNet inference (chunkflow's Inferencer): an image layer through an ONNX model,
     /// patch by patch on one global grid with 'wu' or 'zung' blending, into a new float32
-    /// layer of the model's output channels (affinities x, y, z for `segment`). Runs the CPU
-    /// reference operators for now.
+    /// layer of the model's output channels (affinities x, y, z for `segment`), on the GPU
+    /// (WGSL kernels; lavapipe where there is no GPU).
     Infer {
         #[command(flatten)]
         args: InferArgs,
@@ -346,6 +346,9 @@ struct InferArgs {
     /// Missing image chunks are zeros instead of an error.
     #[arg(long)]
     fill_missing: bool,
+    /// Run the CPU reference operators instead of the GPU (slow; for checking).
+    #[arg(long)]
+    cpu: bool,
 }
 
 impl InferArgs {
@@ -362,6 +365,7 @@ impl InferArgs {
             channels: self.channels,
             fill_missing: self.fill_missing,
             gzip_level: 6,
+            cpu: self.cpu,
         }
     }
 }

@@ -5,7 +5,10 @@
 //! within 1e-4 · max(1, |reference|) (float32 sums in another order; BatchNorm folded into
 //! the Conv before it). Models inference cannot run fail at load, naming the node.
 
-use cuboids::infer::{cpu, InferError, Model};
+mod common;
+
+use cuboids::infer::region::Executor;
+use cuboids::infer::{cpu, gpu::GpuExecutor, InferError, Model};
 use cuboids::ops::nn::Tensor;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -492,4 +495,38 @@ async fn cropped_and_valid_outputs_are_the_nets_own_and_tiles_do_not_change_a_by
         .zip(&b.1)
         .all(|(x, y)| x.to_bits() == y.to_bits()));
     assert!(a.1.iter().any(|&v| v != 0.0));
+}
+
+#[test]
+fn the_gpu_executor_equals_onnxruntime_and_the_cpu_reference() {
+    let mut checked = 0;
+    for case in cases().iter().filter(|c| c.get("error").is_none()) {
+        let name = case["name"].as_str().unwrap();
+        let model = Model::open(&fixtures().join(format!("{name}.onnx"))).unwrap();
+        let input = read_f32(
+            &fixtures().join(format!("{name}.in.f32")),
+            &shape(&case["input"]),
+        );
+        let want = read_f32(
+            &fixtures().join(format!("{name}.out.f32")),
+            &shape(&case["output"]),
+        );
+        let reference = cpu::run(&model, input.clone()).unwrap();
+        let executor = GpuExecutor::new(common::gpu_arc(), model).unwrap();
+        let got = executor
+            .run(input)
+            .unwrap_or_else(|e| panic!("{name}: {:?}", e));
+        assert_eq!(got.shape, want.shape, "{name}");
+        for (what, against) in [("onnxruntime", &want), ("the CPU reference", &reference)] {
+            let (error, at) = worst_error(&got, against);
+            assert!(
+                error <= 1.0,
+                "{name}: GPU output {at} is {} where {what} has {} ({error:.1}x the tolerance)",
+                got.data[at],
+                against.data[at]
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 30, "only {checked} cases");
 }

@@ -37,6 +37,7 @@ pub fn shader_sources() -> Vec<(&'static str, String)> {
             "compressed_segmentation",
             include_str!("../../shaders/compressed_segmentation.wgsl").to_string(),
         ),
+        ("nn", include_str!("../../shaders/nn.wgsl").to_string()),
     ];
     let downsampling = [
         (

@@ -6,6 +6,7 @@ pub mod context;
 pub mod downsample;
 pub mod kernels;
 pub mod labeling;
+pub mod nn;
 pub(crate) mod work;
 
 pub use context::{GpuContext, GpuError};

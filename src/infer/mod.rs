@@ -9,6 +9,7 @@
 
 pub mod blend;
 pub mod cpu;
+pub mod gpu;
 pub mod model;
 pub mod onnx;
 pub mod region;

@@ -77,6 +77,12 @@ pub enum InferError {
         op: String,
         message: String,
     },
+    #[error("{path}: running the model on the GPU")]
+    Gpu {
+        path: String,
+        #[source]
+        source: crate::gpu::nn::NnGpuError,
+    },
     #[error("{path}: node {node} ({op})")]
     Shape {
         path: String,

@@ -853,19 +853,15 @@ pub fn resize(
     Ok(y)
 }
 
-fn resize_axis(
-    x: &Tensor,
-    axis: usize,
+/// Per output index of one resized axis: up to two input indices and their weights.
+pub fn resize_taps(
+    n_in: usize,
     n_out: usize,
     scale: f32,
     mode: ResizeMode,
     coordinates: CoordinateMode,
-) -> Tensor {
-    let n_in = x.shape[axis];
-    let outer: usize = x.shape[..axis].iter().product();
-    let inner: usize = x.shape[axis + 1..].iter().product();
-    // Per output index: up to two input indices and their weights.
-    let taps: Vec<[(usize, f32); 2]> = (0..n_out)
+) -> Vec<[(usize, f32); 2]> {
+    (0..n_out)
         .map(|o| {
             let c = original_coordinate(coordinates, o, n_in, n_out, scale);
             let last = n_in as f32 - 1.0;
@@ -889,7 +885,21 @@ fn resize_axis(
                 }
             }
         })
-        .collect();
+        .collect()
+}
+
+fn resize_axis(
+    x: &Tensor,
+    axis: usize,
+    n_out: usize,
+    scale: f32,
+    mode: ResizeMode,
+    coordinates: CoordinateMode,
+) -> Tensor {
+    let n_in = x.shape[axis];
+    let outer: usize = x.shape[..axis].iter().product();
+    let inner: usize = x.shape[axis + 1..].iter().product();
+    let taps = resize_taps(n_in, n_out, scale, mode, coordinates);
     let mut shape = x.shape.clone();
     shape[axis] = n_out;
     let mut y = Tensor::zeros(shape);

@@ -255,9 +255,16 @@ impl Executor {
         let (image, out) = self
             .open_input_output(&t.image, &t.output, &context)
             .await?;
-        let executor = Arc::new(CpuExecutor {
-            model: model.clone(),
-        });
+        let executor: Arc<dyn crate::infer::region::Executor> = if t.cpu {
+            Arc::new(CpuExecutor {
+                model: model.clone(),
+            })
+        } else {
+            Arc::new(
+                crate::infer::gpu::GpuExecutor::new(self.gpu().await?, model.clone())
+                    .map_err(|e| TaskFailure::from_error(&context, &e))?,
+            )
+        };
         let mut opts = t.options();
         opts.cancel = Some(cancel.clone());
         let report = crate::task::infer::infer(executor, &model, &image, out, &opts)

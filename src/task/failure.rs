@@ -200,10 +200,16 @@ impl Classify for JobError {
 }
 
 impl Classify for crate::infer::InferError {
-    /// Every model error is the task's to fix: a model file that is missing, unreadable, not
-    /// ONNX, or asks for an operator or shape inference does not run.
+    /// A model error is the task's to fix (a model file that is missing, unreadable, not ONNX,
+    /// or asks for an operator or shape inference does not run); the GPU's are the GPU's.
     fn failure_kind(&self) -> FailureKind {
-        FailureKind::InvalidTask
+        match self {
+            crate::infer::InferError::Gpu {
+                source: crate::gpu::nn::NnGpuError::Gpu(e),
+                ..
+            } => e.failure_kind(),
+            _ => FailureKind::InvalidTask,
+        }
     }
 }
 

@@ -314,6 +314,9 @@ pub struct InferTask {
     pub fill_missing: bool,
     #[serde(default = "gzip_default")]
     pub gzip_level: u32,
+    /// Runs the CPU reference operators instead of the GPU (slow, for checking).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cpu: bool,
 }
 
 fn overlap_default() -> Vec3 {

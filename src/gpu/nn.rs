@@ -1,0 +1,573 @@
+//! The host side of `shaders/nn.wgsl`: one function per ConvNet operator, each recording its
+//! kernel into a [`Work`] on tensors that stay on the GPU. Shapes are checked by the CPU
+//! reference's own shape functions ([`crate::ops::nn`]) before anything is recorded, so the
+//! GPU and CPU paths accept exactly the same inputs.
+
+use crate::gpu::context::GpuError;
+use crate::gpu::work::Work;
+use crate::ops::nn::{
+    self, Activation, Binary, CoordinateMode, NnError, PadMode, Pool, ResizeMode, SliceAxis, Window,
+};
+use thiserror::Error;
+
+const SHADER: &str = "nn";
+
+#[derive(Debug, Error)]
+pub enum NnGpuError {
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Shape(#[from] NnError),
+    #[error("{0} needs more than 6 axes")]
+    Rank(&'static str),
+}
+
+/// A float32 tensor in a storage buffer (the buffer may be longer than the tensor).
+#[derive(Clone, Debug)]
+pub struct GpuTensor {
+    pub buffer: wgpu::Buffer,
+    pub shape: Vec<usize>,
+}
+
+impl GpuTensor {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where output tensors come from: buffers freed by earlier nodes, else new ones. Reusing a
+/// buffer inside one command encoder is safe: wgpu orders the passes that touch it.
+pub struct Buffers {
+    free: Vec<wgpu::Buffer>,
+}
+
+impl Default for Buffers {
+    fn default() -> Self {
+        Buffers::new()
+    }
+}
+
+impl Buffers {
+    pub fn new() -> Buffers {
+        Buffers { free: Vec::new() }
+    }
+
+    /// A buffer of at least `elements` floats: the smallest free one that holds them.
+    pub(crate) fn take(
+        &mut self,
+        work: &mut Work,
+        elements: usize,
+    ) -> Result<wgpu::Buffer, GpuError> {
+        let bytes = (elements.max(1) * 4) as u64;
+        let best = (0..self.free.len())
+            .filter(|&i| self.free[i].size() >= bytes)
+            .min_by_key(|&i| self.free[i].size());
+        match best {
+            Some(i) => Ok(self.free.swap_remove(i)),
+            None => work.scratch("inference tensor", elements),
+        }
+    }
+
+    pub fn give(&mut self, buffer: wgpu::Buffer) {
+        self.free.push(buffer);
+    }
+}
+
+fn params(words: &[u32]) -> [u32; 32] {
+    let mut p = [0u32; 32];
+    p[..words.len()].copy_from_slice(words);
+    p
+}
+
+/// Records `entry` over `invocations` outputs with the x, w, b inputs and the y output.
+fn run(
+    work: &mut Work,
+    entry: &'static str,
+    words: &[u32],
+    inputs: [Option<&wgpu::Buffer>; 3],
+    y: &wgpu::Buffer,
+    invocations: usize,
+) -> Result<(), GpuError> {
+    let uniform = work.uniform(&params(words));
+    let mut bindings = vec![(0, &uniform)];
+    for (slot, buffer) in (1u32..).zip(inputs) {
+        if let Some(buffer) = buffer {
+            bindings.push((slot, buffer));
+        }
+    }
+    bindings.push((4, y));
+    work.dispatch(SHADER, entry, &bindings, invocations)
+}
+
+fn u32s(values: &[usize]) -> Vec<u32> {
+    values.iter().map(|&v| v as u32).collect()
+}
+
+/// The batch, channels and 3 spatial lengths of an N,C,spatial shape.
+fn ncs(shape: &[usize]) -> (usize, usize, [usize; 3]) {
+    let mut spatial = [1; 3];
+    spatial[5 - shape.len()..].copy_from_slice(&shape[2..]);
+    (shape[0], shape[1], spatial)
+}
+
+/// Conv or ConvTranspose (`output_padding` only for the latter).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv(
+    work: &mut Work,
+    buffers: &mut Buffers,
+    x: &GpuTensor,
+    w: (&wgpu::Buffer, &[usize]),
+    b: Option<&wgpu::Buffer>,
+    window: &Window,
+    group: usize,
+    transpose: Option<[usize; 3]>,
+) -> Result<GpuTensor, NnGpuError> {
+    let shape = match transpose {
+        None => nn::conv_shape(&x.shape, w.1, window, group)?,
+        Some(extra) => nn::conv_transpose_shape(&x.shape, w.1, window, extra, group)?,
+    };
+    let (_, c, spatial) = ncs(&x.shape);
+    let (_, m, out) = ncs(&shape);
+    let total: usize = shape.iter().product();
+    let y = buffers.take(work, total)?;
+    let mut words = u32s(&[total, c, m, group]);
+    words.extend(u32s(&spatial));
+    words.extend(u32s(&out));
+    for v in [
+        window.kernel,
+        window.strides,
+        window.dilations,
+        window.begin,
+    ] {
+        words.extend(u32s(&v));
+    }
+    words.push(b.is_some() as u32);
+    let entry = if transpose.is_some() {
+        "conv_transpose"
+    } else {
+        "conv"
+    };
+    // An absent bias still needs a binding: the weights stand in (never read).
+    run(
+        work,
+        entry,
+        &words,
+        [Some(&x.buffer), Some(w.0), b.or(Some(w.0))],
+        &y,
+        total,
+    )?;
+    Ok(GpuTensor { buffer: y, shape })
+}
+
+pub(crate) fn pool(
+    work: &mut Work,
+    buffers: &mut Buffers,
+    x: &GpuTensor,
+    kind: Pool,
+    window: &Window,
+    ceil: bool,
+) -> Result<GpuTensor, NnGpuError> {
+    let shape = nn::pool_shape(&x.shape, window, ceil)?;
+    let (_, _, spatial) = ncs(&x.shape);
+    let (_, _, out) = ncs(&shape);
+    let total: usize = shape.iter().product();
+    let y = buffers.take(work, total)?;
+    let mut words = vec![total as u32];
+    words.extend(u32s(&spatial));
+    words.extend(u32s(&out));
+    for v in [
+        window.kernel,
+        window.strides,
+        window.dilations,
+        window.begin,
+    ] {
+        words.extend(u32s(&v));
+    }
+    words.push(match kind {
+        Pool::Max => 0,
+        Pool::Average {
+            count_include_pad: false,
+        } => 1,
+        Pool::Average {
+            count_include_pad: true,
+        } => 2,
+    });
+    words.extend(u32s(&window.end));
+    run(
+        work,
+        "pool",
+        &words,
+        [Some(&x.buffer), None, None],
+        &y,
+        total,
+    )?;
+    Ok(GpuTensor { buffer: y, shape })
+}
+
+/// `x · a[c] + b[c]` per channel (a BatchNormalization, as a scale and a shift).
+pub(crate) fn affine(
+    work: &mut Work,
+    buffers: &mut Buffers,
+    x: &GpuTensor,
+    a: &wgpu::Buffer,
+    b: &wgpu::Buffer,
+) -> Result<GpuTensor, NnGpuError> {
+    let (_, c, spatial) = ncs(&x.shape);
+    let total = x.len();
+    let y = buffers.take(work, total)?;
+    let volume: usize = spatial.iter().product();
+    let words = u32s(&[total, volume, c]);
+    run(
+        work,
+        "affine",
+        &words,
+        [Some(&x.buffer), Some(a), Some(b)],
+        &y,
+        total,
+    )?;
+    Ok(GpuTensor {
+        buffer: y,
+        shape: x.shape.clone(),
+    })
+}
+
+pub(crate) fn instance_norm(
+    work: &mut Work,
+    buffers: &mut Buffers,
+    x: &GpuTensor,
+    scale: &wgpu::Buffer,
+    bias: &wgpu::Buffer,
+    epsilon: f32,
+) -> Result<GpuTensor, NnGpuError> {
+    let (n, c, spatial) = ncs(&x.shape);
+    let y = buffers.take(work, x.len())?;
+    let pairs = n * c;
+    let words = [
+        pairs as u32,
+        spatial.iter().product::<usize>() as u32,
+        c as u32,
+        epsilon.to_bits(),
+    ];
+    let uniform = work.uniform(&params(&words));
+    let max = work.ctx.limits.max_compute_workgroups_per_dimension as usize;
+    let groups = [pairs.min(max) as u32, pairs.div_ceil(max) as u32, 1];
+    let bindings = [
+        (0, &uniform),
+        (1, &x.buffer),
+        (2, scale),
+        (3, bias),
+        (4, &y),
+    ];
+    work.record(SHADER, "instance_norm", &bindings, groups)?;
+    Ok(GpuTensor {
+        buffer: y,
+        shape: x.shape.clone(),
+    })
+}
+
+pub(crate) fn activation(
+    work: &mut Work,
+    buffers: &mut Buffers,
+    x: &GpuTensor,
+    activation: Activation,
+) -> Result<GpuTensor, NnGpuError> {
+    let total = x.len();
+    let y = buffers.take(work, total)?;
+    let (op, alpha) = match activation {
+        Activation::Relu => (0, 0.0f32),
+        Activation::LeakyRelu(a) => (1, a),
+        Activation::Elu(a) => (2, a),
+        Activation::Sigmoid => (3, 0.0),
+        Activation::Tanh => (4, 0.0),
+    };
+    let words = [total as u32, op, alpha.to_bits()];
+    run(
+        work,
+        "activation",
+        &words,
+        [Some(&x.buffer), None, None],
+        &y,
+        total,
+    )?;
+    Ok(GpuTensor {
+        buffer: y,
+        shape: x.shape.clone(),
+    })
+}
+
+/// A shape widened to 6 axes by leading 1s.
+fn six(shape: &[usize], what: &'static str) -> Result<[usize; 6], NnGpuError> {
+    if shape.len() > 6 {
+        return Err(NnGpuError::Rank(what));
+    }
+    let mut out = [1; 6];
+    out[6 - shape.len()..].copy_from_slice(shape);
+    Ok(out)
+}
+
+/// Strides reading `shape` as broadcast to the 6-axis `to` (0 along broadcast axes).
+fn broadcast_strides6(shape: &[usize], to: &[usize; 6]) -> Result<[usize; 6], NnGpuError> {
+    let own = six(shape, "broadcasting")?;
+    let strides = nn::strides_of(&own);
+    Ok(std::array::from_fn(|a| {
+        if own[a] == 1 && to[a] != 1 {
+            0
+        } else {
+            strides[a]
+        }
+    }))
+}
+
+pub(crate) fn binary(
+    work: &mut Work,
+    buffers: &mut Buffers,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    op: Binary,
+) -> Result<GpuTensor, NnGpuError> {
+    let shape = nn::broadcast_shape(&a.shape, &b.shape)?;
+    let total: usize = shape.iter().product();
+    let out6 = six(&shape, "broadcasting")?;
+    let y = buffers.take(work, total)?;
+    let mut words = vec![
+        total as u32,
+        match op {
+            Binary::Add => 0,
+            Binary::Sub => 1,
+            Binary::Mul => 2,
+            Binary::Div => 3,
+        },
+    ];
+    words.extend(u32s(&out6));
+    words.extend(u32s(&broadcast_strides6(&a.shape, &out6)?));
+    words.extend(u32s(&broadcast_strides6(&b.shape, &out6)?));
+    let inputs = [Some(&a.buffer), Some(&b.buffer), None];
+    run(work, "binary", &words, inputs, &y, total)?;
+    Ok(GpuTensor { buffer: y, shape })
+}
+
+/// Softmax over axes `from..to` taken together.
+pub(crate) fn softmax(
+    work: &mut Work,
+    buffers: &mut Buffers,
+    x: &GpuTensor,
+    from: usize,
+    to: usize,
+) -> Result<GpuTensor, NnGpuError> {
+    if from >= to || to > x.shape.len() {
+        return Err(
+            NnError::Shape(format!("softmax over axes {from}..{to} of {:?}", x.shape)).into(),
+        );
+    }
+    let block: usize = x.shape[from..to].iter().product();
+    let inner: usize = x.shape[to..].iter().product();
+    let columns = x.len() / block.max(1);
+    let y = buffers.take(work, x.len())?;
+    let words = u32s(&[columns, block, inner]);
+    run(
+        work,
+        "softmax",
+        &words,
+        [Some(&x.buffer), None, None],
+        &y,
+        columns,
+    )?;
+    Ok(GpuTensor {
+        buffer: y,
+        shape: x.shape.clone(),
+    })
+}
+
+pub(crate) fn concat(
+    work: &mut Work,
+    buffers: &mut Buffers,
+    xs: &[&GpuTensor],
+    axis: usize,
+) -> Result<GpuTensor, NnGpuError> {
+    let shapes: Vec<&[usize]> = xs.iter().map(|x| x.shape.as_slice()).collect();
+    let shape = nn::concat_shape(&shapes, axis)?;
+    let total: usize = shape.iter().product();
+    let y = buffers.take(work, total)?;
+    let out_run: usize = shape[axis..].iter().product();
+    let mut offset = 0;
+    for x in xs {
+        let run_len: usize = x.shape[axis..].iter().product();
+        let words = u32s(&[x.len(), run_len, out_run, offset]);
+        run(
+            work,
+            "concat",
+            &words,
+            [Some(&x.buffer), None, None],
+            &y,
+            x.len(),
+        )?;
+        offset += run_len;
+    }
+    Ok(GpuTensor { buffer: y, shape })
+}
+
+pub(crate) fn slice(
+    work: &mut Work,
+    buffers: &mut Buffers,
+    x: &GpuTensor,
+    axes: &[SliceAxis],
+) -> Result<GpuTensor, NnGpuError> {
+    let shape: Vec<usize> = axes.iter().map(|a| a.len).collect();
+    let total: usize = shape.iter().product();
+    let y = buffers.take(work, total)?;
+    let strides = nn::strides_of(&x.shape);
+    six(&shape, "Slice")?;
+    let lead = 6 - shape.len();
+    let mut dims = [1u32; 6];
+    let mut steps = [0i32; 6];
+    let mut first = 0i64;
+    for (a, axis) in axes.iter().enumerate() {
+        dims[lead + a] = axis.len as u32;
+        steps[lead + a] = (axis.step * strides[a] as i64) as i32;
+        first += axis.start * strides[a] as i64;
+    }
+    let mut words = vec![total as u32];
+    words.extend(dims);
+    words.extend(steps.map(|s| s as u32));
+    words.push(first as u32);
+    run(
+        work,
+        "slice",
+        &words,
+        [Some(&x.buffer), None, None],
+        &y,
+        total,
+    )?;
+    Ok(GpuTensor { buffer: y, shape })
+}
+
+pub(crate) fn pad(
+    work: &mut Work,
+    buffers: &mut Buffers,
+    x: &GpuTensor,
+    pads: &[i64],
+    mode: PadMode,
+) -> Result<GpuTensor, NnGpuError> {
+    // The CPU reference's checks (pads per axis, reflect on short axes) and shape.
+    let rank = x.shape.len();
+    if pads.len() != 2 * rank {
+        return Err(NnError::Shape(format!("{} pads for a rank-{rank} tensor", pads.len())).into());
+    }
+    let shape: Vec<usize> = (0..rank)
+        .map(|a| (x.shape[a] as i64 + pads[a] + pads[a + rank]).max(0) as usize)
+        .collect();
+    if mode == PadMode::Reflect && (0..rank).any(|a| x.shape[a] < 2 && shape[a] != x.shape[a]) {
+        return Err(NnError::Shape("reflect padding of an axis shorter than 2".into()).into());
+    }
+    let total: usize = shape.iter().product();
+    let y = buffers.take(work, total)?;
+    let out6 = six(&shape, "Pad")?;
+    let in6 = six(&x.shape, "Pad")?;
+    let mut begins = [0i32; 6];
+    for a in 0..rank {
+        begins[6 - rank + a] = pads[a] as i32;
+    }
+    let (code, value) = match mode {
+        PadMode::Constant(v) => (0, v),
+        PadMode::Reflect => (1, 0.0),
+        PadMode::Edge => (2, 0.0),
+    };
+    let mut words = vec![total as u32];
+    words.extend(u32s(&out6));
+    words.extend(u32s(&in6));
+    words.extend(begins.map(|b| b as u32));
+    words.push(code);
+    words.push(f32::to_bits(value));
+    run(
+        work,
+        "pad",
+        &words,
+        [Some(&x.buffer), None, None],
+        &y,
+        total,
+    )?;
+    Ok(GpuTensor { buffer: y, shape })
+}
+
+/// Resize, one axis at a time; the taps are the CPU reference's ([`nn::resize_taps`]).
+pub(crate) fn resize(
+    work: &mut Work,
+    buffers: &mut Buffers,
+    x: &GpuTensor,
+    shape: &[usize],
+    scales: &[f32],
+    mode: ResizeMode,
+    coordinates: CoordinateMode,
+) -> Result<(GpuTensor, Vec<wgpu::Buffer>), NnGpuError> {
+    if shape.len() != x.shape.len() || scales.len() != x.shape.len() {
+        return Err(NnError::Shape(format!("resizing {:?} to {shape:?}", x.shape)).into());
+    }
+    let mut current = x.clone();
+    let mut freed = Vec::new();
+    for axis in 0..shape.len() {
+        if shape[axis] == current.shape[axis] && scales[axis] == 1.0 {
+            continue;
+        }
+        let taps = nn::resize_taps(
+            current.shape[axis],
+            shape[axis],
+            scales[axis],
+            mode,
+            coordinates,
+        );
+        let table: Vec<u8> = taps
+            .iter()
+            .flat_map(|[(t0, w0), (t1, w1)]| [*t0 as u32, *t1 as u32, w0.to_bits(), w1.to_bits()])
+            .flat_map(u32::to_le_bytes)
+            .collect();
+        let table = work.upload("resize taps", &table)?;
+        let mut out_shape = current.shape.clone();
+        out_shape[axis] = shape[axis];
+        let total: usize = out_shape.iter().product();
+        let y = buffers.take(work, total)?;
+        let inner: usize = current.shape[axis + 1..].iter().product();
+        let words = u32s(&[total, current.shape[axis], shape[axis], inner]);
+        run(
+            work,
+            "resize_axis",
+            &words,
+            [Some(&current.buffer), Some(&table), None],
+            &y,
+            total,
+        )?;
+        if axis_is_intermediate(&current, x) {
+            freed.push(current.buffer.clone());
+        }
+        current = GpuTensor {
+            buffer: y,
+            shape: out_shape,
+        };
+    }
+    if !axis_is_intermediate(&current, x) {
+        // Nothing to resize: a copy, so the output is a buffer of its own.
+        current = copy(work, buffers, x, x.shape.clone())?;
+    }
+    Ok((current, freed))
+}
+
+/// The same elements in a buffer of their own, under `shape` (Identity, Reshape).
+pub(crate) fn copy(
+    work: &mut Work,
+    buffers: &mut Buffers,
+    x: &GpuTensor,
+    shape: Vec<usize>,
+) -> Result<GpuTensor, NnGpuError> {
+    let n = x.len();
+    let y = buffers.take(work, n)?;
+    let words = u32s(&[n, n.max(1), n, 0]);
+    run(work, "concat", &words, [Some(&x.buffer), None, None], &y, n)?;
+    Ok(GpuTensor { buffer: y, shape })
+}
+
+fn axis_is_intermediate(t: &GpuTensor, input: &GpuTensor) -> bool {
+    t.buffer != input.buffer
+}

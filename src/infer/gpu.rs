@@ -1,0 +1,277 @@
+//! A [`Model`] run on the GPU (`shaders/nn.wgsl` through [`crate::gpu::nn`]): weights are
+//! uploaded once when the executor is made, each patch is one submission in which every node
+//! is a kernel and activations stay on the device (a node's buffer is reused once its last
+//! reader is recorded), and only the output is read back. The CPU reference
+//! ([`super::cpu`]) is its oracle.
+
+use super::model::{axis_of, resize_target, slice_axes, widened, InferError, Model, Op};
+use super::region::Executor;
+use crate::gpu::context::GpuContext;
+use crate::gpu::nn::{self as kernels, Buffers, GpuTensor, NnGpuError};
+use crate::gpu::work::Work;
+use crate::ops::nn::Tensor;
+use std::collections::HashMap;
+use std::sync::Arc;
+use wgpu::util::DeviceExt;
+
+/// Weights on the device, and each BatchNormalization as a per-channel scale and shift.
+pub struct GpuExecutor {
+    ctx: Arc<GpuContext>,
+    model: Model,
+    constants: HashMap<usize, GpuTensor>,
+    /// Node index → (scale, shift) of a BatchNormalization.
+    affine: HashMap<usize, (wgpu::Buffer, wgpu::Buffer)>,
+}
+
+fn device_buffer(ctx: &GpuContext, label: &str, data: &[f32]) -> Result<wgpu::Buffer, NnGpuError> {
+    let bytes: &[u8] = if data.is_empty() {
+        &[0; 4]
+    } else {
+        bytemuck::cast_slice(data)
+    };
+    Ok(ctx.scoped("uploading model weights", || {
+        ctx.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytes,
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+    })?)
+}
+
+impl GpuExecutor {
+    pub fn new(ctx: Arc<GpuContext>, model: Model) -> Result<GpuExecutor, InferError> {
+        let gpu = |e: NnGpuError| InferError::Gpu {
+            path: model.path.clone(),
+            source: e,
+        };
+        let mut constants = HashMap::new();
+        for (&slot, tensor) in &model.constants {
+            let bytes = tensor.len() as u64 * 4;
+            if bytes > ctx.max_binding_bytes() {
+                return Err(gpu(crate::gpu::GpuError::TooLarge {
+                    what: format!("a weight tensor of shape {:?}", tensor.shape),
+                    needed: bytes,
+                    limit: ctx.max_binding_bytes(),
+                }
+                .into()));
+            }
+            let buffer = device_buffer(&ctx, "weights", &tensor.data).map_err(gpu)?;
+            constants.insert(
+                slot,
+                GpuTensor {
+                    buffer,
+                    shape: tensor.shape.clone(),
+                },
+            );
+        }
+        let mut affine = HashMap::new();
+        for (i, node) in model.nodes.iter().enumerate() {
+            let Op::BatchNorm { epsilon } = node.op else {
+                continue;
+            };
+            let param = |k: usize| {
+                node.inputs[k]
+                    .and_then(|s| model.constants.get(&s))
+                    .map(|t| t.data.clone())
+                    .ok_or_else(|| InferError::Node {
+                        path: model.path.clone(),
+                        node: node.name.clone(),
+                        op: node.op_type.clone(),
+                        message: "its parameters must be constants".into(),
+                    })
+            };
+            let (scale, bias, mean, var) = (param(1)?, param(2)?, param(3)?, param(4)?);
+            let a: Vec<f32> = (0..scale.len())
+                .map(|c| scale[c] / (var[c] + epsilon).sqrt())
+                .collect();
+            let b: Vec<f32> = (0..scale.len()).map(|c| bias[c] - mean[c] * a[c]).collect();
+            affine.insert(
+                i,
+                (
+                    device_buffer(&ctx, "batchnorm scale", &a).map_err(gpu)?,
+                    device_buffer(&ctx, "batchnorm shift", &b).map_err(gpu)?,
+                ),
+            );
+        }
+        Ok(GpuExecutor {
+            ctx,
+            model,
+            constants,
+            affine,
+        })
+    }
+
+    fn execute(&self, patch: Tensor) -> Result<Tensor, NnGpuError> {
+        let model = &self.model;
+        let mut work = Work::new(&self.ctx, "inference");
+        let mut buffers = Buffers::new();
+        let mut last_read = vec![usize::MAX; model.slots];
+        for (i, node) in model.nodes.iter().enumerate() {
+            for &slot in node.inputs.iter().flatten() {
+                last_read[slot] = i;
+            }
+        }
+        let mut values: Vec<Option<GpuTensor>> = vec![None; model.slots];
+        let input = work.upload("patch", bytemuck::cast_slice(&patch.data))?;
+        values[model.input_slot] = Some(GpuTensor {
+            buffer: input,
+            shape: patch.shape.clone(),
+        });
+        for (i, node) in model.nodes.iter().enumerate() {
+            let ins: Vec<Option<&GpuTensor>> = node
+                .inputs
+                .iter()
+                .map(|s| s.and_then(|s| values[s].as_ref().or(self.constants.get(&s))))
+                .collect();
+            let output = self.node(&mut work, &mut buffers, i, &ins)?;
+            let mut read: Vec<usize> = node.inputs.iter().flatten().copied().collect();
+            read.sort_unstable();
+            read.dedup();
+            for slot in read {
+                if last_read[slot] == i && slot != model.output_slot {
+                    if let Some(t) = values[slot].take() {
+                        buffers.give(t.buffer);
+                    }
+                }
+            }
+            values[node.output] = Some(output);
+        }
+        let out = values[model.output_slot]
+            .take()
+            .expect("the model's output is a node's (checked at load)");
+        let bytes = out.len() as u64 * 4;
+        let words = work.finish_prefixes(&[(&out.buffer, bytes.max(4))])?;
+        let data: Vec<f32> = bytemuck::cast_slice(&words[0])[..out.len()].to_vec();
+        Ok(Tensor::new(out.shape, data))
+    }
+
+    fn node(
+        &self,
+        work: &mut Work,
+        buffers: &mut Buffers,
+        index: usize,
+        ins: &[Option<&GpuTensor>],
+    ) -> Result<GpuTensor, NnGpuError> {
+        let node = &self.model.nodes[index];
+        let input = |i: usize| {
+            ins.get(i).copied().flatten().ok_or_else(|| {
+                NnGpuError::Shape(crate::ops::nn::NnError::Shape(format!(
+                    "input {i} is missing"
+                )))
+            })
+        };
+        let x = input(0)?;
+        let spatial = x.shape.get(2..).unwrap_or(&[]).to_vec();
+        Ok(match &node.op {
+            Op::Conv { window, group } => {
+                let w = input(1)?;
+                let b = ins.get(2).copied().flatten().map(|b| &b.buffer);
+                let window = window.resolve(&spatial)?;
+                kernels::conv(
+                    work,
+                    buffers,
+                    x,
+                    (&w.buffer, &w.shape),
+                    b,
+                    &window,
+                    *group,
+                    None,
+                )?
+            }
+            Op::ConvTranspose {
+                window,
+                output_padding,
+                group,
+            } => {
+                let w = input(1)?;
+                let b = ins.get(2).copied().flatten().map(|b| &b.buffer);
+                let window = window.resolve(&spatial)?;
+                let extra = Some(widened(output_padding));
+                kernels::conv(
+                    work,
+                    buffers,
+                    x,
+                    (&w.buffer, &w.shape),
+                    b,
+                    &window,
+                    *group,
+                    extra,
+                )?
+            }
+            Op::Pool { kind, window, ceil } => {
+                kernels::pool(work, buffers, x, *kind, &window.resolve(&spatial)?, *ceil)?
+            }
+            Op::BatchNorm { .. } => {
+                let (a, b) = &self.affine[&index];
+                kernels::affine(work, buffers, x, a, b)?
+            }
+            Op::InstanceNorm { epsilon } => kernels::instance_norm(
+                work,
+                buffers,
+                x,
+                &input(1)?.buffer,
+                &input(2)?.buffer,
+                *epsilon,
+            )?,
+            Op::Activation(a) => kernels::activation(work, buffers, x, *a)?,
+            Op::Softmax { axis, coerced } => {
+                let from = axis_of(*axis, x.shape.len())?;
+                let to = if *coerced { x.shape.len() } else { from + 1 };
+                kernels::softmax(work, buffers, x, from, to)?
+            }
+            Op::Binary(op) => kernels::binary(work, buffers, x, input(1)?, *op)?,
+            Op::Concat { axis } => {
+                let all: Vec<&GpuTensor> = ins.iter().flatten().copied().collect();
+                kernels::concat(work, buffers, &all, axis_of(*axis, x.shape.len())?)?
+            }
+            Op::Slice {
+                starts,
+                ends,
+                axes,
+                steps,
+            } => {
+                let axes = slice_axes(&x.shape, starts, ends, axes, steps)?;
+                kernels::slice(work, buffers, x, &axes)?
+            }
+            Op::Pad { pads, mode } => kernels::pad(work, buffers, x, pads, *mode)?,
+            Op::Resize {
+                scales,
+                sizes,
+                mode,
+                coordinates,
+            } => {
+                let (shape, scales) = resize_target(&x.shape, scales, sizes)?;
+                let (y, freed) =
+                    kernels::resize(work, buffers, x, &shape, &scales, *mode, *coordinates)?;
+                for b in freed {
+                    buffers.give(b);
+                }
+                y
+            }
+            Op::Identity => kernels::copy(work, buffers, x, x.shape.clone())?,
+            Op::Reshape { shape, allow_zero } => {
+                let to = super::model::reshape_target(&x.shape, shape, *allow_zero)?;
+                kernels::copy(work, buffers, x, to)?
+            }
+        })
+    }
+}
+
+impl Executor for GpuExecutor {
+    fn run(&self, patch: Tensor) -> Result<Tensor, InferError> {
+        self.model.shapes(&patch.shape)?;
+        self.execute(patch).map_err(|source| InferError::Gpu {
+            path: self.model.path.clone(),
+            source,
+        })
+    }
+
+    fn engine(&self) -> &'static str {
+        if self.ctx.is_software() {
+            "wgsl-lavapipe"
+        } else {
+            "wgsl-gpu"
+        }
+    }
+}
