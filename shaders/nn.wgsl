@@ -95,6 +95,99 @@ fn conv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     y[i] = sum;
 }
 
+// Conv with register tiles, for output channels per group a multiple of 8: each invocation
+// computes 8 output channels of 8 neighbouring x voxels, so each input value loaded feeds 8
+// multiply-adds and each weight 8 (the direct kernel does one per load). The sums run in the
+// direct kernel's order (input channel, then kz, ky, kx). Parameters as conv, and 23 the
+// invocations, 24 the blocks of 8 along x.
+@compute @workgroup_size(64)
+fn conv_tiled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    let i = linear(gid, groups);
+    if (i >= u(23u)) {
+        return;
+    }
+    let c_in = u(1u);
+    let m_out = u(2u);
+    let d = u(4u);
+    let h = u(5u);
+    let wd = u(6u);
+    let ow = u(9u);
+    let blocks = u(24u);
+    let bx = i % blocks;
+    var r = i / blocks;
+    let oy = r % u(8u);
+    r = r / u(8u);
+    let oz = r % u(7u);
+    r = r / u(7u);
+    let m_blocks = m_out / 8u;
+    let m0 = (r % m_blocks) * 8u;
+    let n = r / m_blocks;
+    let in_per_group = c_in / u(3u);
+    let g = m0 / (m_out / u(3u));
+    let kd = u(10u);
+    let kh = u(11u);
+    let kw = u(12u);
+    let taps = kd * kh * kw;
+    let weight_stride = in_per_group * taps;
+    let ox0 = bx * 8u;
+    var low: array<vec4<f32>, 8>;
+    var high: array<vec4<f32>, 8>;
+    for (var ic = 0u; ic < in_per_group; ic++) {
+        let channel = n * c_in + g * in_per_group + ic;
+        let weights = (m0 * in_per_group + ic) * taps;
+        for (var kz = 0u; kz < kd; kz++) {
+            let iz = tap(oz, kz, u(13u), u(16u), u(19u), d);
+            if (iz < 0) {
+                continue;
+            }
+            for (var ky = 0u; ky < kh; ky++) {
+                let iy = tap(oy, ky, u(14u), u(17u), u(20u), h);
+                if (iy < 0) {
+                    continue;
+                }
+                let row = ((channel * d + u32(iz)) * h + u32(iy)) * wd;
+                let wrow = weights + (kz * kh + ky) * kw;
+                for (var kx = 0u; kx < kw; kx++) {
+                    var v = vec4<f32>(0.0);
+                    var v2 = vec4<f32>(0.0);
+                    for (var t = 0u; t < 4u; t++) {
+                        let ix = tap(ox0 + t, kx, u(15u), u(18u), u(21u), wd);
+                        if (ix >= 0 && ox0 + t < ow) {
+                            v[t] = x[row + u32(ix)];
+                        }
+                        let ix2 = tap(ox0 + 4u + t, kx, u(15u), u(18u), u(21u), wd);
+                        if (ix2 >= 0 && ox0 + 4u + t < ow) {
+                            v2[t] = x[row + u32(ix2)];
+                        }
+                    }
+                    let k = wrow + kx;
+                    for (var j = 0u; j < 8u; j++) {
+                        let wj = w[k + j * weight_stride];
+                        low[j] += wj * v;
+                        high[j] += wj * v2;
+                    }
+                }
+            }
+        }
+    }
+    for (var j = 0u; j < 8u; j++) {
+        let m = m0 + j;
+        var bias = 0.0;
+        if (u(22u) != 0u) {
+            bias = b[m];
+        }
+        let base = ((n * m_out + m) * u(7u) + oz) * u(8u) * ow + oy * ow;
+        for (var t = 0u; t < 4u; t++) {
+            if (ox0 + t < ow) {
+                y[base + ox0 + t] = low[j][t] + bias;
+            }
+            if (ox0 + 4u + t < ow) {
+                y[base + ox0 + 4u + t] = high[j][t] + bias;
+            }
+        }
+    }
+}
+
 // The input position whose tap k reaches output o in a transposed convolution
 // (o = i*stride + k*dilation - pad), or -1.
 fn source(o: u32, k: u32, stride: u32, dilation: u32, pad: u32, n: u32) -> i32 {

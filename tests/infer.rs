@@ -530,3 +530,16 @@ fn the_gpu_executor_equals_onnxruntime_and_the_cpu_reference() {
     }
     assert!(checked >= 30, "only {checked} cases");
 }
+
+#[test]
+fn a_patch_over_the_gpus_binding_limit_is_refused_naming_the_node() {
+    let mut ctx = cuboids::gpu::GpuContext::new().unwrap();
+    // The fixture RSUNet's largest weights are 27,648 bytes; its first up-sampling
+    // (a depthwise ConvTranspose) writes 8 channels of 16x16x4 floats, 32,768 bytes.
+    ctx.limit_bindings(30_000);
+    let model = Model::open(&fixtures().join("net_rsunet.onnx")).unwrap();
+    let executor = GpuExecutor::new(std::sync::Arc::new(ctx), model).unwrap();
+    let err = executor.check(&[1, 1, 4, 16, 16]).unwrap_err().to_string();
+    assert!(err.contains("over this GPU's 30000-byte storage binding limit"), "{err}");
+    assert!(err.contains("(ConvTranspose)") && err.contains("smaller --patch"), "{err}");
+}

@@ -12,6 +12,10 @@ use thiserror::Error;
 
 const SHADER: &str = "nn";
 
+/// Output channels and x voxels per invocation of `conv_tiled`.
+const TILE_CHANNELS: usize = 8;
+const TILE_VOXELS: usize = 8;
+
 #[derive(Debug, Error)]
 pub enum NnGpuError {
     #[error(transparent)]
@@ -146,20 +150,22 @@ pub(crate) fn conv(
         words.extend(u32s(&v));
     }
     words.push(b.is_some() as u32);
-    let entry = if transpose.is_some() {
-        "conv_transpose"
-    } else {
-        "conv"
+    // Register tiles where a group's output channels come in eights (every conv of the nets
+    // inference is for, but a last one to 1-3 channels).
+    let tiled = transpose.is_none() && (m / group).is_multiple_of(TILE_CHANNELS);
+    let (entry, invocations) = match (transpose, tiled) {
+        (Some(_), _) => ("conv_transpose", total),
+        (None, false) => ("conv", total),
+        (None, true) => {
+            let blocks = out[2].div_ceil(TILE_VOXELS);
+            let invocations = total / out[2] / TILE_CHANNELS * blocks;
+            words.extend([invocations as u32, blocks as u32]);
+            ("conv_tiled", invocations)
+        }
     };
     // An absent bias still needs a binding: the weights stand in (never read).
-    run(
-        work,
-        entry,
-        &words,
-        [Some(&x.buffer), Some(w.0), b.or(Some(w.0))],
-        &y,
-        total,
-    )?;
+    let inputs = [Some(&x.buffer), Some(w.0), b.or(Some(w.0))];
+    run(work, entry, &words, inputs, &y, invocations)?;
     Ok(GpuTensor { buffer: y, shape })
 }
 

@@ -259,6 +259,29 @@ impl GpuExecutor {
 }
 
 impl Executor for GpuExecutor {
+    /// Every tensor of a patch must fit one storage binding of this adapter (128 MiB on
+    /// lavapipe): the largest is named with the node that makes it.
+    fn check(&self, shape: &[usize]) -> Result<(), InferError> {
+        let shapes = self.model.shapes(shape)?;
+        let limit = self.ctx.max_binding_bytes();
+        for node in &self.model.nodes {
+            let bytes = shapes[node.output].iter().product::<usize>() as u64 * 4;
+            if bytes > limit {
+                return Err(InferError::Node {
+                    path: self.model.path.clone(),
+                    node: node.name.clone(),
+                    op: node.op_type.clone(),
+                    message: format!(
+                        "for a patch of {:?} (x,y,z) its output {:?} takes {bytes} bytes, over this GPU's {limit}-byte storage binding limit: give a smaller --patch",
+                        [shape[4], shape[3], shape[2]],
+                        shapes[node.output]
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn run(&self, patch: Tensor) -> Result<Tensor, InferError> {
         self.model.shapes(&patch.shape)?;
         self.execute(patch).map_err(|source| InferError::Gpu {

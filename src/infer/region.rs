@@ -14,6 +14,11 @@ use crate::volume::Volume;
 /// executor takes the same input.
 pub trait Executor: Send + Sync {
     fn run(&self, patch: Tensor) -> Result<Tensor, InferError>;
+    /// Whether patches of `shape` can run here at all (a GPU's binding limit), checked before
+    /// anything is read or written.
+    fn check(&self, _shape: &[usize]) -> Result<(), InferError> {
+        Ok(())
+    }
     /// Which engine this is, for reports and logs.
     fn engine(&self) -> &'static str;
 }

@@ -332,6 +332,8 @@ pub async fn infer(
 ) -> Result<InferReport, InferTaskError> {
     let start = Instant::now();
     let layout = Arc::new(layout(model, image, opts)?);
+    let [px, py, pz] = layout.grid.input_patch;
+    executor.check(&[1, image.info.num_channels, pz, py, px])?;
     let location = output.location();
     match Precomputed::open(output.clone()).await {
         Ok(_) => return Err(InferTaskError::OutputExists { location }),
