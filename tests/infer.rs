@@ -540,6 +540,12 @@ fn a_patch_over_the_gpus_binding_limit_is_refused_naming_the_node() {
     let model = Model::open(&fixtures().join("net_rsunet.onnx")).unwrap();
     let executor = GpuExecutor::new(std::sync::Arc::new(ctx), model).unwrap();
     let err = executor.check(&[1, 1, 4, 16, 16]).unwrap_err().to_string();
-    assert!(err.contains("over this GPU's 30000-byte storage binding limit"), "{err}");
-    assert!(err.contains("(ConvTranspose)") && err.contains("smaller --patch"), "{err}");
+    assert!(
+        err.contains("over this GPU's 30000-byte storage binding limit"),
+        "{err}"
+    );
+    assert!(
+        err.contains("(ConvTranspose)") && err.contains("smaller --patch"),
+        "{err}"
+    );
 }
