@@ -9,6 +9,8 @@
 @group(0) @binding(2) var<storage, read> w: array<f32>;
 @group(0) @binding(3) var<storage, read> b: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
+// conv_tiled's weights, 8 output channels of one tap in two vectors (see src/infer/gpu.rs).
+@group(0) @binding(2) var<storage, read> w8: array<vec4<f32>>;
 
 fn u(i: u32) -> u32 {
     return p[i >> 2u][i & 3u];
@@ -97,9 +99,11 @@ fn conv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 
 // Conv with register tiles, for output channels per group a multiple of 8: each invocation
 // computes 8 output channels of 8 neighbouring x voxels, so each input value loaded feeds 8
-// multiply-adds and each weight 8 (the direct kernel does one per load). The sums run in the
-// direct kernel's order (input channel, then kz, ky, kx). Parameters as conv, and 23 the
-// invocations, 24 the blocks of 8 along x.
+// multiply-adds and each weight 8 (the direct kernel does one per load). The weights come
+// re-laid as [M/8, C/group, taps, 8]: a tap's 8 channels are two vector loads (a CPU adapter
+// makes every storage load a loop over its lanes, so fewer, wider loads count). The sums run
+// in the direct kernel's order (input channel, then kz, ky, kx). Parameters as conv, and 23
+// the invocations, 24 the blocks of 8 along x.
 @compute @workgroup_size(64)
 fn conv_tiled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
     let i = linear(gid, groups);
@@ -128,13 +132,12 @@ fn conv_tiled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     let kh = u(11u);
     let kw = u(12u);
     let taps = kd * kh * kw;
-    let weight_stride = in_per_group * taps;
     let ox0 = bx * 8u;
     var low: array<vec4<f32>, 8>;
     var high: array<vec4<f32>, 8>;
     for (var ic = 0u; ic < in_per_group; ic++) {
         let channel = n * c_in + g * in_per_group + ic;
-        let weights = (m0 * in_per_group + ic) * taps;
+        let weights = ((m0 / 8u) * in_per_group + ic) * taps;
         for (var kz = 0u; kz < kd; kz++) {
             let iz = tap(oz, kz, u(13u), u(16u), u(19u), d);
             if (iz < 0) {
@@ -160,12 +163,25 @@ fn conv_tiled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
                             v2[t] = x[row + u32(ix2)];
                         }
                     }
-                    let k = wrow + kx;
-                    for (var j = 0u; j < 8u; j++) {
-                        let wj = w[k + j * weight_stride];
-                        low[j] += wj * v;
-                        high[j] += wj * v2;
-                    }
+                    let k = (wrow + kx) * 2u;
+                    let wa = w8[k];
+                    let wb = w8[k + 1u];
+                    low[0] += wa.x * v;
+                    high[0] += wa.x * v2;
+                    low[1] += wa.y * v;
+                    high[1] += wa.y * v2;
+                    low[2] += wa.z * v;
+                    high[2] += wa.z * v2;
+                    low[3] += wa.w * v;
+                    high[3] += wa.w * v2;
+                    low[4] += wb.x * v;
+                    high[4] += wb.x * v2;
+                    low[5] += wb.y * v;
+                    high[5] += wb.y * v2;
+                    low[6] += wb.z * v;
+                    high[6] += wb.z * v2;
+                    low[7] += wb.w * v;
+                    high[7] += wb.w * v2;
                 }
             }
         }

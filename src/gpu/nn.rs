@@ -118,7 +118,29 @@ fn ncs(shape: &[usize]) -> (usize, usize, [usize; 3]) {
     (shape[0], shape[1], spatial)
 }
 
-/// Conv or ConvTranspose (`output_padding` only for the latter).
+/// Conv weights `[M, C/group, taps...]` re-laid for `conv_tiled` as `[M/8, C/group, taps, 8]`
+/// (a tap's 8 output channels side by side), or None where a group's output channels do not
+/// come in eights (the direct kernel runs those).
+pub(crate) fn tiled_weights(w: &nn::Tensor, group: usize) -> Option<Vec<f32>> {
+    let m = *w.shape.first()?;
+    if group == 0 || !(m / group).is_multiple_of(TILE_CHANNELS) || m == 0 {
+        return None;
+    }
+    let per_channel = w.len() / m;
+    let in_per_group = *w.shape.get(1)?;
+    let taps = per_channel / in_per_group.max(1);
+    let mut out = vec![0.0; w.len()];
+    for (i, v) in w.data.iter().enumerate() {
+        let (oc, rest) = (i / per_channel, i % per_channel);
+        let (ic, t) = (rest / taps, rest % taps);
+        let (block, j) = (oc / TILE_CHANNELS, oc % TILE_CHANNELS);
+        out[((block * in_per_group + ic) * taps + t) * TILE_CHANNELS + j] = *v;
+    }
+    Some(out)
+}
+
+/// Conv or ConvTranspose (`output_padding` only for the latter). A Conv with `tiled` weights
+/// (from [`tiled_weights`]) runs the register-tiled kernel.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv(
     work: &mut Work,
@@ -129,6 +151,7 @@ pub(crate) fn conv(
     window: &Window,
     group: usize,
     transpose: Option<[usize; 3]>,
+    tiled: Option<&wgpu::Buffer>,
 ) -> Result<GpuTensor, NnGpuError> {
     let shape = match transpose {
         None => nn::conv_shape(&x.shape, w.1, window, group)?,
@@ -152,11 +175,11 @@ pub(crate) fn conv(
     words.push(b.is_some() as u32);
     // Register tiles where a group's output channels come in eights (every conv of the nets
     // inference is for, but a last one to 1-3 channels).
-    let tiled = transpose.is_none() && (m / group).is_multiple_of(TILE_CHANNELS);
+    let tiled = tiled.filter(|_| transpose.is_none() && (m / group).is_multiple_of(TILE_CHANNELS));
     let (entry, invocations) = match (transpose, tiled) {
         (Some(_), _) => ("conv_transpose", total),
-        (None, false) => ("conv", total),
-        (None, true) => {
+        (None, None) => ("conv", total),
+        (None, Some(_)) => {
             let blocks = out[2].div_ceil(TILE_VOXELS);
             let invocations = total / out[2] / TILE_CHANNELS * blocks;
             words.extend([invocations as u32, blocks as u32]);
@@ -164,7 +187,8 @@ pub(crate) fn conv(
         }
     };
     // An absent bias still needs a binding: the weights stand in (never read).
-    let inputs = [Some(&x.buffer), Some(w.0), b.or(Some(w.0))];
+    let weights = tiled.unwrap_or(w.0);
+    let inputs = [Some(&x.buffer), Some(weights), b.or(Some(weights))];
     run(work, entry, &words, inputs, &y, invocations)?;
     Ok(GpuTensor { buffer: y, shape })
 }

@@ -21,6 +21,8 @@ pub struct GpuExecutor {
     constants: HashMap<usize, GpuTensor>,
     /// Node index → (scale, shift) of a BatchNormalization.
     affine: HashMap<usize, (wgpu::Buffer, wgpu::Buffer)>,
+    /// Node index → a Conv's weights as the register-tiled kernel reads them.
+    tiled: HashMap<usize, wgpu::Buffer>,
 }
 
 fn device_buffer(ctx: &GpuContext, label: &str, data: &[f32]) -> Result<wgpu::Buffer, NnGpuError> {
@@ -65,6 +67,16 @@ impl GpuExecutor {
                 },
             );
         }
+        let mut tiled = HashMap::new();
+        for (i, node) in model.nodes.iter().enumerate() {
+            let Op::Conv { group, .. } = node.op else {
+                continue;
+            };
+            let weights = node.inputs[1].and_then(|s| model.constants.get(&s));
+            if let Some(data) = weights.and_then(|w| kernels::tiled_weights(w, group)) {
+                tiled.insert(i, device_buffer(&ctx, "tiled weights", &data).map_err(gpu)?);
+            }
+        }
         let mut affine = HashMap::new();
         for (i, node) in model.nodes.iter().enumerate() {
             let Op::BatchNorm { epsilon } = node.op else {
@@ -99,6 +111,7 @@ impl GpuExecutor {
             model,
             constants,
             affine,
+            tiled,
         })
     }
 
@@ -177,6 +190,7 @@ impl GpuExecutor {
                     &window,
                     *group,
                     None,
+                    self.tiled.get(&index),
                 )?
             }
             Op::ConvTranspose {
@@ -197,6 +211,7 @@ impl GpuExecutor {
                     &window,
                     *group,
                     extra,
+                    None,
                 )?
             }
             Op::Pool { kind, window, ceil } => {
