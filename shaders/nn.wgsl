@@ -218,6 +218,16 @@ fn source(o: u32, k: u32, stride: u32, dilation: u32, pad: u32, n: u32) -> i32 {
     return at;
 }
 
+// With dilation 1, only taps k = (o + pad) mod stride, then every stride-th, reach output o:
+// the first such tap and the step (else every tap, each checked by `source`).
+fn first_tap(o: u32, stride: u32, dilation: u32, pad: u32) -> u32 {
+    return select(0u, (o + pad) % stride, dilation == 1u);
+}
+
+fn tap_step(stride: u32, dilation: u32) -> u32 {
+    return select(1u, stride, dilation == 1u);
+}
+
 // ConvTranspose, gathered per output: parameters as conv (D H W the input's); weights
 // [C, M/group, kD, kH, kW].
 @compute @workgroup_size(64)
@@ -251,18 +261,18 @@ fn conv_transpose(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     for (var ic = 0u; ic < in_per_group; ic++) {
         let c = g * in_per_group + ic;
         let weights = (c * out_per_group + j) * taps;
-        for (var kz = 0u; kz < kd; kz++) {
+        for (var kz = first_tap(oz, u(13u), u(16u), u(19u)); kz < kd; kz += tap_step(u(13u), u(16u))) {
             let iz = source(oz, kz, u(13u), u(16u), u(19u), d);
             if (iz < 0) {
                 continue;
             }
-            for (var ky = 0u; ky < kh; ky++) {
+            for (var ky = first_tap(oy, u(14u), u(17u), u(20u)); ky < kh; ky += tap_step(u(14u), u(17u))) {
                 let iy = source(oy, ky, u(14u), u(17u), u(20u), h);
                 if (iy < 0) {
                     continue;
                 }
                 let row = (((n * c_in + c) * d + u32(iz)) * h + u32(iy)) * wd;
-                for (var kx = 0u; kx < kw; kx++) {
+                for (var kx = first_tap(ox, u(15u), u(18u), u(21u)); kx < kw; kx += tap_step(u(15u), u(18u))) {
                     let ix = source(ox, kx, u(15u), u(18u), u(21u), wd);
                     if (ix < 0) {
                         continue;
