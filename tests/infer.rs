@@ -404,6 +404,17 @@ async fn run_infer(
     out: &Path,
     edit: impl FnOnce(&mut cuboids::task::infer::InferOptions),
 ) -> cuboids::task::infer::InferReport {
+    run_infer_on(false, image, model, out, edit).await
+}
+
+/// [`run_infer`] on the CPU reference, or with `gpu` on the WGSL executor.
+async fn run_infer_on(
+    gpu: bool,
+    image: &Path,
+    model: &str,
+    out: &Path,
+    edit: impl FnOnce(&mut cuboids::task::infer::InferOptions),
+) -> cuboids::task::infer::InferReport {
     use cuboids::formats::precomputed::Precomputed;
     use cuboids::infer::region::CpuExecutor;
     use cuboids::store::local::LocalStore;
@@ -413,9 +424,13 @@ async fn run_infer(
         .unwrap();
     let mut opts = cuboids::task::infer::InferOptions::default();
     edit(&mut opts);
-    let executor = std::sync::Arc::new(CpuExecutor {
-        model: model.clone(),
-    });
+    let executor: std::sync::Arc<dyn Executor> = if gpu {
+        std::sync::Arc::new(GpuExecutor::new(common::gpu_arc(), model.clone()).unwrap())
+    } else {
+        std::sync::Arc::new(CpuExecutor {
+            model: model.clone(),
+        })
+    };
     let output = std::sync::Arc::new(LocalStore::new(out.to_path_buf()));
     cuboids::task::infer::infer(executor, &model, &layer, output, &opts)
         .await
@@ -495,6 +510,28 @@ async fn cropped_and_valid_outputs_are_the_nets_own_and_tiles_do_not_change_a_by
         .zip(&b.1)
         .all(|(x, y)| x.to_bits() == y.to_bits()));
     assert!(a.1.iter().any(|&v| v != 0.0));
+
+    // The same on the GPU: its tiles' bytes equal its whole run's (and the CPU's to 1e-5).
+    let (small, whole) = (tmp.path().join("gpu-small"), tmp.path().join("gpu-whole"));
+    let model = "net_valid_unet.onnx";
+    run_infer_on(true, &image, model, &small, |o| {
+        o.overlap = [1, 1, 0];
+        o.tile_voxels = 1;
+    })
+    .await;
+    run_infer_on(true, &image, model, &whole, |o| o.overlap = [1, 1, 0]).await;
+    let (c, d) = (read_f32_layer(&small).await, read_f32_layer(&whole).await);
+    assert!(c
+        .1
+        .iter()
+        .zip(&d.1)
+        .all(|(x, y)| x.to_bits() == y.to_bits()));
+    let worst =
+        c.1.iter()
+            .zip(&b.1)
+            .map(|(g, r)| (g - r).abs())
+            .fold(0.0f32, f32::max);
+    assert!(worst <= 1e-5, "GPU vs CPU: {worst}");
 }
 
 #[test]
