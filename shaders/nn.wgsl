@@ -28,6 +28,16 @@ fn linear(gid: vec3<u32>, groups: vec3<u32>) -> u32 {
     return gid.x + gid.y * groups.x * 64u;
 }
 
+// Element i of a row-major [rest, d, h, w] tensor: its x, y, z and the index of its (batch,
+// channel) or other leading axes.
+fn unravel(i: u32, w: u32, h: u32, d: u32) -> vec4<u32> {
+    let x = i % w;
+    let r = i / w;
+    let y = r % h;
+    let s = r / h;
+    return vec4<u32>(x, y, s % d, s / d);
+}
+
 // The window tap k of output o lands at input o*stride + k*dilation - pad: its position, or -1
 // outside [0, n).
 fn tap(o: u32, k: u32, stride: u32, dilation: u32, pad: u32, n: u32) -> i32 {
@@ -51,14 +61,12 @@ fn conv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let d = u(4u);
     let h = u(5u);
     let wd = u(6u);
-    let ox = i % u(9u);
-    var r = i / u(9u);
-    let oy = r % u(8u);
-    r = r / u(8u);
-    let oz = r % u(7u);
-    r = r / u(7u);
-    let m = r % m_out;
-    let n = r / m_out;
+    let o = unravel(i, u(9u), u(8u), u(7u));
+    let ox = o.x;
+    let oy = o.y;
+    let oz = o.z;
+    let m = o.w % m_out;
+    let n = o.w / m_out;
     let in_per_group = c_in / u(3u);
     let g = m / (m_out / u(3u));
     let kd = u(10u);
@@ -117,15 +125,13 @@ fn conv_tiled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     let wd = u(6u);
     let ow = u(9u);
     let blocks = u(24u);
-    let bx = i % blocks;
-    var r = i / blocks;
-    let oy = r % u(8u);
-    r = r / u(8u);
-    let oz = r % u(7u);
-    r = r / u(7u);
+    let o = unravel(i, blocks, u(8u), u(7u));
+    let bx = o.x;
+    let oy = o.y;
+    let oz = o.z;
     let m_blocks = m_out / 8u;
-    let m0 = (r % m_blocks) * 8u;
-    let n = r / m_blocks;
+    let m0 = (o.w % m_blocks) * 8u;
+    let n = o.w / m_blocks;
     let in_per_group = c_in / u(3u);
     let g = m0 / (m_out / u(3u));
     let kd = u(10u);
@@ -241,14 +247,12 @@ fn conv_transpose(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let d = u(4u);
     let h = u(5u);
     let wd = u(6u);
-    let ox = i % u(9u);
-    var r = i / u(9u);
-    let oy = r % u(8u);
-    r = r / u(8u);
-    let oz = r % u(7u);
-    r = r / u(7u);
-    let m = r % m_out;
-    let n = r / m_out;
+    let o = unravel(i, u(9u), u(8u), u(7u));
+    let ox = o.x;
+    let oy = o.y;
+    let oz = o.z;
+    let m = o.w % m_out;
+    let n = o.w / m_out;
     let in_per_group = c_in / u(3u);
     let out_per_group = m_out / u(3u);
     let g = m / out_per_group;
@@ -311,12 +315,11 @@ fn pool(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let d = u(1u);
     let h = u(2u);
     let wd = u(3u);
-    let ox = i % u(6u);
-    var r = i / u(6u);
-    let oy = r % u(5u);
-    r = r / u(5u);
-    let oz = r % u(4u);
-    let channel = r / u(4u);
+    let o = unravel(i, u(6u), u(5u), u(4u));
+    let ox = o.x;
+    let oy = o.y;
+    let oz = o.z;
+    let channel = o.w;
     var best = -3.4028235e38;
     var any = false;
     var sum = 0.0;

@@ -53,33 +53,43 @@ fn worst_error(got: &Tensor, want: &Tensor) -> (f32, usize) {
         )
 }
 
+/// The operator and net cases: name, model, input and onnxruntime's output.
+fn golden_cases() -> Vec<(String, Model, Tensor, Tensor)> {
+    let goldens = cases().into_iter().filter(|c| c.get("error").is_none());
+    goldens
+        .map(|case| {
+            let name = case["name"].as_str().unwrap().to_string();
+            let model = Model::open(&fixtures().join(format!("{name}.onnx")))
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            let file = |ext: &str| fixtures().join(format!("{name}.{ext}.f32"));
+            let input = read_f32(&file("in"), &shape(&case["input"]));
+            let want = read_f32(&file("out"), &shape(&case["output"]));
+            (name, model, input, want)
+        })
+        .collect()
+}
+
+/// Fails, naming the case, the element and `what` it was compared with, unless `got` has
+/// `want`'s shape and every element is within the tolerance.
+fn assert_close(name: &str, what: &str, got: &Tensor, want: &Tensor) {
+    assert_eq!(got.shape, want.shape, "{name}");
+    let (error, at) = worst_error(got, want);
+    assert!(
+        error <= 1.0,
+        "{name}: output {at} is {} where {what} has {} ({error:.1}x the tolerance)",
+        got.data[at],
+        want.data[at]
+    );
+}
+
 #[test]
 fn every_operator_and_both_nets_equal_onnxruntime() {
-    let mut checked = 0;
-    for case in cases().iter().filter(|c| c.get("error").is_none()) {
-        let name = case["name"].as_str().unwrap();
-        let model = Model::open(&fixtures().join(format!("{name}.onnx")))
-            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
-        let input = read_f32(
-            &fixtures().join(format!("{name}.in.f32")),
-            &shape(&case["input"]),
-        );
-        let want = read_f32(
-            &fixtures().join(format!("{name}.out.f32")),
-            &shape(&case["output"]),
-        );
-        let got = cpu::run(&model, input).unwrap_or_else(|e| panic!("{name}: {e:?}"));
-        assert_eq!(got.shape, want.shape, "{name}");
-        let (error, at) = worst_error(&got, &want);
-        assert!(
-            error <= 1.0,
-            "{name}: output {at} is {} where onnxruntime has {} ({error:.1}x the tolerance)",
-            got.data[at],
-            want.data[at]
-        );
-        checked += 1;
+    let cases = golden_cases();
+    for (name, model, input, want) in &cases {
+        let got = cpu::run(model, input.clone()).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_close(name, "onnxruntime", &got, want);
     }
-    assert!(checked >= 30, "only {checked} cases");
+    assert!(cases.len() >= 30, "only {} cases", cases.len());
 }
 
 #[test]
@@ -129,6 +139,13 @@ fn an_input_of_the_wrong_shape_is_named_before_running() {
     );
 }
 
+fn largest_difference(got: &[f32], want: &[f32]) -> f32 {
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0.0f32, f32::max)
+}
+
 /// The chunkflow fixture: its parameters, image and chunkflow's output.
 fn chunkflow_case() -> (Value, Vec<u8>, Vec<f32>) {
     let doc: Value =
@@ -173,11 +190,7 @@ fn blended_volume_equals_chunkflow_and_any_split_gives_the_same_bytes() {
     let (got, report) =
         infer_region(&executor, &grid, &mask, &image, whole, 1, whole, channels).unwrap();
     assert_eq!((report.patches, report.skipped), (grid.len(), 0));
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(g, w)| (g - w).abs())
-        .fold(0.0f32, f32::max);
+    let worst = largest_difference(&got, &want);
     assert!(worst <= 1e-4, "largest difference from chunkflow: {worst}");
 
     // Regions that cut patches anywhere: each reads only its patches' inputs, and the bytes
@@ -296,11 +309,7 @@ async fn cuboids_infer_writes_chunkflows_output_as_a_float32_layer() {
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
         .collect();
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(g, w)| (g - w).abs())
-        .fold(0.0f32, f32::max);
+    let worst = largest_difference(&got, &want);
     assert!(worst <= 1e-4, "largest difference from chunkflow: {worst}");
 
     // The same output again: refused, the layer untouched.
@@ -526,46 +535,23 @@ async fn cropped_and_valid_outputs_are_the_nets_own_and_tiles_do_not_change_a_by
         .iter()
         .zip(&d.1)
         .all(|(x, y)| x.to_bits() == y.to_bits()));
-    let worst =
-        c.1.iter()
-            .zip(&b.1)
-            .map(|(g, r)| (g - r).abs())
-            .fold(0.0f32, f32::max);
+    let worst = largest_difference(&c.1, &b.1);
     assert!(worst <= 1e-5, "GPU vs CPU: {worst}");
 }
 
 #[test]
 fn the_gpu_executor_equals_onnxruntime_and_the_cpu_reference() {
-    let mut checked = 0;
-    for case in cases().iter().filter(|c| c.get("error").is_none()) {
-        let name = case["name"].as_str().unwrap();
-        let model = Model::open(&fixtures().join(format!("{name}.onnx"))).unwrap();
-        let input = read_f32(
-            &fixtures().join(format!("{name}.in.f32")),
-            &shape(&case["input"]),
-        );
-        let want = read_f32(
-            &fixtures().join(format!("{name}.out.f32")),
-            &shape(&case["output"]),
-        );
+    let cases = golden_cases();
+    for (name, model, input, want) in cases.iter().cloned() {
         let reference = cpu::run(&model, input.clone()).unwrap();
         let executor = GpuExecutor::new(common::gpu_arc(), model).unwrap();
         let got = executor
             .run(input)
             .unwrap_or_else(|e| panic!("{name}: {:?}", e));
-        assert_eq!(got.shape, want.shape, "{name}");
-        for (what, against) in [("onnxruntime", &want), ("the CPU reference", &reference)] {
-            let (error, at) = worst_error(&got, against);
-            assert!(
-                error <= 1.0,
-                "{name}: GPU output {at} is {} where {what} has {} ({error:.1}x the tolerance)",
-                got.data[at],
-                against.data[at]
-            );
-        }
-        checked += 1;
+        assert_close(&name, "onnxruntime (GPU)", &got, &want);
+        assert_close(&name, "the CPU reference (GPU)", &got, &reference);
     }
-    assert!(checked >= 30, "only {checked} cases");
+    assert!(cases.len() >= 30, "only {} cases", cases.len());
 }
 
 #[test]

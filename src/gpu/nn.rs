@@ -107,15 +107,44 @@ fn run(
     work.dispatch(SHADER, entry, &bindings, invocations)
 }
 
-fn u32s(values: &[usize]) -> Vec<u32> {
-    values.iter().map(|&v| v as u32).collect()
+/// Records a kernel that reads only `x`, into a new tensor of `shape` (`invocations` threads).
+fn unary(
+    work: &mut Work,
+    buffers: &mut Buffers,
+    entry: &'static str,
+    words: &[u32],
+    x: &GpuTensor,
+    shape: Vec<usize>,
+    invocations: usize,
+) -> Result<GpuTensor, NnGpuError> {
+    let y = buffers.take(work, shape.iter().product())?;
+    run(
+        work,
+        entry,
+        words,
+        [Some(&x.buffer), None, None],
+        &y,
+        invocations,
+    )?;
+    Ok(GpuTensor { buffer: y, shape })
 }
 
-/// The batch, channels and 3 spatial lengths of an N,C,spatial shape.
-fn ncs(shape: &[usize]) -> (usize, usize, [usize; 3]) {
-    let mut spatial = [1; 3];
-    spatial[5 - shape.len()..].copy_from_slice(&shape[2..]);
-    (shape[0], shape[1], spatial)
+/// A window's kernel, strides, dilations and begin pads: 12 of the conv and pool kernels'
+/// parameter words.
+fn window_words(window: &Window) -> Vec<u32> {
+    [
+        window.kernel,
+        window.strides,
+        window.dilations,
+        window.begin,
+    ]
+    .iter()
+    .flat_map(|v| u32s(v))
+    .collect()
+}
+
+fn u32s(values: &[usize]) -> Vec<u32> {
+    values.iter().map(|&v| v as u32).collect()
 }
 
 /// Conv weights `[M, C/group, taps...]` re-laid for `conv_tiled` as `[M/8, C/group, taps, 8]`
@@ -157,21 +186,14 @@ pub(crate) fn conv(
         None => nn::conv_shape(&x.shape, w.1, window, group)?,
         Some(extra) => nn::conv_transpose_shape(&x.shape, w.1, window, extra, group)?,
     };
-    let (_, c, spatial) = ncs(&x.shape);
-    let (_, m, out) = ncs(&shape);
+    let (_, c, spatial) = nn::ncs(&x.shape)?;
+    let (_, m, out) = nn::ncs(&shape)?;
     let total: usize = shape.iter().product();
     let y = buffers.take(work, total)?;
     let mut words = u32s(&[total, c, m, group]);
     words.extend(u32s(&spatial));
     words.extend(u32s(&out));
-    for v in [
-        window.kernel,
-        window.strides,
-        window.dilations,
-        window.begin,
-    ] {
-        words.extend(u32s(&v));
-    }
+    words.extend(window_words(window));
     words.push(b.is_some() as u32);
     // Register tiles where a group's output channels come in eights (every conv of the nets
     // inference is for, but a last one to 1-3 channels).
@@ -202,21 +224,13 @@ pub(crate) fn pool(
     ceil: bool,
 ) -> Result<GpuTensor, NnGpuError> {
     let shape = nn::pool_shape(&x.shape, window, ceil)?;
-    let (_, _, spatial) = ncs(&x.shape);
-    let (_, _, out) = ncs(&shape);
+    let (_, _, spatial) = nn::ncs(&x.shape)?;
+    let (_, _, out) = nn::ncs(&shape)?;
     let total: usize = shape.iter().product();
-    let y = buffers.take(work, total)?;
     let mut words = vec![total as u32];
     words.extend(u32s(&spatial));
     words.extend(u32s(&out));
-    for v in [
-        window.kernel,
-        window.strides,
-        window.dilations,
-        window.begin,
-    ] {
-        words.extend(u32s(&v));
-    }
+    words.extend(window_words(window));
     words.push(match kind {
         Pool::Max => 0,
         Pool::Average {
@@ -227,15 +241,7 @@ pub(crate) fn pool(
         } => 2,
     });
     words.extend(u32s(&window.end));
-    run(
-        work,
-        "pool",
-        &words,
-        [Some(&x.buffer), None, None],
-        &y,
-        total,
-    )?;
-    Ok(GpuTensor { buffer: y, shape })
+    unary(work, buffers, "pool", &words, x, shape, total)
 }
 
 /// `x · a[c] + b[c]` per channel (a BatchNormalization, as a scale and a shift).
@@ -246,7 +252,7 @@ pub(crate) fn affine(
     a: &wgpu::Buffer,
     b: &wgpu::Buffer,
 ) -> Result<GpuTensor, NnGpuError> {
-    let (_, c, spatial) = ncs(&x.shape);
+    let (_, c, spatial) = nn::ncs(&x.shape)?;
     let total = x.len();
     let y = buffers.take(work, total)?;
     let volume: usize = spatial.iter().product();
@@ -273,7 +279,7 @@ pub(crate) fn instance_norm(
     bias: &wgpu::Buffer,
     epsilon: f32,
 ) -> Result<GpuTensor, NnGpuError> {
-    let (n, c, spatial) = ncs(&x.shape);
+    let (n, c, spatial) = nn::ncs(&x.shape)?;
     let y = buffers.take(work, x.len())?;
     let pairs = n * c;
     let words = [
@@ -306,7 +312,6 @@ pub(crate) fn activation(
     activation: Activation,
 ) -> Result<GpuTensor, NnGpuError> {
     let total = x.len();
-    let y = buffers.take(work, total)?;
     let (op, alpha) = match activation {
         Activation::Relu => (0, 0.0f32),
         Activation::LeakyRelu(a) => (1, a),
@@ -315,18 +320,15 @@ pub(crate) fn activation(
         Activation::Tanh => (4, 0.0),
     };
     let words = [total as u32, op, alpha.to_bits()];
-    run(
+    unary(
         work,
+        buffers,
         "activation",
         &words,
-        [Some(&x.buffer), None, None],
-        &y,
+        x,
+        x.shape.clone(),
         total,
-    )?;
-    Ok(GpuTensor {
-        buffer: y,
-        shape: x.shape.clone(),
-    })
+    )
 }
 
 /// A shape widened to 6 axes by leading 1s.
@@ -396,20 +398,16 @@ pub(crate) fn softmax(
     let block: usize = x.shape[from..to].iter().product();
     let inner: usize = x.shape[to..].iter().product();
     let columns = x.len() / block.max(1);
-    let y = buffers.take(work, x.len())?;
     let words = u32s(&[columns, block, inner]);
-    run(
+    unary(
         work,
+        buffers,
         "softmax",
         &words,
-        [Some(&x.buffer), None, None],
-        &y,
+        x,
+        x.shape.clone(),
         columns,
-    )?;
-    Ok(GpuTensor {
-        buffer: y,
-        shape: x.shape.clone(),
-    })
+    )
 }
 
 pub(crate) fn concat(
@@ -448,7 +446,6 @@ pub(crate) fn slice(
 ) -> Result<GpuTensor, NnGpuError> {
     let shape: Vec<usize> = axes.iter().map(|a| a.len).collect();
     let total: usize = shape.iter().product();
-    let y = buffers.take(work, total)?;
     let strides = nn::strides_of(&x.shape);
     six(&shape, "Slice")?;
     let lead = 6 - shape.len();
@@ -464,15 +461,7 @@ pub(crate) fn slice(
     words.extend(dims);
     words.extend(steps.map(|s| s as u32));
     words.push(first as u32);
-    run(
-        work,
-        "slice",
-        &words,
-        [Some(&x.buffer), None, None],
-        &y,
-        total,
-    )?;
-    Ok(GpuTensor { buffer: y, shape })
+    unary(work, buffers, "slice", &words, x, shape, total)
 }
 
 pub(crate) fn pad(
@@ -494,7 +483,6 @@ pub(crate) fn pad(
         return Err(NnError::Shape("reflect padding of an axis shorter than 2".into()).into());
     }
     let total: usize = shape.iter().product();
-    let y = buffers.take(work, total)?;
     let out6 = six(&shape, "Pad")?;
     let in6 = six(&x.shape, "Pad")?;
     let mut begins = [0i32; 6];
@@ -512,15 +500,7 @@ pub(crate) fn pad(
     words.extend(begins.map(|b| b as u32));
     words.push(code);
     words.push(f32::to_bits(value));
-    run(
-        work,
-        "pad",
-        &words,
-        [Some(&x.buffer), None, None],
-        &y,
-        total,
-    )?;
-    Ok(GpuTensor { buffer: y, shape })
+    unary(work, buffers, "pad", &words, x, shape, total)
 }
 
 /// Resize, one axis at a time; the taps are the CPU reference's ([`nn::resize_taps`]).
@@ -592,10 +572,8 @@ pub(crate) fn copy(
     shape: Vec<usize>,
 ) -> Result<GpuTensor, NnGpuError> {
     let n = x.len();
-    let y = buffers.take(work, n)?;
     let words = u32s(&[n, n.max(1), n, 0]);
-    run(work, "concat", &words, [Some(&x.buffer), None, None], &y, n)?;
-    Ok(GpuTensor { buffer: y, shape })
+    unary(work, buffers, "concat", &words, x, shape, n)
 }
 
 fn axis_is_intermediate(t: &GpuTensor, input: &GpuTensor) -> bool {

@@ -8,12 +8,7 @@ use crate::ops::nn::{self, NnError, Tensor};
 /// their last reader.
 pub fn run(model: &Model, input: Tensor) -> Result<Tensor, InferError> {
     model.shapes(&input.shape)?;
-    let mut last_read = vec![usize::MAX; model.slots];
-    for (i, node) in model.nodes.iter().enumerate() {
-        for &slot in node.inputs.iter().flatten() {
-            last_read[slot] = i;
-        }
-    }
+    let last_read = model.last_reads();
     let mut values: Vec<Option<Tensor>> = vec![None; model.slots];
     values[model.input_slot] = Some(input);
     for (i, node) in model.nodes.iter().enumerate() {

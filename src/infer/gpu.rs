@@ -119,12 +119,7 @@ impl GpuExecutor {
         let model = &self.model;
         let mut work = Work::new(&self.ctx, "inference");
         let mut buffers = Buffers::new();
-        let mut last_read = vec![usize::MAX; model.slots];
-        for (i, node) in model.nodes.iter().enumerate() {
-            for &slot in node.inputs.iter().flatten() {
-                last_read[slot] = i;
-            }
-        }
+        let last_read = model.last_reads();
         let mut values: Vec<Option<GpuTensor>> = vec![None; model.slots];
         let input = work.upload("patch", bytemuck::cast_slice(&patch.data))?;
         values[model.input_slot] = Some(GpuTensor {

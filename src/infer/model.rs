@@ -303,6 +303,18 @@ impl Model {
         }
     }
 
+    /// Per slot, the index of the last node that reads it (`usize::MAX` for none): where an
+    /// executor may drop or reuse the slot's value.
+    pub fn last_reads(&self) -> Vec<usize> {
+        let mut last = vec![usize::MAX; self.slots];
+        for (i, node) in self.nodes.iter().enumerate() {
+            for &slot in node.inputs.iter().flatten() {
+                last[slot] = i;
+            }
+        }
+        last
+    }
+
     /// The input's channel count, where the model fixes it.
     pub fn input_channels(&self) -> Option<usize> {
         self.input_shape.get(1).copied().flatten()
@@ -711,30 +723,36 @@ impl Loader {
     }
 
     /// Integers from a constant input (a Reshape's shape, a Slice's starts...).
-    fn ints(&self, inputs: &[Option<usize>], i: usize, what: &str) -> Result<Vec<i64>, String> {
+    /// The constant at input `i`: None where the input is omitted, an error naming `what`
+    /// where it is not a constant.
+    fn constant(
+        &self,
+        inputs: &[Option<usize>],
+        i: usize,
+        what: &str,
+    ) -> Result<Option<&Constant>, String> {
         match inputs.get(i).copied().flatten() {
-            None => Ok(Vec::new()),
-            Some(slot) => match self.constants.get(&slot) {
-                Some(Constant::Int(_, v)) => Ok(v.clone()),
-                Some(Constant::Float(t)) => Ok(t.data.iter().map(|&v| v as i64).collect()),
-                None => Err(format!(
-                    "its {what} must be a constant (an initializer or a Constant node)"
-                )),
-            },
+            None => Ok(None),
+            Some(slot) => self.constants.get(&slot).map(Some).ok_or_else(|| {
+                format!("its {what} must be a constant (an initializer or a Constant node)")
+            }),
         }
     }
 
+    fn ints(&self, inputs: &[Option<usize>], i: usize, what: &str) -> Result<Vec<i64>, String> {
+        Ok(match self.constant(inputs, i, what)? {
+            None => Vec::new(),
+            Some(Constant::Int(_, v)) => v.clone(),
+            Some(Constant::Float(t)) => t.data.iter().map(|&v| v as i64).collect(),
+        })
+    }
+
     fn floats(&self, inputs: &[Option<usize>], i: usize, what: &str) -> Result<Vec<f32>, String> {
-        match inputs.get(i).copied().flatten() {
-            None => Ok(Vec::new()),
-            Some(slot) => match self.constants.get(&slot) {
-                Some(Constant::Float(t)) => Ok(t.data.clone()),
-                Some(Constant::Int(_, v)) => Ok(v.iter().map(|&v| v as f32).collect()),
-                None => Err(format!(
-                    "its {what} must be a constant (an initializer or a Constant node)"
-                )),
-            },
-        }
+        Ok(match self.constant(inputs, i, what)? {
+            None => Vec::new(),
+            Some(Constant::Float(t)) => t.data.clone(),
+            Some(Constant::Int(_, v)) => v.iter().map(|&v| v as f32).collect(),
+        })
     }
 
     fn constant_shape(&self, inputs: &[Option<usize>], i: usize) -> Option<Vec<usize>> {

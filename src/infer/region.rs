@@ -72,7 +72,7 @@ pub fn normalised(image: &Volume) -> Vec<f32> {
         DataType::Uint64 => words::<8>(bytes)
             .map(|b| u64::from_le_bytes(b) as f32 / u64::MAX as f32)
             .collect(),
-        DataType::Float32 => words::<4>(bytes).map(f32::from_le_bytes).collect(),
+        DataType::Float32 => bytemuck::pod_collect_to_vec(bytes),
     }
 }
 

@@ -148,7 +148,7 @@ impl Window {
 }
 
 /// The batch, channels and 3 spatial lengths of an N,C,spatial... tensor shape.
-fn ncs(shape: &[usize]) -> Result<(usize, usize, [usize; 3]), NnError> {
+pub(crate) fn ncs(shape: &[usize]) -> Result<(usize, usize, [usize; 3]), NnError> {
     if !(3..=5).contains(&shape.len()) {
         return shape_error(format!(
             "a tensor of shape {shape:?} where N,C and 1 to 3 spatial axes were expected"
@@ -173,6 +173,36 @@ fn index3(p: [usize; 3], size: [usize; 3]) -> usize {
 fn tap(w: &Window, a: usize, o: usize, k: usize, n: usize) -> Option<usize> {
     let at = (o * w.strides[a] + k * w.dilations[a]) as isize - w.begin[a] as isize;
     (at >= 0 && (at as usize) < n).then_some(at as usize)
+}
+
+/// Every position of a 3-axis box of `size`, in row-major order (z outermost).
+fn positions(size: [usize; 3]) -> impl Iterator<Item = [usize; 3]> {
+    (0..size[0])
+        .flat_map(move |z| (0..size[1]).flat_map(move |y| (0..size[2]).map(move |x| [z, y, x])))
+}
+
+/// The taps of `window` at output `o` that land inside an input of `xs`, as (tap, input
+/// position), kz outermost.
+fn taps_inside(
+    window: &Window,
+    o: [usize; 3],
+    xs: [usize; 3],
+) -> impl Iterator<Item = ([usize; 3], [usize; 3])> + '_ {
+    positions(window.kernel).filter_map(move |k| {
+        let [z, y, x] = [0, 1, 2].map(|a| tap(window, a, o[a], k[a], xs[a]));
+        Some((k, [z?, y?, x?]))
+    })
+}
+
+/// Steps a row-major multi-index one element on (the last axis fastest).
+fn advance(index: &mut [usize], shape: &[usize]) {
+    for axis in (0..shape.len()).rev() {
+        index[axis] += 1;
+        if index[axis] < shape[axis] {
+            return;
+        }
+        index[axis] = 0;
+    }
 }
 
 /// The shape of `Conv` (weights `[M, C/group, k...]`).
@@ -217,41 +247,21 @@ pub fn conv(
     let k = window.kernel;
     let mut y = Tensor::zeros(shape);
     let taps = k[0] * k[1] * k[2];
+    let (x_volume, o_volume) = (xs.iter().product::<usize>(), os.iter().product::<usize>());
     for batch in 0..n {
         for oc in 0..m {
             let g = oc / out_per_group;
             let bias = b.map_or(0.0, |b| b.data[oc]);
-            for oz in 0..os[0] {
-                for oy in 0..os[1] {
-                    for ox in 0..os[2] {
-                        let mut sum = 0.0f32;
-                        for ic in 0..in_per_group {
-                            let channel = batch * c + g * in_per_group + ic;
-                            let weights = &w.data[(oc * in_per_group + ic) * taps..][..taps];
-                            for kz in 0..k[0] {
-                                let Some(iz) = tap(window, 0, oz, kz, xs[0]) else {
-                                    continue;
-                                };
-                                for ky in 0..k[1] {
-                                    let Some(iy) = tap(window, 1, oy, ky, xs[1]) else {
-                                        continue;
-                                    };
-                                    for kx in 0..k[2] {
-                                        let Some(ix) = tap(window, 2, ox, kx, xs[2]) else {
-                                            continue;
-                                        };
-                                        let xi = channel * xs.iter().product::<usize>()
-                                            + index3([iz, iy, ix], xs);
-                                        sum += x.data[xi] * weights[index3([kz, ky, kx], k)];
-                                    }
-                                }
-                            }
-                        }
-                        let yi = (batch * m + oc) * os.iter().product::<usize>()
-                            + index3([oz, oy, ox], os);
-                        y.data[yi] = sum + bias;
+            for (at, o) in positions(os).enumerate() {
+                let mut sum = 0.0f32;
+                for ic in 0..in_per_group {
+                    let channel = batch * c + g * in_per_group + ic;
+                    let weights = &w.data[(oc * in_per_group + ic) * taps..][..taps];
+                    for (kk, i) in taps_inside(window, o, xs) {
+                        sum += x.data[channel * x_volume + index3(i, xs)] * weights[index3(kk, k)];
                     }
                 }
+                y.data[(batch * m + oc) * o_volume + at] = sum + bias;
             }
         }
     }
@@ -381,44 +391,25 @@ pub fn pool(x: &Tensor, kind: Pool, window: &Window, ceil: bool) -> Result<Tenso
     let (n, c, xs) = ncs(&x.shape)?;
     let (_, _, os) = ncs(&shape)?;
     let (x_volume, o_volume) = (xs.iter().product::<usize>(), os.iter().product::<usize>());
-    let k = window.kernel;
     let mut y = Tensor::zeros(shape);
     for channel in 0..n * c {
-        for oz in 0..os[0] {
-            for oy in 0..os[1] {
-                for ox in 0..os[2] {
-                    let o = [oz, oy, ox];
-                    let (mut max, mut sum, mut inside) = (f32::NEG_INFINITY, 0.0f32, 0usize);
-                    for kz in 0..k[0] {
-                        let Some(iz) = tap(window, 0, oz, kz, xs[0]) else {
-                            continue;
-                        };
-                        for ky in 0..k[1] {
-                            let Some(iy) = tap(window, 1, oy, ky, xs[1]) else {
-                                continue;
-                            };
-                            for kx in 0..k[2] {
-                                let Some(ix) = tap(window, 2, ox, kx, xs[2]) else {
-                                    continue;
-                                };
-                                let v = x.data[channel * x_volume + index3([iz, iy, ix], xs)];
-                                max = max.max(v);
-                                sum += v;
-                                inside += 1;
-                            }
-                        }
-                    }
-                    y.data[channel * o_volume + index3(o, os)] = match kind {
-                        Pool::Max => max,
-                        Pool::Average {
-                            count_include_pad: false,
-                        } => sum / inside.max(1) as f32,
-                        Pool::Average {
-                            count_include_pad: true,
-                        } => sum / padded_taps(window, o, xs) as f32,
-                    };
-                }
+        for (at, o) in positions(os).enumerate() {
+            let (mut max, mut sum, mut inside) = (f32::NEG_INFINITY, 0.0f32, 0usize);
+            for (_, i) in taps_inside(window, o, xs) {
+                let v = x.data[channel * x_volume + index3(i, xs)];
+                max = max.max(v);
+                sum += v;
+                inside += 1;
             }
+            y.data[channel * o_volume + at] = match kind {
+                Pool::Max => max,
+                Pool::Average {
+                    count_include_pad: false,
+                } => sum / inside.max(1) as f32,
+                Pool::Average {
+                    count_include_pad: true,
+                } => sum / padded_taps(window, o, xs) as f32,
+            };
         }
     }
     Ok(y)
@@ -619,13 +610,7 @@ pub fn binary(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor, NnError> {
             Binary::Mul => u * v,
             Binary::Div => u / v,
         };
-        for axis in (0..shape.len()).rev() {
-            index[axis] += 1;
-            if index[axis] < shape[axis] {
-                break;
-            }
-            index[axis] = 0;
-        }
+        advance(&mut index, &shape);
     }
     Ok(y)
 }
@@ -710,13 +695,7 @@ pub fn slice(x: &Tensor, axes: &[SliceAxis]) -> Tensor {
             .map(|a| (axes[a].start + index[a] as i64 * axes[a].step) * strides[a] as i64)
             .sum();
         *out = x.data[at as usize];
-        for axis in (0..shape.len()).rev() {
-            index[axis] += 1;
-            if index[axis] < shape[axis] {
-                break;
-            }
-            index[axis] = 0;
-        }
+        advance(&mut index, &shape);
     }
     y
 }
@@ -777,13 +756,7 @@ pub fn pad(x: &Tensor, pads: &[i64], mode: PadMode) -> Result<Tensor, NnError> {
             (None, PadMode::Constant(v)) => v,
             (None, _) => unreachable!("only constant padding leaves the input"),
         };
-        for axis in (0..rank).rev() {
-            index[axis] += 1;
-            if index[axis] < shape[axis] {
-                break;
-            }
-            index[axis] = 0;
-        }
+        advance(&mut index, &shape);
     }
     Ok(y)
 }

@@ -84,6 +84,21 @@ async fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
     }
 }
 
+/// A fresh temporary name beside `path` (its folder created): where an object is written
+/// before it is renamed into place, so readers never see part of it.
+async fn temp_beside(path: &Path) -> Result<PathBuf, StoreError> {
+    let dir = path.parent().expect("keys are relative to the root");
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(io_error(dir))?;
+    let name = path.file_name().expect("checked key").to_string_lossy();
+    Ok(dir.join(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    )))
+}
+
 async fn remove_if_exists(path: &Path) -> Result<(), StoreError> {
     match tokio::fs::remove_file(path).await {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(path)(e)),
@@ -139,16 +154,7 @@ impl Store for LocalStore {
         encoding: ContentEncoding,
     ) -> Result<(), StoreError> {
         let path = self.path(key, encoding)?;
-        let dir = path.parent().expect("keys are relative to the root");
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(io_error(dir))?;
-        let name = path.file_name().expect("checked key").to_string_lossy();
-        let temp = dir.join(format!(
-            ".{name}.tmp-{}-{}",
-            std::process::id(),
-            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
+        let temp = temp_beside(&path).await?;
         tokio::fs::write(&temp, data)
             .await
             .map_err(io_error(&temp))?;
@@ -170,16 +176,7 @@ impl Store for LocalStore {
         key: &str,
     ) -> Result<Box<dyn super::ObjectWriter + 'a>, StoreError> {
         let path = self.path(key, ContentEncoding::Identity)?;
-        let dir = path.parent().expect("keys are relative to the root");
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(io_error(dir))?;
-        let name = path.file_name().expect("checked key").to_string_lossy();
-        let temp = dir.join(format!(
-            ".{name}.tmp-{}-{}",
-            std::process::id(),
-            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
+        let temp = temp_beside(&path).await?;
         let file = tokio::fs::File::create(&temp)
             .await
             .map_err(io_error(&temp))?;

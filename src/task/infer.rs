@@ -19,6 +19,7 @@ use crate::infer::{InferError, Model};
 use crate::ops::nn::Tensor;
 use crate::progress::Progress;
 use crate::store::{Store, StoreError};
+use crate::task::stitch::ChunkGrid;
 use crate::volume::Volume;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -302,24 +303,55 @@ fn tiles(size: Vec3, chunk: Vec3, tile_voxels: usize) -> Vec<Box3> {
             tile[a] *= 2;
         }
     }
-    chunk_grid_boxes(size, tile)
+    let grid = ChunkGrid {
+        region: size,
+        chunk: tile,
+    };
+    (0..grid.len()).map(|t| grid.core(t)).collect()
 }
 
-fn chunk_grid_boxes(size: Vec3, tile: Vec3) -> Vec<Box3> {
-    let counts = [0, 1, 2].map(|a| size[a].div_ceil(tile[a]));
-    let mut out = Vec::new();
-    for z in 0..counts[2] {
-        for y in 0..counts[1] {
-            for x in 0..counts[0] {
-                let start = [x * tile[0], y * tile[1], z * tile[2]];
-                out.push(Box3::new(
-                    start,
-                    [0, 1, 2].map(|a| (start[a] + tile[a]).min(size[a])),
-                ));
-            }
-        }
-    }
-    out
+/// One tile's output channels: zeros where no patch reaches it (the border of a valid-padding
+/// net), else its patches run and blended; with the time the net and the blending took.
+async fn infer_tile(
+    executor: &Arc<dyn Executor>,
+    layout: &Arc<InferLayout>,
+    mask: &Arc<Vec<f32>>,
+    image: &Precomputed,
+    opts: &InferOptions,
+    tile: Box3,
+) -> Result<(Volume, RegionReport, Duration), InferTaskError> {
+    let Some(reads) = input_box(&layout.grid, tile) else {
+        let zeros = Volume::zeros(DataType::Float32, tile.shape(), layout.channels);
+        return Ok((zeros, RegionReport::default(), Duration::ZERO));
+    };
+    let (vol, _) = image
+        .read_region(opts.mip, reads, opts.fill_missing)
+        .await?;
+    let t = Instant::now();
+    let (executor, shared, mask) = (executor.clone(), layout.clone(), mask.clone());
+    let (values, part) = tokio::task::spawn_blocking(move || {
+        let cropped = Cropped {
+            inner: executor.as_ref(),
+            crop: shared.net_crop,
+            output: shared.grid.output_patch,
+        };
+        let image = normalised(&vol);
+        infer_region(
+            &cropped,
+            &shared.grid,
+            &mask,
+            &image,
+            reads,
+            vol.channels,
+            tile,
+            shared.channels,
+        )
+    })
+    .await??;
+    let data = bytemuck::cast_slice::<f32, u8>(&values).to_vec();
+    let volume = Volume::from_bytes(DataType::Float32, tile.shape(), layout.channels, data)
+        .expect("sized by the tile");
+    Ok((volume, part, t.elapsed()))
 }
 
 /// Runs the model over the image and writes the output layer.
@@ -363,49 +395,11 @@ pub async fn infer(
             if opts.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
                 return Err(InferTaskError::Cancelled);
             }
-            // A tile in the border a valid-padding net cannot reach has no patches: zeros.
-            let Some(reads) = input_box(&layout.grid, tile) else {
-                let zeros = Volume::zeros(DataType::Float32, tile.shape(), layout.channels);
-                written.extend(
-                    chunk_grid(&scale, tile)
-                        .iter()
-                        .map(|&c| chunk_key(&scale, c)),
-                );
-                report.chunks_written +=
-                    out.write_region(0, tile.start, &zeros, opts.write).await?;
-                progress.add(voxels(tile.shape()) as u64);
-                continue;
-            };
-            let (vol, _) = image
-                .read_region(opts.mip, reads, opts.fill_missing)
-                .await?;
-            let t = Instant::now();
-            let (executor, shared, mask) = (executor.clone(), layout.clone(), mask.clone());
-            let (values, part): (Vec<f32>, RegionReport) = tokio::task::spawn_blocking(move || {
-                let cropped = Cropped {
-                    inner: executor.as_ref(),
-                    crop: shared.net_crop,
-                    output: shared.grid.output_patch,
-                };
-                let image = normalised(&vol);
-                infer_region(
-                    &cropped,
-                    &shared.grid,
-                    &mask,
-                    &image,
-                    reads,
-                    vol.channels,
-                    tile,
-                    shared.channels,
-                )
-            })
-            .await??;
-            report.compute += t.elapsed();
+            let (volume, part, compute) =
+                infer_tile(&executor, &layout, &mask, image, opts, tile).await?;
+            report.compute += compute;
             report.patches += part.patches;
             report.skipped += part.skipped;
-            let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let volume = Volume::from_bytes(DataType::Float32, tile.shape(), layout.channels, data)
-                .expect("sized by the tile");
             written.extend(
                 chunk_grid(&scale, tile)
                     .iter()
