@@ -349,6 +349,14 @@ struct InferArgs {
     /// Run the CPU reference operators instead of the GPU (slow; for checking).
     #[arg(long)]
     cpu: bool,
+    /// Host memory in MiB, fixed part included (about 230 MiB on lavapipe, plus the model's
+    /// weights and a patch's activations): the output is made in columns of whole chunks, as
+    /// large as fit, each streamed up z, so memory does not grow with the volume.
+    #[arg(long, default_value_t = DEFAULT_TASK_MIB)]
+    task_mib: usize,
+    /// Columns of x,y output voxels (whole chunks) instead of the largest within --task-mib.
+    #[arg(long, value_parser = parse_vec2)]
+    column: Option<[usize; 2]>,
 }
 
 impl InferArgs {
@@ -366,6 +374,10 @@ impl InferArgs {
             fill_missing: self.fill_missing,
             gzip_level: 6,
             cpu: self.cpu,
+            task_mib: self.task_mib,
+            column: self.column,
+            bounds: None,
+            finalize: false,
         }
     }
 }
@@ -495,6 +507,32 @@ enum PlanCommand {
         #[arg(long)]
         manifests: Option<String>,
     },
+    /// Inference in tasks of bounded memory on one global patch grid: columns of whole output
+    /// chunks as large as --task-mib holds (each task reads the halo its patches need, so the
+    /// output equals one process's byte for byte), cut along z where --task-seconds bounds
+    /// them; then one finalize task writes the info. Run the infer stage's tasks (any order)
+    /// before finalize.
+    Infer {
+        #[command(flatten)]
+        args: InferArgs,
+        /// The longest a task should run, in seconds at --gflops.
+        #[arg(long)]
+        task_seconds: Option<f64>,
+        /// The engine's effective GFLOP/s (what `cuboids infer` prints) that task times are
+        /// reckoned at.
+        #[arg(long, default_value_t = crate::task::infer::DEFAULT_GFLOPS)]
+        gflops: f64,
+        /// Manifests go to PREFIX<stage>.jsonl (infer, finalize; a path or s3:// prefix) and
+        /// the stages are printed as JSON; default: every task on stdout, stage after stage.
+        #[arg(long)]
+        manifests: Option<String>,
+        /// Print the tasks, their memory, patches and time, and write nothing.
+        #[arg(long)]
+        estimate: bool,
+        /// With --estimate: a hypothetical size x,y,z of the image (same chunks and type).
+        #[arg(long, value_parser = parse_vec3, requires = "estimate")]
+        shape: Option<[usize; 3]>,
+    },
     /// Connected components in stages past one machine, no task holding more than its block or
     /// its part of the block grid: block tasks (GPU), link, union and down levels, numbering
     /// scans, rank, relabel, finalize. Run each stage's tasks (in any order) before the next
@@ -570,6 +608,14 @@ fn parse_vec3(s: &str) -> Result<[usize; 3], String> {
         return Err(format!("sizes must be positive, got {s:?}"));
     }
     Ok([v[0] as usize, v[1] as usize, v[2] as usize])
+}
+
+fn parse_vec2(s: &str) -> Result<[usize; 2], String> {
+    let v = parse_list(s, 2)?;
+    if v.iter().any(|&x| x <= 0) {
+        return Err(format!("sizes must be positive, got {s:?}"));
+    }
+    Ok([v[0] as usize, v[1] as usize])
 }
 
 fn parse_factor(s: &str) -> Result<Factor, String> {
@@ -678,6 +724,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
             manifests.as_deref(),
             estimate.then_some(shape),
         ))),
+        Command::Plan {
+            what:
+                PlanCommand::Infer {
+                    args,
+                    task_seconds,
+                    gflops,
+                    manifests,
+                    estimate,
+                    shape,
+                },
+        } => {
+            let budget = crate::task::infer::InferBudget {
+                task_bytes: args.task_mib.saturating_mul(1 << 20),
+                seconds: task_seconds,
+                gflops,
+            };
+            done(runtime.block_on(local::plan_infer(
+                args.task(),
+                budget,
+                manifests.as_deref(),
+                estimate.then_some(shape),
+            )))
+        }
         Command::Plan {
             what:
                 PlanCommand::ConnectedComponents {

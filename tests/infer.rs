@@ -498,7 +498,7 @@ async fn cropped_and_valid_outputs_are_the_nets_own_and_tiles_do_not_change_a_by
     let (small, whole) = (tmp.path().join("small"), tmp.path().join("whole"));
     let tiny = run_infer(&image, "net_valid_unet.onnx", &small, |o| {
         o.overlap = [1, 1, 0];
-        o.tile_voxels = 1;
+        o.column = Some([8, 8]);
     })
     .await;
     let one = run_infer(&image, "net_valid_unet.onnx", &whole, |o| {
@@ -506,10 +506,10 @@ async fn cropped_and_valid_outputs_are_the_nets_own_and_tiles_do_not_change_a_by
     })
     .await;
     assert!(
-        tiny.tiles > 1 && one.tiles == 1,
+        tiny.columns > 1 && one.columns == 1,
         "{} {}",
-        tiny.tiles,
-        one.tiles
+        tiny.columns,
+        one.columns
     );
     let (a, b) = (read_f32_layer(&small).await, read_f32_layer(&whole).await);
     assert_eq!(a.0, b.0);
@@ -525,7 +525,7 @@ async fn cropped_and_valid_outputs_are_the_nets_own_and_tiles_do_not_change_a_by
     let model = "net_valid_unet.onnx";
     run_infer_on(true, &image, model, &small, |o| {
         o.overlap = [1, 1, 0];
-        o.tile_voxels = 1;
+        o.column = Some([8, 8]);
     })
     .await;
     run_infer_on(true, &image, model, &whole, |o| o.overlap = [1, 1, 0]).await;
@@ -571,4 +571,184 @@ fn a_patch_over_the_gpus_binding_limit_is_refused_naming_the_node() {
         err.contains("(ConvTranspose)") && err.contains("smaller --patch"),
         "{err}"
     );
+}
+
+/// Every line of a manifest, as task documents.
+fn manifest_tasks(path: &str) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Runs one task document with `cuboids run-task`; returns its output document.
+fn run_task(dir: &Path, task: &Value) -> Value {
+    let file = dir.join("task.json");
+    std::fs::write(&file, task.to_string()).unwrap();
+    let o = cuboids(&["run-task", file.to_str().unwrap()]);
+    assert!(
+        o.status.success(),
+        "{task}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn a_staged_plan_equals_one_process_byte_for_byte_in_tasks_of_bounded_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("image");
+    write_image_layer(&image, 1).await;
+    let model = fixtures().join("net_rsunet.onnx");
+    let args = |what: &[&str], output: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = what.iter().map(|s| s.to_string()).collect();
+        a.extend(
+            [
+                "--image",
+                image.to_str().unwrap(),
+                "--model",
+                model.to_str().unwrap(),
+                "--output",
+                output.to_str().unwrap(),
+                "--overlap",
+                "4,4,1",
+            ]
+            .map(String::from),
+        );
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |a: Vec<String>| cuboids(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let one = tmp.path().join("one");
+    let done = run(args(&["infer"], &one, &[]));
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+
+    // Columns of one chunk (16x16), cut into single chunks of z by a tiny time bound: every
+    // task's patches meet its neighbours', which run them too.
+    let staged = tmp.path().join("staged");
+    let prefix = format!("{}/", tmp.path().join("plan").display());
+    let bounded = [
+        "--column",
+        "16,16",
+        "--task-seconds",
+        "1e-9",
+        "--task-mib",
+        "1024",
+    ];
+    let estimate = run(args(
+        &["plan", "infer"],
+        &staged,
+        &[&bounded[..], &["--estimate"]].concat(),
+    ));
+    let printed = String::from_utf8_lossy(&estimate.stdout).to_string();
+    assert!(estimate.status.success(), "{printed}");
+    // 30x37x9 in chunks of 16x16x4: 2 x 3 columns, 3 pieces of z each.
+    assert!(
+        printed.starts_with("18 tasks of columns 16x16"),
+        "{printed}"
+    );
+    assert!(!staged.exists(), "an estimate writes nothing");
+    let planned = run(args(
+        &["plan", "infer"],
+        &staged,
+        &[&bounded[..], &["--manifests", &prefix]].concat(),
+    ));
+    assert!(
+        planned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&planned.stderr)
+    );
+    let stages: Value = serde_json::from_slice(&planned.stdout).unwrap();
+    let names: Vec<&str> = stages["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["infer", "finalize"]);
+    let tasks = manifest_tasks(stages["stages"][0]["manifest"].as_str().unwrap());
+    assert_eq!(tasks.len(), 18);
+    // Bounds are absolute (the image's voxel offset is 100, 200, 3).
+    assert_eq!(
+        tasks[0]["bounds"]["start"],
+        serde_json::json!([100, 200, 3])
+    );
+    let mut patches = 0;
+    for task in &tasks {
+        let doc = run_task(tmp.path(), task);
+        patches += doc["patches"].as_u64().unwrap();
+        // Tasks write chunks, not the info: the layer is not there until finalize.
+        assert!(!staged.join("info").exists());
+    }
+    // The grid is 3 x 3 x 3 patches; the 18 tasks run more, as their borders cross patches.
+    assert!(patches > 27, "{patches}");
+    let finalize = manifest_tasks(stages["stages"][1]["manifest"].as_str().unwrap());
+    assert_eq!(finalize.len(), 1);
+    run_task(tmp.path(), &finalize[0]);
+    // Finalize is idempotent (a retried one succeeds).
+    run_task(tmp.path(), &finalize[0]);
+
+    let (a, b) = (read_f32_layer(&one).await, read_f32_layer(&staged).await);
+    assert_eq!(a.0, b.0);
+    assert!(a
+        .1
+        .iter()
+        .zip(&b.1)
+        .all(|(x, y)| x.to_bits() == y.to_bits()));
+    let (_, _, want) = chunkflow_case();
+    assert!(largest_difference(&b.1, &want) <= 1e-4);
+    let files = |d: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(d.join("8_8_40"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(files(&one), files(&staged));
+
+    // A budget below one column of one chunk is refused, naming the budget that would do.
+    let small = run(args(
+        &["plan", "infer"],
+        &tmp.path().join("none"),
+        &["--task-mib", "100"],
+    ));
+    let stderr = String::from_utf8_lossy(&small.stderr);
+    assert!(!small.status.success());
+    assert!(
+        stderr.contains("--task-mib 100 is too small") && stderr.contains("it needs --task-mib"),
+        "{stderr}"
+    );
+    // A task whose bounds do not start on whole chunks is refused, naming them.
+    let mut odd = tasks[0].clone();
+    odd["bounds"]["start"] = serde_json::json!([101, 200, 3]);
+    let file = tmp.path().join("odd.json");
+    std::fs::write(&file, odd.to_string()).unwrap();
+    let failed = cuboids(&["run-task", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(65), "{stderr}");
+    assert!(
+        stderr.contains("bounds [1, 0, 0]..") && stderr.contains("whole output chunks"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_patch_costs_its_convolutions_multiply_adds_and_its_largest_live_activations() {
+    // conv3d: x [1,3,5,7,6], w [4,3,3,3,2], pads (1,0,1)-(0,1,1), strides (1,2,1), dilations
+    // (1,1,2): y is [1,4,4,3,6], 288 values of 3*3*3*2 = 54 multiply-adds each.
+    let conv = Model::open(&fixtures().join("conv3d.onnx")).unwrap();
+    let cost = conv.cost(&[1, 3, 5, 7, 6]).unwrap();
+    assert_eq!(cost.flops, 2 * 288 * 54);
+    assert_eq!(cost.peak_activation_bytes, (630 + 288) * 4);
+    assert_eq!(cost.weight_bytes, (4 * 3 * 3 * 3 * 2 + 4) * 4);
+    // conv_transpose3d: x [1,4,3,4,4] spreads each of its 192 values over 2*1*4*4 weights.
+    let up = Model::open(&fixtures().join("conv_transpose3d.onnx")).unwrap();
+    assert_eq!(up.cost(&[1, 4, 3, 4, 4]).unwrap().flops, 2 * 192 * 32);
 }

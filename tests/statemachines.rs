@@ -595,15 +595,91 @@ async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
         plan["stages"].as_array().unwrap().len(),
         t.elapsed().as_secs_f64()
     );
-    for w in workers {
-        stop(w);
-    }
     assert!(staged.join("info").exists(), "finalize wrote no info");
     assert_eq!(
         common::read_labels(&staged).await,
         common::read_labels(&single).await,
         "the plan run by the machine differs from the single process"
     );
+
+    // Inference planned by the same machine (a request with an infer task as its work): its
+    // columns as tasks on the workers, then finalize; the same bytes as `cuboids infer`.
+    let image = uint8_image(dir.path(), [40, 36, 12], 5).await;
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/net_rsunet.onnx");
+    let (one, inferred) = (dir.path().join("aff-one"), dir.path().join("aff-staged"));
+    cli(&[
+        "infer",
+        "--image",
+        image.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--output",
+        one.to_str().unwrap(),
+        "--overlap",
+        "4,4,1",
+    ]);
+    let request = json!({
+        "job_name": "infer",
+        "runner": "activity",
+        "request": {
+            "kind": "plan",
+            "work": {
+                "kind": "infer",
+                "image": image.to_str().unwrap(),
+                "model": model.to_str().unwrap(),
+                "output": inferred.to_str().unwrap(),
+                "overlap": [4, 4, 1],
+                "column": [16, 16],
+            },
+            "manifests": format!("{}/", dir.path().join("infer-plan").display()),
+            "task_mib": 1024,
+        },
+    });
+    let (status, detail) = services.execute(&machine, &request).await;
+    assert_eq!(status, ExecutionStatus::Succeeded, "{detail}");
+    let planned = &detail["output"]["planned"];
+    assert_eq!(
+        stages(planned),
+        vec![(json!("infer"), json!(9)), (json!("finalize"), json!(1))],
+        "{detail}"
+    );
+    for w in workers {
+        stop(w);
+    }
+    assert_eq!(
+        common::read_f32_bits(&inferred).await,
+        common::read_f32_bits(&one).await,
+        "the inference plan run by the machine differs from the single process"
+    );
+}
+
+/// A random uint8 image layer of `shape` (chunks of 16x16x4) under `dir`.
+async fn uint8_image(dir: &Path, shape: [usize; 3], seed: u64) -> std::path::PathBuf {
+    use cuboids::formats::precomputed::{info::Info, Precomputed, WriteOptions};
+    let path = dir.join("image");
+    let info: Info = serde_json::from_value(json!({
+        "type": "image", "data_type": "uint8", "num_channels": 1,
+        "scales": [{"key": "8_8_40", "size": shape, "resolution": [8, 8, 40],
+                    "voxel_offset": [0, 0, 0], "chunk_sizes": [[16, 16, 4]], "encoding": "raw"}]
+    }))
+    .unwrap();
+    let store = Arc::new(cuboids::store::local::LocalStore::new(path.clone()));
+    let layer = Precomputed::create(store, info).await.unwrap();
+    let mut state = seed;
+    let bytes: Vec<u8> = (0..shape.iter().product::<usize>())
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 56) as u8
+        })
+        .collect();
+    let volume = Volume::from_bytes(cuboids::dtype::DataType::Uint8, shape, 1, bytes).unwrap();
+    layer
+        .write_region(0, [0; 3], &volume, WriteOptions::default())
+        .await
+        .unwrap();
+    path
 }
 
 /// Runs `curl` against the API: the HTTP status and the parsed body.

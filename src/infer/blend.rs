@@ -130,14 +130,37 @@ impl PatchGrid {
         Box3::new(s, [0, 1, 2].map(|a| s[a] + self.output_patch[a]))
     }
 
+    /// The patch starts along `axis` whose output meets `[lo, hi)`, in order.
+    pub fn starts_meeting(&self, axis: usize, lo: usize, hi: usize) -> Vec<usize> {
+        let (crop, out) = (self.crop[axis], self.output_patch[axis]);
+        self.starts[axis]
+            .iter()
+            .copied()
+            .filter(|&s| s + crop < hi && lo < s + crop + out)
+            .collect()
+    }
+
     /// The patches whose output boxes meet `region`, in grid order.
     pub fn patches_meeting(&self, region: Box3) -> Vec<Vec3> {
-        self.patches()
-            .filter(|&p| {
-                let b = self.output_box(p);
-                (0..3).all(|a| b.start[a] < region.stop[a] && region.start[a] < b.stop[a])
+        let [xs, ys, zs] =
+            [0, 1, 2].map(|a| self.starts_meeting(a, region.start[a], region.stop[a]));
+        zs.iter()
+            .flat_map(|&z| {
+                ys.iter()
+                    .flat_map(|&y| xs.iter().map(move |&x| [x, y, z]))
+                    .collect::<Vec<_>>()
             })
             .collect()
+    }
+
+    /// How many patches [`PatchGrid::patches_meeting`] gives, without listing them.
+    pub fn count_meeting(&self, region: Box3) -> usize {
+        (0..3)
+            .map(|a| {
+                self.starts_meeting(a, region.start[a], region.stop[a])
+                    .len()
+            })
+            .product()
     }
 }
 
@@ -220,30 +243,55 @@ fn shifted(i: usize, d: isize, stride: usize, n: usize) -> Option<usize> {
     (at >= 0 && (at as usize) < n).then_some(at as usize)
 }
 
-/// Output channels of a region, summed patch by patch, then normalised.
+/// Output channels of a region, summed patch by patch in grid order, then normalised, kept as
+/// a window of z planes: patches come in z rows, and the planes below the next row's output
+/// are final and can be taken (written) while later rows are still to run, so a column of
+/// the volume is blended in memory that does not grow with its height.
 pub struct Blender {
     pub region: Box3,
     pub channels: usize,
-    /// Σ w·p per channel (channel-major, x fastest).
-    pub sums: Vec<f32>,
-    /// Σ w.
-    pub weights: Vec<f32>,
+    /// The first plane not yet taken.
+    z0: usize,
+    /// Σ w·p per plane from `z0`, then channel (x fastest).
+    sums: Vec<f32>,
+    /// Σ w per plane from `z0`.
+    weights: Vec<f32>,
 }
 
 impl Blender {
     pub fn new(region: Box3, channels: usize) -> Blender {
-        let n: usize = region.shape().iter().product();
         Blender {
             region,
             channels,
-            sums: vec![0.0; n * channels],
-            weights: vec![0.0; n],
+            z0: region.start[2],
+            sums: Vec::new(),
+            weights: Vec::new(),
+        }
+    }
+
+    fn plane(&self) -> usize {
+        self.region.shape()[0] * self.region.shape()[1]
+    }
+
+    /// Planes held (from `z0`).
+    fn planes(&self) -> usize {
+        self.weights.len() / self.plane().max(1)
+    }
+
+    /// Holds planes up to `z` (exclusive), new ones zero.
+    fn reach(&mut self, z: usize) {
+        let want = z.min(self.region.stop[2]).saturating_sub(self.z0);
+        if want > self.planes() {
+            let plane = self.plane();
+            self.weights.resize(want * plane, 0.0);
+            self.sums.resize(want * plane * self.channels, 0.0);
         }
     }
 
     /// Adds a patch's weighted output (`weighted`: channels × output patch, already
     /// multiplied by the mask, or None for a patch that contributes zeros) whose output box
-    /// is `patch`; only the part inside the region is kept.
+    /// is `patch`; only the part inside the region is kept. Its planes must not have been
+    /// taken.
     pub fn add(&mut self, patch: Box3, mask: &[f32], weighted: Option<&[f32]>) {
         let shape = patch.shape();
         let region_shape = self.region.shape();
@@ -252,17 +300,19 @@ impl Blender {
         if (0..3).any(|a| lo[a] >= hi[a]) {
             return;
         }
+        assert!(lo[2] >= self.z0, "a patch added to planes already taken");
+        self.reach(hi[2]);
         let patch_voxels: usize = shape.iter().product();
-        let region_voxels = self.weights.len();
+        let plane = self.plane();
         let width = hi[0] - lo[0];
         for z in lo[2]..hi[2] {
             for y in lo[1]..hi[1] {
                 let p = ((z - patch.start[2]) * shape[1] + (y - patch.start[1])) * shape[0]
                     + (lo[0] - patch.start[0]);
-                let r = ((z - self.region.start[2]) * region_shape[1] + (y - self.region.start[1]))
-                    * region_shape[0]
-                    + (lo[0] - self.region.start[0]);
-                for (w, m) in self.weights[r..r + width]
+                let r =
+                    (y - self.region.start[1]) * region_shape[0] + (lo[0] - self.region.start[0]);
+                let zi = z - self.z0;
+                for (w, m) in self.weights[zi * plane + r..][..width]
                     .iter_mut()
                     .zip(&mask[p..p + width])
                 {
@@ -271,7 +321,7 @@ impl Blender {
                 if let Some(values) = weighted {
                     for c in 0..self.channels {
                         let src = &values[c * patch_voxels + p..][..width];
-                        let dst = &mut self.sums[c * region_voxels + r..][..width];
+                        let dst = &mut self.sums[(zi * self.channels + c) * plane + r..][..width];
                         for (d, s) in dst.iter_mut().zip(src) {
                             *d += s;
                         }
@@ -281,16 +331,40 @@ impl Blender {
         }
     }
 
-    /// Σ w·p · (1 / Σ w) per channel; zero where no patch covers a voxel (the border a
-    /// valid-padding net cannot reach).
-    pub fn finish(mut self) -> Vec<f32> {
-        let n = self.weights.len();
+    /// Σ w·p · (1 / Σ w) per channel of the planes from the last taken up to `z` (channel
+    /// major, x fastest); zero where no patch covers a voxel (the border a valid-padding net
+    /// cannot reach). The planes are dropped: no later patch may reach them.
+    pub fn take(&mut self, z: usize) -> Vec<f32> {
+        let z = z.min(self.region.stop[2]).max(self.z0);
+        self.reach(z);
+        let (plane, n) = (self.plane(), z - self.z0);
+        let mut out = Vec::with_capacity(self.channels * n * plane);
         for c in 0..self.channels {
-            for (v, &w) in self.sums[c * n..][..n].iter_mut().zip(&self.weights) {
-                *v = if w > 0.0 { *v * (1.0 / w) } else { 0.0 };
+            for zi in 0..n {
+                let w = &self.weights[zi * plane..][..plane];
+                let s = &self.sums[(zi * self.channels + c) * plane..][..plane];
+                out.extend(
+                    s.iter()
+                        .zip(w)
+                        .map(|(&v, &w)| if w > 0.0 { v * (1.0 / w) } else { 0.0 }),
+                );
             }
         }
-        self.sums
+        self.weights.drain(..n * plane);
+        self.sums.drain(..n * plane * self.channels);
+        self.z0 = z;
+        out
+    }
+
+    /// The rest of the region, as [`Blender::take`].
+    pub fn finish(mut self) -> Vec<f32> {
+        let stop = self.region.stop[2];
+        self.take(stop)
+    }
+
+    /// Bytes it holds now.
+    pub fn bytes(&self) -> usize {
+        (self.sums.capacity() + self.weights.capacity()) * 4
     }
 }
 
@@ -343,5 +417,38 @@ mod tests {
         );
         blender.add(Box3::new([1, 0, 0], [2, 1, 1]), &[1.0], Some(&[5.0]));
         assert_eq!(blender.finish(), vec![2.0, 11.0 * (1.0 / 4.0), 0.0]);
+    }
+
+    #[test]
+    fn planes_taken_as_rows_finish_equal_the_whole_region_blended_at_once() {
+        let region = Box3::new([1, 0, 2], [4, 2, 9]);
+        let patch = [3, 2, 3];
+        let mask: Vec<f32> = (0..18).map(|i| 1.0 + i as f32 / 7.0).collect();
+        let weighted: Vec<f32> = (0..36).map(|i| (i as f32 * 0.37).sin()).collect();
+        let starts = [[1, 0, 1], [1, 0, 3], [1, 0, 5], [1, 0, 7]];
+        let mut whole = Blender::new(region, 2);
+        let mut rows = Blender::new(region, 2);
+        let mut taken = vec![Vec::new(); 2];
+        for (i, s) in starts.iter().enumerate() {
+            let b = Box3::new(*s, [0, 1, 2].map(|a| s[a] + patch[a]));
+            whole.add(b, &mask, Some(&weighted));
+            rows.add(b, &mask, Some(&weighted));
+            // Planes below the next row's start are final.
+            let below = starts.get(i + 1).map_or(9, |n| n[2]);
+            let part = rows.take(below);
+            let n = part.len() / 2;
+            for (c, t) in taken.iter_mut().enumerate() {
+                t.extend_from_slice(&part[c * n..(c + 1) * n]);
+            }
+        }
+        let rest = rows.finish();
+        assert!(rest.is_empty());
+        let streamed: Vec<f32> = taken.concat();
+        let at_once = whole.finish();
+        assert_eq!(streamed.len(), 2 * 3 * 2 * 7);
+        assert!(streamed
+            .iter()
+            .zip(&at_once)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 }

@@ -319,6 +319,60 @@ impl Model {
     pub fn input_channels(&self) -> Option<usize> {
         self.input_shape.get(1).copied().flatten()
     }
+
+    /// What one patch of `input` (N, C, spatial...) costs: its arithmetic and the memory an
+    /// executor holds for it (what plans are sized and timed by).
+    pub fn cost(&self, input: &[usize]) -> Result<PatchCost, InferError> {
+        let shapes = self.shapes(input)?;
+        let count = |slot: usize| shapes[slot].iter().product::<usize>() as u64;
+        let mut flops = 0;
+        for node in &self.nodes {
+            let weights = node.inputs.get(1).copied().flatten();
+            let per_output = weights.map_or(0, |w| shapes[w][1..].iter().product::<usize>() as u64);
+            flops += match node.op {
+                // A multiply-add per output value and weight of its group.
+                Op::Conv { .. } => 2 * count(node.output) * per_output,
+                // A multiply-add per input value and weight it spreads over.
+                Op::ConvTranspose { .. } => node.inputs[0].map_or(0, |x| 2 * count(x) * per_output),
+                _ => 0,
+            };
+        }
+        // Values live from the node that makes them to their last reader, as both executors
+        // keep them; the peak over the nodes is what a patch holds at once.
+        let last_read = self.last_reads();
+        let mut live = count(self.input_slot);
+        let mut peak = live;
+        for (i, node) in self.nodes.iter().enumerate() {
+            live += count(node.output);
+            peak = peak.max(live);
+            let mut read: Vec<usize> = node.inputs.iter().flatten().copied().collect();
+            read.sort_unstable();
+            read.dedup();
+            for slot in read {
+                if last_read[slot] == i && !self.constants.contains_key(&slot) {
+                    live -= count(slot);
+                }
+            }
+        }
+        let weights: u64 = self.constants.values().map(|t| t.data.len() as u64).sum();
+        Ok(PatchCost {
+            flops,
+            peak_activation_bytes: peak * 4,
+            weight_bytes: weights * 4,
+        })
+    }
+}
+
+/// One patch's arithmetic and memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PatchCost {
+    /// Floating-point operations of its convolutions (2 per multiply-add), as benchmarks count
+    /// effective GFLOP/s.
+    pub flops: u64,
+    /// The most float32 activations held at once (input included).
+    pub peak_activation_bytes: u64,
+    /// The model's constants (weights, biases), float32.
+    pub weight_bytes: u64,
 }
 
 fn shown_shape(shape: &[Option<usize>]) -> String {

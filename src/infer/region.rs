@@ -92,44 +92,124 @@ pub fn input_box(grid: &PatchGrid, region: Box3) -> Option<Box3> {
     Some(b)
 }
 
-/// Blends the output of `region` (channels × region, x fastest) from `image` (normalised,
-/// `image_channels` channels over `image_box`, which must hold [`input_box`]).
-#[allow(clippy::too_many_arguments)]
-pub fn infer_region(
-    executor: &dyn Executor,
-    grid: &PatchGrid,
-    mask: &[f32],
-    image: &[f32],
-    image_box: Box3,
-    image_channels: usize,
-    region: Box3,
-    channels: usize,
-) -> Result<(Vec<f32>, RegionReport), InferError> {
-    let mut blender = Blender::new(region, channels);
-    let mut report = RegionReport::default();
-    let image_shape = image_box.shape();
-    let image_voxels: usize = image_shape.iter().product();
-    let patch = grid.input_patch;
-    let patch_voxels: usize = patch.iter().product();
-    let output_voxels: usize = grid.output_patch.iter().product();
-    for start in grid.patches_meeting(region) {
-        let mut data = Vec::with_capacity(patch_voxels * image_channels);
-        for c in 0..image_channels {
-            let channel = &image[c * image_voxels..][..image_voxels];
-            for z in 0..patch[2] {
-                for y in 0..patch[1] {
-                    let at = at_in(image_box, [start[0], start[1] + y, start[2] + z]);
-                    data.extend_from_slice(&channel[at..][..patch[0]]);
+/// The patches whose output meets `region`, in z rows (grid order: rows by their input z
+/// start, each row y then x): what a column is streamed by.
+pub fn rows_meeting(grid: &PatchGrid, region: Box3) -> Vec<(usize, Vec<Vec3>)> {
+    let mut rows: Vec<(usize, Vec<Vec3>)> = Vec::new();
+    for p in grid.patches_meeting(region) {
+        match rows.last_mut() {
+            Some((z, row)) if *z == p[2] => row.push(p),
+            _ => rows.push((p[2], vec![p])),
+        }
+    }
+    rows
+}
+
+/// The normalised image over a column's input box (x, y) for a window of z planes, plane
+/// major (then channel, x fastest), so that planes are appended above and dropped below as
+/// the rows of patches move up the column.
+pub struct ImageWindow {
+    /// The x, y extent held (its z is ignored).
+    pub extent: Box3,
+    pub channels: usize,
+    /// The first plane held.
+    pub z0: usize,
+    data: Vec<f32>,
+}
+
+impl ImageWindow {
+    pub fn new(extent: Box3, channels: usize) -> ImageWindow {
+        ImageWindow {
+            extent,
+            channels,
+            z0: 0,
+            data: Vec::new(),
+        }
+    }
+
+    fn plane(&self) -> usize {
+        self.extent.shape()[0] * self.extent.shape()[1]
+    }
+
+    /// The plane past the last held.
+    pub fn z1(&self) -> usize {
+        self.z0 + self.data.len() / (self.plane() * self.channels).max(1)
+    }
+
+    /// Appends `planes` planes of normalised image (channel major, x fastest over the
+    /// window's x, y extent), which must start at [`ImageWindow::z1`] (or anywhere when the
+    /// window is empty).
+    pub fn append(&mut self, z: usize, planes: usize, image: &[f32]) {
+        let plane = self.plane();
+        if planes == 0 {
+            return;
+        }
+        if self.data.is_empty() {
+            self.z0 = z;
+        }
+        assert_eq!(z, self.z1(), "image planes appended out of order");
+        assert_eq!(image.len(), planes * plane * self.channels);
+        self.data.reserve(image.len());
+        for zi in 0..planes {
+            for c in 0..self.channels {
+                self.data
+                    .extend_from_slice(&image[(c * planes + zi) * plane..][..plane]);
+            }
+        }
+    }
+
+    /// Drops the planes below `z`.
+    pub fn drop_below(&mut self, z: usize) {
+        let n = z.clamp(self.z0, self.z1()) - self.z0;
+        self.data.drain(..n * self.plane() * self.channels);
+        self.z0 += n;
+    }
+
+    /// One input patch (channels × patch, x fastest) starting at `start`, which the window
+    /// must hold.
+    pub fn patch(&self, start: Vec3, patch: Vec3) -> Vec<f32> {
+        let (e, plane) = (self.extent, self.plane());
+        let width = e.shape()[0];
+        let mut data = Vec::with_capacity(patch.iter().product::<usize>() * self.channels);
+        for c in 0..self.channels {
+            for z in start[2]..start[2] + patch[2] {
+                let base = ((z - self.z0) * self.channels + c) * plane;
+                for y in start[1]..start[1] + patch[1] {
+                    let at = base + (y - e.start[1]) * width + (start[0] - e.start[0]);
+                    data.extend_from_slice(&self.data[at..][..patch[0]]);
                 }
             }
         }
+        data
+    }
+
+    /// Bytes it holds now.
+    pub fn bytes(&self) -> usize {
+        self.data.capacity() * 4
+    }
+}
+
+/// Runs one row of patches (their input in `image`) and adds their output to `blender`.
+pub fn infer_row(
+    executor: &dyn Executor,
+    grid: &PatchGrid,
+    mask: &[f32],
+    image: &ImageWindow,
+    row: &[Vec3],
+    blender: &mut Blender,
+) -> Result<RegionReport, InferError> {
+    let mut report = RegionReport::default();
+    let (patch, channels) = (grid.input_patch, blender.channels);
+    let output_voxels: usize = grid.output_patch.iter().product();
+    for &start in row {
+        let data = image.patch(start, patch);
         let output = grid.output_box(start);
         if data.iter().all(|&v| v == 0.0) {
             report.skipped += 1;
             blender.add(output, mask, None);
             continue;
         }
-        let input = Tensor::new(vec![1, image_channels, patch[2], patch[1], patch[0]], data);
+        let input = Tensor::new(vec![1, image.channels, patch[2], patch[1], patch[0]], data);
         let out = executor.run(input)?;
         let got = &out.shape;
         let want = [
@@ -154,10 +234,40 @@ pub fn infer_region(
         blender.add(output, mask, Some(&weighted));
         report.patches += 1;
     }
-    Ok((blender.finish(), report))
+    Ok(report)
 }
 
-fn at_in(b: Box3, p: Vec3) -> usize {
-    let s = b.shape();
-    ((p[2] - b.start[2]) * s[1] + (p[1] - b.start[1])) * s[0] + (p[0] - b.start[0])
+/// Where the output of `region` is final once the rows up to `row` have run: below the next
+/// row's output (rows start in increasing z), or the region's end after the last row.
+pub fn final_below(grid: &PatchGrid, region: Box3, next_row: Option<usize>) -> usize {
+    match next_row {
+        Some(z) => (z + grid.crop[2]).clamp(region.start[2], region.stop[2]),
+        None => region.stop[2],
+    }
+}
+
+/// Blends the output of `region` (channels × region, x fastest) from `image` (normalised,
+/// `image_channels` channels over `image_box`, which must hold [`input_box`]), row by row as
+/// a task streams a column.
+#[allow(clippy::too_many_arguments)]
+pub fn infer_region(
+    executor: &dyn Executor,
+    grid: &PatchGrid,
+    mask: &[f32],
+    image: &[f32],
+    image_box: Box3,
+    image_channels: usize,
+    region: Box3,
+    channels: usize,
+) -> Result<(Vec<f32>, RegionReport), InferError> {
+    let mut window = ImageWindow::new(image_box, image_channels);
+    window.append(image_box.start[2], image_box.shape()[2], image);
+    let mut blender = Blender::new(region, channels);
+    let mut report = RegionReport::default();
+    for (_, row) in rows_meeting(grid, region) {
+        let part = infer_row(executor, grid, mask, &window, &row, &mut blender)?;
+        report.patches += part.patches;
+        report.skipped += part.skipped;
+    }
+    Ok((blender.finish(), report))
 }

@@ -48,6 +48,118 @@ impl TaskFailure {
     }
 }
 
+/// Reads and loads an ONNX model (a path or `s3://` object), failures named with `context`.
+pub async fn load_model(
+    location: &str,
+    sdk: &aws_config::SdkConfig,
+    context: &str,
+) -> Result<crate::infer::Model, TaskFailure> {
+    let (store, key) = crate::store::open_object(location, sdk)
+        .map_err(|e| TaskFailure::from_error(context, &e))?;
+    let object = store
+        .get(&key)
+        .await
+        .map_err(|e| TaskFailure::from_error(context, &e))?
+        .ok_or_else(|| {
+            TaskFailure::new(
+                FailureKind::InvalidTask,
+                format!("{context}: the model {location} does not exist"),
+            )
+        })?;
+    crate::infer::Model::from_bytes(&object.data, location)
+        .map_err(|e| TaskFailure::from_error(context, &e))
+}
+
+/// `cuboids plan infer`: the task's output in tasks within `budget` (over a hypothetical
+/// image of `shape` voxels where given), and the stages that run them: `infer` (one task
+/// per column or piece of one, any order), then `finalize` (the info).
+pub async fn plan_infer(
+    task: &crate::task::spec::InferTask,
+    budget: &crate::task::infer::InferBudget,
+    shape: Option<crate::geometry::Vec3>,
+    sdk: &aws_config::SdkConfig,
+) -> Result<(crate::task::infer::InferPlan, Vec<Vec<Task>>), TaskFailure> {
+    use crate::task::infer::{layout, plan, sizing};
+    let context = format!("planning infer {} with {}", task.image, task.model);
+    let model = load_model(&task.model, sdk, &context).await?;
+    let store =
+        open_store_with(&task.image, sdk).map_err(|e| TaskFailure::from_error(&context, &e))?;
+    let mut image = Precomputed::open(store)
+        .await
+        .map_err(|e| TaskFailure::from_error(&context, &e))?;
+    if let (Some(shape), Some(scale)) = (shape, image.info.scales.get_mut(task.mip)) {
+        scale.size = shape;
+    }
+    let opts = task.options();
+    let fail = |e: crate::task::infer::InferTaskError| TaskFailure::from_error(&context, &e);
+    let layout = layout(&model, &image, &opts).map_err(fail)?;
+    let sizing = sizing(&model, &layout, &image.info, task.mip).map_err(fail)?;
+    let plan = plan(sizing, &layout, budget, task.column).map_err(fail)?;
+    let offset = image.info.scales[task.mip].voxel_offset;
+    let absolute = |v: crate::geometry::Vec3| [0, 1, 2].map(|i| v[i] as i64 + offset[i]);
+    let base = crate::task::spec::InferTask {
+        task_mib: budget.task_bytes >> 20,
+        column: Some(plan.column),
+        bounds: None,
+        finalize: false,
+        ..task.clone()
+    };
+    let tiles = plan
+        .tasks
+        .iter()
+        .map(|b| {
+            Task::Infer(crate::task::spec::InferTask {
+                bounds: Some(crate::task::downsample::Bounds {
+                    start: absolute(b.start),
+                    stop: absolute(b.stop),
+                }),
+                ..base.clone()
+            })
+        })
+        .collect();
+    let finalize = Task::Infer(crate::task::spec::InferTask {
+        finalize: true,
+        ..base
+    });
+    Ok((plan, vec![tiles, vec![finalize]]))
+}
+
+/// A plan's id: the digest of its tasks (the same plan, the same id).
+pub fn plan_id(stages: &[Vec<Task>]) -> String {
+    use md5::{Digest, Md5};
+    let body = serde_json::to_vec(stages).expect("tasks serialise");
+    Md5::digest(&body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Writes the stages of an inference plan as manifests under `prefix` and returns the stages
+/// document (as `cuboids plan ... --manifests` prints it).
+pub async fn write_infer_manifests(
+    stages: &[Vec<Task>],
+    prefix: &str,
+    sdk: &aws_config::SdkConfig,
+) -> Result<serde_json::Value, crate::runtime::batch::BatchError> {
+    let stage_tasks: Vec<crate::runtime::batch::StageTasks> = ["infer", "finalize"]
+        .iter()
+        .zip(stages)
+        .map(|(name, tasks)| crate::runtime::batch::StageTasks {
+            name: name.to_string(),
+            count: tasks.len(),
+            task: Box::new(move |i| tasks[i].clone()),
+        })
+        .collect();
+    crate::runtime::batch::write_stage_manifests(
+        &plan_id(stages),
+        stages[0].len(),
+        &stage_tasks,
+        prefix,
+        sdk,
+    )
+    .await
+}
+
 /// The process's peak resident memory (Linux's VmHWM), or `None` where it cannot be read.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -237,21 +349,13 @@ impl Executor {
         cancel: &CancellationToken,
     ) -> Result<TaskOutput, TaskFailure> {
         use crate::infer::region::CpuExecutor;
-        let context = format!("infer {} with {} -> {}", t.image, t.model, t.output);
-        let (store, key) = crate::store::open_object(&t.model, &self.sdk)
-            .map_err(|e| TaskFailure::from_error(&context, &e))?;
-        let object = store
-            .get(&key)
-            .await
-            .map_err(|e| TaskFailure::from_error(&context, &e))?
-            .ok_or_else(|| {
-                TaskFailure::new(
-                    FailureKind::InvalidTask,
-                    format!("{context}: the model {} does not exist", t.model),
-                )
-            })?;
-        let model = crate::infer::Model::from_bytes(&object.data, &t.model)
-            .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        let part = match (t.bounds, t.finalize) {
+            (_, true) => " (finalize: the info)".to_string(),
+            (Some(b), _) => format!(" (bounds {:?}..{:?})", b.start, b.stop),
+            _ => String::new(),
+        };
+        let context = format!("infer {} with {} -> {}{part}", t.image, t.model, t.output);
+        let model = load_model(&t.model, &self.sdk, &context).await?;
         let (image, out) = self
             .open_input_output(&t.image, &t.output, &context)
             .await?;
@@ -267,6 +371,14 @@ impl Executor {
         };
         let mut opts = t.options();
         opts.cancel = Some(cancel.clone());
+        let offset = image
+            .info
+            .scales
+            .get(t.mip)
+            .map_or([0; 3], |s| s.voxel_offset);
+        opts.bounds = t.relative_bounds(offset).map_err(|message| {
+            TaskFailure::new(FailureKind::InvalidTask, format!("{context}: {message}"))
+        })?;
         let report = crate::task::infer::infer(executor, &model, &image, out, &opts)
             .await
             .map_err(|e| TaskFailure::from_error(&context, &e))?;
@@ -278,6 +390,9 @@ impl Executor {
             "patches": report.patches,
             "skipped_patches": report.skipped,
             "chunks_written": report.chunks_written,
+            "columns": report.columns,
+            "column": report.column,
+            "gflops": report.gflops(),
             "engine": report.engine,
             "seconds": report.wall.as_secs_f64(),
             "peak_rss_bytes": peak_rss_bytes(),
@@ -371,11 +486,22 @@ impl Executor {
         let mut document = match t.work.as_ref() {
             Task::Segment(w) => self.plan_stages(w, budget, t, &context).await?,
             Task::ConnectedComponents(w) => self.plan_stages(w, budget, t, &context).await?,
+            Task::Infer(w) => {
+                let budget = crate::task::infer::InferBudget {
+                    task_bytes: t.task_mib.saturating_mul(1 << 20),
+                    seconds: t.task_seconds,
+                    gflops: t.gflops.unwrap_or(crate::task::infer::DEFAULT_GFLOPS),
+                };
+                let (_, stages) = plan_infer(w, &budget, None, &self.sdk).await?;
+                write_infer_manifests(&stages, &t.manifests, &self.sdk)
+                    .await
+                    .map_err(|e| TaskFailure::from_error(&context, &e))?
+            }
             other => {
                 return Err(TaskFailure::new(
                     FailureKind::InvalidTask,
                     format!(
-                        "plan: field work is a {} task; only segment and connected-components tasks are planned in stages",
+                        "plan: field work is a {} task; only segment, connected-components and infer tasks are planned in stages",
                         other.describe().split(' ').next().unwrap_or("other")
                     ),
                 ))

@@ -166,14 +166,7 @@ pub async fn plan_downsample(
     };
     if let Some(prefix) = manifests {
         let all: Vec<Vec<Task>> = stages.iter().map(tasks_of).collect();
-        let id = {
-            use md5::{Digest, Md5};
-            let body = serde_json::to_vec(&all)?;
-            Md5::digest(&body)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        };
+        let id = crate::runtime::executor::plan_id(&all);
         let stage_tasks: Vec<crate::runtime::batch::StageTasks> = stages
             .iter()
             .zip(&all)
@@ -225,6 +218,43 @@ pub async fn plan_downsample(
             }
         }
     }
+    Ok(())
+}
+
+/// `cuboids plan infer`: the inference in bounded tasks on one patch grid, then a finalize
+/// task; with `manifests`, one manifest per stage under that prefix and the stages printed as
+/// JSON; with `estimate` (and a hypothetical `shape` of the image), the plan's tasks, memory,
+/// patches and time; else every task on stdout.
+pub async fn plan_infer(
+    task: crate::task::spec::InferTask,
+    budget: crate::task::infer::InferBudget,
+    manifests: Option<&str>,
+    estimate: Option<Option<Vec3>>,
+) -> Result<()> {
+    let sdk = aws_env::sdk_config().await;
+    let (plan, stages) =
+        crate::runtime::executor::plan_infer(&task, &budget, estimate.flatten(), &sdk)
+            .await
+            .map_err(|f| anyhow::anyhow!(f))?;
+    if estimate.is_some() {
+        print!("{}", plan.describe(&budget));
+        return Ok(());
+    }
+    let Some(prefix) = manifests else {
+        for t in stages.iter().flatten() {
+            println!("{}", serde_json::to_string(t)?);
+        }
+        return Ok(());
+    };
+    let document = crate::runtime::executor::write_infer_manifests(&stages, prefix, &sdk).await?;
+    eprintln!(
+        "inference in {} tasks of columns {}x{} (at most {} MiB each), then finalize",
+        plan.tasks.len(),
+        plan.column[0],
+        plan.column[1],
+        plan.task_bytes.div_ceil(1 << 20)
+    );
+    println!("{document}");
     Ok(())
 }
 

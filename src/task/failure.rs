@@ -218,7 +218,12 @@ impl Classify for crate::task::infer::InferTaskError {
         use crate::task::infer::InferTaskError as E;
         match self {
             E::Model(e) => e.failure_kind(),
-            E::Grid { .. } | E::Input { .. } | E::OutputExists { .. } => FailureKind::InvalidTask,
+            E::Grid { .. }
+            | E::Input { .. }
+            | E::OutputExists { .. }
+            | E::OtherLayer { .. }
+            | E::Bounds { .. }
+            | E::Budget { .. } => FailureKind::InvalidTask,
             E::Precomputed(e) => e.failure_kind(),
             E::Store(e) => e.failure_kind(),
             E::Join(_) => FailureKind::Internal,

@@ -13,13 +13,15 @@ use crate::formats::precomputed::{
     PrecomputedError, WriteOptions,
 };
 use crate::geometry::{voxels, Box3, Vec3};
-use crate::infer::blend::{patch_mask, BlendError, Bump, PatchGrid};
-use crate::infer::region::{infer_region, input_box, normalised, Executor, RegionReport};
+use crate::infer::blend::{patch_mask, BlendError, Blender, Bump, PatchGrid};
+use crate::infer::region::{
+    final_below, infer_row, input_box, normalised, rows_meeting, Executor, ImageWindow,
+    RegionReport,
+};
 use crate::infer::{InferError, Model};
 use crate::ops::nn::Tensor;
 use crate::progress::Progress;
 use crate::store::{Store, StoreError};
-use crate::task::stitch::ChunkGrid;
 use crate::volume::Volume;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,6 +46,30 @@ pub enum InferTaskError {
     },
     #[error("the output {location} already has a layer (an info); infer writes a new one")]
     OutputExists { location: String },
+    #[error(
+        "the output {location} has an info unlike the one this plan writes: it is another layer"
+    )]
+    OtherLayer { location: String },
+    #[error(
+        "{location}: bounds {start:?}..{stop:?} (relative x,y,z) must lie in the volume {size:?} and start on whole output chunks of {chunk:?}"
+    )]
+    Bounds {
+        location: String,
+        start: Vec3,
+        stop: Vec3,
+        size: Vec3,
+        chunk: Vec3,
+    },
+    #[error(
+        "--task-mib {task_mib} is too small for this model and patch: a task holds {fixed_mib} MiB before any column, and a column of one chunk ({chunk:?}) {column_mib} MiB more; it needs --task-mib {needed_mib} at least"
+    )]
+    Budget {
+        task_mib: usize,
+        fixed_mib: usize,
+        chunk: Vec3,
+        column_mib: usize,
+        needed_mib: usize,
+    },
     #[error(transparent)]
     Precomputed(#[from] PrecomputedError),
     #[error(transparent)]
@@ -53,6 +79,10 @@ pub enum InferTaskError {
     #[error("stopped before it finished: the runner is shutting down")]
     Cancelled,
 }
+
+/// The effective GFLOP/s task times are reckoned at unless told: what the WGSL executor
+/// measured on 2 lavapipe cores (RSUNet 16-32-64-128, benches/RESULTS.md).
+pub const DEFAULT_GFLOPS: f64 = 4.8;
 
 /// chunkflow's default output patch overlap (z, y, x = 4, 64, 64), as x, y, z.
 pub const DEFAULT_OVERLAP: Vec3 = [64, 64, 4];
@@ -71,8 +101,16 @@ pub struct InferOptions {
     pub bump: Bump,
     /// Output channels: the model's first N (default all).
     pub channels: Option<usize>,
-    /// Output voxels per tile, at most (rounded to whole output chunks).
-    pub tile_voxels: usize,
+    /// Host memory of the run (fixed part included), which sizes its columns.
+    pub memory_bytes: usize,
+    /// Columns of x, y output voxels (whole chunks) instead of the largest within
+    /// `memory_bytes`.
+    pub column: Option<[usize; 2]>,
+    /// Only this output region (relative voxels, whole chunks; a task of a staged plan), and
+    /// no info; `None`: the whole volume, then the info.
+    pub bounds: Option<Box3>,
+    /// Only the info, after every region's task (the last task of a staged plan).
+    pub finalize: bool,
     pub fill_missing: bool,
     pub write: WriteOptions,
     pub cancel: Option<CancellationToken>,
@@ -87,7 +125,10 @@ impl Default for InferOptions {
             output_patch: None,
             bump: Bump::Wu,
             channels: None,
-            tile_voxels: 16 << 20,
+            memory_bytes: crate::task::spec::DEFAULT_TASK_MIB << 20,
+            column: None,
+            bounds: None,
+            finalize: false,
             fill_missing: false,
             write: WriteOptions::default(),
             cancel: None,
@@ -101,10 +142,14 @@ pub struct InferReport {
     pub voxels: u64,
     pub patches: usize,
     pub skipped: usize,
-    pub tiles: usize,
+    pub columns: usize,
+    /// The columns' x, y extent.
+    pub column: [usize; 2],
     pub chunks_written: usize,
     pub channels: usize,
     pub engine: &'static str,
+    /// Floating-point operations of one patch's convolutions.
+    pub patch_flops: u64,
     pub wall: Duration,
     pub compute: Duration,
 }
@@ -112,6 +157,11 @@ pub struct InferReport {
 impl InferReport {
     pub fn mvx_per_s(&self) -> f64 {
         self.voxels as f64 / 1e6 / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    /// Effective GFLOP/s of the net: its convolutions' arithmetic over the time it ran.
+    pub fn gflops(&self) -> f64 {
+        self.patches as f64 * self.patch_flops as f64 / 1e9 / self.compute.as_secs_f64().max(1e-9)
     }
 
     pub fn describe(&self, what: &str) -> Vec<String> {
@@ -124,13 +174,16 @@ impl InferReport {
                 self.engine
             ),
             format!(
-                "  {} patches run, {} all-zero skipped, {} tiles, {} chunks of {} channels written; the net ran {:.2} s",
+                "  {} patches run, {} all-zero skipped, {} columns of {}x{}, {} chunks of {} channels written; the net ran {:.2} s ({:.1} GFLOP/s)",
                 self.patches,
                 self.skipped,
-                self.tiles,
+                self.columns,
+                self.column[0],
+                self.column[1],
                 self.chunks_written,
                 self.channels,
-                self.compute.as_secs_f64()
+                self.compute.as_secs_f64(),
+                self.gflops()
             ),
         ]
     }
@@ -295,66 +348,415 @@ fn output_info(image: &Info, mip: usize, channels: usize) -> Info {
     }
 }
 
-/// Output tiles: whole output chunks, about `tile_voxels` each, grown along x, then y, then z.
-fn tiles(size: Vec3, chunk: Vec3, tile_voxels: usize) -> Vec<Box3> {
-    let mut tile = chunk;
-    for a in 0..3 {
-        while tile[a] < size[a] && voxels(tile) * 2 <= tile_voxels.max(voxels(chunk)) {
-            tile[a] *= 2;
+/// Host memory of an inference run that no plan parameter changes (the process and the GPU
+/// driver and its pipelines): measured about 200 MiB on lavapipe.
+pub const FIXED_MIB: usize = 230;
+
+/// What sizes a run's memory: the grid, the model's cost per patch and the layers' geometry.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizing {
+    pub input_patch: Vec3,
+    pub output_patch: Vec3,
+    /// Input rows are `stride_z` apart.
+    pub stride_z: usize,
+    pub channels: usize,
+    pub net_channels: usize,
+    pub image_channels: usize,
+    /// Bytes of one image value.
+    pub image_elem: usize,
+    /// The image's chunk (its reads) and the output's (its writes).
+    pub image_chunk: Vec3,
+    pub output_chunk: Vec3,
+    pub cost: crate::infer::model::PatchCost,
+}
+
+impl Sizing {
+    /// Memory of a run before any column: the fixed part, the model's weights (the loaded
+    /// model, the GPU's copy and its re-laid convolution weights) and one patch's activations
+    /// (twice: freed buffers are kept for reuse; on lavapipe they are host memory).
+    pub fn fixed_bytes(&self) -> usize {
+        (FIXED_MIB << 20)
+            + 3 * self.cost.weight_bytes as usize
+            + 2 * self.cost.peak_activation_bytes as usize
+    }
+
+    /// The most a column of `xy` output voxels holds: its window of blended planes (sums and
+    /// weights), the slab being written (values, bytes, encoded chunks), its window of image
+    /// planes (with the next row's read in flight) and one patch in and out.
+    pub fn column_bytes(&self, xy: [usize; 2]) -> usize {
+        let [px, py, pz] = self.input_patch;
+        let [ox, oy, oz] = self.output_patch;
+        let plane = xy[0] * xy[1];
+        let out_z = self.output_chunk[2];
+        let blended = plane * (out_z + oz + self.stride_z) * (self.channels + 1) * 4;
+        let slab = 3 * plane * out_z * self.channels * 4;
+        let in_plane = (xy[0] + px + ox) * (xy[1] + py + oy) * self.image_channels;
+        let in_z = self.image_chunk[2];
+        let image = in_plane
+            * ((pz + 2 * in_z + self.stride_z) * 4 + 2 * (in_z + self.stride_z) * self.image_elem);
+        let patch =
+            2 * px * py * pz * self.image_channels * 4 + 3 * ox * oy * oz * self.net_channels * 4;
+        blended + slab + image + patch
+    }
+
+    /// The largest near-square column of whole output chunks (within `extent`, x, y) that a
+    /// run of `memory_bytes` holds.
+    pub fn column(
+        &self,
+        extent: [usize; 2],
+        memory_bytes: usize,
+    ) -> Result<[usize; 2], InferTaskError> {
+        let chunk = self.output_chunk;
+        let fixed = self.fixed_bytes();
+        let least = self.column_bytes([chunk[0], chunk[1]]);
+        if fixed + least > memory_bytes {
+            return Err(InferTaskError::Budget {
+                task_mib: memory_bytes >> 20,
+                fixed_mib: fixed.div_ceil(1 << 20),
+                chunk,
+                column_mib: least.div_ceil(1 << 20),
+                needed_mib: (fixed + least).div_ceil(1 << 20),
+            });
+        }
+        let whole = [0, 1].map(|a| extent[a].div_ceil(chunk[a]) * chunk[a]);
+        let mut xy = [chunk[0], chunk[1]];
+        loop {
+            // Grow the shorter side first (fewer patches run twice at the columns' borders).
+            let mut grown = false;
+            let mut axes = [0, 1];
+            axes.sort_by_key(|&a| xy[a]);
+            for a in axes {
+                let mut bigger = xy;
+                bigger[a] = (xy[a] + chunk[a]).min(whole[a]);
+                if bigger != xy && fixed + self.column_bytes(bigger) <= memory_bytes {
+                    xy = bigger;
+                    grown = true;
+                    break;
+                }
+            }
+            if !grown {
+                return Ok(xy);
+            }
         }
     }
-    let grid = ChunkGrid {
-        region: size,
-        chunk: tile,
-    };
-    (0..grid.len()).map(|t| grid.core(t)).collect()
 }
 
-/// One tile's output channels: zeros where no patch reaches it (the border of a valid-padding
-/// net), else its patches run and blended; with the time the net and the blending took.
-async fn infer_tile(
-    executor: &Arc<dyn Executor>,
-    layout: &Arc<InferLayout>,
-    mask: &Arc<Vec<f32>>,
-    image: &Precomputed,
-    opts: &InferOptions,
-    tile: Box3,
-) -> Result<(Volume, RegionReport, Duration), InferTaskError> {
-    let Some(reads) = input_box(&layout.grid, tile) else {
-        let zeros = Volume::zeros(DataType::Float32, tile.shape(), layout.channels);
-        return Ok((zeros, RegionReport::default(), Duration::ZERO));
-    };
-    let (vol, _) = image
-        .read_region(opts.mip, reads, opts.fill_missing)
-        .await?;
-    let t = Instant::now();
-    let (executor, shared, mask) = (executor.clone(), layout.clone(), mask.clone());
-    let (values, part) = tokio::task::spawn_blocking(move || {
-        let cropped = Cropped {
-            inner: executor.as_ref(),
-            crop: shared.net_crop,
-            output: shared.grid.output_patch,
-        };
-        let image = normalised(&vol);
-        infer_region(
-            &cropped,
-            &shared.grid,
-            &mask,
-            &image,
-            reads,
-            vol.channels,
-            tile,
-            shared.channels,
-        )
+/// The sizing of a run over `image` with `model`.
+pub fn sizing(
+    model: &Model,
+    layout: &InferLayout,
+    image: &Info,
+    mip: usize,
+) -> Result<Sizing, InferTaskError> {
+    let grid = &layout.grid;
+    let [px, py, pz] = grid.input_patch;
+    let cost = model.cost(&[1, image.num_channels, pz, py, px])?;
+    let shapes = model.shapes(&[1, image.num_channels, pz, py, px])?;
+    let input_overlap_z = grid.output_overlap[2] + 2 * grid.crop[2];
+    let scale = &image.scales[mip];
+    Ok(Sizing {
+        input_patch: grid.input_patch,
+        output_patch: grid.output_patch,
+        stride_z: pz - input_overlap_z,
+        channels: layout.channels,
+        net_channels: shapes[model.output_slot][1],
+        image_channels: image.num_channels,
+        image_elem: image.data_type.size(),
+        image_chunk: scale.chunk_size(),
+        output_chunk: scale.chunk_size(),
+        cost,
     })
-    .await??;
-    let data = bytemuck::cast_slice::<f32, u8>(&values).to_vec();
-    let volume = Volume::from_bytes(DataType::Float32, tile.shape(), layout.channels, data)
-        .expect("sized by the tile");
-    Ok((volume, part, t.elapsed()))
 }
 
-/// Runs the model over the image and writes the output layer.
+/// A staged plan of inference: tasks of whole columns (or of their z pieces where tasks are
+/// bounded in time), then one that writes the info.
+#[derive(Clone, Debug)]
+pub struct InferPlan {
+    pub column: [usize; 2],
+    /// Each task's output region (relative voxels, whole output chunks).
+    pub tasks: Vec<Box3>,
+    pub sizing: Sizing,
+    /// A task's peak host memory, estimated.
+    pub task_bytes: usize,
+    /// Patches in the global grid, and those the tasks run (patches on a task's border run
+    /// in both).
+    pub grid_patches: usize,
+    pub patches_run: usize,
+    pub largest_task_patches: usize,
+}
+
+/// How `plan infer` is bounded.
+#[derive(Clone, Copy, Debug)]
+pub struct InferBudget {
+    /// Host memory per task (fixed part included).
+    pub task_bytes: usize,
+    /// The longest a task should run, at `gflops`.
+    pub seconds: Option<f64>,
+    /// The engine's effective GFLOP/s (what `cuboids infer` prints).
+    pub gflops: f64,
+}
+
+/// Plans inference over `layout`'s grid in tasks within `budget`: columns as large as a task's
+/// memory holds, cut along z where a whole column would take longer than `budget.seconds`.
+pub fn plan(
+    sizing: Sizing,
+    layout: &InferLayout,
+    budget: &InferBudget,
+    column: Option<[usize; 2]>,
+) -> Result<InferPlan, InferTaskError> {
+    let grid = &layout.grid;
+    let size = grid.volume;
+    let chunk = sizing.output_chunk;
+    let column = match column {
+        Some(c) => c,
+        None => sizing.column([size[0], size[1]], budget.task_bytes)?,
+    };
+    let patch_seconds = sizing.cost.flops as f64 / (budget.gflops.max(1e-9) * 1e9);
+    let columns = crate::task::plan::split(Box3::from_shape(size), [column[0], column[1], size[2]]);
+    let mut tasks = Vec::new();
+    for col in columns {
+        // The most whole chunks of z a task of this column covers within the time bound.
+        let mut step = size[2].div_ceil(chunk[2]) * chunk[2];
+        if let Some(seconds) = budget.seconds {
+            let fits = |z: usize| {
+                let b = Box3::new(col.start, [col.stop[0], col.stop[1], z.min(size[2])]);
+                grid.count_meeting(b) as f64 * patch_seconds <= seconds
+            };
+            let mut k = 1;
+            while k * chunk[2] < size[2] && fits((k + 1) * chunk[2]) {
+                k += 1;
+            }
+            step = k * chunk[2];
+        }
+        tasks.extend(crate::task::plan::split(col, [column[0], column[1], step]));
+    }
+    let counts: Vec<usize> = tasks.iter().map(|&t| grid.count_meeting(t)).collect();
+    Ok(InferPlan {
+        column,
+        task_bytes: sizing.fixed_bytes() + sizing.column_bytes(column),
+        grid_patches: grid.len(),
+        patches_run: counts.iter().sum(),
+        largest_task_patches: counts.iter().copied().max().unwrap_or(0),
+        tasks,
+        sizing,
+    })
+}
+
+impl InferPlan {
+    /// What `plan infer --estimate` prints.
+    pub fn describe(&self, budget: &InferBudget) -> String {
+        let flops = self.sizing.cost.flops as f64;
+        let largest = self.largest_task_patches as f64 * flops;
+        format!(
+            "{} tasks of columns {}x{} (x,y), each at most {} MiB of host memory ({} MiB fixed and model)\n\
+             patches: {} in the grid, {} run ({:.2}x: patches on task borders run in both)\n\
+             per patch {:.2} GFLOP; largest task {} patches = {:.0} GFLOP, {:.0} s at {} GFLOP/s\n\
+             then 1 finalize task (the info)\n",
+            self.tasks.len(),
+            self.column[0],
+            self.column[1],
+            self.task_bytes.div_ceil(1 << 20),
+            self.sizing.fixed_bytes().div_ceil(1 << 20),
+            self.grid_patches,
+            self.patches_run,
+            self.patches_run as f64 / self.grid_patches.max(1) as f64,
+            flops / 1e9,
+            self.largest_task_patches,
+            largest / 1e9,
+            largest / (budget.gflops * 1e9),
+            budget.gflops
+        )
+    }
+}
+
+/// A model's run over one column: the image window, the blended planes and the output
+/// layer it writes whole chunk slabs of.
+struct ColumnRun<'a> {
+    executor: &'a Arc<dyn Executor>,
+    layout: &'a Arc<InferLayout>,
+    mask: &'a Arc<Vec<f32>>,
+    image: &'a Precomputed,
+    out: &'a Precomputed,
+    opts: &'a InferOptions,
+}
+
+/// What a column did.
+#[derive(Default)]
+struct ColumnReport {
+    region: RegionReport,
+    compute: Duration,
+    chunks_written: usize,
+}
+
+impl ColumnRun<'_> {
+    /// Reads image planes `[z0, z1)` of `extent` (x, y), normalised.
+    async fn read_planes(
+        &self,
+        extent: Box3,
+        z0: usize,
+        z1: usize,
+    ) -> Result<Vec<f32>, InferTaskError> {
+        if z1 <= z0 {
+            return Ok(Vec::new());
+        }
+        let b = Box3::new(
+            [extent.start[0], extent.start[1], z0],
+            [extent.stop[0], extent.stop[1], z1],
+        );
+        let (vol, _) = self
+            .image
+            .read_region(self.opts.mip, b, self.opts.fill_missing)
+            .await?;
+        Ok(tokio::task::spawn_blocking(move || normalised(&vol)).await?)
+    }
+
+    /// Writes the blended planes up to `z` (whole output chunks of z, or the column's end) and
+    /// notes the chunks written.
+    async fn write_planes(
+        &self,
+        col: Box3,
+        blender: &mut Blender,
+        flushed: &mut usize,
+        z: usize,
+        written: &mut Vec<String>,
+        progress: &Progress,
+    ) -> Result<usize, InferTaskError> {
+        let scale = self.out.scale(0);
+        let cz = scale.chunk_size()[2];
+        let mut chunks = 0;
+        while *flushed < z && (*flushed + cz <= z || z == col.stop[2]) {
+            let stop = (*flushed + cz).min(col.stop[2]);
+            let slab = Box3::new(
+                [col.start[0], col.start[1], *flushed],
+                [col.stop[0], col.stop[1], stop],
+            );
+            let values = blender.take(stop);
+            let data = bytemuck::cast_slice::<f32, u8>(&values).to_vec();
+            let volume =
+                Volume::from_bytes(DataType::Float32, slab.shape(), self.layout.channels, data)
+                    .expect("sized by the slab");
+            written.extend(chunk_grid(scale, slab).iter().map(|&c| chunk_key(scale, c)));
+            chunks += self
+                .out
+                .write_region(0, slab.start, &volume, self.opts.write)
+                .await?;
+            progress.add(voxels(slab.shape()) as u64);
+            *flushed = stop;
+        }
+        Ok(chunks)
+    }
+
+    /// Streams one column up z: row by row of patches, the next row's image read while this
+    /// row runs, and each whole slab of output chunks written once no later row reaches it.
+    async fn run(
+        &self,
+        col: Box3,
+        written: &mut Vec<String>,
+        progress: &Progress,
+    ) -> Result<ColumnReport, InferTaskError> {
+        let grid = &self.layout.grid;
+        let rows = rows_meeting(grid, col);
+        let mut report = ColumnReport::default();
+        let mut blender = Blender::new(col, self.layout.channels);
+        let mut flushed = col.start[2];
+        let extent = input_box(grid, col).unwrap_or(col);
+        let channels_in = self.image.info.num_channels;
+        let mut window = ImageWindow::new(extent, channels_in);
+        let image_z = self.image.scale(self.opts.mip).chunk_size()[2];
+        let volume_z = grid.volume[2];
+        // The planes a row needs, read to the end of their last image chunk (each chunk once).
+        let reach =
+            |z: usize| ((z + grid.input_patch[2]).div_ceil(image_z) * image_z).min(volume_z);
+        if let Some(&(z, _)) = rows.first() {
+            let planes = self.read_planes(extent, z, reach(z)).await?;
+            window.append(z, reach(z) - z, &planes);
+        }
+        for (k, (z, row)) in rows.iter().enumerate() {
+            if self.opts.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+                return Err(InferTaskError::Cancelled);
+            }
+            window.drop_below(*z);
+            let next = rows.get(k + 1).map(|r| r.0);
+            // The next row's planes this window lacks, read while this row runs.
+            let (from, to) = match next {
+                Some(n) if reach(n) > window.z1() => (window.z1(), reach(n)),
+                _ => (0, 0),
+            };
+            let t = Instant::now();
+            let (executor, layout, mask, row) = (
+                self.executor.clone(),
+                self.layout.clone(),
+                self.mask.clone(),
+                row.clone(),
+            );
+            let compute = tokio::task::spawn_blocking(move || {
+                let cropped = Cropped {
+                    inner: executor.as_ref(),
+                    crop: layout.net_crop,
+                    output: layout.grid.output_patch,
+                };
+                let part = infer_row(&cropped, &layout.grid, &mask, &window, &row, &mut blender);
+                (part, window, blender)
+            });
+            let (computed, planes) = tokio::join!(compute, self.read_planes(extent, from, to));
+            let (part, w, b) = computed?;
+            (window, blender) = (w, b);
+            let part = part?;
+            report.compute += t.elapsed();
+            report.region.patches += part.patches;
+            report.region.skipped += part.skipped;
+            window.append(from, to - from, &planes?);
+            let done = final_below(grid, col, next);
+            report.chunks_written += self
+                .write_planes(col, &mut blender, &mut flushed, done, written, progress)
+                .await?;
+        }
+        // A column no patch reaches (a valid net's border) is zeros, written slab by slab.
+        report.chunks_written += self
+            .write_planes(
+                col,
+                &mut blender,
+                &mut flushed,
+                col.stop[2],
+                written,
+                progress,
+            )
+            .await?;
+        Ok(report)
+    }
+}
+
+/// Checks a task's bounds: inside the volume, starting on whole output chunks.
+fn checked_bounds(
+    bounds: Option<Box3>,
+    size: Vec3,
+    chunk: Vec3,
+    location: &str,
+) -> Result<Box3, InferTaskError> {
+    let Some(b) = bounds else {
+        return Ok(Box3::from_shape(size));
+    };
+    let aligned = (0..3).all(|a| {
+        b.start[a] < b.stop[a]
+            && b.stop[a] <= size[a]
+            && b.start[a].is_multiple_of(chunk[a])
+            && (b.stop[a].is_multiple_of(chunk[a]) || b.stop[a] == size[a])
+    });
+    if aligned {
+        Ok(b)
+    } else {
+        Err(InferTaskError::Bounds {
+            location: location.to_string(),
+            start: b.start,
+            stop: b.stop,
+            size,
+            chunk,
+        })
+    }
+}
+
+/// Runs the model over the image (or `opts.bounds` of it) and writes the output layer (its
+/// info last, and only for the whole volume or `opts.finalize`).
 pub async fn infer(
     executor: Arc<dyn Executor>,
     model: &Model,
@@ -366,52 +768,74 @@ pub async fn infer(
     let layout = Arc::new(layout(model, image, opts)?);
     let [px, py, pz] = layout.grid.input_patch;
     executor.check(&[1, image.info.num_channels, pz, py, px])?;
+    let info = output_info(&image.info, opts.mip, layout.channels);
+    let region = checked_bounds(
+        opts.bounds,
+        info.scales[0].size,
+        info.scales[0].chunk_size(),
+        &image.store.location(),
+    )?;
     let location = output.location();
     match Precomputed::open(output.clone()).await {
+        Ok(existing) if opts.finalize && existing.info == info => {}
+        Ok(existing) if opts.finalize => {
+            let _ = existing;
+            return Err(InferTaskError::OtherLayer { location });
+        }
         Ok(_) => return Err(InferTaskError::OutputExists { location }),
         Err(PrecomputedError::MissingInfo { .. }) => {}
         Err(e) => return Err(e.into()),
     }
-    let info = output_info(&image.info, opts.mip, layout.channels);
     let out = Precomputed::new(output, info);
-    let scale = out.scale(0).clone();
-    let tiles = tiles(scale.size, scale.chunk_size(), opts.tile_voxels);
+    let sizing = sizing(model, &layout, &image.info, opts.mip)?;
+    let mut report = InferReport {
+        channels: layout.channels,
+        engine: executor.engine(),
+        patch_flops: sizing.cost.flops,
+        ..Default::default()
+    };
+    if opts.finalize {
+        out.write_info().await?;
+        report.wall = start.elapsed();
+        return Ok(report);
+    }
+    let column = match opts.column {
+        Some(c) => c,
+        None => sizing.column([region.shape()[0], region.shape()[1]], opts.memory_bytes)?,
+    };
+    let columns = crate::task::plan::split(region, [column[0], column[1], region.shape()[2]]);
+    report.voxels = voxels(region.shape()) as u64;
+    report.columns = columns.len();
+    report.column = column;
     let mask = Arc::new(patch_mask(
         opts.bump,
         layout.grid.output_patch,
         layout.grid.output_overlap,
     ));
-    let mut report = InferReport {
-        voxels: voxels(scale.size) as u64,
-        tiles: tiles.len(),
-        channels: layout.channels,
-        engine: executor.engine(),
-        ..Default::default()
+    let run = ColumnRun {
+        executor: &executor,
+        layout: &layout,
+        mask: &mask,
+        image,
+        out: &out,
+        opts,
     };
     let progress = Progress::new("infer", report.voxels);
     let mut written: Vec<String> = Vec::new();
     let result: Result<(), InferTaskError> = async {
-        for tile in tiles {
-            if opts.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
-                return Err(InferTaskError::Cancelled);
-            }
-            let (volume, part, compute) =
-                infer_tile(&executor, &layout, &mask, image, opts, tile).await?;
-            report.compute += compute;
-            report.patches += part.patches;
-            report.skipped += part.skipped;
-            written.extend(
-                chunk_grid(&scale, tile)
-                    .iter()
-                    .map(|&c| chunk_key(&scale, c)),
-            );
-            report.chunks_written += out.write_region(0, tile.start, &volume, opts.write).await?;
-            progress.add(voxels(tile.shape()) as u64);
+        for col in columns {
+            let part = run.run(col, &mut written, &progress).await?;
+            report.compute += part.compute;
+            report.patches += part.region.patches;
+            report.skipped += part.region.skipped;
+            report.chunks_written += part.chunks_written;
         }
         if opts.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
             return Err(InferTaskError::Cancelled);
         }
-        out.write_info().await?;
+        if opts.bounds.is_none() {
+            out.write_info().await?;
+        }
         Ok(())
     }
     .await;

@@ -53,7 +53,7 @@ pub const DEFAULT_TASK_MIB: usize = 4096;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlanTask {
-    /// The work to plan: a `segment` or `connected-components` task document.
+    /// The work to plan: a `segment`, `connected-components` or `infer` task document.
     pub work: Box<Task>,
     /// Manifests go to PREFIX<stage>.jsonl (a path or `s3://` prefix; end it with / for a
     /// folder).
@@ -67,6 +67,12 @@ pub struct PlanTask {
     /// Fan-in of the numbering's prefix sums (default: what `task_mib` allows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scan_fan_in: Option<usize>,
+    /// Infer: the longest a task should run, in seconds at `gflops`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_seconds: Option<f64>,
+    /// Infer: the engine's effective GFLOP/s that `task_seconds` is reckoned at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gflops: Option<f64>,
 }
 
 fn default_task_mib() -> usize {
@@ -317,6 +323,20 @@ pub struct InferTask {
     /// Runs the CPU reference operators instead of the GPU (slow, for checking).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cpu: bool,
+    /// Host memory of the task in MiB, fixed part included: sizes its columns.
+    #[serde(default = "default_task_mib")]
+    pub task_mib: usize,
+    /// Columns of x, y output voxels (whole chunks), as a plan chose them; default the
+    /// largest within `task_mib`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<[usize; 2]>,
+    /// Only these output bounds (absolute voxels, whole chunks) and no info: a task of
+    /// `cuboids plan infer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bounds: Option<crate::task::downsample::Bounds>,
+    /// Only the layer's info, once every bounds task is done: the last task of a plan.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub finalize: bool,
 }
 
 fn overlap_default() -> Vec3 {
@@ -336,8 +356,35 @@ impl InferTask {
             write: crate::formats::precomputed::WriteOptions {
                 gzip_level: self.gzip_level,
             },
+            memory_bytes: self.task_mib.saturating_mul(1 << 20),
+            column: self.column,
+            finalize: self.finalize,
             ..Default::default()
         }
+    }
+
+    /// The task's bounds relative to the image scale's voxel offset, named in errors.
+    pub fn relative_bounds(
+        &self,
+        offset: [i64; 3],
+    ) -> Result<Option<crate::geometry::Box3>, String> {
+        let Some(b) = self.bounds else {
+            return Ok(None);
+        };
+        let rel = |v: [i64; 3]| -> Result<[usize; 3], String> {
+            let r = [0, 1, 2].map(|i| v[i] - offset[i]);
+            if r.iter().any(|&c| c < 0) {
+                return Err(format!(
+                    "bounds {:?}..{:?} start before the image's voxel offset {offset:?}",
+                    b.start, b.stop
+                ));
+            }
+            Ok(r.map(|c| c as usize))
+        };
+        Ok(Some(crate::geometry::Box3::new(
+            rel(b.start)?,
+            rel(b.stop)?,
+        )))
     }
 }
 

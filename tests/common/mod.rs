@@ -167,6 +167,20 @@ pub async fn read_labels_with(dir: &std::path::Path, fill_missing: bool) -> Vec<
     bytemuck::pod_collect_to_vec(&v.data)
 }
 
+/// A float32 layer's values as their bits (channel after channel), to compare byte for byte.
+pub async fn read_f32_bits(dir: &std::path::Path) -> Vec<u32> {
+    use cuboids::formats::precomputed::Precomputed;
+    let vol = Precomputed::open(std::sync::Arc::new(cuboids::store::LocalStore::new(dir)))
+        .await
+        .unwrap();
+    let size = vol.scale(0).size;
+    let (v, _) = vol
+        .read_region(0, cuboids::geometry::Box3::from_shape(size), false)
+        .await
+        .unwrap();
+    bytemuck::pod_collect_to_vec(&v.data)
+}
+
 pub fn files_under(dir: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir) {
