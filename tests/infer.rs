@@ -752,3 +752,60 @@ fn a_patch_costs_its_convolutions_multiply_adds_and_its_largest_live_activations
     let up = Model::open(&fixtures().join("conv_transpose3d.onnx")).unwrap();
     assert_eq!(up.cost(&[1, 4, 3, 4, 4]).unwrap().flops, 2 * 192 * 32);
 }
+
+#[tokio::test]
+async fn a_tasks_memory_is_within_its_plan_and_does_not_grow_with_the_volume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("net_rsunet.onnx");
+    let mut peaks = Vec::new();
+    for (i, shape) in [[32, 32, 16], [32, 32, 128]].into_iter().enumerate() {
+        let image = tmp.path().join(format!("image{i}"));
+        random_image_layer(&image, shape, 7).await;
+        let output = tmp.path().join(format!("aff{i}"));
+        let prefix = format!("{}/", tmp.path().join(format!("plan{i}")).display());
+        let o = cuboids(&[
+            "plan",
+            "infer",
+            "--image",
+            image.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--overlap",
+            "4,4,1",
+            "--column",
+            "16,16",
+            "--task-mib",
+            "1024",
+            "--manifests",
+            &prefix,
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        let planned_mib: u64 = stderr
+            .split("at most ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{stderr}"));
+        let stages: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let tasks = manifest_tasks(stages["stages"][0]["manifest"].as_str().unwrap());
+        // One column of the four, whole z: 8x taller on the second volume.
+        let doc = run_task(tmp.path(), &tasks[0]);
+        let peak = doc["peak_rss_bytes"].as_u64().unwrap();
+        assert!(
+            peak <= planned_mib << 20,
+            "{peak} bytes > {planned_mib} MiB planned"
+        );
+        peaks.push((peak, doc["peak_column_bytes"].as_u64().unwrap()));
+    }
+    let growth = peaks[1].0 as f64 / peaks[0].0 as f64;
+    assert!(
+        growth < 1.15,
+        "a column 8x taller took {growth:.2}x the memory: {peaks:?}"
+    );
+    // The column's windows (image and blended planes) are as tall as a patch and a chunk on
+    // both volumes: the same bytes, where holding the column would take 8x.
+    assert!(peaks[0].1 > 0 && peaks[1].1 == peaks[0].1, "{peaks:?}");
+}

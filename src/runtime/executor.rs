@@ -391,6 +391,7 @@ impl Executor {
             "skipped_patches": report.skipped,
             "chunks_written": report.chunks_written,
             "columns": report.columns,
+            "peak_column_bytes": report.peak_column_bytes,
             "column": report.column,
             "gflops": report.gflops(),
             "engine": report.engine,

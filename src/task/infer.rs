@@ -150,6 +150,8 @@ pub struct InferReport {
     pub engine: &'static str,
     /// Floating-point operations of one patch's convolutions.
     pub patch_flops: u64,
+    /// The most a column's image and output windows held at once (what streaming bounds).
+    pub peak_column_bytes: usize,
     pub wall: Duration,
     pub compute: Duration,
 }
@@ -586,6 +588,8 @@ struct ColumnReport {
     region: RegionReport,
     compute: Duration,
     chunks_written: usize,
+    /// The most its image and output windows held at once.
+    peak_bytes: usize,
 }
 
 impl ColumnRun<'_> {
@@ -706,6 +710,7 @@ impl ColumnRun<'_> {
             report.region.patches += part.patches;
             report.region.skipped += part.skipped;
             window.append(from, to - from, &planes?);
+            report.peak_bytes = report.peak_bytes.max(window.bytes() + blender.bytes());
             let done = final_below(grid, col, next);
             report.chunks_written += self
                 .write_planes(col, &mut blender, &mut flushed, done, written, progress)
@@ -829,6 +834,7 @@ pub async fn infer(
             report.patches += part.region.patches;
             report.skipped += part.region.skipped;
             report.chunks_written += part.chunks_written;
+            report.peak_column_bytes = report.peak_column_bytes.max(part.peak_bytes);
         }
         if opts.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
             return Err(InferTaskError::Cancelled);
