@@ -5,7 +5,7 @@ RSUNet-like ONNX model and the same uint8 EM-like image, in one run on one machi
     python -m venv v && v/bin/pip install onnx==1.23.2 onnxruntime==1.32.0 chunkflow==1.2.0 numpy
     cargo build --release
     v/bin/python benches/infer_compare.py [--widths 16,32,64,128] [--patch 256,256,20]
-        [--overlap 64,64,4] [--volume 256,256,20] [--engines gpu,cpu] [--skip-chunkflow]
+        [--overlap 64,64,4] [--volume 256,256,20] [--engines gpu,native,reference] [--skip-chunkflow]
 
 The net (built here with onnx.helper, random weights; inference cost does not depend on them):
 an input conv (1,5,5), at each level a residual block of two BN-ReLU-conv 3x3x3, max-pool
@@ -189,14 +189,16 @@ for engine in args.engines.split(","):
     out = os.path.join(work, f"aff-{engine}")
     cmd = [cuboids, "infer", "--image", layer, "--model", model_path, "--output", out,
            "--patch", ",".join(map(str, args.patch)), "--overlap", ",".join(map(str, args.overlap))]
-    if engine == "cpu":
-        cmd.append("--cpu")
+    # gpu: the WGSL executor (lavapipe where there is no GPU); native: convolutions as matrix
+    # products on the CPU's cores; reference (or cpu): the reference operators.
+    cmd += ["--engine", "reference" if engine == "cpu" else engine]
     t = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True)
     elapsed = time.time() - t
     if done.returncode != 0:
         sys.exit(f"cuboids infer ({engine}) failed:\n{done.stderr}")
-    engine_name = "CPU reference" if engine == "cpu" else "WGSL"
+    engine_name = {"cpu": "CPU reference", "reference": "CPU reference", "gpu": "WGSL",
+                   "native": "native CPU"}[engine]
     report(f"cuboids infer ({engine_name})", elapsed)
     results[engine] = out
 

@@ -346,9 +346,13 @@ struct InferArgs {
     /// Missing image chunks are zeros instead of an error.
     #[arg(long)]
     fill_missing: bool,
-    /// Run the CPU reference operators instead of the GPU (slow; for checking).
+    /// Run the CPU reference operators (slow; for checking): --engine reference.
     #[arg(long)]
     cpu: bool,
+    /// The executor: auto (the GPU, or native where the adapter is lavapipe), gpu (WGSL),
+    /// native (convolutions as matrix products on the CPU's cores), reference.
+    #[arg(long, value_enum, default_value_t = crate::infer::Engine::Auto)]
+    engine: crate::infer::Engine,
     /// Host memory in MiB, fixed part included (about 230 MiB on lavapipe, plus the model's
     /// weights and a patch's activations): the output is made in columns of whole chunks, as
     /// large as fit, each streamed up z, so memory does not grow with the volume.
@@ -374,6 +378,7 @@ impl InferArgs {
             fill_missing: self.fill_missing,
             gzip_level: 6,
             cpu: self.cpu,
+            engine: self.engine,
             task_mib: self.task_mib,
             column: self.column,
             bounds: None,

@@ -93,6 +93,19 @@ fn every_operator_and_both_nets_equal_onnxruntime() {
 }
 
 #[test]
+fn the_native_cpu_engine_equals_onnxruntime_and_the_cpu_reference() {
+    use cuboids::infer::native::NativeExecutor;
+    for (name, model, input, want) in golden_cases() {
+        let reference = cpu::run(&model, input.clone()).unwrap();
+        let got = NativeExecutor { model }
+            .run(input)
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_close(&name, "onnxruntime (native)", &got, &want);
+        assert_close(&name, "the CPU reference (native)", &got, &reference);
+    }
+}
+
+#[test]
 fn batch_norm_after_a_conv_is_folded_and_elsewhere_kept() {
     let ops = |name: &str| -> Vec<String> {
         let model = Model::open(&fixtures().join(format!("{name}.onnx"))).unwrap();

@@ -7,6 +7,15 @@ use crate::ops::nn::{self, NnError, Tensor};
 /// The model's output for one input tensor (N, C, spatial...). Values are dropped after
 /// their last reader.
 pub fn run(model: &Model, input: Tensor) -> Result<Tensor, InferError> {
+    run_with(model, input, execute)
+}
+
+/// [`run`] with `execute` running each node (an engine's own operators where it has them).
+pub(super) fn run_with(
+    model: &Model,
+    input: Tensor,
+    execute: impl Fn(&Node, &[Option<&Tensor>]) -> Result<Tensor, NnError>,
+) -> Result<Tensor, InferError> {
     model.shapes(&input.shape)?;
     let last_read = model.last_reads();
     let mut values: Vec<Option<Tensor>> = vec![None; model.slots];
@@ -36,7 +45,8 @@ pub fn run(model: &Model, input: Tensor) -> Result<Tensor, InferError> {
         })
 }
 
-fn execute(node: &Node, ins: &[Option<&Tensor>]) -> Result<Tensor, NnError> {
+/// One node by the reference operators.
+pub(super) fn execute(node: &Node, ins: &[Option<&Tensor>]) -> Result<Tensor, NnError> {
     let input = |i: usize| {
         ins.get(i)
             .copied()

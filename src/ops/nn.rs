@@ -417,7 +417,7 @@ pub fn pool(x: &Tensor, kind: Pool, window: &Window, ceil: bool) -> Result<Tenso
 
 /// The window's taps that fall inside the input or its pads (not past the end pads, where a
 /// ceil-mode window may reach).
-fn padded_taps(window: &Window, o: [usize; 3], xs: [usize; 3]) -> usize {
+pub(crate) fn padded_taps(window: &Window, o: [usize; 3], xs: [usize; 3]) -> usize {
     (0..3)
         .map(|a| {
             (0..window.kernel[a])

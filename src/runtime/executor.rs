@@ -348,7 +348,6 @@ impl Executor {
         t: &crate::task::spec::InferTask,
         cancel: &CancellationToken,
     ) -> Result<TaskOutput, TaskFailure> {
-        use crate::infer::region::CpuExecutor;
         let part = match (t.bounds, t.finalize) {
             (_, true) => " (finalize: the info)".to_string(),
             (Some(b), _) => format!(" (bounds {:?}..{:?})", b.start, b.stop),
@@ -359,16 +358,7 @@ impl Executor {
         let (image, out) = self
             .open_input_output(&t.image, &t.output, &context)
             .await?;
-        let executor: Arc<dyn crate::infer::region::Executor> = if t.cpu {
-            Arc::new(CpuExecutor {
-                model: model.clone(),
-            })
-        } else {
-            Arc::new(
-                crate::infer::gpu::GpuExecutor::new(self.gpu().await?, model.clone())
-                    .map_err(|e| TaskFailure::from_error(&context, &e))?,
-            )
-        };
+        let executor = self.infer_executor(t, &model, &context).await?;
         let mut opts = t.options();
         opts.cancel = Some(cancel.clone());
         let offset = image
@@ -409,6 +399,34 @@ impl Executor {
                 report.patches,
                 report.engine
             ),
+        })
+    }
+
+    /// The executor a task asks for: `auto` is the GPU unless the adapter is lavapipe, where
+    /// the native CPU engine is the faster.
+    async fn infer_executor(
+        &self,
+        t: &crate::task::spec::InferTask,
+        model: &crate::infer::Model,
+        context: &str,
+    ) -> Result<Arc<dyn crate::infer::region::Executor>, TaskFailure> {
+        use crate::infer::{native::NativeExecutor, region::CpuExecutor, Engine};
+        let engine = if t.cpu { Engine::Reference } else { t.engine };
+        let model = model.clone();
+        Ok(match engine {
+            Engine::Reference => Arc::new(CpuExecutor { model }),
+            Engine::Native => Arc::new(NativeExecutor { model }),
+            Engine::Gpu | Engine::Auto => {
+                let ctx = self.gpu().await?;
+                if engine == Engine::Auto && ctx.is_software() {
+                    Arc::new(NativeExecutor { model })
+                } else {
+                    Arc::new(
+                        crate::infer::gpu::GpuExecutor::new(ctx, model)
+                            .map_err(|e| TaskFailure::from_error(context, &e))?,
+                    )
+                }
+            }
         })
     }
 

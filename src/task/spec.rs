@@ -320,9 +320,13 @@ pub struct InferTask {
     pub fill_missing: bool,
     #[serde(default = "gzip_default")]
     pub gzip_level: u32,
-    /// Runs the CPU reference operators instead of the GPU (slow, for checking).
+    /// Runs the CPU reference operators (slow, for checking): `engine: reference`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cpu: bool,
+    /// Which executor runs the net (default: the GPU, or the native CPU engine where the
+    /// adapter is lavapipe).
+    #[serde(default, skip_serializing_if = "is_auto")]
+    pub engine: crate::infer::Engine,
     /// Host memory of the task in MiB, fixed part included: sizes its columns.
     #[serde(default = "default_task_mib")]
     pub task_mib: usize,
@@ -337,6 +341,10 @@ pub struct InferTask {
     /// Only the layer's info, once every bounds task is done: the last task of a plan.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub finalize: bool,
+}
+
+fn is_auto(engine: &crate::infer::Engine) -> bool {
+    *engine == crate::infer::Engine::Auto
 }
 
 fn overlap_default() -> Vec3 {

@@ -1,0 +1,482 @@
+//! A native CPU engine: the reference executor's graph walk ([`super::cpu`]) with the
+//! convolutions, where nearly all the arithmetic is, as matrix products on this CPU's vector
+//! units. A convolution's output is cut into tiles of voxels; per tile its input is unrolled
+//! (im2col: a row per input channel and tap, a column per output voxel, zeros where a tap
+//! falls in the padding) and multiplied by the weights ([M, C/g·taps], as ONNX stores them)
+//! with the `gemm` crate (its AVX-512, AVX2+FMA or NEON kernels chosen at run time); tiles run
+//! on rayon's threads. The other operators are the reference's. Results equal the reference
+//! to float rounding (the products sum in another order), and one patch's bytes do not depend
+//! on the thread count (each tile is one product).
+
+use super::cpu;
+use super::model::{InferError, Model, Op};
+use super::region::Executor;
+use crate::ops::nn::{self, ncs, Binary, NnError, Pool, Tensor, Window};
+use rayon::prelude::*;
+
+/// Bytes of one tile's unrolled input: about what a core's L2 cache holds.
+const TILE_BYTES: usize = 1 << 20;
+
+/// Convolutions as matrix products on the CPU; every other operator by the reference.
+pub struct NativeExecutor {
+    pub model: Model,
+}
+
+impl Executor for NativeExecutor {
+    fn run(&self, patch: Tensor) -> Result<Tensor, InferError> {
+        let profile = std::env::var_os("CUBOIDS_PROFILE_KERNELS").is_some();
+        let times = std::sync::Mutex::new(std::collections::BTreeMap::<String, f64>::new());
+        let out = cpu::run_with(&self.model, patch, |node, ins| {
+            let t = std::time::Instant::now();
+            let out = self.node(node, ins);
+            if profile {
+                // Convolutions by their weights' and input's shapes; the rest by operator.
+                let key = match (&node.op, ins.get(1).copied().flatten(), ins[0]) {
+                    (Op::Conv { .. }, Some(w), Some(x)) => {
+                        format!("Conv {:?} on {:?}", w.shape, x.shape.get(2..))
+                    }
+                    _ => node.op_type.clone(),
+                };
+                *times.lock().unwrap().entry(key).or_default() += t.elapsed().as_secs_f64();
+            }
+            out
+        });
+        if profile {
+            tracing::info!(times = ?times.into_inner().unwrap(), "native node seconds by operator");
+        }
+        out
+    }
+
+    fn engine(&self) -> &'static str {
+        "native-cpu"
+    }
+}
+
+impl NativeExecutor {
+    fn node(&self, node: &super::model::Node, ins: &[Option<&Tensor>]) -> Result<Tensor, NnError> {
+        match &node.op {
+            Op::Conv { window, group } => {
+                let x = ins[0].ok_or_else(|| NnError::Shape("input 0 is missing".into()))?;
+                let w = ins
+                    .get(1)
+                    .copied()
+                    .flatten()
+                    .ok_or_else(|| NnError::Shape("input 1 is missing".into()))?;
+                let spatial = x.shape.get(2..).unwrap_or(&[]);
+                conv(
+                    x,
+                    w,
+                    ins.get(2).copied().flatten(),
+                    &window.resolve(spatial)?,
+                    *group,
+                )
+            }
+            Op::ConvTranspose {
+                window,
+                output_padding,
+                group,
+            } => {
+                let x = input(ins, 0)?;
+                let spatial = x.shape.get(2..).unwrap_or(&[]);
+                conv_transpose(
+                    x,
+                    input(ins, 1)?,
+                    ins.get(2).copied().flatten(),
+                    &window.resolve(spatial)?,
+                    super::model::widened(output_padding),
+                    *group,
+                )
+            }
+            Op::Pool { kind, window, ceil } => {
+                let x = input(ins, 0)?;
+                let spatial = x.shape.get(2..).unwrap_or(&[]);
+                pool(x, *kind, &window.resolve(spatial)?, *ceil)
+            }
+            Op::Activation(a) => {
+                let x = input(ins, 0)?;
+                Ok(Tensor {
+                    shape: x.shape.clone(),
+                    data: x.data.par_iter().map(|&v| a.apply(v)).collect(),
+                })
+            }
+            Op::BatchNorm { epsilon } => {
+                let x = input(ins, 0)?;
+                let p = |i: usize| input(ins, i).map(|t| t.data.as_slice());
+                batch_norm(x, [p(1)?, p(2)?, p(3)?, p(4)?], *epsilon)
+            }
+            Op::Binary(op) => {
+                let (a, b) = (input(ins, 0)?, input(ins, 1)?);
+                if a.shape != b.shape {
+                    return cpu::execute(node, ins);
+                }
+                let f = |u: f32, v: f32| match op {
+                    Binary::Add => u + v,
+                    Binary::Sub => u - v,
+                    Binary::Mul => u * v,
+                    Binary::Div => u / v,
+                };
+                Ok(Tensor {
+                    shape: a.shape.clone(),
+                    data: a
+                        .data
+                        .par_iter()
+                        .zip(&b.data)
+                        .map(|(&u, &v)| f(u, v))
+                        .collect(),
+                })
+            }
+            _ => cpu::execute(node, ins),
+        }
+    }
+}
+
+fn input<'a>(ins: &[Option<&'a Tensor>], i: usize) -> Result<&'a Tensor, NnError> {
+    ins.get(i)
+        .copied()
+        .flatten()
+        .ok_or_else(|| NnError::Shape(format!("input {i} is missing")))
+}
+
+/// Output channel by output channel on the threads (`volume` values each): what the
+/// per-channel operators below share.
+fn per_channel(
+    shape: Vec<usize>,
+    volume: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) -> Tensor {
+    let mut y = Tensor::zeros(shape);
+    if volume > 0 {
+        y.data
+            .par_chunks_mut(volume)
+            .enumerate()
+            .for_each(|(channel, out)| f(channel, out));
+    }
+    y
+}
+
+/// BatchNormalization per channel, as the reference computes it.
+fn batch_norm(
+    x: &Tensor,
+    [scale, bias, mean, var]: [&[f32]; 4],
+    epsilon: f32,
+) -> Result<Tensor, NnError> {
+    let (_, c, spatial) = ncs(&x.shape)?;
+    if [scale.len(), bias.len(), mean.len(), var.len()] != [c; 4] {
+        return Err(NnError::Shape(format!(
+            "batch normalization parameters for {c} channels"
+        )));
+    }
+    let volume: usize = spatial.iter().product();
+    Ok(per_channel(x.shape.clone(), volume, |i, out| {
+        let ch = i % c;
+        let a = scale[ch] / (var[ch] + epsilon).sqrt();
+        for (o, &v) in out.iter_mut().zip(&x.data[i * volume..][..volume]) {
+            *o = (v - mean[ch]) * a + bias[ch];
+        }
+    }))
+}
+
+/// The outputs `o0..o1` along one axis whose tap (at `offset` = k·dilation − pad) lands
+/// inside the input: 0 <= o·stride + offset < `i_len`.
+fn window_span(o_len: usize, i_len: usize, stride: usize, offset: isize) -> (usize, usize) {
+    let lo = if offset >= 0 {
+        0
+    } else {
+        ((-offset) as usize).div_ceil(stride)
+    };
+    let hi = if (i_len as isize) <= offset {
+        0
+    } else {
+        ((i_len as isize - offset) as usize)
+            .div_ceil(stride)
+            .min(o_len)
+    };
+    (lo, hi.max(lo))
+}
+
+/// MaxPool and AveragePool per channel, taps in the reference's order.
+fn pool(x: &Tensor, kind: Pool, window: &Window, ceil: bool) -> Result<Tensor, NnError> {
+    let shape = nn::pool_shape(&x.shape, window, ceil)?;
+    let (_, _, xs) = ncs(&x.shape)?;
+    let (_, _, os) = ncs(&shape)?;
+    let (x_volume, o_volume) = (xs.iter().product::<usize>(), os.iter().product::<usize>());
+    let k = window.kernel;
+    let offset =
+        |a: usize, kk: usize| (kk * window.dilations[a]) as isize - window.begin[a] as isize;
+    Ok(per_channel(shape, o_volume, |channel, out| {
+        let input = &x.data[channel * x_volume..][..x_volume];
+        let mut max = vec![f32::NEG_INFINITY; o_volume];
+        let mut sum = vec![0.0f32; o_volume];
+        let mut inside = vec![0u32; o_volume];
+        for kz in 0..k[0] {
+            let (z0, z1) = window_span(os[0], xs[0], window.strides[0], offset(0, kz));
+            for ky in 0..k[1] {
+                let (y0, y1) = window_span(os[1], xs[1], window.strides[1], offset(1, ky));
+                for kx in 0..k[2] {
+                    let (x0, x1) = window_span(os[2], xs[2], window.strides[2], offset(2, kx));
+                    for oz in z0..z1 {
+                        let iz = (oz * window.strides[0]) as isize + offset(0, kz);
+                        for oy in y0..y1 {
+                            let iy = (oy * window.strides[1]) as isize + offset(1, ky);
+                            let row = (iz as usize * xs[1] + iy as usize) * xs[2];
+                            let at = (oz * os[1] + oy) * os[2];
+                            for ox in x0..x1 {
+                                let ix = (ox * window.strides[2]) as isize + offset(2, kx);
+                                let v = input[row + ix as usize];
+                                max[at + ox] = max[at + ox].max(v);
+                                sum[at + ox] += v;
+                                inside[at + ox] += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = match kind {
+                Pool::Max => max[i],
+                Pool::Average { count_include_pad } => {
+                    let divisor = if count_include_pad {
+                        let o = [i / (os[1] * os[2]), i / os[2] % os[1], i % os[2]];
+                        nn::padded_taps(window, o, xs)
+                    } else {
+                        (inside[i] as usize).max(1)
+                    };
+                    sum[i] / divisor as f32
+                }
+            };
+        }
+    }))
+}
+
+/// ConvTranspose (weights [C, M/group, k...]) output channel by output channel: each input
+/// value of the channel's group spread over the taps, in the reference's order.
+fn conv_transpose(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    window: &Window,
+    output_padding: [usize; 3],
+    group: usize,
+) -> Result<Tensor, NnError> {
+    let shape = nn::conv_transpose_shape(&x.shape, &w.shape, window, output_padding, group)?;
+    let (_, c, xs) = ncs(&x.shape)?;
+    let (_, m, os) = ncs(&shape)?;
+    if let Some(b) = b {
+        if b.len() != m {
+            return Err(NnError::Shape(format!(
+                "{} biases for {m} channels",
+                b.len()
+            )));
+        }
+    }
+    let (in_per_group, out_per_group) = (c / group, m / group);
+    let k = window.kernel;
+    let taps = k[0] * k[1] * k[2];
+    let (x_volume, o_volume) = (xs.iter().product::<usize>(), os.iter().product::<usize>());
+    // Input i of tap kk lands on output i·stride + kk·dilation − pad.
+    let offset =
+        |a: usize, kk: usize| (kk * window.dilations[a]) as isize - window.begin[a] as isize;
+    Ok(per_channel(shape, o_volume, |channel, out| {
+        let (batch, oc) = (channel / m, channel % m);
+        let (g, ocg) = (oc / out_per_group, oc % out_per_group);
+        out.fill(b.map_or(0.0, |b| b.data[oc]));
+        for ic in g * in_per_group..(g + 1) * in_per_group {
+            let input = &x.data[(batch * c + ic) * x_volume..][..x_volume];
+            let weights = &w.data[(ic * out_per_group + ocg) * taps..][..taps];
+            for iz in 0..xs[0] {
+                for iy in 0..xs[1] {
+                    let line = &input[(iz * xs[1] + iy) * xs[2]..][..xs[2]];
+                    for (ix, &v) in line.iter().enumerate() {
+                        for kz in 0..k[0] {
+                            let oz = (iz * window.strides[0]) as isize + offset(0, kz);
+                            if oz < 0 || oz as usize >= os[0] {
+                                continue;
+                            }
+                            for ky in 0..k[1] {
+                                let oy = (iy * window.strides[1]) as isize + offset(1, ky);
+                                if oy < 0 || oy as usize >= os[1] {
+                                    continue;
+                                }
+                                let row = (oz as usize * os[1] + oy as usize) * os[2];
+                                let wrow = &weights[(kz * k[1] + ky) * k[2]..][..k[2]];
+                                for (kx, &wv) in wrow.iter().enumerate() {
+                                    let ox = (ix * window.strides[2]) as isize + offset(2, kx);
+                                    if ox >= 0 && (ox as usize) < os[2] {
+                                        out[row + ox as usize] += v * wv;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }))
+}
+
+/// A raw pointer to the output that tiles write disjoint columns of.
+#[derive(Clone, Copy)]
+struct Output(*mut f32);
+// SAFETY: each tile writes only its own columns of the output (see `conv`).
+unsafe impl Send for Output {}
+unsafe impl Sync for Output {}
+
+impl Output {
+    /// The output `offset` values in (a method, so that closures take the whole wrapper).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// ONNX Conv (weights [M, C/group, k...]) as im2col tiles times the weights.
+pub fn conv(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    window: &Window,
+    group: usize,
+) -> Result<Tensor, NnError> {
+    let shape = nn::conv_shape(&x.shape, &w.shape, window, group)?;
+    let (n, c, xs) = ncs(&x.shape)?;
+    let (_, m, os) = ncs(&shape)?;
+    if let Some(b) = b {
+        if b.len() != m {
+            return Err(NnError::Shape(format!(
+                "{} biases for {m} channels",
+                b.len()
+            )));
+        }
+    }
+    let (cg, mg) = (c / group, m / group);
+    let taps: usize = window.kernel.iter().product();
+    let k = cg * taps;
+    let (x_volume, voxels) = (xs.iter().product::<usize>(), os.iter().product::<usize>());
+    let mut y = Tensor::zeros(shape);
+    if voxels == 0 || m == 0 {
+        return Ok(y);
+    }
+    let tile_bytes = std::env::var("CUBOIDS_TILE_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(TILE_BYTES);
+    let tile = (tile_bytes / (4 * k.max(1))).max(64).min(voxels);
+    let out = Output(y.data.as_mut_ptr());
+    for batch in 0..n {
+        for g in 0..group {
+            let input = &x.data[(batch * c + g * cg) * x_volume..][..cg * x_volume];
+            let weights = &w.data[g * mg * k..][..mg * k];
+            let first = (batch * m + g * mg) * voxels;
+            (0..voxels.div_ceil(tile)).into_par_iter().for_each_init(
+                || vec![0.0f32; k * tile],
+                |col, t| {
+                    let start = t * tile;
+                    let width = tile.min(voxels - start);
+                    unroll(input, cg, xs, window, os, start, width, col);
+                    // SAFETY: the destination is rows g·mg.. of the output, columns
+                    // start..start+width of each (row stride `voxels`): this tile's alone, and
+                    // inside `y`; the operands are `weights` (mg x k, row stride k) and the
+                    // unrolled tile (k x width, row stride width), both fully initialised.
+                    unsafe {
+                        gemm::gemm(
+                            mg,
+                            width,
+                            k,
+                            out.at(first + start),
+                            1,
+                            voxels as isize,
+                            false,
+                            weights.as_ptr(),
+                            1,
+                            k as isize,
+                            col.as_ptr(),
+                            1,
+                            width as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                },
+            );
+            if let Some(b) = b {
+                y.data[first..first + mg * voxels]
+                    .par_chunks_mut(voxels)
+                    .zip(&b.data[g * mg..(g + 1) * mg])
+                    .for_each(|(row, &bias)| row.iter_mut().for_each(|v| *v += bias));
+            }
+        }
+    }
+    Ok(y)
+}
+
+/// Unrolls output voxels `start..start+width` (row-major over `os`) of a convolution: row
+/// `ic·taps + tap` of `col` (row stride `width`) holds, per voxel, the input under that tap
+/// (0 in the padding).
+#[allow(clippy::too_many_arguments)]
+fn unroll(
+    input: &[f32],
+    channels: usize,
+    xs: [usize; 3],
+    window: &Window,
+    os: [usize; 3],
+    start: usize,
+    width: usize,
+    col: &mut [f32],
+) {
+    let kernel = window.kernel;
+    let taps: usize = kernel.iter().product();
+    let x_volume: usize = xs.iter().product();
+    let (s, d, p) = (window.strides, window.dilations, window.begin);
+    // Where output `o` of tap `k` lands on axis `a`, if inside the input.
+    let at = |a: usize, o: usize, k: usize| -> Option<usize> {
+        let i = (o * s[a] + k * d[a]) as isize - p[a] as isize;
+        (i >= 0 && (i as usize) < xs[a]).then_some(i as usize)
+    };
+    for ic in 0..channels {
+        let channel = &input[ic * x_volume..][..x_volume];
+        for tap in 0..taps {
+            let kk = [
+                tap / (kernel[1] * kernel[2]),
+                tap / kernel[2] % kernel[1],
+                tap % kernel[2],
+            ];
+            let row = &mut col[(ic * taps + tap) * width..][..width];
+            let mut v = start;
+            while v < start + width {
+                // One run along x: the rest of this output row inside the tile.
+                let (oz, oy, ox) = (v / (os[1] * os[2]), v / os[2] % os[1], v % os[2]);
+                let run = (os[2] - ox).min(start + width - v);
+                let dst = &mut row[v - start..][..run];
+                match (at(0, oz, kk[0]), at(1, oy, kk[1])) {
+                    (Some(iz), Some(iy)) => {
+                        let line = &channel[(iz * xs[1] + iy) * xs[2]..][..xs[2]];
+                        if s[2] == 1 {
+                            // Input x = ox + j + shift: zeros, a copied run, zeros.
+                            let shift = (kk[2] * d[2]) as isize - p[2] as isize;
+                            let first = ox as isize + shift;
+                            let lo = (-first).clamp(0, run as isize) as usize;
+                            let hi =
+                                (xs[2] as isize - first).clamp(lo as isize, run as isize) as usize;
+                            dst[..lo].fill(0.0);
+                            if hi > lo {
+                                let from = (first + lo as isize) as usize;
+                                dst[lo..hi].copy_from_slice(&line[from..from + hi - lo]);
+                            }
+                            dst[hi..].fill(0.0);
+                        } else {
+                            for (j, out) in dst.iter_mut().enumerate() {
+                                *out = at(2, ox + j, kk[2]).map_or(0.0, |ix| line[ix]);
+                            }
+                        }
+                    }
+                    _ => dst.fill(0.0),
+                }
+                v += run;
+            }
+        }
+    }
+}
