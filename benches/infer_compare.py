@@ -185,8 +185,8 @@ for z0 in range(0, Z, cz):
 
 cuboids = os.path.join(ROOT, "target", "release", "cuboids")
 results = {}
-for engine in args.engines.split(","):
-    out = os.path.join(work, f"aff-{engine}")
+for run, engine in enumerate(args.engines.split(",")):
+    out = os.path.join(work, f"aff-{engine}-{run}")
     cmd = [cuboids, "infer", "--image", layer, "--model", model_path, "--output", out,
            "--patch", ",".join(map(str, args.patch)), "--overlap", ",".join(map(str, args.overlap))]
     # gpu: the WGSL executor (lavapipe where there is no GPU); native: convolutions as matrix

@@ -97,7 +97,7 @@ fn the_native_cpu_engine_equals_onnxruntime_and_the_cpu_reference() {
     use cuboids::infer::native::NativeExecutor;
     for (name, model, input, want) in golden_cases() {
         let reference = cpu::run(&model, input.clone()).unwrap();
-        let got = NativeExecutor { model }
+        let got = NativeExecutor::new(model)
             .run(input)
             .unwrap_or_else(|e| panic!("{name}: {e:?}"));
         assert_close(&name, "onnxruntime (native)", &got, &want);

@@ -9,41 +9,124 @@
 //! on the thread count (each tile is one product).
 
 use super::cpu;
-use super::model::{InferError, Model, Op};
+use super::model::{InferError, Model, Node, Op};
 use super::region::Executor;
-use crate::ops::nn::{self, ncs, Binary, NnError, Pool, Tensor, Window};
+use crate::ops::nn::{self, ncs, Activation, Binary, NnError, Pool, Tensor, Window};
 use rayon::prelude::*;
 
 /// Bytes of one tile's unrolled input: about what a core's L2 cache holds.
 const TILE_BYTES: usize = 1 << 20;
 
-/// Convolutions as matrix products on the CPU; every other operator by the reference.
+/// Convolutions as matrix products on the CPU, the other operators on every core too, and an
+/// activation fused into the Conv or BatchNormalization before it where it alone reads that
+/// node's output (one pass and one tensor fewer, the same values).
 pub struct NativeExecutor {
-    pub model: Model,
+    model: Model,
+    /// Per node: the activation applied to its output (a Conv's or BatchNormalization's).
+    epilogue: Vec<Option<Activation>>,
+    /// Per node: an activation fused into the node that makes this slot, which it takes over.
+    taken_from: Vec<Option<usize>>,
+}
+
+impl NativeExecutor {
+    pub fn new(model: Model) -> NativeExecutor {
+        let mut readers = vec![0usize; model.slots];
+        for node in &model.nodes {
+            for &slot in node.inputs.iter().flatten() {
+                readers[slot] += 1;
+            }
+        }
+        readers[model.output_slot] += 1;
+        let maker: std::collections::HashMap<usize, usize> = model
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.output, i))
+            .collect();
+        let mut epilogue = vec![None; model.nodes.len()];
+        let mut taken_from = vec![None; model.nodes.len()];
+        for (j, node) in model.nodes.iter().enumerate() {
+            let (Op::Activation(a), Some(Some(slot))) = (&node.op, node.inputs.first()) else {
+                continue;
+            };
+            let Some(&i) = maker.get(slot) else { continue };
+            let fusable = matches!(model.nodes[i].op, Op::Conv { .. } | Op::BatchNorm { .. });
+            if fusable && readers[*slot] == 1 && epilogue[i].is_none() {
+                epilogue[i] = Some(*a);
+                taken_from[j] = Some(*slot);
+            }
+        }
+        NativeExecutor {
+            model,
+            epilogue,
+            taken_from,
+        }
+    }
+
+    /// The model's output for one patch, node by node (values dropped after their last
+    /// reader, as the reference walks it).
+    fn walk(
+        &self,
+        input: Tensor,
+        mut timed: impl FnMut(&Node, &[Option<&Tensor>], std::time::Duration),
+    ) -> Result<Tensor, InferError> {
+        let model = &self.model;
+        model.shapes(&input.shape)?;
+        let last_read = model.last_reads();
+        let mut values: Vec<Option<Tensor>> = vec![None; model.slots];
+        values[model.input_slot] = Some(input);
+        for (i, node) in model.nodes.iter().enumerate() {
+            if let Some(slot) = self.taken_from[i] {
+                values[node.output] = values[slot].take();
+                continue;
+            }
+            let t = std::time::Instant::now();
+            let output = {
+                let ins: Vec<Option<&Tensor>> = node
+                    .inputs
+                    .iter()
+                    .map(|s| s.and_then(|s| values[s].as_ref().or(model.constants.get(&s))))
+                    .collect();
+                let out = self
+                    .node(node, &ins, self.epilogue[i])
+                    .map_err(|source| model.shape_error(node, source))?;
+                timed(node, &ins, t.elapsed());
+                out
+            };
+            for &slot in node.inputs.iter().flatten() {
+                if last_read[slot] == i && slot != model.output_slot {
+                    values[slot] = None;
+                }
+            }
+            values[node.output] = Some(output);
+        }
+        values[model.output_slot]
+            .take()
+            .or_else(|| model.constants.get(&model.output_slot).cloned())
+            .ok_or_else(|| InferError::Model {
+                path: model.path.clone(),
+                message: format!("output '{}' was not computed", model.output_name),
+            })
+    }
 }
 
 impl Executor for NativeExecutor {
     fn run(&self, patch: Tensor) -> Result<Tensor, InferError> {
-        let profile = std::env::var_os("CUBOIDS_PROFILE_KERNELS").is_some();
-        let times = std::sync::Mutex::new(std::collections::BTreeMap::<String, f64>::new());
-        let out = cpu::run_with(&self.model, patch, |node, ins| {
-            let t = std::time::Instant::now();
-            let out = self.node(node, ins);
-            if profile {
-                // Convolutions by their weights' and input's shapes; the rest by operator.
-                let key = match (&node.op, ins.get(1).copied().flatten(), ins[0]) {
-                    (Op::Conv { .. }, Some(w), Some(x)) => {
-                        format!("Conv {:?} on {:?}", w.shape, x.shape.get(2..))
-                    }
-                    _ => node.op_type.clone(),
-                };
-                *times.lock().unwrap().entry(key).or_default() += t.elapsed().as_secs_f64();
-            }
-            out
-        });
-        if profile {
-            tracing::info!(times = ?times.into_inner().unwrap(), "native node seconds by operator");
+        if std::env::var_os("CUBOIDS_PROFILE_KERNELS").is_none() {
+            return self.walk(patch, |_, _, _| {});
         }
+        let mut times = std::collections::BTreeMap::<String, f64>::new();
+        let out = self.walk(patch, |node, ins, took| {
+            // Convolutions by their weights' and input's shapes; the rest by operator.
+            let key = match (&node.op, ins.get(1).copied().flatten(), ins[0]) {
+                (Op::Conv { .. } | Op::ConvTranspose { .. }, Some(w), Some(x)) => {
+                    format!("{} {:?} on {:?}", node.op_type, w.shape, x.shape.get(2..))
+                }
+                _ => node.op_type.clone(),
+            };
+            *times.entry(key).or_default() += took.as_secs_f64();
+        });
+        tracing::info!(?times, "native node seconds by operator");
         out
     }
 
@@ -53,22 +136,23 @@ impl Executor for NativeExecutor {
 }
 
 impl NativeExecutor {
-    fn node(&self, node: &super::model::Node, ins: &[Option<&Tensor>]) -> Result<Tensor, NnError> {
+    fn node(
+        &self,
+        node: &Node,
+        ins: &[Option<&Tensor>],
+        epilogue: Option<Activation>,
+    ) -> Result<Tensor, NnError> {
         match &node.op {
             Op::Conv { window, group } => {
-                let x = ins[0].ok_or_else(|| NnError::Shape("input 0 is missing".into()))?;
-                let w = ins
-                    .get(1)
-                    .copied()
-                    .flatten()
-                    .ok_or_else(|| NnError::Shape("input 1 is missing".into()))?;
+                let x = input(ins, 0)?;
                 let spatial = x.shape.get(2..).unwrap_or(&[]);
                 conv(
                     x,
-                    w,
+                    input(ins, 1)?,
                     ins.get(2).copied().flatten(),
                     &window.resolve(spatial)?,
                     *group,
+                    epilogue,
                 )
             }
             Op::ConvTranspose {
@@ -102,7 +186,7 @@ impl NativeExecutor {
             Op::BatchNorm { epsilon } => {
                 let x = input(ins, 0)?;
                 let p = |i: usize| input(ins, i).map(|t| t.data.as_slice());
-                batch_norm(x, [p(1)?, p(2)?, p(3)?, p(4)?], *epsilon)
+                batch_norm(x, [p(1)?, p(2)?, p(3)?, p(4)?], *epsilon, epilogue)
             }
             Op::Binary(op) => {
                 let (a, b) = (input(ins, 0)?, input(ins, 1)?);
@@ -159,6 +243,7 @@ fn batch_norm(
     x: &Tensor,
     [scale, bias, mean, var]: [&[f32]; 4],
     epsilon: f32,
+    epilogue: Option<Activation>,
 ) -> Result<Tensor, NnError> {
     let (_, c, spatial) = ncs(&x.shape)?;
     if [scale.len(), bias.len(), mean.len(), var.len()] != [c; 4] {
@@ -171,7 +256,8 @@ fn batch_norm(
         let ch = i % c;
         let a = scale[ch] / (var[ch] + epsilon).sqrt();
         for (o, &v) in out.iter_mut().zip(&x.data[i * volume..][..volume]) {
-            *o = (v - mean[ch]) * a + bias[ch];
+            let y = (v - mean[ch]) * a + bias[ch];
+            *o = epilogue.map_or(y, |f| f.apply(y));
         }
     }))
 }
@@ -249,8 +335,9 @@ fn pool(x: &Tensor, kind: Pool, window: &Window, ceil: bool) -> Result<Tensor, N
     }))
 }
 
-/// ConvTranspose (weights [C, M/group, k...]) output channel by output channel: each input
-/// value of the channel's group spread over the taps, in the reference's order.
+/// ConvTranspose (weights [C, M/group, k...]) output channel by output channel, each output
+/// gathering the inputs that reach it: per input channel of its group, in the order of the
+/// input positions, which is the order the reference spreads them in (the same sums).
 fn conv_transpose(
     x: &Tensor,
     w: &Tensor,
@@ -274,9 +361,37 @@ fn conv_transpose(
     let k = window.kernel;
     let taps = k[0] * k[1] * k[2];
     let (x_volume, o_volume) = (xs.iter().product::<usize>(), os.iter().product::<usize>());
-    // Input i of tap kk lands on output i·stride + kk·dilation − pad.
-    let offset =
-        |a: usize, kk: usize| (kk * window.dilations[a]) as isize - window.begin[a] as isize;
+    // Per output position along z and y: the (tap, input) pairs that reach it, inputs
+    // ascending.
+    let reach = |a: usize| -> Vec<Vec<(usize, usize)>> {
+        (0..os[a])
+            .map(|o| {
+                let mut pairs: Vec<(usize, usize)> = (0..k[a])
+                    .filter_map(|kk| {
+                        let at = o as isize + window.begin[a] as isize
+                            - (kk * window.dilations[a]) as isize;
+                        let s = window.strides[a] as isize;
+                        (at >= 0 && at % s == 0 && ((at / s) as usize) < xs[a])
+                            .then_some((kk, (at / s) as usize))
+                    })
+                    .collect();
+                pairs.sort_by_key(|&(_, i)| i);
+                pairs
+            })
+            .collect()
+    };
+    let (reach_z, reach_y) = (reach(0), reach(1));
+    // Along x, per tap: the inputs that land inside the output (output = i·s + shift).
+    let (sx, kx_n) = (window.strides[2], k[2]);
+    let x_taps: Vec<(usize, isize, std::ops::Range<usize>)> = (0..kx_n)
+        .rev()
+        .map(|kx| {
+            let shift = (kx * window.dilations[2]) as isize - window.begin[2] as isize;
+            // Inputs i with 0 <= i·s + shift < os.
+            let (first, last) = window_span(xs[2], os[2], sx, shift);
+            (kx, shift, first..last)
+        })
+        .collect();
     Ok(per_channel(shape, o_volume, |channel, out| {
         let (batch, oc) = (channel / m, channel % m);
         let (g, ocg) = (oc / out_per_group, oc % out_per_group);
@@ -284,27 +399,19 @@ fn conv_transpose(
         for ic in g * in_per_group..(g + 1) * in_per_group {
             let input = &x.data[(batch * c + ic) * x_volume..][..x_volume];
             let weights = &w.data[(ic * out_per_group + ocg) * taps..][..taps];
-            for iz in 0..xs[0] {
-                for iy in 0..xs[1] {
-                    let line = &input[(iz * xs[1] + iy) * xs[2]..][..xs[2]];
-                    for (ix, &v) in line.iter().enumerate() {
-                        for kz in 0..k[0] {
-                            let oz = (iz * window.strides[0]) as isize + offset(0, kz);
-                            if oz < 0 || oz as usize >= os[0] {
-                                continue;
-                            }
-                            for ky in 0..k[1] {
-                                let oy = (iy * window.strides[1]) as isize + offset(1, ky);
-                                if oy < 0 || oy as usize >= os[1] {
-                                    continue;
-                                }
-                                let row = (oz as usize * os[1] + oy as usize) * os[2];
-                                let wrow = &weights[(kz * k[1] + ky) * k[2]..][..k[2]];
-                                for (kx, &wv) in wrow.iter().enumerate() {
-                                    let ox = (ix * window.strides[2]) as isize + offset(2, kx);
-                                    if ox >= 0 && (ox as usize) < os[2] {
-                                        out[row + ox as usize] += v * wv;
-                                    }
+            for (oz, zs) in reach_z.iter().enumerate() {
+                for &(kz, iz) in zs {
+                    for (oy, ys) in reach_y.iter().enumerate() {
+                        let row = &mut out[(oz * os[1] + oy) * os[2]..][..os[2]];
+                        for &(ky, iy) in ys {
+                            let line = &input[(iz * xs[1] + iy) * xs[2]..][..xs[2]];
+                            let wrow = &weights[(kz * k[1] + ky) * kx_n..][..kx_n];
+                            // Taps from the last: each output's inputs then come ascending.
+                            for (kx, shift, inputs) in &x_taps {
+                                let wv = wrow[*kx];
+                                for i in inputs.clone() {
+                                    row[(i as isize * sx as isize + shift) as usize] +=
+                                        line[i] * wv;
                                 }
                             }
                         }
@@ -336,6 +443,7 @@ pub fn conv(
     b: Option<&Tensor>,
     window: &Window,
     group: usize,
+    epilogue: Option<Activation>,
 ) -> Result<Tensor, NnError> {
     let shape = nn::conv_shape(&x.shape, &w.shape, window, group)?;
     let (n, c, xs) = ncs(&x.shape)?;
@@ -402,11 +510,18 @@ pub fn conv(
                     }
                 },
             );
-            if let Some(b) = b {
+            if b.is_some() || epilogue.is_some() {
+                let biases = b.map(|b| &b.data[g * mg..(g + 1) * mg]);
                 y.data[first..first + mg * voxels]
                     .par_chunks_mut(voxels)
-                    .zip(&b.data[g * mg..(g + 1) * mg])
-                    .for_each(|(row, &bias)| row.iter_mut().for_each(|v| *v += bias));
+                    .enumerate()
+                    .for_each(|(row, values)| {
+                        let bias = biases.map_or(0.0, |b| b[row]);
+                        match epilogue {
+                            Some(f) => values.iter_mut().for_each(|v| *v = f.apply(*v + bias)),
+                            None => values.iter_mut().for_each(|v| *v += bias),
+                        }
+                    });
             }
         }
     }

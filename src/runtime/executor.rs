@@ -415,11 +415,11 @@ impl Executor {
         let model = model.clone();
         Ok(match engine {
             Engine::Reference => Arc::new(CpuExecutor { model }),
-            Engine::Native => Arc::new(NativeExecutor { model }),
+            Engine::Native => Arc::new(NativeExecutor::new(model)),
             Engine::Gpu | Engine::Auto => {
                 let ctx = self.gpu().await?;
                 if engine == Engine::Auto && ctx.is_software() {
-                    Arc::new(NativeExecutor { model })
+                    Arc::new(NativeExecutor::new(model))
                 } else {
                     Arc::new(
                         crate::infer::gpu::GpuExecutor::new(ctx, model)
