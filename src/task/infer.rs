@@ -80,9 +80,10 @@ pub enum InferTaskError {
     Cancelled,
 }
 
-/// The effective GFLOP/s task times are reckoned at unless told: what the WGSL executor
-/// measured on 2 lavapipe cores (RSUNet 16-32-64-128, benches/RESULTS.md).
-pub const DEFAULT_GFLOPS: f64 = 4.8;
+/// The effective GFLOP/s task times are reckoned at unless told: about what the native CPU
+/// engine measured on 2 cores (61-88 on RSUNets, benches/RESULTS.md); a GPU's is higher, and
+/// the WGSL executor on lavapipe's about 5.
+pub const DEFAULT_GFLOPS: f64 = 60.0;
 
 /// chunkflow's default output patch overlap (z, y, x = 4, 64, 64), as x, y, z.
 pub const DEFAULT_OVERLAP: Vec3 = [64, 64, 4];
