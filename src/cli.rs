@@ -361,6 +361,10 @@ struct InferArgs {
     /// Columns of x,y output voxels (whole chunks) instead of the largest within --task-mib.
     #[arg(long, value_parser = parse_vec2)]
     column: Option<[usize; 2]>,
+    /// Write uint8, round(255 · clamp(v, 0, 1)), instead of float32 (a quarter of the bytes;
+    /// `segment` reads it as v / 255).
+    #[arg(long)]
+    quantize: bool,
 }
 
 impl InferArgs {
@@ -383,6 +387,7 @@ impl InferArgs {
             column: self.column,
             bounds: None,
             finalize: false,
+            quantize: self.quantize,
         }
     }
 }

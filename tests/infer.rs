@@ -822,3 +822,37 @@ async fn a_tasks_memory_is_within_its_plan_and_does_not_grow_with_the_volume() {
     // both volumes: the same bytes, where holding the column would take 8x.
     assert!(peaks[0].1 > 0 && peaks[1].1 == peaks[0].1, "{peaks:?}");
 }
+
+#[tokio::test]
+async fn a_quantized_layer_is_the_float_layer_rounded_to_255ths() {
+    use cuboids::formats::precomputed::Precomputed;
+    use cuboids::geometry::Box3;
+    use cuboids::store::local::LocalStore;
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("image");
+    random_image_layer(&image, [40, 36, 12], 11).await;
+    let (float, bytes) = (tmp.path().join("float"), tmp.path().join("uint8"));
+    run_infer(&image, "net_rsunet.onnx", &float, |o| o.overlap = [4, 4, 1]).await;
+    run_infer(&image, "net_rsunet.onnx", &bytes, |o| {
+        o.overlap = [4, 4, 1];
+        o.quantize = true;
+    })
+    .await;
+    let (_, values) = read_f32_layer(&float).await;
+    let layer = Precomputed::open(std::sync::Arc::new(LocalStore::new(bytes)))
+        .await
+        .unwrap();
+    assert_eq!(format!("{}", layer.info.data_type), "uint8");
+    let (vol, _) = layer
+        .read_region(0, Box3::from_shape(layer.scale(0).size), false)
+        .await
+        .unwrap();
+    assert_eq!(vol.data.len(), values.len());
+    let want: Vec<u8> = values
+        .iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
+    assert_eq!(vol.data, want);
+    // A sigmoid's outputs spread over the range: not all one value.
+    assert!(want.iter().any(|&v| v != want[0]));
+}

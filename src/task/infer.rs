@@ -112,6 +112,9 @@ pub struct InferOptions {
     pub bounds: Option<Box3>,
     /// Only the info, after every region's task (the last task of a staged plan).
     pub finalize: bool,
+    /// A uint8 layer of round(255 · clamp(v, 0, 1)) instead of float32 (what `segment` reads
+    /// as v / 255; a quarter of the bytes).
+    pub quantize: bool,
     pub fill_missing: bool,
     pub write: WriteOptions,
     pub cancel: Option<CancellationToken>,
@@ -130,6 +133,7 @@ impl Default for InferOptions {
             column: None,
             bounds: None,
             finalize: false,
+            quantize: false,
             fill_missing: false,
             write: WriteOptions::default(),
             cancel: None,
@@ -333,11 +337,15 @@ pub fn layout(
 }
 
 /// A raw float32 image layer of `channels` channels with the image scale's geometry.
-fn output_info(image: &Info, mip: usize, channels: usize) -> Info {
+fn output_info(image: &Info, mip: usize, channels: usize, quantize: bool) -> Info {
     let s = &image.scales[mip];
     Info {
         layer_type: LayerType::Image,
-        data_type: DataType::Float32,
+        data_type: if quantize {
+            DataType::Uint8
+        } else {
+            DataType::Float32
+        },
         num_channels: channels,
         scales: vec![crate::formats::precomputed::info::Scale {
             encoding: Encoding::Raw,
@@ -615,20 +623,17 @@ impl ColumnRun<'_> {
         Ok(tokio::task::spawn_blocking(move || normalised(&vol)).await?)
     }
 
-    /// Writes the blended planes up to `z` (whole output chunks of z, or the column's end) and
-    /// notes the chunks written.
-    async fn write_planes(
+    /// The blended planes up to `z` as slabs of whole output chunks of z (or to the column's
+    /// end), ready to write.
+    fn take_slabs(
         &self,
         col: Box3,
         blender: &mut Blender,
         flushed: &mut usize,
         z: usize,
-        written: &mut Vec<String>,
-        progress: &Progress,
-    ) -> Result<usize, InferTaskError> {
-        let scale = self.out.scale(0);
-        let cz = scale.chunk_size()[2];
-        let mut chunks = 0;
+    ) -> Vec<(Box3, Volume)> {
+        let cz = self.out.scale(0).chunk_size()[2];
+        let mut slabs = Vec::new();
         while *flushed < z && (*flushed + cz <= z || z == col.stop[2]) {
             let stop = (*flushed + cz).min(col.stop[2]);
             let slab = Box3::new(
@@ -636,17 +641,38 @@ impl ColumnRun<'_> {
                 [col.stop[0], col.stop[1], stop],
             );
             let values = blender.take(stop);
-            let data = bytemuck::cast_slice::<f32, u8>(&values).to_vec();
-            let volume =
-                Volume::from_bytes(DataType::Float32, slab.shape(), self.layout.channels, data)
-                    .expect("sized by the slab");
+            let (dtype, data) = if self.opts.quantize {
+                (DataType::Uint8, quantized(&values))
+            } else {
+                (
+                    DataType::Float32,
+                    bytemuck::cast_slice::<f32, u8>(&values).to_vec(),
+                )
+            };
+            let volume = Volume::from_bytes(dtype, slab.shape(), self.layout.channels, data)
+                .expect("sized by the slab");
+            slabs.push((slab, volume));
+            *flushed = stop;
+        }
+        slabs
+    }
+
+    /// Writes slabs and notes the chunks written.
+    async fn write_slabs(
+        &self,
+        slabs: Vec<(Box3, Volume)>,
+        written: &mut Vec<String>,
+        progress: &Progress,
+    ) -> Result<usize, InferTaskError> {
+        let scale = self.out.scale(0);
+        let mut chunks = 0;
+        for (slab, volume) in slabs {
             written.extend(chunk_grid(scale, slab).iter().map(|&c| chunk_key(scale, c)));
             chunks += self
                 .out
                 .write_region(0, slab.start, &volume, self.opts.write)
                 .await?;
             progress.add(voxels(slab.shape()) as u64);
-            *flushed = stop;
         }
         Ok(chunks)
     }
@@ -664,6 +690,7 @@ impl ColumnRun<'_> {
         let mut report = ColumnReport::default();
         let mut blender = Blender::new(col, self.layout.channels);
         let mut flushed = col.start[2];
+        let mut pending: Vec<(Box3, Volume)> = Vec::new();
         let extent = input_box(grid, col).unwrap_or(col);
         let channels_in = self.image.info.num_channels;
         let mut window = ImageWindow::new(extent, channels_in);
@@ -703,7 +730,13 @@ impl ColumnRun<'_> {
                 let part = infer_row(&cropped, &layout.grid, &mask, &window, &row, &mut blender);
                 (part, window, blender)
             });
-            let (computed, planes) = tokio::join!(compute, self.read_planes(extent, from, to));
+            // The last row's finished slabs are written while this row runs.
+            let (computed, planes, wrote) = tokio::join!(
+                compute,
+                self.read_planes(extent, from, to),
+                self.write_slabs(std::mem::take(&mut pending), written, progress)
+            );
+            report.chunks_written += wrote?;
             let (part, w, b) = computed?;
             (window, blender) = (w, b);
             let part = part?;
@@ -713,23 +746,26 @@ impl ColumnRun<'_> {
             window.append(from, to - from, &planes?);
             report.peak_bytes = report.peak_bytes.max(window.bytes() + blender.bytes());
             let done = final_below(grid, col, next);
-            report.chunks_written += self
-                .write_planes(col, &mut blender, &mut flushed, done, written, progress)
-                .await?;
+            pending = self.take_slabs(col, &mut blender, &mut flushed, done);
         }
+        report.chunks_written += self.write_slabs(pending, written, progress).await?;
         // A column no patch reaches (a valid net's border) is zeros, written slab by slab.
-        report.chunks_written += self
-            .write_planes(
-                col,
-                &mut blender,
-                &mut flushed,
-                col.stop[2],
-                written,
-                progress,
-            )
-            .await?;
+        let cz = self.out.scale(0).chunk_size()[2];
+        while flushed < col.stop[2] {
+            let z = (flushed + cz).min(col.stop[2]);
+            let slabs = self.take_slabs(col, &mut blender, &mut flushed, z);
+            report.chunks_written += self.write_slabs(slabs, written, progress).await?;
+        }
         Ok(report)
     }
+}
+
+/// round(255 · clamp(v, 0, 1)) per value.
+fn quantized(values: &[f32]) -> Vec<u8> {
+    values
+        .iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect()
 }
 
 /// Checks a task's bounds: inside the volume, starting on whole output chunks.
@@ -774,7 +810,7 @@ pub async fn infer(
     let layout = Arc::new(layout(model, image, opts)?);
     let [px, py, pz] = layout.grid.input_patch;
     executor.check(&[1, image.info.num_channels, pz, py, px])?;
-    let info = output_info(&image.info, opts.mip, layout.channels);
+    let info = output_info(&image.info, opts.mip, layout.channels, opts.quantize);
     let region = checked_bounds(
         opts.bounds,
         info.scales[0].size,

@@ -341,6 +341,9 @@ pub struct InferTask {
     /// Only the layer's info, once every bounds task is done: the last task of a plan.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub finalize: bool,
+    /// A uint8 layer of round(255 · clamp(v, 0, 1)) instead of float32.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quantize: bool,
 }
 
 fn is_auto(engine: &crate::infer::Engine) -> bool {
@@ -367,6 +370,7 @@ impl InferTask {
             memory_bytes: self.task_mib.saturating_mul(1 << 20),
             column: self.column,
             finalize: self.finalize,
+            quantize: self.quantize,
             ..Default::default()
         }
     }
