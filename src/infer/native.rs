@@ -1,12 +1,16 @@
-//! A native CPU engine: the reference executor's graph walk ([`super::cpu`]) with the
+//! A native CPU engine: the model walked node by node as the reference does, with the
 //! convolutions, where nearly all the arithmetic is, as matrix products on this CPU's vector
-//! units. A convolution's output is cut into tiles of voxels; per tile its input is unrolled
-//! (im2col: a row per input channel and tap, a column per output voxel, zeros where a tap
-//! falls in the padding) and multiplied by the weights ([M, C/g·taps], as ONNX stores them)
-//! with the `gemm` crate (its AVX-512, AVX2+FMA or NEON kernels chosen at run time); tiles run
-//! on rayon's threads. The other operators are the reference's. Results equal the reference
-//! to float rounding (the products sum in another order), and one patch's bytes do not depend
-//! on the thread count (each tile is one product).
+//! units. A convolution's output is cut into tiles of about [`TILE_BYTES`] of unrolled input;
+//! per tile its input is unrolled (im2col: a row per input channel and tap, a column per
+//! output voxel, zeros where a tap falls in the padding) and multiplied by the weights
+//! ([M, C/g·taps], as ONNX stores them) with the `gemm` crate (its AVX2+FMA or NEON kernels,
+//! chosen at run time); where the stride and dilation along x are 1, only the z and y taps
+//! are unrolled and the x taps are the same rows shifted (one product per x tap, summed).
+//! Tiles run on rayon's threads. ConvTranspose, pooling, BatchNormalization, activations and
+//! same-shape binaries run per channel or value on the threads, an activation fused into the
+//! Conv or BatchNormalization before it; other operators are the reference's. Results equal
+//! the reference to float rounding (products sum in another order), and a patch's bytes do
+//! not depend on the thread count (each tile is its own products).
 
 use super::cpu;
 use super::model::{InferError, Model, Node, Op};
@@ -523,6 +527,23 @@ fn conv(
             let input = &x.data[(batch * c + g * cg) * x_volume..][..cg * x_volume];
             let weights = &w.data[g * mg * k..][..mg * k];
             let first = (batch * m + g * mg) * voxels;
+            let biases = b.map(|b| &b.data[g * mg..(g + 1) * mg]);
+            if window.strides[2] == 1 && window.dilations[2] == 1 && window.kernel[2] > 1 {
+                let group = Group {
+                    input,
+                    channels: cg,
+                    xs,
+                    os,
+                    weights,
+                    rows: mg,
+                    out,
+                    first,
+                    biases,
+                    epilogue,
+                };
+                group.folded(window);
+                continue;
+            }
             (0..voxels.div_ceil(tile)).into_par_iter().for_each_init(
                 || vec![0.0f32; k * tile],
                 |col, t| {
@@ -559,7 +580,6 @@ fn conv(
                 },
             );
             if b.is_some() || epilogue.is_some() {
-                let biases = b.map(|b| &b.data[g * mg..(g + 1) * mg]);
                 y.data[first..first + mg * voxels]
                     .par_chunks_mut(voxels)
                     .enumerate()
@@ -574,6 +594,137 @@ fn conv(
         }
     }
     Ok(y)
+}
+
+/// One group of a convolution's output channels: its input channels, weights and where its
+/// output rows go.
+struct Group<'a> {
+    input: &'a [f32],
+    channels: usize,
+    xs: [usize; 3],
+    os: [usize; 3],
+    /// [rows, channels·taps], row-major.
+    weights: &'a [f32],
+    rows: usize,
+    out: Output,
+    /// The group's first output value.
+    first: usize,
+    biases: Option<&'a [f32]>,
+    epilogue: Option<Activation>,
+}
+
+impl Group<'_> {
+    /// A convolution of stride and dilation 1 along x, in tiles of whole output lines (x):
+    /// the input is unrolled for the z and y taps only, each line padded to `os[2] + kx - 1`
+    /// inputs, so that the x taps are the same rows shifted by one value: one product per x
+    /// tap, accumulated (a third of im2col's copying for 3-wide kernels), then the lines are
+    /// copied out with their bias and activation.
+    fn folded(&self, window: &Window) {
+        let (xs, os, k) = (self.xs, self.os, window.kernel);
+        let (kn, zy_taps) = (k[2], k[0] * k[1]);
+        let taps = zy_taps * kn;
+        let reduced = self.channels * zy_taps;
+        let line = os[2] + kn - 1;
+        let lines = os[0] * os[1];
+        let per_tile = (TILE_BYTES / (4 * reduced.max(1) * line)).clamp(1, lines);
+        let voxels = lines * os[2];
+        let pad_x = window.begin[2] as isize;
+        (0..lines.div_ceil(per_tile)).into_par_iter().for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(unrolled, products), t| {
+                let (l0, n) = (t * per_tile, per_tile.min(lines - t * per_tile));
+                let width = n * line;
+                // Each row is `width` values and `kn - 1` zeros, for the last shifted read.
+                let stride = width + kn - 1;
+                // Every value is written below (zeros where a tap falls in the padding).
+                unrolled.resize(reduced * stride, 0.0);
+                products.resize(self.rows * width, 0.0);
+                for ic in 0..self.channels {
+                    let channel = &self.input[ic * xs.iter().product::<usize>()..];
+                    for zy in 0..zy_taps {
+                        let (kz, ky) = (zy / k[1], zy % k[1]);
+                        let row = &mut unrolled[(ic * zy_taps + zy) * stride..][..stride];
+                        row[width..].fill(0.0);
+                        for j in 0..n {
+                            let (oz, oy) = ((l0 + j) / os[1], (l0 + j) % os[1]);
+                            let iz = (oz * window.strides[0] + kz * window.dilations[0]) as isize
+                                - window.begin[0] as isize;
+                            let iy = (oy * window.strides[1] + ky * window.dilations[1]) as isize
+                                - window.begin[1] as isize;
+                            let dst = &mut row[j * line..][..line];
+                            if iz < 0 || iz as usize >= xs[0] || iy < 0 || iy as usize >= xs[1] {
+                                dst.fill(0.0);
+                                continue;
+                            }
+                            let src =
+                                &channel[(iz as usize * xs[1] + iy as usize) * xs[2]..][..xs[2]];
+                            // Value e of the line is input x = e - pad.
+                            let lo = pad_x.clamp(0, line as isize) as usize;
+                            let hi =
+                                (xs[2] as isize + pad_x).clamp(lo as isize, line as isize) as usize;
+                            dst[..lo].fill(0.0);
+                            dst[hi..].fill(0.0);
+                            dst[lo..hi]
+                                .copy_from_slice(&src[(lo as isize - pad_x) as usize..][..hi - lo]);
+                        }
+                    }
+                }
+                for kx in 0..kn {
+                    // SAFETY: `products` is rows x width (row stride width); the weights of
+                    // tap kx are every kn-th of a row (row stride channels·taps, from kx); the
+                    // unrolled rows shifted by kx stay inside their row of `stride` values.
+                    unsafe {
+                        gemm::gemm(
+                            self.rows,
+                            width,
+                            reduced,
+                            products.as_mut_ptr(),
+                            1,
+                            width as isize,
+                            kx > 0,
+                            self.weights.as_ptr().add(kx),
+                            kn as isize,
+                            (self.channels * taps) as isize,
+                            unrolled.as_ptr().add(kx),
+                            1,
+                            stride as isize,
+                            if kx > 0 { 1.0 } else { 0.0 },
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                }
+                for r in 0..self.rows {
+                    let bias = self.biases.map_or(0.0, |b| b[r]);
+                    for j in 0..n {
+                        let from = &products[r * width + j * line..][..os[2]];
+                        // SAFETY: output row r's line l0 + j: this tile's lines alone.
+                        let to = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                self.out.at(self.first + r * voxels + (l0 + j) * os[2]),
+                                os[2],
+                            )
+                        };
+                        match self.epilogue {
+                            Some(f) => {
+                                for (o, &v) in to.iter_mut().zip(from) {
+                                    *o = f.apply(v + bias);
+                                }
+                            }
+                            None => {
+                                for (o, &v) in to.iter_mut().zip(from) {
+                                    *o = v + bias;
+                                }
+                            }
+                        }
+                    }
+                }
+            },
+        );
+    }
 }
 
 /// Unrolls output voxels `start..start+width` (row-major over `os`) of a convolution: row
