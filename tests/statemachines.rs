@@ -602,11 +602,13 @@ async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
         "the plan run by the machine differs from the single process"
     );
 
-    // Inference planned by the same machine (a request with an infer task as its work): its
-    // columns as tasks on the workers, then finalize; the same bytes as `cuboids infer`.
+    // The pipeline behind POST /segment: inference planned and run (its columns as tasks on
+    // the workers, then finalize), then, as its "then", the segmentation of what it wrote,
+    // planned only once the affinities exist; each equals its single-process run.
     let image = uint8_image(dir.path(), [40, 36, 12], 5).await;
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/net_rsunet.onnx");
     let (one, inferred) = (dir.path().join("aff-one"), dir.path().join("aff-staged"));
+    let (seg_one, seg_staged) = (dir.path().join("seg-one"), dir.path().join("seg-staged"));
     cli(&[
         "infer",
         "--image",
@@ -618,8 +620,21 @@ async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
         "--overlap",
         "4,4,1",
     ]);
+    cli(&[
+        "segment",
+        "--affinity",
+        one.to_str().unwrap(),
+        "--output",
+        seg_one.to_str().unwrap(),
+        "--threshold",
+        "0.5",
+        "--chunk-size",
+        "16,16,4",
+        "--output-chunk-size",
+        "8,8,4",
+    ]);
     let request = json!({
-        "job_name": "infer",
+        "job_name": "pipeline",
         "runner": "activity",
         "request": {
             "kind": "plan",
@@ -634,22 +649,48 @@ async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
             "manifests": format!("{}/", dir.path().join("infer-plan").display()),
             "task_mib": 1024,
         },
+        "then": {
+            "request": {
+                "kind": "plan",
+                "work": {
+                    "kind": "segment",
+                    "affinity": inferred.to_str().unwrap(),
+                    "output": seg_staged.to_str().unwrap(),
+                    "threshold": 0.5,
+                    "chunk_size": [16, 16, 4],
+                    "output_chunk_size": [8, 8, 4],
+                },
+                "manifests": format!("{}/", dir.path().join("segment-plan").display()),
+                "task_mib": 64,
+                "block_size": [16, 16, 4],
+            },
+        },
     });
     let (status, detail) = services.execute(&machine, &request).await;
     assert_eq!(status, ExecutionStatus::Succeeded, "{detail}");
-    let planned = &detail["output"]["planned"];
-    assert_eq!(
-        stages(planned),
-        vec![(json!("infer"), json!(9)), (json!("finalize"), json!(1))],
-        "{detail}"
-    );
     for w in workers {
         stop(w);
     }
+    let infer_plan: Vec<Value> = std::fs::read_to_string(dir.path().join("infer-plan/infer.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(infer_plan.len(), 9, "3 x 3 columns of 16x16");
+    // The last plan the machine made is the segmentation's.
+    let planned = &detail["output"]["planned"];
+    assert_eq!(planned["stages"][0]["stage"], "block", "{detail}");
     assert_eq!(
         common::read_f32_bits(&inferred).await,
         common::read_f32_bits(&one).await,
         "the inference plan run by the machine differs from the single process"
+    );
+    let labels = common::read_labels(&seg_staged).await;
+    assert!(labels.iter().any(|&l| l != 0));
+    assert_eq!(
+        labels,
+        common::read_labels(&seg_one).await,
+        "the pipeline's segmentation differs from the single process on the same affinities"
     );
 }
 

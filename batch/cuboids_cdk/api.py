@@ -5,7 +5,9 @@ IAM (SigV4) authorization on every method:
 - POST /downsample: a Boss DownsampleChannel document ({"msg": {...}}) starts the resolution
   hierarchy;
 - POST /segment: {"job_name", "request": {"kind": "plan", "work", "manifests"}} (or an already
-  made plan: {"job_name", "stages"}) starts the segmentation machine;
+  made plan: {"job_name", "stages"}) starts the segmentation machine; "then": {"request": {...},
+  "then": {...}} chains the next plans (image + model -> infer -> segment), each planned once the
+  one before has written its output;
 - GET /executions/{id}: an execution's status, and its output or error, where {id} is the
   execution ARN that a POST returned.
 """
@@ -50,6 +52,17 @@ DOWNSAMPLE_SCHEMA = apigw.JsonSchema(
     properties={"msg": apigw.JsonSchema(type=apigw.JsonSchemaType.OBJECT)},
 )
 
+# A plan task to run on the cuboids activity before its stages (`cuboids plan ... --manifests`).
+PLAN_REQUEST = apigw.JsonSchema(
+    type=apigw.JsonSchemaType.OBJECT,
+    required=["kind", "work", "manifests"],
+    properties={
+        "kind": apigw.JsonSchema(type=apigw.JsonSchemaType.STRING, enum=["plan"]),
+        "work": apigw.JsonSchema(type=apigw.JsonSchemaType.OBJECT, required=["kind"]),
+        "manifests": apigw.JsonSchema(type=apigw.JsonSchemaType.STRING),
+    },
+)
+
 SEGMENT_SCHEMA = apigw.JsonSchema(
     schema=apigw.JsonSchemaVersion.DRAFT4,
     title="Segment",
@@ -58,16 +71,17 @@ SEGMENT_SCHEMA = apigw.JsonSchema(
     properties={
         "job_name": apigw.JsonSchema(type=apigw.JsonSchemaType.STRING, pattern="^[A-Za-z0-9_-]{1,100}$"),
         "runner": apigw.JsonSchema(type=apigw.JsonSchemaType.STRING, enum=["batch", "activity"]),
-        "request": apigw.JsonSchema(
+        "request": PLAN_REQUEST,
+        "stages": apigw.JsonSchema(type=apigw.JsonSchemaType.ARRAY),
+        # The pipeline's next step once these stages are done (its own "then" may follow).
+        "then": apigw.JsonSchema(
             type=apigw.JsonSchemaType.OBJECT,
-            required=["kind", "work", "manifests"],
+            required=["request"],
             properties={
-                "kind": apigw.JsonSchema(type=apigw.JsonSchemaType.STRING, enum=["plan"]),
-                "work": apigw.JsonSchema(type=apigw.JsonSchemaType.OBJECT, required=["kind"]),
-                "manifests": apigw.JsonSchema(type=apigw.JsonSchemaType.STRING),
+                "request": PLAN_REQUEST,
+                "then": apigw.JsonSchema(type=apigw.JsonSchemaType.OBJECT),
             },
         ),
-        "stages": apigw.JsonSchema(type=apigw.JsonSchemaType.ARRAY),
     },
     one_of=[
         apigw.JsonSchema(required=["request"]),
