@@ -555,26 +555,14 @@ fn conv(
                     // inside `y`; the operands are `weights` (mg x k, row stride k) and the
                     // unrolled tile (k x width, row stride width), both fully initialised.
                     unsafe {
-                        gemm::gemm(
+                        product(
                             mg,
                             width,
                             k,
-                            out.at(first + start),
-                            1,
-                            voxels as isize,
+                            (out.at(first + start), voxels as isize, 1),
                             false,
-                            weights.as_ptr(),
-                            1,
-                            k as isize,
-                            col.as_ptr(),
-                            1,
-                            width as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
+                            Operand(weights.as_ptr(), k as isize, 1),
+                            Operand(col.as_ptr(), width as isize, 1),
                         );
                     }
                 },
@@ -594,6 +582,41 @@ fn conv(
         }
     }
     Ok(y)
+}
+
+/// A matrix operand: its first value, row stride and column stride.
+#[derive(Clone, Copy)]
+struct Operand(*const f32, isize, isize);
+
+/// `dst` (rows x cols; pointer, row and column strides) = (or, with `accumulate`, +=)
+/// `lhs` (rows x depth) · `rhs` (depth x cols), on this thread. The gemm crate's kernels fill
+/// 16 rows at a time, so a product of fewer rows (a narrow layer's few channels) is computed
+/// transposed, cols x rows = rhsᵀ · lhsᵀ, the same sums over the same strides.
+///
+/// # Safety
+/// Every operand must be valid for its shape and strides, and `dst` written by no one else.
+unsafe fn product(
+    rows: usize,
+    cols: usize,
+    depth: usize,
+    (dst, dst_rs, dst_cs): (*mut f32, isize, isize),
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+) {
+    let alpha = if accumulate { 1.0 } else { 0.0 };
+    let none = gemm::Parallelism::None;
+    if rows < 16 && cols > rows {
+        gemm::gemm(
+            cols, rows, depth, dst, dst_rs, dst_cs, accumulate, rhs.0, rhs.1, rhs.2, lhs.0, lhs.1,
+            lhs.2, alpha, 1.0, false, false, false, none,
+        );
+    } else {
+        gemm::gemm(
+            rows, cols, depth, dst, dst_cs, dst_rs, accumulate, lhs.0, lhs.2, lhs.1, rhs.0, rhs.2,
+            rhs.1, alpha, 1.0, false, false, false, none,
+        );
+    }
 }
 
 /// One group of a convolution's output channels: its input channels, weights and where its
@@ -674,26 +697,18 @@ impl Group<'_> {
                     // tap kx are every kn-th of a row (row stride channels·taps, from kx); the
                     // unrolled rows shifted by kx stay inside their row of `stride` values.
                     unsafe {
-                        gemm::gemm(
+                        product(
                             self.rows,
                             width,
                             reduced,
-                            products.as_mut_ptr(),
-                            1,
-                            width as isize,
+                            (products.as_mut_ptr(), width as isize, 1),
                             kx > 0,
-                            self.weights.as_ptr().add(kx),
-                            kn as isize,
-                            (self.channels * taps) as isize,
-                            unrolled.as_ptr().add(kx),
-                            1,
-                            stride as isize,
-                            if kx > 0 { 1.0 } else { 0.0 },
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
+                            Operand(
+                                self.weights.as_ptr().add(kx),
+                                (self.channels * taps) as isize,
+                                kn as isize,
+                            ),
+                            Operand(unrolled.as_ptr().add(kx), stride as isize, 1),
                         );
                     }
                 }
