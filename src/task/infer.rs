@@ -525,21 +525,39 @@ pub fn plan(
     let patch_seconds = sizing.cost.flops as f64 / (budget.gflops.max(1e-9) * 1e9);
     let columns = crate::task::plan::split(Box3::from_shape(size), [column[0], column[1], size[2]]);
     let mut tasks = Vec::new();
+    // Pieces of z per count of patches a column's row has (columns at the volume's edge have
+    // fewer): greedily as many whole chunks as keep the piece's patches within the time bound
+    // (one chunk at the least).
+    let mut pieces_by_row: std::collections::HashMap<usize, Vec<(usize, usize)>> =
+        std::collections::HashMap::new();
     for col in columns {
-        // The most whole chunks of z a task of this column covers within the time bound.
-        let mut step = size[2].div_ceil(chunk[2]) * chunk[2];
-        if let Some(seconds) = budget.seconds {
-            let fits = |z: usize| {
-                let b = Box3::new(col.start, [col.stop[0], col.stop[1], z.min(size[2])]);
-                grid.count_meeting(b) as f64 * patch_seconds <= seconds
+        let per_row = (0..2)
+            .map(|a| grid.starts_meeting(a, col.start[a], col.stop[a]).len())
+            .product::<usize>();
+        let pieces = pieces_by_row.entry(per_row).or_insert_with(|| {
+            let rows = |z0: usize, z1: usize| grid.starts_meeting(2, z0, z1).len();
+            let fits = |z0: usize, z1: usize| match budget.seconds {
+                Some(seconds) => (rows(z0, z1) * per_row) as f64 * patch_seconds <= seconds,
+                None => true,
             };
-            let mut k = 1;
-            while k * chunk[2] < size[2] && fits((k + 1) * chunk[2]) {
-                k += 1;
+            let mut pieces = Vec::new();
+            let mut z0 = 0;
+            while z0 < size[2] {
+                let mut z1 = (z0 + chunk[2]).min(size[2]);
+                while z1 < size[2] && fits(z0, (z1 + chunk[2]).min(size[2])) {
+                    z1 = (z1 + chunk[2]).min(size[2]);
+                }
+                pieces.push((z0, z1));
+                z0 = z1;
             }
-            step = k * chunk[2];
-        }
-        tasks.extend(crate::task::plan::split(col, [column[0], column[1], step]));
+            pieces
+        });
+        tasks.extend(pieces.iter().map(|&(z0, z1)| {
+            Box3::new(
+                [col.start[0], col.start[1], z0],
+                [col.stop[0], col.stop[1], z1],
+            )
+        }));
     }
     let counts: Vec<usize> = tasks.iter().map(|&t| grid.count_meeting(t)).collect();
     Ok(InferPlan {
@@ -893,4 +911,95 @@ pub async fn infer(
     }
     report.wall = start.elapsed();
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout_and_sizing(volume: Vec3, chunk: Vec3) -> (InferLayout, Sizing) {
+        let grid = PatchGrid::new(volume, [64, 64, 20], [64, 64, 20], [16, 16, 4]).unwrap();
+        let sizing = Sizing {
+            input_patch: grid.input_patch,
+            output_patch: grid.output_patch,
+            stride_z: 16,
+            channels: 3,
+            net_channels: 3,
+            image_channels: 1,
+            image_elem: 1,
+            image_chunk: chunk,
+            output_chunk: chunk,
+            cost: crate::infer::model::PatchCost {
+                flops: 1_000_000_000,
+                peak_activation_bytes: 1 << 20,
+                weight_bytes: 1 << 10,
+            },
+        };
+        let layout = InferLayout {
+            grid,
+            channels: 3,
+            net_crop: [0; 3],
+        };
+        (layout, sizing)
+    }
+
+    #[test]
+    fn plans_cover_the_volume_once_in_whole_chunks_and_keep_each_task_within_its_time() {
+        let (volume, chunk) = ([300, 250, 200], [32, 32, 16]);
+        let (layout, sizing) = layout_and_sizing(volume, chunk);
+        // 1 GFLOP a patch at 10 GFLOP/s: 0.1 s a patch, 60 patches a task at most.
+        let budget = InferBudget {
+            task_bytes: 4 << 30,
+            seconds: Some(6.0),
+            gflops: 10.0,
+        };
+        let plan = plan(sizing, &layout, &budget, Some([96, 64])).unwrap();
+        let covered: usize = plan.tasks.iter().map(|t| voxels(t.shape())).sum();
+        assert_eq!(covered, voxels(volume));
+        for (i, a) in plan.tasks.iter().enumerate() {
+            assert!((0..3).all(|k| a.start[k] % chunk[k] == 0), "{a:?}");
+            for b in &plan.tasks[i + 1..] {
+                let apart = (0..3).any(|k| a.stop[k] <= b.start[k] || b.stop[k] <= a.start[k]);
+                assert!(apart, "{a:?} and {b:?} overlap");
+            }
+            let patches = layout.grid.count_meeting(*a);
+            // A piece of one chunk of z may exceed the bound on its own; longer ones may not.
+            assert!(
+                patches <= 60 || a.shape()[2] <= chunk[2],
+                "{a:?}: {patches}"
+            );
+        }
+        // Without a time bound: one task per column, the volume's whole z.
+        let whole = InferBudget {
+            seconds: None,
+            ..budget
+        };
+        let columns = super::plan(sizing, &layout, &whole, Some([96, 64])).unwrap();
+        assert_eq!(columns.tasks.len(), 4 * 4);
+        assert!(columns.tasks.iter().all(|t| t.shape()[2] == 200));
+        assert!(columns.patches_run > columns.grid_patches);
+    }
+
+    #[test]
+    fn columns_grow_with_the_budget_and_a_budget_below_one_chunk_is_refused() {
+        let (_, sizing) = layout_and_sizing([1024, 1024, 64], [64, 64, 16]);
+        let small = sizing
+            .column([1024, 1024], sizing.fixed_bytes() + (64 << 20))
+            .unwrap();
+        let large = sizing
+            .column([1024, 1024], sizing.fixed_bytes() + (512 << 20))
+            .unwrap();
+        assert!(voxels([large[0], large[1], 1]) > voxels([small[0], small[1], 1]));
+        for c in [small, large] {
+            assert!(
+                c[0] % 64 == 0 && c[1] % 64 == 0 && c[0].abs_diff(c[1]) <= 64,
+                "{c:?}"
+            );
+            assert!(
+                sizing.fixed_bytes() + sizing.column_bytes(c) <= sizing.fixed_bytes() + (512 << 20)
+            );
+        }
+        let refused = sizing.column([1024, 1024], sizing.fixed_bytes());
+        assert!(matches!(refused, Err(InferTaskError::Budget { .. })));
+    }
 }
