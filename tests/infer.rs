@@ -267,6 +267,37 @@ async fn write_image_layer(dir: &Path, channels: usize) {
         .unwrap();
 }
 
+/// `cuboids WHAT... --image IMAGE --model MODEL --output OUTPUT --overlap 4,4,1 EXTRA...`.
+fn infer_args(
+    what: &[&str],
+    image: &Path,
+    model: &Path,
+    output: &Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut a: Vec<String> = what.iter().map(|s| s.to_string()).collect();
+    a.extend(
+        [
+            "--image",
+            image.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--overlap",
+            "4,4,1",
+        ]
+        .map(String::from),
+    );
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// Runs the binary with owned arguments.
+fn run(args: Vec<String>) -> std::process::Output {
+    cuboids(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 fn cuboids(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_cuboids"))
         .args(args)
@@ -283,22 +314,7 @@ async fn cuboids_infer_writes_chunkflows_output_as_a_float32_layer() {
     let (image, out) = (tmp.path().join("image"), tmp.path().join("aff"));
     write_image_layer(&image, 1).await;
     let model = fixtures().join("net_rsunet.onnx");
-    let args = |output: &Path| -> Vec<String> {
-        [
-            "infer",
-            "--image",
-            image.to_str().unwrap(),
-            "--model",
-            model.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-            "--overlap",
-            "4,4,1",
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    let run = |a: Vec<String>| cuboids(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = |output: &Path| infer_args(&["infer"], &image, &model, output, &[]);
     let done = run(args(&out));
     assert!(
         done.status.success(),
@@ -361,65 +377,6 @@ async fn cuboids_infer_writes_chunkflows_output_as_a_float32_layer() {
     assert!(!bad.exists() || std::fs::read_dir(&bad).unwrap().next().is_none());
 }
 
-/// A random uint8 image layer of `shape` (one channel) at `dir`; returns its bytes.
-async fn random_image_layer(dir: &Path, shape: [usize; 3], seed: u64) -> Vec<u8> {
-    use cuboids::dtype::DataType;
-    use cuboids::formats::precomputed::info::Info;
-    use cuboids::formats::precomputed::{Precomputed, WriteOptions};
-    use cuboids::store::local::LocalStore;
-    use cuboids::volume::Volume;
-    let mut state = seed;
-    let bytes: Vec<u8> = (0..shape.iter().product::<usize>())
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            1 + (state >> 56) as u8 % 255
-        })
-        .collect();
-    let info: Info = serde_json::from_value(serde_json::json!({
-        "type": "image", "data_type": "uint8", "num_channels": 1,
-        "scales": [{"key": "4_4_40", "size": shape, "resolution": [4, 4, 40],
-                    "voxel_offset": [0, 0, 0], "chunk_sizes": [[8, 8, 4]], "encoding": "raw"}]
-    }))
-    .unwrap();
-    let layer = Precomputed::create(
-        std::sync::Arc::new(LocalStore::new(dir.to_path_buf())),
-        info,
-    )
-    .await
-    .unwrap();
-    let image = Volume::from_bytes(DataType::Uint8, shape, 1, bytes.clone()).unwrap();
-    layer
-        .write_region(0, [0; 3], &image, WriteOptions::default())
-        .await
-        .unwrap();
-    bytes
-}
-
-async fn read_f32_layer(dir: &Path) -> (Vec<usize>, Vec<f32>) {
-    use cuboids::formats::precomputed::Precomputed;
-    use cuboids::geometry::Box3;
-    use cuboids::store::local::LocalStore;
-    let layer = Precomputed::open(std::sync::Arc::new(LocalStore::new(dir.to_path_buf())))
-        .await
-        .unwrap();
-    let size = layer.scale(0).size;
-    let (vol, _) = layer
-        .read_region(0, Box3::from_shape(size), false)
-        .await
-        .unwrap();
-    let values = vol
-        .data
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
-    (
-        vec![layer.info.num_channels, size[2], size[1], size[0]],
-        values,
-    )
-}
-
 async fn run_infer(
     image: &Path,
     model: &str,
@@ -464,7 +421,7 @@ async fn cropped_and_valid_outputs_are_the_nets_own_and_tiles_do_not_change_a_by
     let tmp = tempfile::tempdir().unwrap();
     let image = tmp.path().join("image");
     let shape = [40, 40, 8];
-    let bytes = random_image_layer(&image, shape, 3).await;
+    let bytes = common::random_uint8_layer(&image, shape, [8, 8, 4], 3).await;
 
     // RSUNet (16x16x4 in and out) cropped to 12x12x2 with no overlap: each output voxel away
     // from the volume's border is one patch's centre, the net's own output there.
@@ -475,7 +432,7 @@ async fn cropped_and_valid_outputs_are_the_nets_own_and_tiles_do_not_change_a_by
     })
     .await;
     assert_eq!((report.patches, report.channels), (3 * 3 * 3, 3));
-    let (dims, got) = read_f32_layer(&crop).await;
+    let (dims, got) = common::read_f32_layer(&crop).await;
     let model = Model::open(&fixtures().join("net_rsunet.onnx")).unwrap();
     let start = [12usize, 24, 2]; // a patch's input start (x, y, z)
     let patch: Vec<f32> = (0..4)
@@ -507,7 +464,7 @@ async fn cropped_and_valid_outputs_are_the_nets_own_and_tiles_do_not_change_a_by
     // The valid-padding U-Net (12x12x10 -> 4x4x2), in tiles of one 8x8x4 chunk and in one
     // tile: the same bytes.
     let image = tmp.path().join("image2");
-    random_image_layer(&image, [26, 21, 14], 5).await;
+    common::random_uint8_layer(&image, [26, 21, 14], [8, 8, 4], 5).await;
     let (small, whole) = (tmp.path().join("small"), tmp.path().join("whole"));
     let tiny = run_infer(&image, "net_valid_unet.onnx", &small, |o| {
         o.overlap = [1, 1, 0];
@@ -524,7 +481,10 @@ async fn cropped_and_valid_outputs_are_the_nets_own_and_tiles_do_not_change_a_by
         tiny.columns,
         one.columns
     );
-    let (a, b) = (read_f32_layer(&small).await, read_f32_layer(&whole).await);
+    let (a, b) = (
+        common::read_f32_layer(&small).await,
+        common::read_f32_layer(&whole).await,
+    );
     assert_eq!(a.0, b.0);
     assert!(a
         .1
@@ -542,7 +502,10 @@ async fn cropped_and_valid_outputs_are_the_nets_own_and_tiles_do_not_change_a_by
     })
     .await;
     run_infer_on(true, &image, model, &whole, |o| o.overlap = [1, 1, 0]).await;
-    let (c, d) = (read_f32_layer(&small).await, read_f32_layer(&whole).await);
+    let (c, d) = (
+        common::read_f32_layer(&small).await,
+        common::read_f32_layer(&whole).await,
+    );
     assert!(c
         .1
         .iter()
@@ -615,25 +578,9 @@ async fn a_staged_plan_equals_one_process_byte_for_byte_in_tasks_of_bounded_memo
     let image = tmp.path().join("image");
     write_image_layer(&image, 1).await;
     let model = fixtures().join("net_rsunet.onnx");
-    let args = |what: &[&str], output: &Path, extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = what.iter().map(|s| s.to_string()).collect();
-        a.extend(
-            [
-                "--image",
-                image.to_str().unwrap(),
-                "--model",
-                model.to_str().unwrap(),
-                "--output",
-                output.to_str().unwrap(),
-                "--overlap",
-                "4,4,1",
-            ]
-            .map(String::from),
-        );
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
+    let args = |what: &[&str], output: &Path, extra: &[&str]| {
+        infer_args(what, &image, &model, output, extra)
     };
-    let run = |a: Vec<String>| cuboids(&a.iter().map(String::as_str).collect::<Vec<_>>());
     let one = tmp.path().join("one");
     let done = run(args(&["infer"], &one, &[]));
     assert!(
@@ -707,7 +654,10 @@ async fn a_staged_plan_equals_one_process_byte_for_byte_in_tasks_of_bounded_memo
     // Finalize is idempotent (a retried one succeeds).
     run_task(tmp.path(), &finalize[0]);
 
-    let (a, b) = (read_f32_layer(&one).await, read_f32_layer(&staged).await);
+    let (a, b) = (
+        common::read_f32_layer(&one).await,
+        common::read_f32_layer(&staged).await,
+    );
     assert_eq!(a.0, b.0);
     assert!(a
         .1
@@ -773,27 +723,24 @@ async fn a_tasks_memory_is_within_its_plan_and_does_not_grow_with_the_volume() {
     let mut peaks = Vec::new();
     for (i, shape) in [[32, 32, 16], [32, 32, 128]].into_iter().enumerate() {
         let image = tmp.path().join(format!("image{i}"));
-        random_image_layer(&image, shape, 7).await;
+        common::random_uint8_layer(&image, shape, [8, 8, 4], 7).await;
         let output = tmp.path().join(format!("aff{i}"));
         let prefix = format!("{}/", tmp.path().join(format!("plan{i}")).display());
-        let o = cuboids(&[
-            "plan",
-            "infer",
-            "--image",
-            image.to_str().unwrap(),
-            "--model",
-            model.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-            "--overlap",
-            "4,4,1",
+        let extra = [
             "--column",
             "16,16",
             "--task-mib",
             "1024",
             "--manifests",
             &prefix,
-        ]);
+        ];
+        let o = run(infer_args(
+            &["plan", "infer"],
+            &image,
+            &model,
+            &output,
+            &extra,
+        ));
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let stderr = String::from_utf8_lossy(&o.stderr).to_string();
         let planned_mib: u64 = stderr
@@ -830,7 +777,7 @@ async fn a_quantized_layer_is_the_float_layer_rounded_to_255ths() {
     use cuboids::store::local::LocalStore;
     let tmp = tempfile::tempdir().unwrap();
     let image = tmp.path().join("image");
-    random_image_layer(&image, [40, 36, 12], 11).await;
+    common::random_uint8_layer(&image, [40, 36, 12], [8, 8, 4], 11).await;
     let (float, bytes) = (tmp.path().join("float"), tmp.path().join("uint8"));
     run_infer(&image, "net_rsunet.onnx", &float, |o| o.overlap = [4, 4, 1]).await;
     run_infer(&image, "net_rsunet.onnx", &bytes, |o| {
@@ -838,7 +785,7 @@ async fn a_quantized_layer_is_the_float_layer_rounded_to_255ths() {
         o.quantize = true;
     })
     .await;
-    let (_, values) = read_f32_layer(&float).await;
+    let (_, values) = common::read_f32_layer(&float).await;
     let layer = Precomputed::open(std::sync::Arc::new(LocalStore::new(bytes)))
         .await
         .unwrap();

@@ -605,7 +605,8 @@ async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
     // The pipeline behind POST /segment: inference planned and run (its columns as tasks on
     // the workers, then finalize), then, as its "then", the segmentation of what it wrote,
     // planned only once the affinities exist; each equals its single-process run.
-    let image = uint8_image(dir.path(), [40, 36, 12], 5).await;
+    let image = dir.path().join("image");
+    common::random_uint8_layer(&image, [40, 36, 12], [16, 16, 4], 5).await;
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/net_rsunet.onnx");
     let (one, inferred) = (dir.path().join("aff-one"), dir.path().join("aff-staged"));
     let (seg_one, seg_staged) = (dir.path().join("seg-one"), dir.path().join("seg-staged"));
@@ -681,8 +682,8 @@ async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
     let planned = &detail["output"]["planned"];
     assert_eq!(planned["stages"][0]["stage"], "block", "{detail}");
     assert_eq!(
-        common::read_f32_bits(&inferred).await,
-        common::read_f32_bits(&one).await,
+        bits(common::read_f32_layer(&inferred).await.1),
+        bits(common::read_f32_layer(&one).await.1),
         "the inference plan run by the machine differs from the single process"
     );
     let labels = common::read_labels(&seg_staged).await;
@@ -694,33 +695,9 @@ async fn the_segmentation_machine_runs_a_plan_on_activity_workers() {
     );
 }
 
-/// A random uint8 image layer of `shape` (chunks of 16x16x4) under `dir`.
-async fn uint8_image(dir: &Path, shape: [usize; 3], seed: u64) -> std::path::PathBuf {
-    use cuboids::formats::precomputed::{info::Info, Precomputed, WriteOptions};
-    let path = dir.join("image");
-    let info: Info = serde_json::from_value(json!({
-        "type": "image", "data_type": "uint8", "num_channels": 1,
-        "scales": [{"key": "8_8_40", "size": shape, "resolution": [8, 8, 40],
-                    "voxel_offset": [0, 0, 0], "chunk_sizes": [[16, 16, 4]], "encoding": "raw"}]
-    }))
-    .unwrap();
-    let store = Arc::new(cuboids::store::local::LocalStore::new(path.clone()));
-    let layer = Precomputed::create(store, info).await.unwrap();
-    let mut state = seed;
-    let bytes: Vec<u8> = (0..shape.iter().product::<usize>())
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 56) as u8
-        })
-        .collect();
-    let volume = Volume::from_bytes(cuboids::dtype::DataType::Uint8, shape, 1, bytes).unwrap();
-    layer
-        .write_region(0, [0; 3], &volume, WriteOptions::default())
-        .await
-        .unwrap();
-    path
+/// Float values as their bits, to compare byte for byte.
+fn bits(values: Vec<f32>) -> Vec<u32> {
+    values.iter().map(|v| v.to_bits()).collect()
 }
 
 /// Runs `curl` against the API: the HTTP status and the parsed body.

@@ -7,34 +7,57 @@ use crate::ops::nn::{self, NnError, Tensor};
 /// The model's output for one input tensor (N, C, spatial...). Values are dropped after
 /// their last reader.
 pub fn run(model: &Model, input: Tensor) -> Result<Tensor, InferError> {
-    run_with(model, input, execute)
+    run_with(
+        model,
+        input,
+        |_, node, ins| execute(node, ins).map(Produced::Value),
+        drop,
+    )
 }
 
-/// [`run`] with `execute` running each node (an engine's own operators where it has them).
+/// What an engine's step gives for a node.
+pub(super) enum Produced {
+    /// The node's value, computed from its inputs.
+    Value(Tensor),
+    /// The value of this slot, taken over as it is: the node was fused into the one that
+    /// made the slot, which nothing else reads.
+    Taken(usize),
+}
+
+/// The model walked node by node, `step` giving each node's value (an engine's own operators
+/// where it has them); a value is handed to `release` after its last reader (for an engine to
+/// reuse its memory).
 pub(super) fn run_with(
     model: &Model,
     input: Tensor,
-    execute: impl Fn(&Node, &[Option<&Tensor>]) -> Result<Tensor, NnError>,
+    mut step: impl FnMut(usize, &Node, &[Option<&Tensor>]) -> Result<Produced, NnError>,
+    mut release: impl FnMut(Tensor),
 ) -> Result<Tensor, InferError> {
     model.shapes(&input.shape)?;
     let last_read = model.last_reads();
     let mut values: Vec<Option<Tensor>> = vec![None; model.slots];
     values[model.input_slot] = Some(input);
     for (i, node) in model.nodes.iter().enumerate() {
-        let output = {
+        let produced = {
             let ins: Vec<Option<&Tensor>> = node
                 .inputs
                 .iter()
                 .map(|s| s.and_then(|s| values[s].as_ref().or(model.constants.get(&s))))
                 .collect();
-            execute(node, &ins).map_err(|source| model.shape_error(node, source))?
+            step(i, node, &ins).map_err(|source| model.shape_error(node, source))?
+        };
+        let output = match produced {
+            Produced::Value(v) => Some(v),
+            Produced::Taken(slot) => values[slot].take(),
         };
         for &slot in node.inputs.iter().flatten() {
             if last_read[slot] == i && slot != model.output_slot {
-                values[slot] = None;
+                if let Some(t) = values[slot].take() {
+                    release(t);
+                }
             }
         }
-        values[node.output] = Some(output);
+        values[node.output] = output;
     }
     values[model.output_slot]
         .take()

@@ -315,6 +315,28 @@ impl Model {
         last
     }
 
+    /// Per slot, how many node inputs read it, the model's output counting as one more: a
+    /// value read once may be folded or fused into the node that makes it.
+    pub fn reader_counts(&self) -> Vec<usize> {
+        let mut readers = vec![0usize; self.slots];
+        for node in &self.nodes {
+            for &slot in node.inputs.iter().flatten() {
+                readers[slot] += 1;
+            }
+        }
+        readers[self.output_slot] += 1;
+        readers
+    }
+
+    /// The node that writes each slot a node writes.
+    pub fn writers(&self) -> HashMap<usize, usize> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.output, i))
+            .collect()
+    }
+
     /// The input's channel count, where the model fixes it.
     pub fn input_channels(&self) -> Option<usize> {
         self.input_shape.get(1).copied().flatten()
@@ -1242,19 +1264,8 @@ fn slot_name(model: &Model, slot: usize) -> String {
 /// that Conv: `w' = w · a`, `b' = (b − mean) · a + beta` per output channel, with
 /// `a = scale / sqrt(var + epsilon)`.
 fn fold_batch_norms(model: &mut Model) {
-    let mut readers = vec![0usize; model.slots];
-    for node in &model.nodes {
-        for &slot in node.inputs.iter().flatten() {
-            readers[slot] += 1;
-        }
-    }
-    readers[model.output_slot] += 1;
-    let writer: HashMap<usize, usize> = model
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.output, i))
-        .collect();
+    let readers = model.reader_counts();
+    let writer = model.writers();
     let mut removed = vec![false; model.nodes.len()];
     #[allow(clippy::needless_range_loop)] // `bn` indexes nodes that are rewritten in place.
     for bn in 0..model.nodes.len() {

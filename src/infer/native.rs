@@ -12,7 +12,7 @@
 //! the reference to float rounding (products sum in another order), and a patch's bytes do
 //! not depend on the thread count (each tile is its own products).
 
-use super::cpu;
+use super::cpu::{self, Produced};
 use super::model::{InferError, Model, Node, Op};
 use super::region::Executor;
 use crate::ops::nn::{self, ncs, Activation, Binary, NnError, Pool, Tensor, Window};
@@ -34,19 +34,8 @@ pub struct NativeExecutor {
 
 impl NativeExecutor {
     pub fn new(model: Model) -> NativeExecutor {
-        let mut readers = vec![0usize; model.slots];
-        for node in &model.nodes {
-            for &slot in node.inputs.iter().flatten() {
-                readers[slot] += 1;
-            }
-        }
-        readers[model.output_slot] += 1;
-        let maker: std::collections::HashMap<usize, usize> = model
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.output, i))
-            .collect();
+        let readers = model.reader_counts();
+        let maker = model.writers();
         let mut epilogue = vec![None; model.nodes.len()];
         let mut taken_from = vec![None; model.nodes.len()];
         for (j, node) in model.nodes.iter().enumerate() {
@@ -67,53 +56,28 @@ impl NativeExecutor {
         }
     }
 
-    /// The model's output for one patch, node by node (values dropped after their last
-    /// reader, as the reference walks it).
+    /// The model's output for one patch, walked as the reference walks it, each node's
+    /// time handed to `timed`; released values' buffers are reused for later outputs.
     fn walk(
         &self,
         input: Tensor,
         mut timed: impl FnMut(&Node, &[Option<&Tensor>], std::time::Duration),
     ) -> Result<Tensor, InferError> {
-        let model = &self.model;
-        model.shapes(&input.shape)?;
-        let last_read = model.last_reads();
-        let mut values: Vec<Option<Tensor>> = vec![None; model.slots];
-        values[model.input_slot] = Some(input);
-        let mut buffers = Buffers::default();
-        for (i, node) in model.nodes.iter().enumerate() {
-            if let Some(slot) = self.taken_from[i] {
-                values[node.output] = values[slot].take();
-                continue;
-            }
-            let t = std::time::Instant::now();
-            let output = {
-                let ins: Vec<Option<&Tensor>> = node
-                    .inputs
-                    .iter()
-                    .map(|s| s.and_then(|s| values[s].as_ref().or(model.constants.get(&s))))
-                    .collect();
-                let out = self
-                    .node(node, &ins, self.epilogue[i], &mut buffers)
-                    .map_err(|source| model.shape_error(node, source))?;
-                timed(node, &ins, t.elapsed());
-                out
-            };
-            for &slot in node.inputs.iter().flatten() {
-                if last_read[slot] == i && slot != model.output_slot {
-                    if let Some(t) = values[slot].take() {
-                        buffers.give(t.data);
-                    }
+        let buffers = std::cell::RefCell::new(Buffers::default());
+        cpu::run_with(
+            &self.model,
+            input,
+            |i, node, ins| {
+                if let Some(slot) = self.taken_from[i] {
+                    return Ok(Produced::Taken(slot));
                 }
-            }
-            values[node.output] = Some(output);
-        }
-        values[model.output_slot]
-            .take()
-            .or_else(|| model.constants.get(&model.output_slot).cloned())
-            .ok_or_else(|| InferError::Model {
-                path: model.path.clone(),
-                message: format!("output '{}' was not computed", model.output_name),
-            })
+                let t = std::time::Instant::now();
+                let out = self.node(node, ins, self.epilogue[i], &mut buffers.borrow_mut())?;
+                timed(node, ins, t.elapsed());
+                Ok(Produced::Value(out))
+            },
+            |t| buffers.borrow_mut().give(t.data),
+        )
     }
 }
 
@@ -399,14 +363,7 @@ fn conv_transpose(
     let shape = nn::conv_transpose_shape(&x.shape, &w.shape, window, output_padding, group)?;
     let (_, c, xs) = ncs(&x.shape)?;
     let (_, m, os) = ncs(&shape)?;
-    if let Some(b) = b {
-        if b.len() != m {
-            return Err(NnError::Shape(format!(
-                "{} biases for {m} channels",
-                b.len()
-            )));
-        }
-    }
+    nn::check_bias(b, m)?;
     let (in_per_group, out_per_group) = (c / group, m / group);
     let k = window.kernel;
     let taps = k[0] * k[1] * k[2];
@@ -503,14 +460,7 @@ fn conv(
     let shape = nn::conv_shape(&x.shape, &w.shape, window, group)?;
     let (n, c, xs) = ncs(&x.shape)?;
     let (_, m, os) = ncs(&shape)?;
-    if let Some(b) = b {
-        if b.len() != m {
-            return Err(NnError::Shape(format!(
-                "{} biases for {m} channels",
-                b.len()
-            )));
-        }
-    }
+    nn::check_bias(b, m)?;
     let (cg, mg) = (c / group, m / group);
     let taps: usize = window.kernel.iter().product();
     let k = cg * taps;

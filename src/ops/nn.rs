@@ -268,7 +268,8 @@ pub fn conv(
     Ok(y)
 }
 
-fn check_bias(b: Option<&Tensor>, m: usize) -> Result<(), NnError> {
+/// A bias, where given, has one value per output channel.
+pub(crate) fn check_bias(b: Option<&Tensor>, m: usize) -> Result<(), NnError> {
     match b {
         Some(b) if b.len() != m => shape_error(format!("{} biases for {m} channels", b.len())),
         _ => Ok(()),

@@ -147,7 +147,6 @@ pub fn assert_same_contents(a: &[(String, Vec<u8>)], b: &[(String, Vec<u8>)], wh
     }
 }
 
-/// Every file below `dir` (none if it does not exist), sorted.
 /// The uint64 labels of scale 0 of the segmentation layer at `dir`, Fortran order.
 pub async fn read_labels(dir: &std::path::Path) -> Vec<u64> {
     read_labels_with(dir, false).await
@@ -155,32 +154,73 @@ pub async fn read_labels(dir: &std::path::Path) -> Vec<u64> {
 
 /// [`read_labels`], with chunks never written (outside a run's bounds) read as zeros or not.
 pub async fn read_labels_with(dir: &std::path::Path, fill_missing: bool) -> Vec<u64> {
+    let (_, v) = read_scale0(dir, fill_missing).await;
+    bytemuck::pod_collect_to_vec(&v.data)
+}
+
+/// The layer at `dir` and the whole of its scale 0.
+async fn read_scale0(
+    dir: &std::path::Path,
+    fill_missing: bool,
+) -> (cuboids::formats::precomputed::Precomputed, Volume) {
     use cuboids::formats::precomputed::Precomputed;
-    let vol = Precomputed::open(std::sync::Arc::new(cuboids::store::LocalStore::new(dir)))
+    let layer = Precomputed::open(std::sync::Arc::new(cuboids::store::LocalStore::new(dir)))
         .await
         .unwrap();
-    let size = vol.scale(0).size;
-    let (v, _) = vol
+    let size = layer.scale(0).size;
+    let (v, _) = layer
         .read_region(0, cuboids::geometry::Box3::from_shape(size), fill_missing)
         .await
         .unwrap();
-    bytemuck::pod_collect_to_vec(&v.data)
+    (layer, v)
 }
 
-/// A float32 layer's values as their bits (channel after channel), to compare byte for byte.
-pub async fn read_f32_bits(dir: &std::path::Path) -> Vec<u32> {
-    use cuboids::formats::precomputed::Precomputed;
-    let vol = Precomputed::open(std::sync::Arc::new(cuboids::store::LocalStore::new(dir)))
-        .await
-        .unwrap();
-    let size = vol.scale(0).size;
-    let (v, _) = vol
-        .read_region(0, cuboids::geometry::Box3::from_shape(size), false)
-        .await
-        .unwrap();
-    bytemuck::pod_collect_to_vec(&v.data)
+/// A float32 layer's channels, z, y, x and its values (channel after channel, x fastest).
+pub async fn read_f32_layer(dir: &std::path::Path) -> (Vec<usize>, Vec<f32>) {
+    let (layer, vol) = read_scale0(dir, false).await;
+    let size = layer.scale(0).size;
+    (
+        vec![layer.info.num_channels, size[2], size[1], size[0]],
+        bytemuck::pod_collect_to_vec(&vol.data),
+    )
 }
 
+/// A uint8 image layer of `shape` in chunks of `chunk` under `dir`, of seeded random values
+/// 1..=255 (no patch of it is all zero); returns its values (x fastest).
+pub async fn random_uint8_layer(
+    dir: &std::path::Path,
+    shape: Vec3,
+    chunk: Vec3,
+    seed: u64,
+) -> Vec<u8> {
+    use cuboids::formats::precomputed::info::Info;
+    use cuboids::formats::precomputed::{Precomputed, WriteOptions};
+    let mut state = seed;
+    let bytes: Vec<u8> = (0..voxels(shape))
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            1 + (state >> 56) as u8 % 255
+        })
+        .collect();
+    let info: Info = serde_json::from_value(serde_json::json!({
+        "type": "image", "data_type": "uint8", "num_channels": 1,
+        "scales": [{"key": "4_4_40", "size": shape, "resolution": [4, 4, 40],
+                    "voxel_offset": [0, 0, 0], "chunk_sizes": [chunk], "encoding": "raw"}]
+    }))
+    .unwrap();
+    let store = std::sync::Arc::new(cuboids::store::LocalStore::new(dir));
+    let layer = Precomputed::create(store, info).await.unwrap();
+    let image = Volume::from_bytes(DataType::Uint8, shape, 1, bytes.clone()).unwrap();
+    layer
+        .write_region(0, [0; 3], &image, WriteOptions::default())
+        .await
+        .unwrap();
+    bytes
+}
+
+/// Every file below `dir` (none if it does not exist), sorted.
 pub fn files_under(dir: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir) {
