@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements issues 11 and 12 ask for, in one run on a lent device machine (NVIDIA,
+# The GPU measurements issues 11, 12 and 34 ask for, in one run on a lent device machine (NVIDIA,
 # Vulkan), within about 8 minutes. Run from the repository root there, with the release binary
 # built here and carried along (the machine reaches no network, so nothing is built or fetched
 # there), and the Vulkan loader packages unpacked first, as /work/.library/device/README.md says:
@@ -56,6 +56,20 @@ step "$BIN" demo --size "$DEMO_SIZE" --dir "$WORK/demo" >/dev/null
 for setting in 1 0; do
   CUBOIDS_GPU_ENCODING=$setting step "$BIN" downsample "$WORK/demo/segmentation" --num-mips 3
 done
+
+# Issue 34: inference of the demo's EM image by the demo's net (models/em_affinities.onnx,
+# ~22 kFLOP per voxel, patch 64,64,16) on the GPU with each convolution kernel and precision,
+# and on the machine's cores (the native engine) as the CPU figure.
+for kernel in workgroup registers; do
+  for dtype in float32 float16; do
+    rm -rf "$WORK/aff"
+    CUBOIDS_CONV_KERNEL=$kernel step "$BIN" infer --image "$WORK/demo/image" \
+      --model models/em_affinities.onnx --output "$WORK/aff" --overlap 8,8,2 --engine gpu --dtype $dtype
+  done
+done
+rm -rf "$WORK/aff"
+step "$BIN" infer --image "$WORK/demo/image" --model models/em_affinities.onnx --output "$WORK/aff" \
+  --overlap 8,8,2 --engine native
 
 # Issue 11: connected components on 512^3 (labelling pass and end to end), then segment with
 # each kernel timed.

@@ -210,6 +210,116 @@ fn conv_tiled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     }
 }
 
+// Conv as an implicit GEMM in workgroup memory, for GPUs: per (batch, group), output[m, v] =
+// sum over k of weights[m, k] * patch[k, v], k running over (input channel, kz, ky, kx) and v
+// over output voxels. A 16x16 workgroup makes a 64-channel by 64-voxel tile, each invocation 4
+// channels (m = 16i + its y) by 4 voxels (v = 16j + its x); k goes 16 at a time through two
+// workgroup tiles that the 256 invocations fill together (each a fixed column, four rows), so
+// every weight and input value read from memory feeds 64 multiply-adds. Padding taps read 0;
+// each sum runs over k in order, as the direct kernel's. The weights come re-laid as
+// [group, k, channel of the group] (a row of the tile is contiguous). Parameters as conv, and
+// 23 the voxel tiles (workgroup x + y * num_workgroups.x), 24 the channel tiles (z is
+// channel tile + tiles * (batch * groups + group)).
+var<workgroup> tile_w: array<array<f32, 64>, 16>;
+var<workgroup> tile_x: array<array<f32, 64>, 16>;
+
+@compute @workgroup_size(16, 16)
+fn conv_gemm(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let voxel_tile = wid.x + wid.y * groups.x;
+    if (voxel_tile >= u(23u)) {
+        return;
+    }
+    let m_tiles = u(24u);
+    let channel_tile = wid.z % m_tiles;
+    let group_count = u(3u);
+    let g = (wid.z / m_tiles) % group_count;
+    let n = wid.z / m_tiles / group_count;
+    let c_in = u(1u);
+    let m_out = u(2u);
+    let per_group_in = c_in / group_count;
+    let per_group_out = m_out / group_count;
+    let d = u(4u);
+    let h = u(5u);
+    let wd = u(6u);
+    let oh = u(8u);
+    let ow = u(9u);
+    let voxels = u(7u) * oh * ow;
+    let kh = u(11u);
+    let kw = u(12u);
+    let taps = u(10u) * kh * kw;
+    let depth = per_group_in * taps;
+    // What this invocation loads: column `col` of both tiles, rows row0 + 4r.
+    let col = t % 64u;
+    let row0 = t / 64u;
+    let load_m = channel_tile * 64u + col;
+    let load_v = voxel_tile * 64u + col;
+    let lx = load_v % ow;
+    let ly = (load_v / ow) % oh;
+    let lz = load_v / (ow * oh);
+    let channel0 = n * c_in + g * per_group_in;
+    var acc: array<vec4<f32>, 4>;
+    for (var k0 = 0u; k0 < depth; k0 += 16u) {
+        for (var r = 0u; r < 4u; r++) {
+            let row = row0 + 4u * r;
+            let k = k0 + row;
+            var wv = 0.0;
+            var xv = 0.0;
+            if (k < depth) {
+                if (load_m < per_group_out) {
+                    wv = w[(g * depth + k) * per_group_out + load_m];
+                }
+                if (load_v < voxels) {
+                    let ic = k / taps;
+                    let tp = k % taps;
+                    let iz = tap(lz, tp / (kh * kw), u(13u), u(16u), u(19u), d);
+                    let iy = tap(ly, (tp / kw) % kh, u(14u), u(17u), u(20u), h);
+                    let ix = tap(lx, tp % kw, u(15u), u(18u), u(21u), wd);
+                    if (iz >= 0 && iy >= 0 && ix >= 0) {
+                        xv = x[(((channel0 + ic) * d + u32(iz)) * h + u32(iy)) * wd + u32(ix)];
+                    }
+                }
+            }
+            tile_w[row][col] = wv;
+            tile_x[row][col] = xv;
+        }
+        workgroupBarrier();
+        for (var row = 0u; row < 16u; row++) {
+            let xs = vec4<f32>(
+                tile_x[row][lid.x],
+                tile_x[row][lid.x + 16u],
+                tile_x[row][lid.x + 32u],
+                tile_x[row][lid.x + 48u],
+            );
+            for (var i = 0u; i < 4u; i++) {
+                acc[i] += tile_w[row][lid.y + 16u * i] * xs;
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let m = channel_tile * 64u + lid.y + 16u * i;
+        if (m >= per_group_out) {
+            continue;
+        }
+        let channel = g * per_group_out + m;
+        var bias = 0.0;
+        if (u(22u) != 0u) {
+            bias = b[channel];
+        }
+        let base = (n * m_out + channel) * voxels + voxel_tile * 64u + lid.x;
+        for (var j = 0u; j < 4u; j++) {
+            if (voxel_tile * 64u + lid.x + 16u * j < voxels) {
+                y[base + 16u * j] = acc[i][j] + bias;
+            }
+        }
+    }
+}
+
 // The input position whose tap k reaches output o in a transposed convolution
 // (o = i*stride + k*dilation - pad), or -1.
 fn source(o: u32, k: u32, stride: u32, dilation: u32, pad: u32, n: u32) -> i32 {
@@ -418,8 +528,31 @@ fn instance_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     }
 }
 
-// Elementwise activations: 0 elements, 1 op (0 Relu, 1 LeakyRelu, 2 Elu, 3 Sigmoid, 4 Tanh),
-// 2 alpha (float bits).
+// v rounded to the nearest float16 and widened back, bit for bit as Rust's half::f16 rounds:
+// ties to even, subnormals kept (a grid of 2^-24), from 65520 on infinite; NaN and inf as they are.
+// (quantizeToF16 may flush subnormals, so it is not used.)
+fn round_f16(v: f32) -> f32 {
+    let bits = bitcast<u32>(v);
+    let sign = bits & 0x80000000u;
+    let magnitude = bits & 0x7fffffffu;
+    if (magnitude >= 0x7f800000u) {
+        return v;
+    }
+    if (magnitude >= 0x477ff000u) {
+        return bitcast<f32>(sign | 0x7f800000u);
+    }
+    if (magnitude < 0x38800000u) {
+        // Below float16's smallest normal: scaling by 2^24 is exact, round() ties to even.
+        let r = round(bitcast<f32>(magnitude) * 16777216.0) / 16777216.0;
+        return bitcast<f32>(sign | bitcast<u32>(r));
+    }
+    // Keep 10 of the 23 mantissa bits, ties to even; a carry may step the exponent, as it should.
+    let odd = (magnitude >> 13u) & 1u;
+    return bitcast<f32>(sign | ((magnitude + 0xfffu + odd) & 0xffffe000u));
+}
+
+// Elementwise activations: 0 elements, 1 op (0 Relu, 1 LeakyRelu, 2 Elu, 3 Sigmoid, 4 Tanh,
+// 5 rounding to float16), 2 alpha (float bits).
 @compute @workgroup_size(64)
 fn activation(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
     let i = linear(gid, groups);
@@ -434,7 +567,8 @@ fn activation(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
         case 1u: { out = select(v, alpha * v, v < 0.0); }
         case 2u: { out = select(v, alpha * (exp(v) - 1.0), v < 0.0); }
         case 3u: { out = 1.0 / (1.0 + exp(-v)); }
-        default: { out = tanh(v); }
+        case 4u: { out = tanh(v); }
+        default: { out = round_f16(v); }
     }
     y[i] = out;
 }

@@ -47,6 +47,10 @@ enum Command {
     },
     /// Run one task document (a file, an s3:// object, or - for stdin); prints its output document.
     RunTask { task: String },
+    /// The AWS Lambda entrypoint: each invocation's payload is a task document (as for
+    /// run-task), its result the output document, a failure a function error typed with the
+    /// failure's name (cuboids.InvalidTask, ...). Reads AWS_LAMBDA_RUNTIME_API as Lambda sets it.
+    Lambda,
     /// A Step Functions activity worker: polls the activity and runs the task documents it gets.
     Worker {
         #[arg(long)]
@@ -129,6 +133,18 @@ enum Command {
     ConnectedComponents {
         #[command(flatten)]
         args: ComponentsArgs,
+    },
+    /// How far a segmentation is from a ground truth: variation of information (split and
+    /// merge, in bits) and adapted Rand error, as scikit-image computes them (voxels whose truth
+    /// is 0 not counted), read a slab of chunks at a time.
+    Evaluate {
+        /// The segmentation to score: a directory holding `info`, or s3://bucket/prefix.
+        segmentation: String,
+        /// The ground truth, of the same size at --mip.
+        #[arg(long)]
+        truth: String,
+        #[arg(long, default_value_t = 0)]
+        mip: usize,
     },
     /// Measure segment and connected-components throughput (MVx/s) on a synthetic EM-like
     /// volume; with --python, waterz and cc3d on the same data.
@@ -353,6 +369,11 @@ struct InferArgs {
     /// native (convolutions as matrix products on the CPU's cores), reference.
     #[arg(long, value_enum, default_value_t = crate::infer::Engine::Auto)]
     engine: crate::infer::Engine,
+    /// What the net computes in: float16 rounds the weights, the input and every tensor the
+    /// net makes to half precision (sums in float32), as a GPU with fp16 storage does; the
+    /// blending and the layer stay float32.
+    #[arg(long, value_enum, default_value_t = crate::infer::Precision::Float32)]
+    dtype: crate::infer::Precision,
     /// Host memory in MiB, fixed part included (about 230 MiB on lavapipe, plus the model's
     /// weights and a patch's activations): the output is made in columns of whole chunks, as
     /// large as fit, each streamed up z, so memory does not grow with the volume.
@@ -383,6 +404,7 @@ impl InferArgs {
             gzip_level: 6,
             cpu: self.cpu,
             engine: self.engine,
+            dtype: self.dtype,
             task_mib: self.task_mib,
             column: self.column,
             bounds: None,
@@ -784,6 +806,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             staged.estimate.then_some(staged.shape),
         ))),
         Command::RunTask { task } => runtime.block_on(local::run_task(&task)),
+        Command::Lambda => done(runtime.block_on(crate::runtime::lambda::lambda())),
         Command::Worker {
             activity_arn,
             concurrency,
@@ -857,6 +880,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 keep,
             },
         ))),
+        Command::Evaluate {
+            segmentation,
+            truth,
+            mip,
+        } => done(runtime.block_on(async {
+            let e = segmentation::evaluate(&segmentation, &truth, mip).await?;
+            println!("{segmentation} against {truth}: {}", e.describe());
+            Ok(())
+        })),
         Command::Demo { dir, size } => done(runtime.block_on(local::demo(&dir, size))),
         Command::View {
             volumes,

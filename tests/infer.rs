@@ -341,6 +341,27 @@ async fn cuboids_infer_writes_chunkflows_output_as_a_float32_layer() {
     let worst = largest_difference(&got, &want);
     assert!(worst <= 1e-4, "largest difference from chunkflow: {worst}");
 
+    // In half precision: named in the report, within 1% of chunkflow's float32, not equal to it.
+    let half = tmp.path().join("aff16");
+    let done = run(infer_args(
+        &["infer"],
+        &image,
+        &model,
+        &half,
+        &["--dtype", "float16"],
+    ));
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    assert!(
+        done.status.success() && stdout.contains("float16"),
+        "{stdout}"
+    );
+    let (_, got16) = common::read_f32_layer(&half).await;
+    let worst16 = largest_difference(&got16, &want);
+    assert!(
+        worst16 > 0.0 && worst16 <= 1e-2,
+        "float16 vs chunkflow: {worst16}"
+    );
+
     // The same output again: refused, the layer untouched.
     let again = run(args(&out));
     assert_eq!(again.status.code(), Some(65));
@@ -515,17 +536,29 @@ async fn cropped_and_valid_outputs_are_the_nets_own_and_tiles_do_not_change_a_by
     assert!(worst <= 1e-5, "GPU vs CPU: {worst}");
 }
 
+/// Both convolution kernels (register tiles, for CPU adapters; workgroup-memory GEMM tiles, for
+/// GPUs), whichever the adapter would pick.
 #[test]
 fn the_gpu_executor_equals_onnxruntime_and_the_cpu_reference() {
+    use cuboids::gpu::nn::ConvKernel;
     let cases = golden_cases();
-    for (name, model, input, want) in cases.iter().cloned() {
-        let reference = cpu::run(&model, input.clone()).unwrap();
-        let executor = GpuExecutor::new(common::gpu_arc(), model).unwrap();
-        let got = executor
-            .run(input)
-            .unwrap_or_else(|e| panic!("{name}: {:?}", e));
-        assert_close(&name, "onnxruntime (GPU)", &got, &want);
-        assert_close(&name, "the CPU reference (GPU)", &got, &reference);
+    for (name, model, input, want) in &cases {
+        let reference = cpu::run(model, input.clone()).unwrap();
+        for kernel in [ConvKernel::Registers, ConvKernel::Workgroup] {
+            let executor =
+                GpuExecutor::with_conv_kernel(common::gpu_arc(), model.clone(), kernel).unwrap();
+            let got = executor
+                .run(input.clone())
+                .unwrap_or_else(|e| panic!("{name} ({kernel:?}): {:?}", e));
+            let what = format!("{kernel:?} kernels");
+            assert_close(name, &format!("onnxruntime ({what})"), &got, want);
+            assert_close(
+                name,
+                &format!("the CPU reference ({what})"),
+                &got,
+                &reference,
+            );
+        }
     }
     assert!(cases.len() >= 30, "only {} cases", cases.len());
 }
@@ -802,4 +835,96 @@ async fn a_quantized_layer_is_the_float_layer_rounded_to_255ths() {
     assert_eq!(vol.data, want);
     // A sigmoid's outputs spread over the range: not all one value.
     assert!(want.iter().any(|&v| v != want[0]));
+}
+
+/// The GPU's float16 rounding is the CPU's bit for bit: ties to even, float16's subnormal grid,
+/// infinity from 65520 on, signed zeros, and a sweep of bit patterns over every exponent.
+#[test]
+fn float16_rounding_on_the_gpu_is_the_cpus_bit_for_bit() {
+    use cuboids::ops::nn::round_to_f16;
+    let ulp_at_one = 2f32.powi(-10);
+    let mut values = vec![
+        0.0,
+        -0.0,
+        1.0 + ulp_at_one / 2.0,       // a tie: down to the even 1.0
+        1.0 + 3.0 * ulp_at_one / 2.0, // a tie: up to the even 1 + 2 ulp
+        65504.0,
+        65519.99,
+        65520.0,
+        -70000.0,
+        f32::INFINITY,
+        2f32.powi(-14),       // the smallest normal
+        2f32.powi(-25),       // half the smallest subnormal: a tie, to 0
+        3.0 * 2f32.powi(-25), // a tie between subnormals: to the even 2^-23
+        1e-30,
+        0.1,
+        -1.0 / 3.0,
+    ];
+    let mut bits = 0x1234_5678u32;
+    for _ in 0..200_000 {
+        bits = bits.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let v = f32::from_bits(bits);
+        if !v.is_nan() {
+            values.push(v);
+        }
+    }
+    let got = cuboids::gpu::nn::round_values_to_f16(common::gpu(), &values).unwrap();
+    for (v, g) in values.iter().zip(&got) {
+        let want = round_to_f16(*v);
+        assert_eq!(g.to_bits(), want.to_bits(), "{v:e} ({:#010x})", v.to_bits());
+    }
+    // The cases above land where float16 puts them.
+    assert_eq!(got[2..4], [1.0, 1.0 + 2.0 * ulp_at_one]);
+    assert_eq!(got[4..7], [65504.0, 65504.0, f32::INFINITY]);
+    assert_eq!(got[10..12], [0.0, 2f32.powi(-23)]);
+}
+
+/// `--dtype float16` on every engine: each output is a float16 value, the engines agree to a few
+/// float16 steps (a half-step: 2^-11 relative), and every case stays within 1% of
+/// onnxruntime's float32.
+#[test]
+fn at_float16_every_engine_rounds_to_half_and_stays_near_float32() {
+    use cuboids::infer::native::NativeExecutor;
+    use cuboids::infer::Precision;
+    use cuboids::ops::nn::round_to_f16;
+    let error = |got: &Tensor, want: &Tensor, scale: f32| -> f32 {
+        got.data
+            .iter()
+            .zip(&want.data)
+            .map(|(g, w)| (g - w).abs() / (scale * w.abs().max(1.0)))
+            .fold(0.0, f32::max)
+    };
+    for (name, model, input, want) in golden_cases() {
+        let half = model.with_precision(Precision::Float16);
+        let reference = cpu::run(&half, input.clone()).unwrap();
+        let native = NativeExecutor::new(half.clone())
+            .run(input.clone())
+            .unwrap();
+        let gpu = GpuExecutor::new(common::gpu_arc(), half)
+            .unwrap()
+            .run(input.clone())
+            .unwrap();
+        for (engine, out) in [
+            ("reference", &reference),
+            ("native", &native),
+            ("gpu", &gpu),
+        ] {
+            assert!(
+                out.data.iter().all(|&v| round_to_f16(v) == v || v.is_nan()),
+                "{name}: the {engine} engine's output is not float16"
+            );
+            // Measured: the GPU equals the reference in every case, the native engine (other
+            // sums' order) is within 2 half-steps; at most 3.1e-3 from float32 (conv3d).
+            let steps = error(out, &reference, 2f32.powi(-11));
+            assert!(
+                steps <= 4.0,
+                "{name}: the {engine} engine is {steps} half-steps off"
+            );
+            let from_f32 = error(out, &want, 1.0);
+            assert!(
+                from_f32 <= 1e-2 && (from_f32 > 0.0 || !name.starts_with("net_")),
+                "{name}: the {engine} engine at float16 is {from_f32} from float32"
+            );
+        }
+    }
 }

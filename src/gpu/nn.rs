@@ -3,7 +3,7 @@
 //! reference's own shape functions ([`crate::ops::nn`]) before anything is recorded, so the
 //! GPU and CPU paths accept exactly the same inputs.
 
-use crate::gpu::context::GpuError;
+use crate::gpu::context::{GpuContext, GpuError};
 use crate::gpu::work::Work;
 use crate::ops::nn::{
     self, Activation, Binary, CoordinateMode, NnError, PadMode, Pool, ResizeMode, SliceAxis, Window,
@@ -15,6 +15,48 @@ const SHADER: &str = "nn";
 /// Output channels and x voxels per invocation of `conv_tiled`.
 const TILE_CHANNELS: usize = 8;
 const TILE_VOXELS: usize = 8;
+/// Channels and voxels of one `conv_gemm` workgroup's output tile.
+const GEMM_TILE: usize = 64;
+/// Below this many output channels per group (depthwise convolutions, a last layer to a few
+/// channels) most of a `conv_gemm` tile would idle: the direct kernel runs those.
+const GEMM_MIN_CHANNELS: usize = 4;
+
+/// The kernel that runs a Conv's bulk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvKernel {
+    /// `conv_tiled`: register tiles of 8 channels by 8 voxels, no workgroup memory. The faster
+    /// on a CPU adapter (lavapipe), where workgroup memory is ordinary memory and barriers cost.
+    Registers,
+    /// `conv_gemm`: an implicit GEMM in 64x64 workgroup-memory tiles, for GPUs.
+    Workgroup,
+}
+
+impl ConvKernel {
+    /// `Workgroup` on a GPU, `Registers` on a CPU adapter; `CUBOIDS_CONV_KERNEL=registers|
+    /// workgroup` overrides it (to compare the two on one machine).
+    pub fn for_adapter(ctx: &GpuContext) -> ConvKernel {
+        match std::env::var("CUBOIDS_CONV_KERNEL").as_deref() {
+            Ok("registers") => ConvKernel::Registers,
+            Ok("workgroup") => ConvKernel::Workgroup,
+            _ if ctx.is_software() => ConvKernel::Registers,
+            _ => ConvKernel::Workgroup,
+        }
+    }
+
+    /// A Conv's weights re-laid for this kernel, or None where the direct kernel runs it.
+    pub(crate) fn relay(self, w: &nn::Tensor, group: usize) -> Option<Vec<f32>> {
+        match self {
+            ConvKernel::Registers => tiled_weights(w, group),
+            ConvKernel::Workgroup => gemm_weights(w, group),
+        }
+    }
+}
+
+/// A Conv's weights as [`ConvKernel::relay`] laid them out.
+pub(crate) struct Relaid {
+    pub kernel: ConvKernel,
+    pub buffer: wgpu::Buffer,
+}
 
 #[derive(Debug, Error)]
 pub enum NnGpuError {
@@ -147,6 +189,25 @@ fn u32s(values: &[usize]) -> Vec<u32> {
     values.iter().map(|&v| v as u32).collect()
 }
 
+/// Conv weights `[M, C/group, taps...]` re-laid for `conv_gemm` as `[group, C/group · taps,
+/// M/group]` (a k's channels side by side), or None for fewer than [`GEMM_MIN_CHANNELS`] output
+/// channels per group.
+pub(crate) fn gemm_weights(w: &nn::Tensor, group: usize) -> Option<Vec<f32>> {
+    let m = *w.shape.first()?;
+    if group == 0 || m == 0 || !m.is_multiple_of(group) || m / group < GEMM_MIN_CHANNELS {
+        return None;
+    }
+    let per_group = m / group;
+    let depth = w.len() / m;
+    let mut out = vec![0.0; w.len()];
+    for (i, v) in w.data.iter().enumerate() {
+        let (oc, k) = (i / depth, i % depth);
+        let (g, j) = (oc / per_group, oc % per_group);
+        out[(g * depth + k) * per_group + j] = *v;
+    }
+    Some(out)
+}
+
 /// Conv weights `[M, C/group, taps...]` re-laid for `conv_tiled` as `[M/8, C/group, taps, 8]`
 /// (a tap's 8 output channels side by side), or None where a group's output channels do not
 /// come in eights (the direct kernel runs those).
@@ -168,8 +229,8 @@ pub(crate) fn tiled_weights(w: &nn::Tensor, group: usize) -> Option<Vec<f32>> {
     Some(out)
 }
 
-/// Conv or ConvTranspose (`output_padding` only for the latter). A Conv with `tiled` weights
-/// (from [`tiled_weights`]) runs the register-tiled kernel.
+/// Conv or ConvTranspose (`output_padding` only for the latter). A Conv with `relaid` weights
+/// runs their tiled kernel.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv(
     work: &mut Work,
@@ -180,7 +241,7 @@ pub(crate) fn conv(
     window: &Window,
     group: usize,
     transpose: Option<[usize; 3]>,
-    tiled: Option<&wgpu::Buffer>,
+    relaid: Option<&Relaid>,
 ) -> Result<GpuTensor, NnGpuError> {
     let shape = match transpose {
         None => nn::conv_shape(&x.shape, w.1, window, group)?,
@@ -195,24 +256,52 @@ pub(crate) fn conv(
     words.extend(u32s(&out));
     words.extend(window_words(window));
     words.push(b.is_some() as u32);
-    // Register tiles where a group's output channels come in eights (every conv of the nets
-    // inference is for, but a last one to 1-3 channels).
-    let tiled = tiled.filter(|_| transpose.is_none() && (m / group).is_multiple_of(TILE_CHANNELS));
-    let (entry, invocations) = match (transpose, tiled) {
+    let relaid = relaid.filter(|_| transpose.is_none());
+    // An absent bias still needs a binding: the weights stand in (never read).
+    let weights = relaid.map_or(w.0, |r| &r.buffer);
+    let inputs = [Some(&x.buffer), Some(weights), b.or(Some(weights))];
+    let (entry, invocations) = match (transpose, relaid.map(|r| r.kernel)) {
         (Some(_), _) => ("conv_transpose", total),
         (None, None) => ("conv", total),
-        (None, Some(_)) => {
+        (None, Some(ConvKernel::Registers)) => {
             let blocks = out[2].div_ceil(TILE_VOXELS);
             let invocations = total / out[2] / TILE_CHANNELS * blocks;
             words.extend([invocations as u32, blocks as u32]);
             ("conv_tiled", invocations)
         }
+        (None, Some(ConvKernel::Workgroup)) => {
+            let n = shape[0];
+            let voxels: usize = out.iter().product();
+            let voxel_tiles = voxels.div_ceil(GEMM_TILE);
+            let channel_tiles = (m / group).div_ceil(GEMM_TILE);
+            words.extend([voxel_tiles as u32, channel_tiles as u32]);
+            let groups = gemm_groups(work, voxel_tiles, channel_tiles * n * group)?;
+            let uniform = work.uniform(&params(&words));
+            let mut bindings = vec![(0, &uniform)];
+            bindings.extend((1u32..).zip(inputs.iter().map(|b| b.expect("bound"))));
+            bindings.push((4, &y));
+            work.record(SHADER, "conv_gemm", &bindings, groups)?;
+            return Ok(GpuTensor { buffer: y, shape });
+        }
     };
-    // An absent bias still needs a binding: the weights stand in (never read).
-    let weights = tiled.unwrap_or(w.0);
-    let inputs = [Some(&x.buffer), Some(weights), b.or(Some(weights))];
     run(work, entry, &words, inputs, &y, invocations)?;
     Ok(GpuTensor { buffer: y, shape })
+}
+
+/// `conv_gemm`'s workgroup grid: the voxel tiles along x (spilling into y past the adapter's
+/// per-dimension limit), and (batch, group, channel tile) along z.
+fn gemm_groups(work: &Work, voxel_tiles: usize, z: usize) -> Result<[u32; 3], GpuError> {
+    let max = work.ctx.limits.max_compute_workgroups_per_dimension as usize;
+    let x = voxel_tiles.clamp(1, max);
+    let y = voxel_tiles.div_ceil(x);
+    if y > max || z > max {
+        return Err(GpuError::TooLarge {
+            what: format!("a convolution of {voxel_tiles} voxel tiles by {z} channel tiles"),
+            needed: y.max(z) as u64,
+            limit: max as u64,
+        });
+    }
+    Ok([x as u32, y as u32, z as u32])
 }
 
 pub(crate) fn pool(
@@ -311,7 +400,6 @@ pub(crate) fn activation(
     x: &GpuTensor,
     activation: Activation,
 ) -> Result<GpuTensor, NnGpuError> {
-    let total = x.len();
     let (op, alpha) = match activation {
         Activation::Relu => (0, 0.0f32),
         Activation::LeakyRelu(a) => (1, a),
@@ -319,6 +407,43 @@ pub(crate) fn activation(
         Activation::Sigmoid => (3, 0.0),
         Activation::Tanh => (4, 0.0),
     };
+    elementwise(work, buffers, x, op, alpha)
+}
+
+/// `x` rounded to float16 and widened back (a half-precision net's storage), as
+/// [`crate::ops::nn::round_to_f16`] rounds.
+pub(crate) fn round_to_f16(
+    work: &mut Work,
+    buffers: &mut Buffers,
+    x: &GpuTensor,
+) -> Result<GpuTensor, NnGpuError> {
+    elementwise(work, buffers, x, 5, 0.0)
+}
+
+/// `values` rounded to float16 on the GPU by the kernel a half-precision net uses: the kernel
+/// alone, for the test that holds it to [`crate::ops::nn::round_to_f16`] bit for bit.
+pub fn round_values_to_f16(ctx: &GpuContext, values: &[f32]) -> Result<Vec<f32>, NnGpuError> {
+    let mut work = Work::new(ctx, "float16 rounding");
+    let mut buffers = Buffers::new();
+    let x = GpuTensor {
+        buffer: work.upload("values", bytemuck::cast_slice(values))?,
+        shape: vec![values.len()],
+    };
+    let y = round_to_f16(&mut work, &mut buffers, &x)?;
+    let bytes = (values.len() as u64 * 4).max(4);
+    let words = work.finish_prefixes(&[(&y.buffer, bytes)])?;
+    Ok(bytemuck::cast_slice(&words[0])[..values.len()].to_vec())
+}
+
+/// The `activation` entry point's operation `op` on every element.
+fn elementwise(
+    work: &mut Work,
+    buffers: &mut Buffers,
+    x: &GpuTensor,
+    op: u32,
+    alpha: f32,
+) -> Result<GpuTensor, NnGpuError> {
+    let total = x.len();
     let words = [total as u32, op, alpha.to_bits()];
     unary(
         work,

@@ -34,9 +34,16 @@ pub(super) fn run_with(
     mut release: impl FnMut(Tensor),
 ) -> Result<Tensor, InferError> {
     model.shapes(&input.shape)?;
+    let half = model.precision == super::Precision::Float16;
+    let rounded = |mut t: Tensor| {
+        if half {
+            crate::ops::nn::round_tensor_to_f16(&mut t);
+        }
+        t
+    };
     let last_read = model.last_reads();
     let mut values: Vec<Option<Tensor>> = vec![None; model.slots];
-    values[model.input_slot] = Some(input);
+    values[model.input_slot] = Some(rounded(input));
     for (i, node) in model.nodes.iter().enumerate() {
         let produced = {
             let ins: Vec<Option<&Tensor>> = node
@@ -47,7 +54,8 @@ pub(super) fn run_with(
             step(i, node, &ins).map_err(|source| model.shape_error(node, source))?
         };
         let output = match produced {
-            Produced::Value(v) => Some(v),
+            Produced::Value(v) => Some(rounded(v)),
+            // Made (and rounded) by the node it was fused into.
             Produced::Taken(slot) => values[slot].take(),
         };
         for &slot in node.inputs.iter().flatten() {

@@ -7,7 +7,7 @@
 use super::model::{axis_of, resize_target, slice_axes, widened, InferError, Model, Op};
 use super::region::Executor;
 use crate::gpu::context::GpuContext;
-use crate::gpu::nn::{self as kernels, Buffers, GpuTensor, NnGpuError};
+use crate::gpu::nn::{self as kernels, Buffers, ConvKernel, GpuTensor, NnGpuError, Relaid};
 use crate::gpu::work::Work;
 use crate::ops::nn::Tensor;
 use std::collections::HashMap;
@@ -21,8 +21,8 @@ pub struct GpuExecutor {
     constants: HashMap<usize, GpuTensor>,
     /// Node index → (scale, shift) of a BatchNormalization.
     affine: HashMap<usize, (wgpu::Buffer, wgpu::Buffer)>,
-    /// Node index → a Conv's weights as the register-tiled kernel reads them.
-    tiled: HashMap<usize, wgpu::Buffer>,
+    /// Node index → a Conv's weights as its tiled kernel reads them (none: the direct kernel).
+    tiled: HashMap<usize, Relaid>,
 }
 
 fn device_buffer(ctx: &GpuContext, label: &str, data: &[f32]) -> Result<wgpu::Buffer, NnGpuError> {
@@ -42,7 +42,20 @@ fn device_buffer(ctx: &GpuContext, label: &str, data: &[f32]) -> Result<wgpu::Bu
 }
 
 impl GpuExecutor {
+    /// The executor with the convolution kernel that suits the adapter
+    /// ([`ConvKernel::for_adapter`]).
     pub fn new(ctx: Arc<GpuContext>, model: Model) -> Result<GpuExecutor, InferError> {
+        let kernel = ConvKernel::for_adapter(&ctx);
+        GpuExecutor::with_conv_kernel(ctx, model, kernel)
+    }
+
+    /// The executor running its Conv nodes on `kernel` (tests hold each kernel to the
+    /// reference on any adapter).
+    pub fn with_conv_kernel(
+        ctx: Arc<GpuContext>,
+        model: Model,
+        kernel: ConvKernel,
+    ) -> Result<GpuExecutor, InferError> {
         let gpu = |e: NnGpuError| InferError::Gpu {
             path: model.path.clone(),
             source: e,
@@ -73,8 +86,9 @@ impl GpuExecutor {
                 continue;
             };
             let weights = node.inputs[1].and_then(|s| model.constants.get(&s));
-            if let Some(data) = weights.and_then(|w| kernels::tiled_weights(w, group)) {
-                tiled.insert(i, device_buffer(&ctx, "tiled weights", &data).map_err(gpu)?);
+            if let Some(data) = weights.and_then(|w| kernel.relay(w, group)) {
+                let buffer = device_buffer(&ctx, "tiled weights", &data).map_err(gpu)?;
+                tiled.insert(i, Relaid { kernel, buffer });
             }
         }
         let mut affine = HashMap::new();
@@ -121,6 +135,11 @@ impl GpuExecutor {
         let mut buffers = Buffers::new();
         let last_read = model.last_reads();
         let mut values: Vec<Option<GpuTensor>> = vec![None; model.slots];
+        let half = model.precision == super::Precision::Float16;
+        let mut patch = patch;
+        if half {
+            crate::ops::nn::round_tensor_to_f16(&mut patch);
+        }
         let input = work.upload("patch", bytemuck::cast_slice(&patch.data))?;
         values[model.input_slot] = Some(GpuTensor {
             buffer: input,
@@ -132,7 +151,11 @@ impl GpuExecutor {
                 .iter()
                 .map(|s| s.and_then(|s| values[s].as_ref().or(self.constants.get(&s))))
                 .collect();
-            let output = self.node(&mut work, &mut buffers, i, &ins)?;
+            let mut output = self.node(&mut work, &mut buffers, i, &ins)?;
+            if half {
+                let rounded = kernels::round_to_f16(&mut work, &mut buffers, &output)?;
+                buffers.give(std::mem::replace(&mut output, rounded).buffer);
+            }
             let mut read: Vec<usize> = node.inputs.iter().flatten().copied().collect();
             read.sort_unstable();
             read.dedup();

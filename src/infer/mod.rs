@@ -22,6 +22,38 @@ pub mod region;
 
 pub use model::{InferError, Model};
 
+/// The precision a net computes in.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Float32,
+    /// Half precision as a GPU with fp16 storage computes (PyTorch's `.half()`, chunkflow's
+    /// `--dtype float16`): weights, the input and every tensor a node makes are rounded to the
+    /// nearest float16 (ties to even, subnormals kept), sums are accumulated in float32. The
+    /// blending stays float32 and the layer is float32, as chunkflow converts it back.
+    Float16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Float32 => "float32",
+            Precision::Float16 => "float16",
+        }
+    }
+}
+
 /// Which executor runs the net.
 #[derive(
     Clone,

@@ -231,6 +231,8 @@ pub struct Model {
     pub output_slot: usize,
     /// Weights and other float constants, by slot.
     pub constants: HashMap<usize, Tensor>,
+    /// What the engines compute in; float16 constants are already rounded.
+    pub precision: super::Precision,
 }
 
 /// A constant tensor as stored: float data, or integers (shapes, indices) kept exact.
@@ -241,6 +243,18 @@ enum Constant {
 }
 
 impl Model {
+    /// The model computing in `precision`: for float16 its weights (BatchNorm folded) and other
+    /// constants rounded to float16, and every engine rounds the input and each node's output.
+    pub fn with_precision(mut self, precision: super::Precision) -> Model {
+        if precision == super::Precision::Float16 && self.precision != precision {
+            for t in self.constants.values_mut() {
+                crate::ops::nn::round_tensor_to_f16(t);
+            }
+        }
+        self.precision = precision;
+        self
+    }
+
     /// Reads and loads a model file.
     pub fn open(path: &Path) -> Result<Model, InferError> {
         let shown = path.display().to_string();
@@ -682,6 +696,7 @@ impl Loader {
             input_slot,
             output_slot,
             constants: HashMap::new(),
+            precision: super::Precision::Float32,
         };
         for (slot, constant) in self.constants {
             if let Constant::Float(t) = constant {

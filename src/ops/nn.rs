@@ -523,6 +523,41 @@ impl Activation {
     }
 }
 
+/// `v` rounded to the nearest float16 (ties to even, subnormals kept, from 65520 on infinite)
+/// and widened back: the storage of a half-precision net. Bit arithmetic on the float32, as
+/// `shaders/nn.wgsl`'s `round_f16` does, and as fast (a conversion through the `half` crate's
+/// software path doubled the native engine's time); tests hold it to `half` bit for bit.
+pub fn round_to_f16(v: f32) -> f32 {
+    let bits = v.to_bits();
+    let sign = bits & 0x8000_0000;
+    let magnitude = bits & 0x7fff_ffff;
+    if magnitude >= 0x7f80_0000 {
+        return v; // infinity, NaN
+    }
+    if magnitude >= 0x477f_f000 {
+        return f32::from_bits(sign | 0x7f80_0000);
+    }
+    if magnitude < 0x3880_0000 {
+        // Below float16's smallest normal: a grid of 2^-24 (the scaling is exact).
+        let scaled = (f32::from_bits(magnitude) * 16_777_216.0).round_ties_even();
+        return f32::from_bits(sign | (scaled / 16_777_216.0).to_bits());
+    }
+    // Keep 10 of the 23 mantissa bits, ties to even; a carry steps the exponent, as it should.
+    let odd = (magnitude >> 13) & 1;
+    f32::from_bits(sign | ((magnitude + 0xfff + odd) & 0xffff_e000))
+}
+
+/// Every value of `x` rounded by [`round_to_f16`], in place, on every core (it runs after
+/// each node of a float16 net, between the engines' parallel operators).
+pub fn round_tensor_to_f16(x: &mut Tensor) {
+    use rayon::prelude::*;
+    x.data.par_chunks_mut(1 << 14).for_each(|part| {
+        for v in part {
+            *v = round_to_f16(*v);
+        }
+    });
+}
+
 pub fn activate(x: &Tensor, activation: Activation) -> Tensor {
     Tensor {
         shape: x.shape.clone(),
@@ -897,6 +932,30 @@ fn resize_axis(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `half` crate's conversion (f32 -> f16, round to nearest even, and back) is the
+    /// independent reference: every float32 with the top 16 bits of its patterns walked and
+    /// the low bits varied (ties, carries, subnormals, overflow), NaNs aside.
+    #[test]
+    fn float16_rounding_equals_the_half_crates() {
+        for high in 0..=0xffffu32 {
+            for low in [
+                0u32, 1, 0xfff, 0x1000, 0x1001, 0x1fff, 0x2000, 0x3000, 0xe001, 0xffff,
+            ] {
+                let v = f32::from_bits((high << 16) | low);
+                if v.is_nan() {
+                    continue;
+                }
+                let want = half::f16::from_f32(v).to_f32();
+                assert_eq!(
+                    round_to_f16(v).to_bits(),
+                    want.to_bits(),
+                    "{v:e} ({:#010x})",
+                    v.to_bits()
+                );
+            }
+        }
+    }
 
     fn ramp(shape: Vec<usize>) -> Tensor {
         let n = shape.iter().product::<usize>();

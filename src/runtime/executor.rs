@@ -369,9 +369,10 @@ impl Executor {
         opts.bounds = t.relative_bounds(offset).map_err(|message| {
             TaskFailure::new(FailureKind::InvalidTask, format!("{context}: {message}"))
         })?;
-        let report = crate::task::infer::infer(executor, &model, &image, out, &opts)
+        let mut report = crate::task::infer::infer(executor, &model, &image, out, &opts)
             .await
             .map_err(|e| TaskFailure::from_error(&context, &e))?;
+        report.precision = t.dtype;
         let document = serde_json::json!({
             "kind": "infer",
             "output": t.output,
@@ -385,6 +386,7 @@ impl Executor {
             "column": report.column,
             "gflops": report.gflops(),
             "engine": report.engine,
+            "dtype": report.precision.name(),
             "seconds": report.wall.as_secs_f64(),
             "peak_rss_bytes": peak_rss_bytes(),
         });
@@ -392,12 +394,13 @@ impl Executor {
             document,
             report: report.describe(&context),
             summary: format!(
-                "{context}: {:.1} MVx in {:.2} s = {:.2} MVx/s, {} patches ({} engine)",
+                "{context}: {:.1} MVx in {:.2} s = {:.2} MVx/s, {} patches ({} engine, {})",
                 report.voxels as f64 / 1e6,
                 report.wall.as_secs_f64(),
                 report.mvx_per_s(),
                 report.patches,
-                report.engine
+                report.engine,
+                report.precision.name()
             ),
         })
     }
@@ -412,7 +415,7 @@ impl Executor {
     ) -> Result<Arc<dyn crate::infer::region::Executor>, TaskFailure> {
         use crate::infer::{native::NativeExecutor, region::CpuExecutor, Engine};
         let engine = if t.cpu { Engine::Reference } else { t.engine };
-        let model = model.clone();
+        let model = model.clone().with_precision(t.dtype);
         Ok(match engine {
             Engine::Reference => Arc::new(CpuExecutor { model }),
             Engine::Native => Arc::new(NativeExecutor::new(model)),

@@ -3,7 +3,7 @@
 use crate::dtype::DataType;
 use crate::formats::precomputed::info::LayerType;
 use crate::formats::precomputed::{Precomputed, WriteOptions};
-use crate::geometry::{voxels, Vec3};
+use crate::geometry::{voxels, Box3, Vec3};
 use crate::ops::connected_components::Connectivity;
 use crate::ops::watershed::WatershedParams;
 use crate::runtime::executor::Executor;
@@ -65,8 +65,13 @@ pub async fn write_float_volume(
     write_new_volume(dir, info, &vol, write).await
 }
 
-/// The demo's second half: an affinity map made from the demo's EM image, segmented; and the
-/// image's bright cells as connected components.
+/// The demo's affinity net (trained by models/train_demo_net.py on synthetic EM-like images far
+/// from the demo's): embedded, so that the demo needs no file beside the binary.
+const DEMO_MODEL: &[u8] = include_bytes!("../../models/em_affinities.onnx");
+
+/// The demo's second half: the EM image's affinities inferred by the demo's trained net, then
+/// segmented and scored against the ground truth; and the image's bright cells as connected
+/// components.
 pub async fn demo_segmentation(
     executor: &Executor,
     stop: &CancellationToken,
@@ -74,9 +79,6 @@ pub async fn demo_segmentation(
     size: Vec3,
 ) -> Result<()> {
     let write = WriteOptions::default();
-    let aff = affinities_like(size);
-    let channels: Vec<&[f32]> = aff.channels.iter().map(|c| c.as_slice()).collect();
-    write_float_volume(&dir.join("affinities"), &channels, size, write).await?;
     let prob = smooth_probability_like(size);
     write_float_volume(&dir.join("probability"), &[&prob], size, write).await?;
     // A rerun replaces the demo's outputs (a task refuses an output made with other options).
@@ -89,11 +91,30 @@ pub async fn demo_segmentation(
         Ok(path.display().to_string())
     };
     let location = |name: &str| dir.join(name).display().to_string();
-    // Merging while the mean affinity is above 0.7 keeps the synthetic cells apart (their
-    // membranes' affinities are low but noisy); 0.7 as `1 - mean` (the benchmark's waterz
-    // setting) merges nearly every cell into one, which the demo's preview made plain.
+    let model = dir.join("em_affinities.onnx");
+    std::fs::write(&model, DEMO_MODEL).with_context(|| format!("writing {}", model.display()))?;
+    let mut infer = crate::task::spec::InferTask::new(
+        location("image"),
+        model.display().to_string(),
+        fresh("affinities")?,
+    );
+    // The net's patch is 64,64,16: an eighth of it each side overlaps (about 1.5x the patches).
+    infer.overlap = [8, 8, 2];
+    run_demo_task(executor, Task::Infer(infer), stop).await?;
+    // Merging while the mean affinity is above 0.7 keeps the cells apart; 0.7 as `1 - mean`
+    // (the benchmark's waterz setting) merges nearly every cell into one.
     let segment = SegmentTask::new(location("affinities"), fresh("affinity-segmentation")?, 0.3);
     run_demo_task(executor, Task::Segment(segment), stop).await?;
+    let scores = evaluate(
+        &location("affinity-segmentation"),
+        &location("segmentation"),
+        0,
+    )
+    .await?;
+    println!(
+        "affinity-segmentation against the ground truth: {}",
+        scores.describe()
+    );
     // Membranes are thin across z (40 nm sections): 6-connectivity and a threshold just under
     // the smoothed cells' level (~0.67) keep neighbouring cells apart.
     let cells = ComponentsTask {
@@ -407,4 +428,72 @@ async fn compare_outputs(dir: &Path, a: &str, b: &str) -> Result<()> {
         bail!("{b} differs from {a}: the staged run is not the single run's labels");
     }
     Ok(())
+}
+
+/// `cuboids evaluate`: the VOI and adapted Rand error of `segmentation` against `truth` at `mip`,
+/// read one slab of chunks at a time (memory grows with the label pairs, not the volume).
+pub async fn evaluate(
+    segmentation: &str,
+    truth: &str,
+    mip: usize,
+) -> Result<crate::ops::evaluate::Evaluation> {
+    let (test, gt) = (open_input(segmentation).await?, open_input(truth).await?);
+    for (vol, location) in [(&test, segmentation), (&gt, truth)] {
+        if mip >= vol.info.scales.len() {
+            bail!("{location} has no mip {mip}");
+        }
+        let unsigned = matches!(
+            vol.info.data_type,
+            DataType::Uint8 | DataType::Uint16 | DataType::Uint32 | DataType::Uint64
+        );
+        if !unsigned || vol.info.num_channels != 1 {
+            bail!(
+                "{location} holds {} x {} channels: evaluate compares one channel of labels \
+                 (uint8 to uint64)",
+                vol.info.data_type,
+                vol.info.num_channels
+            );
+        }
+    }
+    let size = test.scale(mip).size;
+    if gt.scale(mip).size != size {
+        bail!(
+            "{segmentation} is {size:?} voxels at mip {mip}, {truth} {:?}",
+            gt.scale(mip).size
+        );
+    }
+    let slab = gt.scale(mip).chunk_size()[2];
+    let mut table = crate::ops::evaluate::Contingency::default();
+    for z in (0..size[2]).step_by(slab) {
+        let region = Box3::new([0, 0, z], [size[0], size[1], (z + slab).min(size[2])]);
+        let read = |vol: &Precomputed, location: &str| {
+            let vol = vol.clone();
+            let location = location.to_string();
+            async move {
+                let (v, _) = vol
+                    .read_region(mip, region, false)
+                    .await
+                    .with_context(|| format!("reading {location}"))?;
+                Ok::<_, anyhow::Error>(labels_as_u64(&v))
+            }
+        };
+        let (a, b) = tokio::try_join!(read(&test, segmentation), read(&gt, truth))?;
+        table.add(&b, &a);
+    }
+    table
+        .evaluate()
+        .with_context(|| format!("{truth} has no labelled voxel (all 0) at mip {mip}"))
+}
+
+/// A one-channel unsigned integer volume's values, widened.
+fn labels_as_u64(vol: &Volume) -> Vec<u64> {
+    let width = vol.dtype.size();
+    vol.data
+        .chunks_exact(width)
+        .map(|b| {
+            let mut word = [0u8; 8];
+            word[..width].copy_from_slice(b);
+            u64::from_le_bytes(word)
+        })
+        .collect()
 }

@@ -153,6 +153,8 @@ pub struct InferReport {
     pub chunks_written: usize,
     pub channels: usize,
     pub engine: &'static str,
+    /// What the net computed in (set by the caller, which chose the executor).
+    pub precision: crate::infer::Precision,
     /// Floating-point operations of one patch's convolutions.
     pub patch_flops: u64,
     /// The most a column's image and output windows held at once (what streaming bounds).
@@ -174,11 +176,12 @@ impl InferReport {
     pub fn describe(&self, what: &str) -> Vec<String> {
         vec![
             format!(
-                "{what}: {:.2} MVx in {:.2} s = {:.2} MVx/s ({} engine)",
+                "{what}: {:.2} MVx in {:.2} s = {:.2} MVx/s ({} engine, {})",
                 self.voxels as f64 / 1e6,
                 self.wall.as_secs_f64(),
                 self.mvx_per_s(),
-                self.engine
+                self.engine,
+                self.precision.name()
             ),
             format!(
                 "  {} patches run, {} all-zero skipped, {} columns of {}x{}, {} chunks of {} channels written; the net ran {:.2} s ({:.1} GFLOP/s)",

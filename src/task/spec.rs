@@ -327,6 +327,9 @@ pub struct InferTask {
     /// adapter is lavapipe).
     #[serde(default, skip_serializing_if = "is_auto")]
     pub engine: crate::infer::Engine,
+    /// What the net computes in (float16: half-precision storage, float32 sums).
+    #[serde(default, skip_serializing_if = "is_float32")]
+    pub dtype: crate::infer::Precision,
     /// Host memory of the task in MiB, fixed part included: sizes its columns.
     #[serde(default = "default_task_mib")]
     pub task_mib: usize,
@@ -346,6 +349,10 @@ pub struct InferTask {
     pub quantize: bool,
 }
 
+fn is_float32(precision: &crate::infer::Precision) -> bool {
+    *precision == crate::infer::Precision::Float32
+}
+
 fn is_auto(engine: &crate::infer::Engine) -> bool {
     *engine == crate::infer::Engine::Auto
 }
@@ -355,6 +362,21 @@ fn overlap_default() -> Vec3 {
 }
 
 impl InferTask {
+    /// Inference of `image` by `model` into `output`, every option at its default (as a
+    /// document naming only these three).
+    pub fn new(
+        image: impl Into<String>,
+        model: impl Into<String>,
+        output: impl Into<String>,
+    ) -> InferTask {
+        serde_json::from_value(serde_json::json!({
+            "image": image.into(),
+            "model": model.into(),
+            "output": output.into(),
+        }))
+        .expect("every other field has a default")
+    }
+
     pub fn options(&self) -> crate::task::infer::InferOptions {
         crate::task::infer::InferOptions {
             mip: self.mip,
