@@ -509,6 +509,12 @@ enum PlanCommand {
         /// stdout.
         #[arg(long, conflicts_with = "manifests")]
         output: Option<String>,
+        /// With --manifests: where every stage runs (lambda, batch or activity); default each
+        /// stage on Lambda where its largest task fits Lambda's limits with a margin (75% of 10 GB
+        /// and of 15 minutes), on Batch otherwise. Forcing lambda on a stage that cannot fit fails
+        /// the plan, naming the stage.
+        #[arg(long, value_enum)]
+        runner: Option<crate::task::route::Runner>,
         /// Write a manifest per stage to PREFIX<stage>.jsonl (`mips-1-4`, ...) and print the
         /// stages as JSON (what batch/statemachines/segment.asl.json runs in order).
         #[arg(long)]
@@ -554,6 +560,12 @@ enum PlanCommand {
         /// reckoned at.
         #[arg(long, default_value_t = crate::task::infer::DEFAULT_GFLOPS)]
         gflops: f64,
+        /// With --manifests: where every stage runs (lambda, batch or activity); default each
+        /// stage on Lambda where its largest task fits Lambda's limits with a margin (75% of 10 GB
+        /// and of 15 minutes), on Batch otherwise. Forcing lambda on a stage that cannot fit fails
+        /// the plan, naming the stage.
+        #[arg(long, value_enum)]
+        runner: Option<crate::task::route::Runner>,
         /// Manifests go to PREFIX<stage>.jsonl (infer, finalize; a path or s3:// prefix) and
         /// the stages are printed as JSON; default: every task on stdout, stage after stage.
         #[arg(long)]
@@ -586,6 +598,12 @@ enum PlanCommand {
 /// How a staged plan is sized, and whether only to estimate it.
 #[derive(clap::Args)]
 struct StagedArgs {
+    /// With --manifests: where every stage runs (lambda, batch or activity); default each
+    /// stage on Lambda where its largest task fits Lambda's limits with a margin (75% of 10 GB
+    /// and of 15 minutes), on Batch otherwise. Forcing lambda on a stage that cannot fit fails
+    /// the plan, naming the stage.
+    #[arg(long, value_enum)]
+    runner: Option<crate::task::route::Runner>,
     /// Host memory per task, in MiB, on top of the fixed part of the process (about 20 MiB, and
     /// 130 MiB for block tasks on lavapipe): the GPU chunk, the input cache and the blocks are
     /// chosen so that every per-block task stays within it, and the plan fails, naming the
@@ -742,6 +760,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     task_mib,
                     task_seconds,
                     output,
+                    runner,
                     manifests,
                     estimate,
                     shape,
@@ -754,6 +773,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             },
             output.as_deref(),
             manifests.as_deref(),
+            runner,
             estimate.then_some(shape),
         ))),
         Command::Plan {
@@ -762,6 +782,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     args,
                     task_seconds,
                     gflops,
+                    runner,
                     manifests,
                     estimate,
                     shape,
@@ -776,6 +797,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 args.task(),
                 budget,
                 manifests.as_deref(),
+                runner,
                 estimate.then_some(shape),
             )))
         }
@@ -790,6 +812,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             args.task(),
             staged.budget(),
             manifests.as_deref(),
+            staged.runner,
             staged.estimate.then_some(staged.shape),
         ))),
         Command::Plan {
@@ -803,6 +826,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             args.task(),
             staged.budget(),
             manifests.as_deref(),
+            staged.runner,
             staged.estimate.then_some(staged.shape),
         ))),
         Command::RunTask { task } => runtime.block_on(local::run_task(&task)),

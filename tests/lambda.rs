@@ -438,8 +438,14 @@ async fn lambda_invocations_equal_run_task_and_fail_with_task_error_names() {
     let _ = function.wait();
 }
 
-/// `cuboids plan connected-components` on the S3 server: the stages' manifests, in order.
-fn plan_components(s3: &S3Server, input: &str, output: &str, prefix: &str) -> Vec<(String, u64)> {
+/// `cuboids plan connected-components` on the S3 server: the stages document.
+fn plan_components(
+    s3: &S3Server,
+    input: &str,
+    output: &str,
+    prefix: &str,
+    extra: &[&str],
+) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_cuboids"))
         .args([
             "plan",
@@ -466,11 +472,16 @@ fn plan_components(s3: &S3Server, input: &str, output: &str, prefix: &str) -> Ve
             "64",
         ])
         .args(["--manifests", prefix])
+        .args(extra)
         .envs(s3.aws_env("AWS_ENDPOINT_URL"))
         .output()
         .unwrap();
     common::assert_success(&out);
-    let stages: Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Each stage's manifest and task count, in order.
+fn manifests_of(stages: &Value) -> Vec<(String, u64)> {
     stages["stages"]
         .as_array()
         .unwrap()
@@ -502,12 +513,26 @@ async fn a_staged_plan_and_a_boss_step_run_on_lambda_as_on_run_task() {
         [32, 32, 16],
     )
     .await;
-    let stages = plan_components(
-        &s3,
-        "s3://staged/prob",
-        "s3://staged/cc",
-        "s3://staged/plan/",
-    );
+    // The plan routes each stage by its largest task's estimate: this small one's all fit
+    // Lambda; --runner forces one for all.
+    let (input, output) = ("s3://staged/prob", "s3://staged/cc");
+    let document = plan_components(&s3, input, output, "s3://staged/plan/", &[]);
+    for stage in document["stages"].as_array().unwrap() {
+        assert_eq!(stage["runner"], "lambda", "{stage}");
+        let mib = stage["task_mib"].as_u64().unwrap();
+        let seconds = stage["task_seconds"].as_f64().unwrap();
+        assert!(mib > 0 && mib < 1024 && seconds < 60.0, "{stage}");
+    }
+    let forced = ["--runner", "activity"];
+    let other = plan_components(&s3, input, output, "s3://staged/plan-activity/", &forced);
+    let runners: Vec<&Value> = other["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["runner"])
+        .collect();
+    assert!(runners.iter().all(|r| *r == "activity"), "{runners:?}");
+    let stages = manifests_of(&document);
     assert!(stages.len() >= 5, "{stages:?}");
     for (manifest, tasks) in &stages {
         for index in (0..*tasks).rev() {

@@ -53,6 +53,8 @@ pub enum BatchError {
     BadIndex(String),
     #[error("manifest {location} has no tasks")]
     EmptyManifest { location: String },
+    #[error(transparent)]
+    Route(#[from] crate::task::route::RouteError),
     #[error("Batch SubmitJob failed: {message}")]
     Submit { message: String },
 }
@@ -145,40 +147,65 @@ pub async fn write_manifest_of(
     writer.finish().await.map_err(store_error)
 }
 
-/// A stage of a plan as its manifest is written: its name, and its tasks made one at a time.
+/// A stage of a plan as its manifest is written: its name, its tasks made one at a time, and
+/// what its largest task costs (where the plan estimates it), which picks its runner.
 pub struct StageTasks<'a> {
     pub name: String,
     pub count: usize,
     pub task: Box<dyn Fn(usize) -> Task + Send + Sync + 'a>,
+    pub cost: Option<crate::task::route::TaskCost>,
 }
 
-/// The stages of a staged segment or connected-components plan, their tasks made on demand.
+/// The stages of a staged segment or connected-components plan, their tasks made on demand,
+/// each with the cost of its largest task from the plan's `estimates` (by stage name).
 pub fn staged_stage_tasks<'a, W: crate::task::staged::StagedWork>(
     plan: &'a crate::task::spec::StagedPlan<W>,
     stages: &[crate::task::staged::StageSpec],
+    estimates: &[crate::task::staged::budget::StageEstimate],
 ) -> Vec<StageTasks<'a>> {
     stages
         .iter()
-        .map(|&spec| StageTasks {
-            name: spec.name(),
-            count: spec.tasks,
-            task: Box::new(move |i| spec.task(plan, i)),
+        .map(|&spec| {
+            let name = spec.name();
+            let cost =
+                estimates
+                    .iter()
+                    .find(|e| e.stage == name)
+                    .map(|e| crate::task::route::TaskCost {
+                        mib: e.mib,
+                        seconds: e.seconds,
+                        bounded: e.grows_with != "data",
+                    });
+            StageTasks {
+                name,
+                count: spec.tasks,
+                task: Box::new(move |i| spec.task(plan, i)),
+                cost,
+            }
         })
         .collect()
 }
 
 /// Writes a plan's stages as manifests, `PREFIX<stage>.jsonl`, and returns the stages document
 /// that `batch/statemachines/segment.asl.json` runs: the plan's id, its blocks and each stage's
-/// manifest, task count and array jobs (of at most [`MAX_ARRAY_SIZE`] tasks).
+/// manifest, task count, array jobs (of at most [`MAX_ARRAY_SIZE`] tasks), runner (`forced`,
+/// or Lambda where its largest task fits, see [`crate::task::route`]) and that task's
+/// estimated MiB and seconds. A stage forced onto Lambda that cannot fit fails the plan before
+/// any manifest is written.
 pub async fn write_stage_manifests(
     plan_id: &str,
     blocks: usize,
     stages: &[StageTasks<'_>],
     prefix: &str,
+    forced: Option<crate::task::route::Runner>,
     sdk: &aws_config::SdkConfig,
 ) -> Result<serde_json::Value, BatchError> {
+    let runners = stages
+        .iter()
+        .map(|s| crate::task::route::route(&s.name, s.cost, forced))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut summary = Vec::new();
-    for stage in stages {
+    for (stage, runner) in stages.iter().zip(runners) {
         let location = format!("{prefix}{}.jsonl", stage.name);
         write_manifest_of(&location, stage.count, &*stage.task, sdk).await?;
         let jobs: Vec<serde_json::Value> = (0..stage.count)
@@ -190,6 +217,9 @@ pub async fn write_stage_manifests(
             .collect();
         summary.push(serde_json::json!({
             "stage": stage.name, "manifest": location, "tasks": stage.count, "jobs": jobs,
+            "runner": runner,
+            "task_mib": stage.cost.map(|c| c.mib),
+            "task_seconds": stage.cost.map(|c| c.seconds),
         }));
     }
     Ok(serde_json::json!({"plan": plan_id, "blocks": blocks, "stages": summary}))

@@ -138,16 +138,36 @@ pub fn plan_id(stages: &[Vec<Task>]) -> String {
 /// document (as `cuboids plan ... --manifests` prints it).
 pub async fn write_infer_manifests(
     stages: &[Vec<Task>],
+    plan: &crate::task::infer::InferPlan,
+    budget: &crate::task::infer::InferBudget,
     prefix: &str,
+    runner: Option<crate::task::route::Runner>,
     sdk: &aws_config::SdkConfig,
 ) -> Result<serde_json::Value, crate::runtime::batch::BatchError> {
+    use crate::task::route::TaskCost;
+    let fixed_mib = plan.sizing.fixed_bytes().div_ceil(1 << 20) as u64;
+    let costs = [
+        TaskCost {
+            mib: plan.task_bytes.div_ceil(1 << 20) as u64,
+            seconds: plan.largest_task_seconds(budget),
+            bounded: true,
+        },
+        // The info alone (the model is read to check the output's channels).
+        TaskCost {
+            mib: fixed_mib,
+            seconds: 1.0,
+            bounded: true,
+        },
+    ];
     let stage_tasks: Vec<crate::runtime::batch::StageTasks> = ["infer", "finalize"]
         .iter()
         .zip(stages)
-        .map(|(name, tasks)| crate::runtime::batch::StageTasks {
+        .zip(costs)
+        .map(|((name, tasks), cost)| crate::runtime::batch::StageTasks {
             name: name.to_string(),
             count: tasks.len(),
             task: Box::new(move |i| tasks[i].clone()),
+            cost: Some(cost),
         })
         .collect();
     crate::runtime::batch::write_stage_manifests(
@@ -155,6 +175,7 @@ pub async fn write_infer_manifests(
         stages[0].len(),
         &stage_tasks,
         prefix,
+        runner,
         sdk,
     )
     .await
@@ -514,8 +535,8 @@ impl Executor {
                     seconds: t.task_seconds,
                     gflops: t.gflops.unwrap_or(crate::task::infer::DEFAULT_GFLOPS),
                 };
-                let (_, stages) = plan_infer(w, &budget, None, &self.sdk).await?;
-                write_infer_manifests(&stages, &t.manifests, &self.sdk)
+                let (plan, stages) = plan_infer(w, &budget, None, &self.sdk).await?;
+                write_infer_manifests(&stages, &plan, &budget, &t.manifests, t.runner, &self.sdk)
                     .await
                     .map_err(|e| TaskFailure::from_error(&context, &e))?
             }
@@ -561,12 +582,15 @@ impl Executor {
             .map_err(|e| TaskFailure::from_error(context, &e))?;
         let (plan, stages) = crate::task::staged::plan(&vol, work, &budget)
             .map_err(|e| TaskFailure::from_error(context, &e))?;
-        let stage_tasks = crate::runtime::batch::staged_stage_tasks(&plan, &stages);
+        let (_, estimates) = crate::task::staged::estimate(&vol, work, &budget, None)
+            .map_err(|e| TaskFailure::from_error(context, &e))?;
+        let stage_tasks = crate::runtime::batch::staged_stage_tasks(&plan, &stages, &estimates);
         let document = crate::runtime::batch::write_stage_manifests(
             &plan.id,
             plan.blocks,
             &stage_tasks,
             &t.manifests,
+            t.runner,
             &self.sdk,
         )
         .await

@@ -115,6 +115,7 @@ pub async fn plan_downsample(
     budget: crate::task::pyramid::PyramidBudget,
     output: Option<&str>,
     manifests: Option<&str>,
+    runner: Option<crate::task::route::Runner>,
     estimate: Option<Option<Vec3>>,
 ) -> Result<()> {
     use crate::task::pyramid;
@@ -167,13 +168,21 @@ pub async fn plan_downsample(
     if let Some(prefix) = manifests {
         let all: Vec<Vec<Task>> = stages.iter().map(tasks_of).collect();
         let id = crate::runtime::executor::plan_id(&all);
+        let elem = info.data_type.size() * info.num_channels;
+        let costs = pyramid::estimate(&stages, &budget, elem);
         let stage_tasks: Vec<crate::runtime::batch::StageTasks> = stages
             .iter()
             .zip(&all)
-            .map(|(s, tasks)| crate::runtime::batch::StageTasks {
+            .zip(&costs)
+            .map(|((s, tasks), e)| crate::runtime::batch::StageTasks {
                 name: s.name(),
                 count: tasks.len(),
                 task: Box::new(move |i| tasks[i].clone()),
+                cost: Some(crate::task::route::TaskCost {
+                    mib: e.mib as u64,
+                    seconds: e.seconds,
+                    bounded: true,
+                }),
             })
             .collect();
         let document = crate::runtime::batch::write_stage_manifests(
@@ -181,6 +190,7 @@ pub async fn plan_downsample(
             all.first().map_or(0, Vec::len),
             &stage_tasks,
             prefix,
+            runner,
             &sdk,
         )
         .await?;
@@ -229,6 +239,7 @@ pub async fn plan_infer(
     task: crate::task::spec::InferTask,
     budget: crate::task::infer::InferBudget,
     manifests: Option<&str>,
+    runner: Option<crate::task::route::Runner>,
     estimate: Option<Option<Vec3>>,
 ) -> Result<()> {
     let sdk = aws_env::sdk_config().await;
@@ -246,7 +257,10 @@ pub async fn plan_infer(
         }
         return Ok(());
     };
-    let document = crate::runtime::executor::write_infer_manifests(&stages, prefix, &sdk).await?;
+    let document = crate::runtime::executor::write_infer_manifests(
+        &stages, &plan, &budget, prefix, runner, &sdk,
+    )
+    .await?;
     eprintln!(
         "inference in {} tasks of columns {}x{} (at most {} MiB each), then finalize",
         plan.tasks.len(),
@@ -265,6 +279,7 @@ pub async fn plan_staged<W: StagedWork>(
     task: W,
     budget: crate::task::staged::Budget,
     manifests: Option<&str>,
+    runner: Option<crate::task::route::Runner>,
     estimate: Option<Option<Vec3>>,
 ) -> Result<()> {
     let sdk = aws_env::sdk_config().await;
@@ -288,11 +303,14 @@ pub async fn plan_staged<W: StagedWork>(
         }
         return Ok(());
     };
+    let (_, estimates) = crate::task::staged::estimate(&vol, &task, &budget, None)
+        .with_context(|| format!("estimating stages over {}", task.input()))?;
     let document = crate::runtime::batch::write_stage_manifests(
         &plan.id,
         plan.blocks,
-        &crate::runtime::batch::staged_stage_tasks(&plan, &stages),
+        &crate::runtime::batch::staged_stage_tasks(&plan, &stages, &estimates),
         prefix,
+        runner,
         &sdk,
     )
     .await?;

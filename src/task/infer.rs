@@ -575,6 +575,11 @@ pub fn plan(
 }
 
 impl InferPlan {
+    /// Seconds of the largest task at the budget's GFLOP/s.
+    pub fn largest_task_seconds(&self, budget: &InferBudget) -> f64 {
+        self.largest_task_patches as f64 * self.sizing.cost.flops as f64 / (budget.gflops * 1e9)
+    }
+
     /// What `plan infer --estimate` prints.
     pub fn describe(&self, budget: &InferBudget) -> String {
         let flops = self.sizing.cost.flops as f64;

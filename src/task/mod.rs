@@ -8,6 +8,7 @@ pub mod failure;
 pub mod infer;
 pub mod plan;
 pub mod pyramid;
+pub mod route;
 pub mod segment;
 pub mod spec;
 pub mod staged;

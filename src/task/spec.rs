@@ -73,6 +73,10 @@ pub struct PlanTask {
     /// Infer: the engine's effective GFLOP/s that `task_seconds` is reckoned at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gflops: Option<f64>,
+    /// Where every stage runs (default: Lambda where a stage's largest task fits it, Batch
+    /// otherwise; see `crate::task::route`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<crate::task::route::Runner>,
 }
 
 fn default_task_mib() -> usize {
