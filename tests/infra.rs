@@ -90,7 +90,7 @@ fn validate(assembly: &Path) -> String {
 #[test]
 fn existing_subnets_are_used_as_given() {
     let dir = tempfile::tempdir().unwrap();
-    let context = r#"{"image_uri": "i:gpu", "data_bucket": "my-volumes", "subnet_ids": "subnet-0123456789abcdef0,subnet-0123456789abcdef1", "security_group_ids": "sg-0123456789abcdef0", "provisioning": "EC2", "instance_types": "g6.xlarge"}"#;
+    let context = r#"{"image_uri": "i:gpu", "lambda_image_uri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/cuboids:cpu", "data_bucket": "my-volumes", "subnet_ids": "subnet-0123456789abcdef0,subnet-0123456789abcdef1", "security_group_ids": "sg-0123456789abcdef0", "provisioning": "EC2", "instance_types": "g6.xlarge"}"#;
     let o = common::run_cdk_app(context, dir.path());
     common::assert_success(&o);
     let read = |stack: &str| -> Value {
@@ -130,19 +130,23 @@ fn bad_settings_are_named() {
     for (context, named) in [
         (r#"{"image_uri": "i"}"#, "context 'data_bucket' is required"),
         (
-            r#"{"image_uri": "i", "data_bucket": "b-1", "provisioning": "CHEAP"}"#,
+            r#"{"image_uri": "i", "data_bucket": "b-1"}"#,
+            "context 'lambda_image_uri' is required",
+        ),
+        (
+            r#"{"image_uri": "i", "data_bucket": "b-1", "lambda_image_uri": "l", "provisioning": "CHEAP"}"#,
             "context 'provisioning' is 'CHEAP'; expected SPOT or EC2",
         ),
         (
-            r#"{"image_uri": "i", "data_bucket": "b-1", "max_vcpus": "lots"}"#,
+            r#"{"image_uri": "i", "data_bucket": "b-1", "lambda_image_uri": "l", "max_vcpus": "lots"}"#,
             "context 'max_vcpus' is 'lots'; expected a whole number",
         ),
         (
-            r#"{"image_uri": "i", "data_bucket": "b-1", "subnet_ids": "subnet-1"}"#,
+            r#"{"image_uri": "i", "data_bucket": "b-1", "lambda_image_uri": "l", "subnet_ids": "subnet-1"}"#,
             "context 'subnet_ids' and 'security_group_ids' go together",
         ),
         (
-            r#"{"image_uri": "i", "data_bucket": "b-1", "subnet_ids": "subnet-1", "security_group_ids": "sg-0123456789abcdef0"}"#,
+            r#"{"image_uri": "i", "data_bucket": "b-1", "lambda_image_uri": "l", "subnet_ids": "subnet-1", "security_group_ids": "sg-0123456789abcdef0"}"#,
             "context 'subnet_ids' has 'subnet-1', which is not a subnet id",
         ),
     ] {

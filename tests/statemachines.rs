@@ -53,10 +53,55 @@ struct Services {
     sfn: aws_sdk_sfn::Client,
 }
 
+/// The task function's ARN in LocalStack's account and region.
+const TASK_FUNCTION: &str = "arn:aws:lambda:us-east-1:000000000000:function:cuboids";
+
 impl Services {
     async fn start() -> Services {
+        Services::start_on(LocalStack::start()).await
+    }
+
+    /// With LocalStack's Lambda service, and the task function made there: `cuboids lambda`
+    /// run on the host (batch/localstack_host) with the S3 server's endpoint.
+    async fn start_with_lambda() -> Services {
+        let services = Services::start_on(LocalStack::start_with_lambda(&format!(
+            "{} lambda",
+            env!("CARGO_BIN_EXE_cuboids")
+        )))
+        .await;
+        // LocalStack's Lambda API through boto3 (in LocalStack's own venv): the function, a
+        // placeholder package (the host executor runs the command instead), and the wait until
+        // it is active.
+        let script = r##"
+import io, sys, zipfile, boto3
+lam = boto3.client("lambda", endpoint_url=sys.argv[1], region_name="us-east-1",
+                   aws_access_key_id="testing", aws_secret_access_key="testing")
+package = io.BytesIO()
+with zipfile.ZipFile(package, "w") as z:
+    z.writestr("bootstrap", "#!/bin/sh")
+lam.create_function(FunctionName="cuboids", Runtime="provided.al2023", Handler="bootstrap",
+    Role="arn:aws:iam::000000000000:role/cuboids-task", Code={"ZipFile": package.getvalue()},
+    Timeout=300, MemorySize=10240,
+    Environment={"Variables": {"AWS_ENDPOINT_URL_S3": sys.argv[2],
+                               "AWS_ENDPOINT_URL_DYNAMODB": sys.argv[2]}})
+lam.get_waiter("function_active_v2").wait(FunctionName="cuboids")
+"##;
+        let python = std::env::var("CUBOIDS_LOCALSTACK_PYTHON").unwrap();
+        let out = Command::new(python)
+            .args([
+                "-c",
+                script,
+                &services.sfn_stack.endpoint,
+                &services.moto.endpoint,
+            ])
+            .output()
+            .unwrap();
+        common::assert_success(&out);
+        services
+    }
+
+    async fn start_on(sfn_stack: LocalStack) -> Services {
         let moto = S3Server::start();
-        let sfn_stack = LocalStack::start();
         let sdk = moto.sdk_config().await;
         let sfn = aws_sdk_sfn::Client::from_conf(
             aws_sdk_sfn::config::Builder::from(&sdk)
@@ -176,6 +221,7 @@ impl Services {
                     "${JobDefinitionArn}",
                     "arn:aws:batch:us-east-1:000000000000:job-definition/unused",
                 )
+                .replace("${TaskFunctionArn}", TASK_FUNCTION)
         })
         .await
     }
@@ -843,5 +889,83 @@ async fn the_rest_api_starts_and_reports_executions() {
     assert_eq!(
         input, document,
         "the body is the execution's input, as it is"
+    );
+}
+
+/// Stages the plan routes to Lambda run as Lambda invocations: the machine's Plan step plans
+/// on a worker, then every stage (small here, so each on Lambda by the plan's estimates) hands
+/// its tasks to `lambda:invoke` of the task function. LocalStack's own Lambda service runs the
+/// function; its functions run as host processes (batch/localstack_host), since LocalStack's
+/// Docker executor needs an init binary downloaded from GitHub, which no machine here reaches.
+/// The output equals the single-process run's, and the workers ran only the Plan step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_segmentation_machine_runs_small_stages_on_lambda() {
+    if localstack_missing() {
+        return;
+    }
+    let services = Services::start_with_lambda().await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = random_probabilities(dir.path(), [64, 48, 24], 23).await;
+    let (single, staged) = (dir.path().join("single"), dir.path().join("staged"));
+    let work = |output: &Path| {
+        json!({
+            "kind": "connected-components",
+            "input": input.to_str().unwrap(),
+            "output": output.to_str().unwrap(),
+            "threshold": 0.5,
+            "dust": 3,
+            "chunk_size": [16, 16, 8],
+            "output_chunk_size": [8, 8, 4],
+        })
+    };
+    let mut one = Command::new(env!("CARGO_BIN_EXE_cuboids"))
+        .args(["run-task", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        &mut one.stdin.take().unwrap(),
+        work(&single).to_string().as_bytes(),
+    )
+    .unwrap();
+    assert!(one.wait().unwrap().success());
+
+    let (activity, machine) = services.segmentation_machine("segmentation-lambda").await;
+    let _worker = services.worker(&activity);
+    let manifests = format!("{}/", dir.path().join("plan").display());
+    let request = json!({
+        "job_name": "cc-lambda",
+        "request": {
+            "kind": "plan", "work": work(&staged), "manifests": manifests, "task_mib": 64,
+            "block_size": [16, 16, 8],
+        },
+    });
+    let arn = services.start_execution(&machine, &request).await;
+    let (status, detail) = services.finish(&arn).await;
+    assert_eq!(status, ExecutionStatus::Succeeded, "{detail}");
+    let stages = detail["output"]["planned"]["stages"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(stages.iter().all(|s| s["runner"] == "lambda"), "{stages:?}");
+    let tasks: u64 = stages.iter().map(|s| s["tasks"].as_u64().unwrap()).sum();
+    assert!(tasks >= 8, "{tasks} tasks");
+    let history = services.history(&arn).await;
+    let count = |kind: HistoryEventType| history.iter().filter(|(t, _)| *t == kind).count();
+    assert_eq!(
+        count(HistoryEventType::ActivitySucceeded),
+        1,
+        "only the Plan step on a worker"
+    );
+    assert_eq!(
+        count(HistoryEventType::TaskSucceeded) as u64,
+        tasks,
+        "one invocation a task"
+    );
+    assert_eq!(
+        common::read_labels(&staged).await,
+        common::read_labels(&single).await,
+        "the plan run on Lambda differs from the single process"
     );
 }

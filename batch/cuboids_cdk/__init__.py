@@ -21,6 +21,7 @@ def build(app: cdk.App, config: Config) -> dict:
         activity_arn=workers.activity.activity_arn,
         job_queue_arn=compute.job_queue.ref,
         job_definition_arn=compute.task_job_definition.ref,
+        config=config,
     )
     api = ApiStack(app, f"{config.prefix}Api", hierarchy=machines.hierarchy, segment=machines.segment)
     for stack in (compute, workers, machines, api):

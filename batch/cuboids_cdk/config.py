@@ -21,6 +21,9 @@ class Config:
     image_uri: str
     # The bucket holding volumes, manifests and Boss cuboids.
     data_bucket: str
+    # The CPU image (docker/Dockerfile.lavapipe) in ECR, which the Lambda function that runs
+    # small stages' tasks is made of (Lambda has no GPU; its command is `lambda`).
+    lambda_image_uri: str = "-"
     # The Boss S3 index DynamoDB table (s3index.<domain>), if Boss channels are downsampled.
     boss_index_table: str = ""
     # Stacks are named <prefix>Compute, <prefix>Workers, <prefix>StateMachines, <prefix>Api.
@@ -85,6 +88,7 @@ class Config:
         config = Config(
             image_uri=text("image_uri"),
             data_bucket=text("data_bucket"),
+            lambda_image_uri=text("lambda_image_uri"),
             boss_index_table=text("boss_index_table", ""),
             prefix=text("prefix", defaults.prefix),
             subnet_ids=items("subnet_ids", []),

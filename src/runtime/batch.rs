@@ -202,7 +202,7 @@ pub async fn write_stage_manifests(
 ) -> Result<serde_json::Value, BatchError> {
     let runners = stages
         .iter()
-        .map(|s| crate::task::route::route(&s.name, s.cost, forced))
+        .map(|s| crate::task::route::route(&s.name, s.count, s.cost, forced))
         .collect::<Result<Vec<_>, _>>()?;
     let mut summary = Vec::new();
     for (stage, runner) in stages.iter().zip(runners) {

@@ -15,6 +15,10 @@ pub const LAMBDA_TIMEOUT_SECONDS: f64 = 900.0;
 /// cores; a Lambda of 10 GB has 6, but a slower one may run fewer).
 pub const LAMBDA_MARGIN: f64 = 0.75;
 
+/// The most tasks a stage run on Lambda may have: `segment.asl.json` hands them to a Map of
+/// invocations built with `States.ArrayRange`, which makes at most 1,000 items.
+pub const LAMBDA_MAX_STAGE_TASKS: usize = 1000;
+
 /// Where a stage's tasks run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -67,17 +71,29 @@ pub enum RouteError {
         stage: String,
         cost: Option<TaskCost>,
     },
+    #[error(
+        "stage {stage} cannot run on Lambda: it has {tasks} tasks, and the state machine hands \
+         at most {LAMBDA_MAX_STAGE_TASKS} of a stage to Lambda (--runner batch)"
+    )]
+    TooManyForLambda { stage: String, tasks: usize },
 }
 
-/// The runner of a stage whose largest task costs `cost` (unknown: `None`): `forced` where
-/// given (Lambda only where the task fits), else Lambda where it fits, Batch otherwise.
+/// The runner of a stage of `tasks` tasks whose largest costs `cost` (unknown: `None`):
+/// `forced` where given (Lambda only where the tasks fit), else Lambda where they fit, Batch
+/// otherwise.
 pub fn route(
     stage: &str,
+    tasks: usize,
     cost: Option<TaskCost>,
     forced: Option<Runner>,
 ) -> Result<Runner, RouteError> {
-    let fits = cost.is_some_and(|c| c.fits_lambda());
+    let few = tasks <= LAMBDA_MAX_STAGE_TASKS;
+    let fits = few && cost.is_some_and(|c| c.fits_lambda());
     match forced {
+        Some(Runner::Lambda) if !few => Err(RouteError::TooManyForLambda {
+            stage: stage.to_string(),
+            tasks,
+        }),
         Some(Runner::Lambda) if !fits => Err(RouteError::TooLargeForLambda {
             stage: stage.to_string(),
             cost,
@@ -103,16 +119,16 @@ mod tests {
     #[test]
     fn small_tasks_go_to_lambda_and_the_rest_to_batch() {
         assert_eq!(
-            route("block", cost(4096, 120.0), None).unwrap(),
+            route("block", 8, cost(4096, 120.0), None).unwrap(),
             Runner::Lambda
         );
         // Over 75% of 9,765 MiB, or of 900 s: Batch.
         assert_eq!(
-            route("block", cost(7400, 60.0), None).unwrap(),
+            route("block", 8, cost(7400, 60.0), None).unwrap(),
             Runner::Batch
         );
         assert_eq!(
-            route("block", cost(1024, 700.0), None).unwrap(),
+            route("block", 8, cost(1024, 700.0), None).unwrap(),
             Runner::Batch
         );
         let unbounded = Some(TaskCost {
@@ -120,21 +136,28 @@ mod tests {
             seconds: 1.0,
             bounded: false,
         });
-        assert_eq!(route("round-2", unbounded, None).unwrap(), Runner::Batch);
-        assert_eq!(route("finalize", None, None).unwrap(), Runner::Batch);
+        assert_eq!(route("round-2", 8, unbounded, None).unwrap(), Runner::Batch);
+        assert_eq!(route("finalize", 1, None, None).unwrap(), Runner::Batch);
+        // More tasks than the machine's Map of invocations takes.
+        assert_eq!(
+            route("block", 1001, cost(100, 1.0), None).unwrap(),
+            Runner::Batch
+        );
+        let err = route("block", 1001, cost(100, 1.0), Some(Runner::Lambda)).unwrap_err();
+        assert!(err.to_string().contains("1001 tasks"), "{err}");
     }
 
     #[test]
     fn a_forced_runner_is_kept_but_lambda_only_where_the_task_fits() {
         assert_eq!(
-            route("block", cost(100, 1.0), Some(Runner::Activity)).unwrap(),
+            route("block", 8, cost(100, 1.0), Some(Runner::Activity)).unwrap(),
             Runner::Activity
         );
         assert_eq!(
-            route("block", cost(8000, 1.0), Some(Runner::Batch)).unwrap(),
+            route("block", 8, cost(8000, 1.0), Some(Runner::Batch)).unwrap(),
             Runner::Batch
         );
-        let err = route("block", cost(8000, 1.0), Some(Runner::Lambda))
+        let err = route("block", 8, cost(8000, 1.0), Some(Runner::Lambda))
             .unwrap_err()
             .to_string();
         assert!(

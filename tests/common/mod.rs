@@ -383,6 +383,17 @@ pub struct LocalStack {
 
 impl LocalStack {
     pub fn start() -> LocalStack {
+        LocalStack::start_with(None)
+    }
+
+    /// LocalStack with its Lambda service too, functions run as host processes by
+    /// batch/localstack_host (LAMBDA_RUNTIME_EXECUTOR=host) with `command` (the function's
+    /// image command, e.g. `cuboids lambda`).
+    pub fn start_with_lambda(command: &str) -> LocalStack {
+        LocalStack::start_with(Some(command))
+    }
+
+    fn start_with(lambda_command: Option<&str>) -> LocalStack {
         let python = std::env::var("CUBOIDS_LOCALSTACK_PYTHON").unwrap_or_else(|_| {
             panic!(
                 "CUBOIDS_LOCALSTACK_PYTHON is not set: a Python >= 3.12 with \
@@ -397,10 +408,20 @@ impl LocalStack {
         let dir = tempfile::tempdir().unwrap();
         let tmp = dir.path().join("tmp");
         std::fs::create_dir_all(&tmp).unwrap();
-        let child = std::process::Command::new(&python)
+        let mut command = std::process::Command::new(&python);
+        let services = match lambda_command {
+            None => "stepfunctions,sts,events,apigateway",
+            Some(function) => {
+                command
+                    .env("LAMBDA_RUNTIME_EXECUTOR", "host")
+                    .env("CUBOIDS_LAMBDA_HOST_COMMAND", function);
+                "stepfunctions,sts,events,apigateway,lambda,s3,iam"
+            }
+        };
+        let child = command
             .args(["-m", "localstack.runtime.main"])
             .env("RUNTIME_COMPONENTS", "aws")
-            .env("SERVICES", "stepfunctions,sts,events,apigateway")
+            .env("SERVICES", services)
             .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
             .env("HOME", dir.path())
             .env("TMPDIR", &tmp)
@@ -574,7 +595,7 @@ pub fn cdk_python() -> std::path::PathBuf {
 
 /// The context a lab gives the CDK app: an image and a data bucket (and a Boss index table),
 /// every other setting its default.
-pub const CDK_CONTEXT: &str = r#"{"image_uri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/cuboids:gpu", "data_bucket": "my-volumes", "boss_index_table": "s3index.example.boss"}"#;
+pub const CDK_CONTEXT: &str = r#"{"image_uri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/cuboids:gpu", "lambda_image_uri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/cuboids:cpu", "data_bucket": "my-volumes", "boss_index_table": "s3index.example.boss"}"#;
 
 /// Runs the CDK app (batch/app.py) with `context` into `out`: no AWS credentials, no network.
 pub fn run_cdk_app(context: &str, out: &std::path::Path) -> std::process::Output {
