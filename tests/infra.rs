@@ -162,24 +162,39 @@ fn bad_settings_are_named() {
     }
 }
 
-#[test]
-fn the_hierarchy_retries_exactly_the_retryable_errors() {
-    let machine = asl("resolution-hierarchy.asl.json");
-    let step = &machine["States"]["DownsampleChannel"];
-    let retried: BTreeSet<&str> = step["Retry"]
+/// The cuboids errors a Task state retries.
+fn retried_errors(step: &Value) -> BTreeSet<&str> {
+    step["Retry"]
         .as_array()
         .unwrap()
         .iter()
         .flat_map(|r| r["ErrorEquals"].as_array().unwrap())
         .filter_map(Value::as_str)
         .filter(|e| e.starts_with("cuboids."))
-        .collect();
-    let retryable: BTreeSet<&str> = FailureKind::ALL
+        .collect()
+}
+
+/// Every retryable failure name (src/task/failure.rs), and only those.
+fn retryable_errors() -> BTreeSet<&'static str> {
+    FailureKind::ALL
         .iter()
         .filter(|k| k.is_retryable())
         .map(|k| k.error_name())
-        .collect();
-    assert_eq!(retried, retryable);
+        .collect()
+}
+
+#[test]
+fn the_hierarchy_retries_exactly_the_retryable_errors() {
+    let machine = asl("resolution-hierarchy.asl.json");
+    let step = &machine["States"]["DownsampleChannel"];
+    assert_eq!(retried_errors(step), retryable_errors());
+    // The same on the Lambda side, and in the segmentation machine's invocations.
+    let on_lambda = &machine["States"]["DownsampleChannelOnLambda"];
+    assert_eq!(retried_errors(on_lambda), retryable_errors());
+    let segment = asl("segment.asl.json");
+    let invoke = &segment["States"]["Stages"]["ItemProcessor"]["States"]["LambdaTasks"]
+        ["ItemProcessor"]["States"]["InvokeTask"];
+    assert_eq!(retried_errors(invoke), retryable_errors());
     // A worker beats every 20 s by default: well inside the state's heartbeat.
     assert!(step["HeartbeatSeconds"].as_u64().unwrap() >= 3 * 20);
     assert!(

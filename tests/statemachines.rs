@@ -191,8 +191,9 @@ lam.get_waiter("function_active_v2").wait(FunctionName="cuboids")
         replace: &[(&str, &str)],
     ) -> (String, String) {
         self.machine(name, |activity| {
-            let mut definition =
-                asl("resolution-hierarchy.asl.json").replace("${DownsampleActivityArn}", activity);
+            let mut definition = asl("resolution-hierarchy.asl.json")
+                .replace("${DownsampleActivityArn}", activity)
+                .replace("${TaskFunctionArn}", TASK_FUNCTION);
             for (from, to) in replace {
                 assert!(definition.contains(from), "{from} is not in the machine");
                 definition = definition.replace(from, to);
@@ -967,5 +968,48 @@ async fn the_segmentation_machine_runs_small_stages_on_lambda() {
         common::read_labels(&staged).await,
         common::read_labels(&single).await,
         "the plan run on Lambda differs from the single process"
+    );
+}
+
+/// A small channel entirely on Lambda (`"runner": "lambda"`): every resolution's step is an
+/// invocation of the task function (LocalStack's Lambda service, the real binary on the host;
+/// see the test above), looping on the returned document; the cuboids equal one in-process
+/// run's, and no activity task ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resolution_hierarchy_machine_runs_a_small_channel_on_lambda() {
+    if localstack_missing() {
+        return;
+    }
+    let services = Services::start_with_lambda().await;
+    let vol = channel_volume();
+    services
+        .channel("lambda.bucket", "lambda.index", &vol)
+        .await;
+    let (_activity, machine) = services.hierarchy_machine("hierarchy-lambda").await;
+    let mut input = job("lambda.bucket", "lambda.index");
+    input["runner"] = json!("lambda");
+    let arn = services.start_execution(&machine, &input).await;
+    let (status, detail) = services.finish(&arn).await;
+    assert_eq!(status, ExecutionStatus::Succeeded, "{detail}");
+    assert_eq!(detail["output"]["msg"]["res_lt_max"], false, "{detail}");
+    let history = services.history(&arn).await;
+    let count = |kind: HistoryEventType| history.iter().filter(|(t, _)| *t == kind).count();
+    assert_eq!(
+        count(HistoryEventType::ActivityScheduled),
+        0,
+        "no step on the activity"
+    );
+    assert_eq!(
+        count(HistoryEventType::TaskSucceeded),
+        (RESOLUTION_MAX - 1) as usize,
+        "one invocation per step, resolution 0 to the last"
+    );
+    let (got, want) = (
+        services.moto.objects("lambda.bucket").await,
+        services.in_process_hierarchy(&vol).await,
+    );
+    assert!(
+        got == want,
+        "the cuboids made on Lambda differ from one in-process run"
     );
 }

@@ -83,7 +83,7 @@ class StateMachinesStack(cdk.Stack):
         batch_arns = {"JobQueueArn": job_queue_arn, "JobDefinitionArn": job_definition_arn}
         self.hierarchy = machine(
             self, "ResolutionHierarchy", "resolution-hierarchy.asl.json", role,
-            {"DownsampleActivityArn": activity_arn},
+            {"DownsampleActivityArn": activity_arn, "TaskFunctionArn": self.task_function.attr_arn},
         )
         self.run_plan = machine(self, "RunPlan", "run-plan.asl.json", role, batch_arns)
         self.segment = machine(
