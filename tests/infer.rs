@@ -404,12 +404,13 @@ async fn run_infer(
     out: &Path,
     edit: impl FnOnce(&mut cuboids::task::infer::InferOptions),
 ) -> cuboids::task::infer::InferReport {
-    run_infer_on(false, image, model, out, edit).await
+    run_infer_on(None, image, model, out, edit).await
 }
 
-/// [`run_infer`] on the CPU reference, or with `gpu` on the WGSL executor.
+/// [`run_infer`] on the CPU reference, or with `gpu` on the WGSL executor running at most
+/// that many patches at once.
 async fn run_infer_on(
-    gpu: bool,
+    gpu: Option<usize>,
     image: &Path,
     model: &str,
     out: &Path,
@@ -424,8 +425,9 @@ async fn run_infer_on(
         .unwrap();
     let mut opts = cuboids::task::infer::InferOptions::default();
     edit(&mut opts);
-    let executor: std::sync::Arc<dyn Executor> = if gpu {
-        std::sync::Arc::new(GpuExecutor::new(common::gpu_arc(), model.clone()).unwrap())
+    let executor: std::sync::Arc<dyn Executor> = if let Some(batch) = gpu {
+        let gpu = GpuExecutor::new(common::gpu_arc(), model.clone()).unwrap();
+        std::sync::Arc::new(gpu.with_max_batch(batch))
     } else {
         std::sync::Arc::new(CpuExecutor {
             model: model.clone(),
@@ -517,21 +519,31 @@ async fn cropped_and_valid_outputs_are_the_nets_own_and_tiles_do_not_change_a_by
     // The same on the GPU: its tiles' bytes equal its whole run's (and the CPU's to 1e-5).
     let (small, whole) = (tmp.path().join("gpu-small"), tmp.path().join("gpu-whole"));
     let model = "net_valid_unet.onnx";
-    run_infer_on(true, &image, model, &small, |o| {
+    run_infer_on(Some(1), &image, model, &small, |o| {
         o.overlap = [1, 1, 0];
         o.column = Some([8, 8]);
     })
     .await;
-    run_infer_on(true, &image, model, &whole, |o| o.overlap = [1, 1, 0]).await;
-    let (c, d) = (
+    run_infer_on(Some(1), &image, model, &whole, |o| o.overlap = [1, 1, 0]).await;
+    // Patches run four at a time (through the crop): the same bytes again.
+    let batched = tmp.path().join("gpu-batched");
+    run_infer_on(Some(4), &image, model, &batched, |o| o.overlap = [1, 1, 0]).await;
+    let (c, d, e) = (
         common::read_f32_layer(&small).await,
         common::read_f32_layer(&whole).await,
+        common::read_f32_layer(&batched).await,
     );
     assert!(c
         .1
         .iter()
         .zip(&d.1)
         .all(|(x, y)| x.to_bits() == y.to_bits()));
+    assert!(
+        e.1.iter()
+            .zip(&d.1)
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
+        "patches run in batches differ from patches run alone"
+    );
     let worst = largest_difference(&c.1, &b.1);
     assert!(worst <= 1e-5, "GPU vs CPU: {worst}");
 }
@@ -926,5 +938,48 @@ fn at_float16_every_engine_rounds_to_half_and_stays_near_float32() {
                 "{name}: the {engine} engine at float16 is {from_f32} from float32"
             );
         }
+    }
+}
+
+/// A batch of patches through the GPU executor: each patch's output is its output alone, bit
+/// for bit, for both nets (residual adds, concatenation skips, a crop).
+#[test]
+fn patches_batched_on_the_gpu_equal_patches_alone() {
+    for (name, model, input, _) in golden_cases() {
+        if !name.starts_with("net_") {
+            continue;
+        }
+        assert!(model.batchable(), "{name}");
+        let executor = GpuExecutor::new(common::gpu_arc(), model)
+            .unwrap()
+            .with_max_batch(3);
+        assert_eq!(executor.batch(&input.shape), 3, "{name}");
+        // Three different patches: the golden input, reversed, and halved.
+        let patches = [
+            input.data.clone(),
+            input.data.iter().rev().copied().collect::<Vec<f32>>(),
+            input.data.iter().map(|v| v * 0.5).collect(),
+        ];
+        let alone: Vec<Tensor> = patches
+            .iter()
+            .map(|p| {
+                executor
+                    .run(Tensor::new(input.shape.clone(), p.clone()))
+                    .unwrap()
+            })
+            .collect();
+        let mut shape = input.shape.clone();
+        shape[0] = 3;
+        let together = executor.run(Tensor::new(shape, patches.concat())).unwrap();
+        let joined: Vec<f32> = alone.iter().flat_map(|t| t.data.clone()).collect();
+        assert_eq!(together.shape[0], 3, "{name}");
+        assert!(
+            together
+                .data
+                .iter()
+                .zip(&joined)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{name}: a batch differs from its patches run alone"
+        );
     }
 }

@@ -23,7 +23,18 @@ pub struct GpuExecutor {
     affine: HashMap<usize, (wgpu::Buffer, wgpu::Buffer)>,
     /// Node index → a Conv's weights as its tiled kernel reads them (none: the direct kernel).
     tiled: HashMap<usize, Relaid>,
+    /// The most patches run at once ([`MAX_BATCH`] on a GPU; 1 on a CPU adapter, whose
+    /// "device" memory is the task's host memory, which the plan sized for one patch).
+    max_batch: usize,
 }
+
+/// The most patches a GPU runs at once: enough to fill it with small patches, few enough that
+/// a batch of large ones stays a small part of its memory.
+pub const MAX_BATCH: usize = 8;
+
+/// Host memory a batch's inputs and outputs may take beyond one patch's (the batch tensor, its
+/// read-back), so that batching stays within the task's budget (not yet measured on a GPU).
+pub const BATCH_HOST_BYTES: usize = 32 << 20;
 
 fn device_buffer(ctx: &GpuContext, label: &str, data: &[f32]) -> Result<wgpu::Buffer, NnGpuError> {
     let bytes: &[u8] = if data.is_empty() {
@@ -120,13 +131,21 @@ impl GpuExecutor {
                 ),
             );
         }
+        let max_batch = if ctx.is_software() { 1 } else { MAX_BATCH };
         Ok(GpuExecutor {
             ctx,
             model,
             constants,
             affine,
             tiled,
+            max_batch,
         })
+    }
+
+    /// At most `n` patches at once (tests batch on lavapipe too).
+    pub fn with_max_batch(mut self, n: usize) -> GpuExecutor {
+        self.max_batch = n.max(1);
+        self
     }
 
     fn execute(&self, patch: Tensor) -> Result<Tensor, NnGpuError> {
@@ -313,6 +332,30 @@ impl Executor for GpuExecutor {
             }
         }
         Ok(())
+    }
+
+    /// As many patches as fit one storage binding at once (every tensor of the batch must),
+    /// up to the executor's most; 1 for a net that cannot batch.
+    fn batch(&self, shape: &[usize]) -> usize {
+        if self.max_batch == 1 || !self.model.batchable() {
+            return 1;
+        }
+        let Ok(shapes) = self.model.shapes(shape) else {
+            return 1;
+        };
+        let bytes = |slot: usize| shapes[slot].iter().product::<usize>() * 4;
+        let largest = shapes
+            .iter()
+            .map(|s| s.iter().product::<usize>() * 4)
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        // The batch tensor and the read-back output, each held twice (built, then copied).
+        let host = 2 * (bytes(self.model.input_slot) + bytes(self.model.output_slot)).max(1);
+        let by_host = 1 + BATCH_HOST_BYTES / host;
+        (self.ctx.max_binding_bytes() as usize / largest)
+            .min(by_host)
+            .clamp(1, self.max_batch)
     }
 
     fn run(&self, patch: Tensor) -> Result<Tensor, InferError> {

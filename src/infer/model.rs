@@ -274,13 +274,40 @@ impl Model {
         Loader::new(path).load(proto)
     }
 
-    /// Every slot's shape for an input of `input` (N, C, spatial...), checked node by node.
+    /// Whether patches can run several at once along N, each exactly as alone: no node
+    /// reshapes, or concatenates, slices, pads, resizes to sizes or takes a softmax along the
+    /// batch axis. A static batch of 1 in such a net is then only how it was exported.
+    pub fn batchable(&self) -> bool {
+        let rank = self.input_shape.len() as i64;
+        let batch_axis = |a: i64| a == 0 || a == -rank;
+        self.nodes.iter().all(|n| match &n.op {
+            Op::Reshape { .. } => false,
+            Op::Concat { axis } => !batch_axis(*axis),
+            Op::Softmax { axis, .. } => !batch_axis(*axis),
+            Op::Slice { axes, .. } => !axes.is_empty() && !axes.iter().any(|&a| batch_axis(a)),
+            Op::Pad { pads, .. } => {
+                pads.first().is_none_or(|&p| p == 0)
+                    && pads.get(pads.len() / 2).is_none_or(|&p| p == 0)
+            }
+            Op::Resize { sizes, scales, .. } => {
+                sizes.is_empty() && scales.first().is_none_or(|&s| s == 1.0)
+            }
+            _ => true,
+        })
+    }
+
+    /// Every slot's shape for an input of `input` (N, C, spatial...), checked node by node. A
+    /// [`Model::batchable`] net with a static batch of 1 takes any batch.
     pub fn shapes(&self, input: &[usize]) -> Result<Vec<Vec<usize>>, InferError> {
+        let any_batch = self.batchable();
         if input.len() != self.input_shape.len()
             || input
                 .iter()
                 .zip(&self.input_shape)
-                .any(|(&got, &want)| want.is_some_and(|w| w != got))
+                .enumerate()
+                .any(|(axis, (&got, &want))| {
+                    want.is_some_and(|w| w != got && !(axis == 0 && w == 1 && any_batch))
+                })
         {
             return Err(InferError::Model {
                 path: self.path.clone(),

@@ -10,10 +10,15 @@ use crate::geometry::{Box3, Vec3};
 use crate::ops::nn::Tensor;
 use crate::volume::Volume;
 
-/// Runs a model on one patch (N = 1, C, z, y, x). The CPU reference runs it here; a GPU
-/// executor takes the same input.
+/// Runs a model on patches (N, C, z, y, x; N = 1 unless [`Executor::batch`] says more). The CPU
+/// reference runs it here; a GPU executor takes the same input.
 pub trait Executor: Send + Sync {
     fn run(&self, patch: Tensor) -> Result<Tensor, InferError>;
+    /// How many patches of `shape` (N = 1) to run at once: 1 unless running several fills the
+    /// device better (a GPU), each patch's output the same as alone.
+    fn batch(&self, _shape: &[usize]) -> usize {
+        1
+    }
     /// Whether patches of `shape` can run here at all (a GPU's binding limit), checked before
     /// anything is read or written.
     fn check(&self, _shape: &[usize]) -> Result<(), InferError> {
@@ -189,7 +194,8 @@ impl ImageWindow {
     }
 }
 
-/// Runs one row of patches (their input in `image`) and adds their output to `blender`.
+/// Runs one row of patches (their input in `image`) and adds their output to `blender`, in
+/// the row's order; patches run [`Executor::batch`] at a time.
 pub fn infer_row(
     executor: &dyn Executor,
     grid: &PatchGrid,
@@ -199,42 +205,106 @@ pub fn infer_row(
     blender: &mut Blender,
 ) -> Result<RegionReport, InferError> {
     let mut report = RegionReport::default();
-    let (patch, channels) = (grid.input_patch, blender.channels);
-    let output_voxels: usize = grid.output_patch.iter().product();
-    for &start in row {
+    let patch = grid.input_patch;
+    let shape = [1, image.channels, patch[2], patch[1], patch[0]];
+    let batch = executor.batch(&shape).max(1);
+    // Patches in row order (an all-zero one's input is None), blended once the batch of those
+    // with input has run: the blend's order, and so its sums, stay the row's.
+    let mut queue: Vec<(Vec3, Option<Vec<f32>>)> = Vec::new();
+    for (i, &start) in row.iter().enumerate() {
         let data = image.patch(start, patch);
+        let zero = data.iter().all(|&v| v == 0.0);
+        queue.push((start, (!zero).then_some(data)));
+        let full = queue.iter().filter(|(_, d)| d.is_some()).count() == batch;
+        if full || i + 1 == row.len() {
+            run_queue(
+                executor,
+                grid,
+                mask,
+                &shape,
+                &mut queue,
+                blender,
+                &mut report,
+            )?;
+        }
+    }
+    Ok(report)
+}
+
+/// Runs the queued patches that have input as one batch and blends every queued patch in
+/// order; empties the queue.
+fn run_queue(
+    executor: &dyn Executor,
+    grid: &PatchGrid,
+    mask: &[f32],
+    shape: &[usize; 5],
+    queue: &mut Vec<(Vec3, Option<Vec<f32>>)>,
+    blender: &mut Blender,
+    report: &mut RegionReport,
+) -> Result<(), InferError> {
+    let channels = blender.channels;
+    let output_voxels: usize = grid.output_patch.iter().product();
+    let inputs: Vec<&Vec<f32>> = queue.iter().filter_map(|(_, d)| d.as_ref()).collect();
+    let n = inputs.len();
+    let out = if n > 0 {
+        let mut data = Vec::with_capacity(n * inputs[0].len());
+        for d in &inputs {
+            data.extend_from_slice(d);
+        }
+        let mut batch_shape = shape.to_vec();
+        batch_shape[0] = n;
+        let out = executor.run(Tensor::new(batch_shape, data))?;
+        check_output(executor, grid, &out.shape, n, channels)?;
+        Some(out)
+    } else {
+        None
+    };
+    let mut k = 0;
+    for (start, data) in queue.drain(..) {
         let output = grid.output_box(start);
-        if data.iter().all(|&v| v == 0.0) {
+        if data.is_none() {
             report.skipped += 1;
             blender.add(output, mask, None);
             continue;
         }
-        let input = Tensor::new(vec![1, image.channels, patch[2], patch[1], patch[0]], data);
-        let out = executor.run(input)?;
-        let got = &out.shape;
-        let want = [
-            grid.output_patch[2],
-            grid.output_patch[1],
-            grid.output_patch[0],
-        ];
-        let full = got.len() == 5 && got[0] == 1 && got[1] >= channels;
-        if !full || got[2..] != want {
-            return Err(InferError::Model {
-                path: executor.engine().to_string(),
-                message: format!(
-                    "the net answered a patch with shape {got:?}, where [1, {channels}+, {}, {}, {}] was expected",
-                    want[0], want[1], want[2]
-                ),
-            });
-        }
-        let weighted: Vec<f32> = out.data[..channels * output_voxels]
+        let out = out.as_ref().expect("a batch ran");
+        let per_patch = out.data.len() / n;
+        let weighted: Vec<f32> = out.data[k * per_patch..][..channels * output_voxels]
             .chunks_exact(output_voxels)
             .flat_map(|c| c.iter().zip(mask).map(|(v, m)| v * m))
             .collect();
         blender.add(output, mask, Some(&weighted));
         report.patches += 1;
+        k += 1;
     }
-    Ok(report)
+    Ok(())
+}
+
+/// Fails unless the net answered `n` patches with at least `channels` channels of the output
+/// patch each.
+fn check_output(
+    executor: &dyn Executor,
+    grid: &PatchGrid,
+    got: &[usize],
+    n: usize,
+    channels: usize,
+) -> Result<(), InferError> {
+    let want = [
+        grid.output_patch[2],
+        grid.output_patch[1],
+        grid.output_patch[0],
+    ];
+    let full = got.len() == 5 && got[0] == n && got[1] >= channels;
+    if !full || got[2..] != want {
+        return Err(InferError::Model {
+            path: executor.engine().to_string(),
+            message: format!(
+                "the net answered {n} patches with shape {got:?}, where [{n}, {channels}+, {}, {}, {}] was expected",
+                want[0], want[1], want[2]
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Where the output of `region` is final once the rows up to `row` have run: below the next

@@ -214,9 +214,10 @@ impl Executor for Cropped<'_> {
             return Ok(out);
         }
         let s = &out.shape;
-        let (c, [ox, oy, oz]) = (s[1], self.output);
-        let mut data = Vec::with_capacity(c * ox * oy * oz);
-        for ch in 0..c {
+        let (n, c, [ox, oy, oz]) = (s[0], s[1], self.output);
+        let mut data = Vec::with_capacity(n * c * ox * oy * oz);
+        // Batch and channel taken together: each (n, c) plane block is cropped alike.
+        for ch in 0..n * c {
             for z in 0..oz {
                 for y in 0..oy {
                     let at = ((ch * s[2] + z + self.crop[2]) * s[3] + y + self.crop[1]) * s[4]
@@ -225,7 +226,15 @@ impl Executor for Cropped<'_> {
                 }
             }
         }
-        Ok(Tensor::new(vec![1, c, oz, oy, ox], data))
+        Ok(Tensor::new(vec![n, c, oz, oy, ox], data))
+    }
+
+    fn batch(&self, shape: &[usize]) -> usize {
+        self.inner.batch(shape)
+    }
+
+    fn check(&self, shape: &[usize]) -> Result<(), InferError> {
+        self.inner.check(shape)
     }
 
     fn engine(&self) -> &'static str {
