@@ -342,20 +342,7 @@ mod step {
         assert_eq!(after["msg"]["res_lt_max"], true, "2 < resolution_max 4 - 1");
         // The plain DownsampleChannel document is a task as it is (what the activity worker
         // receives): run-task re-runs the step and returns the same next document.
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cuboids"))
-            .args(["run-task", "-"])
-            .envs(env.server.aws_env("AWS_ENDPOINT_URL"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(
-            &mut child.stdin.take().unwrap(),
-            &serde_json::to_vec(&next).unwrap(),
-        )
-        .unwrap();
-        let again = child.wait_with_output().unwrap();
+        let again = common::run_task_on_stdin(&next, env.server.aws_env("AWS_ENDPOINT_URL"));
         common::assert_success(&again);
         let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
         assert_eq!(

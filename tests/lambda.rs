@@ -235,34 +235,11 @@ fn start_function(api: &RuntimeApi, s3: &S3Server) -> Child {
 
 /// `cuboids run-task -` on the same server: its output document (or its stderr on failure).
 fn run_task(s3: &S3Server, task: &Value) -> Result<Value, String> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cuboids"))
-        .args(["run-task", "-"])
-        .envs(s3.aws_env("AWS_ENDPOINT_URL"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all_sync(task.to_string().as_bytes());
-    let out = child.wait_with_output().unwrap();
+    let out = common::run_task_on_stdin(task, s3.aws_env("AWS_ENDPOINT_URL"));
     if out.status.success() {
         Ok(serde_json::from_slice(&out.stdout).unwrap())
     } else {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
-trait WriteAllSync {
-    fn write_all_sync(self, bytes: &[u8]);
-}
-
-impl WriteAllSync for std::process::ChildStdin {
-    fn write_all_sync(mut self, bytes: &[u8]) {
-        std::io::Write::write_all(&mut self, bytes).unwrap();
     }
 }
 

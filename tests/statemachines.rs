@@ -919,18 +919,7 @@ async fn the_segmentation_machine_runs_small_stages_on_lambda() {
             "output_chunk_size": [8, 8, 4],
         })
     };
-    let mut one = Command::new(env!("CARGO_BIN_EXE_cuboids"))
-        .args(["run-task", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(
-        &mut one.stdin.take().unwrap(),
-        work(&single).to_string().as_bytes(),
-    )
-    .unwrap();
-    assert!(one.wait().unwrap().success());
+    common::assert_success(&common::run_task_on_stdin(&work(&single), Vec::new()));
 
     let (activity, machine) = services.segmentation_machine("segmentation-lambda").await;
     let _worker = services.worker(&activity);

@@ -344,12 +344,7 @@ impl Executor for GpuExecutor {
             return 1;
         };
         let bytes = |slot: usize| shapes[slot].iter().product::<usize>() * 4;
-        let largest = shapes
-            .iter()
-            .map(|s| s.iter().product::<usize>() * 4)
-            .max()
-            .unwrap_or(4)
-            .max(4);
+        let largest = (0..shapes.len()).map(bytes).max().unwrap_or(0).max(4);
         // The batch tensor and the read-back output, each held twice (built, then copied).
         let host = 2 * (bytes(self.model.input_slot) + bytes(self.model.output_slot)).max(1);
         let by_host = 1 + BATCH_HOST_BYTES / host;

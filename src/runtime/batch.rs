@@ -156,14 +156,18 @@ pub struct StageTasks<'a> {
     pub cost: Option<crate::task::route::TaskCost>,
 }
 
-/// The stages of a staged segment or connected-components plan, their tasks made on demand,
-/// each with the cost of its largest task from the plan's `estimates` (by stage name).
+/// The stages of a staged segment or connected-components plan (of `task` over `input` within
+/// `budget`), their tasks made on demand, each with the cost of its largest task as the plan's
+/// estimate gives it (by stage name), which routes the stage.
 pub fn staged_stage_tasks<'a, W: crate::task::staged::StagedWork>(
+    input: &crate::formats::precomputed::Precomputed,
+    task: &W,
+    budget: &crate::task::staged::Budget,
     plan: &'a crate::task::spec::StagedPlan<W>,
     stages: &[crate::task::staged::StageSpec],
-    estimates: &[crate::task::staged::budget::StageEstimate],
-) -> Vec<StageTasks<'a>> {
-    stages
+) -> Result<Vec<StageTasks<'a>>, crate::task::staged::StagedError> {
+    let (_, estimates) = crate::task::staged::estimate(input, task, budget, None)?;
+    Ok(stages
         .iter()
         .map(|&spec| {
             let name = spec.name();
@@ -183,7 +187,7 @@ pub fn staged_stage_tasks<'a, W: crate::task::staged::StagedWork>(
                 cost,
             }
         })
-        .collect()
+        .collect())
 }
 
 /// Writes a plan's stages as manifests, `PREFIX<stage>.jsonl`, and returns the stages document

@@ -582,9 +582,9 @@ impl Executor {
             .map_err(|e| TaskFailure::from_error(context, &e))?;
         let (plan, stages) = crate::task::staged::plan(&vol, work, &budget)
             .map_err(|e| TaskFailure::from_error(context, &e))?;
-        let (_, estimates) = crate::task::staged::estimate(&vol, work, &budget, None)
-            .map_err(|e| TaskFailure::from_error(context, &e))?;
-        let stage_tasks = crate::runtime::batch::staged_stage_tasks(&plan, &stages, &estimates);
+        let stage_tasks =
+            crate::runtime::batch::staged_stage_tasks(&vol, work, &budget, &plan, &stages)
+                .map_err(|e| TaskFailure::from_error(context, &e))?;
         let document = crate::runtime::batch::write_stage_manifests(
             &plan.id,
             plan.blocks,

@@ -303,12 +303,13 @@ pub async fn plan_staged<W: StagedWork>(
         }
         return Ok(());
     };
-    let (_, estimates) = crate::task::staged::estimate(&vol, &task, &budget, None)
-        .with_context(|| format!("estimating stages over {}", task.input()))?;
+    let stage_tasks =
+        crate::runtime::batch::staged_stage_tasks(&vol, &task, &budget, &plan, &stages)
+            .with_context(|| format!("estimating stages over {}", task.input()))?;
     let document = crate::runtime::batch::write_stage_manifests(
         &plan.id,
         plan.blocks,
-        &crate::runtime::batch::staged_stage_tasks(&plan, &stages, &estimates),
+        &stage_tasks,
         prefix,
         runner,
         &sdk,

@@ -237,6 +237,28 @@ pub fn files_under(dir: &std::path::Path) -> Vec<String> {
     out
 }
 
+/// `cuboids run-task -` with `task` on its stdin and `env` added to its environment: its output
+/// (stdout holds the output document on success).
+pub fn run_task_on_stdin(
+    task: &serde_json::Value,
+    env: Vec<(&'static str, String)>,
+) -> std::process::Output {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cuboids"))
+        .args(["run-task", "-"])
+        .envs(env)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        task.to_string().as_bytes(),
+    )
+    .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// A real S3-compatible server (moto's `moto_server`, installed by scripts/setup) on a free
 /// loopback port, stopped when dropped.
 pub struct S3Server {
